@@ -1,0 +1,176 @@
+//! NATS envelopes: the command the coordinator sends to a participant and the
+//! reply it gets back, both JSON.
+//!
+//! Subjects are `saga.cmd.<participant>.<action>`; participants listen in the
+//! queue group `<participant>`. A repeated command carries the same
+//! `idempotency_key` (`<saga_id>/<step>/<kind>`), so a participant applies its
+//! effect at most once and answers a repeat with the stored reply.
+
+use serde::{Deserialize, Serialize};
+
+/// Header carrying the saga's correlation id on every command.
+pub const CORRELATION_HEADER: &str = "X-Correlation-ID";
+/// W3C trace-context header.
+pub const TRACEPARENT_HEADER: &str = "traceparent";
+/// Prefix of every command subject.
+pub const COMMAND_SUBJECT_PREFIX: &str = "saga.cmd";
+/// Prefix of the participants' read-only admin subjects (`saga.admin.<participant>.stats`).
+pub const ADMIN_SUBJECT_PREFIX: &str = "saga.admin";
+
+/// Subject of `action` on `participant`: `saga.cmd.<participant>.<action>`.
+pub fn command_subject(participant: &str, action: &str) -> String {
+    format!("{COMMAND_SUBJECT_PREFIX}.{participant}.{action}")
+}
+
+/// Subject answering a participant's figures (stock, ledger) as JSON.
+pub fn stats_subject(participant: &str) -> String {
+    format!("{ADMIN_SUBJECT_PREFIX}.{participant}.stats")
+}
+
+/// Whether a command does a step's work or undoes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CommandKind {
+    /// The step's action (`reserve`, `charge`).
+    Forward,
+    /// The step's compensation (`release`, `refund`).
+    Compensate,
+}
+
+impl CommandKind {
+    /// The lowercase name used in idempotency keys and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommandKind::Forward => "forward",
+            CommandKind::Compensate => "compensate",
+        }
+    }
+}
+
+/// Idempotency key of a step's forward command or compensation.
+///
+/// The forward key is what a compensation refers to: a participant finds the
+/// effect to undo (or records a tombstone) under [`forward_key`].
+pub fn idempotency_key(saga_id: &str, step: &str, kind: CommandKind) -> String {
+    format!("{saga_id}/{step}/{}", kind.as_str())
+}
+
+/// The forward key a compensation key undoes (`…/compensate` → `…/forward`).
+pub fn forward_key(key: &str) -> Option<String> {
+    key.strip_suffix("/compensate").map(|base| format!("{base}/forward"))
+}
+
+/// A command sent by the coordinator to a participant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Command {
+    /// Saga id (UUID).
+    pub saga_id: String,
+    /// `name@version` of the saga definition.
+    pub definition: String,
+    /// Step name from the definition.
+    pub step: String,
+    /// Action (forward) or compensation name; also the last subject token.
+    pub action: String,
+    /// Forward or compensate.
+    pub kind: CommandKind,
+    /// 1-based attempt number; informative only, never part of the key.
+    pub attempt: u32,
+    /// `<saga_id>/<step>/<kind>`; the participant's dedupe key.
+    pub idempotency_key: String,
+    /// The order the saga is about.
+    pub payload: OrderPayload,
+}
+
+/// The business payload of an order saga.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderPayload {
+    /// Business order id.
+    pub order_id: String,
+    /// Customer the order is for.
+    pub customer_id: String,
+    /// Lines of the order; never empty.
+    pub items: Vec<Item>,
+    /// Total to charge, in minor units; always > 0.
+    pub amount_cents: i64,
+    /// ISO 4217 currency code.
+    pub currency: String,
+}
+
+/// One order line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Item {
+    /// Stock keeping unit; non-empty.
+    pub sku: String,
+    /// Units; ≥ 1.
+    pub quantity: u32,
+}
+
+/// A participant's answer to a [`Command`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "lowercase")]
+pub enum Reply {
+    /// Done (or already done): the effect exists.
+    Ok {
+        /// Participant-specific result, e.g. `{"charge_id": "…"}`.
+        #[serde(default)]
+        data: serde_json::Value,
+    },
+    /// Business "no" (e.g. `insufficient_stock`): no effect; compensate, do not retry.
+    Rejected {
+        /// Machine-readable reason.
+        reason: String,
+    },
+    /// Transient failure: no effect was recorded; the coordinator retries.
+    Error {
+        /// Human-readable reason.
+        reason: String,
+    },
+}
+
+impl Reply {
+    /// An `ok` reply with `data`.
+    pub fn ok(data: serde_json::Value) -> Self {
+        Reply::Ok { data }
+    }
+    /// A `rejected` reply.
+    pub fn rejected(reason: impl Into<String>) -> Self {
+        Reply::Rejected { reason: reason.into() }
+    }
+    /// An `error` reply.
+    pub fn error(reason: impl Into<String>) -> Self {
+        Reply::Error { reason: reason.into() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_matches_the_design_document() {
+        let json = r#"{"saga_id":"s1","definition":"order@1","step":"reserve-inventory","action":"reserve",
+            "kind":"forward","attempt":1,"idempotency_key":"s1/reserve-inventory/forward",
+            "payload":{"order_id":"o1","customer_id":"c1","items":[{"sku":"A-1","quantity":2}],"amount_cents":1999,"currency":"EUR"}}"#;
+        let cmd: Command = serde_json::from_str(json).expect("design example parses");
+        assert_eq!(cmd.kind, CommandKind::Forward);
+        assert_eq!(cmd.payload.items[0].quantity, 2);
+        assert_eq!(cmd.idempotency_key, idempotency_key("s1", "reserve-inventory", CommandKind::Forward));
+    }
+
+    #[test]
+    fn replies_round_trip_with_outcome_tag() {
+        let r: Reply = serde_json::from_str(r#"{"outcome":"rejected","reason":"insufficient_stock"}"#).expect("parses");
+        assert_eq!(r, Reply::rejected("insufficient_stock"));
+        let ok: Reply = serde_json::from_str(r#"{"outcome":"ok"}"#).expect("data defaults");
+        assert_eq!(ok, Reply::ok(serde_json::Value::Null));
+        let text = serde_json::to_string(&Reply::error("boom")).expect("serialises");
+        assert_eq!(text, r#"{"outcome":"error","reason":"boom"}"#);
+    }
+
+    #[test]
+    fn compensation_key_maps_to_forward_key() {
+        assert_eq!(forward_key("s/charge-payment/compensate").as_deref(), Some("s/charge-payment/forward"));
+        assert_eq!(forward_key("s/charge-payment/forward"), None);
+    }
+}
