@@ -1,1 +1,3 @@
-//! placeholder
+//! The saga coordinator.
+pub mod definition;
+pub mod engine;

@@ -1,0 +1,875 @@
+//! The saga state machine: data plus one pure function, [`transition`].
+//!
+//! `transition(saga, event, now)` returns the next saga, the history entries
+//! that explain the change and the commands the coordinator must send once
+//! (and only once) the new state is durable. No I/O, no clock reads, no
+//! randomness here: time comes in as `now_ms`, retry delays are computed by
+//! the dispatcher from the step's [`RetryPolicy`].
+//!
+//! Life cycle (DESIGN.md): `PENDING → RUNNING(i) → COMPLETED`; on a business
+//! rejection, or a step's retries exhausted, `→ COMPENSATING` walking back,
+//! newest first, over every step that succeeded or whose outcome is unknown,
+//! `→ COMPENSATED`; a compensation refused or out of retries `→ FAILED`.
+//! Replies that do not match the command in flight (late, duplicate, stale
+//! attempt) and any event on a terminal saga are explicit no-ops.
+
+use serde::{Deserialize, Serialize};
+use saga_proto::wire::{self, CommandKind, OrderPayload};
+
+use crate::definition::{RetryPolicy, SagaDefinition};
+
+/// Where a saga is in its life cycle. Indices point into the definition's steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum SagaState {
+    /// Created and durable; no command sent yet.
+    Pending,
+    /// Running the forward action of `step`.
+    Running {
+        /// Index of the step in flight.
+        step: usize,
+    },
+    /// Running the compensation of `step`.
+    Compensating {
+        /// Index of the step being undone.
+        step: usize,
+    },
+    /// Every step succeeded.
+    Completed,
+    /// Every effect that existed (or may have) was undone.
+    Compensated,
+    /// A compensation could not be done; needs an operator.
+    Failed {
+        /// Index of the step whose compensation failed.
+        step: usize,
+    },
+}
+
+impl SagaState {
+    /// No further event changes a terminal saga (until an operator acts on a FAILED one).
+    pub fn is_terminal(self) -> bool {
+        match self {
+            SagaState::Completed | SagaState::Compensated | SagaState::Failed { .. } => true,
+            SagaState::Pending | SagaState::Running { .. } | SagaState::Compensating { .. } => false,
+        }
+    }
+
+    /// Stable one-byte tag, used by the store's state index.
+    pub fn tag(self) -> StateTag {
+        match self {
+            SagaState::Pending => StateTag::Pending,
+            SagaState::Running { .. } => StateTag::Running,
+            SagaState::Compensating { .. } => StateTag::Compensating,
+            SagaState::Completed => StateTag::Completed,
+            SagaState::Compensated => StateTag::Compensated,
+            SagaState::Failed { .. } => StateTag::Failed,
+        }
+    }
+
+    /// Index of the step in flight (or failed), if any.
+    pub fn current_step(self) -> Option<usize> {
+        match self {
+            SagaState::Running { step } | SagaState::Compensating { step } | SagaState::Failed { step } => {
+                Some(step)
+            }
+            SagaState::Pending | SagaState::Completed | SagaState::Compensated => None,
+        }
+    }
+}
+
+/// A [`SagaState`] without its data: what indexes and filters use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[repr(u8)]
+pub enum StateTag {
+    /// See [`SagaState::Pending`].
+    Pending = 1,
+    /// See [`SagaState::Running`].
+    Running = 2,
+    /// See [`SagaState::Compensating`].
+    Compensating = 3,
+    /// See [`SagaState::Completed`].
+    Completed = 4,
+    /// See [`SagaState::Compensated`].
+    Compensated = 5,
+    /// See [`SagaState::Failed`].
+    Failed = 6,
+}
+
+impl StateTag {
+    /// Every tag, in life-cycle order.
+    pub const ALL: [StateTag; 6] = [
+        StateTag::Pending,
+        StateTag::Running,
+        StateTag::Compensating,
+        StateTag::Completed,
+        StateTag::Compensated,
+        StateTag::Failed,
+    ];
+
+    /// The tag of a stored byte.
+    pub fn from_byte(b: u8) -> Option<StateTag> {
+        StateTag::ALL.into_iter().find(|t| *t as u8 == b)
+    }
+
+    /// Upper-case name as shown to operators.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StateTag::Pending => "PENDING",
+            StateTag::Running => "RUNNING",
+            StateTag::Compensating => "COMPENSATING",
+            StateTag::Completed => "COMPLETED",
+            StateTag::Compensated => "COMPENSATED",
+            StateTag::Failed => "FAILED",
+        }
+    }
+}
+
+/// Progress of one step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepStatus {
+    /// Not reached.
+    Pending,
+    /// Forward command in flight.
+    Running,
+    /// Forward action done.
+    Succeeded,
+    /// Participant said no; no effect.
+    Rejected,
+    /// Retries exhausted without a definite answer; the effect may exist.
+    Unknown,
+    /// Compensation in flight.
+    Compensating,
+    /// Compensation done.
+    Compensated,
+    /// Compensation refused or out of retries.
+    CompensationFailed,
+}
+
+/// What is known of one step of one saga.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepProgress {
+    /// Status of the step.
+    pub status: StepStatus,
+    /// Forward attempts made.
+    pub attempts: u32,
+    /// Compensation attempts made.
+    pub compensation_attempts: u32,
+    /// Last outcome, for operators ("ok", "rejected: …", "timeout", …).
+    pub last_outcome: Option<String>,
+    /// `data` of the participant's `ok` reply to the forward action.
+    pub output: Option<serde_json::Value>,
+    /// When the forward action was first sent.
+    pub started_at_ms: Option<u64>,
+    /// When the step reached its last status.
+    pub finished_at_ms: Option<u64>,
+}
+
+impl StepProgress {
+    fn new() -> Self {
+        StepProgress {
+            status: StepStatus::Pending,
+            attempts: 0,
+            compensation_attempts: 0,
+            last_outcome: None,
+            output: None,
+            started_at_ms: None,
+            finished_at_ms: None,
+        }
+    }
+}
+
+/// One saga: its definition snapshot, its order and its progress.
+///
+/// The definition is stored with the saga so a saga finishes with the
+/// version it started with, even after that version is unloaded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Saga {
+    /// UUID v7 (time-ordered) as text.
+    pub id: String,
+    /// Snapshot of the definition the saga runs.
+    pub definition: SagaDefinition,
+    /// The order.
+    pub order: OrderPayload,
+    /// Correlation id carried in logs and NATS headers.
+    pub correlation_id: String,
+    /// Client idempotency key of `CreateOrder`, if given.
+    pub idempotency_key: Option<String>,
+    /// Life-cycle state.
+    pub state: SagaState,
+    /// One entry per definition step.
+    pub steps: Vec<StepProgress>,
+    /// Why the saga compensated or failed.
+    pub reason: Option<String>,
+    /// Creation time, ms since the Unix epoch.
+    pub created_at_ms: u64,
+    /// Last transition time.
+    pub updated_at_ms: u64,
+    /// Sequence number of the last history entry.
+    pub seq: u64,
+}
+
+/// Something that happened to a saga.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// Send the first step (PENDING → RUNNING).
+    Start,
+    /// A participant answered (or failed to) the command for `step`/`kind`/`attempt`.
+    Reply {
+        /// Step index.
+        step: usize,
+        /// Forward or compensate.
+        kind: CommandKind,
+        /// Attempt the outcome belongs to.
+        attempt: u32,
+        /// What came back.
+        outcome: Outcome,
+    },
+}
+
+/// A command's outcome as the engine sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// The participant did it.
+    Ok(serde_json::Value),
+    /// Business "no": no effect; do not retry.
+    Rejected(String),
+    /// No answer, no responders, an error reply or a malformed reply: retry
+    /// with the same idempotency key while attempts remain.
+    Transient(String),
+}
+
+/// A command to send after the transition is durable.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Command {
+    /// Step index.
+    pub step: usize,
+    /// Forward or compensate.
+    pub kind: CommandKind,
+    /// NATS subject.
+    pub subject: String,
+    /// The JSON envelope.
+    pub message: wire::Command,
+    /// Per-attempt request timeout.
+    pub timeout_ms: u64,
+    /// Backoff policy; the dispatcher waits `retry.delay_before(attempt)` first.
+    pub retry: RetryPolicy,
+}
+
+/// One line of a saga's history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    /// 1-based, contiguous per saga.
+    pub seq: u64,
+    /// When, ms since the Unix epoch.
+    pub at_ms: u64,
+    /// What happened: `created`, `started`, `step_succeeded`, `step_retry`,
+    /// `step_rejected`, `step_unknown`, `compensating`, `compensation_succeeded`,
+    /// `compensation_retry`, `compensation_failed`, `completed`, `compensated`, `failed`.
+    pub kind: String,
+    /// Step name, when the entry is about a step.
+    pub step: Option<String>,
+    /// Attempt, when the entry is about one.
+    pub attempt: Option<u32>,
+    /// Free text: reason, outcome.
+    pub detail: Option<String>,
+    /// State after the entry.
+    pub state: StateTag,
+}
+
+/// The result of an event that changed the saga.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transition {
+    /// The saga after the event.
+    pub saga: Saga,
+    /// New history entries, in order.
+    pub history: Vec<HistoryEntry>,
+    /// Commands to send once `saga` and `history` are durable.
+    pub commands: Vec<Command>,
+    /// The command whose outcome this event recorded (its outbox entry is done).
+    pub settled: Option<(usize, CommandKind)>,
+}
+
+/// An event that cannot happen in the saga's state: a bug or corrupt data, never input.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TransitionError {
+    /// The event names a step the definition does not have.
+    #[error("saga {saga_id}: step index {step} out of range ({len} steps); stored data is corrupt")]
+    NoSuchStep {
+        /// Saga.
+        saga_id: String,
+        /// Index given.
+        step: usize,
+        /// Steps in the definition.
+        len: usize,
+    },
+    /// A reply before the saga was started.
+    #[error("saga {saga_id}: {event} while {state}")]
+    Unexpected {
+        /// Saga.
+        saga_id: String,
+        /// The event, described.
+        event: String,
+        /// The state, described.
+        state: &'static str,
+    },
+}
+
+/// A new saga in PENDING, with its `created` history entry.
+pub fn create(
+    id: String,
+    definition: SagaDefinition,
+    order: OrderPayload,
+    correlation_id: String,
+    idempotency_key: Option<String>,
+    now_ms: u64,
+) -> Transition {
+    let steps = vec![StepProgress::new(); definition.steps.len()];
+    let mut saga = Saga {
+        id,
+        definition,
+        order,
+        correlation_id,
+        idempotency_key,
+        state: SagaState::Pending,
+        steps,
+        reason: None,
+        created_at_ms: now_ms,
+        updated_at_ms: now_ms,
+        seq: 0,
+    };
+    let mut b = Builder::new(now_ms);
+    let detail = format!("definition {}", saga.definition.id());
+    b.log(&mut saga, "created", None, None, Some(detail));
+    b.finish(saga, None)
+}
+
+/// Applies `event` to `saga` at `now_ms`.
+///
+/// Returns `Ok(None)` for events that change nothing: a reply that does not
+/// match the command in flight (late, duplicated or superseded attempt), a
+/// repeated `Start`, anything on a terminal saga.
+///
+/// # Errors
+/// [`TransitionError`] for an event that cannot happen in this state or names
+/// a step that does not exist: a bug or corrupt data.
+pub fn transition(saga: &Saga, event: &Event, now_ms: u64) -> Result<Option<Transition>, TransitionError> {
+    if let Event::Reply { step, .. } = event {
+        if *step >= saga.steps.len() || *step >= saga.definition.steps.len() {
+            return Err(TransitionError::NoSuchStep {
+                saga_id: saga.id.clone(),
+                step: *step,
+                len: saga.definition.steps.len(),
+            });
+        }
+    }
+    let mut s = saga.clone();
+    let mut b = Builder::new(now_ms);
+    match (saga.state, event) {
+        (SagaState::Pending, Event::Start) => {
+            b.log(&mut s, "started", None, None, None);
+            b.run_step(&mut s, 0);
+            Ok(Some(b.finish(s, None)))
+        }
+        (SagaState::Pending, Event::Reply { step, kind, .. }) => Err(TransitionError::Unexpected {
+            saga_id: saga.id.clone(),
+            event: format!("reply for step {step} ({})", kind.as_str()),
+            state: "PENDING",
+        }),
+        (
+            SagaState::Running { .. }
+            | SagaState::Compensating { .. }
+            | SagaState::Completed
+            | SagaState::Compensated
+            | SagaState::Failed { .. },
+            Event::Start,
+        ) => Ok(None),
+        (SagaState::Running { step: current }, Event::Reply { step, kind, attempt, outcome }) => {
+            if *step != current || *kind != CommandKind::Forward || *attempt != saga.steps[current].attempts {
+                return Ok(None);
+            }
+            b.forward_outcome(&mut s, current, *attempt, outcome);
+            Ok(Some(b.finish(s, Some((current, CommandKind::Forward)))))
+        }
+        (SagaState::Compensating { step: current }, Event::Reply { step, kind, attempt, outcome }) => {
+            if *step != current
+                || *kind != CommandKind::Compensate
+                || *attempt != saga.steps[current].compensation_attempts
+            {
+                return Ok(None);
+            }
+            b.compensation_outcome(&mut s, current, *attempt, outcome);
+            Ok(Some(b.finish(s, Some((current, CommandKind::Compensate)))))
+        }
+        (SagaState::Completed | SagaState::Compensated | SagaState::Failed { .. }, Event::Reply { .. }) => {
+            Ok(None)
+        }
+    }
+}
+
+/// Accumulates history and commands while one event is applied.
+struct Builder {
+    now_ms: u64,
+    history: Vec<HistoryEntry>,
+    commands: Vec<Command>,
+}
+
+impl Builder {
+    fn new(now_ms: u64) -> Self {
+        Builder { now_ms, history: Vec::new(), commands: Vec::new() }
+    }
+
+    fn finish(self, mut saga: Saga, settled: Option<(usize, CommandKind)>) -> Transition {
+        saga.updated_at_ms = self.now_ms;
+        Transition { saga, history: self.history, commands: self.commands, settled }
+    }
+
+    fn log(
+        &mut self,
+        saga: &mut Saga,
+        kind: &str,
+        step: Option<usize>,
+        attempt: Option<u32>,
+        detail: Option<String>,
+    ) {
+        saga.seq += 1;
+        self.history.push(HistoryEntry {
+            seq: saga.seq,
+            at_ms: self.now_ms,
+            kind: kind.to_string(),
+            step: step.and_then(|i| saga.definition.steps.get(i)).map(|d| d.name.clone()),
+            attempt,
+            detail,
+            state: saga.state.tag(),
+        });
+    }
+
+    /// RUNNING(i): first attempt of step `i`'s forward action.
+    fn run_step(&mut self, saga: &mut Saga, i: usize) {
+        saga.state = SagaState::Running { step: i };
+        let p = &mut saga.steps[i];
+        p.status = StepStatus::Running;
+        p.attempts = 1;
+        p.started_at_ms = Some(self.now_ms);
+        self.send(saga, i, CommandKind::Forward, 1);
+    }
+
+    fn send(&mut self, saga: &Saga, i: usize, kind: CommandKind, attempt: u32) {
+        let def = &saga.definition.steps[i];
+        let action = match kind {
+            CommandKind::Forward => def.action.clone(),
+            // Only reached for steps that have a compensation (see `compensate_from`).
+            CommandKind::Compensate => def.compensation.clone().unwrap_or_default(),
+        };
+        self.commands.push(Command {
+            step: i,
+            kind,
+            subject: wire::command_subject(&def.participant, &action),
+            message: wire::Command {
+                saga_id: saga.id.clone(),
+                definition: saga.definition.id(),
+                step: def.name.clone(),
+                action,
+                kind,
+                attempt,
+                idempotency_key: wire::idempotency_key(&saga.id, &def.name, kind),
+                payload: saga.order.clone(),
+            },
+            timeout_ms: u64::try_from(def.timeout.as_millis()).unwrap_or(u64::MAX),
+            retry: def.retry,
+        });
+    }
+
+    fn forward_outcome(&mut self, saga: &mut Saga, i: usize, attempt: u32, outcome: &Outcome) {
+        let now = self.now_ms;
+        match outcome {
+            Outcome::Ok(data) => {
+                let p = &mut saga.steps[i];
+                p.status = StepStatus::Succeeded;
+                p.last_outcome = Some("ok".into());
+                p.output = Some(data.clone());
+                p.finished_at_ms = Some(now);
+                if i + 1 < saga.steps.len() {
+                    saga.state = SagaState::Running { step: i + 1 };
+                    self.log(saga, "step_succeeded", Some(i), Some(attempt), None);
+                    self.run_step(saga, i + 1);
+                } else {
+                    saga.state = SagaState::Completed;
+                    self.log(saga, "step_succeeded", Some(i), Some(attempt), None);
+                    self.log(saga, "completed", None, None, None);
+                }
+            }
+            Outcome::Rejected(reason) => {
+                let p = &mut saga.steps[i];
+                p.status = StepStatus::Rejected;
+                p.last_outcome = Some(format!("rejected: {reason}"));
+                p.finished_at_ms = Some(now);
+                let step_name = saga.definition.steps[i].name.clone();
+                saga.reason = Some(format!("step {step_name} rejected: {reason}"));
+                self.log(saga, "step_rejected", Some(i), Some(attempt), Some(reason.clone()));
+                // The rejected step had no effect: undo the ones before it.
+                self.begin_compensation(saga, i.checked_sub(1));
+            }
+            Outcome::Transient(reason) => {
+                let max = saga.definition.steps[i].retry.max_attempts;
+                let p = &mut saga.steps[i];
+                p.last_outcome = Some(reason.clone());
+                if attempt < max {
+                    p.attempts = attempt + 1;
+                    self.log(saga, "step_retry", Some(i), Some(attempt), Some(reason.clone()));
+                    self.send(saga, i, CommandKind::Forward, attempt + 1);
+                } else {
+                    p.status = StepStatus::Unknown;
+                    p.finished_at_ms = Some(now);
+                    let step_name = saga.definition.steps[i].name.clone();
+                    saga.reason =
+                        Some(format!("step {step_name}: {attempt} attempts failed, last: {reason}"));
+                    self.log(saga, "step_unknown", Some(i), Some(attempt), Some(reason.clone()));
+                    // The outcome is unknown: the step itself may have an effect to undo.
+                    self.begin_compensation(saga, Some(i));
+                }
+            }
+        }
+    }
+
+    fn compensation_outcome(&mut self, saga: &mut Saga, i: usize, attempt: u32, outcome: &Outcome) {
+        let now = self.now_ms;
+        match outcome {
+            Outcome::Ok(_) => {
+                let p = &mut saga.steps[i];
+                p.status = StepStatus::Compensated;
+                p.last_outcome = Some("compensated".into());
+                p.finished_at_ms = Some(now);
+                self.log(saga, "compensation_succeeded", Some(i), Some(attempt), None);
+                self.compensate_from(saga, i.checked_sub(1));
+            }
+            Outcome::Rejected(reason) => {
+                self.fail(saga, i, attempt, format!("compensation refused: {reason}"));
+            }
+            Outcome::Transient(reason) => {
+                let max = saga.definition.steps[i].retry.max_attempts;
+                let p = &mut saga.steps[i];
+                p.last_outcome = Some(reason.clone());
+                if attempt < max {
+                    p.compensation_attempts = attempt + 1;
+                    self.log(saga, "compensation_retry", Some(i), Some(attempt), Some(reason.clone()));
+                    self.send(saga, i, CommandKind::Compensate, attempt + 1);
+                } else {
+                    self.fail(saga, i, attempt, format!("compensation out of retries, last: {reason}"));
+                }
+            }
+        }
+    }
+
+    fn fail(&mut self, saga: &mut Saga, i: usize, attempt: u32, why: String) {
+        let p = &mut saga.steps[i];
+        p.status = StepStatus::CompensationFailed;
+        p.last_outcome = Some(why.clone());
+        p.finished_at_ms = Some(self.now_ms);
+        let step_name = saga.definition.steps[i].name.clone();
+        let earlier = saga.reason.take().map(|r| format!(" (after: {r})")).unwrap_or_default();
+        saga.reason = Some(format!("step {step_name}: {why}{earlier}"));
+        saga.state = SagaState::Failed { step: i };
+        self.log(saga, "compensation_failed", Some(i), Some(attempt), Some(why));
+        self.log(saga, "failed", None, None, None);
+    }
+
+    /// RUNNING → COMPENSATING, starting at step `from` (inclusive) and walking back.
+    fn begin_compensation(&mut self, saga: &mut Saga, from: Option<usize>) {
+        saga.state = SagaState::Compensating { step: from.unwrap_or(0) };
+        self.log(saga, "compensating", None, None, saga.reason.clone());
+        self.compensate_from(saga, from);
+    }
+
+    /// Sends the compensation of the newest step at or before `from` that
+    /// succeeded or whose outcome is unknown and that has a compensation; when
+    /// none is left the saga is COMPENSATED.
+    fn compensate_from(&mut self, saga: &mut Saga, from: Option<usize>) {
+        let Some(from) = from else {
+            saga.state = SagaState::Compensated;
+            self.log(saga, "compensated", None, None, None);
+            return;
+        };
+        let next = (0..=from).rev().find(|&k| {
+            matches!(saga.steps[k].status, StepStatus::Succeeded | StepStatus::Unknown)
+                && saga.definition.steps[k].compensation.is_some()
+        });
+        match next {
+            Some(k) => {
+                saga.state = SagaState::Compensating { step: k };
+                let p = &mut saga.steps[k];
+                p.status = StepStatus::Compensating;
+                p.compensation_attempts = 1;
+                self.send(saga, k, CommandKind::Compensate, 1);
+            }
+            None => {
+                saga.state = SagaState::Compensated;
+                self.log(saga, "compensated", None, None, None);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{path::PathBuf, time::Duration};
+
+    use super::*;
+    use crate::definition::StepDefinition;
+
+    fn step(name: &str, participant: &str, action: &str, compensation: Option<&str>) -> StepDefinition {
+        StepDefinition {
+            name: name.into(),
+            participant: participant.into(),
+            action: action.into(),
+            compensation: compensation.map(Into::into),
+            timeout: Duration::from_secs(2),
+            retry: RetryPolicy { max_attempts: 3, ..RetryPolicy::default() },
+        }
+    }
+
+    fn definition(steps: Vec<StepDefinition>) -> SagaDefinition {
+        SagaDefinition { name: "order".into(), version: 1, steps, input_schema: None, source: PathBuf::new() }
+    }
+
+    fn order_def() -> SagaDefinition {
+        definition(vec![
+            step("reserve-inventory", "inventory", "reserve", Some("release")),
+            step("charge-payment", "payment", "charge", Some("refund")),
+        ])
+    }
+
+    fn three_steps() -> SagaDefinition {
+        definition(vec![
+            step("a", "p1", "do-a", Some("undo-a")),
+            step("b", "p2", "do-b", None),
+            step("c", "p3", "do-c", Some("undo-c")),
+        ])
+    }
+
+    fn order() -> OrderPayload {
+        OrderPayload {
+            order_id: "o-1".into(),
+            customer_id: "c-1".into(),
+            items: vec![wire::Item { sku: "A-1".into(), quantity: 2 }],
+            amount_cents: 1999,
+            currency: "EUR".into(),
+        }
+    }
+
+    fn new_saga(def: SagaDefinition) -> Saga {
+        create("s-1".into(), def, order(), "corr".into(), None, 1).saga
+    }
+
+    fn apply(saga: &Saga, event: Event) -> Transition {
+        match transition(saga, &event, saga.updated_at_ms + 1) {
+            Ok(Some(t)) => t,
+            other => panic!("expected a transition for {event:?} in {:?}, got {other:?}", saga.state),
+        }
+    }
+
+    fn reply(step: usize, kind: CommandKind, attempt: u32, outcome: Outcome) -> Event {
+        Event::Reply { step, kind, attempt, outcome }
+    }
+
+    fn ok() -> Outcome {
+        Outcome::Ok(serde_json::json!({"id": "x"}))
+    }
+
+    fn sent(t: &Transition) -> Vec<(String, CommandKind, u32)> {
+        t.commands.iter().map(|c| (c.subject.clone(), c.kind, c.message.attempt)).collect()
+    }
+
+    fn kinds(t: &Transition) -> Vec<&str> {
+        t.history.iter().map(|h| h.kind.as_str()).collect()
+    }
+
+    /// A saga of `order_def` whose first step succeeded and whose payment is in flight.
+    fn charging() -> Saga {
+        let s = apply(&new_saga(order_def()), Event::Start).saga;
+        apply(&s, reply(0, CommandKind::Forward, 1, ok())).saga
+    }
+
+    #[test]
+    fn create_is_pending_with_a_created_entry() {
+        let t = create("s-1".into(), order_def(), order(), "corr".into(), Some("k".into()), 7);
+        assert_eq!(t.saga.state, SagaState::Pending);
+        assert_eq!(kinds(&t), ["created"]);
+        assert!(t.commands.is_empty());
+        assert_eq!(t.saga.seq, 1);
+    }
+
+    #[test]
+    fn start_sends_the_first_forward_command() {
+        let t = apply(&new_saga(order_def()), Event::Start);
+        assert_eq!(t.saga.state, SagaState::Running { step: 0 });
+        assert_eq!(sent(&t), [("saga.cmd.inventory.reserve".into(), CommandKind::Forward, 1)]);
+        let c = &t.commands[0].message;
+        assert_eq!(c.idempotency_key, "s-1/reserve-inventory/forward");
+        assert_eq!(c.definition, "order@1");
+        assert_eq!(t.saga.steps[0].status, StepStatus::Running);
+        assert_eq!(t.settled, None);
+    }
+
+    #[test]
+    fn happy_path_completes() {
+        let s = charging();
+        assert_eq!(s.state, SagaState::Running { step: 1 });
+        assert_eq!(s.steps[0].status, StepStatus::Succeeded);
+        assert_eq!(s.steps[0].output, Some(serde_json::json!({"id": "x"})));
+        let t = apply(&s, reply(1, CommandKind::Forward, 1, ok()));
+        assert_eq!(t.saga.state, SagaState::Completed);
+        assert!(t.commands.is_empty());
+        assert_eq!(kinds(&t), ["step_succeeded", "completed"]);
+        assert_eq!(t.settled, Some((1, CommandKind::Forward)));
+        assert!(t.saga.state.is_terminal());
+    }
+
+    #[test]
+    fn first_step_rejected_compensates_nothing() {
+        let s = apply(&new_saga(order_def()), Event::Start).saga;
+        let t = apply(&s, reply(0, CommandKind::Forward, 1, Outcome::Rejected("insufficient_stock".into())));
+        assert_eq!(t.saga.state, SagaState::Compensated);
+        assert!(t.commands.is_empty());
+        assert_eq!(t.saga.steps[0].status, StepStatus::Rejected);
+        assert_eq!(kinds(&t), ["step_rejected", "compensating", "compensated"]);
+        assert_eq!(t.saga.reason.as_deref(), Some("step reserve-inventory rejected: insufficient_stock"));
+    }
+
+    #[test]
+    fn payment_declined_after_reserve_releases_the_stock() {
+        let t = apply(&charging(), reply(1, CommandKind::Forward, 1, Outcome::Rejected("card_declined".into())));
+        assert_eq!(t.saga.state, SagaState::Compensating { step: 0 });
+        assert_eq!(sent(&t), [("saga.cmd.inventory.release".into(), CommandKind::Compensate, 1)]);
+        assert_eq!(t.commands[0].message.idempotency_key, "s-1/reserve-inventory/compensate");
+        let t = apply(&t.saga, reply(0, CommandKind::Compensate, 1, ok()));
+        assert_eq!(t.saga.state, SagaState::Compensated);
+        assert_eq!(t.saga.steps[0].status, StepStatus::Compensated);
+        assert_eq!(t.saga.steps[1].status, StepStatus::Rejected);
+    }
+
+    #[test]
+    fn transient_failures_retry_with_the_same_key_then_succeed() {
+        let s = charging();
+        let t = apply(&s, reply(1, CommandKind::Forward, 1, Outcome::Transient("timeout".into())));
+        assert_eq!(t.saga.state, SagaState::Running { step: 1 });
+        assert_eq!(sent(&t), [("saga.cmd.payment.charge".into(), CommandKind::Forward, 2)]);
+        assert_eq!(t.commands[0].message.idempotency_key, "s-1/charge-payment/forward");
+        assert_eq!(t.saga.steps[1].attempts, 2);
+        assert_eq!(kinds(&t), ["step_retry"]);
+        let t = apply(&t.saga, reply(1, CommandKind::Forward, 2, ok()));
+        assert_eq!(t.saga.state, SagaState::Completed);
+        assert_eq!(t.saga.steps[1].attempts, 2);
+    }
+
+    #[test]
+    fn retries_exhausted_compensate_the_unknown_step_first_then_older_ones() {
+        let mut s = charging();
+        for attempt in 1..3 {
+            s = apply(&s, reply(1, CommandKind::Forward, attempt, Outcome::Transient("timeout".into()))).saga;
+        }
+        let t = apply(&s, reply(1, CommandKind::Forward, 3, Outcome::Transient("timeout".into())));
+        assert_eq!(t.saga.steps[1].status, StepStatus::Compensating);
+        assert_eq!(t.saga.state, SagaState::Compensating { step: 1 });
+        assert_eq!(sent(&t), [("saga.cmd.payment.refund".into(), CommandKind::Compensate, 1)]);
+        assert_eq!(kinds(&t), ["step_unknown", "compensating"]);
+        let t = apply(&t.saga, reply(1, CommandKind::Compensate, 1, ok()));
+        assert_eq!(sent(&t), [("saga.cmd.inventory.release".into(), CommandKind::Compensate, 1)]);
+        let t = apply(&t.saga, reply(0, CommandKind::Compensate, 1, ok()));
+        assert_eq!(t.saga.state, SagaState::Compensated);
+        assert!(t.saga.steps.iter().all(|p| p.status == StepStatus::Compensated));
+    }
+
+    #[test]
+    fn compensation_walks_back_newest_first_and_skips_steps_without_one() {
+        let def = three_steps();
+        let mut s = apply(&new_saga(def), Event::Start).saga;
+        s = apply(&s, reply(0, CommandKind::Forward, 1, ok())).saga;
+        s = apply(&s, reply(1, CommandKind::Forward, 1, ok())).saga;
+        let t = apply(&s, reply(2, CommandKind::Forward, 1, Outcome::Rejected("no".into())));
+        // c was rejected (nothing to undo), b has `compensation: none`, so a is next.
+        assert_eq!(sent(&t), [("saga.cmd.p1.undo-a".into(), CommandKind::Compensate, 1)]);
+        let t = apply(&t.saga, reply(0, CommandKind::Compensate, 1, ok()));
+        assert_eq!(t.saga.state, SagaState::Compensated);
+        assert_eq!(t.saga.steps[1].status, StepStatus::Succeeded, "nothing to undo for b");
+    }
+
+    #[test]
+    fn compensation_retries_then_fails_for_an_operator() {
+        let t = apply(&charging(), reply(1, CommandKind::Forward, 1, Outcome::Rejected("card_declined".into())));
+        let mut s = t.saga;
+        for attempt in 1..3 {
+            let t = apply(&s, reply(0, CommandKind::Compensate, attempt, Outcome::Transient("boom".into())));
+            assert_eq!(sent(&t), [("saga.cmd.inventory.release".into(), CommandKind::Compensate, attempt + 1)]);
+            s = t.saga;
+        }
+        let t = apply(&s, reply(0, CommandKind::Compensate, 3, Outcome::Transient("boom".into())));
+        assert_eq!(t.saga.state, SagaState::Failed { step: 0 });
+        assert_eq!(t.saga.steps[0].status, StepStatus::CompensationFailed);
+        assert!(t.commands.is_empty());
+        assert_eq!(kinds(&t), ["compensation_failed", "failed"]);
+        let reason = t.saga.reason.clone().unwrap_or_default();
+        assert!(reason.contains("out of retries") && reason.contains("card_declined"), "{reason}");
+    }
+
+    #[test]
+    fn refused_compensation_fails_at_once() {
+        let t = apply(&charging(), reply(1, CommandKind::Forward, 1, Outcome::Rejected("card_declined".into())));
+        let t = apply(&t.saga, reply(0, CommandKind::Compensate, 1, Outcome::Rejected("unknown".into())));
+        assert_eq!(t.saga.state, SagaState::Failed { step: 0 });
+    }
+
+    #[test]
+    fn stale_duplicate_and_late_events_are_no_ops() {
+        let s = charging();
+        let late = [
+            reply(0, CommandKind::Forward, 1, ok()),                             // previous step
+            reply(1, CommandKind::Forward, 2, ok()),                             // attempt not sent
+            reply(1, CommandKind::Compensate, 1, ok()),                          // wrong kind
+            Event::Start,                                                        // repeated start
+        ];
+        for e in &late {
+            assert_eq!(transition(&s, e, 10), Ok(None), "{e:?}");
+        }
+        let done = apply(&s, reply(1, CommandKind::Forward, 1, ok())).saga;
+        assert_eq!(transition(&done, &reply(1, CommandKind::Forward, 1, ok()), 10), Ok(None));
+        let t = apply(&charging(), reply(1, CommandKind::Forward, 1, Outcome::Rejected("x".into())));
+        assert_eq!(transition(&t.saga, &reply(1, CommandKind::Forward, 1, ok()), 10), Ok(None));
+    }
+
+    #[test]
+    fn impossible_events_are_typed_errors() {
+        let pending = new_saga(order_def());
+        assert!(matches!(
+            transition(&pending, &reply(0, CommandKind::Forward, 1, ok()), 2),
+            Err(TransitionError::Unexpected { .. })
+        ));
+        let s = charging();
+        assert!(matches!(
+            transition(&s, &reply(9, CommandKind::Forward, 1, ok()), 2),
+            Err(TransitionError::NoSuchStep { step: 9, .. })
+        ));
+    }
+
+    #[test]
+    fn history_is_contiguous_and_timestamped() {
+        let s0 = new_saga(order_def());
+        let t1 = apply(&s0, Event::Start);
+        let t2 = apply(&t1.saga, reply(0, CommandKind::Forward, 1, ok()));
+        let t3 = apply(&t2.saga, reply(1, CommandKind::Forward, 1, Outcome::Rejected("card_declined".into())));
+        let seqs: Vec<u64> =
+            [&t1, &t2, &t3].iter().flat_map(|t| t.history.iter().map(|h| h.seq)).collect();
+        assert_eq!(seqs, (2..2 + seqs.len() as u64).collect::<Vec<_>>());
+        assert!(t3.history.iter().all(|h| h.at_ms == t3.saga.updated_at_ms));
+        assert_eq!(t3.history[0].step.as_deref(), Some("charge-payment"));
+    }
+
+    #[test]
+    fn state_tags_round_trip() {
+        for t in StateTag::ALL {
+            assert_eq!(StateTag::from_byte(t as u8), Some(t));
+        }
+        assert_eq!(StateTag::from_byte(0), None);
+    }
+}
