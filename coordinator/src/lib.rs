@@ -1,3 +1,4 @@
 //! The saga coordinator.
 pub mod definition;
 pub mod engine;
+pub mod store;
