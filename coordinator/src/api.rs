@@ -1,0 +1,442 @@
+//! `saga.v1.SagaService` over tonic: input validation, mapping between the
+//! protobuf messages and the engine's types, and the single place where
+//! internal errors become gRPC statuses.
+//!
+//! Untrusted input is checked here and only here; a request that fails a
+//! check changes nothing and gets `INVALID_ARGUMENT` naming the field.
+//! Reads go straight to the store; creations go through the runner.
+
+use std::{sync::Arc, time::Duration};
+
+use prost_types::Timestamp;
+use saga_proto::{
+    pb::{self, saga_service_server::SagaService},
+    wire::{Item, OrderPayload},
+};
+use tonic::{Request, Response, Status};
+use tracing::warn;
+use uuid::Uuid;
+
+use crate::{
+    definition::Definitions,
+    engine::{HistoryEntry, Saga, SagaState, StateTag, StepStatus},
+    runner::{CreateError, Created, NewSaga, RunnerHandle},
+    store::{Store, StoreError},
+};
+
+/// gRPC metadata key that carries the caller's correlation id.
+pub const CORRELATION_METADATA: &str = "x-correlation-id";
+/// Default and largest `ListSagas` page.
+const DEFAULT_PAGE: u32 = 100;
+const MAX_PAGE: u32 = 1000;
+const MAX_TEXT: usize = 128;
+const MAX_ITEMS: usize = 100;
+
+/// The service implementation.
+pub struct SagaApi {
+    store: Store,
+    definitions: Arc<Definitions>,
+    runner: RunnerHandle,
+}
+
+impl SagaApi {
+    /// A service reading `store`, creating through `runner`.
+    pub fn new(store: Store, definitions: Arc<Definitions>, runner: RunnerHandle) -> Self {
+        SagaApi { store, definitions, runner }
+    }
+}
+
+fn invalid(field: &str, why: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("{field}: {why}"))
+}
+
+fn store_status(e: StoreError) -> Status {
+    match e {
+        StoreError::Corrupt(_) => Status::data_loss(e.to_string()),
+        StoreError::Sled(_) => Status::unavailable(e.to_string()),
+    }
+}
+
+fn text(field: &str, value: &str, required: bool) -> Result<String, Status> {
+    let v = value.trim();
+    if required && v.is_empty() {
+        return Err(invalid(field, "must not be empty"));
+    }
+    if v.chars().count() > MAX_TEXT {
+        return Err(invalid(field, format!("must be at most {MAX_TEXT} characters")));
+    }
+    if v.chars().any(char::is_control) {
+        return Err(invalid(field, "must not contain control characters"));
+    }
+    Ok(v.to_string())
+}
+
+/// Validates a `CreateOrderRequest` into a [`NewSaga`].
+fn validate_create(
+    req: pb::CreateOrderRequest,
+    definitions: &Definitions,
+    correlation_id: String,
+) -> Result<NewSaga, Status> {
+    let name = if req.definition.trim().is_empty() { "order" } else { req.definition.trim() };
+    let version = (req.definition_version != 0).then_some(req.definition_version);
+    let definition = definitions.get(name, version).ok_or_else(|| match version {
+        Some(v) if definitions.get(name, None).is_some() => {
+            invalid("definition_version", format!("definition `{name}` has no version {v}"))
+        }
+        _ => invalid("definition", format!("unknown saga definition `{name}`")),
+    })?;
+    let customer_id = text("customer_id", &req.customer_id, true)?;
+    if req.items.is_empty() {
+        return Err(invalid("items", "at least one item is required"));
+    }
+    if req.items.len() > MAX_ITEMS {
+        return Err(invalid("items", format!("at most {MAX_ITEMS} items")));
+    }
+    let mut items = Vec::with_capacity(req.items.len());
+    for (i, item) in req.items.iter().enumerate() {
+        let sku = text(&format!("items[{i}].sku"), &item.sku, true)?;
+        if item.quantity < 1 {
+            return Err(invalid(&format!("items[{i}].quantity"), "must be at least 1"));
+        }
+        items.push(Item { sku, quantity: item.quantity });
+    }
+    if req.amount_cents <= 0 {
+        return Err(invalid("amount_cents", "must be greater than 0"));
+    }
+    let currency = if req.currency.trim().is_empty() { "EUR".to_string() } else { req.currency.trim().to_string() };
+    if !(currency.len() == 3 && currency.chars().all(|c| c.is_ascii_uppercase())) {
+        return Err(invalid("currency", "must be a 3-letter upper-case ISO 4217 code"));
+    }
+    let order_id_given = !req.order_id.trim().is_empty();
+    let order_id = if order_id_given {
+        text("order_id", &req.order_id, true)?
+    } else {
+        Uuid::new_v4().to_string()
+    };
+    let idempotency_key = match text("idempotency_key", &req.idempotency_key, false)? {
+        k if k.is_empty() => None,
+        k => Some(k),
+    };
+    Ok(NewSaga {
+        definition,
+        version_requested: version.is_some(),
+        order: OrderPayload { order_id, customer_id, items, amount_cents: req.amount_cents, currency },
+        order_id_given,
+        correlation_id,
+        idempotency_key,
+    })
+}
+
+/// The caller's `x-correlation-id` when it is a sane token, else a new UUID.
+fn correlation_id<T>(req: &Request<T>) -> String {
+    req.metadata()
+        .get(CORRELATION_METADATA)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= MAX_TEXT
+                && v.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:/".contains(c))
+        })
+        .map(str::to_string)
+        .unwrap_or_else(|| Uuid::new_v4().to_string())
+}
+
+fn parse_saga_id(field: &str, id: &str) -> Result<Uuid, Status> {
+    Uuid::parse_str(id.trim()).map_err(|_| invalid(field, format!("`{id}` is not a saga id (UUID)")))
+}
+
+fn timestamp(ms: u64) -> Timestamp {
+    let d = Duration::from_millis(ms);
+    Timestamp {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+/// Protobuf enum value of a state tag.
+pub fn state_to_pb(tag: StateTag) -> pb::SagaState {
+    match tag {
+        StateTag::Pending => pb::SagaState::Pending,
+        StateTag::Running => pb::SagaState::Running,
+        StateTag::Compensating => pb::SagaState::Compensating,
+        StateTag::Completed => pb::SagaState::Completed,
+        StateTag::Compensated => pb::SagaState::Compensated,
+        StateTag::Failed => pb::SagaState::Failed,
+    }
+}
+
+fn state_from_pb(value: i32) -> Result<Option<StateTag>, Status> {
+    match pb::SagaState::try_from(value) {
+        Ok(pb::SagaState::Unspecified) => Ok(None),
+        Ok(pb::SagaState::Pending) => Ok(Some(StateTag::Pending)),
+        Ok(pb::SagaState::Running) => Ok(Some(StateTag::Running)),
+        Ok(pb::SagaState::Compensating) => Ok(Some(StateTag::Compensating)),
+        Ok(pb::SagaState::Completed) => Ok(Some(StateTag::Completed)),
+        Ok(pb::SagaState::Compensated) => Ok(Some(StateTag::Compensated)),
+        Ok(pb::SagaState::Failed) => Ok(Some(StateTag::Failed)),
+        Err(_) => Err(invalid("state", format!("unknown state value {value}"))),
+    }
+}
+
+fn step_status(s: StepStatus) -> pb::StepStatus {
+    match s {
+        StepStatus::Pending => pb::StepStatus::Pending,
+        StepStatus::Running => pb::StepStatus::Running,
+        StepStatus::Succeeded => pb::StepStatus::Succeeded,
+        StepStatus::Rejected => pb::StepStatus::Rejected,
+        StepStatus::Unknown => pb::StepStatus::Unknown,
+        StepStatus::Compensating => pb::StepStatus::Compensating,
+        StepStatus::Compensated => pb::StepStatus::Compensated,
+        StepStatus::CompensationFailed => pb::StepStatus::CompensationFailed,
+    }
+}
+
+fn current_step(saga: &Saga) -> String {
+    match saga.state {
+        SagaState::Running { step } | SagaState::Compensating { step } => {
+            saga.definition.steps.get(step).map(|s| s.name.clone()).unwrap_or_default()
+        }
+        SagaState::Pending | SagaState::Completed | SagaState::Compensated | SagaState::Failed { .. } => {
+            String::new()
+        }
+    }
+}
+
+fn items_to_pb(items: &[Item]) -> Vec<pb::OrderItem> {
+    items.iter().map(|i| pb::OrderItem { sku: i.sku.clone(), quantity: i.quantity }).collect()
+}
+
+/// The full protobuf view of a saga and its history.
+pub fn saga_to_pb(saga: &Saga, history: &[HistoryEntry]) -> pb::Saga {
+    let steps = saga
+        .definition
+        .steps
+        .iter()
+        .zip(&saga.steps)
+        .map(|(d, p)| pb::Step {
+            name: d.name.clone(),
+            participant: d.participant.clone(),
+            action: d.action.clone(),
+            compensation: d.compensation.clone().unwrap_or_default(),
+            status: step_status(p.status) as i32,
+            attempts: p.attempts,
+            compensation_attempts: p.compensation_attempts,
+            last_outcome: p.last_outcome.clone().unwrap_or_default(),
+            started_at: p.started_at_ms.map(timestamp),
+            finished_at: p.finished_at_ms.map(timestamp),
+        })
+        .collect();
+    let history = history
+        .iter()
+        .map(|h| pb::HistoryEvent {
+            seq: h.seq,
+            at: Some(timestamp(h.at_ms)),
+            kind: h.kind.clone(),
+            step: h.step.clone().unwrap_or_default(),
+            attempt: h.attempt.unwrap_or(0),
+            detail: h.detail.clone().unwrap_or_default(),
+            state: state_to_pb(h.state) as i32,
+        })
+        .collect();
+    pb::Saga {
+        saga_id: saga.id.clone(),
+        definition: saga.definition.id(),
+        state: state_to_pb(saga.state.tag()) as i32,
+        current_step: current_step(saga),
+        steps,
+        history,
+        created_at: Some(timestamp(saga.created_at_ms)),
+        updated_at: Some(timestamp(saga.updated_at_ms)),
+        order_id: saga.order.order_id.clone(),
+        customer_id: saga.order.customer_id.clone(),
+        items: items_to_pb(&saga.order.items),
+        amount_cents: saga.order.amount_cents,
+        currency: saga.order.currency.clone(),
+        reason: saga.reason.clone().unwrap_or_default(),
+        correlation_id: saga.correlation_id.clone(),
+        idempotency_key: saga.idempotency_key.clone().unwrap_or_default(),
+    }
+}
+
+#[tonic::async_trait]
+impl SagaService for SagaApi {
+    async fn create_order(
+        &self,
+        request: Request<pb::CreateOrderRequest>,
+    ) -> Result<Response<pb::CreateOrderResponse>, Status> {
+        let correlation_id = correlation_id(&request);
+        let new = validate_create(request.into_inner(), &self.definitions, correlation_id)?;
+        let created = self.runner.create(new).await.map_err(|e| match e {
+            CreateError::KeyReused(_) => Status::already_exists(format!("idempotency_key: {e}")),
+            CreateError::Store(e) => store_status(e),
+            CreateError::Stopped => Status::unavailable(e.to_string()),
+        })?;
+        let response = match created {
+            Created::New { saga_id, order_id } => pb::CreateOrderResponse {
+                saga_id,
+                order_id,
+                created: true,
+                state: pb::SagaState::Running as i32,
+            },
+            Created::Existing { saga_id, order_id, state } => {
+                pb::CreateOrderResponse { saga_id, order_id, created: false, state: state_to_pb(state) as i32 }
+            }
+        };
+        Ok(Response::new(response))
+    }
+
+    async fn get_saga(&self, request: Request<pb::GetSagaRequest>) -> Result<Response<pb::Saga>, Status> {
+        let raw = request.into_inner().saga_id;
+        let id = parse_saga_id("saga_id", &raw)?;
+        let saga = self
+            .store
+            .get(&id)
+            .map_err(store_status)?
+            .ok_or_else(|| Status::not_found(format!("saga {id} not found")))?;
+        let history = self.store.history(&id).map_err(store_status)?;
+        Ok(Response::new(saga_to_pb(&saga, &history)))
+    }
+
+    async fn list_sagas(
+        &self,
+        request: Request<pb::ListSagasRequest>,
+    ) -> Result<Response<pb::ListSagasResponse>, Status> {
+        let req = request.into_inner();
+        let state = state_from_pb(req.state)?;
+        let size = match req.page_size {
+            0 => DEFAULT_PAGE,
+            n if n > MAX_PAGE => return Err(invalid("page_size", format!("must be at most {MAX_PAGE}"))),
+            n => n,
+        };
+        let after = match req.page_token.trim() {
+            "" => None,
+            t => Some(parse_saga_id("page_token", t)?),
+        };
+        let page = self.store.list(state, after, size as usize).map_err(|e| {
+            warn!(error = %e, "list failed");
+            store_status(e)
+        })?;
+        let sagas = page
+            .sagas
+            .iter()
+            .map(|s| pb::SagaSummary {
+                saga_id: s.id.clone(),
+                definition: s.definition.id(),
+                state: state_to_pb(s.state.tag()) as i32,
+                current_step: current_step(s),
+                order_id: s.order.order_id.clone(),
+                created_at: Some(timestamp(s.created_at_ms)),
+                updated_at: Some(timestamp(s.updated_at_ms)),
+            })
+            .collect();
+        Ok(Response::new(pb::ListSagasResponse {
+            sagas,
+            next_page_token: page.next.map(|u| u.to_string()).unwrap_or_default(),
+        }))
+    }
+
+    async fn list_definitions(
+        &self,
+        _request: Request<pb::ListDefinitionsRequest>,
+    ) -> Result<Response<pb::ListDefinitionsResponse>, Status> {
+        let definitions = self
+            .definitions
+            .all()
+            .map(|d| pb::Definition {
+                name: d.name.clone(),
+                version: d.version,
+                source_file: d.source.display().to_string(),
+                steps: d
+                    .steps
+                    .iter()
+                    .map(|s| pb::DefinitionStep {
+                        name: s.name.clone(),
+                        participant: s.participant.clone(),
+                        action: s.action.clone(),
+                        compensation: s.compensation.clone().unwrap_or_default(),
+                        timeout_ms: u64::try_from(s.timeout.as_millis()).unwrap_or(u64::MAX),
+                        max_attempts: s.retry.max_attempts,
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(Response::new(pb::ListDefinitionsResponse { definitions }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::definition;
+
+    fn defs() -> Definitions {
+        let yaml = "name: order\nversion: 1\nsteps:\n  - name: a\n    participant: p\n    action: x\n    compensation: none\n";
+        let mut d = Definitions::default();
+        d.insert(definition::parse(Path::new("t.yaml"), yaml).expect("valid")).expect("insert");
+        d
+    }
+
+    fn good() -> pb::CreateOrderRequest {
+        pb::CreateOrderRequest {
+            customer_id: "c-1".into(),
+            items: vec![pb::OrderItem { sku: "A-1".into(), quantity: 2 }],
+            amount_cents: 1999,
+            ..Default::default()
+        }
+    }
+
+    fn field_error(req: pb::CreateOrderRequest) -> String {
+        match validate_create(req, &defs(), "c".into()) {
+            Ok(_) => panic!("expected INVALID_ARGUMENT"),
+            Err(s) => {
+                assert_eq!(s.code(), tonic::Code::InvalidArgument);
+                s.message().to_string()
+            }
+        }
+    }
+
+    #[test]
+    fn a_good_request_gets_defaults() {
+        let n = validate_create(good(), &defs(), "c".into()).expect("valid");
+        assert_eq!(n.order.currency, "EUR");
+        assert!(!n.order_id_given && !n.order.order_id.is_empty());
+        assert_eq!(n.definition.id(), "order@1");
+        assert_eq!(n.idempotency_key, None);
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        let cases: Vec<(pb::CreateOrderRequest, &str)> = vec![
+            (pb::CreateOrderRequest { customer_id: " ".into(), ..good() }, "customer_id:"),
+            (pb::CreateOrderRequest { items: vec![], ..good() }, "items:"),
+            (
+                pb::CreateOrderRequest { items: vec![pb::OrderItem { sku: "".into(), quantity: 1 }], ..good() },
+                "items[0].sku:",
+            ),
+            (
+                pb::CreateOrderRequest { items: vec![pb::OrderItem { sku: "A".into(), quantity: 0 }], ..good() },
+                "items[0].quantity:",
+            ),
+            (pb::CreateOrderRequest { amount_cents: 0, ..good() }, "amount_cents:"),
+            (pb::CreateOrderRequest { amount_cents: -5, ..good() }, "amount_cents:"),
+            (pb::CreateOrderRequest { currency: "euro".into(), ..good() }, "currency:"),
+            (pb::CreateOrderRequest { definition: "nope".into(), ..good() }, "definition:"),
+            (pb::CreateOrderRequest { definition_version: 7, ..good() }, "definition_version:"),
+            (pb::CreateOrderRequest { customer_id: "x".repeat(200), ..good() }, "customer_id:"),
+        ];
+        for (req, prefix) in cases {
+            let msg = field_error(req);
+            assert!(msg.starts_with(prefix), "{msg} should start with {prefix}");
+        }
+    }
+
+    #[test]
+    fn saga_ids_and_states_are_checked() {
+        assert_eq!(parse_saga_id("saga_id", "nope").map_err(|s| s.code()), Err(tonic::Code::InvalidArgument));
+        assert_eq!(state_from_pb(99).map_err(|s| s.code()), Err(tonic::Code::InvalidArgument));
+        assert_eq!(state_from_pb(pb::SagaState::Failed as i32).ok(), Some(Some(StateTag::Failed)));
+    }
+}

@@ -1,0 +1,343 @@
+//! The saga runner: the one owner of every in-flight saga.
+//!
+//! A single task receives creations (from the API, through a [`RunnerHandle`])
+//! and outcomes (from the dispatcher), applies them with the pure engine,
+//! writes every resulting transition to the store, flushes ONCE for the whole
+//! batch (group commit), and only then answers the creators and hands the
+//! new commands to the dispatcher. So no command ever leaves before the state
+//! that implies it is durable, and a crash at any point leaves either the old
+//! state (the event is redelivered: the command is still in the outbox and
+//! is re-sent on start) or the new one with its commands in the outbox.
+//!
+//! On start it resumes every non-terminal saga: PENDING ones are started,
+//! outbox commands are re-sent with their original idempotency keys.
+//! In-flight sagas live in memory (a map, removed when terminal); terminal
+//! ones are only in the store.
+
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use saga_proto::wire::OrderPayload;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+use uuid::Uuid;
+
+use crate::{
+    definition::SagaDefinition,
+    dispatch::{Dispatcher, Reported},
+    engine::{self, Event, Saga, StateTag, Transition},
+    store::{OutboxEntry, Store, StoreError},
+};
+
+/// Most events applied under one flush.
+const BATCH: usize = 512;
+
+/// A saga to create.
+#[derive(Debug, Clone)]
+pub struct NewSaga {
+    /// Definition to run (snapshotted into the saga).
+    pub definition: Arc<SagaDefinition>,
+    /// Whether the client asked for this exact version (idempotency check).
+    pub version_requested: bool,
+    /// The order.
+    pub order: OrderPayload,
+    /// Whether the client supplied `order.order_id` (otherwise it was generated).
+    pub order_id_given: bool,
+    /// Correlation id for logs and NATS headers.
+    pub correlation_id: String,
+    /// Client idempotency key.
+    pub idempotency_key: Option<String>,
+}
+
+/// What `create` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Created {
+    /// A new saga, durable and started.
+    New {
+        /// Its id.
+        saga_id: String,
+        /// Order id (given or generated).
+        order_id: String,
+    },
+    /// The idempotency key already named this saga.
+    Existing {
+        /// Its id.
+        saga_id: String,
+        /// Its order id.
+        order_id: String,
+        /// Its current state.
+        state: StateTag,
+    },
+}
+
+/// Why a saga could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum CreateError {
+    /// The key was used before for a different order.
+    #[error("idempotency_key was already used for a different order (saga {0})")]
+    KeyReused(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The runner stopped (shutdown or a fatal store error).
+    #[error("the coordinator is shutting down")]
+    Stopped,
+}
+
+enum Request {
+    Create { new: NewSaga, reply: oneshot::Sender<Result<Created, CreateError>> },
+}
+
+/// Handle to the runner; cheap to clone.
+#[derive(Clone)]
+pub struct RunnerHandle {
+    tx: mpsc::Sender<Request>,
+}
+
+impl RunnerHandle {
+    /// Creates (and starts) a saga; returns once it is durable.
+    ///
+    /// # Errors
+    /// [`CreateError`].
+    pub async fn create(&self, new: NewSaga) -> Result<Created, CreateError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Request::Create { new, reply }).await.map_err(|_| CreateError::Stopped)?;
+        rx.await.map_err(|_| CreateError::Stopped)?
+    }
+}
+
+/// The runner task's inputs, built by [`channel`].
+pub struct RunnerInputs {
+    requests: mpsc::Receiver<Request>,
+    outcomes: mpsc::UnboundedReceiver<Reported>,
+}
+
+/// A handle for creators, the sender for the dispatcher and the runner's inputs.
+pub fn channel() -> (RunnerHandle, mpsc::UnboundedSender<Reported>, RunnerInputs) {
+    let (tx, requests) = mpsc::channel(4096);
+    let (otx, outcomes) = mpsc::unbounded_channel();
+    (RunnerHandle { tx }, otx, RunnerInputs { requests, outcomes })
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+struct Runner {
+    store: Store,
+    dispatcher: Dispatcher,
+    active: HashMap<String, Saga>,
+    // Per batch:
+    to_send: Vec<OutboxEntry>,
+    acks: Vec<(oneshot::Sender<Result<Created, CreateError>>, Result<Created, CreateError>)>,
+    batch_keys: HashMap<String, String>,
+}
+
+/// Runs the saga runner until `shutdown` fires.
+///
+/// # Errors
+/// A store failure: the runner stops at once, sending nothing more (a
+/// restart recovers from what is durable).
+pub async fn run(
+    store: Store,
+    dispatcher: Dispatcher,
+    mut inputs: RunnerInputs,
+    shutdown: CancellationToken,
+) -> Result<(), StoreError> {
+    let mut r = Runner {
+        store,
+        dispatcher,
+        active: HashMap::new(),
+        to_send: Vec::new(),
+        acks: Vec::new(),
+        batch_keys: HashMap::new(),
+    };
+    r.recover().await?;
+    let mut requests = Vec::with_capacity(BATCH);
+    let mut outcomes = Vec::with_capacity(BATCH);
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            n = inputs.outcomes.recv_many(&mut outcomes, BATCH) => if n == 0 { break },
+            n = inputs.requests.recv_many(&mut requests, BATCH) => if n == 0 { break },
+        }
+        // Take whatever else is already waiting so it shares this flush.
+        while outcomes.len() < BATCH {
+            match inputs.outcomes.try_recv() {
+                Ok(o) => outcomes.push(o),
+                Err(_) => break,
+            }
+        }
+        while requests.len() < BATCH {
+            match inputs.requests.try_recv() {
+                Ok(q) => requests.push(q),
+                Err(_) => break,
+            }
+        }
+        let now = now_ms();
+        for Reported { saga_id, event } in outcomes.drain(..) {
+            r.apply(&saga_id, &event, now)?;
+        }
+        for Request::Create { new, reply } in requests.drain(..) {
+            let result = r.create(new, now);
+            r.acks.push((reply, result));
+        }
+        r.commit().await?;
+    }
+    r.store.flush().await?;
+    info!(in_flight = r.active.len(), "saga runner stopped; in-flight sagas resume on next start");
+    Ok(())
+}
+
+impl Runner {
+    async fn recover(&mut self) -> Result<(), StoreError> {
+        let active = self.store.active()?;
+        let outbox = self.store.outbox()?;
+        let now = now_ms();
+        let mut pending = Vec::new();
+        for saga in active {
+            if saga.state == engine::SagaState::Pending {
+                pending.push(saga.id.clone());
+            }
+            self.active.insert(saga.id.clone(), saga);
+        }
+        info!(active = self.active.len(), outbox = outbox.len(), "resuming sagas found in the store");
+        for id in pending {
+            self.apply(&id, &Event::Start, now)?;
+        }
+        for entry in outbox {
+            if self.active.contains_key(&entry.saga_id) {
+                info!(saga_id = %entry.saga_id, correlation_id = %entry.correlation_id,
+                      step = %entry.message.step, attempt = entry.message.attempt, "re-sending in-flight command");
+                self.to_send.push(entry);
+            } else {
+                warn!(saga_id = %entry.saga_id, "outbox entry of a saga that is not active; ignored");
+            }
+        }
+        self.commit().await
+    }
+
+    fn create(&mut self, new: NewSaga, now: u64) -> Result<Created, CreateError> {
+        if let Some(key) = &new.idempotency_key {
+            let existing = match self.batch_keys.get(key) {
+                Some(id) => Uuid::parse_str(id).ok(),
+                None => self.store.saga_for_key(key)?,
+            };
+            if let Some(id) = existing {
+                let saga = match self.active.get(&id.to_string()) {
+                    Some(s) => s.clone(),
+                    None => self
+                        .store
+                        .get(&id)?
+                        .ok_or_else(|| StoreError::Corrupt(format!("idempotency key names missing saga {id}")))?,
+                };
+                if !same_request(&saga, &new) {
+                    return Err(CreateError::KeyReused(saga.id));
+                }
+                return Ok(Created::Existing {
+                    saga_id: saga.id,
+                    order_id: saga.order.order_id,
+                    state: saga.state.tag(),
+                });
+            }
+        }
+        let id = Uuid::now_v7().to_string();
+        let order_id = new.order.order_id.clone();
+        let created = engine::create(
+            id.clone(),
+            (*new.definition).clone(),
+            new.order,
+            new.correlation_id,
+            new.idempotency_key.clone(),
+            now,
+        );
+        self.store.write(&created, None)?;
+        info!(saga_id = %id, correlation_id = %created.saga.correlation_id, order_id = %order_id,
+              definition = %created.saga.definition.id(), "saga created");
+        if let Some(key) = new.idempotency_key {
+            self.batch_keys.insert(key, id.clone());
+        }
+        self.active.insert(id.clone(), created.saga);
+        self.apply(&id, &Event::Start, now)?;
+        Ok(Created::New { saga_id: id, order_id })
+    }
+
+    /// Applies one event to an active saga and writes the transition (unflushed).
+    fn apply(&mut self, saga_id: &str, event: &Event, now: u64) -> Result<(), StoreError> {
+        let Some(saga) = self.active.get(saga_id) else {
+            debug!(saga_id, ?event, "event for a saga that is not active; ignored");
+            return Ok(());
+        };
+        let previous = saga.state.tag();
+        let t = match engine::transition(saga, event, now) {
+            Ok(Some(t)) => t,
+            Ok(None) => {
+                debug!(saga_id, correlation_id = %saga.correlation_id, ?event, "late or duplicate event; no-op");
+                return Ok(());
+            }
+            Err(e) => {
+                error!(saga_id, correlation_id = %saga.correlation_id, error = %e, "impossible transition");
+                return Ok(());
+            }
+        };
+        self.store.write(&t, Some(previous))?;
+        self.log(&t);
+        let Transition { saga, commands, .. } = t;
+        self.to_send.extend(commands.iter().map(|c| OutboxEntry::new(&saga, c)));
+        if saga.state.is_terminal() {
+            self.active.remove(saga_id);
+        } else {
+            self.active.insert(saga_id.to_string(), saga);
+        }
+        Ok(())
+    }
+
+    fn log(&self, t: &Transition) {
+        let s = &t.saga;
+        for h in &t.history {
+            info!(saga_id = %s.id, correlation_id = %s.correlation_id, step = h.step.as_deref().unwrap_or(""),
+                  attempt = h.attempt.unwrap_or(0), event = %h.kind, state = h.state.as_str(),
+                  detail = h.detail.as_deref().unwrap_or(""), "saga transition");
+        }
+    }
+
+    /// Group commit: one flush for the batch, then replies and sends.
+    async fn commit(&mut self) -> Result<(), StoreError> {
+        self.batch_keys.clear();
+        if self.to_send.is_empty() && self.acks.is_empty() {
+            return Ok(());
+        }
+        if let Err(e) = self.store.flush().await {
+            error!(error = %e, "flush failed; stopping without sending");
+            return Err(e);
+        }
+        for (reply, result) in self.acks.drain(..) {
+            let _ = reply.send(result);
+        }
+        for entry in self.to_send.drain(..) {
+            self.dispatcher.dispatch(entry);
+        }
+        Ok(())
+    }
+}
+
+/// Whether a repeated `CreateOrder` with the same idempotency key asks for the same thing.
+fn same_request(saga: &Saga, new: &NewSaga) -> bool {
+    let a = &saga.order;
+    let b = &new.order;
+    saga.definition.name == new.definition.name
+        && (!new.version_requested || saga.definition.version == new.definition.version)
+        && (!new.order_id_given || a.order_id == b.order_id)
+        && a.customer_id == b.customer_id
+        && a.items == b.items
+        && a.amount_cents == b.amount_cents
+        && a.currency == b.currency
+}
