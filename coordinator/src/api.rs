@@ -189,6 +189,7 @@ fn step_status(s: StepStatus) -> pb::StepStatus {
         StepStatus::Compensating => pb::StepStatus::Compensating,
         StepStatus::Compensated => pb::StepStatus::Compensated,
         StepStatus::CompensationFailed => pb::StepStatus::CompensationFailed,
+        StepStatus::Failed => pb::StepStatus::Failed,
     }
 }
 

@@ -93,8 +93,11 @@ impl Dispatcher {
                 let outcome = match outcome {
                     Ok(Reply::Ok { data }) => Outcome::Ok(data),
                     Ok(Reply::Rejected { reason }) => Outcome::Rejected(reason),
-                    Ok(Reply::Error { reason }) => Outcome::Transient(format!("error: {reason}")),
-                    Err(e) => Outcome::Transient(e.to_string()),
+                    Ok(Reply::Error { reason }) => Outcome::NotApplied(format!("error: {reason}")),
+                    Err(e @ CallError::Unavailable(_)) => Outcome::NotApplied(e.to_string()),
+                    Err(e @ (CallError::OutcomeUnknown(_) | CallError::Malformed(_))) => {
+                        Outcome::Transient(e.to_string())
+                    }
                 };
                 debug!(?outcome, "outcome");
                 let event = Event::Reply {

@@ -145,6 +145,9 @@ pub enum StepStatus {
     Compensated,
     /// Compensation refused or out of retries.
     CompensationFailed,
+    /// Retries exhausted, and no attempt can have had an effect (none was
+    /// delivered, or the participant answered `error`): nothing to undo.
+    Failed,
 }
 
 /// What is known of one step of one saga.
@@ -156,6 +159,10 @@ pub struct StepProgress {
     pub attempts: u32,
     /// Compensation attempts made.
     pub compensation_attempts: u32,
+    /// Whether some forward attempt may have reached the participant without
+    /// a definite answer (timeout, unreadable reply).
+    #[serde(default)]
+    pub maybe_applied: bool,
     /// Last outcome, for operators ("ok", "rejected: …", "timeout", …).
     pub last_outcome: Option<String>,
     /// `data` of the participant's `ok` reply to the forward action.
@@ -172,6 +179,7 @@ impl StepProgress {
             status: StepStatus::Pending,
             attempts: 0,
             compensation_attempts: 0,
+            maybe_applied: false,
             last_outcome: None,
             output: None,
             started_at_ms: None,
@@ -235,9 +243,12 @@ pub enum Outcome {
     Ok(serde_json::Value),
     /// Business "no": no effect; do not retry.
     Rejected(String),
-    /// No answer, no responders, an error reply or a malformed reply: retry
-    /// with the same idempotency key while attempts remain.
+    /// Sent but no definite answer (timeout, malformed reply): the effect
+    /// may exist. Retry with the same idempotency key while attempts remain.
     Transient(String),
+    /// Definitely without effect: no responders, or an `error` reply (a
+    /// participant records nothing when it answers `error`). Retried the same way.
+    NotApplied(String),
 }
 
 /// A command to send after the transition is durable.
@@ -265,7 +276,7 @@ pub struct HistoryEntry {
     /// When, ms since the Unix epoch.
     pub at_ms: u64,
     /// What happened: `created`, `started`, `step_succeeded`, `step_retry`,
-    /// `step_rejected`, `step_unknown`, `compensating`, `compensation_succeeded`,
+    /// `step_rejected`, `step_unknown`, `step_failed`, `compensating`, `compensation_succeeded`,
     /// `compensation_retry`, `compensation_failed`, `completed`, `compensated`, `failed`.
     pub kind: String,
     /// Step name, when the entry is about a step.
@@ -368,8 +379,8 @@ pub fn transition(saga: &Saga, event: &Event, now_ms: u64) -> Result<Option<Tran
     let mut b = Builder::new(now_ms);
     match (saga.state, event) {
         (SagaState::Pending, Event::Start) => {
-            b.log(&mut s, "started", None, None, None);
             b.run_step(&mut s, 0);
+            b.log(&mut s, "started", None, None, None);
             Ok(Some(b.finish(s, None)))
         }
         (SagaState::Pending, Event::Reply { step, kind, .. }) => Err(TransitionError::Unexpected {
@@ -511,23 +522,31 @@ impl Builder {
                 // The rejected step had no effect: undo the ones before it.
                 self.begin_compensation(saga, i.checked_sub(1));
             }
-            Outcome::Transient(reason) => {
+            Outcome::Transient(reason) | Outcome::NotApplied(reason) => {
                 let max = saga.definition.steps[i].retry.max_attempts;
                 let p = &mut saga.steps[i];
                 p.last_outcome = Some(reason.clone());
+                p.maybe_applied |= matches!(outcome, Outcome::Transient(_));
                 if attempt < max {
                     p.attempts = attempt + 1;
                     self.log(saga, "step_retry", Some(i), Some(attempt), Some(reason.clone()));
                     self.send(saga, i, CommandKind::Forward, attempt + 1);
                 } else {
-                    p.status = StepStatus::Unknown;
                     p.finished_at_ms = Some(now);
                     let step_name = saga.definition.steps[i].name.clone();
                     saga.reason =
                         Some(format!("step {step_name}: {attempt} attempts failed, last: {reason}"));
-                    self.log(saga, "step_unknown", Some(i), Some(attempt), Some(reason.clone()));
-                    // The outcome is unknown: the step itself may have an effect to undo.
-                    self.begin_compensation(saga, Some(i));
+                    if p.maybe_applied {
+                        p.status = StepStatus::Unknown;
+                        self.log(saga, "step_unknown", Some(i), Some(attempt), Some(reason.clone()));
+                        // The outcome is unknown: the step itself may have an effect to undo.
+                        self.begin_compensation(saga, Some(i));
+                    } else {
+                        p.status = StepStatus::Failed;
+                        self.log(saga, "step_failed", Some(i), Some(attempt), Some(reason.clone()));
+                        // No attempt can have had an effect: undo the steps before it.
+                        self.begin_compensation(saga, i.checked_sub(1));
+                    }
                 }
             }
         }
@@ -547,7 +566,7 @@ impl Builder {
             Outcome::Rejected(reason) => {
                 self.fail(saga, i, attempt, format!("compensation refused: {reason}"));
             }
-            Outcome::Transient(reason) => {
+            Outcome::Transient(reason) | Outcome::NotApplied(reason) => {
                 let max = saga.definition.steps[i].retry.max_attempts;
                 let p = &mut saga.steps[i];
                 p.last_outcome = Some(reason.clone());
@@ -779,6 +798,25 @@ mod tests {
         let t = apply(&t.saga, reply(0, CommandKind::Compensate, 1, ok()));
         assert_eq!(t.saga.state, SagaState::Compensated);
         assert!(t.saga.steps.iter().all(|p| p.status == StepStatus::Compensated));
+    }
+
+    #[test]
+    fn retries_exhausted_without_delivery_skip_the_failed_step() {
+        let mut s = charging();
+        for attempt in 1..3 {
+            let o = Outcome::NotApplied("no responders".into());
+            s = apply(&s, reply(1, CommandKind::Forward, attempt, o)).saga;
+        }
+        let t = apply(&s, reply(1, CommandKind::Forward, 3, Outcome::NotApplied("no responders".into())));
+        assert_eq!(t.saga.steps[1].status, StepStatus::Failed);
+        assert_eq!(sent(&t), [("saga.cmd.inventory.release".into(), CommandKind::Compensate, 1)]);
+        assert_eq!(kinds(&t), ["step_failed", "compensating"]);
+        // One timeout among the attempts is enough to make the outcome unknown.
+        let mut s = charging();
+        s = apply(&s, reply(1, CommandKind::Forward, 1, Outcome::Transient("timeout".into()))).saga;
+        s = apply(&s, reply(1, CommandKind::Forward, 2, Outcome::NotApplied("error: x".into()))).saga;
+        let t = apply(&s, reply(1, CommandKind::Forward, 3, Outcome::NotApplied("error: x".into())));
+        assert_eq!(sent(&t), [("saga.cmd.payment.refund".into(), CommandKind::Compensate, 1)]);
     }
 
     #[test]
