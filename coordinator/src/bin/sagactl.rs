@@ -1,0 +1,369 @@
+//! `sagactl`: the operator's command line for the saga coordinator, over gRPC.
+//!
+//! Human tables by default, `--json` for scripts. `demo` places the three
+//! orders of `make demo` and checks each ends where it should.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
+use saga_proto::pb::{self, saga_service_client::SagaServiceClient};
+use serde_json::{json, Value};
+use tonic::transport::Channel;
+
+#[derive(Parser)]
+#[command(name = "sagactl", version, about = "Inspect and drive the saga coordinator over gRPC")]
+struct Cli {
+    /// Coordinator gRPC address.
+    #[arg(long, env = "SAGACTL_ADDR", default_value = "http://127.0.0.1:50051", global = true)]
+    addr: String,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start an order saga.
+    Create {
+        /// Customer id.
+        #[arg(long)]
+        customer: String,
+        /// Order line as SKU:QUANTITY; repeat for more lines.
+        #[arg(long = "item", required = true, value_parser = parse_item)]
+        items: Vec<pb::OrderItem>,
+        /// Amount in minor units (cents).
+        #[arg(long)]
+        amount_cents: i64,
+        /// ISO 4217 currency.
+        #[arg(long, default_value = "EUR")]
+        currency: String,
+        /// Business order id (generated when absent).
+        #[arg(long)]
+        order_id: Option<String>,
+        /// Client idempotency key: repeating it returns the same saga.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        /// Definition name.
+        #[arg(long, default_value = "order")]
+        definition: String,
+        /// Wait until the saga is terminal and print it.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Show one saga with its steps and history.
+    Get {
+        /// Saga id.
+        saga_id: String,
+    },
+    /// List sagas, oldest first.
+    List {
+        /// Only this state: pending, running, compensating, completed, compensated, failed.
+        #[arg(long, value_parser = parse_state)]
+        state: Option<pb::SagaState>,
+        /// Page size.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Continue after this page token.
+        #[arg(long)]
+        page_token: Option<String>,
+    },
+    /// List the loaded saga definitions.
+    Definitions,
+    /// Place the demo's three orders (completes, out of stock, declined) and show how each ended.
+    Demo {
+        /// How long to wait for each saga to finish.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+}
+
+fn parse_item(s: &str) -> Result<pb::OrderItem, String> {
+    let (sku, qty) = s.rsplit_once(':').ok_or_else(|| format!("`{s}`: expected SKU:QUANTITY"))?;
+    let quantity = qty.parse().map_err(|_| format!("`{qty}`: quantity must be a whole number"))?;
+    Ok(pb::OrderItem { sku: sku.to_string(), quantity })
+}
+
+fn parse_state(s: &str) -> Result<pb::SagaState, String> {
+    let name = format!("SAGA_STATE_{}", s.trim().to_ascii_uppercase());
+    pb::SagaState::from_str_name(&name).ok_or_else(|| format!("unknown state `{s}`"))
+}
+
+fn state_name(v: i32) -> &'static str {
+    pb::SagaState::try_from(v).map(|s| s.as_str_name()).unwrap_or("UNKNOWN").trim_start_matches("SAGA_STATE_")
+}
+
+fn step_status_name(v: i32) -> &'static str {
+    pb::StepStatus::try_from(v).map(|s| s.as_str_name()).unwrap_or("UNKNOWN").trim_start_matches("STEP_STATUS_")
+}
+
+fn ts(t: &Option<prost_types::Timestamp>) -> String {
+    t.as_ref()
+        .and_then(|t| {
+            let d = Duration::new(u64::try_from(t.seconds).ok()?, u32::try_from(t.nanos).ok()?);
+            Some(humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + d).to_string())
+        })
+        .unwrap_or_default()
+}
+
+fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED).set_header(header.to_vec());
+    t
+}
+
+fn saga_json(s: &pb::Saga) -> Value {
+    json!({
+        "saga_id": s.saga_id, "definition": s.definition, "state": state_name(s.state),
+        "current_step": s.current_step, "order_id": s.order_id, "customer_id": s.customer_id,
+        "items": s.items.iter().map(|i| json!({"sku": i.sku, "quantity": i.quantity})).collect::<Vec<_>>(),
+        "amount_cents": s.amount_cents, "currency": s.currency, "reason": s.reason,
+        "correlation_id": s.correlation_id, "created_at": ts(&s.created_at), "updated_at": ts(&s.updated_at),
+        "steps": s.steps.iter().map(|p| json!({
+            "name": p.name, "participant": p.participant, "action": p.action, "compensation": p.compensation,
+            "status": step_status_name(p.status), "attempts": p.attempts,
+            "compensation_attempts": p.compensation_attempts, "last_outcome": p.last_outcome,
+        })).collect::<Vec<_>>(),
+        "history": s.history.iter().map(|h| json!({
+            "seq": h.seq, "at": ts(&h.at), "kind": h.kind, "step": h.step, "attempt": h.attempt,
+            "detail": h.detail, "state": state_name(h.state),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn print_saga(s: &pb::Saga) {
+    let mut t = table(&["saga", "definition", "state", "order", "customer", "amount", "reason"]);
+    t.add_row(vec![
+        s.saga_id.clone(),
+        s.definition.clone(),
+        state_name(s.state).to_string(),
+        s.order_id.clone(),
+        s.customer_id.clone(),
+        format!("{}.{:02} {}", s.amount_cents / 100, s.amount_cents % 100, s.currency),
+        s.reason.clone(),
+    ]);
+    println!("{t}");
+    let mut t = table(&["step", "participant", "action / compensation", "status", "attempts", "last outcome"]);
+    for p in &s.steps {
+        t.add_row(vec![
+            p.name.clone(),
+            p.participant.clone(),
+            format!("{} / {}", p.action, if p.compensation.is_empty() { "none" } else { &p.compensation }),
+            step_status_name(p.status).to_string(),
+            format!("{} / {}", p.attempts, p.compensation_attempts),
+            p.last_outcome.clone(),
+        ]);
+    }
+    println!("{t}");
+    let mut t = table(&["#", "at", "event", "step", "attempt", "state", "detail"]);
+    for h in &s.history {
+        t.add_row(vec![
+            h.seq.to_string(),
+            ts(&h.at),
+            h.kind.clone(),
+            h.step.clone(),
+            if h.attempt == 0 { String::new() } else { h.attempt.to_string() },
+            state_name(h.state).to_string(),
+            h.detail.clone(),
+        ]);
+    }
+    println!("{t}");
+}
+
+fn is_terminal(state: i32) -> bool {
+    matches!(
+        pb::SagaState::try_from(state),
+        Ok(pb::SagaState::Completed | pb::SagaState::Compensated | pb::SagaState::Failed)
+    )
+}
+
+async fn wait_terminal(
+    client: &mut SagaServiceClient<Channel>,
+    saga_id: &str,
+    timeout: Duration,
+) -> anyhow::Result<pb::Saga> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let saga = client
+            .get_saga(pb::GetSagaRequest { saga_id: saga_id.to_string() })
+            .await
+            .with_context(|| format!("GetSaga {saga_id}"))?
+            .into_inner();
+        if is_terminal(saga.state) {
+            return Ok(saga);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("saga {saga_id} is still {} after {timeout:?}", state_name(saga.state));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn demo(client: &mut SagaServiceClient<Channel>, json_out: bool, timeout: Duration) -> anyhow::Result<bool> {
+    let orders = [
+        ("completes", "c-alice", vec![("A-1", 2)], 1999, pb::SagaState::Completed),
+        ("out of stock", "c-bob", vec![("A-1", 1), ("RARE-1", 5)], 4500, pb::SagaState::Compensated),
+        ("declined by payment", "c-carol", vec![("B-2", 1)], 250_000, pb::SagaState::Compensated),
+    ];
+    let mut all_ok = true;
+    let mut out = Vec::new();
+    let mut summary = table(&["order", "saga", "expected", "final state", "reason"]);
+    for (label, customer, items, amount, expected) in orders {
+        let created = client
+            .create_order(pb::CreateOrderRequest {
+                customer_id: customer.into(),
+                items: items.iter().map(|(s, q)| pb::OrderItem { sku: (*s).into(), quantity: *q }).collect(),
+                amount_cents: amount,
+                currency: "EUR".into(),
+                ..Default::default()
+            })
+            .await
+            .with_context(|| format!("CreateOrder ({label})"))?
+            .into_inner();
+        let saga = wait_terminal(client, &created.saga_id, timeout).await?;
+        let ok = saga.state == expected as i32;
+        all_ok &= ok;
+        if json_out {
+            out.push(json!({"order": label, "expected": state_name(expected as i32), "ok": ok, "saga": saga_json(&saga)}));
+        } else {
+            println!("\n=== order that {label}: {} ===", state_name(saga.state));
+            print_saga(&saga);
+        }
+        summary.add_row(vec![
+            label.to_string(),
+            saga.saga_id.clone(),
+            state_name(expected as i32).to_string(),
+            format!("{}{}", state_name(saga.state), if ok { "" } else { "  <-- unexpected" }),
+            saga.reason.clone(),
+        ]);
+    }
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!("\n=== summary ===\n{summary}");
+    }
+    Ok(all_ok)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let mut client = SagaServiceClient::connect(cli.addr.clone())
+        .await
+        .with_context(|| format!("cannot reach the coordinator at {}", cli.addr))?;
+    match cli.command {
+        Cmd::Create { customer, items, amount_cents, currency, order_id, idempotency_key, definition, wait } => {
+            let created = client
+                .create_order(pb::CreateOrderRequest {
+                    definition,
+                    customer_id: customer,
+                    items,
+                    amount_cents,
+                    currency,
+                    order_id: order_id.unwrap_or_default(),
+                    idempotency_key: idempotency_key.unwrap_or_default(),
+                    definition_version: 0,
+                })
+                .await?
+                .into_inner();
+            if wait {
+                let saga = wait_terminal(&mut client, &created.saga_id, Duration::from_secs(60)).await?;
+                if cli.json {
+                    println!("{}", serde_json::to_string_pretty(&saga_json(&saga))?);
+                } else {
+                    print_saga(&saga);
+                }
+            } else if cli.json {
+                let v = json!({"saga_id": created.saga_id, "order_id": created.order_id,
+                               "created": created.created, "state": state_name(created.state)});
+                println!("{v}");
+            } else {
+                let what = if created.created { "created" } else { "already exists" };
+                println!("saga {} {what} (order {}, {})", created.saga_id, created.order_id, state_name(created.state));
+            }
+        }
+        Cmd::Get { saga_id } => {
+            let saga = client.get_saga(pb::GetSagaRequest { saga_id }).await?.into_inner();
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&saga_json(&saga))?);
+            } else {
+                print_saga(&saga);
+            }
+        }
+        Cmd::List { state, limit, page_token } => {
+            let page = client
+                .list_sagas(pb::ListSagasRequest {
+                    state: state.map(|s| s as i32).unwrap_or(0),
+                    page_size: limit,
+                    page_token: page_token.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            if cli.json {
+                let sagas: Vec<Value> = page
+                    .sagas
+                    .iter()
+                    .map(|s| json!({"saga_id": s.saga_id, "definition": s.definition, "state": state_name(s.state),
+                                    "current_step": s.current_step, "order_id": s.order_id,
+                                    "created_at": ts(&s.created_at), "updated_at": ts(&s.updated_at)}))
+                    .collect();
+                println!("{}", json!({"sagas": sagas, "next_page_token": page.next_page_token}));
+            } else {
+                let mut t = table(&["saga", "definition", "state", "current step", "order", "updated"]);
+                for s in &page.sagas {
+                    t.add_row(vec![
+                        s.saga_id.clone(),
+                        s.definition.clone(),
+                        state_name(s.state).to_string(),
+                        s.current_step.clone(),
+                        s.order_id.clone(),
+                        ts(&s.updated_at),
+                    ]);
+                }
+                println!("{t}");
+                if !page.next_page_token.is_empty() {
+                    println!("more: --page-token {}", page.next_page_token);
+                }
+            }
+        }
+        Cmd::Definitions => {
+            let defs = client.list_definitions(pb::ListDefinitionsRequest {}).await?.into_inner();
+            if cli.json {
+                let v: Vec<Value> = defs
+                    .definitions
+                    .iter()
+                    .map(|d| json!({"name": d.name, "version": d.version, "source_file": d.source_file,
+                        "steps": d.steps.iter().map(|s| json!({"name": s.name, "participant": s.participant,
+                            "action": s.action, "compensation": s.compensation, "timeout_ms": s.timeout_ms,
+                            "max_attempts": s.max_attempts})).collect::<Vec<_>>()}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let mut t = table(&["definition", "step", "participant", "action", "compensation", "timeout", "attempts"]);
+                for d in &defs.definitions {
+                    for s in &d.steps {
+                        t.add_row(vec![
+                            format!("{}@{}", d.name, d.version),
+                            s.name.clone(),
+                            s.participant.clone(),
+                            s.action.clone(),
+                            if s.compensation.is_empty() { "none".into() } else { s.compensation.clone() },
+                            format!("{}ms", s.timeout_ms),
+                            s.max_attempts.to_string(),
+                        ]);
+                    }
+                }
+                println!("{t}");
+            }
+        }
+        Cmd::Demo { timeout } => {
+            if !demo(&mut client, cli.json, timeout).await? {
+                bail!("a demo saga did not end in its expected state");
+            }
+        }
+    }
+    Ok(())
+}
