@@ -42,7 +42,11 @@ pub struct SagaApi {
 impl SagaApi {
     /// A service reading `store`, creating through `runner`.
     pub fn new(store: Store, definitions: Arc<Definitions>, runner: RunnerHandle) -> Self {
-        SagaApi { store, definitions, runner }
+        SagaApi {
+            store,
+            definitions,
+            runner,
+        }
     }
 }
 
@@ -77,12 +81,17 @@ fn validate_create(
     definitions: &Definitions,
     correlation_id: String,
 ) -> Result<NewSaga, Status> {
-    let name = if req.definition.trim().is_empty() { "order" } else { req.definition.trim() };
+    let name = if req.definition.trim().is_empty() {
+        "order"
+    } else {
+        req.definition.trim()
+    };
     let version = (req.definition_version != 0).then_some(req.definition_version);
     let definition = definitions.get(name, version).ok_or_else(|| match version {
-        Some(v) if definitions.get(name, None).is_some() => {
-            invalid("definition_version", format!("definition `{name}` has no version {v}"))
-        }
+        Some(v) if definitions.get(name, None).is_some() => invalid(
+            "definition_version",
+            format!("definition `{name}` has no version {v}"),
+        ),
         _ => invalid("definition", format!("unknown saga definition `{name}`")),
     })?;
     let customer_id = text("customer_id", &req.customer_id, true)?;
@@ -98,12 +107,19 @@ fn validate_create(
         if item.quantity < 1 {
             return Err(invalid(&format!("items[{i}].quantity"), "must be at least 1"));
         }
-        items.push(Item { sku, quantity: item.quantity });
+        items.push(Item {
+            sku,
+            quantity: item.quantity,
+        });
     }
     if req.amount_cents <= 0 {
         return Err(invalid("amount_cents", "must be greater than 0"));
     }
-    let currency = if req.currency.trim().is_empty() { "EUR".to_string() } else { req.currency.trim().to_string() };
+    let currency = if req.currency.trim().is_empty() {
+        "EUR".to_string()
+    } else {
+        req.currency.trim().to_string()
+    };
     if !(currency.len() == 3 && currency.chars().all(|c| c.is_ascii_uppercase())) {
         return Err(invalid("currency", "must be a 3-letter upper-case ISO 4217 code"));
     }
@@ -120,7 +136,13 @@ fn validate_create(
     Ok(NewSaga {
         definition,
         version_requested: version.is_some(),
-        order: OrderPayload { order_id, customer_id, items, amount_cents: req.amount_cents, currency },
+        order: OrderPayload {
+            order_id,
+            customer_id,
+            items,
+            amount_cents: req.amount_cents,
+            currency,
+        },
         order_id_given,
         correlation_id,
         idempotency_key,
@@ -136,7 +158,8 @@ fn correlation_id<T>(req: &Request<T>) -> String {
         .filter(|v| {
             !v.is_empty()
                 && v.len() <= MAX_TEXT
-                && v.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:/".contains(c))
+                && v.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.:/".contains(c))
         })
         .map(str::to_string)
         .unwrap_or_else(|| Uuid::new_v4().to_string())
@@ -195,9 +218,12 @@ fn step_status(s: StepStatus) -> pb::StepStatus {
 
 fn current_step(saga: &Saga) -> String {
     match saga.state {
-        SagaState::Running { step } | SagaState::Compensating { step } => {
-            saga.definition.steps.get(step).map(|s| s.name.clone()).unwrap_or_default()
-        }
+        SagaState::Running { step } | SagaState::Compensating { step } => saga
+            .definition
+            .steps
+            .get(step)
+            .map(|s| s.name.clone())
+            .unwrap_or_default(),
         SagaState::Pending | SagaState::Completed | SagaState::Compensated | SagaState::Failed { .. } => {
             String::new()
         }
@@ -205,7 +231,13 @@ fn current_step(saga: &Saga) -> String {
 }
 
 fn items_to_pb(items: &[Item]) -> Vec<pb::OrderItem> {
-    items.iter().map(|i| pb::OrderItem { sku: i.sku.clone(), quantity: i.quantity }).collect()
+    items
+        .iter()
+        .map(|i| pb::OrderItem {
+            sku: i.sku.clone(),
+            quantity: i.quantity,
+        })
+        .collect()
 }
 
 /// The full protobuf view of a saga and its history.
@@ -280,9 +312,16 @@ impl SagaService for SagaApi {
                 created: true,
                 state: pb::SagaState::Running as i32,
             },
-            Created::Existing { saga_id, order_id, state } => {
-                pb::CreateOrderResponse { saga_id, order_id, created: false, state: state_to_pb(state) as i32 }
-            }
+            Created::Existing {
+                saga_id,
+                order_id,
+                state,
+            } => pb::CreateOrderResponse {
+                saga_id,
+                order_id,
+                created: false,
+                state: state_to_pb(state) as i32,
+            },
         };
         Ok(Response::new(response))
     }
@@ -376,14 +415,18 @@ mod tests {
     fn defs() -> Definitions {
         let yaml = "name: order\nversion: 1\nsteps:\n  - name: a\n    participant: p\n    action: x\n    compensation: none\n";
         let mut d = Definitions::default();
-        d.insert(definition::parse(Path::new("t.yaml"), yaml).expect("valid")).expect("insert");
+        d.insert(definition::parse(Path::new("t.yaml"), yaml).expect("valid"))
+            .expect("insert");
         d
     }
 
     fn good() -> pb::CreateOrderRequest {
         pb::CreateOrderRequest {
             customer_id: "c-1".into(),
-            items: vec![pb::OrderItem { sku: "A-1".into(), quantity: 2 }],
+            items: vec![pb::OrderItem {
+                sku: "A-1".into(),
+                quantity: 2,
+            }],
             amount_cents: 1999,
             ..Default::default()
         }
@@ -411,22 +454,82 @@ mod tests {
     #[test]
     fn each_bad_field_is_named() {
         let cases: Vec<(pb::CreateOrderRequest, &str)> = vec![
-            (pb::CreateOrderRequest { customer_id: " ".into(), ..good() }, "customer_id:"),
-            (pb::CreateOrderRequest { items: vec![], ..good() }, "items:"),
             (
-                pb::CreateOrderRequest { items: vec![pb::OrderItem { sku: "".into(), quantity: 1 }], ..good() },
+                pb::CreateOrderRequest {
+                    customer_id: " ".into(),
+                    ..good()
+                },
+                "customer_id:",
+            ),
+            (
+                pb::CreateOrderRequest {
+                    items: vec![],
+                    ..good()
+                },
+                "items:",
+            ),
+            (
+                pb::CreateOrderRequest {
+                    items: vec![pb::OrderItem {
+                        sku: "".into(),
+                        quantity: 1,
+                    }],
+                    ..good()
+                },
                 "items[0].sku:",
             ),
             (
-                pb::CreateOrderRequest { items: vec![pb::OrderItem { sku: "A".into(), quantity: 0 }], ..good() },
+                pb::CreateOrderRequest {
+                    items: vec![pb::OrderItem {
+                        sku: "A".into(),
+                        quantity: 0,
+                    }],
+                    ..good()
+                },
                 "items[0].quantity:",
             ),
-            (pb::CreateOrderRequest { amount_cents: 0, ..good() }, "amount_cents:"),
-            (pb::CreateOrderRequest { amount_cents: -5, ..good() }, "amount_cents:"),
-            (pb::CreateOrderRequest { currency: "euro".into(), ..good() }, "currency:"),
-            (pb::CreateOrderRequest { definition: "nope".into(), ..good() }, "definition:"),
-            (pb::CreateOrderRequest { definition_version: 7, ..good() }, "definition_version:"),
-            (pb::CreateOrderRequest { customer_id: "x".repeat(200), ..good() }, "customer_id:"),
+            (
+                pb::CreateOrderRequest {
+                    amount_cents: 0,
+                    ..good()
+                },
+                "amount_cents:",
+            ),
+            (
+                pb::CreateOrderRequest {
+                    amount_cents: -5,
+                    ..good()
+                },
+                "amount_cents:",
+            ),
+            (
+                pb::CreateOrderRequest {
+                    currency: "euro".into(),
+                    ..good()
+                },
+                "currency:",
+            ),
+            (
+                pb::CreateOrderRequest {
+                    definition: "nope".into(),
+                    ..good()
+                },
+                "definition:",
+            ),
+            (
+                pb::CreateOrderRequest {
+                    definition_version: 7,
+                    ..good()
+                },
+                "definition_version:",
+            ),
+            (
+                pb::CreateOrderRequest {
+                    customer_id: "x".repeat(200),
+                    ..good()
+                },
+                "customer_id:",
+            ),
         ];
         for (req, prefix) in cases {
             let msg = field_error(req);
@@ -436,8 +539,17 @@ mod tests {
 
     #[test]
     fn saga_ids_and_states_are_checked() {
-        assert_eq!(parse_saga_id("saga_id", "nope").map_err(|s| s.code()), Err(tonic::Code::InvalidArgument));
-        assert_eq!(state_from_pb(99).map_err(|s| s.code()), Err(tonic::Code::InvalidArgument));
-        assert_eq!(state_from_pb(pb::SagaState::Failed as i32).ok(), Some(Some(StateTag::Failed)));
+        assert_eq!(
+            parse_saga_id("saga_id", "nope").map_err(|s| s.code()),
+            Err(tonic::Code::InvalidArgument)
+        );
+        assert_eq!(
+            state_from_pb(99).map_err(|s| s.code()),
+            Err(tonic::Code::InvalidArgument)
+        );
+        assert_eq!(
+            state_from_pb(pb::SagaState::Failed as i32).ok(),
+            Some(Some(StateTag::Failed))
+        );
     }
 }

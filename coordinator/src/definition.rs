@@ -175,7 +175,10 @@ impl Definitions {
     /// The first unreadable or invalid file, a duplicate `name@version`, or an
     /// empty directory.
     pub fn load_dir(dir: &Path) -> Result<Self, DefinitionError> {
-        let io = |e: std::io::Error| DefinitionError::Io { path: dir.to_path_buf(), reason: e.to_string() };
+        let io = |e: std::io::Error| DefinitionError::Io {
+            path: dir.to_path_buf(),
+            reason: e.to_string(),
+        };
         let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
             .map_err(io)?
             .filter_map(|entry| entry.ok().map(|e| e.path()))
@@ -242,8 +245,10 @@ impl Definitions {
 /// # Errors
 /// Unreadable file or any validation failure, with line and column.
 pub fn load_file(path: &Path) -> Result<SagaDefinition, DefinitionError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| DefinitionError::Io { path: path.to_path_buf(), reason: e.to_string() })?;
+    let text = std::fs::read_to_string(path).map_err(|e| DefinitionError::Io {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
     parse(path, &text)
 }
 
@@ -267,15 +272,28 @@ pub fn parse(path: &Path, text: &str) -> Result<SagaDefinition, DefinitionError>
 fn validate(path: &Path, raw: RawDefinition) -> Result<SagaDefinition, DefinitionError> {
     let name = ident(path, &raw.name, "name")?;
     if raw.version.value == 0 {
-        return Err(DefinitionError::at(path, raw.version.referenced, "version must be ≥ 1"));
+        return Err(DefinitionError::at(
+            path,
+            raw.version.referenced,
+            "version must be ≥ 1",
+        ));
     }
     let default_timeout = match &raw.defaults.timeout {
         Some(t) => timeout(path, t, "defaults.timeout")?,
         None => Duration::from_secs(2),
     };
-    let default_retry = retry(path, &raw.defaults.retry, RetryPolicy::default(), "defaults.retry")?;
+    let default_retry = retry(
+        path,
+        &raw.defaults.retry,
+        RetryPolicy::default(),
+        "defaults.retry",
+    )?;
     if raw.steps.value.is_empty() {
-        return Err(DefinitionError::at(path, raw.steps.referenced, "steps must list at least one step"));
+        return Err(DefinitionError::at(
+            path,
+            raw.steps.referenced,
+            "steps must list at least one step",
+        ));
     }
     let mut steps: Vec<StepDefinition> = Vec::with_capacity(raw.steps.value.len());
     for step in &raw.steps.value {
@@ -308,7 +326,14 @@ fn validate(path: &Path, raw: RawDefinition) -> Result<SagaDefinition, Definitio
             None => default_timeout,
         };
         let retry = retry(path, &step.retry, default_retry, "retry")?;
-        steps.push(StepDefinition { name: step_name, participant, action, compensation, timeout, retry });
+        steps.push(StepDefinition {
+            name: step_name,
+            participant,
+            action,
+            compensation,
+            timeout,
+            retry,
+        });
     }
     let input_schema = match &raw.input_schema {
         None => None,
@@ -316,7 +341,11 @@ fn validate(path: &Path, raw: RawDefinition) -> Result<SagaDefinition, Definitio
             let base = path.parent().unwrap_or_else(|| Path::new("."));
             let schema = base.join(&s.value);
             let text = std::fs::read_to_string(&schema).map_err(|e| {
-                DefinitionError::at(path, s.referenced, format!("input_schema {}: {e}", schema.display()))
+                DefinitionError::at(
+                    path,
+                    s.referenced,
+                    format!("input_schema {}: {e}", schema.display()),
+                )
             })?;
             if let Err(e) = serde_json::from_str::<serde_json::Value>(&text) {
                 return Err(DefinitionError::at(
@@ -328,7 +357,13 @@ fn validate(path: &Path, raw: RawDefinition) -> Result<SagaDefinition, Definitio
             Some(schema)
         }
     };
-    Ok(SagaDefinition { name, version: raw.version.value, steps, input_schema, source: path.to_path_buf() })
+    Ok(SagaDefinition {
+        name,
+        version: raw.version.value,
+        steps,
+        input_schema,
+        source: path.to_path_buf(),
+    })
 }
 
 /// Names become NATS subject tokens and idempotency-key parts: lowercase
@@ -338,7 +373,8 @@ fn ident(path: &Path, value: &Spanned<String>, what: &str) -> Result<String, Def
     let ok = !v.is_empty()
         && v.len() <= 64
         && v.starts_with(|c: char| c.is_ascii_lowercase())
-        && v.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+        && v.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
     if ok {
         Ok(v.to_string())
     } else {
@@ -358,7 +394,10 @@ fn duration(path: &Path, value: &Spanned<String>, what: &str) -> Result<Duration
         DefinitionError::at(
             path,
             value.referenced,
-            format!("{what}: `{}` is not a duration ({e}); write e.g. 500ms, 2s, 1m", value.value),
+            format!(
+                "{what}: `{}` is not a duration ({e}); write e.g. 500ms, 2s, 1m",
+                value.value
+            ),
         )
     })
 }
@@ -366,7 +405,11 @@ fn duration(path: &Path, value: &Spanned<String>, what: &str) -> Result<Duration
 fn timeout(path: &Path, value: &Spanned<String>, what: &str) -> Result<Duration, DefinitionError> {
     let d = duration(path, value, what)?;
     if d.is_zero() || d > MAX_TIMEOUT {
-        return Err(DefinitionError::at(path, value.referenced, format!("{what} must be > 0 and ≤ 1h")));
+        return Err(DefinitionError::at(
+            path,
+            value.referenced,
+            format!("{what} must be > 0 and ≤ 1h"),
+        ));
     }
     Ok(d)
 }
@@ -397,13 +440,25 @@ fn retry(
         p.jitter = j;
     }
     if p.max_attempts == 0 || p.max_attempts > MAX_ATTEMPTS {
-        return Err(DefinitionError::at(path, at, format!("{what}.max_attempts must be 1..={MAX_ATTEMPTS}")));
+        return Err(DefinitionError::at(
+            path,
+            at,
+            format!("{what}.max_attempts must be 1..={MAX_ATTEMPTS}"),
+        ));
     }
     if !(p.multiplier.is_finite() && p.multiplier >= 1.0) {
-        return Err(DefinitionError::at(path, at, format!("{what}.multiplier must be ≥ 1.0")));
+        return Err(DefinitionError::at(
+            path,
+            at,
+            format!("{what}.multiplier must be ≥ 1.0"),
+        ));
     }
     if p.initial_backoff > p.max_backoff {
-        return Err(DefinitionError::at(path, at, format!("{what}.initial_backoff exceeds max_backoff")));
+        return Err(DefinitionError::at(
+            path,
+            at,
+            format!("{what}.initial_backoff exceeds max_backoff"),
+        ));
     }
     Ok(p)
 }
@@ -529,7 +584,10 @@ steps:
 
     #[test]
     fn unknown_key_is_refused_with_its_line() {
-        let e = err(&ORDER.replace("    compensation: refund\n", "    compensation: refund\n    colour: red\n"));
+        let e = err(&ORDER.replace(
+            "    compensation: refund\n",
+            "    compensation: refund\n    colour: red\n",
+        ));
         assert_eq!(line_of(&e), 15, "{e}");
         assert!(e.to_string().starts_with("bad.yaml:15:"), "{e}");
         assert!(e.reason().contains("colour"), "{e}");
@@ -539,7 +597,10 @@ steps:
     fn duplicate_step_is_refused() {
         let e = err(&ORDER.replace("name: charge-payment", "name: reserve-inventory"));
         assert_eq!(line_of(&e), 11, "{e}");
-        assert!(e.reason().contains("duplicate step name `reserve-inventory`"), "{e}");
+        assert!(
+            e.reason().contains("duplicate step name `reserve-inventory`"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -556,8 +617,11 @@ steps:
         let e = err(&ORDER.replace("    compensation: release\n", ""));
         assert_eq!(line_of(&e), 7, "{e}");
         assert!(e.reason().contains("has no compensation"), "{e}");
-        let d = parse(Path::new("ok.yaml"), &ORDER.replace("compensation: release", "compensation: none"))
-            .expect("none is allowed");
+        let d = parse(
+            Path::new("ok.yaml"),
+            &ORDER.replace("compensation: release", "compensation: none"),
+        )
+        .expect("none is allowed");
         assert_eq!(d.steps[0].compensation, None);
     }
 
@@ -565,29 +629,50 @@ steps:
     fn bad_participant_and_action_names_are_refused() {
         let e = err(&ORDER.replace("participant: inventory", "participant: Inventory.Service"));
         assert_eq!(line_of(&e), 8, "{e}");
-        assert!(e.reason().contains("participant `Inventory.Service` is not a valid name"), "{e}");
+        assert!(
+            e.reason()
+                .contains("participant `Inventory.Service` is not a valid name"),
+            "{e}"
+        );
         let e = err(&ORDER.replace("action: charge", "action: \"charge *\""));
         assert!(e.reason().contains("action `charge *`"), "{e}");
     }
 
     #[test]
     fn other_mistakes_are_refused() {
-        assert!(err(&ORDER.replace("version: 1", "version: 0")).reason().contains("version"));
-        assert!(err("name: order\nversion: 1\nsteps: []\n").reason().contains("at least one step"));
-        assert!(err(&ORDER.replace("max_attempts: 5", "max_attempts: 0")).reason().contains("max_attempts"));
-        assert!(err(&ORDER.replace("multiplier: 2.0", "multiplier: 0.5")).reason().contains("multiplier"));
-        assert!(err(&ORDER.replace("timeout: 2s", "timeout: 0s")).reason().contains("> 0"));
+        assert!(err(&ORDER.replace("version: 1", "version: 0"))
+            .reason()
+            .contains("version"));
+        assert!(err("name: order\nversion: 1\nsteps: []\n")
+            .reason()
+            .contains("at least one step"));
+        assert!(err(&ORDER.replace("max_attempts: 5", "max_attempts: 0"))
+            .reason()
+            .contains("max_attempts"));
+        assert!(err(&ORDER.replace("multiplier: 2.0", "multiplier: 0.5"))
+            .reason()
+            .contains("multiplier"));
+        assert!(err(&ORDER.replace("timeout: 2s", "timeout: 0s"))
+            .reason()
+            .contains("> 0"));
         let e = err("name: order\nsteps: [\n");
         assert!(matches!(e, DefinitionError::Invalid { .. }), "{e}");
         let e = err("name: order\nsteps:\n  - name: a\n");
-        assert!(e.reason().contains("version") || e.reason().contains("missing"), "{e}");
+        assert!(
+            e.reason().contains("version") || e.reason().contains("missing"),
+            "{e}"
+        );
     }
 
     #[test]
     fn directory_loading_keeps_versions_and_refuses_duplicates() {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("a.yaml"), ORDER).expect("write");
-        std::fs::write(dir.path().join("b.yaml"), ORDER.replace("version: 1", "version: 2")).expect("write");
+        std::fs::write(
+            dir.path().join("b.yaml"),
+            ORDER.replace("version: 1", "version: 2"),
+        )
+        .expect("write");
         std::fs::write(dir.path().join("notes.txt"), "ignored").expect("write");
         let defs = Definitions::load_dir(dir.path()).expect("loads");
         assert_eq!(defs.all().count(), 2);
@@ -616,6 +701,8 @@ steps:
         assert_eq!(p.delay_before(1), Duration::ZERO);
         assert_eq!(p.delay_before(3), Duration::from_millis(20));
         let j = RetryPolicy { jitter: true, ..p };
-        assert!(j.delays().all(|x| x >= Duration::from_millis(10) && x <= Duration::from_millis(80)));
+        assert!(j
+            .delays()
+            .all(|x| x >= Duration::from_millis(10) && x <= Duration::from_millis(80)));
     }
 }

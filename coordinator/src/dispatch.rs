@@ -65,7 +65,12 @@ impl Dispatcher {
         tracker: TaskTracker,
         cancel: CancellationToken,
     ) -> Self {
-        Dispatcher { client, outcomes, tracker, cancel }
+        Dispatcher {
+            client,
+            outcomes,
+            tracker,
+            cancel,
+        }
     }
 
     /// Sends `entry` in the background. The caller guarantees the state that
@@ -107,7 +112,10 @@ impl Dispatcher {
                     outcome,
                 };
                 // The runner is gone only during shutdown; the outbox keeps the command.
-                let _ = this.outcomes.send(Reported { saga_id: entry.saga_id, event });
+                let _ = this.outcomes.send(Reported {
+                    saga_id: entry.saga_id,
+                    event,
+                });
             }
             .instrument(span),
         );
@@ -148,7 +156,10 @@ fn headers(entry: &OutboxEntry) -> HeaderMap {
     let trace_id: String = entry.saga_id.chars().filter(|c| c.is_ascii_hexdigit()).collect();
     if trace_id.len() == 32 {
         let span_id = uuid::Uuid::new_v4().simple().to_string();
-        h.insert(wire::TRACEPARENT_HEADER, format!("00-{trace_id}-{}-01", &span_id[..16]).as_str());
+        h.insert(
+            wire::TRACEPARENT_HEADER,
+            format!("00-{trace_id}-{}-01", &span_id[..16]).as_str(),
+        );
     }
     h
 }

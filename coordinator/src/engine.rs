@@ -13,8 +13,8 @@
 //! Replies that do not match the command in flight (late, duplicate, stale
 //! attempt) and any event on a terminal saga are explicit no-ops.
 
-use serde::{Deserialize, Serialize};
 use saga_proto::wire::{self, CommandKind, OrderPayload};
+use serde::{Deserialize, Serialize};
 
 use crate::definition::{RetryPolicy, SagaDefinition};
 
@@ -396,14 +396,30 @@ pub fn transition(saga: &Saga, event: &Event, now_ms: u64) -> Result<Option<Tran
             | SagaState::Failed { .. },
             Event::Start,
         ) => Ok(None),
-        (SagaState::Running { step: current }, Event::Reply { step, kind, attempt, outcome }) => {
+        (
+            SagaState::Running { step: current },
+            Event::Reply {
+                step,
+                kind,
+                attempt,
+                outcome,
+            },
+        ) => {
             if *step != current || *kind != CommandKind::Forward || *attempt != saga.steps[current].attempts {
                 return Ok(None);
             }
             b.forward_outcome(&mut s, current, *attempt, outcome);
             Ok(Some(b.finish(s, Some((current, CommandKind::Forward)))))
         }
-        (SagaState::Compensating { step: current }, Event::Reply { step, kind, attempt, outcome }) => {
+        (
+            SagaState::Compensating { step: current },
+            Event::Reply {
+                step,
+                kind,
+                attempt,
+                outcome,
+            },
+        ) => {
             if *step != current
                 || *kind != CommandKind::Compensate
                 || *attempt != saga.steps[current].compensation_attempts
@@ -428,12 +444,21 @@ struct Builder {
 
 impl Builder {
     fn new(now_ms: u64) -> Self {
-        Builder { now_ms, history: Vec::new(), commands: Vec::new() }
+        Builder {
+            now_ms,
+            history: Vec::new(),
+            commands: Vec::new(),
+        }
     }
 
     fn finish(self, mut saga: Saga, settled: Option<(usize, CommandKind)>) -> Transition {
         saga.updated_at_ms = self.now_ms;
-        Transition { saga, history: self.history, commands: self.commands, settled }
+        Transition {
+            saga,
+            history: self.history,
+            commands: self.commands,
+            settled,
+        }
     }
 
     fn log(
@@ -449,7 +474,9 @@ impl Builder {
             seq: saga.seq,
             at_ms: self.now_ms,
             kind: kind.to_string(),
-            step: step.and_then(|i| saga.definition.steps.get(i)).map(|d| d.name.clone()),
+            step: step
+                .and_then(|i| saga.definition.steps.get(i))
+                .map(|d| d.name.clone()),
             attempt,
             detail,
             state: saga.state.tag(),
@@ -518,7 +545,13 @@ impl Builder {
                 p.finished_at_ms = Some(now);
                 let step_name = saga.definition.steps[i].name.clone();
                 saga.reason = Some(format!("step {step_name} rejected: {reason}"));
-                self.log(saga, "step_rejected", Some(i), Some(attempt), Some(reason.clone()));
+                self.log(
+                    saga,
+                    "step_rejected",
+                    Some(i),
+                    Some(attempt),
+                    Some(reason.clone()),
+                );
                 // The rejected step had no effect: undo the ones before it.
                 self.begin_compensation(saga, i.checked_sub(1));
             }
@@ -534,8 +567,9 @@ impl Builder {
                 } else {
                     p.finished_at_ms = Some(now);
                     let step_name = saga.definition.steps[i].name.clone();
-                    saga.reason =
-                        Some(format!("step {step_name}: {attempt} attempts failed, last: {reason}"));
+                    saga.reason = Some(format!(
+                        "step {step_name}: {attempt} attempts failed, last: {reason}"
+                    ));
                     if p.maybe_applied {
                         p.status = StepStatus::Unknown;
                         self.log(saga, "step_unknown", Some(i), Some(attempt), Some(reason.clone()));
@@ -572,10 +606,21 @@ impl Builder {
                 p.last_outcome = Some(reason.clone());
                 if attempt < max {
                     p.compensation_attempts = attempt + 1;
-                    self.log(saga, "compensation_retry", Some(i), Some(attempt), Some(reason.clone()));
+                    self.log(
+                        saga,
+                        "compensation_retry",
+                        Some(i),
+                        Some(attempt),
+                        Some(reason.clone()),
+                    );
                     self.send(saga, i, CommandKind::Compensate, attempt + 1);
                 } else {
-                    self.fail(saga, i, attempt, format!("compensation out of retries, last: {reason}"));
+                    self.fail(
+                        saga,
+                        i,
+                        attempt,
+                        format!("compensation out of retries, last: {reason}"),
+                    );
                 }
             }
         }
@@ -587,7 +632,11 @@ impl Builder {
         p.last_outcome = Some(why.clone());
         p.finished_at_ms = Some(self.now_ms);
         let step_name = saga.definition.steps[i].name.clone();
-        let earlier = saga.reason.take().map(|r| format!(" (after: {r})")).unwrap_or_default();
+        let earlier = saga
+            .reason
+            .take()
+            .map(|r| format!(" (after: {r})"))
+            .unwrap_or_default();
         saga.reason = Some(format!("step {step_name}: {why}{earlier}"));
         saga.state = SagaState::Failed { step: i };
         self.log(saga, "compensation_failed", Some(i), Some(attempt), Some(why));
@@ -596,7 +645,9 @@ impl Builder {
 
     /// RUNNING → COMPENSATING, starting at step `from` (inclusive) and walking back.
     fn begin_compensation(&mut self, saga: &mut Saga, from: Option<usize>) {
-        saga.state = SagaState::Compensating { step: from.unwrap_or(0) };
+        saga.state = SagaState::Compensating {
+            step: from.unwrap_or(0),
+        };
         self.log(saga, "compensating", None, None, saga.reason.clone());
         self.compensate_from(saga, from);
     }
@@ -644,12 +695,21 @@ mod tests {
             action: action.into(),
             compensation: compensation.map(Into::into),
             timeout: Duration::from_secs(2),
-            retry: RetryPolicy { max_attempts: 3, ..RetryPolicy::default() },
+            retry: RetryPolicy {
+                max_attempts: 3,
+                ..RetryPolicy::default()
+            },
         }
     }
 
     fn definition(steps: Vec<StepDefinition>) -> SagaDefinition {
-        SagaDefinition { name: "order".into(), version: 1, steps, input_schema: None, source: PathBuf::new() }
+        SagaDefinition {
+            name: "order".into(),
+            version: 1,
+            steps,
+            input_schema: None,
+            source: PathBuf::new(),
+        }
     }
 
     fn order_def() -> SagaDefinition {
@@ -671,7 +731,10 @@ mod tests {
         OrderPayload {
             order_id: "o-1".into(),
             customer_id: "c-1".into(),
-            items: vec![wire::Item { sku: "A-1".into(), quantity: 2 }],
+            items: vec![wire::Item {
+                sku: "A-1".into(),
+                quantity: 2,
+            }],
             amount_cents: 1999,
             currency: "EUR".into(),
         }
@@ -684,12 +747,20 @@ mod tests {
     fn apply(saga: &Saga, event: Event) -> Transition {
         match transition(saga, &event, saga.updated_at_ms + 1) {
             Ok(Some(t)) => t,
-            other => panic!("expected a transition for {event:?} in {:?}, got {other:?}", saga.state),
+            other => panic!(
+                "expected a transition for {event:?} in {:?}, got {other:?}",
+                saga.state
+            ),
         }
     }
 
     fn reply(step: usize, kind: CommandKind, attempt: u32, outcome: Outcome) -> Event {
-        Event::Reply { step, kind, attempt, outcome }
+        Event::Reply {
+            step,
+            kind,
+            attempt,
+            outcome,
+        }
     }
 
     fn ok() -> Outcome {
@@ -697,7 +768,10 @@ mod tests {
     }
 
     fn sent(t: &Transition) -> Vec<(String, CommandKind, u32)> {
-        t.commands.iter().map(|c| (c.subject.clone(), c.kind, c.message.attempt)).collect()
+        t.commands
+            .iter()
+            .map(|c| (c.subject.clone(), c.kind, c.message.attempt))
+            .collect()
     }
 
     fn kinds(t: &Transition) -> Vec<&str> {
@@ -712,7 +786,14 @@ mod tests {
 
     #[test]
     fn create_is_pending_with_a_created_entry() {
-        let t = create("s-1".into(), order_def(), order(), "corr".into(), Some("k".into()), 7);
+        let t = create(
+            "s-1".into(),
+            order_def(),
+            order(),
+            "corr".into(),
+            Some("k".into()),
+            7,
+        );
         assert_eq!(t.saga.state, SagaState::Pending);
         assert_eq!(kinds(&t), ["created"]);
         assert!(t.commands.is_empty());
@@ -723,7 +804,10 @@ mod tests {
     fn start_sends_the_first_forward_command() {
         let t = apply(&new_saga(order_def()), Event::Start);
         assert_eq!(t.saga.state, SagaState::Running { step: 0 });
-        assert_eq!(sent(&t), [("saga.cmd.inventory.reserve".into(), CommandKind::Forward, 1)]);
+        assert_eq!(
+            sent(&t),
+            [("saga.cmd.inventory.reserve".into(), CommandKind::Forward, 1)]
+        );
         let c = &t.commands[0].message;
         assert_eq!(c.idempotency_key, "s-1/reserve-inventory/forward");
         assert_eq!(c.definition, "order@1");
@@ -748,20 +832,45 @@ mod tests {
     #[test]
     fn first_step_rejected_compensates_nothing() {
         let s = apply(&new_saga(order_def()), Event::Start).saga;
-        let t = apply(&s, reply(0, CommandKind::Forward, 1, Outcome::Rejected("insufficient_stock".into())));
+        let t = apply(
+            &s,
+            reply(
+                0,
+                CommandKind::Forward,
+                1,
+                Outcome::Rejected("insufficient_stock".into()),
+            ),
+        );
         assert_eq!(t.saga.state, SagaState::Compensated);
         assert!(t.commands.is_empty());
         assert_eq!(t.saga.steps[0].status, StepStatus::Rejected);
         assert_eq!(kinds(&t), ["step_rejected", "compensating", "compensated"]);
-        assert_eq!(t.saga.reason.as_deref(), Some("step reserve-inventory rejected: insufficient_stock"));
+        assert_eq!(
+            t.saga.reason.as_deref(),
+            Some("step reserve-inventory rejected: insufficient_stock")
+        );
     }
 
     #[test]
     fn payment_declined_after_reserve_releases_the_stock() {
-        let t = apply(&charging(), reply(1, CommandKind::Forward, 1, Outcome::Rejected("card_declined".into())));
+        let t = apply(
+            &charging(),
+            reply(
+                1,
+                CommandKind::Forward,
+                1,
+                Outcome::Rejected("card_declined".into()),
+            ),
+        );
         assert_eq!(t.saga.state, SagaState::Compensating { step: 0 });
-        assert_eq!(sent(&t), [("saga.cmd.inventory.release".into(), CommandKind::Compensate, 1)]);
-        assert_eq!(t.commands[0].message.idempotency_key, "s-1/reserve-inventory/compensate");
+        assert_eq!(
+            sent(&t),
+            [("saga.cmd.inventory.release".into(), CommandKind::Compensate, 1)]
+        );
+        assert_eq!(
+            t.commands[0].message.idempotency_key,
+            "s-1/reserve-inventory/compensate"
+        );
         let t = apply(&t.saga, reply(0, CommandKind::Compensate, 1, ok()));
         assert_eq!(t.saga.state, SagaState::Compensated);
         assert_eq!(t.saga.steps[0].status, StepStatus::Compensated);
@@ -771,10 +880,19 @@ mod tests {
     #[test]
     fn transient_failures_retry_with_the_same_key_then_succeed() {
         let s = charging();
-        let t = apply(&s, reply(1, CommandKind::Forward, 1, Outcome::Transient("timeout".into())));
+        let t = apply(
+            &s,
+            reply(1, CommandKind::Forward, 1, Outcome::Transient("timeout".into())),
+        );
         assert_eq!(t.saga.state, SagaState::Running { step: 1 });
-        assert_eq!(sent(&t), [("saga.cmd.payment.charge".into(), CommandKind::Forward, 2)]);
-        assert_eq!(t.commands[0].message.idempotency_key, "s-1/charge-payment/forward");
+        assert_eq!(
+            sent(&t),
+            [("saga.cmd.payment.charge".into(), CommandKind::Forward, 2)]
+        );
+        assert_eq!(
+            t.commands[0].message.idempotency_key,
+            "s-1/charge-payment/forward"
+        );
         assert_eq!(t.saga.steps[1].attempts, 2);
         assert_eq!(kinds(&t), ["step_retry"]);
         let t = apply(&t.saga, reply(1, CommandKind::Forward, 2, ok()));
@@ -786,15 +904,33 @@ mod tests {
     fn retries_exhausted_compensate_the_unknown_step_first_then_older_ones() {
         let mut s = charging();
         for attempt in 1..3 {
-            s = apply(&s, reply(1, CommandKind::Forward, attempt, Outcome::Transient("timeout".into()))).saga;
+            s = apply(
+                &s,
+                reply(
+                    1,
+                    CommandKind::Forward,
+                    attempt,
+                    Outcome::Transient("timeout".into()),
+                ),
+            )
+            .saga;
         }
-        let t = apply(&s, reply(1, CommandKind::Forward, 3, Outcome::Transient("timeout".into())));
+        let t = apply(
+            &s,
+            reply(1, CommandKind::Forward, 3, Outcome::Transient("timeout".into())),
+        );
         assert_eq!(t.saga.steps[1].status, StepStatus::Compensating);
         assert_eq!(t.saga.state, SagaState::Compensating { step: 1 });
-        assert_eq!(sent(&t), [("saga.cmd.payment.refund".into(), CommandKind::Compensate, 1)]);
+        assert_eq!(
+            sent(&t),
+            [("saga.cmd.payment.refund".into(), CommandKind::Compensate, 1)]
+        );
         assert_eq!(kinds(&t), ["step_unknown", "compensating"]);
         let t = apply(&t.saga, reply(1, CommandKind::Compensate, 1, ok()));
-        assert_eq!(sent(&t), [("saga.cmd.inventory.release".into(), CommandKind::Compensate, 1)]);
+        assert_eq!(
+            sent(&t),
+            [("saga.cmd.inventory.release".into(), CommandKind::Compensate, 1)]
+        );
         let t = apply(&t.saga, reply(0, CommandKind::Compensate, 1, ok()));
         assert_eq!(t.saga.state, SagaState::Compensated);
         assert!(t.saga.steps.iter().all(|p| p.status == StepStatus::Compensated));
@@ -807,16 +943,41 @@ mod tests {
             let o = Outcome::NotApplied("no responders".into());
             s = apply(&s, reply(1, CommandKind::Forward, attempt, o)).saga;
         }
-        let t = apply(&s, reply(1, CommandKind::Forward, 3, Outcome::NotApplied("no responders".into())));
+        let t = apply(
+            &s,
+            reply(
+                1,
+                CommandKind::Forward,
+                3,
+                Outcome::NotApplied("no responders".into()),
+            ),
+        );
         assert_eq!(t.saga.steps[1].status, StepStatus::Failed);
-        assert_eq!(sent(&t), [("saga.cmd.inventory.release".into(), CommandKind::Compensate, 1)]);
+        assert_eq!(
+            sent(&t),
+            [("saga.cmd.inventory.release".into(), CommandKind::Compensate, 1)]
+        );
         assert_eq!(kinds(&t), ["step_failed", "compensating"]);
         // One timeout among the attempts is enough to make the outcome unknown.
         let mut s = charging();
-        s = apply(&s, reply(1, CommandKind::Forward, 1, Outcome::Transient("timeout".into()))).saga;
-        s = apply(&s, reply(1, CommandKind::Forward, 2, Outcome::NotApplied("error: x".into()))).saga;
-        let t = apply(&s, reply(1, CommandKind::Forward, 3, Outcome::NotApplied("error: x".into())));
-        assert_eq!(sent(&t), [("saga.cmd.payment.refund".into(), CommandKind::Compensate, 1)]);
+        s = apply(
+            &s,
+            reply(1, CommandKind::Forward, 1, Outcome::Transient("timeout".into())),
+        )
+        .saga;
+        s = apply(
+            &s,
+            reply(1, CommandKind::Forward, 2, Outcome::NotApplied("error: x".into())),
+        )
+        .saga;
+        let t = apply(
+            &s,
+            reply(1, CommandKind::Forward, 3, Outcome::NotApplied("error: x".into())),
+        );
+        assert_eq!(
+            sent(&t),
+            [("saga.cmd.payment.refund".into(), CommandKind::Compensate, 1)]
+        );
     }
 
     #[test]
@@ -825,36 +986,86 @@ mod tests {
         let mut s = apply(&new_saga(def), Event::Start).saga;
         s = apply(&s, reply(0, CommandKind::Forward, 1, ok())).saga;
         s = apply(&s, reply(1, CommandKind::Forward, 1, ok())).saga;
-        let t = apply(&s, reply(2, CommandKind::Forward, 1, Outcome::Rejected("no".into())));
+        let t = apply(
+            &s,
+            reply(2, CommandKind::Forward, 1, Outcome::Rejected("no".into())),
+        );
         // c was rejected (nothing to undo), b has `compensation: none`, so a is next.
-        assert_eq!(sent(&t), [("saga.cmd.p1.undo-a".into(), CommandKind::Compensate, 1)]);
+        assert_eq!(
+            sent(&t),
+            [("saga.cmd.p1.undo-a".into(), CommandKind::Compensate, 1)]
+        );
         let t = apply(&t.saga, reply(0, CommandKind::Compensate, 1, ok()));
         assert_eq!(t.saga.state, SagaState::Compensated);
-        assert_eq!(t.saga.steps[1].status, StepStatus::Succeeded, "nothing to undo for b");
+        assert_eq!(
+            t.saga.steps[1].status,
+            StepStatus::Succeeded,
+            "nothing to undo for b"
+        );
     }
 
     #[test]
     fn compensation_retries_then_fails_for_an_operator() {
-        let t = apply(&charging(), reply(1, CommandKind::Forward, 1, Outcome::Rejected("card_declined".into())));
+        let t = apply(
+            &charging(),
+            reply(
+                1,
+                CommandKind::Forward,
+                1,
+                Outcome::Rejected("card_declined".into()),
+            ),
+        );
         let mut s = t.saga;
         for attempt in 1..3 {
-            let t = apply(&s, reply(0, CommandKind::Compensate, attempt, Outcome::Transient("boom".into())));
-            assert_eq!(sent(&t), [("saga.cmd.inventory.release".into(), CommandKind::Compensate, attempt + 1)]);
+            let t = apply(
+                &s,
+                reply(
+                    0,
+                    CommandKind::Compensate,
+                    attempt,
+                    Outcome::Transient("boom".into()),
+                ),
+            );
+            assert_eq!(
+                sent(&t),
+                [(
+                    "saga.cmd.inventory.release".into(),
+                    CommandKind::Compensate,
+                    attempt + 1
+                )]
+            );
             s = t.saga;
         }
-        let t = apply(&s, reply(0, CommandKind::Compensate, 3, Outcome::Transient("boom".into())));
+        let t = apply(
+            &s,
+            reply(0, CommandKind::Compensate, 3, Outcome::Transient("boom".into())),
+        );
         assert_eq!(t.saga.state, SagaState::Failed { step: 0 });
         assert_eq!(t.saga.steps[0].status, StepStatus::CompensationFailed);
         assert!(t.commands.is_empty());
         assert_eq!(kinds(&t), ["compensation_failed", "failed"]);
         let reason = t.saga.reason.clone().unwrap_or_default();
-        assert!(reason.contains("out of retries") && reason.contains("card_declined"), "{reason}");
+        assert!(
+            reason.contains("out of retries") && reason.contains("card_declined"),
+            "{reason}"
+        );
     }
 
     #[test]
     fn refused_compensation_fails_at_once() {
-        let t = apply(&charging(), reply(1, CommandKind::Forward, 1, Outcome::Rejected("card_declined".into())));
-        let t = apply(&t.saga, reply(0, CommandKind::Compensate, 1, Outcome::Rejected("unknown".into())));
+        let t = apply(
+            &charging(),
+            reply(
+                1,
+                CommandKind::Forward,
+                1,
+                Outcome::Rejected("card_declined".into()),
+            ),
+        );
+        let t = apply(
+            &t.saga,
+            reply(0, CommandKind::Compensate, 1, Outcome::Rejected("unknown".into())),
+        );
         assert_eq!(t.saga.state, SagaState::Failed { step: 0 });
     }
 
@@ -862,18 +1073,27 @@ mod tests {
     fn stale_duplicate_and_late_events_are_no_ops() {
         let s = charging();
         let late = [
-            reply(0, CommandKind::Forward, 1, ok()),                             // previous step
-            reply(1, CommandKind::Forward, 2, ok()),                             // attempt not sent
-            reply(1, CommandKind::Compensate, 1, ok()),                          // wrong kind
-            Event::Start,                                                        // repeated start
+            reply(0, CommandKind::Forward, 1, ok()),    // previous step
+            reply(1, CommandKind::Forward, 2, ok()),    // attempt not sent
+            reply(1, CommandKind::Compensate, 1, ok()), // wrong kind
+            Event::Start,                               // repeated start
         ];
         for e in &late {
             assert_eq!(transition(&s, e, 10), Ok(None), "{e:?}");
         }
         let done = apply(&s, reply(1, CommandKind::Forward, 1, ok())).saga;
-        assert_eq!(transition(&done, &reply(1, CommandKind::Forward, 1, ok()), 10), Ok(None));
-        let t = apply(&charging(), reply(1, CommandKind::Forward, 1, Outcome::Rejected("x".into())));
-        assert_eq!(transition(&t.saga, &reply(1, CommandKind::Forward, 1, ok()), 10), Ok(None));
+        assert_eq!(
+            transition(&done, &reply(1, CommandKind::Forward, 1, ok()), 10),
+            Ok(None)
+        );
+        let t = apply(
+            &charging(),
+            reply(1, CommandKind::Forward, 1, Outcome::Rejected("x".into())),
+        );
+        assert_eq!(
+            transition(&t.saga, &reply(1, CommandKind::Forward, 1, ok()), 10),
+            Ok(None)
+        );
     }
 
     #[test]
@@ -895,9 +1115,19 @@ mod tests {
         let s0 = new_saga(order_def());
         let t1 = apply(&s0, Event::Start);
         let t2 = apply(&t1.saga, reply(0, CommandKind::Forward, 1, ok()));
-        let t3 = apply(&t2.saga, reply(1, CommandKind::Forward, 1, Outcome::Rejected("card_declined".into())));
-        let seqs: Vec<u64> =
-            [&t1, &t2, &t3].iter().flat_map(|t| t.history.iter().map(|h| h.seq)).collect();
+        let t3 = apply(
+            &t2.saga,
+            reply(
+                1,
+                CommandKind::Forward,
+                1,
+                Outcome::Rejected("card_declined".into()),
+            ),
+        );
+        let seqs: Vec<u64> = [&t1, &t2, &t3]
+            .iter()
+            .flat_map(|t| t.history.iter().map(|h| h.seq))
+            .collect();
         assert_eq!(seqs, (2..2 + seqs.len() as u64).collect::<Vec<_>>());
         assert!(t3.history.iter().all(|h| h.at_ms == t3.saga.updated_at_ms));
         assert_eq!(t3.history[0].step.as_deref(), Some("charge-payment"));

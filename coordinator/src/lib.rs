@@ -43,7 +43,11 @@ pub enum LogFormat {
 
 /// Coordinator settings: defaults, then environment, then flags.
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "coordinator", version, about = "Saga coordinator: gRPC front door, sled state, NATS dispatch")]
+#[command(
+    name = "coordinator",
+    version,
+    about = "Saga coordinator: gRPC front door, sled state, NATS dispatch"
+)]
 pub struct Config {
     /// gRPC listen address.
     #[arg(long, env = "COORDINATOR_GRPC_ADDR", default_value = "127.0.0.1:50051")]
@@ -82,10 +86,16 @@ impl Config {
         let ok = !self.nats_url.trim().is_empty()
             && self.nats_url.split(',').all(|u| {
                 let u = u.trim();
-                ["nats://", "tls://", "ws://", "wss://"].iter().any(|p| u.starts_with(p)) || !u.contains("://")
+                ["nats://", "tls://", "ws://", "wss://"]
+                    .iter()
+                    .any(|p| u.starts_with(p))
+                    || !u.contains("://")
             });
         if !ok {
-            return Err(RunError::Config(format!("nats_url `{}` is not a NATS URL", self.nats_url)));
+            return Err(RunError::Config(format!(
+                "nats_url `{}` is not a NATS URL",
+                self.nats_url
+            )));
         }
         Ok(())
     }
@@ -169,7 +179,9 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
     let api = SagaApi::new(store.clone(), definitions, handle);
-    let addr = listener.local_addr().map_err(|e| RunError::Config(e.to_string()))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| RunError::Config(e.to_string()))?;
     info!(%addr, nats = %config.nats_url, data_dir = %config.data_dir.display(), "coordinator serving");
 
     let grpc_shutdown = {
@@ -212,7 +224,9 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
 pub fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Pretty => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),

@@ -88,8 +88,10 @@ pub enum CreateError {
     Stopped,
 }
 
+type CreateReply = oneshot::Sender<Result<Created, CreateError>>;
+
 enum Request {
-    Create { new: NewSaga, reply: oneshot::Sender<Result<Created, CreateError>> },
+    Create { new: NewSaga, reply: CreateReply },
 }
 
 /// Handle to the runner; cheap to clone.
@@ -105,7 +107,10 @@ impl RunnerHandle {
     /// [`CreateError`].
     pub async fn create(&self, new: NewSaga) -> Result<Created, CreateError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Request::Create { new, reply }).await.map_err(|_| CreateError::Stopped)?;
+        self.tx
+            .send(Request::Create { new, reply })
+            .await
+            .map_err(|_| CreateError::Stopped)?;
         rx.await.map_err(|_| CreateError::Stopped)?
     }
 }
@@ -136,7 +141,7 @@ struct Runner {
     active: HashMap<String, Saga>,
     // Per batch:
     to_send: Vec<OutboxEntry>,
-    acks: Vec<(oneshot::Sender<Result<Created, CreateError>>, Result<Created, CreateError>)>,
+    acks: Vec<(CreateReply, Result<Created, CreateError>)>,
     batch_keys: HashMap<String, String>,
 }
 
@@ -193,7 +198,10 @@ pub async fn run(
         r.commit().await?;
     }
     r.store.flush().await?;
-    info!(in_flight = r.active.len(), "saga runner stopped; in-flight sagas resume on next start");
+    info!(
+        in_flight = r.active.len(),
+        "saga runner stopped; in-flight sagas resume on next start"
+    );
     Ok(())
 }
 
@@ -209,7 +217,11 @@ impl Runner {
             }
             self.active.insert(saga.id.clone(), saga);
         }
-        info!(active = self.active.len(), outbox = outbox.len(), "resuming sagas found in the store");
+        info!(
+            active = self.active.len(),
+            outbox = outbox.len(),
+            "resuming sagas found in the store"
+        );
         for id in pending {
             self.apply(&id, &Event::Start, now)?;
         }
@@ -234,10 +246,9 @@ impl Runner {
             if let Some(id) = existing {
                 let saga = match self.active.get(&id.to_string()) {
                     Some(s) => s.clone(),
-                    None => self
-                        .store
-                        .get(&id)?
-                        .ok_or_else(|| StoreError::Corrupt(format!("idempotency key names missing saga {id}")))?,
+                    None => self.store.get(&id)?.ok_or_else(|| {
+                        StoreError::Corrupt(format!("idempotency key names missing saga {id}"))
+                    })?,
                 };
                 if !same_request(&saga, &new) {
                     return Err(CreateError::KeyReused(saga.id));
@@ -267,7 +278,10 @@ impl Runner {
         }
         self.active.insert(id.clone(), created.saga);
         self.apply(&id, &Event::Start, now)?;
-        Ok(Created::New { saga_id: id, order_id })
+        Ok(Created::New {
+            saga_id: id,
+            order_id,
+        })
     }
 
     /// Applies one event to an active saga and writes the transition (unflushed).
@@ -291,7 +305,8 @@ impl Runner {
         self.store.write(&t, Some(previous))?;
         self.log(&t);
         let Transition { saga, commands, .. } = t;
-        self.to_send.extend(commands.iter().map(|c| OutboxEntry::new(&saga, c)));
+        self.to_send
+            .extend(commands.iter().map(|c| OutboxEntry::new(&saga, c)));
         if saga.state.is_terminal() {
             self.active.remove(saga_id);
         } else {

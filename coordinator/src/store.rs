@@ -105,7 +105,10 @@ fn decode<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, StoreError
     let v: Versioned<T> =
         serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))?;
     if v.v != FORMAT {
-        return Err(StoreError::Corrupt(format!("{what}: unsupported format version {}", v.v)));
+        return Err(StoreError::Corrupt(format!(
+            "{what}: unsupported format version {}",
+            v.v
+        )));
     }
     Ok(v.value)
 }
@@ -167,7 +170,10 @@ impl Store {
     /// # Errors
     /// sled cannot open the directory (missing permissions, another process holds it).
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new().path(dir).mode(sled::Mode::HighThroughput).open()?;
+        let db = sled::Config::new()
+            .path(dir)
+            .mode(sled::Mode::HighThroughput)
+            .open()?;
         Ok(Store {
             sagas: db.open_tree("sagas")?,
             history: db.open_tree("history")?,
@@ -197,12 +203,27 @@ impl Store {
         let commands = t
             .commands
             .iter()
-            .map(|c| Ok((outbox_key(&id, c.step, c.kind), encode(&OutboxEntry::new(saga, c))?)))
+            .map(|c| {
+                Ok((
+                    outbox_key(&id, c.step, c.kind),
+                    encode(&OutboxEntry::new(saga, c))?,
+                ))
+            })
             .collect::<Result<Vec<_>, StoreError>>()?;
         let settled = t.settled.map(|(step, kind)| outbox_key(&id, step, kind));
         let new_tag = saga.state.tag();
-        let idem = if previous.is_none() { saga.idempotency_key.as_deref() } else { None };
-        (&self.sagas, &self.history, &self.by_state, &self.outbox, &self.idempotency)
+        let idem = if previous.is_none() {
+            saga.idempotency_key.as_deref()
+        } else {
+            None
+        };
+        (
+            &self.sagas,
+            &self.history,
+            &self.by_state,
+            &self.outbox,
+            &self.idempotency,
+        )
             .transaction(|(sagas, hist, by_state, outbox, idempotency)| {
                 sagas.insert(&id[..], record.as_slice())?;
                 for (k, v) in &history {
@@ -285,7 +306,12 @@ impl Store {
     ///
     /// # Errors
     /// sled errors; a corrupt record.
-    pub fn list(&self, state: Option<StateTag>, after: Option<Uuid>, limit: usize) -> Result<Page, StoreError> {
+    pub fn list(
+        &self,
+        state: Option<StateTag>,
+        after: Option<Uuid>,
+        limit: usize,
+    ) -> Result<Page, StoreError> {
         let mut ids: Vec<Uuid> = Vec::with_capacity(limit.min(1024));
         let mut more = false;
         match state {
@@ -327,7 +353,9 @@ impl Store {
                         more = true;
                         break;
                     }
-                    ids.push(Uuid::from_slice(&k).map_err(|e| StoreError::Corrupt(format!("saga key: {e}")))?);
+                    ids.push(
+                        Uuid::from_slice(&k).map_err(|e| StoreError::Corrupt(format!("saga key: {e}")))?,
+                    );
                 }
             }
         }
@@ -431,11 +459,21 @@ mod tests {
         let order = OrderPayload {
             order_id: "o".into(),
             customer_id: "c".into(),
-            items: vec![Item { sku: "A".into(), quantity: 1 }],
+            items: vec![Item {
+                sku: "A".into(),
+                quantity: 1,
+            }],
             amount_cents: 5,
             currency: "EUR".into(),
         };
-        engine::create(Uuid::now_v7().to_string(), def(), order, "corr".into(), key.map(Into::into), 1)
+        engine::create(
+            Uuid::now_v7().to_string(),
+            def(),
+            order,
+            "corr".into(),
+            key.map(Into::into),
+            1,
+        )
     }
 
     #[tokio::test]
@@ -444,8 +482,12 @@ mod tests {
         let store = Store::open(dir.path()).expect("open");
         let created = new_saga(Some("client-key"));
         store.write(&created, None).expect("write created");
-        let started = engine::transition(&created.saga, &Event::Start, 2).expect("ok").expect("changes");
-        store.write(&started, Some(StateTag::Pending)).expect("write started");
+        let started = engine::transition(&created.saga, &Event::Start, 2)
+            .expect("ok")
+            .expect("changes");
+        store
+            .write(&started, Some(StateTag::Pending))
+            .expect("write started");
         store.flush().await.expect("flush");
         let id = Uuid::parse_str(&created.saga.id).expect("uuid");
 
@@ -463,9 +505,14 @@ mod tests {
             attempt: 1,
             outcome: Outcome::Rejected("insufficient_stock".into()),
         };
-        let done = engine::transition(&started.saga, &reply, 3).expect("ok").expect("changes");
+        let done = engine::transition(&started.saga, &reply, 3)
+            .expect("ok")
+            .expect("changes");
         store.write(&done, Some(StateTag::Running)).expect("write done");
-        assert!(store.outbox().expect("outbox").is_empty(), "settled command left the outbox");
+        assert!(
+            store.outbox().expect("outbox").is_empty(),
+            "settled command left the outbox"
+        );
         assert!(store.active().expect("active").is_empty());
         let counts = store.count_by_state().expect("counts");
         assert!(counts.contains(&(StateTag::Compensated, 1)) && counts.contains(&(StateTag::Running, 0)));
@@ -482,23 +529,37 @@ mod tests {
             let t = new_saga(None);
             store.write(&t, None).expect("write");
             if i % 2 == 0 {
-                let s = engine::transition(&t.saga, &Event::Start, 2).expect("ok").expect("changes");
+                let s = engine::transition(&t.saga, &Event::Start, 2)
+                    .expect("ok")
+                    .expect("changes");
                 store.write(&s, Some(StateTag::Pending)).expect("write");
             }
             ids.push(t.saga.id.clone());
         }
         let p1 = store.list(None, None, 2).expect("list");
-        assert_eq!(p1.sagas.iter().map(|s| s.id.clone()).collect::<Vec<_>>(), ids[..2]);
+        assert_eq!(
+            p1.sagas.iter().map(|s| s.id.clone()).collect::<Vec<_>>(),
+            ids[..2]
+        );
         let p2 = store.list(None, p1.next, 2).expect("list");
         let p3 = store.list(None, p2.next, 2).expect("list");
         assert_eq!(p3.sagas.len(), 1);
         assert!(p3.next.is_none());
         let running = store.list(Some(StateTag::Running), None, 2).expect("list");
         assert_eq!(running.sagas.len(), 2);
-        let rest = store.list(Some(StateTag::Running), running.next, 2).expect("list");
+        let rest = store
+            .list(Some(StateTag::Running), running.next, 2)
+            .expect("list");
         assert_eq!(rest.sagas.len(), 1);
         assert!(rest.next.is_none());
-        assert_eq!(store.list(Some(StateTag::Pending), None, 10).expect("list").sagas.len(), 2);
+        assert_eq!(
+            store
+                .list(Some(StateTag::Pending), None, 10)
+                .expect("list")
+                .sagas
+                .len(),
+            2
+        );
     }
 
     #[tokio::test]
@@ -512,7 +573,10 @@ mod tests {
         }
         let store = Store::open(dir.path()).expect("reopen");
         let id = Uuid::parse_str(&t.saga.id).expect("uuid");
-        assert_eq!(store.get(&id).expect("get").map(|s| s.state), Some(engine::SagaState::Pending));
+        assert_eq!(
+            store.get(&id).expect("get").map(|s| s.state),
+            Some(engine::SagaState::Pending)
+        );
     }
 
     #[test]

@@ -57,7 +57,8 @@ pub fn idempotency_key(saga_id: &str, step: &str, kind: CommandKind) -> String {
 
 /// The forward key a compensation key undoes (`…/compensate` → `…/forward`).
 pub fn forward_key(key: &str) -> Option<String> {
-    key.strip_suffix("/compensate").map(|base| format!("{base}/forward"))
+    key.strip_suffix("/compensate")
+        .map(|base| format!("{base}/forward"))
 }
 
 /// A command sent by the coordinator to a participant.
@@ -135,11 +136,15 @@ impl Reply {
     }
     /// A `rejected` reply.
     pub fn rejected(reason: impl Into<String>) -> Self {
-        Reply::Rejected { reason: reason.into() }
+        Reply::Rejected {
+            reason: reason.into(),
+        }
     }
     /// An `error` reply.
     pub fn error(reason: impl Into<String>) -> Self {
-        Reply::Error { reason: reason.into() }
+        Reply::Error {
+            reason: reason.into(),
+        }
     }
 }
 
@@ -155,12 +160,16 @@ mod tests {
         let cmd: Command = serde_json::from_str(json).expect("design example parses");
         assert_eq!(cmd.kind, CommandKind::Forward);
         assert_eq!(cmd.payload.items[0].quantity, 2);
-        assert_eq!(cmd.idempotency_key, idempotency_key("s1", "reserve-inventory", CommandKind::Forward));
+        assert_eq!(
+            cmd.idempotency_key,
+            idempotency_key("s1", "reserve-inventory", CommandKind::Forward)
+        );
     }
 
     #[test]
     fn replies_round_trip_with_outcome_tag() {
-        let r: Reply = serde_json::from_str(r#"{"outcome":"rejected","reason":"insufficient_stock"}"#).expect("parses");
+        let r: Reply =
+            serde_json::from_str(r#"{"outcome":"rejected","reason":"insufficient_stock"}"#).expect("parses");
         assert_eq!(r, Reply::rejected("insufficient_stock"));
         let ok: Reply = serde_json::from_str(r#"{"outcome":"ok"}"#).expect("data defaults");
         assert_eq!(ok, Reply::ok(serde_json::Value::Null));
@@ -170,7 +179,10 @@ mod tests {
 
     #[test]
     fn compensation_key_maps_to_forward_key() {
-        assert_eq!(forward_key("s/charge-payment/compensate").as_deref(), Some("s/charge-payment/forward"));
+        assert_eq!(
+            forward_key("s/charge-payment/compensate").as_deref(),
+            Some("s/charge-payment/forward")
+        );
         assert_eq!(forward_key("s/charge-payment/forward"), None);
     }
 }

@@ -13,10 +13,19 @@ use serde_json::{json, Value};
 use tonic::transport::Channel;
 
 #[derive(Parser)]
-#[command(name = "sagactl", version, about = "Inspect and drive the saga coordinator over gRPC")]
+#[command(
+    name = "sagactl",
+    version,
+    about = "Inspect and drive the saga coordinator over gRPC"
+)]
 struct Cli {
     /// Coordinator gRPC address.
-    #[arg(long, env = "SAGACTL_ADDR", default_value = "http://127.0.0.1:50051", global = true)]
+    #[arg(
+        long,
+        env = "SAGACTL_ADDR",
+        default_value = "http://127.0.0.1:50051",
+        global = true
+    )]
     addr: String,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
@@ -82,9 +91,16 @@ enum Cmd {
 }
 
 fn parse_item(s: &str) -> Result<pb::OrderItem, String> {
-    let (sku, qty) = s.rsplit_once(':').ok_or_else(|| format!("`{s}`: expected SKU:QUANTITY"))?;
-    let quantity = qty.parse().map_err(|_| format!("`{qty}`: quantity must be a whole number"))?;
-    Ok(pb::OrderItem { sku: sku.to_string(), quantity })
+    let (sku, qty) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("`{s}`: expected SKU:QUANTITY"))?;
+    let quantity = qty
+        .parse()
+        .map_err(|_| format!("`{qty}`: quantity must be a whole number"))?;
+    Ok(pb::OrderItem {
+        sku: sku.to_string(),
+        quantity,
+    })
 }
 
 fn parse_state(s: &str) -> Result<pb::SagaState, String> {
@@ -93,11 +109,17 @@ fn parse_state(s: &str) -> Result<pb::SagaState, String> {
 }
 
 fn state_name(v: i32) -> &'static str {
-    pb::SagaState::try_from(v).map(|s| s.as_str_name()).unwrap_or("UNKNOWN").trim_start_matches("SAGA_STATE_")
+    pb::SagaState::try_from(v)
+        .map(|s| s.as_str_name())
+        .unwrap_or("UNKNOWN")
+        .trim_start_matches("SAGA_STATE_")
 }
 
 fn step_status_name(v: i32) -> &'static str {
-    pb::StepStatus::try_from(v).map(|s| s.as_str_name()).unwrap_or("UNKNOWN").trim_start_matches("STEP_STATUS_")
+    pb::StepStatus::try_from(v)
+        .map(|s| s.as_str_name())
+        .unwrap_or("UNKNOWN")
+        .trim_start_matches("STEP_STATUS_")
 }
 
 fn ts(t: &Option<prost_types::Timestamp>) -> String {
@@ -135,23 +157,51 @@ fn saga_json(s: &pb::Saga) -> Value {
 }
 
 fn print_saga(s: &pb::Saga) {
-    let mut t = table(&["saga", "definition", "state", "order", "customer", "amount", "reason"]);
+    let mut t = table(&[
+        "saga",
+        "definition",
+        "state",
+        "order",
+        "customer",
+        "amount",
+        "reason",
+    ]);
     t.add_row(vec![
         s.saga_id.clone(),
         s.definition.clone(),
         state_name(s.state).to_string(),
         s.order_id.clone(),
         s.customer_id.clone(),
-        format!("{}.{:02} {}", s.amount_cents / 100, s.amount_cents % 100, s.currency),
+        format!(
+            "{}.{:02} {}",
+            s.amount_cents / 100,
+            s.amount_cents % 100,
+            s.currency
+        ),
         s.reason.clone(),
     ]);
     println!("{t}");
-    let mut t = table(&["step", "participant", "action / compensation", "status", "attempts", "last outcome"]);
+    let mut t = table(&[
+        "step",
+        "participant",
+        "action / compensation",
+        "status",
+        "attempts",
+        "last outcome",
+    ]);
     for p in &s.steps {
         t.add_row(vec![
             p.name.clone(),
             p.participant.clone(),
-            format!("{} / {}", p.action, if p.compensation.is_empty() { "none" } else { &p.compensation }),
+            format!(
+                "{} / {}",
+                p.action,
+                if p.compensation.is_empty() {
+                    "none"
+                } else {
+                    &p.compensation
+                }
+            ),
             step_status_name(p.status).to_string(),
             format!("{} / {}", p.attempts, p.compensation_attempts),
             p.last_outcome.clone(),
@@ -165,7 +215,11 @@ fn print_saga(s: &pb::Saga) {
             ts(&h.at),
             h.kind.clone(),
             h.step.clone(),
-            if h.attempt == 0 { String::new() } else { h.attempt.to_string() },
+            if h.attempt == 0 {
+                String::new()
+            } else {
+                h.attempt.to_string()
+            },
             state_name(h.state).to_string(),
             h.detail.clone(),
         ]);
@@ -188,7 +242,9 @@ async fn wait_terminal(
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let saga = client
-            .get_saga(pb::GetSagaRequest { saga_id: saga_id.to_string() })
+            .get_saga(pb::GetSagaRequest {
+                saga_id: saga_id.to_string(),
+            })
             .await
             .with_context(|| format!("GetSaga {saga_id}"))?
             .into_inner();
@@ -196,17 +252,42 @@ async fn wait_terminal(
             return Ok(saga);
         }
         if tokio::time::Instant::now() >= deadline {
-            bail!("saga {saga_id} is still {} after {timeout:?}", state_name(saga.state));
+            bail!(
+                "saga {saga_id} is still {} after {timeout:?}",
+                state_name(saga.state)
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
-async fn demo(client: &mut SagaServiceClient<Channel>, json_out: bool, timeout: Duration) -> anyhow::Result<bool> {
+async fn demo(
+    client: &mut SagaServiceClient<Channel>,
+    json_out: bool,
+    timeout: Duration,
+) -> anyhow::Result<bool> {
     let orders = [
-        ("completes", "c-alice", vec![("A-1", 2)], 1999, pb::SagaState::Completed),
-        ("out of stock", "c-bob", vec![("A-1", 1), ("RARE-1", 5)], 4500, pb::SagaState::Compensated),
-        ("declined by payment", "c-carol", vec![("B-2", 1)], 250_000, pb::SagaState::Compensated),
+        (
+            "completes",
+            "c-alice",
+            vec![("A-1", 2)],
+            1999,
+            pb::SagaState::Completed,
+        ),
+        (
+            "out of stock",
+            "c-bob",
+            vec![("A-1", 1), ("RARE-1", 5)],
+            4500,
+            pb::SagaState::Compensated,
+        ),
+        (
+            "declined by payment",
+            "c-carol",
+            vec![("B-2", 1)],
+            250_000,
+            pb::SagaState::Compensated,
+        ),
     ];
     let mut all_ok = true;
     let mut out = Vec::new();
@@ -215,7 +296,13 @@ async fn demo(client: &mut SagaServiceClient<Channel>, json_out: bool, timeout: 
         let created = client
             .create_order(pb::CreateOrderRequest {
                 customer_id: customer.into(),
-                items: items.iter().map(|(s, q)| pb::OrderItem { sku: (*s).into(), quantity: *q }).collect(),
+                items: items
+                    .iter()
+                    .map(|(s, q)| pb::OrderItem {
+                        sku: (*s).into(),
+                        quantity: *q,
+                    })
+                    .collect(),
                 amount_cents: amount,
                 currency: "EUR".into(),
                 ..Default::default()
@@ -236,7 +323,11 @@ async fn demo(client: &mut SagaServiceClient<Channel>, json_out: bool, timeout: 
             label.to_string(),
             saga.saga_id.clone(),
             state_name(expected as i32).to_string(),
-            format!("{}{}", state_name(saga.state), if ok { "" } else { "  <-- unexpected" }),
+            format!(
+                "{}{}",
+                state_name(saga.state),
+                if ok { "" } else { "  <-- unexpected" }
+            ),
             saga.reason.clone(),
         ]);
     }
@@ -255,7 +346,16 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot reach the coordinator at {}", cli.addr))?;
     match cli.command {
-        Cmd::Create { customer, items, amount_cents, currency, order_id, idempotency_key, definition, wait } => {
+        Cmd::Create {
+            customer,
+            items,
+            amount_cents,
+            currency,
+            order_id,
+            idempotency_key,
+            definition,
+            wait,
+        } => {
             let created = client
                 .create_order(pb::CreateOrderRequest {
                     definition,
@@ -281,19 +381,35 @@ async fn main() -> anyhow::Result<()> {
                                "created": created.created, "state": state_name(created.state)});
                 println!("{v}");
             } else {
-                let what = if created.created { "created" } else { "already exists" };
-                println!("saga {} {what} (order {}, {})", created.saga_id, created.order_id, state_name(created.state));
+                let what = if created.created {
+                    "created"
+                } else {
+                    "already exists"
+                };
+                println!(
+                    "saga {} {what} (order {}, {})",
+                    created.saga_id,
+                    created.order_id,
+                    state_name(created.state)
+                );
             }
         }
         Cmd::Get { saga_id } => {
-            let saga = client.get_saga(pb::GetSagaRequest { saga_id }).await?.into_inner();
+            let saga = client
+                .get_saga(pb::GetSagaRequest { saga_id })
+                .await?
+                .into_inner();
             if cli.json {
                 println!("{}", serde_json::to_string_pretty(&saga_json(&saga))?);
             } else {
                 print_saga(&saga);
             }
         }
-        Cmd::List { state, limit, page_token } => {
+        Cmd::List {
+            state,
+            limit,
+            page_token,
+        } => {
             let page = client
                 .list_sagas(pb::ListSagasRequest {
                     state: state.map(|s| s as i32).unwrap_or(0),
@@ -306,11 +422,16 @@ async fn main() -> anyhow::Result<()> {
                 let sagas: Vec<Value> = page
                     .sagas
                     .iter()
-                    .map(|s| json!({"saga_id": s.saga_id, "definition": s.definition, "state": state_name(s.state),
+                    .map(|s| {
+                        json!({"saga_id": s.saga_id, "definition": s.definition, "state": state_name(s.state),
                                     "current_step": s.current_step, "order_id": s.order_id,
-                                    "created_at": ts(&s.created_at), "updated_at": ts(&s.updated_at)}))
+                                    "created_at": ts(&s.created_at), "updated_at": ts(&s.updated_at)})
+                    })
                     .collect();
-                println!("{}", json!({"sagas": sagas, "next_page_token": page.next_page_token}));
+                println!(
+                    "{}",
+                    json!({"sagas": sagas, "next_page_token": page.next_page_token})
+                );
             } else {
                 let mut t = table(&["saga", "definition", "state", "current step", "order", "updated"]);
                 for s in &page.sagas {
@@ -330,19 +451,32 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Cmd::Definitions => {
-            let defs = client.list_definitions(pb::ListDefinitionsRequest {}).await?.into_inner();
+            let defs = client
+                .list_definitions(pb::ListDefinitionsRequest {})
+                .await?
+                .into_inner();
             if cli.json {
                 let v: Vec<Value> = defs
                     .definitions
                     .iter()
-                    .map(|d| json!({"name": d.name, "version": d.version, "source_file": d.source_file,
+                    .map(|d| {
+                        json!({"name": d.name, "version": d.version, "source_file": d.source_file,
                         "steps": d.steps.iter().map(|s| json!({"name": s.name, "participant": s.participant,
                             "action": s.action, "compensation": s.compensation, "timeout_ms": s.timeout_ms,
-                            "max_attempts": s.max_attempts})).collect::<Vec<_>>()}))
+                            "max_attempts": s.max_attempts})).collect::<Vec<_>>()})
+                    })
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                let mut t = table(&["definition", "step", "participant", "action", "compensation", "timeout", "attempts"]);
+                let mut t = table(&[
+                    "definition",
+                    "step",
+                    "participant",
+                    "action",
+                    "compensation",
+                    "timeout",
+                    "attempts",
+                ]);
                 for d in &defs.definitions {
                     for s in &d.steps {
                         t.add_row(vec![
@@ -350,7 +484,11 @@ async fn main() -> anyhow::Result<()> {
                             s.name.clone(),
                             s.participant.clone(),
                             s.action.clone(),
-                            if s.compensation.is_empty() { "none".into() } else { s.compensation.clone() },
+                            if s.compensation.is_empty() {
+                                "none".into()
+                            } else {
+                                s.compensation.clone()
+                            },
                             format!("{}ms", s.timeout_ms),
                             s.max_attempts.to_string(),
                         ]);
