@@ -1,0 +1,383 @@
+//! The inventory participant: stock per SKU in sled.
+//!
+//! `reserve` moves the order's quantities from available to reserved for
+//! every line or for none (`rejected: insufficient_stock`); the reserved
+//! lines are kept under the forward idempotency key so `release` puts back
+//! exactly what was taken, whatever its payload says. Invariant: per SKU,
+//! available + reserved only changes by seeding.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+};
+
+use saga_proto::wire::{Command, CommandKind, Item, Reply};
+use serde::{Deserialize, Serialize};
+use sled::transaction::ConflictableTransactionError;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use crate::{
+    dedupe::{tx_get, tx_put, Store, StoreError, TxResult},
+    runtime::{self, BoxFuture, Handler},
+    LogFormat,
+};
+
+/// Inventory settings: defaults, environment, flags.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "inventory", version, about = "Inventory participant: reserves and releases stock")]
+pub struct InventoryConfig {
+    /// NATS server URL.
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// Directory of the sled database.
+    #[arg(long, env = "INVENTORY_DATA_DIR", default_value = "./data/inventory")]
+    pub data_dir: PathBuf,
+    /// JSON file of initial stock: `{"A-1": 100, ...}`.
+    #[arg(long, env = "INVENTORY_STOCK_FILE")]
+    pub stock_file: Option<PathBuf>,
+    /// Initial stock as `SKU=N,SKU=N`.
+    #[arg(long, env = "INVENTORY_STOCK", value_delimiter = ',', value_parser = parse_stock)]
+    pub stock: Vec<(String, u64)>,
+    /// Overwrite stored stock with the seed (otherwise only new SKUs are seeded).
+    #[arg(long, env = "INVENTORY_RESET_STOCK")]
+    pub reset_stock: bool,
+    /// Log format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "pretty")]
+    pub log_format: LogFormat,
+}
+
+fn parse_stock(s: &str) -> Result<(String, u64), String> {
+    let (sku, n) = s.split_once('=').ok_or_else(|| format!("`{s}`: expected SKU=N"))?;
+    let n = n.trim().parse().map_err(|_| format!("`{s}`: N must be a whole number"))?;
+    let sku = sku.trim();
+    if sku.is_empty() {
+        return Err(format!("`{s}`: empty SKU"));
+    }
+    Ok((sku.to_string(), n))
+}
+
+impl InventoryConfig {
+    /// Settings for an embedded (test) instance.
+    pub fn for_tests(nats_url: &str, data_dir: &Path, stock: Vec<(String, u64)>) -> Self {
+        InventoryConfig {
+            nats_url: nats_url.into(),
+            data_dir: data_dir.into(),
+            stock_file: None,
+            stock,
+            reset_stock: false,
+            log_format: LogFormat::Pretty,
+        }
+    }
+
+    /// The seed: the stock file's entries, then the `--stock` ones.
+    ///
+    /// # Errors
+    /// Unreadable or invalid stock file.
+    pub fn seed(&self) -> anyhow::Result<Vec<(String, u64)>> {
+        let mut seed = Vec::new();
+        if let Some(path) = &self.stock_file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("stock file {}: {e}", path.display()))?;
+            let map: BTreeMap<String, u64> = serde_json::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("stock file {}: expected {{\"SKU\": N}}: {e}", path.display()))?;
+            seed.extend(map);
+        }
+        seed.extend(self.stock.iter().cloned());
+        Ok(seed)
+    }
+}
+
+/// Stock of one SKU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Level {
+    /// Units that can be reserved.
+    pub available: u64,
+    /// Units held by reservations.
+    pub reserved: u64,
+}
+
+fn stock_key(sku: &str) -> String {
+    format!("stock/{sku}")
+}
+
+fn reservation_key(forward_key: &str) -> String {
+    format!("reservation/{forward_key}")
+}
+
+/// The inventory handler.
+pub struct Inventory {
+    store: Store,
+    commands: AtomicU64,
+    dedupe_hits: AtomicU64,
+}
+
+const ACTIONS: &[&str] = &["reserve", "release"];
+
+impl Inventory {
+    /// Opens the inventory in `db` and applies `seed` (only to SKUs not
+    /// stored yet, unless `reset`).
+    ///
+    /// # Errors
+    /// sled errors.
+    pub fn open(db: sled::Db, seed: &[(String, u64)], reset: bool) -> Result<Self, StoreError> {
+        let store = Store::new(db)?;
+        for (sku, n) in seed {
+            let key = stock_key(sku);
+            if reset || store.state().get(key.as_bytes())?.is_none() {
+                let level = Level { available: *n, reserved: 0 };
+                let bytes = serde_json::to_vec(&level).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                store.state().insert(key.as_bytes(), bytes)?;
+            }
+        }
+        Ok(Inventory { store, commands: AtomicU64::new(0), dedupe_hits: AtomicU64::new(0) })
+    }
+
+    /// Stock levels by SKU.
+    ///
+    /// # Errors
+    /// sled errors; corrupt values.
+    pub fn levels(&self) -> Result<BTreeMap<String, Level>, StoreError> {
+        let mut out = BTreeMap::new();
+        for kv in self.store.state().scan_prefix(b"stock/") {
+            let (k, v) = kv?;
+            let sku = String::from_utf8_lossy(&k["stock/".len()..]).to_string();
+            let level = serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(format!("{sku}: {e}")))?;
+            out.insert(sku, level);
+        }
+        Ok(out)
+    }
+
+    async fn run(&self, cmd: Command) -> Result<Reply, StoreError> {
+        let key = cmd.idempotency_key.clone();
+        let (reply, hit) = match (cmd.kind, cmd.action.as_str()) {
+            (CommandKind::Forward, "reserve") => {
+                let wanted = totals(&cmd.payload.items);
+                self.store.apply_forward(&key, |state| reserve(state, &key, &wanted)).await?
+            }
+            (CommandKind::Compensate, "release") => self.store.apply_compensation(&key, release).await?,
+            (kind, action) => {
+                return Ok(Reply::error(format!("`{action}` is not a {} action here", kind.as_str())));
+            }
+        };
+        if hit {
+            self.dedupe_hits.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(reply)
+    }
+}
+
+/// Quantities per SKU (an order may name a SKU twice).
+fn totals(items: &[Item]) -> BTreeMap<String, u64> {
+    let mut m = BTreeMap::new();
+    for i in items {
+        *m.entry(i.sku.clone()).or_insert(0) += u64::from(i.quantity);
+    }
+    m
+}
+
+fn reserve(
+    state: &sled::transaction::TransactionalTree,
+    key: &str,
+    wanted: &BTreeMap<String, u64>,
+) -> TxResult<Reply> {
+    let mut levels = Vec::with_capacity(wanted.len());
+    for (sku, qty) in wanted {
+        let level: Level = tx_get(state, &stock_key(sku))?.unwrap_or_default();
+        if level.available < *qty {
+            return Ok(Reply::rejected("insufficient_stock"));
+        }
+        levels.push((sku, *qty, level));
+    }
+    for (sku, qty, level) in &levels {
+        let next = Level { available: level.available - qty, reserved: level.reserved + qty };
+        tx_put(state, &stock_key(sku), &next)?;
+    }
+    tx_put(state, &reservation_key(key), wanted)?;
+    let items: Vec<_> = wanted.iter().map(|(s, q)| serde_json::json!({"sku": s, "quantity": q})).collect();
+    Ok(Reply::ok(serde_json::json!({"reservation_id": key, "items": items})))
+}
+
+fn release(
+    state: &sled::transaction::TransactionalTree,
+    forward: &str,
+    _data: &serde_json::Value,
+) -> TxResult<Reply> {
+    let Some(lines) = tx_get::<BTreeMap<String, u64>>(state, &reservation_key(forward))? else {
+        return Err(ConflictableTransactionError::Abort(format!("reservation {forward} missing")));
+    };
+    for (sku, qty) in &lines {
+        let level: Level = tx_get(state, &stock_key(sku))?.unwrap_or_default();
+        let reserved = level.reserved.checked_sub(*qty).ok_or_else(|| {
+            ConflictableTransactionError::Abort(format!("{sku}: reserved {} < {qty}", level.reserved))
+        })?;
+        tx_put(state, &stock_key(sku), &Level { available: level.available + qty, reserved })?;
+    }
+    state.remove(reservation_key(forward).as_bytes())?;
+    Ok(Reply::ok(serde_json::json!({"undone": true, "released": lines})))
+}
+
+impl Handler for Inventory {
+    fn participant(&self) -> &str {
+        "inventory"
+    }
+
+    fn actions(&self) -> &[&str] {
+        ACTIONS
+    }
+
+    fn handle(&self, cmd: Command) -> BoxFuture<'_, Reply> {
+        Box::pin(async move {
+            self.commands.fetch_add(1, Ordering::Relaxed);
+            match self.run(cmd).await {
+                Ok(r) => r,
+                Err(e) => {
+                    error!(error = %e, "inventory store failure");
+                    Reply::error(format!("inventory store: {e}"))
+                }
+            }
+        })
+    }
+
+    fn stats(&self) -> serde_json::Value {
+        let stock = match self.levels() {
+            Ok(l) => serde_json::to_value(l).unwrap_or_default(),
+            Err(e) => serde_json::json!({"error": e.to_string()}),
+        };
+        serde_json::json!({
+            "stock": stock,
+            "commands": self.commands.load(Ordering::Relaxed),
+            "dedupe_hits": self.dedupe_hits.load(Ordering::Relaxed),
+        })
+    }
+
+    fn flush(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if let Err(e) = self.store.flush().await {
+                error!(error = %e, "flush at shutdown failed");
+            }
+        })
+    }
+}
+
+/// Runs the inventory service until `shutdown` fires.
+///
+/// # Errors
+/// Invalid seed, sled cannot open the data dir, NATS subscription failure.
+pub async fn run(config: InventoryConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let seed = config.seed()?;
+    std::fs::create_dir_all(&config.data_dir)?;
+    let db = sled::open(&config.data_dir)?;
+    let inventory = Arc::new(Inventory::open(db, &seed, config.reset_stock)?);
+    info!(data_dir = %config.data_dir.display(), skus = inventory.levels()?.len(), "inventory opened");
+    let client = crate::connect(&config.nats_url, "saga-inventory").await?;
+    runtime::serve(client.clone(), inventory, shutdown).await?;
+    let _ = client.drain().await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use saga_proto::wire::{self, OrderPayload};
+
+    use super::*;
+
+    fn inventory(dir: &Path) -> Inventory {
+        let db = sled::open(dir).expect("sled");
+        Inventory::open(db, &[("A".into(), 10), ("B".into(), 1)], false).expect("open")
+    }
+
+    fn cmd(saga: &str, kind: CommandKind, items: &[(&str, u32)]) -> Command {
+        let (step, action) = ("reserve-inventory", if kind == CommandKind::Forward { "reserve" } else { "release" });
+        Command {
+            saga_id: saga.into(),
+            definition: "order@1".into(),
+            step: step.into(),
+            action: action.into(),
+            kind,
+            attempt: 1,
+            idempotency_key: wire::idempotency_key(saga, step, kind),
+            payload: OrderPayload {
+                order_id: "o".into(),
+                customer_id: "c".into(),
+                items: items.iter().map(|(s, q)| Item { sku: (*s).into(), quantity: *q }).collect(),
+                amount_cents: 1,
+                currency: "EUR".into(),
+            },
+        }
+    }
+
+    fn level(inv: &Inventory, sku: &str) -> (u64, u64) {
+        let l = inv.levels().expect("levels").get(sku).copied().unwrap_or_default();
+        (l.available, l.reserved)
+    }
+
+    #[tokio::test]
+    async fn reserve_is_all_or_nothing_and_release_restores() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let inv = inventory(dir.path());
+        let r = inv.handle(cmd("s1", CommandKind::Forward, &[("A", 3), ("B", 2)])).await;
+        assert_eq!(r, Reply::rejected("insufficient_stock"));
+        assert_eq!((level(&inv, "A"), level(&inv, "B")), ((10, 0), (1, 0)));
+        let r = inv.handle(cmd("s2", CommandKind::Forward, &[("A", 3), ("A", 2), ("B", 1)])).await;
+        assert!(matches!(r, Reply::Ok { .. }), "{r:?}");
+        assert_eq!((level(&inv, "A"), level(&inv, "B")), ((5, 5), (0, 1)));
+        let r = inv.handle(cmd("s2", CommandKind::Compensate, &[])).await;
+        assert!(matches!(r, Reply::Ok { .. }), "{r:?}");
+        assert_eq!((level(&inv, "A"), level(&inv, "B")), ((10, 0), (1, 0)));
+        let r = inv.handle(cmd("s3", CommandKind::Forward, &[("NOPE", 1)])).await;
+        assert_eq!(r, Reply::rejected("insufficient_stock"), "unknown SKU");
+    }
+
+    #[tokio::test]
+    async fn repeats_return_the_stored_reply_without_effect() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let inv = inventory(dir.path());
+        let first = inv.handle(cmd("s1", CommandKind::Forward, &[("A", 4)])).await;
+        let again = inv.handle(cmd("s1", CommandKind::Forward, &[("A", 4)])).await;
+        assert_eq!(first, again);
+        assert_eq!(level(&inv, "A"), (6, 4));
+        let rel1 = inv.handle(cmd("s1", CommandKind::Compensate, &[])).await;
+        let rel2 = inv.handle(cmd("s1", CommandKind::Compensate, &[])).await;
+        assert_eq!(rel1, rel2);
+        assert_eq!(level(&inv, "A"), (10, 0));
+        assert_eq!(inv.stats()["dedupe_hits"], 2);
+    }
+
+    #[tokio::test]
+    async fn a_release_before_its_reserve_leaves_a_tombstone() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let inv = inventory(dir.path());
+        let r = inv.handle(cmd("s1", CommandKind::Compensate, &[])).await;
+        assert!(matches!(r, Reply::Ok { .. }), "{r:?}");
+        let late = inv.handle(cmd("s1", CommandKind::Forward, &[("A", 4)])).await;
+        assert_eq!(late, Reply::rejected(crate::dedupe::TOMBSTONE_REASON));
+        assert_eq!(level(&inv, "A"), (10, 0));
+    }
+
+    #[tokio::test]
+    async fn stock_survives_a_restart_and_is_not_reseeded() {
+        let dir = tempfile::tempdir().expect("tmp");
+        {
+            let inv = inventory(dir.path());
+            inv.handle(cmd("s1", CommandKind::Forward, &[("A", 4)])).await;
+        }
+        let inv = inventory(dir.path());
+        assert_eq!(level(&inv, "A"), (6, 4));
+        let again = inv.handle(cmd("s1", CommandKind::Forward, &[("A", 4)])).await;
+        assert!(matches!(again, Reply::Ok { .. }));
+        assert_eq!(level(&inv, "A"), (6, 4));
+    }
+
+    #[test]
+    fn stock_flags_parse() {
+        assert_eq!(parse_stock("A-1=5"), Ok(("A-1".into(), 5)));
+        assert!(parse_stock("A-1").is_err());
+        assert!(parse_stock("=5").is_err());
+        assert!(parse_stock("A=x").is_err());
+    }
+}

@@ -1,0 +1,469 @@
+//! The payment participant: a ledger in sled and a simulated card gateway
+//! behind a failsafe circuit breaker.
+//!
+//! `charge`: a stored reply (repeat or tombstone) is returned at once;
+//! deterministic declines (amount above the customer limit, or a declined
+//! customer) are `rejected: card_declined`; otherwise the gateway is called
+//! (latency, transient failures) OUTSIDE any transaction, and then one
+//! transaction re-checks the key (a duplicate or a refund may have won
+//! meanwhile: then no ledger entry) and writes the ledger entry with the
+//! stored reply. `refund` marks the charge refunded, once.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use failsafe::{futures::CircuitBreaker, Config as BreakerConfig, Instrument};
+use rand::Rng;
+use saga_proto::wire::{Command, CommandKind, Reply};
+use serde::{Deserialize, Serialize};
+use sled::transaction::ConflictableTransactionError;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::{
+    dedupe::{tx_get, tx_put, Store, StoreError},
+    runtime::{self, BoxFuture, Handler},
+    LogFormat,
+};
+
+/// Payment settings: defaults, environment, flags.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "payment", version, about = "Payment participant: charges and refunds through a gateway")]
+pub struct PaymentConfig {
+    /// NATS server URL.
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// Directory of the sled database.
+    #[arg(long, env = "PAYMENT_DATA_DIR", default_value = "./data/payment")]
+    pub data_dir: PathBuf,
+    /// Charges above this amount (minor units) are declined.
+    #[arg(long, env = "PAYMENT_CUSTOMER_LIMIT_CENTS", default_value_t = 100_000)]
+    pub customer_limit_cents: i64,
+    /// Customers whose cards are always declined.
+    #[arg(long, env = "PAYMENT_DECLINED_CUSTOMERS", value_delimiter = ',')]
+    pub declined_customers: Vec<String>,
+    /// Simulated gateway latency per charge.
+    #[arg(long, env = "PAYMENT_GATEWAY_LATENCY", default_value = "5ms", value_parser = humantime::parse_duration)]
+    pub gateway_latency: Duration,
+    /// Share (0.0..=1.0) of gateway calls failing transiently.
+    #[arg(long, env = "PAYMENT_GATEWAY_FAILURE_RATE", default_value_t = 0.0)]
+    pub gateway_failure_rate: f64,
+    /// Consecutive gateway failures that open the circuit breaker.
+    #[arg(long, env = "PAYMENT_BREAKER_FAILURES", default_value_t = 5)]
+    pub breaker_failures: u32,
+    /// How long an open breaker rejects calls before trying again.
+    #[arg(long, env = "PAYMENT_BREAKER_WAIT", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub breaker_wait: Duration,
+    /// Log format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "pretty")]
+    pub log_format: LogFormat,
+}
+
+impl PaymentConfig {
+    /// Settings for an embedded (test) instance.
+    pub fn for_tests(
+        nats_url: &str,
+        data_dir: &Path,
+        customer_limit_cents: i64,
+        gateway_latency: Duration,
+        gateway_failure_rate: f64,
+    ) -> Self {
+        PaymentConfig {
+            nats_url: nats_url.into(),
+            data_dir: data_dir.into(),
+            customer_limit_cents,
+            declined_customers: Vec::new(),
+            gateway_latency,
+            gateway_failure_rate,
+            breaker_failures: 5,
+            breaker_wait: Duration::from_millis(200),
+            log_format: LogFormat::Pretty,
+        }
+    }
+
+    /// Checks the settings.
+    ///
+    /// # Errors
+    /// A failure rate outside 0..=1, a limit ≤ 0, a breaker threshold of 0.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if !(0.0..=1.0).contains(&self.gateway_failure_rate) {
+            anyhow::bail!("gateway_failure_rate must be within 0.0..=1.0");
+        }
+        if self.customer_limit_cents <= 0 {
+            anyhow::bail!("customer_limit_cents must be > 0");
+        }
+        if self.breaker_failures == 0 {
+            anyhow::bail!("breaker_failures must be ≥ 1");
+        }
+        Ok(())
+    }
+}
+
+/// A ledger entry, stored under the charge's forward idempotency key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Charge {
+    /// Gateway charge id.
+    pub charge_id: String,
+    /// Order charged.
+    pub order_id: String,
+    /// Customer charged.
+    pub customer_id: String,
+    /// Amount in minor units.
+    pub amount_cents: i64,
+    /// Currency.
+    pub currency: String,
+    /// Whether it was refunded.
+    pub refunded: bool,
+}
+
+/// Ledger totals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct Totals {
+    /// Sum of all charges.
+    pub charged_cents: i64,
+    /// Sum of refunded charges.
+    pub refunded_cents: i64,
+    /// Number of charges.
+    pub charges: u64,
+    /// Number of refunds.
+    pub refunds: u64,
+}
+
+/// Logs breaker state changes.
+#[derive(Debug, Clone, Copy)]
+struct BreakerLog;
+
+impl Instrument for BreakerLog {
+    fn on_call_rejected(&self) {}
+    fn on_open(&self) {
+        warn!("gateway circuit breaker open: failing charges fast");
+    }
+    fn on_half_open(&self) {
+        info!("gateway circuit breaker half-open: trying the gateway");
+    }
+    fn on_closed(&self) {
+        info!("gateway circuit breaker closed");
+    }
+}
+
+#[derive(Debug)]
+struct GatewayDown;
+
+type Breaker = failsafe::StateMachine<
+    failsafe::failure_policy::ConsecutiveFailures<failsafe::backoff::Constant>,
+    BreakerLog,
+>;
+
+/// The payment handler.
+pub struct Payment {
+    store: Store,
+    config: PaymentConfig,
+    breaker: Breaker,
+    commands: AtomicU64,
+    dedupe_hits: AtomicU64,
+}
+
+const ACTIONS: &[&str] = &["charge", "refund"];
+
+fn ledger_key(forward_key: &str) -> String {
+    format!("charge/{forward_key}")
+}
+
+impl Payment {
+    /// Opens the ledger in `db`.
+    ///
+    /// # Errors
+    /// sled errors.
+    pub fn open(db: sled::Db, config: PaymentConfig) -> Result<Self, StoreError> {
+        let policy = failsafe::failure_policy::consecutive_failures(
+            config.breaker_failures,
+            failsafe::backoff::constant(config.breaker_wait),
+        );
+        let breaker = BreakerConfig::new().failure_policy(policy).instrument(BreakerLog).build();
+        Ok(Payment {
+            store: Store::new(db)?,
+            config,
+            breaker,
+            commands: AtomicU64::new(0),
+            dedupe_hits: AtomicU64::new(0),
+        })
+    }
+
+    /// Ledger totals, from the stored entries.
+    ///
+    /// # Errors
+    /// sled errors; corrupt entries.
+    pub fn totals(&self) -> Result<Totals, StoreError> {
+        let mut t = Totals::default();
+        for kv in self.store.state().scan_prefix(b"charge/") {
+            let (k, v) = kv?;
+            let c: Charge = serde_json::from_slice(&v)
+                .map_err(|e| StoreError::Corrupt(format!("{}: {e}", String::from_utf8_lossy(&k))))?;
+            t.charged_cents += c.amount_cents;
+            t.charges += 1;
+            if c.refunded {
+                t.refunded_cents += c.amount_cents;
+                t.refunds += 1;
+            }
+        }
+        Ok(t)
+    }
+
+    /// The simulated gateway: latency, then a transient failure with the configured probability.
+    async fn gateway(&self) -> Result<String, GatewayDown> {
+        tokio::time::sleep(self.config.gateway_latency).await;
+        let fail = self.config.gateway_failure_rate > 0.0 && rand::rng().random_bool(self.config.gateway_failure_rate);
+        if fail {
+            Err(GatewayDown)
+        } else {
+            Ok(format!("ch_{}", uuid::Uuid::new_v4().simple()))
+        }
+    }
+
+    async fn charge(&self, cmd: &Command) -> Result<(Reply, bool), StoreError> {
+        let key = cmd.idempotency_key.as_str();
+        if let Some(stored) = self.store.stored_reply(key)? {
+            return Ok((stored, true));
+        }
+        let p = &cmd.payload;
+        let declined =
+            p.amount_cents > self.config.customer_limit_cents || self.config.declined_customers.contains(&p.customer_id);
+        let charge_id = if declined {
+            None
+        } else {
+            match self.breaker.call(self.gateway()).await {
+                Ok(id) => Some(id),
+                Err(failsafe::Error::Inner(GatewayDown)) => return Ok((Reply::error("gateway_unavailable"), false)),
+                Err(failsafe::Error::Rejected) => return Ok((Reply::error("gateway_circuit_open"), false)),
+            }
+        };
+        self.store
+            .apply_forward(key, |state| match &charge_id {
+                None => Ok(Reply::rejected("card_declined")),
+                Some(id) => {
+                    let entry = Charge {
+                        charge_id: id.clone(),
+                        order_id: p.order_id.clone(),
+                        customer_id: p.customer_id.clone(),
+                        amount_cents: p.amount_cents,
+                        currency: p.currency.clone(),
+                        refunded: false,
+                    };
+                    tx_put(state, &ledger_key(key), &entry)?;
+                    Ok(Reply::ok(serde_json::json!({"charge_id": id, "amount_cents": p.amount_cents})))
+                }
+            })
+            .await
+    }
+
+    async fn run(&self, cmd: Command) -> Result<Reply, StoreError> {
+        let (reply, hit) = match (cmd.kind, cmd.action.as_str()) {
+            (CommandKind::Forward, "charge") => self.charge(&cmd).await?,
+            (CommandKind::Compensate, "refund") => {
+                self.store
+                    .apply_compensation(&cmd.idempotency_key, |state, forward, _| {
+                        let key = ledger_key(forward);
+                        let Some(mut charge) = tx_get::<Charge>(state, &key)? else {
+                            return Err(ConflictableTransactionError::Abort(format!("ledger entry {key} missing")));
+                        };
+                        charge.refunded = true;
+                        tx_put(state, &key, &charge)?;
+                        Ok(Reply::ok(serde_json::json!({"undone": true, "refunded": charge.charge_id})))
+                    })
+                    .await?
+            }
+            (kind, action) => {
+                return Ok(Reply::error(format!("`{action}` is not a {} action here", kind.as_str())));
+            }
+        };
+        if hit {
+            self.dedupe_hits.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(reply)
+    }
+}
+
+impl Handler for Payment {
+    fn participant(&self) -> &str {
+        "payment"
+    }
+
+    fn actions(&self) -> &[&str] {
+        ACTIONS
+    }
+
+    fn handle(&self, cmd: Command) -> BoxFuture<'_, Reply> {
+        Box::pin(async move {
+            let reply = match self.run(cmd).await {
+                Ok(r) => r,
+                Err(e) => {
+                    error!(error = %e, "payment store failure");
+                    Reply::error(format!("payment store: {e}"))
+                }
+            };
+            // Counted once handled, so a test can wait for in-flight commands to finish.
+            self.commands.fetch_add(1, Ordering::Relaxed);
+            reply
+        })
+    }
+
+    fn stats(&self) -> serde_json::Value {
+        let totals = match self.totals() {
+            Ok(t) => serde_json::to_value(t).unwrap_or_default(),
+            Err(e) => serde_json::json!({"error": e.to_string()}),
+        };
+        let mut v = totals;
+        v["commands"] = self.commands.load(Ordering::Relaxed).into();
+        v["dedupe_hits"] = self.dedupe_hits.load(Ordering::Relaxed).into();
+        v["breaker_open"] = (!self.breaker.is_call_permitted()).into();
+        v
+    }
+
+    fn flush(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if let Err(e) = self.store.flush().await {
+                error!(error = %e, "flush at shutdown failed");
+            }
+        })
+    }
+}
+
+/// Runs the payment service until `shutdown` fires.
+///
+/// # Errors
+/// Invalid settings, sled cannot open the data dir, NATS subscription failure.
+pub async fn run(config: PaymentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    config.validate()?;
+    std::fs::create_dir_all(&config.data_dir)?;
+    let db = sled::open(&config.data_dir)?;
+    let nats_url = config.nats_url.clone();
+    let payment = Arc::new(Payment::open(db, config)?);
+    info!(totals = ?payment.totals()?, "payment ledger opened");
+    let client = crate::connect(&nats_url, "saga-payment").await?;
+    runtime::serve(client.clone(), payment, shutdown).await?;
+    let _ = client.drain().await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use saga_proto::wire::{self, Item, OrderPayload};
+
+    use super::*;
+
+    fn payment(dir: &Path, latency: Duration, failure_rate: f64) -> Arc<Payment> {
+        let db = sled::open(dir).expect("sled");
+        let config = PaymentConfig::for_tests("nats://unused", dir, 10_000, latency, failure_rate);
+        Arc::new(Payment::open(db, config).expect("open"))
+    }
+
+    fn cmd(saga: &str, kind: CommandKind, amount: i64) -> Command {
+        let (step, action) = ("charge-payment", if kind == CommandKind::Forward { "charge" } else { "refund" });
+        Command {
+            saga_id: saga.into(),
+            definition: "order@1".into(),
+            step: step.into(),
+            action: action.into(),
+            kind,
+            attempt: 1,
+            idempotency_key: wire::idempotency_key(saga, step, kind),
+            payload: OrderPayload {
+                order_id: "o".into(),
+                customer_id: "c".into(),
+                items: vec![Item { sku: "A".into(), quantity: 1 }],
+                amount_cents: amount,
+                currency: "EUR".into(),
+            },
+        }
+    }
+
+    fn figures(p: &Payment) -> (i64, i64) {
+        let t = p.totals().expect("totals");
+        (t.charged_cents, t.refunded_cents)
+    }
+
+    #[tokio::test]
+    async fn charge_refund_and_repeats() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = payment(dir.path(), Duration::ZERO, 0.0);
+        let a = p.handle(cmd("s1", CommandKind::Forward, 500)).await;
+        let b = p.handle(cmd("s1", CommandKind::Forward, 500)).await;
+        assert!(matches!(a, Reply::Ok { .. }), "{a:?}");
+        assert_eq!(a, b, "the stored reply, same charge id");
+        assert_eq!(figures(&p), (500, 0));
+        let r1 = p.handle(cmd("s1", CommandKind::Compensate, 500)).await;
+        let r2 = p.handle(cmd("s1", CommandKind::Compensate, 500)).await;
+        assert_eq!(r1, r2);
+        assert_eq!(figures(&p), (500, 500));
+        assert_eq!(p.stats()["dedupe_hits"], 2);
+    }
+
+    #[tokio::test]
+    async fn over_the_limit_is_declined_and_stored() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = payment(dir.path(), Duration::ZERO, 0.0);
+        let r = p.handle(cmd("s1", CommandKind::Forward, 10_001)).await;
+        assert_eq!(r, Reply::rejected("card_declined"));
+        let refund = p.handle(cmd("s1", CommandKind::Compensate, 10_001)).await;
+        assert!(matches!(refund, Reply::Ok { .. }));
+        assert_eq!(figures(&p), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn transient_gateway_failures_are_not_stored_and_open_the_breaker() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = payment(dir.path(), Duration::ZERO, 1.0);
+        for _ in 0..5 {
+            assert_eq!(p.handle(cmd("s1", CommandKind::Forward, 5)).await, Reply::error("gateway_unavailable"));
+        }
+        assert_eq!(p.handle(cmd("s1", CommandKind::Forward, 5)).await, Reply::error("gateway_circuit_open"));
+        assert_eq!(p.stats()["breaker_open"], true);
+        assert_eq!(figures(&p), (0, 0));
+        drop(p);
+        // Same data, healthy gateway: the retry succeeds because nothing was stored.
+        let p = payment(dir.path(), Duration::ZERO, 0.0);
+        assert!(matches!(p.handle(cmd("s1", CommandKind::Forward, 5)).await, Reply::Ok { .. }));
+        assert_eq!(figures(&p), (5, 0));
+    }
+
+    #[tokio::test]
+    async fn a_refund_that_overtakes_a_slow_charge_wins() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = payment(dir.path(), Duration::from_millis(300), 0.0);
+        let slow = {
+            let p = p.clone();
+            tokio::spawn(async move { p.handle(cmd("s1", CommandKind::Forward, 700)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let refund = p.handle(cmd("s1", CommandKind::Compensate, 700)).await;
+        assert!(matches!(refund, Reply::Ok { .. }), "{refund:?}");
+        let late = slow.await.expect("join");
+        assert_eq!(late, Reply::rejected(crate::dedupe::TOMBSTONE_REASON));
+        assert_eq!(figures(&p), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn concurrent_duplicate_charges_make_one_ledger_entry() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = payment(dir.path(), Duration::from_millis(50), 0.0);
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let p = p.clone();
+                tokio::spawn(async move { p.handle(cmd("s1", CommandKind::Forward, 900)).await })
+            })
+            .collect();
+        let mut replies = Vec::new();
+        for h in handles {
+            replies.push(h.await.expect("join"));
+        }
+        assert!(replies.iter().all(|r| r == &replies[0]), "{replies:?}");
+        assert_eq!(p.totals().expect("totals").charges, 1);
+        assert_eq!(figures(&p), (900, 0));
+    }
+}

@@ -1,0 +1,202 @@
+//! The participant runtime: the NATS side every participant shares.
+//!
+//! [`serve`] queue-subscribes to `saga.cmd.<participant>.*` in the queue group
+//! `<participant>` (instances share the load) and answers
+//! `saga.admin.<participant>.stats`. Each command runs in its own tracked
+//! task, so a slow one never holds up the others. [`decode`] turns untrusted
+//! bytes into a [`Command`] or a reason; the reason goes back as an `error`
+//! reply with a log line. Handlers own effects and idempotency (see
+//! [`crate::dedupe`]); this module never touches sled.
+
+use std::{future::Future, pin::Pin, sync::Arc};
+
+use futures::StreamExt;
+use saga_proto::wire::{self, Command, Reply};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{info, info_span, warn, Instrument};
+
+/// A boxed future returned by handlers.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// One participant's business logic.
+pub trait Handler: Send + Sync + 'static {
+    /// Participant name: subject token and queue group.
+    fn participant(&self) -> &str;
+    /// Actions (forward and compensating) this participant performs.
+    fn actions(&self) -> &[&str];
+    /// Applies a command (at most once per idempotency key) and returns the
+    /// reply to send; must not return before the effect and stored reply are durable.
+    fn handle(&self, command: Command) -> BoxFuture<'_, Reply>;
+    /// Current figures, as JSON, for `saga.admin.<participant>.stats`.
+    fn stats(&self) -> serde_json::Value;
+    /// Makes everything durable (at shutdown).
+    fn flush(&self) -> BoxFuture<'_, ()>;
+}
+
+/// Failure to serve.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Subscribing failed.
+    #[error("nats subscribe: {0}")]
+    Subscribe(#[from] async_nats::SubscribeError),
+}
+
+/// Validates a command message: JSON envelope, action known, subject's
+/// last token equal to the envelope's action, idempotency key present.
+///
+/// # Errors
+/// A human-readable reason for the `error` reply.
+pub fn decode(subject: &str, body: &[u8], actions: &[&str]) -> Result<Command, String> {
+    let cmd: Command = serde_json::from_slice(body).map_err(|e| format!("malformed command: {e}"))?;
+    let token = subject.rsplit('.').next().unwrap_or_default();
+    if token != cmd.action {
+        return Err(format!("subject action `{token}` does not match command action `{}`", cmd.action));
+    }
+    if !actions.contains(&cmd.action.as_str()) {
+        return Err(format!("unknown action `{}`", cmd.action));
+    }
+    if cmd.idempotency_key.trim().is_empty() {
+        return Err("idempotency_key is empty".into());
+    }
+    let expected = wire::idempotency_key(&cmd.saga_id, &cmd.step, cmd.kind);
+    if cmd.idempotency_key != expected {
+        return Err(format!("idempotency_key `{}` should be `{expected}`", cmd.idempotency_key));
+    }
+    Ok(cmd)
+}
+
+/// Serves `handler` until `shutdown` fires; then stops taking commands,
+/// waits for the ones in flight and flushes.
+///
+/// # Errors
+/// Subscribing failed.
+pub async fn serve(
+    client: async_nats::Client,
+    handler: Arc<dyn Handler>,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    let name = handler.participant().to_string();
+    let mut commands = client
+        .queue_subscribe(format!("{}.{name}.*", wire::COMMAND_SUBJECT_PREFIX), name.clone())
+        .await?;
+    let mut stats = client.subscribe(wire::stats_subject(&name)).await?;
+    info!(participant = %name, "serving commands");
+    let tracker = TaskTracker::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            msg = commands.next() => match msg {
+                Some(msg) => {
+                    let (client, handler) = (client.clone(), handler.clone());
+                    tracker.spawn(process(client, handler, msg));
+                }
+                None => break,
+            },
+            msg = stats.next() => match msg {
+                Some(msg) => if let Some(reply) = msg.reply {
+                    let body = serde_json::to_vec(&handler.stats()).unwrap_or_default();
+                    if let Err(e) = client.publish(reply, body.into()).await {
+                        warn!(error = %e, "stats reply failed");
+                    }
+                },
+                None => break,
+            },
+        }
+    }
+    let _ = commands.unsubscribe().await;
+    let _ = stats.unsubscribe().await;
+    tracker.close();
+    tracker.wait().await;
+    handler.flush().await;
+    let _ = client.flush().await;
+    info!(participant = %name, "stopped");
+    Ok(())
+}
+
+async fn process(client: async_nats::Client, handler: Arc<dyn Handler>, msg: async_nats::Message) {
+    let correlation_id = msg
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(wire::CORRELATION_HEADER))
+        .map(|v| v.as_str().to_string())
+        .unwrap_or_default();
+    let Some(reply_to) = msg.reply.clone() else {
+        warn!(subject = %msg.subject, correlation_id, "command without a reply subject; dropped");
+        return;
+    };
+    let reply = match decode(&msg.subject, &msg.payload, handler.actions()) {
+        Err(reason) => {
+            warn!(subject = %msg.subject, correlation_id, reason, "malformed command answered with an error");
+            Reply::error(reason)
+        }
+        Ok(cmd) => {
+            let span = info_span!(
+                "command",
+                saga_id = %cmd.saga_id,
+                correlation_id,
+                step = %cmd.step,
+                action = %cmd.action,
+                attempt = cmd.attempt,
+                idempotency_key = %cmd.idempotency_key,
+            );
+            async {
+                let reply = handler.handle(cmd).await;
+                info!(outcome = ?reply, "command handled");
+                reply
+            }
+            .instrument(span)
+            .await
+        }
+    };
+    let body = match serde_json::to_vec(&reply) {
+        Ok(b) => b,
+        Err(e) => {
+            warn!(error = %e, "cannot encode reply");
+            return;
+        }
+    };
+    if let Err(e) = client.publish(reply_to, body.into()).await {
+        warn!(error = %e, correlation_id, "reply not sent; the coordinator will retry");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ACTIONS: &[&str] = &["reserve", "release"];
+
+    fn body(action: &str, key: &str) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({
+            "saga_id": "s", "definition": "order@1", "step": "reserve-inventory", "action": action,
+            "kind": "forward", "attempt": 1, "idempotency_key": key,
+            "payload": {"order_id": "o", "customer_id": "c", "items": [{"sku": "A", "quantity": 1}],
+                        "amount_cents": 5, "currency": "EUR"}
+        }))
+        .unwrap_or_default()
+    }
+
+    #[test]
+    fn a_good_command_decodes() {
+        let cmd = decode("saga.cmd.inventory.reserve", &body("reserve", "s/reserve-inventory/forward"), ACTIONS);
+        assert_eq!(cmd.map(|c| c.action), Ok("reserve".to_string()));
+    }
+
+    #[test]
+    fn malformed_commands_are_refused_with_a_reason() {
+        let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+            ("saga.cmd.inventory.reserve", b"not json".to_vec(), "malformed command"),
+            ("saga.cmd.inventory.reserve", b"{}".to_vec(), "malformed command"),
+            ("saga.cmd.inventory.reserve", body("release", "s/reserve-inventory/forward"), "does not match"),
+            ("saga.cmd.inventory.explode", body("explode", "s/reserve-inventory/forward"), "unknown action"),
+            ("saga.cmd.inventory.reserve", body("reserve", ""), "idempotency_key is empty"),
+            ("saga.cmd.inventory.reserve", body("reserve", "other/key"), "should be"),
+        ];
+        for (subject, b, why) in cases {
+            match decode(subject, &b, ACTIONS) {
+                Ok(c) => panic!("{why}: accepted {c:?}"),
+                Err(reason) => assert!(reason.contains(why), "{reason} should say {why}"),
+            }
+        }
+    }
+}
