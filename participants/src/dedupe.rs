@@ -49,9 +49,9 @@ struct StoredReply {
 /// Aborts the transaction when the value is not valid JSON for `T` (corrupt data).
 pub fn tx_get<T: for<'de> Deserialize<'de>>(tree: &TransactionalTree, key: &str) -> TxResult<Option<T>> {
     match tree.get(key.as_bytes())? {
-        Some(bytes) => serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| ConflictableTransactionError::Abort(format!("stored data is corrupt at {key}: {e}"))),
+        Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+            ConflictableTransactionError::Abort(format!("stored data is corrupt at {key}: {e}"))
+        }),
         None => Ok(None),
     }
 }
@@ -71,7 +71,14 @@ fn tx_reply(replies: &TransactionalTree, key: &str) -> TxResult<Option<Reply>> {
 }
 
 fn tx_store_reply(replies: &TransactionalTree, key: &str, reply: &Reply) -> TxResult<()> {
-    tx_put(replies, key, &StoredReply { v: 1, reply: reply.clone() })
+    tx_put(
+        replies,
+        key,
+        &StoredReply {
+            v: 1,
+            reply: reply.clone(),
+        },
+    )
 }
 
 /// What a compensation finds under its forward key.
@@ -97,7 +104,11 @@ impl Store {
     /// # Errors
     /// sled errors.
     pub fn new(db: sled::Db) -> Result<Self, StoreError> {
-        Ok(Store { replies: db.open_tree("replies")?, state: db.open_tree("state")?, db })
+        Ok(Store {
+            replies: db.open_tree("replies")?,
+            state: db.open_tree("state")?,
+            db,
+        })
     }
 
     /// The business state tree (read side; writes go through [`Store::apply`]).
@@ -167,7 +178,9 @@ impl Store {
                 }
                 Some(Reply::Error { .. }) | None => {
                     tx_store_reply(replies, &forward, &Reply::rejected(TOMBSTONE_REASON))?;
-                    Reply::ok(serde_json::json!({"undone": false, "forward": "never seen; tombstone recorded"}))
+                    Reply::ok(
+                        serde_json::json!({"undone": false, "forward": "never seen; tombstone recorded"}),
+                    )
                 }
             };
             if !matches!(reply, Reply::Error { .. }) {
@@ -185,7 +198,9 @@ impl Store {
         let result = (&self.state, &self.replies).transaction(|(state, replies)| f(state, replies));
         let (reply, hit) = match result {
             Ok(r) => r,
-            Err(TransactionError::Abort(reason)) => return Err(StoreError::Corrupt(format!("{key}: {reason}"))),
+            Err(TransactionError::Abort(reason)) => {
+                return Err(StoreError::Corrupt(format!("{key}: {reason}")))
+            }
             Err(TransactionError::Storage(e)) => return Err(StoreError::Sled(e)),
         };
         if !hit {

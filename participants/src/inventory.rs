@@ -29,7 +29,11 @@ use crate::{
 
 /// Inventory settings: defaults, environment, flags.
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "inventory", version, about = "Inventory participant: reserves and releases stock")]
+#[command(
+    name = "inventory",
+    version,
+    about = "Inventory participant: reserves and releases stock"
+)]
 pub struct InventoryConfig {
     /// NATS server URL.
     #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
@@ -52,8 +56,13 @@ pub struct InventoryConfig {
 }
 
 fn parse_stock(s: &str) -> Result<(String, u64), String> {
-    let (sku, n) = s.split_once('=').ok_or_else(|| format!("`{s}`: expected SKU=N"))?;
-    let n = n.trim().parse().map_err(|_| format!("`{s}`: N must be a whole number"))?;
+    let (sku, n) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}`: expected SKU=N"))?;
+    let n = n
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}`: N must be a whole number"))?;
     let sku = sku.trim();
     if sku.is_empty() {
         return Err(format!("`{s}`: empty SKU"));
@@ -83,8 +92,9 @@ impl InventoryConfig {
         if let Some(path) = &self.stock_file {
             let text = std::fs::read_to_string(path)
                 .map_err(|e| anyhow::anyhow!("stock file {}: {e}", path.display()))?;
-            let map: BTreeMap<String, u64> = serde_json::from_str(&text)
-                .map_err(|e| anyhow::anyhow!("stock file {}: expected {{\"SKU\": N}}: {e}", path.display()))?;
+            let map: BTreeMap<String, u64> = serde_json::from_str(&text).map_err(|e| {
+                anyhow::anyhow!("stock file {}: expected {{\"SKU\": N}}: {e}", path.display())
+            })?;
             seed.extend(map);
         }
         seed.extend(self.stock.iter().cloned());
@@ -129,12 +139,19 @@ impl Inventory {
         for (sku, n) in seed {
             let key = stock_key(sku);
             if reset || store.state().get(key.as_bytes())?.is_none() {
-                let level = Level { available: *n, reserved: 0 };
+                let level = Level {
+                    available: *n,
+                    reserved: 0,
+                };
                 let bytes = serde_json::to_vec(&level).map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 store.state().insert(key.as_bytes(), bytes)?;
             }
         }
-        Ok(Inventory { store, commands: AtomicU64::new(0), dedupe_hits: AtomicU64::new(0) })
+        Ok(Inventory {
+            store,
+            commands: AtomicU64::new(0),
+            dedupe_hits: AtomicU64::new(0),
+        })
     }
 
     /// Stock levels by SKU.
@@ -157,11 +174,16 @@ impl Inventory {
         let (reply, hit) = match (cmd.kind, cmd.action.as_str()) {
             (CommandKind::Forward, "reserve") => {
                 let wanted = totals(&cmd.payload.items);
-                self.store.apply_forward(&key, |state| reserve(state, &key, &wanted)).await?
+                self.store
+                    .apply_forward(&key, |state| reserve(state, &key, &wanted))
+                    .await?
             }
             (CommandKind::Compensate, "release") => self.store.apply_compensation(&key, release).await?,
             (kind, action) => {
-                return Ok(Reply::error(format!("`{action}` is not a {} action here", kind.as_str())));
+                return Ok(Reply::error(format!(
+                    "`{action}` is not a {} action here",
+                    kind.as_str()
+                )));
             }
         };
         if hit {
@@ -194,12 +216,20 @@ fn reserve(
         levels.push((sku, *qty, level));
     }
     for (sku, qty, level) in &levels {
-        let next = Level { available: level.available - qty, reserved: level.reserved + qty };
+        let next = Level {
+            available: level.available - qty,
+            reserved: level.reserved + qty,
+        };
         tx_put(state, &stock_key(sku), &next)?;
     }
     tx_put(state, &reservation_key(key), wanted)?;
-    let items: Vec<_> = wanted.iter().map(|(s, q)| serde_json::json!({"sku": s, "quantity": q})).collect();
-    Ok(Reply::ok(serde_json::json!({"reservation_id": key, "items": items})))
+    let items: Vec<_> = wanted
+        .iter()
+        .map(|(s, q)| serde_json::json!({"sku": s, "quantity": q}))
+        .collect();
+    Ok(Reply::ok(
+        serde_json::json!({"reservation_id": key, "items": items}),
+    ))
 }
 
 fn release(
@@ -208,14 +238,23 @@ fn release(
     _data: &serde_json::Value,
 ) -> TxResult<Reply> {
     let Some(lines) = tx_get::<BTreeMap<String, u64>>(state, &reservation_key(forward))? else {
-        return Err(ConflictableTransactionError::Abort(format!("reservation {forward} missing")));
+        return Err(ConflictableTransactionError::Abort(format!(
+            "reservation {forward} missing"
+        )));
     };
     for (sku, qty) in &lines {
         let level: Level = tx_get(state, &stock_key(sku))?.unwrap_or_default();
         let reserved = level.reserved.checked_sub(*qty).ok_or_else(|| {
             ConflictableTransactionError::Abort(format!("{sku}: reserved {} < {qty}", level.reserved))
         })?;
-        tx_put(state, &stock_key(sku), &Level { available: level.available + qty, reserved })?;
+        tx_put(
+            state,
+            &stock_key(sku),
+            &Level {
+                available: level.available + qty,
+                reserved,
+            },
+        )?;
     }
     state.remove(reservation_key(forward).as_bytes())?;
     Ok(Reply::ok(serde_json::json!({"undone": true, "released": lines})))
@@ -292,7 +331,14 @@ mod tests {
     }
 
     fn cmd(saga: &str, kind: CommandKind, items: &[(&str, u32)]) -> Command {
-        let (step, action) = ("reserve-inventory", if kind == CommandKind::Forward { "reserve" } else { "release" });
+        let (step, action) = (
+            "reserve-inventory",
+            if kind == CommandKind::Forward {
+                "reserve"
+            } else {
+                "release"
+            },
+        );
         Command {
             saga_id: saga.into(),
             definition: "order@1".into(),
@@ -304,7 +350,13 @@ mod tests {
             payload: OrderPayload {
                 order_id: "o".into(),
                 customer_id: "c".into(),
-                items: items.iter().map(|(s, q)| Item { sku: (*s).into(), quantity: *q }).collect(),
+                items: items
+                    .iter()
+                    .map(|(s, q)| Item {
+                        sku: (*s).into(),
+                        quantity: *q,
+                    })
+                    .collect(),
                 amount_cents: 1,
                 currency: "EUR".into(),
             },
@@ -312,7 +364,12 @@ mod tests {
     }
 
     fn level(inv: &Inventory, sku: &str) -> (u64, u64) {
-        let l = inv.levels().expect("levels").get(sku).copied().unwrap_or_default();
+        let l = inv
+            .levels()
+            .expect("levels")
+            .get(sku)
+            .copied()
+            .unwrap_or_default();
         (l.available, l.reserved)
     }
 
@@ -320,10 +377,14 @@ mod tests {
     async fn reserve_is_all_or_nothing_and_release_restores() {
         let dir = tempfile::tempdir().expect("tmp");
         let inv = inventory(dir.path());
-        let r = inv.handle(cmd("s1", CommandKind::Forward, &[("A", 3), ("B", 2)])).await;
+        let r = inv
+            .handle(cmd("s1", CommandKind::Forward, &[("A", 3), ("B", 2)]))
+            .await;
         assert_eq!(r, Reply::rejected("insufficient_stock"));
         assert_eq!((level(&inv, "A"), level(&inv, "B")), ((10, 0), (1, 0)));
-        let r = inv.handle(cmd("s2", CommandKind::Forward, &[("A", 3), ("A", 2), ("B", 1)])).await;
+        let r = inv
+            .handle(cmd("s2", CommandKind::Forward, &[("A", 3), ("A", 2), ("B", 1)]))
+            .await;
         assert!(matches!(r, Reply::Ok { .. }), "{r:?}");
         assert_eq!((level(&inv, "A"), level(&inv, "B")), ((5, 5), (0, 1)));
         let r = inv.handle(cmd("s2", CommandKind::Compensate, &[])).await;

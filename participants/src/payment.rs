@@ -34,7 +34,11 @@ use crate::{
 
 /// Payment settings: defaults, environment, flags.
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "payment", version, about = "Payment participant: charges and refunds through a gateway")]
+#[command(
+    name = "payment",
+    version,
+    about = "Payment participant: charges and refunds through a gateway"
+)]
 pub struct PaymentConfig {
     /// NATS server URL.
     #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
@@ -185,7 +189,10 @@ impl Payment {
             config.breaker_failures,
             failsafe::backoff::constant(config.breaker_wait),
         );
-        let breaker = BreakerConfig::new().failure_policy(policy).instrument(BreakerLog).build();
+        let breaker = BreakerConfig::new()
+            .failure_policy(policy)
+            .instrument(BreakerLog)
+            .build();
         Ok(Payment {
             store: Store::new(db)?,
             config,
@@ -218,7 +225,8 @@ impl Payment {
     /// The simulated gateway: latency, then a transient failure with the configured probability.
     async fn gateway(&self) -> Result<String, GatewayDown> {
         tokio::time::sleep(self.config.gateway_latency).await;
-        let fail = self.config.gateway_failure_rate > 0.0 && rand::rng().random_bool(self.config.gateway_failure_rate);
+        let fail = self.config.gateway_failure_rate > 0.0
+            && rand::rng().random_bool(self.config.gateway_failure_rate);
         if fail {
             Err(GatewayDown)
         } else {
@@ -232,14 +240,16 @@ impl Payment {
             return Ok((stored, true));
         }
         let p = &cmd.payload;
-        let declined =
-            p.amount_cents > self.config.customer_limit_cents || self.config.declined_customers.contains(&p.customer_id);
+        let declined = p.amount_cents > self.config.customer_limit_cents
+            || self.config.declined_customers.contains(&p.customer_id);
         let charge_id = if declined {
             None
         } else {
             match self.breaker.call(self.gateway()).await {
                 Ok(id) => Some(id),
-                Err(failsafe::Error::Inner(GatewayDown)) => return Ok((Reply::error("gateway_unavailable"), false)),
+                Err(failsafe::Error::Inner(GatewayDown)) => {
+                    return Ok((Reply::error("gateway_unavailable"), false))
+                }
                 Err(failsafe::Error::Rejected) => return Ok((Reply::error("gateway_circuit_open"), false)),
             }
         };
@@ -256,7 +266,9 @@ impl Payment {
                         refunded: false,
                     };
                     tx_put(state, &ledger_key(key), &entry)?;
-                    Ok(Reply::ok(serde_json::json!({"charge_id": id, "amount_cents": p.amount_cents})))
+                    Ok(Reply::ok(
+                        serde_json::json!({"charge_id": id, "amount_cents": p.amount_cents}),
+                    ))
                 }
             })
             .await
@@ -270,16 +282,23 @@ impl Payment {
                     .apply_compensation(&cmd.idempotency_key, |state, forward, _| {
                         let key = ledger_key(forward);
                         let Some(mut charge) = tx_get::<Charge>(state, &key)? else {
-                            return Err(ConflictableTransactionError::Abort(format!("ledger entry {key} missing")));
+                            return Err(ConflictableTransactionError::Abort(format!(
+                                "ledger entry {key} missing"
+                            )));
                         };
                         charge.refunded = true;
                         tx_put(state, &key, &charge)?;
-                        Ok(Reply::ok(serde_json::json!({"undone": true, "refunded": charge.charge_id})))
+                        Ok(Reply::ok(
+                            serde_json::json!({"undone": true, "refunded": charge.charge_id}),
+                        ))
                     })
                     .await?
             }
             (kind, action) => {
-                return Ok(Reply::error(format!("`{action}` is not a {} action here", kind.as_str())));
+                return Ok(Reply::error(format!(
+                    "`{action}` is not a {} action here",
+                    kind.as_str()
+                )));
             }
         };
         if hit {
@@ -364,7 +383,14 @@ mod tests {
     }
 
     fn cmd(saga: &str, kind: CommandKind, amount: i64) -> Command {
-        let (step, action) = ("charge-payment", if kind == CommandKind::Forward { "charge" } else { "refund" });
+        let (step, action) = (
+            "charge-payment",
+            if kind == CommandKind::Forward {
+                "charge"
+            } else {
+                "refund"
+            },
+        );
         Command {
             saga_id: saga.into(),
             definition: "order@1".into(),
@@ -376,7 +402,10 @@ mod tests {
             payload: OrderPayload {
                 order_id: "o".into(),
                 customer_id: "c".into(),
-                items: vec![Item { sku: "A".into(), quantity: 1 }],
+                items: vec![Item {
+                    sku: "A".into(),
+                    quantity: 1,
+                }],
                 amount_cents: amount,
                 currency: "EUR".into(),
             },
@@ -420,15 +449,24 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let p = payment(dir.path(), Duration::ZERO, 1.0);
         for _ in 0..5 {
-            assert_eq!(p.handle(cmd("s1", CommandKind::Forward, 5)).await, Reply::error("gateway_unavailable"));
+            assert_eq!(
+                p.handle(cmd("s1", CommandKind::Forward, 5)).await,
+                Reply::error("gateway_unavailable")
+            );
         }
-        assert_eq!(p.handle(cmd("s1", CommandKind::Forward, 5)).await, Reply::error("gateway_circuit_open"));
+        assert_eq!(
+            p.handle(cmd("s1", CommandKind::Forward, 5)).await,
+            Reply::error("gateway_circuit_open")
+        );
         assert_eq!(p.stats()["breaker_open"], true);
         assert_eq!(figures(&p), (0, 0));
         drop(p);
         // Same data, healthy gateway: the retry succeeds because nothing was stored.
         let p = payment(dir.path(), Duration::ZERO, 0.0);
-        assert!(matches!(p.handle(cmd("s1", CommandKind::Forward, 5)).await, Reply::Ok { .. }));
+        assert!(matches!(
+            p.handle(cmd("s1", CommandKind::Forward, 5)).await,
+            Reply::Ok { .. }
+        ));
         assert_eq!(figures(&p), (5, 0));
     }
 

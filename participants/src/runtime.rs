@@ -50,7 +50,10 @@ pub fn decode(subject: &str, body: &[u8], actions: &[&str]) -> Result<Command, S
     let cmd: Command = serde_json::from_slice(body).map_err(|e| format!("malformed command: {e}"))?;
     let token = subject.rsplit('.').next().unwrap_or_default();
     if token != cmd.action {
-        return Err(format!("subject action `{token}` does not match command action `{}`", cmd.action));
+        return Err(format!(
+            "subject action `{token}` does not match command action `{}`",
+            cmd.action
+        ));
     }
     if !actions.contains(&cmd.action.as_str()) {
         return Err(format!("unknown action `{}`", cmd.action));
@@ -60,7 +63,10 @@ pub fn decode(subject: &str, body: &[u8], actions: &[&str]) -> Result<Command, S
     }
     let expected = wire::idempotency_key(&cmd.saga_id, &cmd.step, cmd.kind);
     if cmd.idempotency_key != expected {
-        return Err(format!("idempotency_key `{}` should be `{expected}`", cmd.idempotency_key));
+        return Err(format!(
+            "idempotency_key `{}` should be `{expected}`",
+            cmd.idempotency_key
+        ));
     }
     Ok(cmd)
 }
@@ -178,19 +184,43 @@ mod tests {
 
     #[test]
     fn a_good_command_decodes() {
-        let cmd = decode("saga.cmd.inventory.reserve", &body("reserve", "s/reserve-inventory/forward"), ACTIONS);
+        let cmd = decode(
+            "saga.cmd.inventory.reserve",
+            &body("reserve", "s/reserve-inventory/forward"),
+            ACTIONS,
+        );
         assert_eq!(cmd.map(|c| c.action), Ok("reserve".to_string()));
     }
 
     #[test]
     fn malformed_commands_are_refused_with_a_reason() {
         let cases: Vec<(&str, Vec<u8>, &str)> = vec![
-            ("saga.cmd.inventory.reserve", b"not json".to_vec(), "malformed command"),
+            (
+                "saga.cmd.inventory.reserve",
+                b"not json".to_vec(),
+                "malformed command",
+            ),
             ("saga.cmd.inventory.reserve", b"{}".to_vec(), "malformed command"),
-            ("saga.cmd.inventory.reserve", body("release", "s/reserve-inventory/forward"), "does not match"),
-            ("saga.cmd.inventory.explode", body("explode", "s/reserve-inventory/forward"), "unknown action"),
-            ("saga.cmd.inventory.reserve", body("reserve", ""), "idempotency_key is empty"),
-            ("saga.cmd.inventory.reserve", body("reserve", "other/key"), "should be"),
+            (
+                "saga.cmd.inventory.reserve",
+                body("release", "s/reserve-inventory/forward"),
+                "does not match",
+            ),
+            (
+                "saga.cmd.inventory.explode",
+                body("explode", "s/reserve-inventory/forward"),
+                "unknown action",
+            ),
+            (
+                "saga.cmd.inventory.reserve",
+                body("reserve", ""),
+                "idempotency_key is empty",
+            ),
+            (
+                "saga.cmd.inventory.reserve",
+                body("reserve", "other/key"),
+                "should be",
+            ),
         ];
         for (subject, b, why) in cases {
             match decode(subject, &b, ACTIONS) {
