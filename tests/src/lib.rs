@@ -153,13 +153,12 @@ fn spawn_nats(dir: &Path, port: Option<u16>) -> Result<(Child, u16)> {
 }
 
 fn read_port(dir: &Path) -> Option<u16> {
-    for entry in std::fs::read_dir(dir).ok()?.flatten() {
-        let text = std::fs::read_to_string(entry.path()).ok()?;
-        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-        let url = v.get("nats")?.as_array()?.first()?.as_str()?.to_string();
-        return url.rsplit(':').next()?.parse().ok();
-    }
-    None
+    // nats-server writes one `<name>_<pid>.ports` file once it listens.
+    let entry = std::fs::read_dir(dir).ok()?.flatten().next()?;
+    let text = std::fs::read_to_string(entry.path()).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let url = v.get("nats")?.as_array()?.first()?.as_str()?.to_string();
+    url.rsplit(':').next()?.parse().ok()
 }
 
 /// A coordinator running in this test process through `coordinator::run`.
