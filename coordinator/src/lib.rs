@@ -211,8 +211,11 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     tracker.close();
     tracker.wait().await;
     store.flush().await?;
-    if let Err(e) = nats.drain().await {
-        info!(error = %e, "nats drain");
+    // NATS may already be gone at shutdown: never wait on it for long.
+    match tokio::time::timeout(std::time::Duration::from_secs(2), nats.drain()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => info!(error = %e, "nats drain failed"),
+        Err(_) => info!("nats drain timed out"),
     }
     served?;
     runner_result?;

@@ -315,7 +315,7 @@ pub async fn run(config: InventoryConfig, shutdown: CancellationToken) -> anyhow
     info!(data_dir = %config.data_dir.display(), skus = inventory.levels()?.len(), "inventory opened");
     let client = crate::connect(&config.nats_url, "saga-inventory").await?;
     runtime::serve(client.clone(), inventory, shutdown).await?;
-    let _ = client.drain().await;
+    let _ = tokio::time::timeout(runtime::NATS_GRACE, client.drain()).await;
     Ok(())
 }
 

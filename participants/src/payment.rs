@@ -366,7 +366,7 @@ pub async fn run(config: PaymentConfig, shutdown: CancellationToken) -> anyhow::
     info!(totals = ?payment.totals()?, "payment ledger opened");
     let client = crate::connect(&nats_url, "saga-payment").await?;
     runtime::serve(client.clone(), payment, shutdown).await?;
-    let _ = client.drain().await;
+    let _ = tokio::time::timeout(runtime::NATS_GRACE, client.drain()).await;
     Ok(())
 }
 

@@ -15,6 +15,9 @@ use saga_proto::wire::{self, Command, Reply};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, info_span, warn, Instrument};
 
+/// Longest wait on NATS during shutdown (it may be down already).
+pub const NATS_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A boxed future returned by handlers.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -109,12 +112,13 @@ pub async fn serve(
             },
         }
     }
-    let _ = commands.unsubscribe().await;
-    let _ = stats.unsubscribe().await;
+    // NATS may already be gone at shutdown: never wait on it for long.
+    let _ = tokio::time::timeout(NATS_GRACE, commands.unsubscribe()).await;
+    let _ = tokio::time::timeout(NATS_GRACE, stats.unsubscribe()).await;
     tracker.close();
     tracker.wait().await;
     handler.flush().await;
-    let _ = client.flush().await;
+    let _ = tokio::time::timeout(NATS_GRACE, client.flush()).await;
     info!(participant = %name, "stopped");
     Ok(())
 }
