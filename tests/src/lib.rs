@@ -414,21 +414,24 @@ where
     Ok(())
 }
 
-/// Writes a definitions directory with the order saga using short timeouts
-/// and fast retries (`timeout`, `max_attempts`), for fault-injection tests.
+/// Writes a definitions directory with the order saga whose `charge-payment`
+/// step uses `charge_timeout` and `max_attempts` with fast retries, for
+/// fault-injection tests. `reserve-inventory` keeps a generous timeout so a
+/// loaded machine cannot turn it into a fault the test did not ask for.
 ///
 /// # Errors
 /// I/O.
-pub fn fast_definitions(dir: &Path, timeout: &str, max_attempts: u32) -> Result<PathBuf> {
+pub fn fast_definitions(dir: &Path, charge_timeout: &str, max_attempts: u32) -> Result<PathBuf> {
     let defs = dir.join("defs");
     std::fs::create_dir_all(&defs)?;
     std::fs::write(
         defs.join("order.yaml"),
         format!(
-            "name: order\nversion: 1\ndefaults:\n  timeout: {timeout}\n  retry: {{ max_attempts: {max_attempts}, \
+            "name: order\nversion: 1\ndefaults:\n  timeout: 5s\n  retry: {{ max_attempts: {max_attempts}, \
              initial_backoff: 20ms, max_backoff: 200ms, multiplier: 2.0, jitter: true }}\nsteps:\n  \
              - name: reserve-inventory\n    participant: inventory\n    action: reserve\n    compensation: release\n  \
-             - name: charge-payment\n    participant: payment\n    action: charge\n    compensation: refund\n"
+             - name: charge-payment\n    participant: payment\n    action: charge\n    compensation: refund\n    \
+             timeout: {charge_timeout}\n"
         ),
     )?;
     Ok(defs)
