@@ -4,7 +4,13 @@
 //!
 //! Untrusted input is checked here and only here; a request that fails a
 //! check changes nothing and gets `INVALID_ARGUMENT` naming the field.
-//! Reads go straight to the store; creations go through the runner.
+//! Reads go straight to the store; creations and operator actions go
+//! through the runner. Operator RPCs (`AbortSaga`, `RetrySaga`) need
+//! `authorization: Bearer <operator token>`: missing → `UNAUTHENTICATED`,
+//! wrong (or none configured) → `PERMISSION_DENIED`, checked before anything else.
+//!
+//! Limits: a request is at most [`MAX_REQUEST_BYTES`]; at most 100 items;
+//! ids, SKUs and reasons at most 128 characters without control characters.
 
 use std::{sync::Arc, time::Duration};
 
@@ -19,10 +25,13 @@ use uuid::Uuid;
 
 use crate::{
     definition::Definitions,
-    engine::{HistoryEntry, Saga, SagaState, StateTag, StepStatus},
-    runner::{CreateError, Created, NewSaga, RunnerHandle},
+    engine::{Event, HistoryEntry, Saga, SagaState, StateTag, StepStatus},
+    runner::{CreateError, Created, NewSaga, OperateError, Operated, RunnerHandle},
     store::{Store, StoreError},
 };
+
+/// Largest accepted gRPC request, in bytes.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
 /// gRPC metadata key that carries the caller's correlation id.
 pub const CORRELATION_METADATA: &str = "x-correlation-id";
@@ -37,15 +46,63 @@ pub struct SagaApi {
     store: Store,
     definitions: Arc<Definitions>,
     runner: RunnerHandle,
+    operator_token: Option<String>,
 }
 
 impl SagaApi {
-    /// A service reading `store`, creating through `runner`.
-    pub fn new(store: Store, definitions: Arc<Definitions>, runner: RunnerHandle) -> Self {
+    /// A service reading `store`, creating and operating through `runner`;
+    /// operator RPCs need `operator_token` (refused when `None`).
+    pub fn new(
+        store: Store,
+        definitions: Arc<Definitions>,
+        runner: RunnerHandle,
+        operator_token: Option<String>,
+    ) -> Self {
         SagaApi {
             store,
             definitions,
             runner,
+            operator_token,
+        }
+    }
+
+    /// Checks the caller's bearer token for an operator RPC.
+    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        use subtle::ConstantTimeEq;
+        let Some(expected) = &self.operator_token else {
+            return Err(Status::permission_denied(
+                "operator RPCs are disabled: start the coordinator with --operator-token",
+            ));
+        };
+        let header = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        let Some(given) = header.and_then(|h| h.strip_prefix("Bearer ")) else {
+            return Err(Status::unauthenticated(
+                "operator RPC: `authorization: Bearer <token>` metadata required",
+            ));
+        };
+        if bool::from(given.trim().as_bytes().ct_eq(expected.as_bytes())) {
+            Ok(())
+        } else {
+            Err(Status::permission_denied("operator RPC: invalid token"))
+        }
+    }
+
+    async fn operate(&self, saga_id: Uuid, event: Event, verb: &str) -> Result<pb::OperatorResponse, Status> {
+        match self.runner.operate(saga_id, event).await {
+            Ok(Operated::Changed(state)) => Ok(pb::OperatorResponse {
+                saga_id: saga_id.to_string(),
+                state: state_to_pb(state) as i32,
+            }),
+            Ok(Operated::Unchanged(state)) => Err(Status::failed_precondition(format!(
+                "saga {saga_id} is {}: nothing to {verb}",
+                state.as_str()
+            ))),
+            Err(OperateError::NotFound(id)) => Err(Status::not_found(format!("saga {id} not found"))),
+            Err(OperateError::Store(e)) => Err(store_status(e)),
+            Err(e @ OperateError::Stopped) => Err(Status::unavailable(e.to_string())),
         }
     }
 }
@@ -374,6 +431,36 @@ impl SagaService for SagaApi {
             sagas,
             next_page_token: page.next.map(|u| u.to_string()).unwrap_or_default(),
         }))
+    }
+
+    async fn abort_saga(
+        &self,
+        request: Request<pb::AbortSagaRequest>,
+    ) -> Result<Response<pb::OperatorResponse>, Status> {
+        self.authorize(&request)?;
+        let req = request.into_inner();
+        let id = parse_saga_id("saga_id", &req.saga_id)?;
+        let reason = match text("reason", &req.reason, false)? {
+            r if r.is_empty() => "operator abort".to_string(),
+            r => r,
+        };
+        tracing::warn!(saga_id = %id, reason, "operator abort");
+        Ok(Response::new(
+            self.operate(id, Event::Abort { reason }, "abort").await?,
+        ))
+    }
+
+    async fn retry_saga(
+        &self,
+        request: Request<pb::RetrySagaRequest>,
+    ) -> Result<Response<pb::OperatorResponse>, Status> {
+        self.authorize(&request)?;
+        let id = parse_saga_id("saga_id", &request.into_inner().saga_id)?;
+        tracing::warn!(saga_id = %id, "operator retry");
+        Ok(Response::new(
+            self.operate(id, Event::Retry, "retry (only FAILED sagas are retried)")
+                .await?,
+        ))
     }
 
     async fn list_definitions(

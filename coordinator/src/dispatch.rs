@@ -7,14 +7,27 @@
 //! it to the saga runner. Retrying is the engine's decision, recorded before
 //! the next attempt leaves; this module never retries on its own and never
 //! touches the store. Callers hand it only commands whose state is flushed.
+//!
+//! Every participant sits behind its own failsafe circuit breaker: after
+//! `failures` consecutive failures (no responders, timeouts, `error` or
+//! unreadable replies) it opens for `wait`; a command meant for an open
+//! breaker waits out the rest of that `wait` before it is sent (so sagas do
+//! not burn their attempts hammering a dead service), and one still refused
+//! fails fast as a transient "circuit open" outcome. Each change is logged.
 
-use std::time::Duration;
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use failsafe::futures::CircuitBreaker as _;
 
 use async_nats::{header::HeaderMap, RequestErrorKind};
 use saga_proto::wire::{self, Reply};
 use tokio::sync::mpsc;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::{debug, info_span, warn, Instrument};
+use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::{
     engine::{Event, Outcome},
@@ -35,6 +48,86 @@ pub enum CallError {
     /// An answer that is not a valid reply envelope.
     #[error("malformed reply: {0}")]
     Malformed(String),
+    /// The participant answered `error`: it recorded nothing.
+    #[error("error: {0}")]
+    ErrorReply(String),
+}
+
+/// Circuit-breaker settings, the same for every participant.
+#[derive(Debug, Clone, Copy)]
+pub struct BreakerSettings {
+    /// Consecutive failures that open a breaker.
+    pub failures: u32,
+    /// How long an open breaker refuses calls.
+    pub wait: Duration,
+}
+
+/// Logs a participant breaker's changes and remembers when it opened.
+#[derive(Debug, Clone)]
+struct BreakerWatch {
+    participant: String,
+    opened_at: Arc<Mutex<Option<Instant>>>,
+}
+
+impl failsafe::Instrument for BreakerWatch {
+    fn on_call_rejected(&self) {}
+    fn on_open(&self) {
+        warn!(participant = %self.participant, "circuit breaker open: commands wait before being sent");
+        if let Ok(mut t) = self.opened_at.lock() {
+            *t = Some(Instant::now());
+        }
+    }
+    fn on_half_open(&self) {
+        info!(participant = %self.participant, "circuit breaker half-open: probing");
+    }
+    fn on_closed(&self) {
+        info!(participant = %self.participant, "circuit breaker closed");
+        if let Ok(mut t) = self.opened_at.lock() {
+            *t = None;
+        }
+    }
+}
+
+type BreakerMachine = failsafe::StateMachine<
+    failsafe::failure_policy::ConsecutiveFailures<failsafe::backoff::Constant>,
+    BreakerWatch,
+>;
+
+#[derive(Clone)]
+struct Breaker {
+    machine: BreakerMachine,
+    watch: BreakerWatch,
+    wait: Duration,
+}
+
+impl Breaker {
+    fn new(participant: &str, settings: BreakerSettings) -> Self {
+        let watch = BreakerWatch {
+            participant: participant.to_string(),
+            opened_at: Arc::default(),
+        };
+        let policy = failsafe::failure_policy::consecutive_failures(
+            settings.failures,
+            failsafe::backoff::constant(settings.wait),
+        );
+        let machine = failsafe::Config::new()
+            .failure_policy(policy)
+            .instrument(watch.clone())
+            .build();
+        Breaker {
+            machine,
+            watch,
+            wait: settings.wait,
+        }
+    }
+
+    /// How long the breaker stays open from now (zero when closed).
+    fn remaining_open(&self) -> Duration {
+        match self.watch.opened_at.lock().ok().and_then(|t| *t) {
+            Some(opened) => self.wait.saturating_sub(opened.elapsed()),
+            None => Duration::ZERO,
+        }
+    }
 }
 
 /// An outcome for the saga runner.
@@ -50,6 +143,8 @@ pub struct Reported {
 #[derive(Clone)]
 pub struct Dispatcher {
     client: async_nats::Client,
+    breakers: Arc<Mutex<HashMap<String, Breaker>>>,
+    breaker_settings: BreakerSettings,
     outcomes: mpsc::UnboundedSender<Reported>,
     tracker: TaskTracker,
     cancel: CancellationToken,
@@ -61,12 +156,15 @@ impl Dispatcher {
     /// commands stay in the outbox and are re-sent on the next start.
     pub fn new(
         client: async_nats::Client,
+        breaker_settings: BreakerSettings,
         outcomes: mpsc::UnboundedSender<Reported>,
         tracker: TaskTracker,
         cancel: CancellationToken,
     ) -> Self {
         Dispatcher {
             client,
+            breakers: Arc::default(),
+            breaker_settings,
             outcomes,
             tracker,
             cancel,
@@ -87,20 +185,28 @@ impl Dispatcher {
         let this = self.clone();
         self.tracker.spawn(
             async move {
-                let delay = entry.retry.delay_before(entry.message.attempt);
+                let breaker = this.breaker(participant_of(&entry.subject));
                 let outcome = tokio::select! {
                     _ = this.cancel.cancelled() => return,
                     outcome = async {
+                        // Back off as the step's policy says, and at least until an open breaker may close.
+                        let delay = entry.retry.delay_before(entry.message.attempt).max(breaker.remaining_open());
                         tokio::time::sleep(delay).await;
-                        this.call(&entry).await
+                        breaker.machine.call(this.call(&entry)).await
                     } => outcome,
                 };
                 let outcome = match outcome {
                     Ok(Reply::Ok { data }) => Outcome::Ok(data),
                     Ok(Reply::Rejected { reason }) => Outcome::Rejected(reason),
+                    // `call` turns error replies into `CallError::ErrorReply`.
                     Ok(Reply::Error { reason }) => Outcome::NotApplied(format!("error: {reason}")),
-                    Err(e @ CallError::Unavailable(_)) => Outcome::NotApplied(e.to_string()),
-                    Err(e @ (CallError::OutcomeUnknown(_) | CallError::Malformed(_))) => {
+                    Err(failsafe::Error::Rejected) => {
+                        Outcome::NotApplied(format!("circuit open for {}", participant_of(&entry.subject)))
+                    }
+                    Err(failsafe::Error::Inner(e @ (CallError::Unavailable(_) | CallError::ErrorReply(_)))) => {
+                        Outcome::NotApplied(e.to_string())
+                    }
+                    Err(failsafe::Error::Inner(e @ (CallError::OutcomeUnknown(_) | CallError::Malformed(_)))) => {
                         Outcome::Transient(e.to_string())
                     }
                 };
@@ -121,7 +227,30 @@ impl Dispatcher {
         );
     }
 
-    /// One request-reply round trip.
+    /// The breaker of `participant`, created on first use.
+    fn breaker(&self, participant: &str) -> Breaker {
+        let mut map = match self.breakers.lock() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        map.entry(participant.to_string())
+            .or_insert_with(|| Breaker::new(participant, self.breaker_settings))
+            .clone()
+    }
+
+    /// Participants whose breaker is open now.
+    pub fn open_breakers(&self) -> Vec<String> {
+        let map = match self.breakers.lock() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        map.iter()
+            .filter(|(_, b)| !b.machine.is_call_permitted())
+            .map(|(p, _)| p.clone())
+            .collect()
+    }
+
+    /// One request-reply round trip; an `error` reply is a failure for the breaker.
     async fn call(&self, entry: &OutboxEntry) -> Result<Reply, CallError> {
         let body = serde_json::to_vec(&entry.message).map_err(|e| CallError::Malformed(e.to_string()))?;
         let timeout = Duration::from_millis(entry.timeout_ms);
@@ -141,11 +270,21 @@ impl Dispatcher {
                 })
             }
         };
-        serde_json::from_slice::<Reply>(&msg.payload).map_err(|e| {
-            warn!(error = %e, body = %String::from_utf8_lossy(&msg.payload), "malformed reply from participant");
-            CallError::Malformed(e.to_string())
-        })
+        match serde_json::from_slice::<Reply>(&msg.payload) {
+            Ok(Reply::Error { reason }) => Err(CallError::ErrorReply(reason)),
+            Ok(reply) => Ok(reply),
+            Err(e) => {
+                let body: String = String::from_utf8_lossy(&msg.payload).chars().take(200).collect();
+                warn!(error = %e, body, "malformed reply from participant; treated as transient");
+                Err(CallError::Malformed(e.to_string()))
+            }
+        }
     }
+}
+
+/// `saga.cmd.<participant>.<action>` → `<participant>`.
+fn participant_of(subject: &str) -> &str {
+    subject.split('.').nth(2).unwrap_or(subject)
 }
 
 /// `X-Correlation-ID` and a W3C `traceparent` whose trace id is the saga id,

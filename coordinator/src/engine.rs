@@ -112,6 +112,14 @@ impl StateTag {
         StateTag::ALL.into_iter().find(|t| *t as u8 == b)
     }
 
+    /// Whether sagas in this state are terminal.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            StateTag::Completed | StateTag::Compensated | StateTag::Failed
+        )
+    }
+
     /// Upper-case name as shown to operators.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -234,6 +242,16 @@ pub enum Event {
         /// What came back.
         outcome: Outcome,
     },
+    /// Operator: stop a running saga and compensate what it did (RUNNING →
+    /// COMPENSATING; PENDING → COMPENSATED). The step in flight counts as
+    /// unknown and is compensated too.
+    Abort {
+        /// Why, for the history and the saga's reason.
+        reason: String,
+    },
+    /// Operator: resume the compensation of a FAILED saga, from the step
+    /// that failed, with fresh attempts (FAILED → COMPENSATING).
+    Retry,
 }
 
 /// A command's outcome as the engine sees it.
@@ -277,7 +295,8 @@ pub struct HistoryEntry {
     pub at_ms: u64,
     /// What happened: `created`, `started`, `step_succeeded`, `step_retry`,
     /// `step_rejected`, `step_unknown`, `step_failed`, `compensating`, `compensation_succeeded`,
-    /// `compensation_retry`, `compensation_failed`, `completed`, `compensated`, `failed`.
+    /// `compensation_retry`, `compensation_failed`, `completed`, `compensated`, `failed`,
+    /// `aborted`, `retried`.
     pub kind: String,
     /// Step name, when the entry is about a step.
     pub step: Option<String>,
@@ -432,6 +451,48 @@ pub fn transition(saga: &Saga, event: &Event, now_ms: u64) -> Result<Option<Tran
         (SagaState::Completed | SagaState::Compensated | SagaState::Failed { .. }, Event::Reply { .. }) => {
             Ok(None)
         }
+        (SagaState::Pending, Event::Abort { reason }) => {
+            s.reason = Some(format!("aborted: {reason}"));
+            b.log(&mut s, "aborted", None, None, Some(reason.clone()));
+            b.compensate_from(&mut s, None);
+            Ok(Some(b.finish(s, None)))
+        }
+        (SagaState::Running { step }, Event::Abort { reason }) => {
+            // The forward command in flight may or may not have been applied.
+            let p = &mut s.steps[step];
+            p.status = StepStatus::Unknown;
+            p.finished_at_ms = Some(now_ms);
+            p.last_outcome = Some("aborted while in flight".into());
+            s.reason = Some(format!("aborted: {reason}"));
+            b.log(&mut s, "aborted", Some(step), None, Some(reason.clone()));
+            b.begin_compensation(&mut s, Some(step));
+            Ok(Some(b.finish(s, Some((step, CommandKind::Forward)))))
+        }
+        (
+            SagaState::Compensating { .. }
+            | SagaState::Completed
+            | SagaState::Compensated
+            | SagaState::Failed { .. },
+            Event::Abort { .. },
+        ) => Ok(None),
+        (SagaState::Failed { step }, Event::Retry) => {
+            s.state = SagaState::Compensating { step };
+            let p = &mut s.steps[step];
+            p.status = StepStatus::Compensating;
+            p.compensation_attempts = 1;
+            p.finished_at_ms = None;
+            b.log(&mut s, "retried", Some(step), None, None);
+            b.send(&s, step, CommandKind::Compensate, 1);
+            Ok(Some(b.finish(s, None)))
+        }
+        (
+            SagaState::Pending
+            | SagaState::Running { .. }
+            | SagaState::Compensating { .. }
+            | SagaState::Completed
+            | SagaState::Compensated,
+            Event::Retry,
+        ) => Ok(None),
     }
 }
 
@@ -1067,6 +1128,87 @@ mod tests {
             reply(0, CommandKind::Compensate, 1, Outcome::Rejected("unknown".into())),
         );
         assert_eq!(t.saga.state, SagaState::Failed { step: 0 });
+    }
+
+    #[test]
+    fn abort_compensates_the_step_in_flight_and_the_ones_before() {
+        let s = charging();
+        let t = apply(
+            &s,
+            Event::Abort {
+                reason: "customer called".into(),
+            },
+        );
+        assert_eq!(t.saga.state, SagaState::Compensating { step: 1 });
+        assert_eq!(
+            t.settled,
+            Some((1, CommandKind::Forward)),
+            "the forward command leaves the outbox"
+        );
+        assert_eq!(
+            sent(&t),
+            [("saga.cmd.payment.refund".into(), CommandKind::Compensate, 1)]
+        );
+        assert_eq!(t.saga.reason.as_deref(), Some("aborted: customer called"));
+        // The forward reply that arrives afterwards changes nothing.
+        assert_eq!(
+            transition(&t.saga, &reply(1, CommandKind::Forward, 1, ok()), 9),
+            Ok(None)
+        );
+        let t = apply(&t.saga, reply(1, CommandKind::Compensate, 1, ok()));
+        let t = apply(&t.saga, reply(0, CommandKind::Compensate, 1, ok()));
+        assert_eq!(t.saga.state, SagaState::Compensated);
+        // Nothing to abort any more.
+        assert_eq!(
+            transition(
+                &t.saga,
+                &Event::Abort {
+                    reason: "again".into()
+                },
+                10
+            ),
+            Ok(None)
+        );
+    }
+
+    #[test]
+    fn abort_of_a_pending_saga_compensates_nothing() {
+        let t = apply(&new_saga(order_def()), Event::Abort { reason: "r".into() });
+        assert_eq!(t.saga.state, SagaState::Compensated);
+        assert!(t.commands.is_empty());
+    }
+
+    #[test]
+    fn retry_resumes_a_failed_compensation_with_fresh_attempts() {
+        let t = apply(
+            &charging(),
+            reply(
+                1,
+                CommandKind::Forward,
+                1,
+                Outcome::Rejected("card_declined".into()),
+            ),
+        );
+        let t = apply(
+            &t.saga,
+            reply(0, CommandKind::Compensate, 1, Outcome::Rejected("later".into())),
+        );
+        assert_eq!(t.saga.state, SagaState::Failed { step: 0 });
+        let t = apply(&t.saga, Event::Retry);
+        assert_eq!(t.saga.state, SagaState::Compensating { step: 0 });
+        assert_eq!(
+            sent(&t),
+            [("saga.cmd.inventory.release".into(), CommandKind::Compensate, 1)]
+        );
+        assert_eq!(kinds(&t), ["retried"]);
+        let t = apply(&t.saga, reply(0, CommandKind::Compensate, 1, ok()));
+        assert_eq!(t.saga.state, SagaState::Compensated);
+        assert_eq!(
+            transition(&t.saga, &Event::Retry, 10),
+            Ok(None),
+            "only a FAILED saga is retried"
+        );
+        assert_eq!(transition(&charging(), &Event::Retry, 10), Ok(None));
     }
 
     #[test]

@@ -22,13 +22,13 @@ pub mod engine;
 pub mod runner;
 pub mod store;
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use saga_proto::pb::saga_service_server::SagaServiceServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{api::SagaApi, definition::Definitions, dispatch::Dispatcher, store::Store};
 
@@ -64,6 +64,16 @@ pub struct Config {
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "pretty")]
     pub log_format: LogFormat,
+    /// Bearer token that `RetrySaga` and `AbortSaga` require; the operator
+    /// RPCs are refused when none is set. Never logged.
+    #[arg(long, env = "SAGA_OPERATOR_TOKEN", hide_env_values = true)]
+    pub operator_token: Option<String>,
+    /// Consecutive failures that open a participant's circuit breaker.
+    #[arg(long, env = "COORDINATOR_BREAKER_FAILURES", default_value_t = 5)]
+    pub breaker_failures: u32,
+    /// How long an open breaker holds commands back.
+    #[arg(long, env = "COORDINATOR_BREAKER_WAIT", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub breaker_wait: Duration,
 }
 
 impl Config {
@@ -75,6 +85,9 @@ impl Config {
             data_dir,
             definitions_dir,
             log_format: LogFormat::Pretty,
+            operator_token: None,
+            breaker_failures: 5,
+            breaker_wait: Duration::from_secs(1),
         }
     }
 
@@ -96,6 +109,16 @@ impl Config {
                 "nats_url `{}` is not a NATS URL",
                 self.nats_url
             )));
+        }
+        if self.breaker_failures == 0 {
+            return Err(RunError::Config("breaker_failures must be at least 1".into()));
+        }
+        if let Some(t) = &self.operator_token {
+            if t.len() < 16 || t.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(RunError::Config(
+                    "operator_token must be at least 16 characters without whitespace".into(),
+                ));
+            }
         }
         Ok(())
     }
@@ -128,6 +151,9 @@ pub enum RunError {
 /// gracefully: health NOT_SERVING, no new requests, in-flight transitions
 /// committed, sled flushed, NATS drained.
 ///
+/// The gRPC server (reads, health) is up before NATS is reached; health says
+/// NOT_SERVING until the first connection, and again whenever NATS is lost.
+///
 /// # Errors
 /// [`RunError`]: bad config or definitions (nothing started), store or
 /// server failures.
@@ -145,31 +171,9 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
             info!(state = state.as_str(), sagas = n, "store opened");
         }
     }
-    let nats = async_nats::ConnectOptions::new()
-        .name("saga-coordinator")
-        .retry_on_initial_connect()
-        .connect(config.nats_url.as_str())
-        .await
-        .map_err(|e| RunError::Nats(e.to_string()))?;
-
-    let tracker = TaskTracker::new();
-    let stop_work = shutdown.child_token();
-    let (handle, outcomes, inputs) = runner::channel();
-    let dispatcher = Dispatcher::new(nats.clone(), outcomes, tracker.clone(), stop_work.clone());
-    let runner_task = {
-        let (store, stop, shutdown) = (store.clone(), stop_work.clone(), shutdown.clone());
-        tokio::spawn(async move {
-            let result = runner::run(store, dispatcher, inputs, stop).await;
-            if let Err(e) = &result {
-                tracing::error!(error = %e, "saga runner failed; shutting down");
-                shutdown.cancel();
-            }
-            result
-        })
-    };
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<SagaServiceServer<SagaApi>>().await;
+    set_ready(&health, false).await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(saga_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -178,29 +182,66 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         .register_encoded_file_descriptor_set(saga_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    let api = SagaApi::new(store.clone(), definitions, handle);
+    let (handle, outcomes, inputs) = runner::channel();
+    let api = SagaApi::new(store.clone(), definitions, handle, config.operator_token.clone());
     let addr = listener
         .local_addr()
         .map_err(|e| RunError::Config(e.to_string()))?;
-    info!(%addr, nats = %config.nats_url, data_dir = %config.data_dir.display(), "coordinator serving");
-
     let grpc_shutdown = {
         let shutdown = shutdown.clone();
         let health = health.clone();
         async move {
             shutdown.cancelled().await;
-            health.set_not_serving::<SagaServiceServer<SagaApi>>().await;
+            set_ready(&health, false).await;
             info!("shutting down: no new requests");
         }
     };
-    let served = tonic::transport::Server::builder()
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(SagaServiceServer::new(api))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), grpc_shutdown)
-        .await;
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(SagaServiceServer::new(api).max_decoding_message_size(api::MAX_REQUEST_BYTES))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), grpc_shutdown),
+    );
+    info!(%addr, nats = %config.nats_url, data_dir = %config.data_dir.display(), "coordinator serving gRPC");
 
+    let nats = tokio::select! {
+        nats = connect_nats(&config.nats_url, health.clone()) => nats?,
+        _ = shutdown.cancelled() => {
+            join_server(server).await?;
+            return Ok(());
+        }
+    };
+    set_ready(&health, true).await;
+
+    let tracker = TaskTracker::new();
+    let stop_work = shutdown.child_token();
+    let breakers = dispatch::BreakerSettings {
+        failures: config.breaker_failures,
+        wait: config.breaker_wait,
+    };
+    let dispatcher = Dispatcher::new(
+        nats.clone(),
+        breakers,
+        outcomes,
+        tracker.clone(),
+        stop_work.clone(),
+    );
+    let runner_task = {
+        let (store, stop, shutdown, nats) =
+            (store.clone(), stop_work.clone(), shutdown.clone(), nats.clone());
+        tokio::spawn(async move {
+            let result = runner::run(store, dispatcher, nats, inputs, stop).await;
+            if let Err(e) = &result {
+                tracing::error!(error = %e, "saga runner failed; shutting down");
+                shutdown.cancel();
+            }
+            result
+        })
+    };
+
+    let served = join_server(server).await;
     // Stop the runner (it flushes what it committed) and abandon in-flight
     // calls: their commands stay in the outbox for the next start.
     stop_work.cancel();
@@ -212,7 +253,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     tracker.wait().await;
     store.flush().await?;
     // NATS may already be gone at shutdown: never wait on it for long.
-    match tokio::time::timeout(std::time::Duration::from_secs(2), nats.drain()).await {
+    match tokio::time::timeout(Duration::from_secs(2), nats.drain()).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => info!(error = %e, "nats drain failed"),
         Err(_) => info!("nats drain timed out"),
@@ -221,6 +262,79 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     runner_result?;
     info!("coordinator stopped");
     Ok(())
+}
+
+async fn join_server(
+    server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+) -> Result<(), RunError> {
+    match server.await {
+        Ok(r) => Ok(r?),
+        Err(e) => Err(RunError::Config(format!("gRPC server task failed: {e}"))),
+    }
+}
+
+/// Readiness, as gRPC health reports it: the overall service ("") and
+/// `saga.v1.SagaService` are SERVING only while NATS is connected.
+async fn set_ready(health: &tonic_health::server::HealthReporter, ready: bool) {
+    let status = if ready {
+        tonic_health::ServingStatus::Serving
+    } else {
+        tonic_health::ServingStatus::NotServing
+    };
+    health.set_service_status("", status).await;
+    health
+        .set_service_status(
+            <SagaServiceServer<SagaApi> as tonic::server::NamedService>::NAME,
+            status,
+        )
+        .await;
+}
+
+/// Connects to NATS, retrying the first connection with exponential backoff
+/// and jitter (`backon`) until it succeeds; afterwards async-nats reconnects
+/// by itself and every (dis)connection flips readiness.
+async fn connect_nats(
+    url: &str,
+    health: tonic_health::server::HealthReporter,
+) -> Result<async_nats::Client, RunError> {
+    use backon::Retryable;
+    let attempt = || {
+        let health = health.clone();
+        async move {
+            async_nats::ConnectOptions::new()
+                .name("saga-coordinator")
+                .max_reconnects(None)
+                .event_callback(move |event| {
+                    let health = health.clone();
+                    async move {
+                        match event {
+                            async_nats::Event::Connected => {
+                                info!("nats connected: ready");
+                                set_ready(&health, true).await;
+                            }
+                            async_nats::Event::Disconnected => {
+                                warn!("nats disconnected: not ready");
+                                set_ready(&health, false).await;
+                            }
+                            other => info!(event = %other, "nats event"),
+                        }
+                    }
+                })
+                .connect(url)
+                .await
+        }
+    };
+    let backoff = backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times();
+    attempt
+        .retry(backoff)
+        .when(|e| e.kind() != async_nats::ConnectErrorKind::ServerParse)
+        .notify(|e, delay| warn!(error = %e, retry_in = ?delay, "cannot reach NATS; retrying"))
+        .await
+        .map_err(|e| RunError::Nats(e.to_string()))
 }
 
 /// Sets up the global tracing subscriber (only `main` calls this).

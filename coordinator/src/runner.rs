@@ -13,11 +13,16 @@
 //! outbox commands are re-sent with their original idempotency keys.
 //! In-flight sagas live in memory (a map, removed when terminal); terminal
 //! ones are only in the store.
+//!
+//! Operator events (`AbortSaga`, `RetrySaga`) go through the same path. A
+//! saga entering FAILED gets a dead-letter record in the same transaction;
+//! after the flush it is published on `saga.dlq` (and again after a restart
+//! if the publication was not confirmed).
 
 use std::{
-    collections::HashMap,
-    sync::Arc,
-    time::{SystemTime, UNIX_EPOCH},
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use saga_proto::wire::OrderPayload;
@@ -35,6 +40,8 @@ use crate::{
 
 /// Most events applied under one flush.
 const BATCH: usize = 512;
+/// Subject of dead-letter records.
+pub const DLQ_SUBJECT: &str = "saga.dlq";
 
 /// A saga to create.
 #[derive(Debug, Clone)]
@@ -89,9 +96,41 @@ pub enum CreateError {
 }
 
 type CreateReply = oneshot::Sender<Result<Created, CreateError>>;
+type OperateReply = oneshot::Sender<Result<Operated, OperateError>>;
 
 enum Request {
-    Create { new: NewSaga, reply: CreateReply },
+    Create {
+        new: NewSaga,
+        reply: CreateReply,
+    },
+    Operate {
+        saga_id: Uuid,
+        event: Event,
+        reply: OperateReply,
+    },
+}
+
+/// What an operator event did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operated {
+    /// The saga moved; its state now.
+    Changed(StateTag),
+    /// The event does not apply in the saga's state (e.g. abort of a completed saga).
+    Unchanged(StateTag),
+}
+
+/// Why an operator event could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum OperateError {
+    /// No such saga.
+    #[error("saga {0} not found")]
+    NotFound(Uuid),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The runner stopped.
+    #[error("the coordinator is shutting down")]
+    Stopped,
 }
 
 /// Handle to the runner; cheap to clone.
@@ -112,6 +151,24 @@ impl RunnerHandle {
             .await
             .map_err(|_| CreateError::Stopped)?;
         rx.await.map_err(|_| CreateError::Stopped)?
+    }
+
+    /// Applies an operator event (`Abort`, `Retry`) to a saga; returns once
+    /// the resulting state is durable.
+    ///
+    /// # Errors
+    /// [`OperateError`].
+    pub async fn operate(&self, saga_id: Uuid, event: Event) -> Result<Operated, OperateError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Operate {
+                saga_id,
+                event,
+                reply,
+            })
+            .await
+            .map_err(|_| OperateError::Stopped)?;
+        rx.await.map_err(|_| OperateError::Stopped)?
     }
 }
 
@@ -138,11 +195,16 @@ fn now_ms() -> u64 {
 struct Runner {
     store: Store,
     dispatcher: Dispatcher,
+    nats: async_nats::Client,
     active: HashMap<String, Saga>,
+    dlq_inflight: Arc<Mutex<HashSet<Vec<u8>>>>,
     // Per batch:
     to_send: Vec<OutboxEntry>,
     acks: Vec<(CreateReply, Result<Created, CreateError>)>,
+    operated: Vec<(OperateReply, Result<Operated, OperateError>)>,
     batch_keys: HashMap<String, String>,
+    dirty: bool,
+    new_dead_letters: bool,
 }
 
 /// Runs the saga runner until `shutdown` fires.
@@ -153,16 +215,22 @@ struct Runner {
 pub async fn run(
     store: Store,
     dispatcher: Dispatcher,
+    nats: async_nats::Client,
     mut inputs: RunnerInputs,
     shutdown: CancellationToken,
 ) -> Result<(), StoreError> {
     let mut r = Runner {
         store,
         dispatcher,
+        nats,
         active: HashMap::new(),
+        dlq_inflight: Arc::new(Mutex::new(HashSet::new())),
         to_send: Vec::new(),
         acks: Vec::new(),
+        operated: Vec::new(),
         batch_keys: HashMap::new(),
+        dirty: false,
+        new_dead_letters: true, // publish what a previous run left unconfirmed
     };
     r.recover().await?;
     let mut requests = Vec::with_capacity(BATCH);
@@ -191,9 +259,21 @@ pub async fn run(
         for Reported { saga_id, event } in outcomes.drain(..) {
             r.apply(&saga_id, &event, now)?;
         }
-        for Request::Create { new, reply } in requests.drain(..) {
-            let result = r.create(new, now);
-            r.acks.push((reply, result));
+        for request in requests.drain(..) {
+            match request {
+                Request::Create { new, reply } => {
+                    let result = r.create(new, now);
+                    r.acks.push((reply, result));
+                }
+                Request::Operate {
+                    saga_id,
+                    event,
+                    reply,
+                } => {
+                    let result = r.operate(saga_id, &event, now);
+                    r.operated.push((reply, result));
+                }
+            }
         }
         r.commit().await?;
     }
@@ -271,6 +351,7 @@ impl Runner {
             now,
         );
         self.store.write(&created, None)?;
+        self.dirty = true;
         info!(saga_id = %id, correlation_id = %created.saga.correlation_id, order_id = %order_id,
               definition = %created.saga.definition.id(), "saga created");
         if let Some(key) = new.idempotency_key {
@@ -284,25 +365,57 @@ impl Runner {
         })
     }
 
-    /// Applies one event to an active saga and writes the transition (unflushed).
-    fn apply(&mut self, saga_id: &str, event: &Event, now: u64) -> Result<(), StoreError> {
+    /// An operator event: the saga may be terminal (FAILED), so it is loaded
+    /// from the store when it is not in memory.
+    fn operate(&mut self, id: Uuid, event: &Event, now: u64) -> Result<Operated, OperateError> {
+        let key = id.to_string();
+        if !self.active.contains_key(&key) {
+            let saga = self.store.get(&id)?.ok_or(OperateError::NotFound(id))?;
+            self.active.insert(key.clone(), saga);
+        }
+        match self.apply(&key, event, now)? {
+            Some(tag) => Ok(Operated::Changed(tag)),
+            None => {
+                let tag = self
+                    .active
+                    .get(&key)
+                    .map(|s| s.state.tag())
+                    .unwrap_or(StateTag::Failed);
+                if tag.is_terminal() {
+                    self.active.remove(&key);
+                }
+                Ok(Operated::Unchanged(tag))
+            }
+        }
+    }
+
+    /// Applies one event to an active saga and writes the transition
+    /// (unflushed); returns the new state when the saga changed.
+    fn apply(&mut self, saga_id: &str, event: &Event, now: u64) -> Result<Option<StateTag>, StoreError> {
         let Some(saga) = self.active.get(saga_id) else {
             debug!(saga_id, ?event, "event for a saga that is not active; ignored");
-            return Ok(());
+            return Ok(None);
         };
         let previous = saga.state.tag();
         let t = match engine::transition(saga, event, now) {
             Ok(Some(t)) => t,
             Ok(None) => {
                 debug!(saga_id, correlation_id = %saga.correlation_id, ?event, "late or duplicate event; no-op");
-                return Ok(());
+                return Ok(None);
             }
             Err(e) => {
                 error!(saga_id, correlation_id = %saga.correlation_id, error = %e, "impossible transition");
-                return Ok(());
+                return Ok(None);
             }
         };
         self.store.write(&t, Some(previous))?;
+        self.dirty = true;
+        let tag = t.saga.state.tag();
+        if tag == StateTag::Failed && previous != StateTag::Failed {
+            self.new_dead_letters = true;
+            warn!(saga_id, correlation_id = %t.saga.correlation_id,
+                  reason = t.saga.reason.as_deref().unwrap_or(""), "saga FAILED: dead letter written");
+        }
         self.log(&t);
         let Transition { saga, commands, .. } = t;
         self.to_send
@@ -312,7 +425,7 @@ impl Runner {
         } else {
             self.active.insert(saga_id.to_string(), saga);
         }
-        Ok(())
+        Ok(Some(tag))
     }
 
     fn log(&self, t: &Transition) {
@@ -327,18 +440,66 @@ impl Runner {
     /// Group commit: one flush for the batch, then replies and sends.
     async fn commit(&mut self) -> Result<(), StoreError> {
         self.batch_keys.clear();
-        if self.to_send.is_empty() && self.acks.is_empty() {
-            return Ok(());
-        }
-        if let Err(e) = self.store.flush().await {
-            error!(error = %e, "flush failed; stopping without sending");
-            return Err(e);
+        if self.dirty {
+            if let Err(e) = self.store.flush().await {
+                error!(error = %e, "flush failed; stopping without sending");
+                return Err(e);
+            }
+            self.dirty = false;
         }
         for (reply, result) in self.acks.drain(..) {
             let _ = reply.send(result);
         }
+        for (reply, result) in self.operated.drain(..) {
+            let _ = reply.send(result);
+        }
         for entry in self.to_send.drain(..) {
             self.dispatcher.dispatch(entry);
+        }
+        if std::mem::take(&mut self.new_dead_letters) {
+            self.publish_dead_letters()?;
+        }
+        Ok(())
+    }
+
+    /// Publishes the durable dead letters not yet confirmed on `saga.dlq`,
+    /// each in its own task; a confirmed one leaves the DLQ outbox.
+    fn publish_dead_letters(&mut self) -> Result<(), StoreError> {
+        for (key, letter) in self.store.dlq_pending()? {
+            let fresh = match self.dlq_inflight.lock() {
+                Ok(mut set) => set.insert(key.clone()),
+                Err(_) => false,
+            };
+            if !fresh {
+                continue;
+            }
+            let (nats, store, inflight) = (self.nats.clone(), self.store.clone(), self.dlq_inflight.clone());
+            tokio::spawn(async move {
+                let published = async {
+                    let body = serde_json::to_vec(&letter).map_err(|e| e.to_string())?;
+                    nats.publish(DLQ_SUBJECT, body.into())
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    nats.flush().await.map_err(|e| e.to_string())
+                };
+                match tokio::time::timeout(Duration::from_secs(5), published).await {
+                    Ok(Ok(())) => {
+                        info!(saga_id = %letter.saga_id, correlation_id = %letter.correlation_id, "dead letter published");
+                        if let Err(e) = store.dlq_published(&key) {
+                            warn!(error = %e, "cannot mark dead letter published");
+                        }
+                    }
+                    Ok(Err(e)) => {
+                        warn!(saga_id = %letter.saga_id, error = %e, "dead letter not published; retried on restart")
+                    }
+                    Err(_) => {
+                        warn!(saga_id = %letter.saga_id, "dead letter publication timed out; retried on restart")
+                    }
+                }
+                if let Ok(mut set) = inflight.lock() {
+                    set.remove(&key);
+                }
+            });
         }
         Ok(())
     }

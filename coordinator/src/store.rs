@@ -7,7 +7,9 @@
 //! - `by_state`: state tag (1 byte) ++ saga id → `[]`, the state index;
 //! - `outbox`: saga id ++ step (u32 BE) ++ kind (1 byte) → the command to send
 //!   (`{"v":1,…}`), removed when its outcome is recorded;
-//! - `idempotency`: client `CreateOrder` key → saga id.
+//! - `idempotency`: client `CreateOrder` key → saga id;
+//! - `dead_letters`: saga id ++ seq → [`DeadLetter`], one per entry into FAILED (kept);
+//! - `dlq_outbox`: the same keys, for dead letters not yet published on `saga.dlq`.
 //!
 //! [`Store::write`] applies one transition in ONE sled transaction (record,
 //! history, index, outbox, idempotency key together or not at all); it does
@@ -84,6 +86,48 @@ impl OutboxEntry {
     }
 }
 
+/// The record of a saga that entered FAILED: an operator must act
+/// (`RetrySaga`). Published on `saga.dlq` as JSON.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// The failed saga.
+    pub saga_id: String,
+    /// `name@version`.
+    pub definition: String,
+    /// Correlation id of the saga.
+    pub correlation_id: String,
+    /// Step whose compensation failed.
+    pub step: String,
+    /// Why.
+    pub reason: String,
+    /// When, ms since the Unix epoch.
+    pub failed_at_ms: u64,
+    /// The order.
+    pub order: saga_proto::wire::OrderPayload,
+}
+
+impl DeadLetter {
+    fn of(saga: &Saga) -> Option<Self> {
+        let crate::engine::SagaState::Failed { step } = saga.state else {
+            return None;
+        };
+        Some(DeadLetter {
+            saga_id: saga.id.clone(),
+            definition: saga.definition.id(),
+            correlation_id: saga.correlation_id.clone(),
+            step: saga
+                .definition
+                .steps
+                .get(step)
+                .map(|s| s.name.clone())
+                .unwrap_or_default(),
+            reason: saga.reason.clone().unwrap_or_default(),
+            failed_at_ms: saga.updated_at_ms,
+            order: saga.order.clone(),
+        })
+    }
+}
+
 #[derive(Serialize, Deserialize)]
 struct Versioned<T> {
     v: u32,
@@ -153,6 +197,8 @@ pub struct Store {
     by_state: sled::Tree,
     outbox: sled::Tree,
     idempotency: sled::Tree,
+    dead_letters: sled::Tree,
+    dlq_outbox: sled::Tree,
 }
 
 /// One page of [`Store::list`].
@@ -180,6 +226,8 @@ impl Store {
             by_state: db.open_tree("by_state")?,
             outbox: db.open_tree("outbox")?,
             idempotency: db.open_tree("idempotency")?,
+            dead_letters: db.open_tree("dead_letters")?,
+            dlq_outbox: db.open_tree("dlq_outbox")?,
             db,
         })
     }
@@ -217,35 +265,47 @@ impl Store {
         } else {
             None
         };
+        let dead_letter = match DeadLetter::of(saga) {
+            Some(d) if previous != Some(StateTag::Failed) => Some((history_key(&id, saga.seq), encode(&d)?)),
+            _ => None,
+        };
         (
             &self.sagas,
             &self.history,
             &self.by_state,
             &self.outbox,
             &self.idempotency,
+            &self.dead_letters,
+            &self.dlq_outbox,
         )
-            .transaction(|(sagas, hist, by_state, outbox, idempotency)| {
-                sagas.insert(&id[..], record.as_slice())?;
-                for (k, v) in &history {
-                    hist.insert(k.as_slice(), v.as_slice())?;
-                }
-                if previous != Some(new_tag) {
-                    if let Some(prev) = previous {
-                        by_state.remove(state_key(prev, &id))?;
+            .transaction(
+                |(sagas, hist, by_state, outbox, idempotency, dead_letters, dlq_outbox)| {
+                    sagas.insert(&id[..], record.as_slice())?;
+                    for (k, v) in &history {
+                        hist.insert(k.as_slice(), v.as_slice())?;
                     }
-                    by_state.insert(state_key(new_tag, &id), &[][..])?;
-                }
-                if let Some(k) = &settled {
-                    outbox.remove(k.as_slice())?;
-                }
-                for (k, v) in &commands {
-                    outbox.insert(k.as_slice(), v.as_slice())?;
-                }
-                if let Some(key) = idem {
-                    idempotency.insert(key.as_bytes(), &id[..])?;
-                }
-                Ok::<(), ConflictableTransactionError<()>>(())
-            })
+                    if previous != Some(new_tag) {
+                        if let Some(prev) = previous {
+                            by_state.remove(state_key(prev, &id))?;
+                        }
+                        by_state.insert(state_key(new_tag, &id), &[][..])?;
+                    }
+                    if let Some(k) = &settled {
+                        outbox.remove(k.as_slice())?;
+                    }
+                    for (k, v) in &commands {
+                        outbox.insert(k.as_slice(), v.as_slice())?;
+                    }
+                    if let Some(key) = idem {
+                        idempotency.insert(key.as_bytes(), &id[..])?;
+                    }
+                    if let Some((k, v)) = &dead_letter {
+                        dead_letters.insert(k.as_slice(), v.as_slice())?;
+                        dlq_outbox.insert(k.as_slice(), v.as_slice())?;
+                    }
+                    Ok::<(), ConflictableTransactionError<()>>(())
+                },
+            )
             .map_err(|e| match e {
                 sled::transaction::TransactionError::Storage(e) => StoreError::Sled(e),
                 sled::transaction::TransactionError::Abort(()) => {
@@ -400,6 +460,43 @@ impl Store {
             .map(|kv| {
                 let (_, v) = kv?;
                 decode(&v, "outbox entry")
+            })
+            .collect()
+    }
+
+    /// Dead letters not yet published, with their keys.
+    ///
+    /// # Errors
+    /// sled errors; a corrupt entry.
+    pub fn dlq_pending(&self) -> Result<Vec<(Vec<u8>, DeadLetter)>, StoreError> {
+        self.dlq_outbox
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok((k.to_vec(), decode(&v, "dead letter")?))
+            })
+            .collect()
+    }
+
+    /// Marks a dead letter published (not flushed: a re-publish after a crash is harmless).
+    ///
+    /// # Errors
+    /// sled errors.
+    pub fn dlq_published(&self, key: &[u8]) -> Result<(), StoreError> {
+        self.dlq_outbox.remove(key)?;
+        Ok(())
+    }
+
+    /// Every dead letter of `id`, oldest first.
+    ///
+    /// # Errors
+    /// sled errors; a corrupt entry.
+    pub fn dead_letters(&self, id: &Uuid) -> Result<Vec<DeadLetter>, StoreError> {
+        self.dead_letters
+            .scan_prefix(id.as_bytes())
+            .map(|kv| {
+                let (_, v) = kv?;
+                decode(&v, "dead letter")
             })
             .collect()
     }

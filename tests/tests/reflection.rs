@@ -5,6 +5,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use saga_tests::*;
+use tonic_health::pb::{
+    health_check_response::ServingStatus::{self, NotServing, Serving},
+    health_client::HealthClient,
+    HealthCheckRequest,
+};
 use tonic_reflection::pb::{v1, v1alpha};
 
 async fn coordinator() -> Result<(NatsServer, tempfile::TempDir, RunningCoordinator)> {
@@ -93,16 +98,61 @@ async fn reflection_v1alpha_for_grpcurl_and_health_serving() -> Result<()> {
         "{list:?}"
     );
 
-    let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
-    let status = health
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: "saga.v1.SagaService".into(),
-        })
+    let health = tonic_health::pb::health_client::HealthClient::new(ch);
+    wait_health(&health, Serving).await?;
+    c.stop().await
+}
+
+/// Polls `grpc.health.v1.Health/Check` for `saga.v1.SagaService` and the
+/// overall service until both report `want`.
+async fn wait_health(health: &HealthClient<tonic::transport::Channel>, want: ServingStatus) -> Result<()> {
+    let h = health.clone();
+    eventually(Duration::from_secs(15), &format!("health {want:?}"), || {
+        let mut h = h.clone();
+        async move {
+            let mut all = true;
+            for service in ["saga.v1.SagaService", ""] {
+                let r = h
+                    .check(HealthCheckRequest {
+                        service: service.into(),
+                    })
+                    .await;
+                all &= r.is_ok_and(|r| r.into_inner().status == want as i32);
+            }
+            all
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_not_ready_while_nats_is_down() -> Result<()> {
+    let (mut nats, _dir, c) = coordinator().await?;
+    let health = HealthClient::new(channel(c.addr).await?);
+    wait_health(&health, Serving).await?;
+    nats.kill();
+    wait_health(&health, NotServing).await?;
+    nats.restart()?;
+    wait_health(&health, Serving).await?;
+    c.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_started_before_nats_serves_reads_and_becomes_ready() -> Result<()> {
+    init_logs();
+    let mut nats = NatsServer::start()?;
+    nats.kill();
+    let dir = tempfile::tempdir()?;
+    let c = RunningCoordinator::start(&nats.url(), &dir.path().join("data"), &shipped_definitions()).await?;
+    let health = HealthClient::new(channel(c.addr).await?);
+    wait_health(&health, NotServing).await?;
+    let mut g = c.client().await?;
+    let defs = g
+        .list_definitions(saga_proto::pb::ListDefinitionsRequest {})
         .await?
         .into_inner();
-    assert_eq!(
-        status.status,
-        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-    );
+    assert_eq!(defs.definitions.len(), 1, "reads work before NATS is reachable");
+    nats.restart()?;
+    wait_health(&health, Serving).await?;
     c.stop().await
 }
