@@ -22,6 +22,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
+/// How long a test waits for a saga to finish.
+pub const WAIT: Duration = Duration::from_secs(20);
+
 /// The order definition shipped in `saga-definitions/`.
 pub fn shipped_definitions() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../saga-definitions")
@@ -174,11 +177,25 @@ impl RunningCoordinator {
     ///
     /// # Errors
     /// Bind failure.
-    pub async fn start(nats_url: &str, data_dir: &Path, definitions_dir: &Path) -> Result<Self> {
+        pub async fn start(nats_url: &str, data_dir: &Path, definitions_dir: &Path) -> Result<Self> {
+        Self::start_with(nats_url, data_dir, definitions_dir, |_| {}).await
+    }
+
+    /// Starts a coordinator with settings adjusted by `tweak`.
+    ///
+    /// # Errors
+    /// Bind failure.
+    pub async fn start_with(
+        nats_url: &str,
+        data_dir: &Path,
+        definitions_dir: &Path,
+        tweak: impl FnOnce(&mut coordinator::Config),
+    ) -> Result<Self> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        let config =
+        let mut config =
             coordinator::Config::new(nats_url, data_dir.to_path_buf(), definitions_dir.to_path_buf());
+        tweak(&mut config);
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(coordinator::run(config, listener, shutdown.clone()));
         Ok(RunningCoordinator { addr, shutdown, task })
@@ -436,3 +453,203 @@ pub fn fast_definitions(dir: &Path, charge_timeout: &str, max_attempts: u32) -> 
     )?;
     Ok(defs)
 }
+
+/// What a [`FakeParticipant`] answers.
+#[derive(Debug, Clone)]
+pub enum FakeAnswer {
+    /// A proper reply envelope.
+    Reply(saga_proto::wire::Reply),
+    /// Raw bytes (a malformed reply).
+    Raw(Vec<u8>),
+    /// No answer at all.
+    Silent,
+}
+
+type Calls = std::sync::Arc<std::sync::Mutex<Vec<(String, u32, Instant)>>>;
+type Script = dyn Fn(&saga_proto::wire::Command, usize) -> FakeAnswer + Send + Sync;
+
+/// A scripted participant on `saga.cmd.<name>.*` for fault injection; it
+/// records every command it receives with the time it arrived.
+pub struct FakeParticipant {
+    calls: Calls,
+    task: JoinHandle<()>,
+}
+
+impl FakeParticipant {
+    /// Serves `name`; `script(command, n)` decides the answer to the n-th (0-based) command.
+    ///
+    /// # Errors
+    /// Subscription failure.
+    pub async fn start(
+        client: &async_nats::Client,
+        name: &str,
+        script: impl Fn(&saga_proto::wire::Command, usize) -> FakeAnswer + Send + Sync + 'static,
+    ) -> Result<Self> {
+        use futures::StreamExt;
+        let mut sub = client.subscribe(format!("saga.cmd.{name}.*")).await?;
+        client.flush().await?;
+        let calls: Calls = Calls::default();
+        let script: std::sync::Arc<Script> = std::sync::Arc::new(script);
+        let (client, log) = (client.clone(), calls.clone());
+        let task = tokio::spawn(async move {
+            while let Some(msg) = sub.next().await {
+                let Ok(cmd) = serde_json::from_slice::<saga_proto::wire::Command>(&msg.payload) else {
+                    continue;
+                };
+                let n = {
+                    let Ok(mut log) = log.lock() else { return };
+                    log.push((cmd.action.clone(), cmd.attempt, Instant::now()));
+                    log.len() - 1
+                };
+                let body = match script(&cmd, n) {
+                    FakeAnswer::Reply(r) => serde_json::to_vec(&r).unwrap_or_default(),
+                    FakeAnswer::Raw(b) => b,
+                    FakeAnswer::Silent => continue,
+                };
+                if let Some(reply) = msg.reply {
+                    let _ = client.publish(reply, body.into()).await;
+                }
+            }
+        });
+        Ok(FakeParticipant { calls, task })
+    }
+
+    /// `(action, attempt, arrival)` of every command received so far, in order.
+    pub fn calls(&self) -> Vec<(String, u32, Instant)> {
+        self.calls.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+}
+
+impl Drop for FakeParticipant {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Writes `fake-defs/fake.yaml`: step `fake-step` on the fake participant
+/// (`do` / `undo`), then the inventory's `reserve` (`release`), with fast
+/// retries of `max_attempts`.
+///
+/// # Errors
+/// I/O.
+pub fn fake_definitions(dir: &Path, max_attempts: u32) -> Result<PathBuf> {
+    let defs = dir.join("fake-defs");
+    std::fs::create_dir_all(&defs)?;
+    std::fs::write(
+        defs.join("fake.yaml"),
+        format!(
+            "name: fake\nversion: 1\ndefaults:\n  timeout: 300ms\n  retry: {{ max_attempts: {max_attempts}, \
+             initial_backoff: 10ms, max_backoff: 20ms, multiplier: 2.0, jitter: false }}\nsteps:\n  \
+             - name: fake-step\n    participant: fake\n    action: do\n    compensation: undo\n  \
+             - name: reserve-inventory\n    participant: inventory\n    action: reserve\n    \
+             compensation: release\n    timeout: 5s\n"
+        ),
+    )?;
+    Ok(defs)
+}
+
+/// nats-server, inventory, payment and coordinator, each on its own temp dir.
+pub struct System {
+    /// The nats-server process.
+    pub nats: NatsServer,
+    /// A plain NATS client for the test (stats, raw commands).
+    pub client: async_nats::Client,
+    /// Root of the services' data directories.
+    pub dir: TempDir,
+    /// Definitions directory the coordinator loads.
+    pub definitions: PathBuf,
+    /// The coordinator, when started.
+    pub coordinator: Option<RunningCoordinator>,
+    /// The inventory, when started.
+    pub inventory: Option<RunningParticipant>,
+    /// The payment service, when started.
+    pub payment: Option<RunningParticipant>,
+}
+
+/// Stock every test system starts with.
+pub const STOCK: &[(&str, u64)] = &[("A-1", 10), ("B-2", 5), ("RARE-1", 1)];
+
+impl System {
+    /// Starts NATS only; the other parts are started by the test.
+    pub async fn bare(definitions: Option<PathBuf>) -> Result<Self> {
+        init_logs();
+        let nats = NatsServer::start()?;
+        let client = async_nats::connect(nats.url()).await?;
+        let dir = tempfile::tempdir()?;
+        let definitions = definitions.unwrap_or_else(shipped_definitions);
+        Ok(System {
+            nats,
+            client,
+            dir,
+            definitions,
+            coordinator: None,
+            inventory: None,
+            payment: None,
+        })
+    }
+
+    /// Everything up, with the shipped definitions.
+    pub async fn up() -> Result<Self> {
+        let mut s = System::bare(None).await?;
+        s.start_inventory().await?;
+        s.start_payment(&PaymentSettings::default()).await?;
+        s.start_coordinator().await?;
+        Ok(s)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub async fn start_inventory(&mut self) -> Result<()> {
+        self.inventory = Some(start_inventory(&self.nats.url(), &self.path("inventory"), STOCK));
+        wait_participant(&self.client, "inventory").await
+    }
+
+    pub async fn start_payment(&mut self, settings: &PaymentSettings) -> Result<()> {
+        self.payment = Some(start_payment(&self.nats.url(), &self.path("payment"), settings));
+        wait_participant(&self.client, "payment").await
+    }
+
+    pub async fn start_coordinator(&mut self) -> Result<()> {
+        let c =
+            RunningCoordinator::start(&self.nats.url(), &self.path("coordinator"), &self.definitions).await?;
+        self.coordinator = Some(c);
+        Ok(())
+    }
+
+    pub async fn stop_coordinator(&mut self) -> Result<()> {
+        match self.coordinator.take() {
+            Some(c) => c.stop().await,
+            None => Ok(()),
+        }
+    }
+
+    pub async fn grpc(
+        &self,
+    ) -> Result<SagaServiceClient<Channel>> {
+        match &self.coordinator {
+            Some(c) => c.client().await,
+            None => anyhow::bail!("coordinator not started"),
+        }
+    }
+
+    pub async fn run_order(&self, req: pb::CreateOrderRequest) -> Result<pb::Saga> {
+        let mut g = self.grpc().await?;
+        let created = g.create_order(req).await?.into_inner();
+        assert!(created.created);
+        wait_terminal(&mut g, &created.saga_id, WAIT).await
+    }
+
+    pub async fn shutdown(mut self) -> Result<()> {
+        self.stop_coordinator().await?;
+        if let Some(p) = self.payment.take() {
+            p.stop().await?;
+        }
+        if let Some(i) = self.inventory.take() {
+            i.stop().await?;
+        }
+        Ok(())
+    }
+}
+

@@ -2,7 +2,7 @@
 //! and both participants on temp-dir sled databases, driven over gRPC.
 //! Assertions are on stock and ledger figures, not only on states.
 
-use std::{path::PathBuf, time::Duration};
+use std::time::Duration;
 
 use anyhow::Result;
 use saga_proto::{
@@ -10,106 +10,7 @@ use saga_proto::{
     wire::{self, CommandKind, Reply},
 };
 use saga_tests::*;
-use tempfile::TempDir;
 
-const WAIT: Duration = Duration::from_secs(20);
-
-/// nats-server, inventory, payment and coordinator, each on its own temp dir.
-struct System {
-    nats: NatsServer,
-    client: async_nats::Client,
-    dir: TempDir,
-    definitions: PathBuf,
-    coordinator: Option<RunningCoordinator>,
-    inventory: Option<RunningParticipant>,
-    payment: Option<RunningParticipant>,
-}
-
-const STOCK: &[(&str, u64)] = &[("A-1", 10), ("B-2", 5), ("RARE-1", 1)];
-
-impl System {
-    /// Starts NATS only; the other parts are started by the test.
-    async fn bare(definitions: Option<PathBuf>) -> Result<Self> {
-        init_logs();
-        let nats = NatsServer::start()?;
-        let client = async_nats::connect(nats.url()).await?;
-        let dir = tempfile::tempdir()?;
-        let definitions = definitions.unwrap_or_else(shipped_definitions);
-        Ok(System {
-            nats,
-            client,
-            dir,
-            definitions,
-            coordinator: None,
-            inventory: None,
-            payment: None,
-        })
-    }
-
-    /// Everything up, with the shipped definitions.
-    async fn up() -> Result<Self> {
-        let mut s = System::bare(None).await?;
-        s.start_inventory().await?;
-        s.start_payment(&PaymentSettings::default()).await?;
-        s.start_coordinator().await?;
-        Ok(s)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    async fn start_inventory(&mut self) -> Result<()> {
-        self.inventory = Some(start_inventory(&self.nats.url(), &self.path("inventory"), STOCK));
-        wait_participant(&self.client, "inventory").await
-    }
-
-    async fn start_payment(&mut self, settings: &PaymentSettings) -> Result<()> {
-        self.payment = Some(start_payment(&self.nats.url(), &self.path("payment"), settings));
-        wait_participant(&self.client, "payment").await
-    }
-
-    async fn start_coordinator(&mut self) -> Result<()> {
-        let c =
-            RunningCoordinator::start(&self.nats.url(), &self.path("coordinator"), &self.definitions).await?;
-        self.coordinator = Some(c);
-        Ok(())
-    }
-
-    async fn stop_coordinator(&mut self) -> Result<()> {
-        match self.coordinator.take() {
-            Some(c) => c.stop().await,
-            None => Ok(()),
-        }
-    }
-
-    async fn grpc(
-        &self,
-    ) -> Result<saga_proto::pb::saga_service_client::SagaServiceClient<tonic::transport::Channel>> {
-        match &self.coordinator {
-            Some(c) => c.client().await,
-            None => anyhow::bail!("coordinator not started"),
-        }
-    }
-
-    async fn run_order(&self, req: pb::CreateOrderRequest) -> Result<pb::Saga> {
-        let mut g = self.grpc().await?;
-        let created = g.create_order(req).await?.into_inner();
-        assert!(created.created);
-        wait_terminal(&mut g, &created.saga_id, WAIT).await
-    }
-
-    async fn shutdown(mut self) -> Result<()> {
-        self.stop_coordinator().await?;
-        if let Some(p) = self.payment.take() {
-            p.stop().await?;
-        }
-        if let Some(i) = self.inventory.take() {
-            i.stop().await?;
-        }
-        Ok(())
-    }
-}
 
 fn step_statuses(s: &pb::Saga) -> Vec<StepStatus> {
     s.steps
