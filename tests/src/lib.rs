@@ -177,7 +177,7 @@ impl RunningCoordinator {
     ///
     /// # Errors
     /// Bind failure.
-        pub async fn start(nats_url: &str, data_dir: &Path, definitions_dir: &Path) -> Result<Self> {
+    pub async fn start(nats_url: &str, data_dir: &Path, definitions_dir: &Path) -> Result<Self> {
         Self::start_with(nats_url, data_dir, definitions_dir, |_| {}).await
     }
 
@@ -625,9 +625,7 @@ impl System {
         }
     }
 
-    pub async fn grpc(
-        &self,
-    ) -> Result<SagaServiceClient<Channel>> {
+    pub async fn grpc(&self) -> Result<SagaServiceClient<Channel>> {
         match &self.coordinator {
             Some(c) => c.client().await,
             None => anyhow::bail!("coordinator not started"),
@@ -652,4 +650,3 @@ impl System {
         Ok(())
     }
 }
-

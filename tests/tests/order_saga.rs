@@ -11,7 +11,6 @@ use saga_proto::{
 };
 use saga_tests::*;
 
-
 fn step_statuses(s: &pb::Saga) -> Vec<StepStatus> {
     s.steps
         .iter()
