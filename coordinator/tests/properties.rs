@@ -1,0 +1,202 @@
+//! Property tests of the untrusted-input boundaries and the pure engine:
+//! arbitrary event sequences (duplicates, reordering, late replies for old
+//! attempts, operator events) never panic and never break the saga
+//! invariants; the YAML loader never panics on arbitrary text.
+
+use std::{path::PathBuf, time::Duration};
+
+use coordinator::{
+    definition::{self, RetryPolicy, SagaDefinition, StepDefinition},
+    engine::{self, Command, Event, Outcome, Saga, SagaState, StepStatus, TransitionError},
+};
+use proptest::prelude::*;
+use saga_proto::wire::{CommandKind, Item, OrderPayload};
+
+fn definition(steps: &[(bool, u32)]) -> SagaDefinition {
+    SagaDefinition {
+        name: "p".into(),
+        version: 1,
+        steps: steps
+            .iter()
+            .enumerate()
+            .map(|(i, (has_comp, attempts))| StepDefinition {
+                name: format!("s{i}"),
+                participant: format!("p{i}"),
+                action: "do".into(),
+                compensation: has_comp.then(|| "undo".to_string()),
+                timeout: Duration::from_secs(1),
+                retry: RetryPolicy {
+                    max_attempts: *attempts,
+                    ..RetryPolicy::default()
+                },
+            })
+            .collect(),
+        input_schema: None,
+        source: PathBuf::new(),
+    }
+}
+
+fn order() -> OrderPayload {
+    OrderPayload {
+        order_id: "o".into(),
+        customer_id: "c".into(),
+        items: vec![Item {
+            sku: "A".into(),
+            quantity: 1,
+        }],
+        amount_cents: 1,
+        currency: "EUR".into(),
+    }
+}
+
+fn outcome() -> impl Strategy<Value = Outcome> {
+    prop_oneof![
+        Just(Outcome::Ok(serde_json::json!({}))),
+        Just(Outcome::Rejected("no".into())),
+        Just(Outcome::Transient("timeout".into())),
+        Just(Outcome::NotApplied("no responders".into())),
+    ]
+}
+
+/// Events an engine may see: mostly replies to plausible commands (so
+/// sagas make progress), plus stale attempts, wrong kinds, unknown steps,
+/// repeated starts and operator events.
+fn event(steps: usize) -> impl Strategy<Value = Event> {
+    prop_oneof![
+        8 => (0..steps, any::<bool>(), 0u32..5, outcome()).prop_map(|(step, fwd, attempt, outcome)| Event::Reply {
+            step,
+            kind: if fwd { CommandKind::Forward } else { CommandKind::Compensate },
+            attempt,
+            outcome,
+        }),
+        1 => (steps..steps + 3, 0u32..3, outcome()).prop_map(|(step, attempt, outcome)| Event::Reply {
+            step,
+            kind: CommandKind::Forward,
+            attempt,
+            outcome,
+        }),
+        1 => Just(Event::Start),
+        1 => Just(Event::Abort { reason: "prop".into() }),
+        1 => Just(Event::Retry),
+    ]
+}
+
+/// Checks what must hold after every transition.
+fn check(
+    before: &Saga,
+    saga: &Saga,
+    commands: &[Command],
+    history_seqs: &[u64],
+) -> Result<(), TestCaseError> {
+    // History is contiguous.
+    let expected: Vec<u64> = (before.seq + 1..=saga.seq).collect();
+    prop_assert_eq!(history_seqs, expected.as_slice());
+    // At most one command, and only for the step the state says is in flight.
+    prop_assert!(commands.len() <= 1);
+    for c in commands {
+        match saga.state {
+            SagaState::Running { step } => {
+                prop_assert_eq!((c.step, c.kind), (step, CommandKind::Forward));
+                prop_assert_eq!(c.message.attempt, saga.steps[step].attempts);
+            }
+            SagaState::Compensating { step } => {
+                prop_assert_eq!((c.step, c.kind), (step, CommandKind::Compensate));
+                prop_assert_eq!(c.message.attempt, saga.steps[step].compensation_attempts);
+                prop_assert!(saga.definition.steps[step].compensation.is_some());
+            }
+            other => prop_assert!(false, "command {:?} sent in {:?}", c.kind, other),
+        }
+        prop_assert_eq!(
+            c.message.idempotency_key.clone(),
+            format!("{}/{}/{}", saga.id, c.message.step, c.kind.as_str())
+        );
+    }
+    // Attempts never exceed the policy.
+    for (p, d) in saga.steps.iter().zip(&saga.definition.steps) {
+        prop_assert!(p.attempts <= d.retry.max_attempts);
+        prop_assert!(p.compensation_attempts <= d.retry.max_attempts);
+    }
+    match saga.state {
+        SagaState::Completed => {
+            prop_assert!(saga.steps.iter().all(|p| p.status == StepStatus::Succeeded));
+        }
+        SagaState::Compensated => {
+            // Nothing that may have an effect is left undone.
+            for (p, d) in saga.steps.iter().zip(&saga.definition.steps) {
+                let undone = match p.status {
+                    // `compensation: none` declares there is nothing to undo.
+                    StepStatus::Succeeded | StepStatus::Unknown => d.compensation.is_none(),
+                    StepStatus::Running | StepStatus::Compensating => false,
+                    StepStatus::Pending
+                    | StepStatus::Rejected
+                    | StepStatus::Failed
+                    | StepStatus::Compensated
+                    | StepStatus::CompensationFailed => true,
+                };
+                prop_assert!(undone, "compensated saga with step in {:?}", p.status);
+            }
+        }
+        SagaState::Failed { step } => {
+            prop_assert_eq!(saga.steps[step].status, StepStatus::CompensationFailed);
+        }
+        SagaState::Pending | SagaState::Running { .. } | SagaState::Compensating { .. } => {}
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn arbitrary_event_sequences_keep_the_invariants(
+        shape in prop::collection::vec((any::<bool>(), 1u32..4), 1..5),
+        events in prop::collection::vec(event(5), 0..60),
+    ) {
+        let def = definition(&shape);
+        let n = def.steps.len();
+        let mut saga = engine::create("s".into(), def, order(), "c".into(), None, 0).saga;
+        let mut now = 1;
+        for e in std::iter::once(Event::Start).chain(events) {
+            now += 1;
+            match engine::transition(&saga, &e, now) {
+                Ok(Some(t)) => {
+                    let seqs: Vec<u64> = t.history.iter().map(|h| h.seq).collect();
+                    check(&saga, &t.saga, &t.commands, &seqs)?;
+                    if saga.state.is_terminal() {
+                        // Only an operator retry moves a terminal (FAILED) saga.
+                        let operator_retry = matches!((saga.state, &e), (SagaState::Failed { .. }, Event::Retry));
+                        prop_assert!(operator_retry, "terminal saga moved by {:?}", e);
+                    }
+                    saga = t.saga;
+                }
+                Ok(None) => {}
+                Err(TransitionError::NoSuchStep { step, .. }) => prop_assert!(step >= n),
+                Err(TransitionError::Unexpected { .. }) => {
+                    prop_assert_eq!(saga.state, SagaState::Pending);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_yaml_loader_never_panics(text in ".{0,400}") {
+        let _ = definition::parse(std::path::Path::new("fuzz.yaml"), &text);
+    }
+
+    #[test]
+    fn the_yaml_loader_never_panics_on_near_valid_files(
+        cut in 0usize..400,
+        junk in "[a-z:{}\\[\\], \\n-]{0,20}",
+    ) {
+        let good = "name: order\nversion: 1\ndefaults:\n  timeout: 2s\n  retry: { max_attempts: 5, initial_backoff: 50ms }\nsteps:\n  - name: a\n    participant: p\n    action: x\n    compensation: y\n    timeout: 5s\n";
+        let cut = cut.min(good.len());
+        let text = format!("{}{}{}", &good[..cut], junk, &good[cut..]);
+        let _ = definition::parse(std::path::Path::new("fuzz.yaml"), &text);
+    }
+
+    #[test]
+    fn envelopes_never_panic_on_arbitrary_bytes(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
+        let _ = serde_json::from_slice::<saga_proto::wire::Command>(&bytes);
+        let _ = serde_json::from_slice::<saga_proto::wire::Reply>(&bytes);
+    }
+}
