@@ -12,10 +12,10 @@ NATS_SERVER := $(VENV)/bin/nats-server
 GRPCURL     := $(VENV)/bin/grpcurl
 CARGO       ?= cargo
 
-.PHONY: help tools build demo up test verify fmt clippy doc compose-config clean
+.PHONY: help tools build demo up test chaos verify fmt clippy doc compose-config clean
 
 help:
-	@echo "make demo | make up | make test | make verify | make tools | make compose-config | make clean"
+	@echo "make demo | make up | make test | make chaos | make verify | make tools | make compose-config | make clean"
 
 tools: $(NATS_SERVER)
 
@@ -34,10 +34,21 @@ demo: tools build
 up: tools build
 	deploy/local.sh up
 
+# The chaos test runs the binaries as separate processes: build them first.
 test: tools
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) build --workspace --bins
 	NATS_SERVER_BIN=$(abspath $(NATS_SERVER)) $(CARGO) test --workspace
+
+# The long chaos run: 2000 orders, kill -9 of every process at random moments.
+# CHAOS_SEED=<seed> replays a run; CHAOS_SECONDS sets the window the orders are spread over.
+CHAOS_ORDERS ?= 2000
+CHAOS_SECONDS ?= 90
+chaos: tools
+	$(CARGO) build --workspace --bins
+	CHAOS_ORDERS=$(CHAOS_ORDERS) CHAOS_SECONDS=$(CHAOS_SECONDS) NATS_SERVER_BIN=$(abspath $(NATS_SERVER)) \
+	  $(CARGO) test -p saga-tests --test chaos -- --nocapture
 
 doc:
 	RUSTDOCFLAGS=-Dwarnings $(CARGO) doc --workspace --no-deps

@@ -1,20 +1,27 @@
-//! A participant's sled store: its business state tree and the `replies`
-//! tree that makes commands idempotent.
+//! A participant's sled store: its business `state` tree and the `replies`
+//! tree that makes commands idempotent (the reusable dedupe helper).
 //!
-//! [`Store::apply`] runs an effect and stores its reply under the command's
-//! idempotency key in ONE sled transaction, then flushes, then returns: so a
-//! participant never replies before both the effect and the stored reply are
-//! durable, and a repeated command finds the stored reply and has no effect.
-//! Only `ok` and `rejected` replies are stored; an `error` reply (transient)
-//! records nothing, so a retry may succeed.
+//! [`Store::apply_forward`] and [`Store::apply_compensation`] run an effect and
+//! store its reply under the command's idempotency key in ONE sled
+//! transaction, then flush, then return: a participant never replies before
+//! both the effect and the stored reply are durable, and a repeated command
+//! finds the stored reply and has no effect. Only `ok` and `rejected` replies
+//! are stored; an `error` reply (transient) records nothing, so a retry may
+//! succeed.
 //!
 //! Tombstones: a compensation whose forward key has no stored reply writes a
 //! `rejected: compensated_before_forward` reply under the forward key, so a
 //! forward that arrives late is answered with it and does nothing.
-//! This module knows nothing of stock or money.
+//!
+//! Durability: sled 0.34's flush writes its log with `sync_file_range`, not
+//! `fsync`: a flushed write survives a process crash (kill -9) but not
+//! necessarily a power cut or kernel crash. That is the guarantee the
+//! participants give.
+//!
+//! This module knows nothing of stock or money, and nothing of NATS.
 
 use saga_proto::wire::{self, Reply};
-use serde::{Deserialize, Serialize};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use sled::{
     transaction::{ConflictableTransactionError, TransactionError, TransactionalTree},
     Transactional,
@@ -37,48 +44,75 @@ pub enum StoreError {
 /// Result type of effects run inside a transaction.
 pub type TxResult<T> = Result<T, ConflictableTransactionError<String>>;
 
+/// Format version of every stored value (style item 4): values are stored as
+/// `{"v": 1, "data": …}`, never as the bare serde form of a struct.
+pub const FORMAT_VERSION: u32 = 1;
+
 #[derive(Serialize, Deserialize)]
-struct StoredReply {
+struct Versioned<T> {
     v: u32,
-    reply: Reply,
+    data: T,
 }
 
-/// Reads a JSON value from a transactional tree.
+/// Encodes a value in the versioned stored form.
 ///
 /// # Errors
-/// Aborts the transaction when the value is not valid JSON for `T` (corrupt data).
-pub fn tx_get<T: for<'de> Deserialize<'de>>(tree: &TransactionalTree, key: &str) -> TxResult<Option<T>> {
+/// The value cannot be encoded as JSON.
+pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(&Versioned {
+        v: FORMAT_VERSION,
+        data: value,
+    })
+    .map_err(|e| StoreError::Corrupt(format!("cannot encode: {e}")))
+}
+
+/// Decodes a value stored under `key` by [`encode`].
+///
+/// # Errors
+/// The bytes are not that JSON, or carry an unknown format version: the
+/// stored data is corrupt (or from a newer release).
+pub fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
+    let key = String::from_utf8_lossy(key);
+    let stored: Versioned<T> =
+        serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("{key}: {e}")))?;
+    if stored.v != FORMAT_VERSION {
+        return Err(StoreError::Corrupt(format!(
+            "{key}: unknown format version {}",
+            stored.v
+        )));
+    }
+    Ok(stored.data)
+}
+
+/// Reads a stored value from a transactional tree.
+///
+/// # Errors
+/// Aborts the transaction when the value cannot be decoded (corrupt data).
+pub fn tx_get<T: DeserializeOwned>(tree: &TransactionalTree, key: &str) -> TxResult<Option<T>> {
     match tree.get(key.as_bytes())? {
-        Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-            ConflictableTransactionError::Abort(format!("stored data is corrupt at {key}: {e}"))
-        }),
+        Some(bytes) => decode(key.as_bytes(), &bytes)
+            .map(Some)
+            .map_err(|e| ConflictableTransactionError::Abort(e.to_string())),
         None => Ok(None),
     }
 }
 
-/// Writes a JSON value in a transactional tree.
+/// Writes a value, in the versioned stored form, in a transactional tree.
 ///
 /// # Errors
 /// Aborts when the value cannot be encoded.
 pub fn tx_put<T: Serialize>(tree: &TransactionalTree, key: &str, value: &T) -> TxResult<()> {
-    let bytes = serde_json::to_vec(value).map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
+    let bytes = encode(value).map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
     tree.insert(key.as_bytes(), bytes)?;
     Ok(())
 }
 
 fn tx_reply(replies: &TransactionalTree, key: &str) -> TxResult<Option<Reply>> {
-    Ok(tx_get::<StoredReply>(replies, key)?.map(|s| s.reply))
+    tx_get(replies, key)
 }
 
 fn tx_store_reply(replies: &TransactionalTree, key: &str, reply: &Reply) -> TxResult<()> {
-    tx_put(
-        replies,
-        key,
-        &StoredReply {
-            v: 1,
-            reply: reply.clone(),
-        },
-    )
+    tx_put(replies, key, reply)
 }
 
 /// What a compensation finds under its forward key.
@@ -96,6 +130,38 @@ pub struct Store {
     db: sled::Db,
     replies: sled::Tree,
     state: sled::Tree,
+    flusher: std::sync::Arc<GroupFlush>,
+}
+
+/// Group commit: one sled flush at a time, covering every write committed
+/// before it started, so concurrent commands share a flush instead of
+/// piling up flushes of their own (concurrent `flush_async` calls from many
+/// tasks were seen to stall a participant after a restart under load).
+struct GroupFlush {
+    db: sled::Db,
+    /// Writes committed so far (each bumps it after its transaction).
+    committed: std::sync::atomic::AtomicU64,
+    /// The `committed` value the last finished flush covered.
+    flushed: tokio::sync::Mutex<u64>,
+}
+
+impl GroupFlush {
+    /// Returns once every write committed before the call is durable.
+    async fn flush(&self) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering;
+        let mine = self.committed.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut flushed = self.flushed.lock().await;
+        if *flushed >= mine {
+            return Ok(());
+        }
+        let target = self.committed.load(Ordering::SeqCst);
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| StoreError::Corrupt(format!("flush task failed: {e}")))??;
+        *flushed = target;
+        Ok(())
+    }
 }
 
 impl Store {
@@ -107,27 +173,67 @@ impl Store {
         Ok(Store {
             replies: db.open_tree("replies")?,
             state: db.open_tree("state")?,
+            flusher: std::sync::Arc::new(GroupFlush {
+                db: db.clone(),
+                committed: std::sync::atomic::AtomicU64::new(0),
+                flushed: tokio::sync::Mutex::new(0),
+            }),
             db,
         })
     }
 
-    /// The business state tree (read side; writes go through [`Store::apply`]).
+    /// The business state tree (read side; writes go through a transaction).
     pub fn state(&self) -> &sled::Tree {
         &self.state
     }
 
-    /// The stored reply for `key`, if any (a fast path before slow work; the
-    /// authoritative check is repeated inside [`Store::apply`]).
+    /// Decoded values of the state tree whose keys start with `prefix`,
+    /// with the rest of the key (read side: stats, effects, totals).
+    pub fn scan<T: DeserializeOwned>(
+        &self,
+        prefix: &str,
+    ) -> impl Iterator<Item = Result<(String, T), StoreError>> + '_ {
+        let skip = prefix.len();
+        self.state.scan_prefix(prefix.as_bytes()).map(move |kv| {
+            let (k, v) = kv?;
+            let value = decode(&k, &v)?;
+            Ok((String::from_utf8_lossy(&k[skip..]).into_owned(), value))
+        })
+    }
+
+    /// The stored reply for `key`, if any: a fast path before slow work (the
+    /// authoritative check is repeated inside the effect's transaction).
+    /// A reply found is made durable before it is returned, since a
+    /// concurrent duplicate may have committed it without flushing yet.
     ///
     /// # Errors
     /// sled errors, corrupt value.
-    pub fn stored_reply(&self, key: &str) -> Result<Option<Reply>, StoreError> {
-        match self.replies.get(key.as_bytes())? {
-            Some(bytes) => serde_json::from_slice::<StoredReply>(&bytes)
-                .map(|s| Some(s.reply))
-                .map_err(|e| StoreError::Corrupt(format!("reply {key}: {e}"))),
-            None => Ok(None),
-        }
+    pub async fn stored_reply(&self, key: &str) -> Result<Option<Reply>, StoreError> {
+        let Some(bytes) = self.replies.get(key.as_bytes())? else {
+            return Ok(None);
+        };
+        let reply = decode(key.as_bytes(), &bytes)?;
+        self.flusher.flush().await?;
+        Ok(Some(reply))
+    }
+
+    /// Runs `change` on the state tree in one transaction, then flushes
+    /// (set-up writes such as seeding, which answer no command).
+    ///
+    /// # Errors
+    /// sled errors, corrupt data (the change aborted).
+    pub fn update_state<F>(&self, change: F) -> Result<(), StoreError>
+    where
+        F: Fn(&TransactionalTree) -> TxResult<()>,
+    {
+        self.state
+            .transaction(|state| change(state))
+            .map_err(|e| match e {
+                TransactionError::Abort(reason) => StoreError::Corrupt(reason),
+                TransactionError::Storage(e) => StoreError::Sled(e),
+            })?;
+        self.db.flush()?;
+        Ok(())
     }
 
     /// Runs a forward `effect` once per `key`: returns `(reply, true)` with
@@ -203,10 +309,10 @@ impl Store {
             }
             Err(TransactionError::Storage(e)) => return Err(StoreError::Sled(e)),
         };
-        if !hit {
-            // Write-ahead: the effect and its stored reply are durable before anyone hears of them.
-            self.db.flush_async().await?;
-        }
+        // Write-ahead: the effect and its stored reply are durable before anyone
+        // hears of them. Also on a hit: the stored reply may come from a
+        // concurrent duplicate whose own flush has not finished yet.
+        self.flusher.flush().await?;
         Ok((reply, hit))
     }
 
@@ -215,7 +321,37 @@ impl Store {
     /// # Errors
     /// sled errors.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await?;
-        Ok(())
+        self.flusher.flush().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_values_carry_a_format_version() {
+        let bytes = encode(&Reply::rejected("x")).expect("encodes");
+        let text = String::from_utf8(bytes.clone()).expect("utf8");
+        assert!(text.starts_with(r#"{"v":1,"#), "{text}");
+        assert_eq!(
+            decode::<Reply>(b"k", &bytes).expect("decodes"),
+            Reply::rejected("x")
+        );
+        let newer = br#"{"v":2,"data":{"outcome":"ok"}}"#;
+        assert!(matches!(decode::<Reply>(b"k", newer), Err(StoreError::Corrupt(m)) if m.contains("version")));
+        assert!(matches!(
+            decode::<Reply>(b"k", b"{}"),
+            Err(StoreError::Corrupt(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_compensation_key_is_required() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = Store::new(sled::open(dir.path()).expect("sled")).expect("store");
+        let r = store.apply_compensation("s/step/forward", |_, _, _| Ok(Reply::ok(serde_json::Value::Null)));
+        assert!(r.await.is_err());
+        assert_eq!(store.stored_reply("s/step/forward").await.expect("reads"), None);
     }
 }

@@ -5,6 +5,10 @@
 //! lines are kept under the forward idempotency key so `release` puts back
 //! exactly what was taken, whatever its payload says. Invariant: per SKU,
 //! available + reserved only changes by seeding.
+//!
+//! It owns the `stock/<sku>` and `reservation/<forward key>` entries of its
+//! state tree and nothing else; idempotency and durability are
+//! [`crate::dedupe`]'s, NATS is [`crate::runtime`]'s.
 
 use std::{
     collections::BTreeMap,
@@ -15,7 +19,7 @@ use std::{
     },
 };
 
-use saga_proto::wire::{Command, CommandKind, Item, Reply};
+use saga_proto::wire::{saga_of_key, Command, CommandKind, Item, Reply};
 use serde::{Deserialize, Serialize};
 use sled::transaction::ConflictableTransactionError;
 use tokio_util::sync::CancellationToken;
@@ -24,7 +28,7 @@ use tracing::{error, info};
 use crate::{
     dedupe::{tx_get, tx_put, Store, StoreError, TxResult},
     runtime::{self, BoxFuture, Handler},
-    LogFormat,
+    ConfigError, LogFormat,
 };
 
 /// Inventory settings: defaults, environment, flags.
@@ -47,7 +51,8 @@ pub struct InventoryConfig {
     /// Initial stock as `SKU=N,SKU=N`.
     #[arg(long, env = "INVENTORY_STOCK", value_delimiter = ',', value_parser = parse_stock)]
     pub stock: Vec<(String, u64)>,
-    /// Overwrite stored stock with the seed (otherwise only new SKUs are seeded).
+    /// Set the seeded SKUs' available stock to the seed even when stored
+    /// (otherwise only SKUs not yet stored are seeded). Reservations held are kept.
     #[arg(long, env = "INVENTORY_RESET_STOCK")]
     pub reset_stock: bool,
     /// Log format.
@@ -83,22 +88,48 @@ impl InventoryConfig {
         }
     }
 
-    /// The seed: the stock file's entries, then the `--stock` ones.
+    /// The seed: the stock file's entries, then the `--stock` ones (which
+    /// win for a SKU named in both).
     ///
     /// # Errors
-    /// Unreadable or invalid stock file.
-    pub fn seed(&self) -> anyhow::Result<Vec<(String, u64)>> {
-        let mut seed = Vec::new();
+    /// Unreadable or invalid stock file, an empty SKU.
+    pub fn seed(&self) -> Result<BTreeMap<String, u64>, ConfigError> {
+        let mut seed = BTreeMap::new();
         if let Some(path) = &self.stock_file {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| anyhow::anyhow!("stock file {}: {e}", path.display()))?;
-            let map: BTreeMap<String, u64> = serde_json::from_str(&text).map_err(|e| {
-                anyhow::anyhow!("stock file {}: expected {{\"SKU\": N}}: {e}", path.display())
-            })?;
+            let bad = |reason: String| ConfigError::StockFile {
+                path: path.clone(),
+                reason,
+            };
+            let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+            let map: BTreeMap<String, u64> =
+                serde_json::from_str(&text).map_err(|e| bad(format!("expected {{\"SKU\": N, …}}: {e}")))?;
+            if map.keys().any(|sku| sku.trim().is_empty()) {
+                return Err(bad("empty SKU".into()));
+            }
             seed.extend(map);
         }
         seed.extend(self.stock.iter().cloned());
         Ok(seed)
+    }
+
+    /// Checks the settings (and reads the stock file) before anything starts.
+    ///
+    /// # Errors
+    /// An empty NATS URL or data dir, an unreadable or invalid stock file.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.nats_url.trim().is_empty() {
+            return Err(ConfigError::Invalid {
+                setting: "nats-url",
+                reason: "empty".into(),
+            });
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(ConfigError::Invalid {
+                setting: "data-dir",
+                reason: "empty".into(),
+            });
+        }
+        self.seed().map(|_| ())
     }
 }
 
@@ -111,12 +142,15 @@ pub struct Level {
     pub reserved: u64,
 }
 
+const STOCK_PREFIX: &str = "stock/";
+const RESERVATION_PREFIX: &str = "reservation/";
+
 fn stock_key(sku: &str) -> String {
-    format!("stock/{sku}")
+    format!("{STOCK_PREFIX}{sku}")
 }
 
 fn reservation_key(forward_key: &str) -> String {
-    format!("reservation/{forward_key}")
+    format!("{RESERVATION_PREFIX}{forward_key}")
 }
 
 /// The inventory handler.
@@ -129,24 +163,35 @@ pub struct Inventory {
 const ACTIONS: &[&str] = &["reserve", "release"];
 
 impl Inventory {
-    /// Opens the inventory in `db` and applies `seed` (only to SKUs not
-    /// stored yet, unless `reset`).
+    /// Opens the inventory in `db` and applies `seed` in one flushed
+    /// transaction: only to SKUs not stored yet, so a restart never re-seeds
+    /// over live stock; with `reset`, a stored SKU's `available` is set to
+    /// the seed and its `reserved` units (held by live reservations, which a
+    /// release will return) are kept.
     ///
     /// # Errors
-    /// sled errors.
-    pub fn open(db: sled::Db, seed: &[(String, u64)], reset: bool) -> Result<Self, StoreError> {
+    /// sled errors, corrupt stored stock.
+    pub fn open(db: sled::Db, seed: &BTreeMap<String, u64>, reset: bool) -> Result<Self, StoreError> {
         let store = Store::new(db)?;
-        for (sku, n) in seed {
-            let key = stock_key(sku);
-            if reset || store.state().get(key.as_bytes())?.is_none() {
-                let level = Level {
-                    available: *n,
-                    reserved: 0,
+        store.update_state(|state| {
+            for (sku, n) in seed {
+                let key = stock_key(sku);
+                let stored: Option<Level> = tx_get(state, &key)?;
+                let level = match stored {
+                    None => Level {
+                        available: *n,
+                        reserved: 0,
+                    },
+                    Some(level) if reset => Level {
+                        available: *n,
+                        ..level
+                    },
+                    Some(_) => continue,
                 };
-                let bytes = serde_json::to_vec(&level).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                store.state().insert(key.as_bytes(), bytes)?;
+                tx_put(state, &key, &level)?;
             }
-        }
+            Ok(())
+        })?;
         Ok(Inventory {
             store,
             commands: AtomicU64::new(0),
@@ -159,14 +204,7 @@ impl Inventory {
     /// # Errors
     /// sled errors; corrupt values.
     pub fn levels(&self) -> Result<BTreeMap<String, Level>, StoreError> {
-        let mut out = BTreeMap::new();
-        for kv in self.store.state().scan_prefix(b"stock/") {
-            let (k, v) = kv?;
-            let sku = String::from_utf8_lossy(&k["stock/".len()..]).to_string();
-            let level = serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(format!("{sku}: {e}")))?;
-            out.insert(sku, level);
-        }
-        Ok(out)
+        self.store.scan(STOCK_PREFIX).collect()
     }
 
     async fn run(&self, cmd: Command) -> Result<Reply, StoreError> {
@@ -294,6 +332,20 @@ impl Handler for Inventory {
         })
     }
 
+    /// `{saga_id: {sku: units held}}` for every reservation not released.
+    fn effects(&self) -> serde_json::Value {
+        let mut out = serde_json::Map::new();
+        for entry in self.store.scan::<BTreeMap<String, u64>>(RESERVATION_PREFIX) {
+            match entry {
+                Ok((key, lines)) => {
+                    out.insert(saga_of_key(&key).to_string(), serde_json::json!(lines));
+                }
+                Err(e) => return serde_json::json!({"error": e.to_string()}),
+            }
+        }
+        serde_json::Value::Object(out)
+    }
+
     fn flush(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             if let Err(e) = self.store.flush().await {
@@ -306,14 +358,15 @@ impl Handler for Inventory {
 /// Runs the inventory service until `shutdown` fires.
 ///
 /// # Errors
-/// Invalid seed, sled cannot open the data dir, NATS subscription failure.
+/// Invalid settings or stock file, sled cannot open the data dir, shutdown
+/// before NATS was reachable, NATS subscription failure.
 pub async fn run(config: InventoryConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    config.validate()?;
     let seed = config.seed()?;
-    std::fs::create_dir_all(&config.data_dir)?;
-    let db = sled::open(&config.data_dir)?;
+    let db = crate::open_db(&config.data_dir)?;
     let inventory = Arc::new(Inventory::open(db, &seed, config.reset_stock)?);
     info!(data_dir = %config.data_dir.display(), skus = inventory.levels()?.len(), "inventory opened");
-    let client = crate::connect(&config.nats_url, "saga-inventory").await?;
+    let client = crate::connect(&config.nats_url, "saga-inventory", &shutdown).await?;
     runtime::serve(client.clone(), inventory, shutdown).await?;
     let _ = tokio::time::timeout(runtime::NATS_GRACE, client.drain()).await;
     Ok(())
@@ -321,13 +374,15 @@ pub async fn run(config: InventoryConfig, shutdown: CancellationToken) -> anyhow
 
 #[cfg(test)]
 mod tests {
+    use clap::Parser;
     use saga_proto::wire::{self, OrderPayload};
 
     use super::*;
 
     fn inventory(dir: &Path) -> Inventory {
         let db = sled::open(dir).expect("sled");
-        Inventory::open(db, &[("A".into(), 10), ("B".into(), 1)], false).expect("open")
+        let seed = BTreeMap::from([("A".to_string(), 10), ("B".to_string(), 1)]);
+        Inventory::open(db, &seed, false).expect("open")
     }
 
     fn cmd(saga: &str, kind: CommandKind, items: &[(&str, u32)]) -> Command {
@@ -440,5 +495,73 @@ mod tests {
         assert!(parse_stock("A-1").is_err());
         assert!(parse_stock("=5").is_err());
         assert!(parse_stock("A=x").is_err());
+    }
+
+    fn total(inv: &Inventory) -> BTreeMap<String, u64> {
+        let levels = inv.levels().expect("levels");
+        levels
+            .into_iter()
+            .map(|(s, l)| (s, l.available + l.reserved))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_release_after_a_rejected_reserve_undoes_nothing_and_stock_is_conserved() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let inv = inventory(dir.path());
+        let before = total(&inv);
+        inv.handle(cmd("s1", CommandKind::Forward, &[("A", 2)])).await;
+        let no = inv
+            .handle(cmd("s2", CommandKind::Forward, &[("A", 1), ("B", 5)]))
+            .await;
+        assert_eq!(no, Reply::rejected("insufficient_stock"));
+        let r = inv.handle(cmd("s2", CommandKind::Compensate, &[])).await;
+        assert!(matches!(r, Reply::Ok { .. }), "{r:?}");
+        assert_eq!((level(&inv, "A"), level(&inv, "B")), ((8, 2), (1, 0)));
+        assert_eq!(total(&inv), before, "available + reserved is conserved per SKU");
+        assert_eq!(inv.effects(), serde_json::json!({"s1": {"A": 2}}));
+        assert_eq!(
+            inv.stats()["stock"]["A"],
+            serde_json::json!({"available": 8, "reserved": 2})
+        );
+    }
+
+    #[tokio::test]
+    async fn reset_stock_sets_available_and_keeps_reservations() {
+        let dir = tempfile::tempdir().expect("tmp");
+        {
+            let inv = inventory(dir.path());
+            inv.handle(cmd("s1", CommandKind::Forward, &[("A", 4)])).await;
+        }
+        let db = sled::open(dir.path()).expect("sled");
+        let seed = BTreeMap::from([("A".to_string(), 50), ("C".to_string(), 7)]);
+        let inv = Inventory::open(db, &seed, true).expect("open");
+        assert_eq!(
+            (level(&inv, "A"), level(&inv, "B"), level(&inv, "C")),
+            ((50, 4), (1, 0), (7, 0))
+        );
+        inv.handle(cmd("s1", CommandKind::Compensate, &[])).await;
+        assert_eq!(level(&inv, "A"), (54, 0));
+    }
+
+    #[test]
+    fn config_reads_the_stock_file_and_flags() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let file = dir.path().join("stock.json");
+        std::fs::write(&file, r#"{"A-1": 100, "B-2": 5}"#).expect("write");
+        let path = file.display().to_string();
+        let config =
+            InventoryConfig::try_parse_from(["inventory", "--stock-file", &path, "--stock", "B-2=9,C-3=1"])
+                .expect("parses");
+        config.validate().expect("valid");
+        let want = BTreeMap::from([("A-1".into(), 100), ("B-2".into(), 9), ("C-3".into(), 1)]);
+        assert_eq!(config.seed().expect("seed"), want);
+        assert_eq!(config.data_dir, PathBuf::from("./data/inventory"));
+
+        std::fs::write(&file, r#"["A-1"]"#).expect("write");
+        assert!(matches!(config.validate(), Err(ConfigError::StockFile { .. })));
+        let missing = InventoryConfig::try_parse_from(["inventory", "--stock-file", "/nonexistent.json"]);
+        assert!(missing.expect("parses").validate().is_err());
+        assert!(InventoryConfig::try_parse_from(["inventory", "--stock", "A-1"]).is_err());
     }
 }

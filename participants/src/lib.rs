@@ -10,12 +10,48 @@
 //! - [`inventory`] and [`payment`]: the handlers and their `run` functions.
 //!
 //! A third participant is a new [`runtime::Handler`] plus a YAML step.
+//!
+//! This root holds only process plumbing shared by the binaries (config
+//! errors, tracing set-up, NATS connection, signals, opening sled); it holds
+//! no business rule and no saga state (that is the coordinator's).
 #![deny(unreachable_pub)]
 
 pub mod dedupe;
 pub mod inventory;
 pub mod payment;
 pub mod runtime;
+
+/// Invalid settings, found by a config's `validate()` before anything starts.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A setting is out of range or inconsistent.
+    #[error("invalid setting `{setting}`: {reason}")]
+    Invalid {
+        /// The flag's name.
+        setting: &'static str,
+        /// Why it is refused.
+        reason: String,
+    },
+    /// The stock file cannot be read or is not `{"SKU": N, …}`.
+    #[error("stock file {path}: {reason}")]
+    StockFile {
+        /// Path as given.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// The first connection to NATS did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The URL or options are unusable (retrying would not help).
+    #[error("nats connect: {0}")]
+    Nats(#[from] async_nats::ConnectError),
+    /// Shutdown was requested before NATS became reachable.
+    #[error("shut down before NATS was reachable")]
+    ShutDown,
+}
 
 /// Log output format of the participant binaries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -39,17 +75,56 @@ pub fn init_tracing(format: LogFormat) {
     }
 }
 
-/// Connects to NATS, retrying the first connection until the server is up.
+/// Connects to NATS. The first connection is retried with exponential
+/// backoff and jitter (`backon`) until it succeeds or `shutdown` fires;
+/// afterwards async-nats reconnects by itself, without limit.
 ///
 /// # Errors
-/// Invalid connection options.
-pub async fn connect(nats_url: &str, name: &str) -> anyhow::Result<async_nats::Client> {
-    let client = async_nats::ConnectOptions::new()
-        .name(name)
-        .retry_on_initial_connect()
-        .connect(nats_url)
-        .await?;
-    Ok(client)
+/// An unparsable URL, or shutdown before the first connection.
+pub async fn connect(
+    nats_url: &str,
+    name: &str,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Result<async_nats::Client, ConnectError> {
+    use backon::Retryable;
+    let attempt = || async {
+        async_nats::ConnectOptions::new()
+            .name(name)
+            .max_reconnects(None)
+            .event_callback(|event| async move {
+                match event {
+                    async_nats::Event::Connected => tracing::info!("nats connected"),
+                    async_nats::Event::Disconnected => tracing::warn!("nats disconnected"),
+                    other => tracing::info!(event = %other, "nats event"),
+                }
+            })
+            .connect(nats_url)
+            .await
+    };
+    let backoff = backon::ExponentialBuilder::default()
+        .with_min_delay(std::time::Duration::from_millis(100))
+        .with_max_delay(std::time::Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times();
+    let connecting = attempt
+        .retry(backoff)
+        .when(|e| e.kind() != async_nats::ConnectErrorKind::ServerParse)
+        .notify(|e, delay| tracing::warn!(error = %e, retry_in = ?delay, "cannot reach NATS; retrying"));
+    tokio::select! {
+        client = connecting => Ok(client?),
+        _ = shutdown.cancelled() => Err(ConnectError::ShutDown),
+    }
+}
+
+/// Opens (creating it if needed) the sled database in `dir`.
+///
+/// # Errors
+/// The directory cannot be created, or sled cannot open it (e.g. another
+/// process holds its lock); the message names the directory.
+pub fn open_db(dir: &std::path::Path) -> anyhow::Result<sled::Db> {
+    use anyhow::Context;
+    std::fs::create_dir_all(dir).with_context(|| format!("data dir {}", dir.display()))?;
+    sled::open(dir).with_context(|| format!("sled database in {}", dir.display()))
 }
 
 /// Cancels `token` on SIGINT or SIGTERM (used by the binaries).

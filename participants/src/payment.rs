@@ -8,6 +8,11 @@
 //! transaction re-checks the key (a duplicate or a refund may have won
 //! meanwhile: then no ledger entry) and writes the ledger entry with the
 //! stored reply. `refund` marks the charge refunded, once.
+//!
+//! It owns the `charge/<forward key>` ledger entries of its state tree; it
+//! never holds a transaction (or anything else) across the gateway call, and
+//! leaves idempotency and durability to [`crate::dedupe`], NATS to
+//! [`crate::runtime`].
 
 use std::{
     path::{Path, PathBuf},
@@ -20,7 +25,7 @@ use std::{
 
 use failsafe::{futures::CircuitBreaker, Config as BreakerConfig, Instrument};
 use rand::Rng;
-use saga_proto::wire::{Command, CommandKind, Reply};
+use saga_proto::wire::{saga_of_key, Command, CommandKind, Reply};
 use serde::{Deserialize, Serialize};
 use sled::transaction::ConflictableTransactionError;
 use tokio_util::sync::CancellationToken;
@@ -29,7 +34,7 @@ use tracing::{error, info, warn};
 use crate::{
     dedupe::{tx_get, tx_put, Store, StoreError},
     runtime::{self, BoxFuture, Handler},
-    LogFormat,
+    ConfigError, LogFormat,
 };
 
 /// Payment settings: defaults, environment, flags.
@@ -61,9 +66,13 @@ pub struct PaymentConfig {
     /// Consecutive gateway failures that open the circuit breaker.
     #[arg(long, env = "PAYMENT_BREAKER_FAILURES", default_value_t = 5)]
     pub breaker_failures: u32,
-    /// How long an open breaker rejects calls before trying again.
+    /// How long an open breaker first rejects calls before trying again;
+    /// doubled each time the trial call fails, up to `--breaker-max-wait`.
     #[arg(long, env = "PAYMENT_BREAKER_WAIT", default_value = "1s", value_parser = humantime::parse_duration)]
     pub breaker_wait: Duration,
+    /// Longest time an open breaker rejects calls.
+    #[arg(long, env = "PAYMENT_BREAKER_MAX_WAIT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub breaker_max_wait: Duration,
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "pretty")]
     pub log_format: LogFormat,
@@ -87,23 +96,40 @@ impl PaymentConfig {
             gateway_failure_rate,
             breaker_failures: 5,
             breaker_wait: Duration::from_millis(200),
+            breaker_max_wait: Duration::from_millis(800),
             log_format: LogFormat::Pretty,
         }
     }
 
-    /// Checks the settings.
+    /// Checks the settings before anything starts.
     ///
     /// # Errors
-    /// A failure rate outside 0..=1, a limit ≤ 0, a breaker threshold of 0.
-    pub fn validate(&self) -> anyhow::Result<()> {
+    /// An empty NATS URL, a failure rate outside 0..=1, a limit ≤ 0, a breaker
+    /// threshold of 0, a zero breaker wait or a max wait below it.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |setting, reason: &str| {
+            Err(ConfigError::Invalid {
+                setting,
+                reason: reason.into(),
+            })
+        };
+        if self.nats_url.trim().is_empty() {
+            return invalid("nats-url", "empty");
+        }
         if !(0.0..=1.0).contains(&self.gateway_failure_rate) {
-            anyhow::bail!("gateway_failure_rate must be within 0.0..=1.0");
+            return invalid("gateway-failure-rate", "must be within 0.0..=1.0");
         }
         if self.customer_limit_cents <= 0 {
-            anyhow::bail!("customer_limit_cents must be > 0");
+            return invalid("customer-limit-cents", "must be > 0");
         }
         if self.breaker_failures == 0 {
-            anyhow::bail!("breaker_failures must be ≥ 1");
+            return invalid("breaker-failures", "must be ≥ 1");
+        }
+        if self.breaker_wait.is_zero() {
+            return invalid("breaker-wait", "must be > 0");
+        }
+        if self.breaker_max_wait < self.breaker_wait {
+            return invalid("breaker-max-wait", "must be ≥ breaker-wait");
         }
         Ok(())
     }
@@ -159,10 +185,26 @@ impl Instrument for BreakerLog {
 #[derive(Debug)]
 struct GatewayDown;
 
-type Breaker = failsafe::StateMachine<
-    failsafe::failure_policy::ConsecutiveFailures<failsafe::backoff::Constant>,
-    BreakerLog,
->;
+/// How long the breaker stays open: `start`, doubled per failed trial call,
+/// capped at `max`; the policy starts again from `start` once a call succeeds.
+/// (failsafe's own `exponential` refuses durations under one second.)
+#[derive(Debug, Clone)]
+struct OpenBackoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Iterator for OpenBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let current = self.next;
+        self.next = current.saturating_mul(2).min(self.max);
+        Some(current)
+    }
+}
+
+type Breaker = failsafe::StateMachine<failsafe::failure_policy::ConsecutiveFailures<OpenBackoff>, BreakerLog>;
 
 /// The payment handler.
 pub struct Payment {
@@ -175,8 +217,10 @@ pub struct Payment {
 
 const ACTIONS: &[&str] = &["charge", "refund"];
 
+const LEDGER_PREFIX: &str = "charge/";
+
 fn ledger_key(forward_key: &str) -> String {
-    format!("charge/{forward_key}")
+    format!("{LEDGER_PREFIX}{forward_key}")
 }
 
 impl Payment {
@@ -185,10 +229,11 @@ impl Payment {
     /// # Errors
     /// sled errors.
     pub fn open(db: sled::Db, config: PaymentConfig) -> Result<Self, StoreError> {
-        let policy = failsafe::failure_policy::consecutive_failures(
-            config.breaker_failures,
-            failsafe::backoff::constant(config.breaker_wait),
-        );
+        let backoff = OpenBackoff {
+            next: config.breaker_wait,
+            max: config.breaker_max_wait.max(config.breaker_wait),
+        };
+        let policy = failsafe::failure_policy::consecutive_failures(config.breaker_failures, backoff);
         let breaker = BreakerConfig::new()
             .failure_policy(policy)
             .instrument(BreakerLog)
@@ -208,10 +253,8 @@ impl Payment {
     /// sled errors; corrupt entries.
     pub fn totals(&self) -> Result<Totals, StoreError> {
         let mut t = Totals::default();
-        for kv in self.store.state().scan_prefix(b"charge/") {
-            let (k, v) = kv?;
-            let c: Charge = serde_json::from_slice(&v)
-                .map_err(|e| StoreError::Corrupt(format!("{}: {e}", String::from_utf8_lossy(&k))))?;
+        for entry in self.store.scan::<Charge>(LEDGER_PREFIX) {
+            let (_, c) = entry?;
             t.charged_cents += c.amount_cents;
             t.charges += 1;
             if c.refunded {
@@ -225,8 +268,8 @@ impl Payment {
     /// The simulated gateway: latency, then a transient failure with the configured probability.
     async fn gateway(&self) -> Result<String, GatewayDown> {
         tokio::time::sleep(self.config.gateway_latency).await;
-        let fail = self.config.gateway_failure_rate > 0.0
-            && rand::rng().random_bool(self.config.gateway_failure_rate);
+        // Never panics, whatever the (unvalidated, in tests) rate: 0 never fails, ≥ 1 always does.
+        let fail = rand::rng().random::<f64>() < self.config.gateway_failure_rate;
         if fail {
             Err(GatewayDown)
         } else {
@@ -236,7 +279,7 @@ impl Payment {
 
     async fn charge(&self, cmd: &Command) -> Result<(Reply, bool), StoreError> {
         let key = cmd.idempotency_key.as_str();
-        if let Some(stored) = self.store.stored_reply(key)? {
+        if let Some(stored) = self.store.stored_reply(key).await? {
             return Ok((stored, true));
         }
         let p = &cmd.payload;
@@ -344,6 +387,21 @@ impl Handler for Payment {
         v
     }
 
+    /// `{saga_id: {"amount_cents": n, "refunded": bool}}` for every ledger entry.
+    fn effects(&self) -> serde_json::Value {
+        let mut out = serde_json::Map::new();
+        for entry in self.store.scan::<Charge>(LEDGER_PREFIX) {
+            match entry {
+                Ok((key, c)) => {
+                    let entry = serde_json::json!({"amount_cents": c.amount_cents, "refunded": c.refunded});
+                    out.insert(saga_of_key(&key).to_string(), entry);
+                }
+                Err(e) => return serde_json::json!({"error": e.to_string()}),
+            }
+        }
+        serde_json::Value::Object(out)
+    }
+
     fn flush(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             if let Err(e) = self.store.flush().await {
@@ -356,15 +414,15 @@ impl Handler for Payment {
 /// Runs the payment service until `shutdown` fires.
 ///
 /// # Errors
-/// Invalid settings, sled cannot open the data dir, NATS subscription failure.
+/// Invalid settings, sled cannot open the data dir, shutdown before NATS was
+/// reachable, NATS subscription failure.
 pub async fn run(config: PaymentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     config.validate()?;
-    std::fs::create_dir_all(&config.data_dir)?;
-    let db = sled::open(&config.data_dir)?;
+    let db = crate::open_db(&config.data_dir)?;
     let nats_url = config.nats_url.clone();
     let payment = Arc::new(Payment::open(db, config)?);
     info!(totals = ?payment.totals()?, "payment ledger opened");
-    let client = crate::connect(&nats_url, "saga-payment").await?;
+    let client = crate::connect(&nats_url, "saga-payment", &shutdown).await?;
     runtime::serve(client.clone(), payment, shutdown).await?;
     let _ = tokio::time::timeout(runtime::NATS_GRACE, client.drain()).await;
     Ok(())
@@ -503,5 +561,101 @@ mod tests {
         assert!(replies.iter().all(|r| r == &replies[0]), "{replies:?}");
         assert_eq!(p.totals().expect("totals").charges, 1);
         assert_eq!(figures(&p), (900, 0));
+    }
+
+    #[tokio::test]
+    async fn declined_customers_are_rejected_and_the_decline_is_stored() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let db = sled::open(dir.path()).expect("sled");
+        let mut config = PaymentConfig::for_tests("nats://unused", dir.path(), 10_000, Duration::ZERO, 0.0);
+        config.declined_customers = vec!["c".into()];
+        let p = Payment::open(db, config).expect("open");
+        let r = p.handle(cmd("s1", CommandKind::Forward, 5)).await;
+        assert_eq!(r, Reply::rejected("card_declined"));
+        assert_eq!(p.handle(cmd("s1", CommandKind::Forward, 5)).await, r);
+        assert_eq!(p.stats()["dedupe_hits"], 1);
+        assert_eq!(p.totals().expect("totals"), Totals::default());
+    }
+
+    #[tokio::test]
+    async fn the_ledger_survives_a_restart_and_refunds_once() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let first = {
+            let p = payment(dir.path(), Duration::ZERO, 0.0);
+            p.handle(cmd("s1", CommandKind::Forward, 300)).await;
+            p.handle(cmd("s2", CommandKind::Forward, 200)).await
+        };
+        let p = payment(dir.path(), Duration::ZERO, 0.0);
+        assert_eq!(figures(&p), (500, 0));
+        assert_eq!(
+            p.handle(cmd("s2", CommandKind::Forward, 200)).await,
+            first,
+            "same charge id"
+        );
+        assert!(matches!(
+            p.handle(cmd("s2", CommandKind::Compensate, 200)).await,
+            Reply::Ok { .. }
+        ));
+        drop(p);
+        let p = payment(dir.path(), Duration::ZERO, 0.0);
+        p.handle(cmd("s2", CommandKind::Compensate, 200)).await;
+        let stats = p.stats();
+        assert_eq!(
+            (
+                &stats["charged_cents"],
+                &stats["refunded_cents"],
+                &stats["charges"],
+                &stats["refunds"]
+            ),
+            (&500.into(), &200.into(), &2.into(), &1.into())
+        );
+        assert_eq!(
+            p.effects()["s2"],
+            serde_json::json!({"amount_cents": 200, "refunded": true})
+        );
+    }
+
+    #[test]
+    fn flags_parse_and_validate() {
+        use clap::Parser;
+        let c = PaymentConfig::try_parse_from([
+            "payment",
+            "--gateway-latency",
+            "20ms",
+            "--gateway-failure-rate",
+            "0.25",
+            "--declined-customers",
+            "c1,c2",
+        ])
+        .expect("parses");
+        c.validate().expect("valid");
+        assert_eq!(c.gateway_latency, Duration::from_millis(20));
+        assert_eq!(c.declined_customers, vec!["c1".to_string(), "c2".to_string()]);
+        assert_eq!(
+            (c.customer_limit_cents, c.data_dir.as_path()),
+            (100_000, Path::new("./data/payment"))
+        );
+        let bad = PaymentConfig {
+            gateway_failure_rate: 1.5,
+            ..c.clone()
+        };
+        assert!(
+            matches!(bad.validate(), Err(ConfigError::Invalid { setting, .. }) if setting == "gateway-failure-rate")
+        );
+        let bad = PaymentConfig {
+            breaker_max_wait: Duration::from_millis(1),
+            ..c
+        };
+        assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn the_breaker_stays_open_longer_after_each_failed_trial() {
+        let b = OpenBackoff {
+            next: Duration::from_millis(100),
+            max: Duration::from_millis(350),
+        };
+        let waits: Vec<_> = b.take(4).map(|d| d.as_millis()).collect();
+        assert_eq!(waits, vec![100, 200, 350, 350]);
     }
 }

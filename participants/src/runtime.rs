@@ -1,12 +1,16 @@
-//! The participant runtime: the NATS side every participant shares.
+//! The participant runtime: the NATS side every participant shares, so that a
+//! third participant is only a [`Handler`].
 //!
 //! [`serve`] queue-subscribes to `saga.cmd.<participant>.*` in the queue group
-//! `<participant>` (instances share the load) and answers
-//! `saga.admin.<participant>.stats`. Each command runs in its own tracked
-//! task, so a slow one never holds up the others. [`decode`] turns untrusted
+//! `<participant>` (instances share the load) and answers the read-only
+//! `saga.admin.<participant>.stats` and `….effects`. Each command runs in its
+//! own tracked task, so a slow one (gateway latency) never holds up the
+//! others, and shutdown waits for those in flight. [`decode`] turns untrusted
 //! bytes into a [`Command`] or a reason; the reason goes back as an `error`
-//! reply with a log line. Handlers own effects and idempotency (see
-//! [`crate::dedupe`]); this module never touches sled.
+//! reply with a warning, never a panic.
+//!
+//! Handlers own effects and idempotency (see [`crate::dedupe`]); this module
+//! never touches sled and never decides a business outcome.
 
 use std::{future::Future, pin::Pin, sync::Arc};
 
@@ -32,6 +36,9 @@ pub trait Handler: Send + Sync + 'static {
     fn handle(&self, command: Command) -> BoxFuture<'_, Reply>;
     /// Current figures, as JSON, for `saga.admin.<participant>.stats`.
     fn stats(&self) -> serde_json::Value;
+    /// The effects that exist now, per saga id, as JSON, for
+    /// `saga.admin.<participant>.effects` (audits and the chaos suite).
+    fn effects(&self) -> serde_json::Value;
     /// Makes everything durable (at shutdown).
     fn flush(&self) -> BoxFuture<'_, ()>;
 }
@@ -74,8 +81,10 @@ pub fn decode(subject: &str, body: &[u8], actions: &[&str]) -> Result<Command, S
     Ok(cmd)
 }
 
-/// Serves `handler` until `shutdown` fires; then stops taking commands,
-/// waits for the ones in flight and flushes.
+/// Serves `handler` until `shutdown` fires; then stops taking commands
+/// (draining what NATS already delivered), waits for the ones in flight and
+/// flushes. The participant's name, subject token and queue group are
+/// `handler.participant()`.
 ///
 /// # Errors
 /// Subscribing failed.
@@ -88,7 +97,9 @@ pub async fn serve(
     let mut commands = client
         .queue_subscribe(format!("{}.{name}.*", wire::COMMAND_SUBJECT_PREFIX), name.clone())
         .await?;
-    let mut stats = client.subscribe(wire::stats_subject(&name)).await?;
+    let mut admin = client
+        .subscribe(format!("{}.{name}.*", wire::ADMIN_SUBJECT_PREFIX))
+        .await?;
     info!(participant = %name, "serving commands");
     let tracker = TaskTracker::new();
     loop {
@@ -96,31 +107,57 @@ pub async fn serve(
             _ = shutdown.cancelled() => break,
             msg = commands.next() => match msg {
                 Some(msg) => {
-                    let (client, handler) = (client.clone(), handler.clone());
-                    tracker.spawn(process(client, handler, msg));
+                    tracker.spawn(process(client.clone(), handler.clone(), msg));
                 }
                 None => break,
             },
-            msg = stats.next() => match msg {
-                Some(msg) => if let Some(reply) = msg.reply {
-                    let body = serde_json::to_vec(&handler.stats()).unwrap_or_default();
-                    if let Err(e) = client.publish(reply, body.into()).await {
-                        warn!(error = %e, "stats reply failed");
-                    }
-                },
+            msg = admin.next() => match msg {
+                Some(msg) => answer_admin(&client, handler.as_ref(), msg).await,
                 None => break,
             },
         }
     }
-    // NATS may already be gone at shutdown: never wait on it for long.
+    info!(participant = %name, in_flight = tracker.len(), "stopping: no new commands");
+    // NATS may already be gone at shutdown: never wait on it for long. Commands
+    // the server delivered before the UNSUB are still handled, not dropped.
+    let _ = tokio::time::timeout(NATS_GRACE, admin.unsubscribe()).await;
+    let deadline = tokio::time::Instant::now() + NATS_GRACE;
+    if let Ok(Ok(())) = tokio::time::timeout_at(deadline, commands.drain()).await {
+        while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, commands.next()).await {
+            tracker.spawn(process(client.clone(), handler.clone(), msg));
+        }
+    }
     let _ = tokio::time::timeout(NATS_GRACE, commands.unsubscribe()).await;
-    let _ = tokio::time::timeout(NATS_GRACE, stats.unsubscribe()).await;
     tracker.close();
     tracker.wait().await;
     handler.flush().await;
     let _ = tokio::time::timeout(NATS_GRACE, client.flush()).await;
     info!(participant = %name, "stopped");
     Ok(())
+}
+
+/// Answers `saga.admin.<participant>.stats` and `….effects` (read-only).
+async fn answer_admin(client: &async_nats::Client, handler: &dyn Handler, msg: async_nats::Message) {
+    let Some(reply) = msg.reply else { return };
+    let answer = match msg.subject.rsplit('.').next() {
+        Some("stats") => handler.stats(),
+        Some("effects") => handler.effects(),
+        other => serde_json::json!({"error": format!("unknown admin query {other:?}")}),
+    };
+    let body = serde_json::to_vec(&answer).unwrap_or_default();
+    if let Err(e) = client.publish(reply, body.into()).await {
+        warn!(error = %e, "admin reply failed");
+    }
+}
+
+/// Best-effort ids of a body that did not decode, for the warning line.
+fn ids_of_malformed(body: &[u8]) -> [String; 4] {
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    ["saga_id", "step", "idempotency_key", "attempt"].map(|k| match &v[k] {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => String::new(),
+        other => other.to_string(),
+    })
 }
 
 async fn process(client: async_nats::Client, handler: Arc<dyn Handler>, msg: async_nats::Message) {
@@ -131,12 +168,21 @@ async fn process(client: async_nats::Client, handler: Arc<dyn Handler>, msg: asy
         .map(|v| v.as_str().to_string())
         .unwrap_or_default();
     let Some(reply_to) = msg.reply.clone() else {
-        warn!(subject = %msg.subject, correlation_id, "command without a reply subject; dropped");
+        let [saga_id, step, idempotency_key, attempt] = ids_of_malformed(&msg.payload);
+        warn!(
+            subject = %msg.subject, saga_id, correlation_id, step, attempt, idempotency_key,
+            "command without a reply subject; dropped unapplied"
+        );
         return;
     };
     let reply = match decode(&msg.subject, &msg.payload, handler.actions()) {
         Err(reason) => {
-            warn!(subject = %msg.subject, correlation_id, reason, "malformed command answered with an error");
+            let [saga_id, step, idempotency_key, attempt] = ids_of_malformed(&msg.payload);
+            let action = msg.subject.rsplit('.').next().unwrap_or_default();
+            warn!(
+                subject = %msg.subject, saga_id, correlation_id, step, attempt, idempotency_key, action,
+                reason, "malformed command answered with an error"
+            );
             Reply::error(reason)
         }
         Ok(cmd) => {

@@ -27,6 +27,16 @@ pub fn stats_subject(participant: &str) -> String {
     format!("{ADMIN_SUBJECT_PREFIX}.{participant}.stats")
 }
 
+/// Subject answering the effects a participant holds, per saga id, as JSON.
+pub fn effects_subject(participant: &str) -> String {
+    format!("{ADMIN_SUBJECT_PREFIX}.{participant}.effects")
+}
+
+/// The saga id of an idempotency key (`<saga_id>/<step>/<kind>`).
+pub fn saga_of_key(key: &str) -> &str {
+    key.split('/').next().unwrap_or(key)
+}
+
 /// Whether a command does a step's work or undoes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -8,6 +8,8 @@
 //! install it.
 #![deny(unreachable_pub)]
 
+pub mod procs;
+
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -76,6 +78,7 @@ pub struct NatsServer {
     child: Option<Child>,
     port: u16,
     dir: TempDir,
+    kills: u32,
 }
 
 impl NatsServer {
@@ -90,6 +93,7 @@ impl NatsServer {
             child: Some(child),
             port,
             dir,
+            kills: 0,
         })
     }
 
@@ -103,7 +107,13 @@ impl NatsServer {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+            self.kills += 1;
         }
+    }
+
+    /// How many times [`NatsServer::kill`] stopped a running server.
+    pub fn kill_count(&self) -> u32 {
+        self.kills
     }
 
     /// Starts it again on the same port.

@@ -1,18 +1,24 @@
-//! `payment` binary: parse config, set up tracing, wire signals, run.
+//! `payment` binary: parse config, set up tracing, wire SIGINT/SIGTERM to the
+//! shutdown token, run; a failure exits non-zero with the error.
+
+use std::process::ExitCode;
 
 use clap::Parser;
 use participants::{init_tracing, payment, shutdown_on_signal};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
     let config = payment::PaymentConfig::parse();
     init_tracing(config.log_format);
     let shutdown = CancellationToken::new();
     tokio::spawn(shutdown_on_signal(shutdown.clone()));
-    if let Err(e) = payment::run(config, shutdown).await {
-        tracing::error!(error = %e, "payment failed");
-        return Err(e);
+    match payment::run(config, shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "payment failed");
+            eprintln!("payment: {e:#}");
+            ExitCode::FAILURE
+        }
     }
-    Ok(())
 }
