@@ -394,6 +394,9 @@ async fn chaos_every_saga_ends_terminal_and_nothing_is_applied_twice() -> Result
 
     // The invariants.
     let nats = async_nats::connect(cluster.lock().await.nats.url()).await?;
+    // The last restart may still be connecting.
+    wait_participant(&nats, "inventory").await?;
+    wait_participant(&nats, "payment").await?;
     let sagas = all_sagas(addr, None).await?;
     let by_id: HashMap<&str, &pb::SagaSummary> = sagas.iter().map(|s| (s.saga_id.as_str(), s)).collect();
     let mut states: BTreeMap<&str, usize> = BTreeMap::new();
