@@ -13,6 +13,28 @@
 //!
 //! [`run`] wires them; `main.rs` only parses config and handles signals, and
 //! tests call the same `run` on an ephemeral port.
+//!
+//! # Why no command can leave before its state is durable
+//!
+//! Every path that sends something goes through [`runner`]'s commit:
+//! 1. an input (a `CreateOrder`, a reply, an operator event) is applied by the
+//!    pure [`engine`], which returns the new saga and the commands it implies;
+//! 2. [`store::Store::write`] puts the saga record, its history, its state
+//!    index entry, the outbox entries of those commands (and a dead letter
+//!    when it entered FAILED) in ONE sled transaction;
+//! 3. after the batch, ONE `flush` makes all of it durable; only when it
+//!    returns are `CreateOrder`/operator callers answered, commands handed to
+//!    [`dispatch`] and dead letters published. A failed flush stops the runner
+//!    (and the process) before anything is sent.
+//!
+//! [`dispatch`] has no other source of commands, and the API never writes to
+//! the store. A crash before step 3 completes loses only work nobody heard of:
+//! the caller sees an error and retries with the same idempotency key, or
+//! the previous state's command is still in the outbox and is re-sent with
+//! the same key on start. A crash after it replays commands whose replies
+//! were not recorded; participants answer those from their stored replies.
+//! Participants keep the mirror rule: effect and stored reply in one
+//! transaction, flushed before the reply is published.
 #![deny(unreachable_pub)]
 
 pub mod api;

@@ -382,6 +382,33 @@ async fn bad_grpc_input_is_refused_naming_the_field() -> Result<()> {
         .await
         .expect_err("size");
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    // Hostile sizes: too many items, absurd strings, an oversized request.
+    let many: Vec<(&str, u32)> = (0..101).map(|_| ("A-1", 1)).collect();
+    let err = g.create_order(order("c-1", &many, 100)).await.expect_err("items");
+    assert!(err.message().starts_with("items:"), "{}", err.message());
+    let long = "x".repeat(129);
+    let err = g
+        .create_order(order("c-1", &[(long.as_str(), 1)], 100))
+        .await
+        .expect_err("sku");
+    assert!(err.message().starts_with("items[0].sku:"), "{}", err.message());
+    let err = g
+        .create_order(order("c-\u{7}", &[("A-1", 1)], 100))
+        .await
+        .expect_err("control");
+    assert!(err.message().starts_with("customer_id:"), "{}", err.message());
+    let huge = "y".repeat(100_000);
+    let err = g
+        .create_order(order(&huge, &[("A-1", 1)], 100))
+        .await
+        .expect_err("too big");
+    assert!(
+        matches!(
+            err.code(),
+            tonic::Code::ResourceExhausted | tonic::Code::OutOfRange
+        ),
+        "oversized request: {err:?}"
+    );
     let all = g.list_sagas(pb::ListSagasRequest::default()).await?.into_inner();
     assert!(all.sagas.is_empty(), "refused requests created nothing");
     assert_eq!(stock(&s.client, "A-1").await?, (10, 0));
