@@ -12,7 +12,7 @@ NATS_SERVER := $(VENV)/bin/nats-server
 GRPCURL     := $(VENV)/bin/grpcurl
 CARGO       ?= cargo
 
-.PHONY: help tools build demo up test chaos verify fmt clippy doc compose-config clean
+.PHONY: help tools build demo up test chaos fuzz verify fmt clippy doc compose-config clean
 
 help:
 	@echo "make demo | make up | make test | make chaos | make verify | make tools | make compose-config | make clean"
@@ -49,6 +49,15 @@ chaos: tools
 	$(CARGO) build --workspace --bins
 	CHAOS_ORDERS=$(CHAOS_ORDERS) CHAOS_SECONDS=$(CHAOS_SECONDS) NATS_SERVER_BIN=$(abspath $(NATS_SERVER)) \
 	  $(CARGO) test -p saga-tests --test chaos -- --nocapture
+
+# Coverage-guided fuzzing (libFuzzer via cargo-fuzz; not part of CI) of the YAML loader, the NATS
+# envelope decoder and the CreateOrder decoding + validation. FUZZ_SECONDS per target.
+FUZZ_SECONDS ?= 300
+FUZZ_TARGETS := yaml_definition nats_envelope grpc_create_order
+fuzz:
+	@cargo fuzz --help >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
+	cd coordinator && for t in $(FUZZ_TARGETS); do \
+	  RUSTC_BOOTSTRAP=1 cargo fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) || exit 1; done
 
 doc:
 	RUSTDOCFLAGS=-Dwarnings $(CARGO) doc --workspace --no-deps

@@ -132,8 +132,12 @@ fn text(field: &str, value: &str, required: bool) -> Result<String, Status> {
     Ok(v.to_string())
 }
 
-/// Validates a `CreateOrderRequest` into a [`NewSaga`].
-fn validate_create(
+/// Validates a `CreateOrderRequest` into a [`NewSaga`]: the one boundary
+/// where an order from outside becomes a closed type (also a fuzz target).
+///
+/// # Errors
+/// `INVALID_ARGUMENT` naming the first bad field.
+pub fn validate_create(
     req: pb::CreateOrderRequest,
     definitions: &Definitions,
     correlation_id: String,

@@ -1,0 +1,25 @@
+//! Arbitrary protobuf bytes through the CreateOrder decoder and validation.
+#![no_main]
+use std::sync::OnceLock;
+
+use coordinator::definition::{self, Definitions};
+use libfuzzer_sys::fuzz_target;
+use prost::Message;
+
+fn definitions() -> &'static Definitions {
+    static DEFS: OnceLock<Definitions> = OnceLock::new();
+    DEFS.get_or_init(|| {
+        let yaml = "name: order\nversion: 1\nsteps:\n  - name: a\n    participant: p\n    action: x\n    compensation: none\n";
+        let mut d = Definitions::default();
+        if let Ok(def) = definition::parse(std::path::Path::new("fuzz.yaml"), yaml) {
+            let _ = d.insert(def);
+        }
+        d
+    })
+}
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(req) = saga_proto::pb::CreateOrderRequest::decode(data) {
+        let _ = coordinator::api::validate_create(req, definitions(), "fuzz".into());
+    }
+});
