@@ -402,12 +402,8 @@ impl Handler for Payment {
         serde_json::Value::Object(out)
     }
 
-    fn flush(&self) -> BoxFuture<'_, ()> {
-        Box::pin(async move {
-            if let Err(e) = self.store.flush().await {
-                error!(error = %e, "flush at shutdown failed");
-            }
-        })
+    fn store(&self) -> &Store {
+        &self.store
     }
 }
 

@@ -39,8 +39,8 @@ pub trait Handler: Send + Sync + 'static {
     /// The effects that exist now, per saga id, as JSON, for
     /// `saga.admin.<participant>.effects` (audits and the chaos suite).
     fn effects(&self) -> serde_json::Value;
-    /// Makes everything durable (at shutdown).
-    fn flush(&self) -> BoxFuture<'_, ()>;
+    /// The handler's sled store (flushed at shutdown).
+    fn store(&self) -> &crate::dedupe::Store;
 }
 
 /// Failure to serve.
@@ -130,7 +130,9 @@ pub async fn serve(
     let _ = tokio::time::timeout(NATS_GRACE, commands.unsubscribe()).await;
     tracker.close();
     tracker.wait().await;
-    handler.flush().await;
+    if let Err(e) = handler.store().flush().await {
+        warn!(error = %e, "flush at shutdown failed");
+    }
     let _ = tokio::time::timeout(NATS_GRACE, client.flush()).await;
     info!(participant = %name, "stopped");
     Ok(())

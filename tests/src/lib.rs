@@ -422,6 +422,30 @@ pub async fn wait_terminal(
     }
 }
 
+/// Polls `GetSaga` until `check` holds for the saga.
+///
+/// # Errors
+/// Not within [`WAIT`].
+pub async fn wait_saga(
+    client: &SagaServiceClient<Channel>,
+    saga_id: &str,
+    what: &str,
+    check: impl Fn(&pb::Saga) -> bool,
+) -> Result<()> {
+    let check = &check;
+    eventually(WAIT, what, || {
+        let mut g = client.clone();
+        async move {
+            g.get_saga(pb::GetSagaRequest {
+                saga_id: saga_id.into(),
+            })
+            .await
+            .is_ok_and(|r| check(&r.into_inner()))
+        }
+    })
+    .await
+}
+
 /// Polls until `check` holds.
 ///
 /// # Errors

@@ -67,16 +67,8 @@ async fn stuck_in_payment() -> Result<(System, String, tempfile::TempDir)> {
         .into_inner()
         .saga_id;
     let probe = s.grpc().await?;
-    eventually(WAIT, "saga waiting on payment", || {
-        let (mut g, id) = (probe.clone(), id.clone());
-        async move {
-            g.get_saga(pb::GetSagaRequest { saga_id: id })
-                .await
-                .is_ok_and(|r| {
-                    let r = r.into_inner();
-                    r.current_step == "charge-payment" && r.steps[1].attempts >= 2
-                })
-        }
+    wait_saga(&probe, &id, "saga waiting on payment", |r| {
+        r.current_step == "charge-payment" && r.steps[1].attempts >= 2
     })
     .await?;
     Ok((s, id, dir))
@@ -334,13 +326,8 @@ async fn a_saga_finishes_with_its_definition_version_after_that_version_is_unloa
         .into_inner()
         .saga_id;
     let probe = g.clone();
-    eventually(WAIT, "waiting on payment", || {
-        let (mut g, id) = (probe.clone(), id.clone());
-        async move {
-            g.get_saga(pb::GetSagaRequest { saga_id: id })
-                .await
-                .is_ok_and(|r| r.into_inner().current_step == "charge-payment")
-        }
+    wait_saga(&probe, &id, "waiting on payment", |r| {
+        r.current_step == "charge-payment"
     })
     .await?;
     s.stop_coordinator().await?;

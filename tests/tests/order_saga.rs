@@ -112,14 +112,8 @@ async fn a_participant_started_late_is_reached_through_retries() -> Result<()> {
     // Payment is down: the charge is retried.
     let id = created.saga_id.clone();
     let probe = g.clone();
-    eventually(WAIT, "charge retried", || {
-        let (mut g, id) = (probe.clone(), id.clone());
-        async move {
-            match g.get_saga(pb::GetSagaRequest { saga_id: id }).await {
-                Ok(r) => r.into_inner().steps.get(1).is_some_and(|p| p.attempts >= 3),
-                Err(_) => false,
-            }
-        }
+    wait_saga(&probe, &id, "charge retried", |r| {
+        r.steps.get(1).is_some_and(|p| p.attempts >= 3)
     })
     .await?;
     s.start_payment(&PaymentSettings::default()).await?;
@@ -309,13 +303,8 @@ async fn a_coordinator_stopped_mid_saga_finishes_it_after_restart() -> Result<()
         .into_inner();
     let id = created.saga_id.clone();
     let g2 = g.clone();
-    eventually(WAIT, "saga waiting on payment", || {
-        let (mut g, id) = (g2.clone(), id.clone());
-        async move {
-            g.get_saga(pb::GetSagaRequest { saga_id: id })
-                .await
-                .is_ok_and(|r| r.into_inner().current_step == "charge-payment")
-        }
+    wait_saga(&g2, &id, "saga waiting on payment", |r| {
+        r.current_step == "charge-payment"
     })
     .await?;
     s.stop_coordinator().await?;
