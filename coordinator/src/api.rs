@@ -399,6 +399,68 @@ impl SagaService for SagaApi {
         Ok(Response::new(saga_to_pb(&saga, &history)))
     }
 
+    type WatchSagaStream =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::Saga, Status>> + Send>>;
+
+    async fn watch_saga(
+        &self,
+        request: Request<pb::WatchSagaRequest>,
+    ) -> Result<Response<Self::WatchSagaStream>, Status> {
+        let id = parse_saga_id("saga_id", &request.into_inner().saga_id)?;
+        // Subscribe before reading, so no transition falls in between.
+        let mut changes = self.runner.subscribe();
+        let view = |store: &Store, id: &Uuid| -> Result<Option<(pb::Saga, bool)>, Status> {
+            let Some(saga) = store.get(id).map_err(store_status)? else {
+                return Ok(None);
+            };
+            let history = store.history(id).map_err(store_status)?;
+            Ok(Some((saga_to_pb(&saga, &history), saga.state.is_terminal())))
+        };
+        let (first, done) =
+            view(&self.store, &id)?.ok_or_else(|| Status::not_found(format!("saga {id} not found")))?;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            if tx.send(Ok(first)).await.is_err() || done {
+                return;
+            }
+            let key = id.to_string();
+            loop {
+                let next = tokio::select! {
+                    _ = tx.closed() => return,
+                    next = changes.recv() => next,
+                };
+                let update = match next {
+                    Ok(saga) if saga.id == key => view(&store, &id),
+                    Ok(_) => continue,
+                    // Missed some: the store has the latest durable state.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => view(&store, &id),
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                        let _ = tx
+                            .send(Err(Status::unavailable("the coordinator is shutting down")))
+                            .await;
+                        return;
+                    }
+                };
+                match update {
+                    Ok(Some((saga, terminal))) => {
+                        if tx.send(Ok(saga)).await.is_err() || terminal {
+                            return;
+                        }
+                    }
+                    Ok(None) => return,
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
     async fn list_sagas(
         &self,
         request: Request<pb::ListSagasRequest>,

@@ -26,7 +26,7 @@ use std::{
 };
 
 use saga_proto::wire::OrderPayload;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 use uuid::Uuid;
@@ -137,6 +137,7 @@ pub enum OperateError {
 #[derive(Clone)]
 pub struct RunnerHandle {
     tx: mpsc::Sender<Request>,
+    changes: broadcast::Sender<Arc<Saga>>,
 }
 
 impl RunnerHandle {
@@ -151,6 +152,12 @@ impl RunnerHandle {
             .await
             .map_err(|_| CreateError::Stopped)?;
         rx.await.map_err(|_| CreateError::Stopped)?
+    }
+
+    /// Every saga after each transition, once that transition is durable
+    /// (for `WatchSaga`). A slow receiver may lag and must re-read the store.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Saga>> {
+        self.changes.subscribe()
     }
 
     /// Applies an operator event (`Abort`, `Retry`) to a saga; returns once
@@ -176,13 +183,26 @@ impl RunnerHandle {
 pub struct RunnerInputs {
     requests: mpsc::Receiver<Request>,
     outcomes: mpsc::UnboundedReceiver<Reported>,
+    changes: broadcast::Sender<Arc<Saga>>,
 }
 
 /// A handle for creators, the sender for the dispatcher and the runner's inputs.
 pub fn channel() -> (RunnerHandle, mpsc::UnboundedSender<Reported>, RunnerInputs) {
     let (tx, requests) = mpsc::channel(4096);
     let (otx, outcomes) = mpsc::unbounded_channel();
-    (RunnerHandle { tx }, otx, RunnerInputs { requests, outcomes })
+    let (changes, _) = broadcast::channel(1024);
+    (
+        RunnerHandle {
+            tx,
+            changes: changes.clone(),
+        },
+        otx,
+        RunnerInputs {
+            requests,
+            outcomes,
+            changes,
+        },
+    )
 }
 
 fn now_ms() -> u64 {
@@ -205,6 +225,8 @@ struct Runner {
     batch_keys: HashMap<String, String>,
     dirty: bool,
     new_dead_letters: bool,
+    changes: broadcast::Sender<Arc<Saga>>,
+    changed: Vec<Arc<Saga>>,
 }
 
 /// Runs the saga runner until `shutdown` fires.
@@ -231,6 +253,8 @@ pub async fn run(
         batch_keys: HashMap::new(),
         dirty: false,
         new_dead_letters: true, // publish what a previous run left unconfirmed
+        changes: inputs.changes.clone(),
+        changed: Vec::new(),
     };
     r.recover().await?;
     let mut requests = Vec::with_capacity(BATCH);
@@ -418,6 +442,9 @@ impl Runner {
         }
         self.log(&t);
         let Transition { saga, commands, .. } = t;
+        if self.changes.receiver_count() > 0 {
+            self.changed.push(Arc::new(saga.clone()));
+        }
         self.to_send
             .extend(commands.iter().map(|c| OutboxEntry::new(&saga, c)));
         if saga.state.is_terminal() {
@@ -455,6 +482,9 @@ impl Runner {
         }
         for entry in self.to_send.drain(..) {
             self.dispatcher.dispatch(entry);
+        }
+        for saga in self.changed.drain(..) {
+            let _ = self.changes.send(saga);
         }
         if std::mem::take(&mut self.new_dead_letters) {
             self.publish_dead_letters()?;

@@ -477,3 +477,56 @@ async fn a_bad_definition_file_stops_start_up_with_file_and_line() -> Result<()>
     assert!(text.contains("order.yaml:") && text.contains("retries"), "{text}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_saga_streams_the_transitions_until_terminal() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let defs = fast_definitions(dir.path(), "300ms", 1000)?;
+    let mut s = System::bare(Some(defs)).await?;
+    s.start_inventory().await?;
+    s.start_coordinator().await?;
+    let mut g = s.grpc().await?;
+    let id = g
+        .create_order(order("c-1", &[("A-1", 2)], 1999))
+        .await?
+        .into_inner()
+        .saga_id;
+    let mut stream = g
+        .watch_saga(pb::WatchSagaRequest { saga_id: id.clone() })
+        .await?
+        .into_inner();
+    let first = tokio::time::timeout(WAIT, stream.message()).await??;
+    let first = first.ok_or_else(|| anyhow::anyhow!("no first message"))?;
+    assert_eq!(first.saga_id, id);
+    assert!(!is_terminal(first.state), "payment is down: {first:#?}");
+    s.start_payment(&PaymentSettings::default()).await?;
+    let mut last = first;
+    let mut updates = 1;
+    while let Some(next) = tokio::time::timeout(WAIT, stream.message()).await?? {
+        assert!(next.history.len() >= last.history.len(), "history only grows");
+        last = next;
+        updates += 1;
+    }
+    assert_eq!(last.state, SagaState::Completed as i32, "{last:#?}");
+    assert!(updates >= 2, "at least the initial state and the completion");
+    let seqs: Vec<u64> = last.history.iter().map(|h| h.seq).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+    // A finished saga: its state, then the end of the stream.
+    let mut again = g
+        .watch_saga(pb::WatchSagaRequest { saga_id: id.clone() })
+        .await?
+        .into_inner();
+    assert_eq!(
+        again.message().await?.map(|x| x.state),
+        Some(SagaState::Completed as i32)
+    );
+    assert!(again.message().await?.is_none());
+    let unknown = pb::WatchSagaRequest {
+        saga_id: "0190b8a4-0000-7000-8000-0000000000ff".into(),
+    };
+    assert_eq!(
+        g.watch_saga(unknown).await.map(|_| ()).map_err(|e| e.code()),
+        Err(tonic::Code::NotFound)
+    );
+    s.shutdown().await
+}

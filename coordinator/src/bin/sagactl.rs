@@ -68,6 +68,11 @@ enum Cmd {
         /// Saga id.
         saga_id: String,
     },
+    /// Follow one saga live: a line per transition until it is terminal.
+    Watch {
+        /// Saga id.
+        saga_id: String,
+    },
     /// List sagas, oldest first.
     List {
         /// Only this state: pending, running, compensating, completed, compensated, failed.
@@ -403,6 +408,43 @@ async fn main() -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&saga_json(&saga))?);
             } else {
                 print_saga(&saga);
+            }
+        }
+        Cmd::Watch { saga_id } => {
+            let mut stream = client
+                .watch_saga(pb::WatchSagaRequest { saga_id })
+                .await?
+                .into_inner();
+            let mut seen = 0;
+            while let Some(saga) = stream.message().await? {
+                if cli.json {
+                    println!("{}", saga_json(&saga));
+                    continue;
+                }
+                for h in saga.history.iter().skip(seen) {
+                    let step = if h.step.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" {}", h.step)
+                    };
+                    let attempt = if h.attempt == 0 {
+                        String::new()
+                    } else {
+                        format!(" #{}", h.attempt)
+                    };
+                    let detail = if h.detail.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", h.detail)
+                    };
+                    println!(
+                        "{}  {:<12} {}{step}{attempt}{detail}",
+                        ts(&h.at),
+                        state_name(h.state),
+                        h.kind
+                    );
+                }
+                seen = saga.history.len();
             }
         }
         Cmd::List {
