@@ -46,13 +46,17 @@ PORTS_FILE=$(compgen -G "$RUN_DIR/*.ports" | head -1) || { echo "nats-server did
 export NATS_URL
 NATS_URL=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["nats"][0])' "$PORTS_FILE")
 
-if [[ "$MODE" == up ]]; then GRPC_ADDR="${COORDINATOR_GRPC_ADDR:-127.0.0.1:50051}"; else GRPC_ADDR="127.0.0.1:$(free_port)"; fi
+if [[ "$MODE" == up ]]; then
+  GRPC_ADDR="${COORDINATOR_GRPC_ADDR:-127.0.0.1:50051}"; HTTP_ADDR="${COORDINATOR_HTTP_ADDR:-127.0.0.1:9464}"
+else
+  GRPC_ADDR="127.0.0.1:$(free_port)"; HTTP_ADDR="127.0.0.1:$(free_port)"
+fi
 
 "$BIN/inventory" --data-dir "$RUN_DIR/inventory" --stock-file "$ROOT/deploy/stock.json" >"$RUN_DIR/inventory.log" 2>&1 &
 PIDS+=($!)
 "$BIN/payment" --data-dir "$RUN_DIR/payment" --customer-limit-cents 50000 >"$RUN_DIR/payment.log" 2>&1 &
 PIDS+=($!)
-"$BIN/coordinator" --grpc-addr "$GRPC_ADDR" --data-dir "$RUN_DIR/coordinator" \
+"$BIN/coordinator" --grpc-addr "$GRPC_ADDR" --http-addr "$HTTP_ADDR" --data-dir "$RUN_DIR/coordinator" \
   --definitions-dir "$ROOT/saga-definitions" >"$RUN_DIR/coordinator.log" 2>&1 &
 PIDS+=($!)
 
@@ -65,7 +69,7 @@ for _ in $(seq 300); do
 done
 [[ $ready == 1 ]] || { echo "coordinator not ready after 30s"; tail -n 20 "$RUN_DIR"/*.log; exit 1; }
 
-echo "nats: $NATS_URL   gRPC: $GRPC_ADDR   data and logs: $RUN_DIR"
+echo "nats: $NATS_URL   gRPC: $GRPC_ADDR   metrics/health: http://$HTTP_ADDR   data and logs: $RUN_DIR"
 if [[ "$MODE" == demo ]]; then
   "$BIN/sagactl" --addr "http://$GRPC_ADDR" demo
 else
@@ -76,6 +80,7 @@ The saga engine is up. Try (grpcurl is in .venv/bin):
   .venv/bin/grpcurl -plaintext $GRPC_ADDR describe saga.v1.SagaService
   .venv/bin/grpcurl -plaintext -d '{"customer_id":"c-1","items":[{"sku":"A-1","quantity":2}],"amount_cents":1999,"currency":"EUR"}' $GRPC_ADDR saga.v1.SagaService/CreateOrder
   target/debug/sagactl --addr http://$GRPC_ADDR list
+  curl -s http://$HTTP_ADDR/metrics | grep ^saga_
 Press Ctrl-C to stop.
 MSG
   wait "${PIDS[-1]}"

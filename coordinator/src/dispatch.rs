@@ -32,6 +32,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use crate::{
     engine::{Event, Outcome},
     store::OutboxEntry,
+    telemetry,
 };
 
 /// Why a call produced no participant answer (style: the two kinds
@@ -73,6 +74,7 @@ impl failsafe::Instrument for BreakerWatch {
     fn on_call_rejected(&self) {}
     fn on_open(&self) {
         warn!(participant = %self.participant, "circuit breaker open: commands wait before being sent");
+        metrics::gauge!(telemetry::BREAKER_OPEN, "participant" => self.participant.clone()).set(1.0);
         if let Ok(mut t) = self.opened_at.lock() {
             *t = Some(Instant::now());
         }
@@ -82,6 +84,7 @@ impl failsafe::Instrument for BreakerWatch {
     }
     fn on_closed(&self) {
         info!(participant = %self.participant, "circuit breaker closed");
+        metrics::gauge!(telemetry::BREAKER_OPEN, "participant" => self.participant.clone()).set(0.0);
         if let Ok(mut t) = self.opened_at.lock() {
             *t = None;
         }
@@ -191,8 +194,30 @@ impl Dispatcher {
                     outcome = async {
                         // Back off as the step's policy says, and at least until an open breaker may close.
                         let delay = entry.retry.delay_before(entry.message.attempt).max(breaker.remaining_open());
-                        tokio::time::sleep(delay).await;
-                        breaker.machine.call(this.call(&entry)).await
+                                                tokio::time::sleep(delay).await;
+                        let started = Instant::now();
+                        let result = breaker.machine.call(this.call(&entry)).await;
+                        let label = match &result {
+                            Ok(Reply::Ok { .. }) => "ok",
+                            Ok(Reply::Rejected { .. }) => "rejected",
+                            Ok(Reply::Error { .. }) | Err(failsafe::Error::Inner(CallError::ErrorReply(_))) => "error",
+                            Err(failsafe::Error::Rejected) => "circuit_open",
+                            Err(failsafe::Error::Inner(CallError::Unavailable(_))) => "unavailable",
+                            Err(failsafe::Error::Inner(CallError::OutcomeUnknown(_))) => "timeout",
+                            Err(failsafe::Error::Inner(CallError::Malformed(_))) => "malformed",
+                        };
+                        let participant = participant_of(&entry.subject).to_string();
+                        metrics::histogram!(
+                            telemetry::STEP_SECONDS,
+                            "participant" => participant.clone(),
+                            "action" => entry.message.action.clone(),
+                            "outcome" => label,
+                        )
+                        .record(started.elapsed().as_secs_f64());
+                        if entry.message.attempt > 1 {
+                            metrics::counter!(telemetry::STEP_RETRIES, "participant" => participant).increment(1);
+                        }
+                        result
                     } => outcome,
                 };
                 let outcome = match outcome {

@@ -43,6 +43,7 @@ pub mod dispatch;
 pub mod engine;
 pub mod runner;
 pub mod store;
+pub mod telemetry;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -74,6 +75,9 @@ pub struct Config {
     /// gRPC listen address.
     #[arg(long, env = "COORDINATOR_GRPC_ADDR", default_value = "127.0.0.1:50051")]
     pub grpc_addr: SocketAddr,
+    /// HTTP address of `/metrics`, `/health` and `/ready`.
+    #[arg(long, env = "COORDINATOR_HTTP_ADDR", default_value = "127.0.0.1:9464")]
+    pub http_addr: SocketAddr,
     /// NATS server URL(s), comma-separated.
     #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
@@ -103,6 +107,7 @@ impl Config {
     pub fn new(nats_url: impl Into<String>, data_dir: PathBuf, definitions_dir: PathBuf) -> Self {
         Config {
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             nats_url: nats_url.into(),
             data_dir,
             definitions_dir,
@@ -181,6 +186,7 @@ pub enum RunError {
 /// server failures.
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> Result<(), RunError> {
     config.validate()?;
+    let _ = telemetry::prometheus();
     let definitions = Arc::new(Definitions::load_dir(&config.definitions_dir)?);
     for d in definitions.all() {
         info!(definition = %d.id(), file = %d.source.display(), steps = d.steps.len(), "definition loaded");
@@ -195,7 +201,20 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     }
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    set_ready(&health, false).await;
+    let ready = Ready {
+        health,
+        readiness: telemetry::Readiness::default(),
+    };
+    ready.set(false).await;
+    let http = TcpListener::bind(config.http_addr)
+        .await
+        .map_err(|e| RunError::Config(format!("http_addr {}: {e}", config.http_addr)))?;
+    let http_task = tokio::spawn(telemetry::serve(
+        http,
+        ready.readiness.clone(),
+        store.clone(),
+        shutdown.clone(),
+    ));
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(saga_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -211,10 +230,10 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         .map_err(|e| RunError::Config(e.to_string()))?;
     let grpc_shutdown = {
         let shutdown = shutdown.clone();
-        let health = health.clone();
+        let ready = ready.clone();
         async move {
             shutdown.cancelled().await;
-            set_ready(&health, false).await;
+            ready.set(false).await;
             info!("shutting down: no new requests");
         }
     };
@@ -229,13 +248,13 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     info!(%addr, nats = %config.nats_url, data_dir = %config.data_dir.display(), "coordinator serving gRPC");
 
     let nats = tokio::select! {
-        nats = connect_nats(&config.nats_url, health.clone()) => nats?,
+                nats = connect_nats(&config.nats_url, ready.clone()) => nats?,
         _ = shutdown.cancelled() => {
             join_server(server).await?;
             return Ok(());
         }
     };
-    set_ready(&health, true).await;
+    ready.set(true).await;
 
     let tracker = TaskTracker::new();
     let stop_work = shutdown.child_token();
@@ -280,6 +299,9 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         Ok(Err(e)) => info!(error = %e, "nats drain failed"),
         Err(_) => info!("nats drain timed out"),
     }
+    if let Ok(Err(e)) = http_task.await {
+        warn!(error = %e, "metrics HTTP server failed");
+    }
     served?;
     runner_result?;
     info!("coordinator stopped");
@@ -295,48 +317,50 @@ async fn join_server(
     }
 }
 
-/// Readiness, as gRPC health reports it: the overall service ("") and
-/// `saga.v1.SagaService` are SERVING only while NATS is connected.
-async fn set_ready(health: &tonic_health::server::HealthReporter, ready: bool) {
-    let status = if ready {
-        tonic_health::ServingStatus::Serving
-    } else {
-        tonic_health::ServingStatus::NotServing
-    };
-    health.set_service_status("", status).await;
-    health
-        .set_service_status(
-            <SagaServiceServer<SagaApi> as tonic::server::NamedService>::NAME,
-            status,
-        )
-        .await;
+/// Readiness, as gRPC health and `GET /ready` report it: the overall
+/// service ("") and `saga.v1.SagaService` are SERVING only while NATS is connected.
+#[derive(Clone)]
+struct Ready {
+    health: tonic_health::server::HealthReporter,
+    readiness: telemetry::Readiness,
+}
+
+impl Ready {
+    async fn set(&self, ready: bool) {
+        self.readiness.set_nats(ready);
+        let status = if ready {
+            tonic_health::ServingStatus::Serving
+        } else {
+            tonic_health::ServingStatus::NotServing
+        };
+        self.health.set_service_status("", status).await;
+        let name = <SagaServiceServer<SagaApi> as tonic::server::NamedService>::NAME;
+        self.health.set_service_status(name, status).await;
+    }
 }
 
 /// Connects to NATS, retrying the first connection with exponential backoff
 /// and jitter (`backon`) until it succeeds; afterwards async-nats reconnects
 /// by itself and every (dis)connection flips readiness.
-async fn connect_nats(
-    url: &str,
-    health: tonic_health::server::HealthReporter,
-) -> Result<async_nats::Client, RunError> {
+async fn connect_nats(url: &str, ready: Ready) -> Result<async_nats::Client, RunError> {
     use backon::Retryable;
     let attempt = || {
-        let health = health.clone();
+        let ready = ready.clone();
         async move {
             async_nats::ConnectOptions::new()
                 .name("saga-coordinator")
                 .max_reconnects(None)
                 .event_callback(move |event| {
-                    let health = health.clone();
+                    let ready = ready.clone();
                     async move {
                         match event {
                             async_nats::Event::Connected => {
                                 info!("nats connected: ready");
-                                set_ready(&health, true).await;
+                                ready.set(true).await;
                             }
                             async_nats::Event::Disconnected => {
                                 warn!("nats disconnected: not ready");
-                                set_ready(&health, false).await;
+                                ready.set(false).await;
                             }
                             other => info!(event = %other, "nats event"),
                         }

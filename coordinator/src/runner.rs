@@ -36,6 +36,7 @@ use crate::{
     dispatch::{Dispatcher, Reported},
     engine::{self, Event, Saga, StateTag, Transition},
     store::{OutboxEntry, Store, StoreError},
+    telemetry,
 };
 
 /// Most events applied under one flush.
@@ -378,6 +379,8 @@ impl Runner {
         self.dirty = true;
         info!(saga_id = %id, correlation_id = %created.saga.correlation_id, order_id = %order_id,
               definition = %created.saga.definition.id(), "saga created");
+        metrics::counter!(telemetry::SAGAS_STARTED, "definition" => created.saga.definition.id())
+            .increment(1);
         if let Some(key) = new.idempotency_key {
             self.batch_keys.insert(key, id.clone());
         }
@@ -448,6 +451,12 @@ impl Runner {
         self.to_send
             .extend(commands.iter().map(|c| OutboxEntry::new(&saga, c)));
         if saga.state.is_terminal() {
+            metrics::counter!(
+                telemetry::SAGAS_FINISHED,
+                "definition" => saga.definition.id(),
+                "state" => tag.as_str(),
+            )
+            .increment(1);
             self.active.remove(saga_id);
         } else {
             self.active.insert(saga_id.to_string(), saga);
@@ -473,7 +482,9 @@ impl Runner {
                 return Err(e);
             }
             self.dirty = false;
+            metrics::counter!(telemetry::FLUSHES).increment(1);
         }
+        metrics::gauge!(telemetry::SAGAS_IN_FLIGHT).set(self.active.len() as f64);
         for (reply, result) in self.acks.drain(..) {
             let _ = reply.send(result);
         }

@@ -199,6 +199,7 @@ pub struct Store {
     idempotency: sled::Tree,
     dead_letters: sled::Tree,
     dlq_outbox: sled::Tree,
+    meta: sled::Tree,
 }
 
 /// One page of [`Store::list`].
@@ -228,6 +229,7 @@ impl Store {
             idempotency: db.open_tree("idempotency")?,
             dead_letters: db.open_tree("dead_letters")?,
             dlq_outbox: db.open_tree("dlq_outbox")?,
+            meta: db.open_tree("meta")?,
             db,
         })
     }
@@ -499,6 +501,15 @@ impl Store {
                 decode(&v, "dead letter")
             })
             .collect()
+    }
+
+    /// Whether the database accepts a write (readiness probe; not flushed).
+    ///
+    /// # Errors
+    /// sled refused the write.
+    pub fn probe_writable(&self) -> Result<(), StoreError> {
+        self.meta.insert(b"ready-probe", &b"1"[..])?;
+        Ok(())
     }
 
     /// Number of sagas per state (for logs at start-up and for tests).

@@ -178,6 +178,8 @@ fn read_port(dir: &Path) -> Option<u16> {
 pub struct RunningCoordinator {
     /// Its gRPC address.
     pub addr: SocketAddr,
+    /// Its HTTP address (`/metrics`, `/health`, `/ready`).
+    pub http_addr: SocketAddr,
     shutdown: CancellationToken,
     task: JoinHandle<Result<(), coordinator::RunError>>,
 }
@@ -205,10 +207,17 @@ impl RunningCoordinator {
         let addr = listener.local_addr()?;
         let mut config =
             coordinator::Config::new(nats_url, data_dir.to_path_buf(), definitions_dir.to_path_buf());
+        config.http_addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
         tweak(&mut config);
+        let http_addr = config.http_addr;
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(coordinator::run(config, listener, shutdown.clone()));
-        Ok(RunningCoordinator { addr, shutdown, task })
+        Ok(RunningCoordinator {
+            addr,
+            http_addr,
+            shutdown,
+            task,
+        })
     }
 
     /// A connected gRPC client (retries while the server comes up).
@@ -227,6 +236,29 @@ impl RunningCoordinator {
         self.shutdown.cancel();
         self.task.await?.map_err(|e| anyhow!("coordinator: {e}"))
     }
+}
+
+/// A plain HTTP/1.1 GET: `(status code, body)`.
+///
+/// # Errors
+/// Connection or malformed response.
+pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut raw = String::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut raw)).await??;
+    let status = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("no status line")?;
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
 }
 
 /// Connects a gRPC channel to `addr`, retrying for up to 10 s.

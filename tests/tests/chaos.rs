@@ -149,6 +149,8 @@ impl Cluster {
                 &url,
                 "--grpc-addr",
                 &grpc.to_string(),
+                "--http-addr",
+                &format!("127.0.0.1:{}", free_port()?),
                 "--data-dir",
                 &path("coordinator"),
                 "--definitions-dir",

@@ -530,3 +530,42 @@ async fn watch_saga_streams_the_transitions_until_terminal() -> Result<()> {
     );
     s.shutdown().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_health_and_readiness_over_http() -> Result<()> {
+    let mut s = System::up().await?;
+    let saga = s.run_order(order("c-1", &[("A-1", 1)], 100)).await?;
+    assert_eq!(saga.state, SagaState::Completed as i32);
+    let http = s
+        .coordinator
+        .as_ref()
+        .map(|c| c.http_addr)
+        .ok_or_else(|| anyhow::anyhow!("no coordinator"))?;
+    assert_eq!(http_get(http, "/health").await?.0, 200);
+    assert_eq!(http_get(http, "/ready").await?.0, 200);
+    let (code, text) = http_get(http, "/metrics").await?;
+    assert_eq!(code, 200);
+    for needle in [
+        "saga_started_total{definition=\"order@1\"}",
+        "saga_finished_total{definition=\"order@1\",state=\"COMPLETED\"}",
+        "saga_step_duration_seconds",
+        "participant=\"payment\"",
+        "saga_nats_connected 1",
+    ] {
+        assert!(text.contains(needle), "{needle} missing from /metrics:\n{text}");
+    }
+    s.nats.kill();
+    eventually(Duration::from_secs(10), "/ready 503", || async {
+        http_get(http, "/ready")
+            .await
+            .is_ok_and(|(code, body)| code == 503 && body.contains("nats disconnected"))
+    })
+    .await?;
+    assert_eq!(http_get(http, "/health").await?.0, 200, "alive while not ready");
+    s.nats.restart()?;
+    eventually(Duration::from_secs(10), "/ready 200", || async {
+        http_get(http, "/ready").await.is_ok_and(|(code, _)| code == 200)
+    })
+    .await?;
+    s.shutdown().await
+}

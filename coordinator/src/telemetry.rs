@@ -1,0 +1,134 @@
+//! Operational surface over plain HTTP: Prometheus text exposition on
+//! `GET /metrics`, liveness on `GET /health`, readiness on `GET /ready`
+//! (NATS connected and sled writable), plus the names of the metrics the
+//! other modules record.
+//!
+//! The metrics recorder is process-wide (the `metrics` crate's global); a
+//! process running several coordinators (tests) shares it. Nothing here
+//! decides anything about sagas.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, OnceLock,
+    },
+};
+
+use axum::{extract::State, http::StatusCode, routing::get, Router};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::store::Store;
+
+/// Sagas created, by `definition`.
+pub const SAGAS_STARTED: &str = "saga_started_total";
+/// Sagas that reached a terminal state, by `definition` and `state`.
+pub const SAGAS_FINISHED: &str = "saga_finished_total";
+/// Sagas not terminal, in this coordinator's memory.
+pub const SAGAS_IN_FLIGHT: &str = "saga_in_flight";
+/// One command's round trip, by `participant`, `action`, `outcome`.
+pub const STEP_SECONDS: &str = "saga_step_duration_seconds";
+/// Attempts after the first, by `participant`.
+pub const STEP_RETRIES: &str = "saga_step_retries_total";
+/// 1 while a participant's circuit breaker is open.
+pub const BREAKER_OPEN: &str = "saga_breaker_open";
+/// 1 while NATS is connected.
+pub const NATS_CONNECTED: &str = "saga_nats_connected";
+/// Group-commit flushes and the transitions they covered.
+pub const FLUSHES: &str = "saga_store_flushes_total";
+
+/// The process-wide Prometheus recorder (installed on first use).
+pub fn prometheus() -> Option<PrometheusHandle> {
+    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| match PrometheusBuilder::new().install_recorder() {
+            Ok(h) => Some(h),
+            Err(e) => {
+                warn!(error = %e, "metrics recorder not installed");
+                None
+            }
+        })
+        .clone()
+}
+
+/// Readiness shared by gRPC health and `GET /ready`.
+#[derive(Clone, Default)]
+pub struct Readiness {
+    nats: Arc<AtomicBool>,
+}
+
+impl Readiness {
+    /// Records the NATS connection state.
+    pub fn set_nats(&self, connected: bool) {
+        self.nats.store(connected, Ordering::SeqCst);
+        metrics::gauge!(NATS_CONNECTED).set(if connected { 1.0 } else { 0.0 });
+    }
+
+    /// Whether NATS is connected.
+    pub fn nats(&self) -> bool {
+        self.nats.load(Ordering::SeqCst)
+    }
+}
+
+#[derive(Clone)]
+struct Http {
+    ready: Readiness,
+    store: Store,
+    metrics: Option<PrometheusHandle>,
+}
+
+/// Serves `/metrics`, `/health` and `/ready` on `listener` until `shutdown`.
+///
+/// # Errors
+/// The listener failed.
+pub async fn serve(
+    listener: TcpListener,
+    ready: Readiness,
+    store: Store,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let addr: Option<SocketAddr> = listener.local_addr().ok();
+    let state = Http {
+        ready,
+        store,
+        metrics: prometheus(),
+    };
+    let app = Router::new()
+        .route("/metrics", get(metrics_text))
+        .route("/health", get(|| async { "ok\n" }))
+        .route("/ready", get(readiness))
+        .with_state(state);
+    info!(?addr, "metrics and health on HTTP");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}
+
+async fn metrics_text(State(s): State<Http>) -> (StatusCode, String) {
+    match &s.metrics {
+        Some(h) => (StatusCode::OK, h.render()),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "metrics recorder unavailable\n".into(),
+        ),
+    }
+}
+
+async fn readiness(State(s): State<Http>) -> (StatusCode, String) {
+    let sled = s.store.probe_writable();
+    match (s.ready.nats(), sled) {
+        (true, Ok(())) => (StatusCode::OK, "ready\n".into()),
+        (nats, sled) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "not ready: nats {}, sled {}\n",
+                if nats { "connected" } else { "disconnected" },
+                sled.map(|()| "writable".to_string())
+                    .unwrap_or_else(|e| e.to_string())
+            ),
+        ),
+    }
+}
