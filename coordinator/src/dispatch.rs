@@ -24,7 +24,7 @@ use std::{
 use failsafe::futures::CircuitBreaker as _;
 
 use async_nats::{header::HeaderMap, RequestErrorKind};
-use saga_proto::wire::{self, Reply};
+use saga_proto::wire::{self, CommandKind, Reply};
 use tokio::sync::mpsc;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, info_span, warn, Instrument};
@@ -142,11 +142,18 @@ pub struct Reported {
     pub event: Event,
 }
 
+/// A command's identity: saga, step, kind.
+type CommandId = (String, usize, CommandKind);
+
 /// Sends commands; cheap to clone.
 #[derive(Clone)]
 pub struct Dispatcher {
     client: async_nats::Client,
     breakers: Arc<Mutex<HashMap<String, Breaker>>>,
+    /// Commands in flight (or waiting out their backoff), so one made moot
+    /// by an operator abort can be withdrawn.
+    in_flight: Arc<Mutex<HashMap<CommandId, (u64, CancellationToken)>>>,
+    next_id: Arc<std::sync::atomic::AtomicU64>,
     breaker_settings: BreakerSettings,
     outcomes: mpsc::UnboundedSender<Reported>,
     tracker: TaskTracker,
@@ -167,6 +174,8 @@ impl Dispatcher {
         Dispatcher {
             client,
             breakers: Arc::default(),
+            in_flight: Arc::default(),
+            next_id: Arc::default(),
             breaker_settings,
             outcomes,
             tracker,
@@ -186,11 +195,20 @@ impl Dispatcher {
             attempt = entry.message.attempt,
         );
         let this = self.clone();
+        let key = (entry.saga_id.clone(), entry.step, entry.kind);
+        let withdrawn = self.cancel.child_token();
+        let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Ok(mut map) = self.in_flight.lock() {
+            map.insert(key.clone(), (id, withdrawn.clone()));
+        }
         self.tracker.spawn(
             async move {
                 let breaker = this.breaker(participant_of(&entry.subject));
                 let outcome = tokio::select! {
-                    _ = this.cancel.cancelled() => return,
+                    _ = withdrawn.cancelled() => {
+                        this.forget(&key, id);
+                        return;
+                    }
                     outcome = async {
                         // Back off as the step's policy says, and at least until an open breaker may close.
                         let delay = entry.retry.delay_before(entry.message.attempt).max(breaker.remaining_open());
@@ -242,6 +260,7 @@ impl Dispatcher {
                     attempt: entry.message.attempt,
                     outcome,
                 };
+                                this.forget(&key, id);
                 // The runner is gone only during shutdown; the outbox keeps the command.
                 let _ = this.outcomes.send(Reported {
                     saga_id: entry.saga_id,
@@ -250,6 +269,29 @@ impl Dispatcher {
             }
             .instrument(span),
         );
+    }
+
+    /// Withdraws the command for `saga_id`/`step`/`kind` if it has not been
+    /// answered yet (an operator abort settled it). A request already on the
+    /// wire may still arrive: participants' tombstones make that harmless.
+    pub fn withdraw(&self, saga_id: &str, step: usize, kind: CommandKind) {
+        let entry = self
+            .in_flight
+            .lock()
+            .ok()
+            .and_then(|mut m| m.remove(&(saga_id.to_string(), step, kind)));
+        if let Some((_, token)) = entry {
+            token.cancel();
+        }
+    }
+
+    fn forget(&self, key: &CommandId, id: u64) {
+        if let Ok(mut map) = self.in_flight.lock() {
+            // Only our own entry: a newer attempt may have replaced it.
+            if map.get(key).is_some_and(|(mine, _)| *mine == id) {
+                map.remove(key);
+            }
+        }
     }
 
     /// The breaker of `participant`, created on first use.

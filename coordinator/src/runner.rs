@@ -437,6 +437,10 @@ impl Runner {
         };
         self.store.write(&t, Some(previous))?;
         self.dirty = true;
+        if let (Event::Abort { .. }, Some((step, kind))) = (event, t.settled) {
+            // The command in flight is moot: stop it if it has not left yet.
+            self.dispatcher.withdraw(saga_id, step, kind);
+        }
         let tag = t.saga.state.tag();
         if tag == StateTag::Failed && previous != StateTag::Failed {
             self.new_dead_letters = true;

@@ -73,6 +73,25 @@ enum Cmd {
         /// Saga id.
         saga_id: String,
     },
+    /// Operator: stop a running saga and compensate what it did.
+    Abort {
+        /// Saga id.
+        saga_id: String,
+        /// Why (recorded in the history).
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// Operator token (sent as `authorization: Bearer <token>`).
+        #[arg(long, env = "SAGA_OPERATOR_TOKEN", hide_env_values = true)]
+        token: String,
+    },
+    /// Operator: resume the compensation of a FAILED saga.
+    Retry {
+        /// Saga id.
+        saga_id: String,
+        /// Operator token (sent as `authorization: Bearer <token>`).
+        #[arg(long, env = "SAGA_OPERATOR_TOKEN", hide_env_values = true)]
+        token: String,
+    },
     /// List sagas, oldest first.
     List {
         /// Only this state: pending, running, compensating, completed, compensated, failed.
@@ -230,6 +249,23 @@ fn print_saga(s: &pb::Saga) {
         ]);
     }
     println!("{t}");
+}
+
+/// A request carrying the operator's bearer token.
+fn authorized<T>(msg: T, token: &str) -> anyhow::Result<tonic::Request<T>> {
+    let mut request = tonic::Request::new(msg);
+    let value = tonic::metadata::MetadataValue::try_from(format!("Bearer {}", token.trim()))
+        .context("the token must be printable ASCII")?;
+    request.metadata_mut().insert("authorization", value);
+    Ok(request)
+}
+
+fn print_operated(r: &pb::OperatorResponse, json_out: bool, what: &str) {
+    if json_out {
+        println!("{}", json!({"saga_id": r.saga_id, "state": state_name(r.state)}));
+    } else {
+        println!("saga {} {what}: now {}", r.saga_id, state_name(r.state));
+    }
 }
 
 fn is_terminal(state: i32) -> bool {
@@ -446,6 +482,20 @@ async fn main() -> anyhow::Result<()> {
                 }
                 seen = saga.history.len();
             }
+        }
+        Cmd::Abort {
+            saga_id,
+            reason,
+            token,
+        } => {
+            let request = authorized(pb::AbortSagaRequest { saga_id, reason }, &token)?;
+            let r = client.abort_saga(request).await?.into_inner();
+            print_operated(&r, cli.json, "aborted");
+        }
+        Cmd::Retry { saga_id, token } => {
+            let request = authorized(pb::RetrySagaRequest { saga_id }, &token)?;
+            let r = client.retry_saga(request).await?.into_inner();
+            print_operated(&r, cli.json, "retried");
         }
         Cmd::List {
             state,
