@@ -124,12 +124,14 @@ pub enum ForwardState {
     NoEffect,
 }
 
-/// The participant's sled database: a `replies` tree and a `state` tree.
+/// The participant's sled database: a `replies` tree and a `state` tree
+/// (plus a tiny `ready-probe` tree, written only by readiness checks).
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
     replies: sled::Tree,
     state: sled::Tree,
+    probe: sled::Tree,
     flusher: std::sync::Arc<GroupFlush>,
 }
 
@@ -173,6 +175,7 @@ impl Store {
         Ok(Store {
             replies: db.open_tree("replies")?,
             state: db.open_tree("state")?,
+            probe: db.open_tree("ready-probe")?,
             flusher: std::sync::Arc::new(GroupFlush {
                 db: db.clone(),
                 committed: std::sync::atomic::AtomicU64::new(0),
@@ -185,6 +188,17 @@ impl Store {
     /// The business state tree (read side; writes go through a transaction).
     pub fn state(&self) -> &sled::Tree {
         &self.state
+    }
+
+    /// Whether the database takes writes (readiness): writes a probe key to
+    /// its own tree and removes it again; business trees are untouched.
+    ///
+    /// # Errors
+    /// sled errors.
+    pub fn probe_writable(&self) -> Result<(), StoreError> {
+        self.probe.insert(b"probe", &b"1"[..])?;
+        self.probe.remove(b"probe")?;
+        Ok(())
     }
 
     /// Decoded values of the state tree whose keys start with `prefix`,
@@ -346,10 +360,20 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn the_readiness_probe_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = Store::new(crate::open_db(dir.path()).expect("sled")).expect("store");
+        store.probe_writable().expect("writable");
+        store.probe_writable().expect("writable again");
+        assert!(store.probe.is_empty());
+        assert!(store.replies.is_empty() && store.state.is_empty());
+    }
+
     #[tokio::test]
     async fn a_compensation_key_is_required() {
         let dir = tempfile::tempdir().expect("tmp");
-        let store = Store::new(sled::open(dir.path()).expect("sled")).expect("store");
+        let store = Store::new(crate::open_db(dir.path()).expect("sled")).expect("store");
         let r = store.apply_compensation("s/step/forward", |_, _, _| Ok(Reply::ok(serde_json::Value::Null)));
         assert!(r.await.is_err());
         assert_eq!(store.stored_reply("s/step/forward").await.expect("reads"), None);

@@ -8,10 +8,12 @@
 //!
 //! It owns the `stock/<sku>` and `reservation/<forward key>` entries of its
 //! state tree and nothing else; idempotency and durability are
-//! [`crate::dedupe`]'s, NATS is [`crate::runtime`]'s.
+//! [`crate::dedupe`]'s, NATS is [`crate::runtime`]'s, metrics and HTTP are
+//! [`crate::telemetry`]'s.
 
 use std::{
     collections::BTreeMap,
+    net::SocketAddr,
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -22,13 +24,14 @@ use std::{
 use saga_proto::wire::{saga_of_key, Command, CommandKind, Item, Reply};
 use serde::{Deserialize, Serialize};
 use sled::transaction::ConflictableTransactionError;
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::info;
 
 use crate::{
     dedupe::{tx_get, tx_put, Store, StoreError, TxResult},
-    runtime::{self, BoxFuture, Handler},
-    ConfigError, LogFormat,
+    runtime::{BoxFuture, Handler},
+    telemetry, ConfigError, LogFormat,
 };
 
 /// Inventory settings: defaults, environment, flags.
@@ -42,6 +45,9 @@ pub struct InventoryConfig {
     /// NATS server URL.
     #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
+    /// NATS credentials and TLS.
+    #[command(flatten)]
+    pub nats_security: saga_proto::nats::NatsSecurity,
     /// Directory of the sled database.
     #[arg(long, env = "INVENTORY_DATA_DIR", default_value = "./data/inventory")]
     pub data_dir: PathBuf,
@@ -55,6 +61,10 @@ pub struct InventoryConfig {
     /// (otherwise only SKUs not yet stored are seeded). Reservations held are kept.
     #[arg(long, env = "INVENTORY_RESET_STOCK")]
     pub reset_stock: bool,
+    /// Address of the HTTP server: `GET /metrics`, `/health`, `/ready`
+    /// (port 0 picks a free port; the address is logged).
+    #[arg(long, env = "INVENTORY_HTTP_ADDR", default_value = "127.0.0.1:9465")]
+    pub http_addr: SocketAddr,
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "pretty")]
     pub log_format: LogFormat,
@@ -80,10 +90,12 @@ impl InventoryConfig {
     pub fn for_tests(nats_url: &str, data_dir: &Path, stock: Vec<(String, u64)>) -> Self {
         InventoryConfig {
             nats_url: nats_url.into(),
+            nats_security: saga_proto::nats::NatsSecurity::default(),
             data_dir: data_dir.into(),
             stock_file: None,
             stock,
             reset_stock: false,
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             log_format: LogFormat::Pretty,
         }
     }
@@ -121,6 +133,12 @@ impl InventoryConfig {
             return Err(ConfigError::Invalid {
                 setting: "nats-url",
                 reason: "empty".into(),
+            });
+        }
+        if let Err(reason) = self.nats_security.validate() {
+            return Err(ConfigError::Invalid {
+                setting: "nats-security",
+                reason,
             });
         }
         if self.data_dir.as_os_str().is_empty() {
@@ -216,16 +234,28 @@ impl Inventory {
                     .apply_forward(&key, |state| reserve(state, &key, &wanted))
                     .await?
             }
-            (CommandKind::Compensate, "release") => self.store.apply_compensation(&key, release).await?,
-            (kind, action) => {
-                return Ok(Reply::error(format!(
-                    "`{action}` is not a {} action here",
-                    kind.as_str()
-                )));
+            (CommandKind::Compensate, "release") => {
+                // The definition may pass the reservation to release (the reserve
+                // step's output): it must be the one held under this saga.
+                let expected = cmd
+                    .input
+                    .get("reservation_id")
+                    .and_then(|v| v.as_str())
+                    .map(str::to_string);
+                self.store
+                    .apply_compensation(&key, |state, forward, data| {
+                        if expected.as_deref().is_some_and(|id| id != forward) {
+                            return Ok(Reply::rejected("reservation_id_mismatch"));
+                        }
+                        release(state, forward, data)
+                    })
+                    .await?
             }
+            (kind, action) => return Ok(crate::runtime::wrong_direction(kind, action)),
         };
         if hit {
             self.dedupe_hits.fetch_add(1, Ordering::Relaxed);
+            telemetry::dedupe_hit(self.participant());
         }
         Ok(reply)
     }
@@ -310,13 +340,7 @@ impl Handler for Inventory {
     fn handle(&self, cmd: Command) -> BoxFuture<'_, Reply> {
         Box::pin(async move {
             self.commands.fetch_add(1, Ordering::Relaxed);
-            match self.run(cmd).await {
-                Ok(r) => r,
-                Err(e) => {
-                    error!(error = %e, "inventory store failure");
-                    Reply::error(format!("inventory store: {e}"))
-                }
-            }
+            crate::runtime::store_reply("inventory", self.run(cmd).await)
         })
     }
 
@@ -351,21 +375,28 @@ impl Handler for Inventory {
     }
 }
 
-/// Runs the inventory service until `shutdown` fires.
+/// Runs the inventory service until `shutdown` fires, with its HTTP surface
+/// (`/metrics`, `/health`, `/ready`) on `http` (the binary binds
+/// `--http-addr`; tests bind port 0).
 ///
 /// # Errors
 /// Invalid settings or stock file, sled cannot open the data dir, shutdown
 /// before NATS was reachable, NATS subscription failure.
-pub async fn run(config: InventoryConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: InventoryConfig,
+    http: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     config.validate()?;
     let seed = config.seed()?;
     let db = crate::open_db(&config.data_dir)?;
     let inventory = Arc::new(Inventory::open(db, &seed, config.reset_stock)?);
     info!(data_dir = %config.data_dir.display(), skus = inventory.levels()?.len(), "inventory opened");
-    let client = crate::connect(&config.nats_url, "saga-inventory", &shutdown).await?;
-    runtime::serve(client.clone(), inventory, shutdown).await?;
-    let _ = tokio::time::timeout(runtime::NATS_GRACE, client.drain()).await;
-    Ok(())
+    let nats = crate::NatsTarget {
+        url: config.nats_url.clone(),
+        security: config.nats_security.clone(),
+    };
+    crate::serve_participant(inventory, &nats, "saga-inventory", http, shutdown).await
 }
 
 #[cfg(test)]
@@ -376,7 +407,7 @@ mod tests {
     use super::*;
 
     fn inventory(dir: &Path) -> Inventory {
-        let db = sled::open(dir).expect("sled");
+        let db = crate::open_db(dir).expect("sled");
         let seed = BTreeMap::from([("A".to_string(), 10), ("B".to_string(), 1)]);
         Inventory::open(db, &seed, false).expect("open")
     }
@@ -411,6 +442,7 @@ mod tests {
                 amount_cents: 1,
                 currency: "EUR".into(),
             },
+            input: serde_json::Value::Null,
         }
     }
 
@@ -529,7 +561,7 @@ mod tests {
             let inv = inventory(dir.path());
             inv.handle(cmd("s1", CommandKind::Forward, &[("A", 4)])).await;
         }
-        let db = sled::open(dir.path()).expect("sled");
+        let db = crate::open_db(dir.path()).expect("sled");
         let seed = BTreeMap::from([("A".to_string(), 50), ("C".to_string(), 7)]);
         let inv = Inventory::open(db, &seed, true).expect("open");
         assert_eq!(
@@ -553,6 +585,11 @@ mod tests {
         let want = BTreeMap::from([("A-1".into(), 100), ("B-2".into(), 9), ("C-3".into(), 1)]);
         assert_eq!(config.seed().expect("seed"), want);
         assert_eq!(config.data_dir, PathBuf::from("./data/inventory"));
+        assert_eq!(config.http_addr, SocketAddr::from(([127, 0, 0, 1], 9465)));
+        let any_port =
+            InventoryConfig::try_parse_from(["inventory", "--http-addr", "127.0.0.1:0"]).expect("parses");
+        assert_eq!(any_port.http_addr.port(), 0);
+        assert!(InventoryConfig::try_parse_from(["inventory", "--http-addr", "localhost"]).is_err());
 
         std::fs::write(&file, r#"["A-1"]"#).expect("write");
         assert!(matches!(config.validate(), Err(ConfigError::StockFile { .. })));

@@ -7,19 +7,25 @@
 //! - [`dedupe`]: the sled store shared by handlers: the effect and the reply
 //!   stored under the idempotency key in ONE transaction, flushed before the
 //!   reply leaves; tombstones for compensations that overtake their forward;
-//! - [`inventory`] and [`payment`]: the handlers and their `run` functions.
+//! - [`inventory`] and [`payment`]: the handlers and their `run` functions;
+//! - [`telemetry`]: `GET /metrics`, `/health` and `/ready` on each
+//!   participant's HTTP port, and the metrics the others record.
 //!
 //! A third participant is a new [`runtime::Handler`] plus a YAML step.
 //!
 //! This root holds only process plumbing shared by the binaries (config
-//! errors, tracing set-up, NATS connection, signals, opening sled); it holds
-//! no business rule and no saga state (that is the coordinator's).
+//! errors, tracing set-up, NATS connection, signals, opening sled, the
+//! serve-until-shutdown sequence of a participant process); it holds no
+//! business rule and no saga state (that is the coordinator's).
 #![deny(unreachable_pub)]
 
+pub mod analytics;
 pub mod dedupe;
 pub mod inventory;
 pub mod payment;
 pub mod runtime;
+pub mod shipping;
+pub mod telemetry;
 
 /// Invalid settings, found by a config's `validate()` before anything starts.
 #[derive(Debug, thiserror::Error)]
@@ -45,9 +51,9 @@ pub enum ConfigError {
 /// The first connection to NATS did not happen.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    /// The URL or options are unusable (retrying would not help).
-    #[error("nats connect: {0}")]
-    Nats(#[from] async_nats::ConnectError),
+    /// The URL, options or credentials are unusable (retrying would not help).
+    #[error(transparent)]
+    Nats(#[from] saga_proto::nats::ConnectError),
     /// Shutdown was requested before NATS became reachable.
     #[error("shut down before NATS was reachable")]
     ShutDown,
@@ -75,56 +81,101 @@ pub fn init_tracing(format: LogFormat) {
     }
 }
 
-/// Connects to NATS. The first connection is retried with exponential
-/// backoff and jitter (`backon`) until it succeeds or `shutdown` fires;
-/// afterwards async-nats reconnects by itself, without limit.
+/// Connects to NATS (see [`saga_proto::nats::connect`]) until it succeeds or
+/// `shutdown` fires. `readiness` follows the connection (`/ready` and
+/// `participant_nats_connected`).
 ///
 /// # Errors
-/// An unparsable URL, or shutdown before the first connection.
+/// An unparsable URL or unreadable credentials, or shutdown before the first connection.
 pub async fn connect(
-    nats_url: &str,
+    nats: &NatsTarget,
     name: &str,
+    readiness: &telemetry::Readiness,
     shutdown: &tokio_util::sync::CancellationToken,
 ) -> Result<async_nats::Client, ConnectError> {
-    use backon::Retryable;
-    let attempt = || async {
-        async_nats::ConnectOptions::new()
-            .name(name)
-            .max_reconnects(None)
-            .event_callback(|event| async move {
-                match event {
-                    async_nats::Event::Connected => tracing::info!("nats connected"),
-                    async_nats::Event::Disconnected => tracing::warn!("nats disconnected"),
-                    other => tracing::info!(event = %other, "nats event"),
-                }
-            })
-            .connect(nats_url)
-            .await
-    };
-    let backoff = backon::ExponentialBuilder::default()
-        .with_min_delay(std::time::Duration::from_millis(100))
-        .with_max_delay(std::time::Duration::from_secs(5))
-        .with_jitter()
-        .without_max_times();
-    let connecting = attempt
-        .retry(backoff)
-        .when(|e| e.kind() != async_nats::ConnectErrorKind::ServerParse)
-        .notify(|e, delay| tracing::warn!(error = %e, retry_in = ?delay, "cannot reach NATS; retrying"));
+    let readiness = readiness.clone();
+    let connecting = saga_proto::nats::connect(&nats.url, name, &nats.security, move |up| {
+        readiness.set_nats(up);
+        std::future::ready(())
+    });
     tokio::select! {
         client = connecting => Ok(client?),
         _ = shutdown.cancelled() => Err(ConnectError::ShutDown),
     }
 }
 
+/// Where a participant's NATS is and how to authenticate to it.
+#[derive(Debug, Clone)]
+pub struct NatsTarget {
+    /// Server URL(s), comma-separated.
+    pub url: String,
+    /// Credentials and TLS.
+    pub security: saga_proto::nats::NatsSecurity,
+}
+
+/// Runs one participant process around an opened `handler`: its HTTP surface
+/// on `http` (up while NATS is still being reached, so `/ready` can say so),
+/// the NATS connection named `client_name`, [`runtime::serve`] until
+/// `shutdown`, then a bounded NATS drain and the HTTP server's stop.
+///
+/// # Errors
+/// Shutdown before NATS was reachable, an unusable NATS URL, a subscription
+/// failure.
+pub async fn serve_participant(
+    handler: std::sync::Arc<dyn runtime::Handler>,
+    nats: &NatsTarget,
+    client_name: &str,
+    http: tokio::net::TcpListener,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    let readiness = telemetry::Readiness::new(handler.participant());
+    let http = telemetry::spawn(http, readiness.clone(), handler.store().clone(), &shutdown);
+    let client = connect(nats, client_name, &readiness, &shutdown).await?;
+    runtime::serve(client.clone(), handler, shutdown).await?;
+    let _ = tokio::time::timeout(runtime::NATS_GRACE, client.drain()).await;
+    http.stop().await;
+    Ok(())
+}
+
+/// Binds a participant's HTTP address (`--http-addr`; port 0 picks a free one).
+///
+/// # Errors
+/// The address cannot be bound; the message names it.
+pub async fn bind_http(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    use anyhow::Context;
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("http-addr {addr}"))
+}
+
 /// Opens (creating it if needed) the sled database in `dir`.
+///
+/// sled releases its file lock from a background thread a moment after the
+/// last handle is dropped (a restart in the same process, or a previous
+/// process still exiting), so a lock conflict is retried for up to 3 s.
 ///
 /// # Errors
 /// The directory cannot be created, or sled cannot open it (e.g. another
-/// process holds its lock); the message names the directory.
+/// live process holds its lock); the message names the directory.
 pub fn open_db(dir: &std::path::Path) -> anyhow::Result<sled::Db> {
     use anyhow::Context;
     std::fs::create_dir_all(dir).with_context(|| format!("data dir {}", dir.display()))?;
-    sled::open(dir).with_context(|| format!("sled database in {}", dir.display()))
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        // sled's page cache is bounded (its default is 1 GiB).
+        match sled::Config::new()
+            .path(dir)
+            .cache_capacity(64 * 1024 * 1024)
+            .open()
+        {
+            Err(sled::Error::Io(e))
+                if std::time::Instant::now() < deadline && e.to_string().contains("lock") =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other.with_context(|| format!("sled database in {}", dir.display())),
+        }
+    }
 }
 
 /// Cancels `token` on SIGINT or SIGTERM (used by the binaries).

@@ -12,9 +12,10 @@
 //! It owns the `charge/<forward key>` ledger entries of its state tree; it
 //! never holds a transaction (or anything else) across the gateway call, and
 //! leaves idempotency and durability to [`crate::dedupe`], NATS to
-//! [`crate::runtime`].
+//! [`crate::runtime`], metrics and HTTP to [`crate::telemetry`].
 
 use std::{
+    net::SocketAddr,
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -28,13 +29,14 @@ use rand::Rng;
 use saga_proto::wire::{saga_of_key, Command, CommandKind, Reply};
 use serde::{Deserialize, Serialize};
 use sled::transaction::ConflictableTransactionError;
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use crate::{
     dedupe::{tx_get, tx_put, Store, StoreError},
-    runtime::{self, BoxFuture, Handler},
-    ConfigError, LogFormat,
+    runtime::{BoxFuture, Handler},
+    telemetry, ConfigError, LogFormat,
 };
 
 /// Payment settings: defaults, environment, flags.
@@ -48,6 +50,9 @@ pub struct PaymentConfig {
     /// NATS server URL.
     #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
+    /// NATS credentials and TLS.
+    #[command(flatten)]
+    pub nats_security: saga_proto::nats::NatsSecurity,
     /// Directory of the sled database.
     #[arg(long, env = "PAYMENT_DATA_DIR", default_value = "./data/payment")]
     pub data_dir: PathBuf,
@@ -73,6 +78,10 @@ pub struct PaymentConfig {
     /// Longest time an open breaker rejects calls.
     #[arg(long, env = "PAYMENT_BREAKER_MAX_WAIT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub breaker_max_wait: Duration,
+    /// Address of the HTTP server: `GET /metrics`, `/health`, `/ready`
+    /// (port 0 picks a free port; the address is logged).
+    #[arg(long, env = "PAYMENT_HTTP_ADDR", default_value = "127.0.0.1:9466")]
+    pub http_addr: SocketAddr,
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "pretty")]
     pub log_format: LogFormat,
@@ -89,6 +98,7 @@ impl PaymentConfig {
     ) -> Self {
         PaymentConfig {
             nats_url: nats_url.into(),
+            nats_security: saga_proto::nats::NatsSecurity::default(),
             data_dir: data_dir.into(),
             customer_limit_cents,
             declined_customers: Vec::new(),
@@ -97,6 +107,7 @@ impl PaymentConfig {
             breaker_failures: 5,
             breaker_wait: Duration::from_millis(200),
             breaker_max_wait: Duration::from_millis(800),
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             log_format: LogFormat::Pretty,
         }
     }
@@ -115,6 +126,9 @@ impl PaymentConfig {
         };
         if self.nats_url.trim().is_empty() {
             return invalid("nats-url", "empty");
+        }
+        if let Err(reason) = self.nats_security.validate() {
+            return invalid("nats-security", &reason);
         }
         if !(0.0..=1.0).contains(&self.gateway_failure_rate) {
             return invalid("gateway-failure-rate", "must be within 0.0..=1.0");
@@ -267,7 +281,10 @@ impl Payment {
 
     /// The simulated gateway: latency, then a transient failure with the configured probability.
     async fn gateway(&self) -> Result<String, GatewayDown> {
-        tokio::time::sleep(self.config.gateway_latency).await;
+        // No zero sleep: tokio would round it up to its next 1 ms timer tick.
+        if !self.config.gateway_latency.is_zero() {
+            tokio::time::sleep(self.config.gateway_latency).await;
+        }
         // Never panics, whatever the (unvalidated, in tests) rate: 0 never fails, ≥ 1 always does.
         let fail = rand::rng().random::<f64>() < self.config.gateway_failure_rate;
         if fail {
@@ -321,6 +338,13 @@ impl Payment {
         let (reply, hit) = match (cmd.kind, cmd.action.as_str()) {
             (CommandKind::Forward, "charge") => self.charge(&cmd).await?,
             (CommandKind::Compensate, "refund") => {
+                // The definition may pass the charge to refund (a reference to the
+                // charge step's output): it must be the one booked under this saga.
+                let expected = cmd
+                    .input
+                    .get("charge_id")
+                    .and_then(|v| v.as_str())
+                    .map(str::to_string);
                 self.store
                     .apply_compensation(&cmd.idempotency_key, |state, forward, _| {
                         let key = ledger_key(forward);
@@ -329,6 +353,9 @@ impl Payment {
                                 "ledger entry {key} missing"
                             )));
                         };
+                        if expected.as_ref().is_some_and(|id| *id != charge.charge_id) {
+                            return Ok(Reply::rejected("charge_id_mismatch"));
+                        }
                         charge.refunded = true;
                         tx_put(state, &key, &charge)?;
                         Ok(Reply::ok(
@@ -337,15 +364,11 @@ impl Payment {
                     })
                     .await?
             }
-            (kind, action) => {
-                return Ok(Reply::error(format!(
-                    "`{action}` is not a {} action here",
-                    kind.as_str()
-                )));
-            }
+            (kind, action) => return Ok(crate::runtime::wrong_direction(kind, action)),
         };
         if hit {
             self.dedupe_hits.fetch_add(1, Ordering::Relaxed);
+            telemetry::dedupe_hit(self.participant());
         }
         Ok(reply)
     }
@@ -362,13 +385,7 @@ impl Handler for Payment {
 
     fn handle(&self, cmd: Command) -> BoxFuture<'_, Reply> {
         Box::pin(async move {
-            let reply = match self.run(cmd).await {
-                Ok(r) => r,
-                Err(e) => {
-                    error!(error = %e, "payment store failure");
-                    Reply::error(format!("payment store: {e}"))
-                }
-            };
+            let reply = crate::runtime::store_reply("payment", self.run(cmd).await);
             // Counted once handled, so a test can wait for in-flight commands to finish.
             self.commands.fetch_add(1, Ordering::Relaxed);
             reply
@@ -407,21 +424,27 @@ impl Handler for Payment {
     }
 }
 
-/// Runs the payment service until `shutdown` fires.
+/// Runs the payment service until `shutdown` fires, with its HTTP surface
+/// (`/metrics`, `/health`, `/ready`) on `http` (the binary binds
+/// `--http-addr`; tests bind port 0).
 ///
 /// # Errors
 /// Invalid settings, sled cannot open the data dir, shutdown before NATS was
 /// reachable, NATS subscription failure.
-pub async fn run(config: PaymentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: PaymentConfig,
+    http: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     config.validate()?;
     let db = crate::open_db(&config.data_dir)?;
-    let nats_url = config.nats_url.clone();
+    let nats = crate::NatsTarget {
+        url: config.nats_url.clone(),
+        security: config.nats_security.clone(),
+    };
     let payment = Arc::new(Payment::open(db, config)?);
     info!(totals = ?payment.totals()?, "payment ledger opened");
-    let client = crate::connect(&nats_url, "saga-payment", &shutdown).await?;
-    runtime::serve(client.clone(), payment, shutdown).await?;
-    let _ = tokio::time::timeout(runtime::NATS_GRACE, client.drain()).await;
-    Ok(())
+    crate::serve_participant(payment, &nats, "saga-payment", http, shutdown).await
 }
 
 #[cfg(test)]
@@ -431,7 +454,7 @@ mod tests {
     use super::*;
 
     fn payment(dir: &Path, latency: Duration, failure_rate: f64) -> Arc<Payment> {
-        let db = sled::open(dir).expect("sled");
+        let db = crate::open_db(dir).expect("sled");
         let config = PaymentConfig::for_tests("nats://unused", dir, 10_000, latency, failure_rate);
         Arc::new(Payment::open(db, config).expect("open"))
     }
@@ -463,6 +486,7 @@ mod tests {
                 amount_cents: amount,
                 currency: "EUR".into(),
             },
+            input: serde_json::Value::Null,
         }
     }
 
@@ -562,7 +586,7 @@ mod tests {
     #[tokio::test]
     async fn declined_customers_are_rejected_and_the_decline_is_stored() {
         let dir = tempfile::tempdir().expect("tmp");
-        let db = sled::open(dir.path()).expect("sled");
+        let db = crate::open_db(dir.path()).expect("sled");
         let mut config = PaymentConfig::for_tests("nats://unused", dir.path(), 10_000, Duration::ZERO, 0.0);
         config.declined_customers = vec!["c".into()];
         let p = Payment::open(db, config).expect("open");
@@ -631,6 +655,10 @@ mod tests {
             (c.customer_limit_cents, c.data_dir.as_path()),
             (100_000, Path::new("./data/payment"))
         );
+        assert_eq!(c.http_addr, SocketAddr::from(([127, 0, 0, 1], 9466)));
+        let any_port =
+            PaymentConfig::try_parse_from(["payment", "--http-addr", "0.0.0.0:0"]).expect("parses");
+        assert_eq!(any_port.http_addr.port(), 0);
         let bad = PaymentConfig {
             gateway_failure_rate: 1.5,
             ..c.clone()

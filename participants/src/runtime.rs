@@ -9,6 +9,10 @@
 //! bytes into a [`Command`] or a reason; the reason goes back as an `error`
 //! reply with a warning, never a panic.
 //!
+//! Every command is counted in [`crate::telemetry`] by participant, action
+//! and outcome (`malformed` when it never reached the handler), and the
+//! handler's time is recorded.
+//!
 //! Handlers own effects and idempotency (see [`crate::dedupe`]); this module
 //! never touches sled and never decides a business outcome.
 
@@ -18,6 +22,8 @@ use futures::StreamExt;
 use saga_proto::wire::{self, Command, Reply};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, info_span, warn, Instrument};
+
+use crate::telemetry::{self, Outcome};
 
 /// Longest wait on NATS during shutdown (it may be down already).
 pub const NATS_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
@@ -49,6 +55,21 @@ pub enum ServeError {
     /// Subscribing failed.
     #[error("nats subscribe: {0}")]
     Subscribe(#[from] async_nats::SubscribeError),
+}
+
+/// The reply to a command whose action exists but not in this direction
+/// (a forward `release`, say): an `error`, nothing applied.
+pub fn wrong_direction(kind: wire::CommandKind, action: &str) -> Reply {
+    Reply::error(format!("`{action}` is not a {} action here", kind.as_str()))
+}
+
+/// The reply of a handler whose store failed: logged, then an `error`
+/// reply (nothing was recorded, so the coordinator retries with the same key).
+pub fn store_reply<E: std::fmt::Display>(participant: &str, result: Result<Reply, E>) -> Reply {
+    result.unwrap_or_else(|e| {
+        tracing::error!(error = %e, participant, "{participant} store failure");
+        Reply::error(format!("{participant} store: {e}"))
+    })
 }
 
 /// Validates a command message: JSON envelope, action known, subject's
@@ -162,6 +183,17 @@ fn ids_of_malformed(body: &[u8]) -> [String; 4] {
     })
 }
 
+/// The subject's action token when it is one of `actions`, else `"unknown"`:
+/// a metric label never takes an arbitrary value from the wire.
+fn known_action<'a>(subject: &str, actions: &[&'a str]) -> &'a str {
+    let token = subject.rsplit('.').next().unwrap_or_default();
+    actions
+        .iter()
+        .find(|a| **a == token)
+        .copied()
+        .unwrap_or("unknown")
+}
+
 async fn process(client: async_nats::Client, handler: Arc<dyn Handler>, msg: async_nats::Message) {
     let correlation_id = msg
         .headers
@@ -169,12 +201,15 @@ async fn process(client: async_nats::Client, handler: Arc<dyn Handler>, msg: asy
         .and_then(|h| h.get(wire::CORRELATION_HEADER))
         .map(|v| v.as_str().to_string())
         .unwrap_or_default();
+    let participant = handler.participant();
     let Some(reply_to) = msg.reply.clone() else {
         let [saga_id, step, idempotency_key, attempt] = ids_of_malformed(&msg.payload);
         warn!(
             subject = %msg.subject, saga_id, correlation_id, step, attempt, idempotency_key,
             "command without a reply subject; dropped unapplied"
         );
+        let action = known_action(&msg.subject, handler.actions());
+        telemetry::command(participant, action, Outcome::Malformed);
         return;
     };
     let reply = match decode(&msg.subject, &msg.payload, handler.actions()) {
@@ -185,9 +220,12 @@ async fn process(client: async_nats::Client, handler: Arc<dyn Handler>, msg: asy
                 subject = %msg.subject, saga_id, correlation_id, step, attempt, idempotency_key, action,
                 reason, "malformed command answered with an error"
             );
+            let action = known_action(&msg.subject, handler.actions());
+            telemetry::command(participant, action, Outcome::Malformed);
             Reply::error(reason)
         }
         Ok(cmd) => {
+            let action = cmd.action.clone();
             let span = info_span!(
                 "command",
                 saga_id = %cmd.saga_id,
@@ -197,13 +235,17 @@ async fn process(client: async_nats::Client, handler: Arc<dyn Handler>, msg: asy
                 attempt = cmd.attempt,
                 idempotency_key = %cmd.idempotency_key,
             );
-            async {
+            let started = std::time::Instant::now();
+            let reply = async {
                 let reply = handler.handle(cmd).await;
                 info!(outcome = ?reply, "command handled");
                 reply
             }
             .instrument(span)
-            .await
+            .await;
+            telemetry::command_duration(participant, &action, started.elapsed());
+            telemetry::command(participant, &action, Outcome::of(&reply));
+            reply
         }
     };
     let body = match serde_json::to_vec(&reply) {
@@ -242,6 +284,13 @@ mod tests {
             ACTIONS,
         );
         assert_eq!(cmd.map(|c| c.action), Ok("reserve".to_string()));
+    }
+
+    #[test]
+    fn metric_labels_take_only_known_actions() {
+        assert_eq!(known_action("saga.cmd.inventory.release", ACTIONS), "release");
+        assert_eq!(known_action("saga.cmd.inventory.explode", ACTIONS), "unknown");
+        assert_eq!(known_action("", ACTIONS), "unknown");
     }
 
     #[test]

@@ -5,8 +5,11 @@
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, served by gRPC reflection.
 //! - [`wire`]: the JSON envelopes the coordinator and the participants exchange
 //!   over NATS request-reply (DESIGN.md, "Messages on NATS").
+//! - [`nats`]: the NATS security settings (credentials, TLS) every binary
+//!   takes, and how they become connection options.
 //!
-//! This crate holds types only: no I/O, no policy.
+//! This crate holds types and settings only: no policy, and no I/O beyond
+//! reading a NATS credentials file when asked to.
 #![deny(unreachable_pub)]
 #![warn(missing_docs)]
 
@@ -19,4 +22,5 @@ pub mod pb {
 /// Encoded `FileDescriptorSet` of `saga.v1` (with its imports), for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/saga_descriptor.bin"));
 
+pub mod nats;
 pub mod wire;

@@ -17,6 +17,16 @@ pub const COMMAND_SUBJECT_PREFIX: &str = "saga.cmd";
 /// Prefix of the participants' read-only admin subjects (`saga.admin.<participant>.stats`).
 pub const ADMIN_SUBJECT_PREFIX: &str = "saga.admin";
 
+/// Prefix of the saga lifecycle events (`saga.events.<definition>.<event>`).
+pub const EVENTS_SUBJECT_PREFIX: &str = "saga.events";
+/// Format version of [`SagaEvent`] (`"v"` in the JSON).
+pub const EVENT_FORMAT_VERSION: u32 = 1;
+
+/// Subject of `event` of a saga of definition `name`: `saga.events.<name>.<event>`.
+pub fn event_subject(definition_name: &str, event: &str) -> String {
+    format!("{EVENTS_SUBJECT_PREFIX}.{definition_name}.{event}")
+}
+
 /// Subject of `action` on `participant`: `saga.cmd.<participant>.<action>`.
 pub fn command_subject(participant: &str, action: &str) -> String {
     format!("{COMMAND_SUBJECT_PREFIX}.{participant}.{action}")
@@ -91,6 +101,12 @@ pub struct Command {
     pub idempotency_key: String,
     /// The order the saga is about.
     pub payload: OrderPayload,
+    /// The step's extra input from its definition (`input:` or
+    /// `compensation_input:`), references already resolved, e.g.
+    /// `{"charge_id": "ch_…"}` taken from an earlier step's output. Absent
+    /// when the step declares none.
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub input: serde_json::Value,
 }
 
 /// The business payload of an order saga.
@@ -195,4 +211,44 @@ mod tests {
         );
         assert_eq!(forward_key("s/charge-payment/forward"), None);
     }
+}
+
+/// One saga lifecycle event as published on `saga.events.<definition>.<event>`
+/// (and under the definition's domain alias, if it declares one): one per
+/// history entry of the saga, `sequence` contiguous from 1. The JSON Schema
+/// is `saga-definitions/schemas/saga-event.v1.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SagaEvent {
+    /// Format version ([`EVENT_FORMAT_VERSION`]).
+    pub v: u32,
+    /// The saga.
+    pub saga_id: String,
+    /// `name@version` of the definition the saga runs.
+    pub definition: String,
+    /// 1-based, contiguous per saga: the history entry's number.
+    pub sequence: u64,
+    /// What happened: `created`, `started`, `step_succeeded`, `step_retry`,
+    /// `step_rejected`, `step_unknown`, `step_failed`, `compensating`,
+    /// `compensation_succeeded`, `compensation_retry`, `compensation_failed`,
+    /// `completed`, `compensated`, `failed`, `aborted`, `retried`.
+    pub event: String,
+    /// The step the event is about, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+    /// The attempt the event is about, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    /// Free text: a reason or an outcome.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// The saga's state after the event (`RUNNING`, `COMPLETED`, …).
+    pub state: String,
+    /// When the event happened, ms since the Unix epoch.
+    pub at_ms: u64,
+    /// When the saga was created, ms since the Unix epoch.
+    pub saga_created_at_ms: u64,
+    /// Correlation id of the request that created the saga.
+    pub correlation_id: String,
+    /// The order the saga runs.
+    pub order: OrderPayload,
 }

@@ -1,0 +1,410 @@
+//! The shipping participant: shipments in sled. It exists to show that a new
+//! participant is a handler and a YAML step, with no coordinator change
+//! (`saga-definitions/order-with-shipping.yaml`).
+//!
+//! `create-shipment` books a shipment for the order and answers
+//! `{"shipment_id", "carrier", "reservation_id"}`; it needs the stock
+//! reservation it ships (`input.reservation_id`, a reference to the inventory
+//! step's output in the definition) and refuses customers it cannot deliver
+//! to (`rejected: address_unreachable`). `cancel-shipment` cancels it; when
+//! the definition passes `input.shipment_id` it must name the shipment booked
+//! under the same saga, or the cancellation is refused.
+//!
+//! It owns the `shipment/<forward key>` entries of its state tree;
+//! idempotency and durability are [`crate::dedupe`]'s, NATS is
+//! [`crate::runtime`]'s.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+};
+
+use saga_proto::wire::{saga_of_key, Command, CommandKind, Reply};
+use serde::{Deserialize, Serialize};
+use sled::transaction::ConflictableTransactionError;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::{
+    dedupe::{tx_get, tx_put, Store, StoreError},
+    runtime::{BoxFuture, Handler},
+    telemetry, ConfigError, LogFormat,
+};
+
+/// Shipping settings: defaults, environment, flags.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "shipping",
+    version,
+    about = "Shipping participant: books and cancels shipments"
+)]
+pub struct ShippingConfig {
+    /// NATS server URL.
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// NATS credentials and TLS.
+    #[command(flatten)]
+    pub nats_security: saga_proto::nats::NatsSecurity,
+    /// Directory of the sled database.
+    #[arg(long, env = "SHIPPING_DATA_DIR", default_value = "./data/shipping")]
+    pub data_dir: PathBuf,
+    /// Carrier named on every shipment.
+    #[arg(long, env = "SHIPPING_CARRIER", default_value = "saga-express")]
+    pub carrier: String,
+    /// Customers whose address cannot be served (`rejected: address_unreachable`).
+    #[arg(long, env = "SHIPPING_UNREACHABLE_CUSTOMERS", value_delimiter = ',')]
+    pub unreachable_customers: Vec<String>,
+    /// Address of the HTTP server: `GET /metrics`, `/health`, `/ready`.
+    #[arg(long, env = "SHIPPING_HTTP_ADDR", default_value = "127.0.0.1:9467")]
+    pub http_addr: SocketAddr,
+    /// Log format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "pretty")]
+    pub log_format: LogFormat,
+}
+
+impl ShippingConfig {
+    /// Settings for an embedded (test) instance.
+    pub fn for_tests(nats_url: &str, data_dir: &std::path::Path) -> Self {
+        ShippingConfig {
+            nats_url: nats_url.into(),
+            nats_security: saga_proto::nats::NatsSecurity::default(),
+            data_dir: data_dir.into(),
+            carrier: "saga-express".into(),
+            unreachable_customers: Vec::new(),
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            log_format: LogFormat::Pretty,
+        }
+    }
+
+    /// Checks the settings before anything starts.
+    ///
+    /// # Errors
+    /// An empty URL or carrier, or inconsistent NATS security settings.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |setting, reason: String| Err(ConfigError::Invalid { setting, reason });
+        if self.nats_url.trim().is_empty() {
+            return invalid("nats-url", "empty".into());
+        }
+        if self.carrier.trim().is_empty() {
+            return invalid("carrier", "empty".into());
+        }
+        if let Err(reason) = self.nats_security.validate() {
+            return invalid("nats-security", reason);
+        }
+        Ok(())
+    }
+}
+
+const SHIPMENT_PREFIX: &str = "shipment/";
+const ACTIONS: &[&str] = &["create-shipment", "cancel-shipment"];
+
+fn shipment_key(forward_key: &str) -> String {
+    format!("{SHIPMENT_PREFIX}{forward_key}")
+}
+
+/// A booked shipment (stored form, `{"v":1,"data":…}`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shipment {
+    /// `shp_<uuid>`.
+    pub shipment_id: String,
+    /// Carrier.
+    pub carrier: String,
+    /// The stock reservation shipped.
+    pub reservation_id: String,
+    /// Units in the parcel.
+    pub units: u64,
+    /// Cancelled by compensation.
+    pub cancelled: bool,
+}
+
+/// The shipping handler.
+pub struct Shipping {
+    store: Store,
+    config: ShippingConfig,
+    commands: AtomicU64,
+    dedupe_hits: AtomicU64,
+}
+
+impl Shipping {
+    /// Opens the shipments in `db`.
+    ///
+    /// # Errors
+    /// sled errors.
+    pub fn open(db: sled::Db, config: ShippingConfig) -> Result<Self, StoreError> {
+        Ok(Shipping {
+            store: Store::new(db)?,
+            config,
+            commands: AtomicU64::new(0),
+            dedupe_hits: AtomicU64::new(0),
+        })
+    }
+
+    /// Every shipment, by forward key.
+    ///
+    /// # Errors
+    /// sled errors; corrupt values.
+    pub fn shipments(&self) -> Result<Vec<(String, Shipment)>, StoreError> {
+        self.store.scan(SHIPMENT_PREFIX).collect()
+    }
+
+    async fn run(&self, cmd: Command) -> Result<Reply, StoreError> {
+        let key = cmd.idempotency_key.clone();
+        let text = |name: &str| cmd.input.get(name).and_then(|v| v.as_str()).map(str::to_string);
+        let (reply, hit) = match (cmd.kind, cmd.action.as_str()) {
+            (CommandKind::Forward, "create-shipment") => {
+                let reservation = text("reservation_id");
+                let unreachable = self
+                    .config
+                    .unreachable_customers
+                    .contains(&cmd.payload.customer_id);
+                let units: u64 = cmd.payload.items.iter().map(|i| u64::from(i.quantity)).sum();
+                let carrier = self.config.carrier.clone();
+                self.store
+                    .apply_forward(&key, |state| {
+                        let Some(reservation_id) = reservation.clone() else {
+                            return Ok(Reply::rejected("no_reservation"));
+                        };
+                        if unreachable {
+                            return Ok(Reply::rejected("address_unreachable"));
+                        }
+                        let shipment = Shipment {
+                            shipment_id: format!("shp_{}", uuid::Uuid::new_v4().simple()),
+                            carrier: carrier.clone(),
+                            reservation_id,
+                            units,
+                            cancelled: false,
+                        };
+                        tx_put(state, &shipment_key(&key), &shipment)?;
+                        Ok(Reply::ok(serde_json::json!({
+                            "shipment_id": shipment.shipment_id,
+                            "carrier": shipment.carrier,
+                            "reservation_id": shipment.reservation_id,
+                        })))
+                    })
+                    .await?
+            }
+            (CommandKind::Compensate, "cancel-shipment") => {
+                let expected = text("shipment_id");
+                self.store
+                    .apply_compensation(&key, |state, forward, _| {
+                        let k = shipment_key(forward);
+                        let Some(mut shipment) = tx_get::<Shipment>(state, &k)? else {
+                            return Err(ConflictableTransactionError::Abort(format!(
+                                "shipment {k} missing"
+                            )));
+                        };
+                        if expected.as_ref().is_some_and(|id| *id != shipment.shipment_id) {
+                            return Ok(Reply::rejected("shipment_id_mismatch"));
+                        }
+                        shipment.cancelled = true;
+                        tx_put(state, &k, &shipment)?;
+                        Ok(Reply::ok(
+                            serde_json::json!({"undone": true, "cancelled": shipment.shipment_id}),
+                        ))
+                    })
+                    .await?
+            }
+            (kind, action) => return Ok(crate::runtime::wrong_direction(kind, action)),
+        };
+        if hit {
+            self.dedupe_hits.fetch_add(1, Ordering::Relaxed);
+            telemetry::dedupe_hit(self.participant());
+        }
+        Ok(reply)
+    }
+}
+
+impl Handler for Shipping {
+    fn participant(&self) -> &str {
+        "shipping"
+    }
+
+    fn actions(&self) -> &[&str] {
+        ACTIONS
+    }
+
+    fn handle(&self, cmd: Command) -> BoxFuture<'_, Reply> {
+        Box::pin(async move {
+            self.commands.fetch_add(1, Ordering::Relaxed);
+            crate::runtime::store_reply("shipping", self.run(cmd).await)
+        })
+    }
+
+    fn stats(&self) -> serde_json::Value {
+        let (mut booked, mut cancelled) = (0u64, 0u64);
+        for entry in self.store.scan::<Shipment>(SHIPMENT_PREFIX) {
+            match entry {
+                Ok((_, s)) if s.cancelled => cancelled += 1,
+                Ok(_) => booked += 1,
+                Err(e) => return serde_json::json!({"error": e.to_string()}),
+            }
+        }
+        serde_json::json!({
+            "shipments": booked,
+            "cancelled": cancelled,
+            "commands": self.commands.load(Ordering::Relaxed),
+            "dedupe_hits": self.dedupe_hits.load(Ordering::Relaxed),
+        })
+    }
+
+    /// `{saga_id: shipment}` for every shipment not cancelled.
+    fn effects(&self) -> serde_json::Value {
+        let mut out = serde_json::Map::new();
+        for entry in self.store.scan::<Shipment>(SHIPMENT_PREFIX) {
+            match entry {
+                Ok((key, s)) if !s.cancelled => {
+                    out.insert(saga_of_key(&key).to_string(), serde_json::json!(s));
+                }
+                Ok(_) => {}
+                Err(e) => return serde_json::json!({"error": e.to_string()}),
+            }
+        }
+        serde_json::Value::Object(out)
+    }
+
+    fn store(&self) -> &Store {
+        &self.store
+    }
+}
+
+/// Runs the shipping service until `shutdown` fires, with its HTTP surface on `http`.
+///
+/// # Errors
+/// Invalid settings, sled cannot open the data dir, shutdown before NATS was
+/// reachable, NATS subscription failure.
+pub async fn run(
+    config: ShippingConfig,
+    http: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    config.validate()?;
+    let db = crate::open_db(&config.data_dir)?;
+    let nats = crate::NatsTarget {
+        url: config.nats_url.clone(),
+        security: config.nats_security.clone(),
+    };
+    let shipping = Arc::new(Shipping::open(db, config)?);
+    info!(shipments = shipping.shipments()?.len(), "shipping opened");
+    crate::serve_participant(shipping, &nats, "saga-shipping", http, shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use saga_proto::wire::{self, Item, OrderPayload};
+
+    use super::*;
+
+    fn shipping(dir: &std::path::Path, unreachable: &[&str]) -> Shipping {
+        let mut config = ShippingConfig::for_tests("nats://unused", dir);
+        config.unreachable_customers = unreachable.iter().map(|c| c.to_string()).collect();
+        Shipping::open(crate::open_db(dir).expect("sled"), config).expect("open")
+    }
+
+    fn cmd(saga: &str, kind: CommandKind, customer: &str, input: serde_json::Value) -> Command {
+        let action = if kind == CommandKind::Forward {
+            "create-shipment"
+        } else {
+            "cancel-shipment"
+        };
+        Command {
+            saga_id: saga.into(),
+            definition: "order-with-shipping@1".into(),
+            step: "create-shipment".into(),
+            action: action.into(),
+            kind,
+            attempt: 1,
+            idempotency_key: wire::idempotency_key(saga, "create-shipment", kind),
+            payload: OrderPayload {
+                order_id: "o".into(),
+                customer_id: customer.into(),
+                items: vec![Item {
+                    sku: "A".into(),
+                    quantity: 2,
+                }],
+                amount_cents: 1,
+                currency: "EUR".into(),
+            },
+            input,
+        }
+    }
+
+    #[tokio::test]
+    async fn books_with_a_reservation_cancels_and_checks_the_shipment_id() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let s = shipping(dir.path(), &["far-away"]);
+        let booked = s
+            .handle(cmd(
+                "s1",
+                CommandKind::Forward,
+                "c",
+                serde_json::json!({"reservation_id": "r1"}),
+            ))
+            .await;
+        let Reply::Ok { data } = &booked else {
+            panic!("{booked:?}")
+        };
+        let id = data["shipment_id"].as_str().expect("id").to_string();
+        assert_eq!(data["reservation_id"], "r1");
+        // A repeat answers the stored reply: same shipment.
+        let again = s
+            .handle(cmd(
+                "s1",
+                CommandKind::Forward,
+                "c",
+                serde_json::json!({"reservation_id": "r1"}),
+            ))
+            .await;
+        assert_eq!(again, booked);
+        // Without a reservation, or to an unreachable customer: rejected.
+        let none = s
+            .handle(cmd("s2", CommandKind::Forward, "c", serde_json::Value::Null))
+            .await;
+        assert_eq!(none, Reply::rejected("no_reservation"));
+        let far = s
+            .handle(cmd(
+                "s3",
+                CommandKind::Forward,
+                "far-away",
+                serde_json::json!({"reservation_id": "r3"}),
+            ))
+            .await;
+        assert_eq!(far, Reply::rejected("address_unreachable"));
+        // Cancelling with the wrong shipment id is refused; with the right one it cancels.
+        let wrong = s
+            .handle(cmd(
+                "s1",
+                CommandKind::Compensate,
+                "c",
+                serde_json::json!({"shipment_id": "shp_x"}),
+            ))
+            .await;
+        assert_eq!(wrong, Reply::rejected("shipment_id_mismatch"));
+        let s4 = s
+            .handle(cmd(
+                "s4",
+                CommandKind::Forward,
+                "c",
+                serde_json::json!({"reservation_id": "r4"}),
+            ))
+            .await;
+        let Reply::Ok { data } = &s4 else { panic!("{s4:?}") };
+        let id4 = data["shipment_id"].as_str().expect("id").to_string();
+        let cancelled = s
+            .handle(cmd(
+                "s4",
+                CommandKind::Compensate,
+                "c",
+                serde_json::json!({"shipment_id": id4}),
+            ))
+            .await;
+        assert!(matches!(cancelled, Reply::Ok { .. }), "{cancelled:?}");
+        let effects = s.effects();
+        assert_eq!(effects["s1"]["shipment_id"], id.as_str());
+        assert!(effects.get("s4").is_none(), "cancelled shipments hold nothing");
+    }
+}

@@ -1,0 +1,242 @@
+//! NATS connection security shared by every binary: user/password, token or
+//! a credentials file, and TLS (CA, client certificate). The same flags and
+//! environment variables on the coordinator and every participant, so a
+//! deployment sets them once.
+//!
+//! [`connect`] is the one way every process reaches NATS: these settings,
+//! the first connection retried with exponential backoff and jitter
+//! (`backon`), then async-nats' own unlimited reconnects, each change
+//! reported to the caller (readiness).
+//!
+//! Secrets (password, token) are never printed: `Debug` redacts them, and
+//! clap hides their environment values in `--help`.
+
+use std::{fmt, future::Future, path::PathBuf, time::Duration};
+
+/// How to authenticate to NATS and whether to use TLS.
+#[derive(Clone, Default, clap::Args)]
+pub struct NatsSecurity {
+    /// NATS user name (with `--nats-password`).
+    #[arg(long, env = "NATS_USER")]
+    pub nats_user: Option<String>,
+    /// NATS password (with `--nats-user`). Never logged.
+    #[arg(long, env = "NATS_PASSWORD", hide_env_values = true)]
+    pub nats_password: Option<String>,
+    /// NATS authentication token. Never logged.
+    #[arg(long, env = "NATS_TOKEN", hide_env_values = true)]
+    pub nats_token: Option<String>,
+    /// NATS credentials file (JWT + NKey seed, `.creds`).
+    #[arg(long, env = "NATS_CREDS")]
+    pub nats_creds: Option<PathBuf>,
+    /// PEM file of the CA that signed the NATS server's certificate (implies TLS).
+    #[arg(long, env = "NATS_TLS_CA")]
+    pub nats_tls_ca: Option<PathBuf>,
+    /// PEM client certificate for NATS mutual TLS (with `--nats-tls-key`).
+    #[arg(long, env = "NATS_TLS_CERT")]
+    pub nats_tls_cert: Option<PathBuf>,
+    /// PEM private key of `--nats-tls-cert`.
+    #[arg(long, env = "NATS_TLS_KEY")]
+    pub nats_tls_key: Option<PathBuf>,
+    /// Refuse to talk to NATS without TLS (also implied by `tls://` URLs).
+    #[arg(long, env = "NATS_TLS_REQUIRED")]
+    pub nats_tls_required: bool,
+}
+
+impl fmt::Debug for NatsSecurity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let redacted = |s: &Option<String>| s.as_ref().map(|_| "<redacted>");
+        f.debug_struct("NatsSecurity")
+            .field("nats_user", &self.nats_user)
+            .field("nats_password", &redacted(&self.nats_password))
+            .field("nats_token", &redacted(&self.nats_token))
+            .field("nats_creds", &self.nats_creds)
+            .field("nats_tls_ca", &self.nats_tls_ca)
+            .field("nats_tls_cert", &self.nats_tls_cert)
+            .field("nats_tls_key", &self.nats_tls_key)
+            .field("nats_tls_required", &self.nats_tls_required)
+            .finish()
+    }
+}
+
+impl NatsSecurity {
+    /// Checks the settings are consistent and the files they name exist.
+    ///
+    /// # Errors
+    /// A sentence naming the flag at fault.
+    pub fn validate(&self) -> Result<(), String> {
+        let methods = [
+            self.nats_user.is_some() || self.nats_password.is_some(),
+            self.nats_token.is_some(),
+            self.nats_creds.is_some(),
+        ];
+        if methods.iter().filter(|m| **m).count() > 1 {
+            return Err("use only one of --nats-user/--nats-password, --nats-token and --nats-creds".into());
+        }
+        if self.nats_user.is_some() != self.nats_password.is_some() {
+            return Err("--nats-user and --nats-password go together".into());
+        }
+        if self.nats_tls_cert.is_some() != self.nats_tls_key.is_some() {
+            return Err("--nats-tls-cert and --nats-tls-key go together".into());
+        }
+        let files = [
+            ("--nats-creds", &self.nats_creds),
+            ("--nats-tls-ca", &self.nats_tls_ca),
+            ("--nats-tls-cert", &self.nats_tls_cert),
+            ("--nats-tls-key", &self.nats_tls_key),
+        ];
+        for (flag, file) in files {
+            if let Some(path) = file {
+                if !path.is_file() {
+                    return Err(format!("{flag} {}: no such file", path.display()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether TLS is asked for (a CA, a client certificate or `--nats-tls-required`).
+    pub fn tls(&self) -> bool {
+        self.nats_tls_required || self.nats_tls_ca.is_some() || self.nats_tls_cert.is_some()
+    }
+
+    /// `options` with these credentials and TLS settings.
+    ///
+    /// # Errors
+    /// The credentials file cannot be read or parsed.
+    pub async fn apply(
+        &self,
+        mut options: async_nats::ConnectOptions,
+    ) -> std::io::Result<async_nats::ConnectOptions> {
+        if let (Some(user), Some(password)) = (&self.nats_user, &self.nats_password) {
+            options = options.user_and_password(user.clone(), password.clone());
+        }
+        if let Some(token) = &self.nats_token {
+            options = options.token(token.clone());
+        }
+        if let Some(creds) = &self.nats_creds {
+            options = options.credentials_file(creds).await?;
+        }
+        if let Some(ca) = &self.nats_tls_ca {
+            options = options.add_root_certificates(ca.clone());
+        }
+        if let (Some(cert), Some(key)) = (&self.nats_tls_cert, &self.nats_tls_key) {
+            options = options.add_client_certificate(cert.clone(), key.clone());
+        }
+        if self.tls() {
+            options = options.require_tls(true);
+        }
+        Ok(options)
+    }
+}
+
+/// Why [`connect`] gave up.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The credentials file cannot be read or parsed.
+    #[error("nats credentials: {0}")]
+    Credentials(std::io::Error),
+    /// The URL cannot be parsed (retrying would not help).
+    #[error("nats connect: {0}")]
+    Connect(#[from] async_nats::ConnectError),
+}
+
+/// Connects to `url` as `name` with `security`. The first connection is
+/// retried with exponential backoff and jitter until it succeeds (callers
+/// race it against their shutdown); afterwards async-nats reconnects by
+/// itself without limit. `on_connection(true | false)` runs on every
+/// (dis)connection and once after the first success.
+///
+/// # Errors
+/// An unreadable credentials file or an unparsable URL.
+pub async fn connect<F, Fut>(
+    url: &str,
+    name: &str,
+    security: &NatsSecurity,
+    on_connection: F,
+) -> Result<async_nats::Client, ConnectError>
+where
+    F: Fn(bool) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + Sync + 'static,
+{
+    use backon::Retryable;
+    // Several servers (a cluster) may be given comma-separated.
+    let urls: Vec<String> = url
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(str::to_string)
+        .collect();
+    // Read the credentials once: a bad file is a configuration error, not a retry.
+    let base = security
+        .apply(async_nats::ConnectOptions::new())
+        .await
+        .map_err(ConnectError::Credentials)?
+        .name(name)
+        .max_reconnects(None);
+    let attempt = || {
+        let on_connection = on_connection.clone();
+        base.clone()
+            .event_callback(move |event| {
+                let on_connection = on_connection.clone();
+                async move {
+                    match event {
+                        async_nats::Event::Connected => {
+                            tracing::info!("nats connected");
+                            on_connection(true).await;
+                        }
+                        async_nats::Event::Disconnected => {
+                            tracing::warn!("nats disconnected");
+                            on_connection(false).await;
+                        }
+                        other => tracing::info!(event = %other, "nats event"),
+                    }
+                }
+            })
+            .connect(urls.clone())
+    };
+    let backoff = backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times();
+    let client = attempt
+        .retry(backoff)
+        .when(|e| e.kind() != async_nats::ConnectErrorKind::ServerParse)
+        .notify(|e, delay| tracing::warn!(error = %e, retry_in = ?delay, "cannot reach NATS; retrying"))
+        .await?;
+    on_connection(true).await;
+    Ok(client)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_redacted_and_mixed_methods_refused() {
+        let s = NatsSecurity {
+            nats_user: Some("u".into()),
+            nats_password: Some("hunter2".into()),
+            ..Default::default()
+        };
+        let shown = format!("{s:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(s.validate().is_ok());
+        let mixed = NatsSecurity {
+            nats_token: Some("t".into()),
+            ..s.clone()
+        };
+        assert!(mixed.validate().is_err_and(|e| e.contains("only one")));
+        let half = NatsSecurity {
+            nats_password: None,
+            ..s
+        };
+        assert!(half.validate().is_err_and(|e| e.contains("go together")));
+        let missing = NatsSecurity {
+            nats_tls_ca: Some("/nonexistent/ca.pem".into()),
+            ..Default::default()
+        };
+        assert!(missing.validate().is_err_and(|e| e.contains("--nats-tls-ca")));
+        assert!(missing.tls());
+    }
+}
