@@ -12,7 +12,7 @@
 //! Limits: a request is at most [`MAX_REQUEST_BYTES`]; at most 100 items;
 //! ids, SKUs and reasons at most 128 characters without control characters.
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use prost_types::Timestamp;
 use saga_proto::{
@@ -24,10 +24,12 @@ use tracing::warn;
 use uuid::Uuid;
 
 use crate::{
-    definition::Definitions,
+    backend::Backend,
+    cluster::Ownership,
+    definition::{Catalog, Definitions},
     engine::{Event, HistoryEntry, Saga, SagaState, StateTag, StepStatus},
     runner::{CreateError, Created, NewSaga, OperateError, Operated, RunnerHandle},
-    store::{Store, StoreError},
+    store::StoreError,
 };
 
 /// Largest accepted gRPC request, in bytes.
@@ -43,18 +45,20 @@ const MAX_ITEMS: usize = 100;
 
 /// The service implementation.
 pub struct SagaApi {
-    store: Store,
-    definitions: Arc<Definitions>,
+    store: Backend,
+    definitions: Catalog,
     runner: RunnerHandle,
     operator_token: Option<String>,
+    /// jetstream store: operator events for sagas held elsewhere go to their holder.
+    forward: Option<(async_nats::Client, Ownership)>,
 }
 
 impl SagaApi {
     /// A service reading `store`, creating and operating through `runner`;
     /// operator RPCs need `operator_token` (refused when `None`).
     pub fn new(
-        store: Store,
-        definitions: Arc<Definitions>,
+        store: Backend,
+        definitions: Catalog,
         runner: RunnerHandle,
         operator_token: Option<String>,
     ) -> Self {
@@ -62,8 +66,17 @@ impl SagaApi {
             store,
             definitions,
             runner,
-            operator_token,
+            // An empty token means none: it must never match an empty bearer.
+            operator_token: operator_token.filter(|t| !t.is_empty()),
+            forward: None,
         }
+    }
+
+    /// jetstream store: operator events for sagas whose partition is not
+    /// held here are forwarded over `nats` to the coordinator holding it.
+    pub fn with_forwarding(mut self, nats: async_nats::Client, ownership: Ownership) -> Self {
+        self.forward = Some((nats, ownership));
+        self
     }
 
     /// Checks the caller's bearer token for an operator RPC.
@@ -91,7 +104,13 @@ impl SagaApi {
     }
 
     async fn operate(&self, saga_id: Uuid, event: Event, verb: &str) -> Result<pb::OperatorResponse, Status> {
-        match self.runner.operate(saga_id, event).await {
+        let result = match &self.forward {
+            Some((nats, ownership)) if !ownership.owns(&saga_id.to_string()) => {
+                crate::cluster::forward_operate(nats, ownership.partitions(), saga_id, &event).await
+            }
+            _ => self.runner.operate(saga_id, event).await,
+        };
+        match result {
             Ok(Operated::Changed(state)) => Ok(pb::OperatorResponse {
                 saga_id: saga_id.to_string(),
                 state: state_to_pb(state) as i32,
@@ -102,9 +121,19 @@ impl SagaApi {
             ))),
             Err(OperateError::NotFound(id)) => Err(Status::not_found(format!("saga {id} not found"))),
             Err(OperateError::Store(e)) => Err(store_status(e)),
-            Err(e @ OperateError::Stopped) => Err(Status::unavailable(e.to_string())),
+            Err(e @ (OperateError::Stopped | OperateError::NotStarted | OperateError::Elsewhere(_))) => {
+                Err(Status::unavailable(e.to_string()))
+            }
         }
     }
+}
+
+/// A saga as `GetSaga` shows it, and whether it is terminal.
+async fn view(store: &Backend, id: &Uuid) -> Result<Option<(pb::Saga, bool)>, Status> {
+    let Some((saga, history)) = store.get_with_history(id).await.map_err(store_status)? else {
+        return Ok(None);
+    };
+    Ok(Some((saga_to_pb(&saga, &history), saga.state.is_terminal())))
 }
 
 fn invalid(field: &str, why: impl std::fmt::Display) -> Status {
@@ -114,7 +143,7 @@ fn invalid(field: &str, why: impl std::fmt::Display) -> Status {
 fn store_status(e: StoreError) -> Status {
     match e {
         StoreError::Corrupt(_) => Status::data_loss(e.to_string()),
-        StoreError::Sled(_) => Status::unavailable(e.to_string()),
+        StoreError::Sled(_) | StoreError::JetStream(_) => Status::unavailable(e.to_string()),
     }
 }
 
@@ -194,16 +223,22 @@ pub fn validate_create(
         k if k.is_empty() => None,
         k => Some(k),
     };
+    let order = OrderPayload {
+        order_id,
+        customer_id,
+        items,
+        amount_cents: req.amount_cents,
+        currency,
+    };
+    // The definition's own contract (its `input_schema`), after the engine's.
+    let input = serde_json::to_value(&order).map_err(|e| Status::internal(e.to_string()))?;
+    definitions
+        .check_input(&definition, &input)
+        .map_err(Status::invalid_argument)?;
     Ok(NewSaga {
         definition,
         version_requested: version.is_some(),
-        order: OrderPayload {
-            order_id,
-            customer_id,
-            items,
-            amount_cents: req.amount_cents,
-            currency,
-        },
+        order,
         order_id_given,
         correlation_id,
         idempotency_key,
@@ -277,18 +312,23 @@ fn step_status(s: StepStatus) -> pb::StepStatus {
     }
 }
 
+/// The step(s) in flight: one name, or a group's names joined by `,`.
 fn current_step(saga: &Saga) -> String {
-    match saga.state {
-        SagaState::Running { step } | SagaState::Compensating { step } => saga
-            .definition
-            .steps
-            .get(step)
-            .map(|s| s.name.clone())
-            .unwrap_or_default(),
+    let busy = match saga.state {
+        SagaState::Running { .. } => StepStatus::Running,
+        SagaState::Compensating { .. } => StepStatus::Compensating,
         SagaState::Pending | SagaState::Completed | SagaState::Compensated | SagaState::Failed { .. } => {
-            String::new()
+            return String::new()
         }
-    }
+    };
+    saga.definition
+        .steps
+        .iter()
+        .zip(&saga.steps)
+        .filter(|(_, p)| p.status == busy)
+        .map(|(d, _)| d.name.as_str())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn items_to_pb(items: &[Item]) -> Vec<pb::OrderItem> {
@@ -308,7 +348,8 @@ pub fn saga_to_pb(saga: &Saga, history: &[HistoryEntry]) -> pb::Saga {
         .steps
         .iter()
         .zip(&saga.steps)
-        .map(|(d, p)| pb::Step {
+        .enumerate()
+        .map(|(i, (d, p))| pb::Step {
             name: d.name.clone(),
             participant: d.participant.clone(),
             action: d.action.clone(),
@@ -319,6 +360,12 @@ pub fn saga_to_pb(saga: &Saga, history: &[HistoryEntry]) -> pb::Saga {
             last_outcome: p.last_outcome.clone().unwrap_or_default(),
             started_at: p.started_at_ms.map(timestamp),
             finished_at: p.finished_at_ms.map(timestamp),
+            duration_ms: match (p.started_at_ms, p.finished_at_ms) {
+                (Some(a), Some(b)) => b.saturating_sub(a),
+                _ => 0,
+            },
+            group: u32::try_from(saga.definition.group_of(i)).unwrap_or(u32::MAX),
+            on_failure: d.on_failure.as_str().to_string(),
         })
         .collect();
     let history = history
@@ -360,11 +407,13 @@ impl SagaService for SagaApi {
         request: Request<pb::CreateOrderRequest>,
     ) -> Result<Response<pb::CreateOrderResponse>, Status> {
         let correlation_id = correlation_id(&request);
-        let new = validate_create(request.into_inner(), &self.definitions, correlation_id)?;
+        let new = validate_create(request.into_inner(), &self.definitions.current(), correlation_id)?;
         let created = self.runner.create(new).await.map_err(|e| match e {
             CreateError::KeyReused(_) => Status::already_exists(format!("idempotency_key: {e}")),
             CreateError::Store(e) => store_status(e),
-            CreateError::Stopped => Status::unavailable(e.to_string()),
+            CreateError::Stopped | CreateError::NotStarted | CreateError::NoPartition | CreateError::Lost => {
+                Status::unavailable(e.to_string())
+            }
         })?;
         let response = match created {
             Created::New { saga_id, order_id } => pb::CreateOrderResponse {
@@ -390,13 +439,10 @@ impl SagaService for SagaApi {
     async fn get_saga(&self, request: Request<pb::GetSagaRequest>) -> Result<Response<pb::Saga>, Status> {
         let raw = request.into_inner().saga_id;
         let id = parse_saga_id("saga_id", &raw)?;
-        let saga = self
-            .store
-            .get(&id)
-            .map_err(store_status)?
+        let (saga, _) = view(&self.store, &id)
+            .await?
             .ok_or_else(|| Status::not_found(format!("saga {id} not found")))?;
-        let history = self.store.history(&id).map_err(store_status)?;
-        Ok(Response::new(saga_to_pb(&saga, &history)))
+        Ok(Response::new(saga))
     }
 
     type WatchSagaStream =
@@ -408,42 +454,32 @@ impl SagaService for SagaApi {
     ) -> Result<Response<Self::WatchSagaStream>, Status> {
         let id = parse_saga_id("saga_id", &request.into_inner().saga_id)?;
         // Subscribe before reading, so no transition falls in between.
-        let mut changes = self.runner.subscribe();
-        let view = |store: &Store, id: &Uuid| -> Result<Option<(pb::Saga, bool)>, Status> {
-            let Some(saga) = store.get(id).map_err(store_status)? else {
-                return Ok(None);
-            };
-            let history = store.history(id).map_err(store_status)?;
-            Ok(Some((saga_to_pb(&saga, &history), saga.state.is_terminal())))
-        };
-        let (first, done) =
-            view(&self.store, &id)?.ok_or_else(|| Status::not_found(format!("saga {id} not found")))?;
+        let mut changes = self.runner.subscribe(&id.to_string());
+        let (first, done) = view(&self.store, &id)
+            .await?
+            .ok_or_else(|| Status::not_found(format!("saga {id} not found")))?;
+        // jetstream store: the saga may run on another coordinator, whose
+        // transitions wake nobody here; look again every 200 ms as well.
+        let poll = matches!(self.store, Backend::JetStream(_));
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let store = self.store.clone();
         tokio::spawn(async move {
+            let mut sent = first.history.len();
             if tx.send(Ok(first)).await.is_err() || done {
                 return;
             }
-            let key = id.to_string();
             loop {
-                let next = tokio::select! {
+                let more = tokio::select! {
                     _ = tx.closed() => return,
-                    next = changes.recv() => next,
+                    more = changes.changed() => more,
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(200)), if poll => true,
                 };
-                let update = match next {
-                    Ok(saga) if saga.id == key => view(&store, &id),
-                    Ok(_) => continue,
-                    // Missed some: the store has the latest durable state.
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => view(&store, &id),
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
-                        let _ = tx
-                            .send(Err(Status::unavailable("the coordinator is shutting down")))
-                            .await;
-                        return;
-                    }
-                };
-                match update {
+                // The latest durable state (a burst of transitions may arrive as one).
+                match view(&store, &id).await {
+                    // Nothing new (a poll between transitions): nothing to send.
+                    Ok(Some((saga, false))) if saga.history.len() == sent => {}
                     Ok(Some((saga, terminal))) => {
+                        sent = saga.history.len();
                         if tx.send(Ok(saga)).await.is_err() || terminal {
                             return;
                         }
@@ -453,6 +489,12 @@ impl SagaService for SagaApi {
                         let _ = tx.send(Err(status)).await;
                         return;
                     }
+                }
+                if !more {
+                    let _ = tx
+                        .send(Err(Status::unavailable("the coordinator is shutting down")))
+                        .await;
+                    return;
                 }
             }
         });
@@ -476,7 +518,7 @@ impl SagaService for SagaApi {
             "" => None,
             t => Some(parse_saga_id("page_token", t)?),
         };
-        let page = self.store.list(state, after, size as usize).map_err(|e| {
+        let page = self.store.list(state, after, size as usize).await.map_err(|e| {
             warn!(error = %e, "list failed");
             store_status(e)
         })?;
@@ -535,6 +577,7 @@ impl SagaService for SagaApi {
     ) -> Result<Response<pb::ListDefinitionsResponse>, Status> {
         let definitions = self
             .definitions
+            .current()
             .all()
             .map(|d| pb::Definition {
                 name: d.name.clone(),

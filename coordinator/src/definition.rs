@@ -10,7 +10,7 @@ use std::{
     collections::BTreeMap,
     fmt,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, RwLock},
     time::Duration,
 };
 
@@ -136,6 +136,76 @@ pub struct StepDefinition {
     pub timeout: Duration,
     /// Retry policy of both the action and its compensation.
     pub retry: RetryPolicy,
+    /// The group the step runs in: the index of the group's first step. Steps
+    /// of one `parallel:` block share it; a sequential step is its own group.
+    /// `None` in snapshots written before groups existed: its own index.
+    #[serde(default)]
+    pub group: Option<usize>,
+    /// What a failure of the forward action does to the saga.
+    #[serde(default)]
+    pub on_failure: OnFailure,
+    /// Extra input of the forward command (`input` in the envelope), each
+    /// value a literal or a reference resolved when the command is built.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub input: BTreeMap<String, InputValue>,
+    /// Extra input of the compensation command.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub compensation_input: BTreeMap<String, InputValue>,
+}
+
+/// What a step's failure (rejected, or out of attempts) does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFailure {
+    /// Undo what the saga did so far, newest first (the safe default).
+    #[default]
+    Compensate,
+    /// A transient failure never exhausts the step: it is retried (at the
+    /// retry policy's longest backoff) until it answers. A business rejection
+    /// still compensates.
+    RetryForever,
+    /// Go on with the next step as if this one had succeeded (it has no
+    /// output). Its effect, if its outcome is unknown, is still undone if the
+    /// saga compensates later.
+    Continue,
+}
+
+impl OnFailure {
+    /// The YAML spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnFailure::Compensate => "compensate",
+            OnFailure::RetryForever => "retry_forever",
+            OnFailure::Continue => "continue",
+        }
+    }
+}
+
+/// One value of a step's `input` / `compensation_input`.
+///
+/// Syntax (validated at load): a string that is exactly one reference,
+/// `${order}`, `${order.<field>…}`, `${steps.<step>.output}` or
+/// `${steps.<step>.output.<key>…}`, or any string without `${` (a literal).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum InputValue {
+    /// A literal string.
+    Literal {
+        /// The text.
+        value: String,
+    },
+    /// A field of the order (the whole order for an empty path).
+    Order {
+        /// Keys into the order's JSON.
+        path: Vec<String>,
+    },
+    /// A field of a step's output (`data` of its `ok` reply).
+    StepOutput {
+        /// Index of the step.
+        step: usize,
+        /// Keys into the output.
+        path: Vec<String>,
+    },
 }
 
 /// A validated saga definition, identified by `name@version`.
@@ -150,6 +220,10 @@ pub struct SagaDefinition {
     /// JSON Schema file for the order, resolved against the definition's directory.
     #[serde(default)]
     pub input_schema: Option<PathBuf>,
+    /// Domain aliases: a saga event (`completed`, …) also published under a
+    /// business subject (`orders.completed`).
+    #[serde(default)]
+    pub events: BTreeMap<String, String>,
     /// File the definition came from.
     #[serde(default)]
     pub source: PathBuf,
@@ -160,12 +234,44 @@ impl SagaDefinition {
     pub fn id(&self) -> String {
         format!("{}@{}", self.name, self.version)
     }
+
+    /// The group of step `i` (the index of its group's first step).
+    pub fn group_of(&self, i: usize) -> usize {
+        self.steps.get(i).and_then(|s| s.group).unwrap_or(i)
+    }
+
+    /// The steps of the group starting at `g`, in order.
+    pub fn group(&self, g: usize) -> std::ops::Range<usize> {
+        let end = (g..self.steps.len())
+            .find(|&k| self.group_of(k) != g)
+            .unwrap_or(self.steps.len());
+        g..end
+    }
+
+    /// The first step of the group after the one starting at `g`, if any.
+    pub fn next_group(&self, g: usize) -> Option<usize> {
+        let end = self.group(g).end;
+        (end < self.steps.len()).then_some(end)
+    }
+
+    /// The groups, in order, as step-index ranges.
+    pub fn groups(&self) -> Vec<std::ops::Range<usize>> {
+        let mut out = Vec::new();
+        let mut g = Some(0).filter(|_| !self.steps.is_empty());
+        while let Some(start) = g {
+            out.push(self.group(start));
+            g = self.next_group(start);
+        }
+        out
+    }
 }
 
-/// Every loaded definition, by name and version.
+/// Every loaded definition, by name and version, with the compiled input
+/// schemas of those that declare one.
 #[derive(Debug, Clone, Default)]
 pub struct Definitions {
     by_name: BTreeMap<String, BTreeMap<u32, Arc<SagaDefinition>>>,
+    schemas: BTreeMap<String, Arc<jsonschema::Validator>>,
 }
 
 impl Definitions {
@@ -175,27 +281,39 @@ impl Definitions {
     /// The first unreadable or invalid file, a duplicate `name@version`, or an
     /// empty directory.
     pub fn load_dir(dir: &Path) -> Result<Self, DefinitionError> {
-        let io = |e: std::io::Error| DefinitionError::Io {
-            path: dir.to_path_buf(),
-            reason: e.to_string(),
-        };
-        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(io)?
-            .filter_map(|entry| entry.ok().map(|e| e.path()))
-            .filter(|p| p.is_file() && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
-            .collect();
-        files.sort();
         let mut defs = Definitions::default();
-        for file in &files {
+        for file in &yaml_files(dir)? {
             defs.insert(load_file(file)?)?;
         }
-        if defs.is_empty() {
-            return Err(DefinitionError::Io {
-                path: dir.to_path_buf(),
-                reason: "no *.yaml saga definition found".into(),
-            });
-        }
         Ok(defs)
+    }
+
+    /// What `sagactl validate` checks: each path (a file, or a directory's
+    /// `*.yaml` files) loaded exactly as [`Definitions::load_dir`] does, into
+    /// one set (so a `name@version` defined twice is caught), carrying on
+    /// after a bad file to report every error, not only the first.
+    pub fn validate_paths(paths: &[PathBuf]) -> (Definitions, Vec<DefinitionError>) {
+        let mut defs = Definitions::default();
+        let mut errors = Vec::new();
+        for path in paths {
+            let files = if path.is_dir() {
+                match yaml_files(path) {
+                    Ok(files) => files,
+                    Err(e) => {
+                        errors.push(e);
+                        continue;
+                    }
+                }
+            } else {
+                vec![path.clone()]
+            };
+            for file in files {
+                if let Err(e) = load_file(&file).and_then(|d| defs.insert(d)) {
+                    errors.push(e);
+                }
+            }
+        }
+        (defs, errors)
     }
 
     /// Adds a definition.
@@ -216,8 +334,31 @@ impl Definitions {
                 ),
             });
         }
+        if let Some(file) = &def.input_schema {
+            let validator = compile_schema(file).map_err(|reason| DefinitionError::Invalid {
+                path: def.source.clone(),
+                line: 1,
+                column: 1,
+                reason,
+            })?;
+            self.schemas.insert(def.id(), Arc::new(validator));
+        }
         versions.insert(def.version, Arc::new(def));
         Ok(())
+    }
+
+    /// Checks `input` against the definition's `input_schema`, if it has one.
+    ///
+    /// # Errors
+    /// The first violation as `field.path: message` (`items[0].quantity: …`).
+    pub fn check_input(&self, def: &SagaDefinition, input: &serde_json::Value) -> Result<(), String> {
+        let Some(validator) = self.schemas.get(&def.id()) else {
+            return Ok(());
+        };
+        match validator.iter_errors(input).next() {
+            None => Ok(()),
+            Some(e) => Err(format!("{}: {e}", field_path(e.instance_path().as_str()))),
+        }
     }
 
     /// The definition `name@version`, or the latest version of `name` when `version` is `None`.
@@ -237,6 +378,116 @@ impl Definitions {
     /// Whether nothing is loaded.
     pub fn is_empty(&self) -> bool {
         self.by_name.is_empty()
+    }
+}
+
+/// The definitions in force, replaced as a whole by [`Catalog::reload`] (on
+/// SIGHUP): a reader always sees one complete, validated set. Running sagas
+/// never look here again (they carry their definition's snapshot), so a
+/// version removed by a reload still finishes the sagas that started on it.
+#[derive(Debug, Clone)]
+pub struct Catalog {
+    dir: PathBuf,
+    current: Arc<RwLock<Arc<Definitions>>>,
+}
+
+impl Catalog {
+    /// Loads `dir` (see [`Definitions::load_dir`]).
+    ///
+    /// # Errors
+    /// As [`Definitions::load_dir`]: nothing starts with a bad directory.
+    pub fn load(dir: &Path) -> Result<Self, DefinitionError> {
+        let defs = Definitions::load_dir(dir)?;
+        Ok(Self::with(dir, defs))
+    }
+
+    /// A catalog holding `defs` whose reloads read `dir`.
+    pub fn with(dir: &Path, defs: Definitions) -> Self {
+        Catalog {
+            dir: dir.to_path_buf(),
+            current: Arc::new(RwLock::new(Arc::new(defs))),
+        }
+    }
+
+    /// The set in force now.
+    pub fn current(&self) -> Arc<Definitions> {
+        match self.current.read() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Reads the directory again; the new set replaces the old one only when
+    /// every file in it is valid. Returns the ids added and removed.
+    ///
+    /// # Errors
+    /// The first bad file (or an empty directory): the old set stays in force.
+    pub fn reload(&self) -> Result<(Vec<String>, Vec<String>), DefinitionError> {
+        let fresh = Definitions::load_dir(&self.dir)?;
+        let old = self.current();
+        let ids = |d: &Definitions| d.all().map(|x| x.id()).collect::<std::collections::BTreeSet<_>>();
+        let (before, after) = (ids(&old), ids(&fresh));
+        let added = after.difference(&before).cloned().collect();
+        let removed = before.difference(&after).cloned().collect();
+        match self.current.write() {
+            Ok(mut g) => *g = Arc::new(fresh),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(fresh),
+        }
+        Ok((added, removed))
+    }
+}
+
+/// The `*.yaml` / `*.yml` files of `dir` (not recursive), sorted.
+///
+/// # Errors
+/// An unreadable directory, or one without a definition file.
+fn yaml_files(dir: &Path) -> Result<Vec<PathBuf>, DefinitionError> {
+    let io = |e: std::io::Error| DefinitionError::Io {
+        path: dir.to_path_buf(),
+        reason: e.to_string(),
+    };
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(io)?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(DefinitionError::Io {
+            path: dir.to_path_buf(),
+            reason: "no *.yaml saga definition found".into(),
+        });
+    }
+    Ok(files)
+}
+
+/// Reads and compiles a JSON Schema file (drafts 4 to 2020-12, as the file's
+/// `$schema` says).
+fn compile_schema(file: &Path) -> Result<jsonschema::Validator, String> {
+    let text = std::fs::read_to_string(file).map_err(|e| format!("input_schema {}: {e}", file.display()))?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| format!("input_schema {} is not JSON: {e}", file.display()))?;
+    jsonschema::validator_for(&json)
+        .map_err(|e| format!("input_schema {} is not a valid JSON Schema: {e}", file.display()))
+}
+
+/// `/items/0/quantity` → `items[0].quantity`; the root is `order`.
+fn field_path(pointer: &str) -> String {
+    let mut out = String::new();
+    for seg in pointer.split('/').filter(|s| !s.is_empty()) {
+        if seg.chars().all(|c| c.is_ascii_digit()) {
+            out.push_str(&format!("[{seg}]"));
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(&seg.replace("~1", "/").replace("~0", "~"));
+        }
+    }
+    if out.is_empty() {
+        "order".into()
+    } else {
+        out
     }
 }
 
@@ -295,23 +546,77 @@ fn validate(path: &Path, raw: RawDefinition) -> Result<SagaDefinition, Definitio
             "steps must list at least one step",
         ));
     }
-    let mut steps: Vec<StepDefinition> = Vec::with_capacity(raw.steps.value.len());
-    for step in &raw.steps.value {
-        let step_name = ident(path, &step.name, "steps[].name")?;
+    // Flatten the list: a `parallel:` item becomes one group of several steps.
+    let mut flat: Vec<(&Spanned<RawStep>, usize)> = Vec::new();
+    for item in &raw.steps.value {
+        match &item.value.parallel {
+            Some(inner) => {
+                let r = &item.value;
+                let extra = r.name.is_some()
+                    || r.participant.is_some()
+                    || r.action.is_some()
+                    || r.compensation.is_some()
+                    || r.timeout.is_some()
+                    || r.retry.is_some()
+                    || r.on_failure.is_some()
+                    || r.input.is_some()
+                    || r.compensation_input.is_some();
+                if extra {
+                    return Err(DefinitionError::at(
+                        path,
+                        item.referenced,
+                        "a `parallel:` item holds only the list of its steps",
+                    ));
+                }
+                if inner.len() < 2 {
+                    return Err(DefinitionError::at(
+                        path,
+                        item.referenced,
+                        "`parallel:` needs at least two steps",
+                    ));
+                }
+                let group = flat.len();
+                for s in inner {
+                    if s.value.parallel.is_some() {
+                        return Err(DefinitionError::at(
+                            path,
+                            s.referenced,
+                            "`parallel:` groups cannot be nested",
+                        ));
+                    }
+                    flat.push((s, group));
+                }
+            }
+            None => flat.push((item, flat.len())),
+        }
+    }
+    let names: Vec<Option<String>> = flat
+        .iter()
+        .map(|(s, _)| s.value.name.as_ref().map(|n| n.value.clone()))
+        .collect();
+    let mut steps: Vec<StepDefinition> = Vec::with_capacity(flat.len());
+    for (index, (item, group)) in flat.iter().enumerate() {
+        let step = &item.value;
+        let required = |v: &Option<Spanned<String>>, key: &str| {
+            v.clone()
+                .ok_or_else(|| DefinitionError::at(path, item.referenced, format!("step is missing `{key}`")))
+        };
+        let raw_name = required(&step.name, "name")?;
+        let step_name = ident(path, &raw_name, "steps[].name")?;
         if steps.iter().any(|s| s.name == step_name) {
             return Err(DefinitionError::at(
                 path,
-                step.name.referenced,
+                raw_name.referenced,
                 format!("duplicate step name `{step_name}`"),
             ));
         }
-        let participant = ident(path, &step.participant, "participant")?;
-        let action = ident(path, &step.action, "action")?;
+        let participant = ident(path, &required(&step.participant, "participant")?, "participant")?;
+        let action = ident(path, &required(&step.action, "action")?, "action")?;
         let compensation = match &step.compensation {
             None => {
                 return Err(DefinitionError::at(
                     path,
-                    step.name.referenced,
+                    raw_name.referenced,
                     format!(
                         "step `{step_name}` has no compensation; name the compensating action \
                          or write `compensation: none`"
@@ -326,6 +631,36 @@ fn validate(path: &Path, raw: RawDefinition) -> Result<SagaDefinition, Definitio
             None => default_timeout,
         };
         let retry = retry(path, &step.retry, default_retry, "retry")?;
+        let on_failure = match step.on_failure.as_ref().map(|v| (v, v.value.as_str())) {
+            None | Some((_, "compensate")) => OnFailure::Compensate,
+            Some((_, "retry_forever")) => OnFailure::RetryForever,
+            Some((_, "continue")) => OnFailure::Continue,
+            Some((v, other)) => {
+                return Err(DefinitionError::at(
+                    path,
+                    v.referenced,
+                    format!("on_failure `{other}`: use compensate, retry_forever or continue"),
+                ))
+            }
+        };
+        if compensation.is_none() && step.compensation_input.is_some() {
+            return Err(DefinitionError::at(
+                path,
+                raw_name.referenced,
+                format!("step `{step_name}` has compensation_input but no compensation"),
+            ));
+        }
+        // Forward input sees earlier groups; the compensation also its own step.
+        let input = inputs(path, &step.input, &names, &flat, *group, None, "input")?;
+        let compensation_input = inputs(
+            path,
+            &step.compensation_input,
+            &names,
+            &flat,
+            *group,
+            Some(index),
+            "compensation_input",
+        )?;
         steps.push(StepDefinition {
             name: step_name,
             participant,
@@ -333,6 +668,10 @@ fn validate(path: &Path, raw: RawDefinition) -> Result<SagaDefinition, Definitio
             compensation,
             timeout,
             retry,
+            group: Some(*group),
+            on_failure,
+            input,
+            compensation_input,
         });
     }
     let input_schema = match &raw.input_schema {
@@ -340,30 +679,151 @@ fn validate(path: &Path, raw: RawDefinition) -> Result<SagaDefinition, Definitio
         Some(s) => {
             let base = path.parent().unwrap_or_else(|| Path::new("."));
             let schema = base.join(&s.value);
-            let text = std::fs::read_to_string(&schema).map_err(|e| {
-                DefinitionError::at(
-                    path,
-                    s.referenced,
-                    format!("input_schema {}: {e}", schema.display()),
-                )
-            })?;
-            if let Err(e) = serde_json::from_str::<serde_json::Value>(&text) {
-                return Err(DefinitionError::at(
-                    path,
-                    s.referenced,
-                    format!("input_schema {} is not JSON: {e}", schema.display()),
-                ));
-            }
+            compile_schema(&schema).map_err(|reason| DefinitionError::at(path, s.referenced, reason))?;
             Some(schema)
         }
     };
+    let mut events = BTreeMap::new();
+    if let Some(aliases) = &raw.events {
+        for (event, subject) in &aliases.value {
+            if !EVENT_KINDS.contains(&event.as_str()) {
+                return Err(DefinitionError::at(
+                    path,
+                    subject.referenced,
+                    format!(
+                        "events: `{event}` is not a saga event; use one of {}",
+                        EVENT_KINDS.join(", ")
+                    ),
+                ));
+            }
+            if !is_plain_subject(&subject.value) {
+                return Err(DefinitionError::at(
+                    path,
+                    subject.referenced,
+                    format!(
+                        "events.{event}: `{}` is not a NATS subject (dot-separated tokens of letters, digits, \
+                         `-` and `_`; no wildcards)",
+                        subject.value
+                    ),
+                ));
+            }
+            if subject.value.starts_with("saga.") {
+                return Err(DefinitionError::at(
+                    path,
+                    subject.referenced,
+                    format!("events.{event}: `saga.` subjects are the engine's own; pick a business name"),
+                ));
+            }
+            events.insert(event.clone(), subject.value.clone());
+        }
+    }
     Ok(SagaDefinition {
         name,
         version: raw.version.value,
         steps,
         input_schema,
+        events,
         source: path.to_path_buf(),
     })
+}
+
+/// Every saga event (history entry kind) a definition may alias.
+pub const EVENT_KINDS: &[&str] = &[
+    "created",
+    "started",
+    "step_succeeded",
+    "step_retry",
+    "step_rejected",
+    "step_unknown",
+    "step_failed",
+    "compensating",
+    "compensation_succeeded",
+    "compensation_retry",
+    "compensation_failed",
+    "completed",
+    "compensated",
+    "failed",
+    "aborted",
+    "retried",
+];
+
+/// A literal NATS subject: dot-separated non-empty tokens of ASCII letters,
+/// digits, `-` and `_`, at most 200 characters.
+fn is_plain_subject(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 200
+        && s.split('.').all(|t| {
+            !t.is_empty()
+                && t.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        })
+}
+
+/// Parses and checks one step's `input` or `compensation_input` map: each
+/// reference must name a step of an earlier group (or, for a compensation,
+/// the step itself), so it has run before the command that uses it.
+fn inputs(
+    path: &Path,
+    raw: &Option<BTreeMap<String, Spanned<String>>>,
+    names: &[Option<String>],
+    flat: &[(&Spanned<RawStep>, usize)],
+    group: usize,
+    own: Option<usize>,
+    what: &str,
+) -> Result<BTreeMap<String, InputValue>, DefinitionError> {
+    let mut out = BTreeMap::new();
+    let Some(raw) = raw else { return Ok(out) };
+    for (key, value) in raw {
+        let at =
+            |reason: String| DefinitionError::at(path, value.referenced, format!("{what}.{key}: {reason}"));
+        let text = value.value.as_str();
+        let Some(inner) = text.strip_prefix("${").and_then(|t| t.strip_suffix('}')) else {
+            if text.contains("${") {
+                return Err(at(format!(
+                    "`{text}`: a reference must be the whole value, e.g. `${{steps.charge-payment.output.charge_id}}`"
+                )));
+            }
+            out.insert(
+                key.clone(),
+                InputValue::Literal {
+                    value: text.to_string(),
+                },
+            );
+            continue;
+        };
+        let parts: Vec<&str> = inner.split('.').collect();
+        if parts.iter().any(|p| p.is_empty()) {
+            return Err(at(format!("`{text}` has an empty path segment")));
+        }
+        let parsed = match parts.as_slice() {
+            ["order", rest @ ..] => InputValue::Order {
+                path: rest.iter().map(|p| p.to_string()).collect(),
+            },
+            ["steps", step, "output", rest @ ..] => {
+                let Some(k) = names.iter().position(|n| n.as_deref() == Some(*step)) else {
+                    return Err(at(format!("`{text}` names no step `{step}`")));
+                };
+                let ran_before = flat[k].1 < group || own == Some(k);
+                if !ran_before {
+                    return Err(at(format!(
+                        "`{text}`: step `{step}` has not run before this {} (it must be in an earlier group)",
+                        if own.is_some() { "compensation" } else { "step" }
+                    )));
+                }
+                InputValue::StepOutput {
+                    step: k,
+                    path: rest.iter().map(|p| p.to_string()).collect(),
+                }
+            }
+            _ => {
+                return Err(at(format!(
+                "`{text}` is not a reference: use `${{order.<field>}}` or `${{steps.<step>.output.<key>}}`"
+            )))
+            }
+        };
+        out.insert(key.clone(), parsed);
+    }
+    Ok(out)
 }
 
 /// Names become NATS subject tokens and idempotency-key parts: lowercase
@@ -474,7 +934,9 @@ struct RawDefinition {
     input_schema: Option<Spanned<String>>,
     #[serde(default)]
     defaults: RawDefaults,
-    steps: Spanned<Vec<RawStep>>,
+    steps: Spanned<Vec<Spanned<RawStep>>>,
+    #[serde(default)]
+    events: Option<Spanned<BTreeMap<String, Spanned<String>>>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -501,18 +963,30 @@ struct RawRetry {
     jitter: Option<bool>,
 }
 
+/// A step, or (with `parallel:` and nothing else) a group of steps run at once.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawStep {
-    name: Spanned<String>,
-    participant: Spanned<String>,
-    action: Spanned<String>,
+    #[serde(default)]
+    name: Option<Spanned<String>>,
+    #[serde(default)]
+    participant: Option<Spanned<String>>,
+    #[serde(default)]
+    action: Option<Spanned<String>>,
     #[serde(default)]
     compensation: Option<Spanned<String>>,
     #[serde(default)]
     timeout: Option<Spanned<String>>,
     #[serde(default)]
     retry: Option<Spanned<RawRetry>>,
+    #[serde(default)]
+    on_failure: Option<Spanned<String>>,
+    #[serde(default)]
+    input: Option<BTreeMap<String, Spanned<String>>>,
+    #[serde(default)]
+    compensation_input: Option<BTreeMap<String, Spanned<String>>>,
+    #[serde(default)]
+    parallel: Option<Vec<Spanned<RawStep>>>,
 }
 
 mod duration_ms {
@@ -580,6 +1054,116 @@ steps:
         assert_eq!(d.steps[1].timeout, Duration::from_secs(5));
         assert_eq!(d.steps[1].compensation.as_deref(), Some("refund"));
         assert_eq!(d.steps[0].retry.max_attempts, 5);
+    }
+
+    const GROUPED: &str = r#"name: shipped
+version: 1
+steps:
+  - parallel:
+      - name: reserve
+        participant: inventory
+        action: reserve
+        compensation: release
+        compensation_input:
+          reservation_id: "${steps.reserve.output.reservation_id}"
+      - name: charge
+        participant: payment
+        action: charge
+        compensation: refund
+        on_failure: retry_forever
+  - name: ship
+    participant: shipping
+    action: create-shipment
+    compensation: cancel-shipment
+    on_failure: continue
+    input:
+      reservation_id: "${steps.reserve.output.reservation_id}"
+      customer: "${order.customer_id}"
+      note: fragile
+"#;
+
+    #[test]
+    fn parallel_groups_outputs_and_on_failure_load() {
+        let d = parse(Path::new("shipped.yaml"), GROUPED).expect("valid");
+        assert_eq!(d.steps.len(), 3);
+        assert_eq!(d.groups(), vec![0..2, 2..3]);
+        assert_eq!((d.group_of(0), d.group_of(1), d.group_of(2)), (0, 0, 2));
+        assert_eq!(d.next_group(0), Some(2));
+        assert_eq!(d.next_group(2), None);
+        assert_eq!(d.steps[1].on_failure, OnFailure::RetryForever);
+        assert_eq!(d.steps[2].on_failure, OnFailure::Continue);
+        assert_eq!(d.steps[0].on_failure, OnFailure::Compensate);
+        assert_eq!(
+            d.steps[2].input.get("reservation_id"),
+            Some(&InputValue::StepOutput {
+                step: 0,
+                path: vec!["reservation_id".into()]
+            })
+        );
+        assert_eq!(
+            d.steps[2].input.get("customer"),
+            Some(&InputValue::Order {
+                path: vec!["customer_id".into()]
+            })
+        );
+        assert_eq!(
+            d.steps[2].input.get("note"),
+            Some(&InputValue::Literal {
+                value: "fragile".into()
+            })
+        );
+        // A compensation may use its own step's output.
+        assert!(matches!(
+            d.steps[0].compensation_input.get("reservation_id"),
+            Some(InputValue::StepOutput { step: 0, .. })
+        ));
+    }
+
+    #[test]
+    fn bad_references_and_groups_are_refused_with_their_line() {
+        let bad = |from: &str, to: &str| {
+            let text = GROUPED.replace(from, to);
+            assert_ne!(text, GROUPED, "replacement {from:?} did not apply");
+            err(&text)
+        };
+        // A step that does not exist.
+        let e = bad(
+            "${steps.reserve.output.reservation_id}\"\n      customer",
+            "${steps.nope.output.x}\"\n      customer",
+        );
+        assert!(e.reason().contains("names no step `nope`"), "{e}");
+        assert_eq!(line_of(&e), 22, "{e}");
+        // A sibling in the same parallel group has not run before.
+        let e = bad(
+            "        on_failure: retry_forever",
+            "        on_failure: retry_forever\n        input:\n          r: \"${steps.reserve.output.reservation_id}\"",
+        );
+        assert!(e.reason().contains("has not run before"), "{e}");
+        // A later step, from a compensation.
+        let e = bad(
+            "reservation_id: \"${steps.reserve.output.reservation_id}\"\n      - name: charge",
+            "reservation_id: \"${steps.ship.output.x}\"\n      - name: charge",
+        );
+        assert!(e.reason().contains("has not run before"), "{e}");
+        // Not a reference, and a reference inside text.
+        assert!(bad("\"${order.customer_id}\"", "\"${customer}\"")
+            .reason()
+            .contains("not a reference"));
+        assert!(bad("\"${order.customer_id}\"", "\"id ${order.customer_id}\"")
+            .reason()
+            .contains("whole value"));
+        assert!(bad("on_failure: continue", "on_failure: sometimes")
+            .reason()
+            .contains("on_failure"));
+        // Groups: a lone step, a nested group, a group with other keys.
+        let lone = "name: g\nversion: 1\nsteps:\n  - parallel:\n      - name: a\n        participant: p\n        action: x\n        compensation: none\n";
+        assert!(err(lone).reason().contains("at least two steps"));
+        let nested = "name: g\nversion: 1\nsteps:\n  - parallel:\n      - parallel: []\n      - name: a\n        participant: p\n        action: x\n        compensation: none\n";
+        assert!(err(nested).reason().contains("cannot be nested"));
+        let mixed = GROUPED.replace("  - parallel:\n", "  - name: oops\n    parallel:\n");
+        assert!(err(&mixed).reason().contains("only the list"));
+        let missing = GROUPED.replace("        participant: payment\n", "");
+        assert!(err(&missing).reason().contains("missing `participant`"));
     }
 
     #[test]
@@ -682,6 +1266,35 @@ steps:
         std::fs::write(dir.path().join("c.yaml"), ORDER).expect("write");
         let e = Definitions::load_dir(dir.path()).expect_err("duplicate");
         assert!(e.reason().contains("order@1 is already defined"), "{e}");
+    }
+
+    #[test]
+    fn input_schemas_are_loaded_checked_and_applied() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("schemas")).expect("mkdir");
+        let schema = r#"{"type":"object","properties":{"items":{"type":"array","items":{"type":"object",
+            "properties":{"quantity":{"type":"integer","maximum":10}}}}}}"#;
+        std::fs::write(dir.path().join("schemas/o.json"), schema).expect("write");
+        let yaml = ORDER.replace("version: 1\n", "version: 1\ninput_schema: schemas/o.json\n");
+        std::fs::write(dir.path().join("order.yaml"), &yaml).expect("write");
+        let defs = Definitions::load_dir(dir.path()).expect("loads");
+        let def = defs.get("order", None).expect("order");
+        assert!(defs
+            .check_input(&def, &serde_json::json!({"items": [{"quantity": 3}]}))
+            .is_ok());
+        let e = defs
+            .check_input(&def, &serde_json::json!({"items": [{"quantity": 30}]}))
+            .expect_err("max");
+        assert!(e.starts_with("items[0].quantity: "), "{e}");
+        // A schema that is not JSON, or not a schema, is refused at load with the line of the key.
+        std::fs::write(dir.path().join("schemas/o.json"), "{nope").expect("write");
+        let e = Definitions::load_dir(dir.path()).expect_err("bad json");
+        assert_eq!(line_of(&e), 3, "{e}");
+        std::fs::write(dir.path().join("schemas/o.json"), r#"{"type": 12}"#).expect("write");
+        let e = Definitions::load_dir(dir.path()).expect_err("bad schema");
+        assert!(e.reason().contains("not a valid JSON Schema"), "{e}");
+        assert_eq!(field_path(""), "order");
+        assert_eq!(field_path("/a~1b/3/c"), "a/b[3].c");
     }
 
     #[test]

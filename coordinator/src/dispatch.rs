@@ -212,7 +212,11 @@ impl Dispatcher {
                     outcome = async {
                         // Back off as the step's policy says, and at least until an open breaker may close.
                         let delay = entry.retry.delay_before(entry.message.attempt).max(breaker.remaining_open());
-                                                tokio::time::sleep(delay).await;
+                        // Not even a zero sleep on a first attempt: tokio's timer rounds a
+                        // deadline up to its next 1 ms tick, which a saga would pay per step.
+                        if !delay.is_zero() {
+                            tokio::time::sleep(delay).await;
+                        }
                         let started = Instant::now();
                         let result = breaker.machine.call(this.call(&entry)).await;
                         let label = match &result {
@@ -260,7 +264,7 @@ impl Dispatcher {
                     attempt: entry.message.attempt,
                     outcome,
                 };
-                                this.forget(&key, id);
+                this.forget(&key, id);
                 // The runner is gone only during shutdown; the outbox keeps the command.
                 let _ = this.outcomes.send(Reported {
                     saga_id: entry.saga_id,

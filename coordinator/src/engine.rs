@@ -16,7 +16,7 @@
 use saga_proto::wire::{self, CommandKind, OrderPayload};
 use serde::{Deserialize, Serialize};
 
-use crate::definition::{RetryPolicy, SagaDefinition};
+use crate::definition::{InputValue, OnFailure, RetryPolicy, SagaDefinition};
 
 /// Where a saga is in its life cycle. Indices point into the definition's steps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -204,8 +204,9 @@ impl StepProgress {
 pub struct Saga {
     /// UUID v7 (time-ordered) as text.
     pub id: String,
-    /// Snapshot of the definition the saga runs.
-    pub definition: SagaDefinition,
+    /// Snapshot of the definition the saga runs (shared: cloning a saga at
+    /// every transition must not copy its definition).
+    pub definition: std::sync::Arc<SagaDefinition>,
     /// The order.
     pub order: OrderPayload,
     /// Correlation id carried in logs and NATS headers.
@@ -317,8 +318,9 @@ pub struct Transition {
     pub history: Vec<HistoryEntry>,
     /// Commands to send once `saga` and `history` are durable.
     pub commands: Vec<Command>,
-    /// The command whose outcome this event recorded (its outbox entry is done).
-    pub settled: Option<(usize, CommandKind)>,
+    /// The commands whose outcome this event recorded or made moot (their
+    /// outbox entries are done).
+    pub settled: Vec<(usize, CommandKind)>,
 }
 
 /// An event that cannot happen in the saga's state: a bug or corrupt data, never input.
@@ -349,7 +351,7 @@ pub enum TransitionError {
 /// A new saga in PENDING, with its `created` history entry.
 pub fn create(
     id: String,
-    definition: SagaDefinition,
+    definition: std::sync::Arc<SagaDefinition>,
     order: OrderPayload,
     correlation_id: String,
     idempotency_key: Option<String>,
@@ -372,7 +374,7 @@ pub fn create(
     let mut b = Builder::new(now_ms);
     let detail = format!("definition {}", saga.definition.id());
     b.log(&mut saga, "created", None, None, Some(detail));
-    b.finish(saga, None)
+    b.finish(saga, Vec::new())
 }
 
 /// Applies `event` to `saga` at `now_ms`.
@@ -396,11 +398,12 @@ pub fn transition(saga: &Saga, event: &Event, now_ms: u64) -> Result<Option<Tran
     }
     let mut s = saga.clone();
     let mut b = Builder::new(now_ms);
+    let def = &saga.definition;
     match (saga.state, event) {
         (SagaState::Pending, Event::Start) => {
-            b.run_step(&mut s, 0);
+            b.run_group(&mut s, 0);
             b.log(&mut s, "started", None, None, None);
-            Ok(Some(b.finish(s, None)))
+            Ok(Some(b.finish(s, Vec::new())))
         }
         (SagaState::Pending, Event::Reply { step, kind, .. }) => Err(TransitionError::Unexpected {
             saga_id: saga.id.clone(),
@@ -416,7 +419,7 @@ pub fn transition(saga: &Saga, event: &Event, now_ms: u64) -> Result<Option<Tran
             Event::Start,
         ) => Ok(None),
         (
-            SagaState::Running { step: current },
+            SagaState::Running { step: group },
             Event::Reply {
                 step,
                 kind,
@@ -424,29 +427,37 @@ pub fn transition(saga: &Saga, event: &Event, now_ms: u64) -> Result<Option<Tran
                 outcome,
             },
         ) => {
-            if *step != current || *kind != CommandKind::Forward || *attempt != saga.steps[current].attempts {
-                return Ok(None);
-            }
-            b.forward_outcome(&mut s, current, *attempt, outcome);
-            Ok(Some(b.finish(s, Some((current, CommandKind::Forward)))))
-        }
-        (
-            SagaState::Compensating { step: current },
-            Event::Reply {
-                step,
-                kind,
-                attempt,
-                outcome,
-            },
-        ) => {
-            if *step != current
-                || *kind != CommandKind::Compensate
-                || *attempt != saga.steps[current].compensation_attempts
+            // Only the reply to a forward command of this group still in flight, for its current attempt.
+            let p = &saga.steps[*step];
+            if *kind != CommandKind::Forward
+                || def.group_of(*step) != group
+                || p.status != StepStatus::Running
+                || *attempt != p.attempts
             {
                 return Ok(None);
             }
-            b.compensation_outcome(&mut s, current, *attempt, outcome);
-            Ok(Some(b.finish(s, Some((current, CommandKind::Compensate)))))
+            b.forward_outcome(&mut s, *step, *attempt, outcome);
+            Ok(Some(b.finish(s, vec![(*step, CommandKind::Forward)])))
+        }
+        (
+            SagaState::Compensating { step: group },
+            Event::Reply {
+                step,
+                kind,
+                attempt,
+                outcome,
+            },
+        ) => {
+            let p = &saga.steps[*step];
+            if *kind != CommandKind::Compensate
+                || def.group_of(*step) != group
+                || p.status != StepStatus::Compensating
+                || *attempt != p.compensation_attempts
+            {
+                return Ok(None);
+            }
+            b.compensation_outcome(&mut s, *step, *attempt, outcome);
+            Ok(Some(b.finish(s, vec![(*step, CommandKind::Compensate)])))
         }
         (SagaState::Completed | SagaState::Compensated | SagaState::Failed { .. }, Event::Reply { .. }) => {
             Ok(None)
@@ -455,18 +466,26 @@ pub fn transition(saga: &Saga, event: &Event, now_ms: u64) -> Result<Option<Tran
             s.reason = Some(format!("aborted: {reason}"));
             b.log(&mut s, "aborted", None, None, Some(reason.clone()));
             b.compensate_from(&mut s, None);
-            Ok(Some(b.finish(s, None)))
+            Ok(Some(b.finish(s, Vec::new())))
         }
-        (SagaState::Running { step }, Event::Abort { reason }) => {
-            // The forward command in flight may or may not have been applied.
-            let p = &mut s.steps[step];
-            p.status = StepStatus::Unknown;
-            p.finished_at_ms = Some(now_ms);
-            p.last_outcome = Some("aborted while in flight".into());
+        (SagaState::Running { step: group }, Event::Abort { reason }) => {
+            // The forward commands in flight may or may not have been applied.
+            let mut settled = Vec::new();
+            let members = def.group(group);
+            for k in members.clone() {
+                let p = &mut s.steps[k];
+                if p.status == StepStatus::Running {
+                    p.status = StepStatus::Unknown;
+                    p.finished_at_ms = Some(now_ms);
+                    p.last_outcome = Some("aborted while in flight".into());
+                    settled.push((k, CommandKind::Forward));
+                }
+            }
             s.reason = Some(format!("aborted: {reason}"));
-            b.log(&mut s, "aborted", Some(step), None, Some(reason.clone()));
-            b.begin_compensation(&mut s, Some(step));
-            Ok(Some(b.finish(s, Some((step, CommandKind::Forward)))))
+            let about = (settled.len() == 1).then(|| settled[0].0);
+            b.log(&mut s, "aborted", about, None, Some(reason.clone()));
+            b.begin_compensation(&mut s, members.end.checked_sub(1));
+            Ok(Some(b.finish(s, settled)))
         }
         (
             SagaState::Compensating { .. }
@@ -476,14 +495,20 @@ pub fn transition(saga: &Saga, event: &Event, now_ms: u64) -> Result<Option<Tran
             Event::Abort { .. },
         ) => Ok(None),
         (SagaState::Failed { step }, Event::Retry) => {
-            s.state = SagaState::Compensating { step };
-            let p = &mut s.steps[step];
-            p.status = StepStatus::Compensating;
-            p.compensation_attempts = 1;
-            p.finished_at_ms = None;
+            // Every compensation of the group that failed gets fresh attempts.
+            let group = def.group_of(step);
+            s.state = SagaState::Compensating { step: group };
             b.log(&mut s, "retried", Some(step), None, None);
-            b.send(&s, step, CommandKind::Compensate, 1);
-            Ok(Some(b.finish(s, None)))
+            for k in def.group(group) {
+                if s.steps[k].status == StepStatus::CompensationFailed {
+                    let p = &mut s.steps[k];
+                    p.status = StepStatus::Compensating;
+                    p.compensation_attempts = 1;
+                    p.finished_at_ms = None;
+                    b.send(&s, k, CommandKind::Compensate, 1);
+                }
+            }
+            Ok(Some(b.finish(s, Vec::new())))
         }
         (
             SagaState::Pending
@@ -494,6 +519,51 @@ pub fn transition(saga: &Saga, event: &Event, now_ms: u64) -> Result<Option<Tran
             Event::Retry,
         ) => Ok(None),
     }
+}
+
+/// The value of `path` inside `value` (`null` when absent).
+fn lookup(value: &serde_json::Value, path: &[String]) -> serde_json::Value {
+    let mut v = value;
+    for key in path {
+        v = match v {
+            serde_json::Value::Object(m) => match m.get(key) {
+                Some(x) => x,
+                None => return serde_json::Value::Null,
+            },
+            serde_json::Value::Array(a) => match key.parse::<usize>().ok().and_then(|i| a.get(i)) {
+                Some(x) => x,
+                None => return serde_json::Value::Null,
+            },
+            _ => return serde_json::Value::Null,
+        };
+    }
+    v.clone()
+}
+
+/// A step's `input` / `compensation_input` with its references resolved
+/// against the saga (`null` when there is none).
+fn resolve_input(saga: &Saga, input: &std::collections::BTreeMap<String, InputValue>) -> serde_json::Value {
+    if input.is_empty() {
+        return serde_json::Value::Null;
+    }
+    let order = serde_json::to_value(&saga.order).unwrap_or_default();
+    let resolved = input
+        .iter()
+        .map(|(k, v)| {
+            let value = match v {
+                InputValue::Literal { value } => serde_json::Value::String(value.clone()),
+                InputValue::Order { path } => lookup(&order, path),
+                InputValue::StepOutput { step, path } => saga
+                    .steps
+                    .get(*step)
+                    .and_then(|p| p.output.as_ref())
+                    .map(|out| lookup(out, path))
+                    .unwrap_or_default(),
+            };
+            (k.clone(), value)
+        })
+        .collect();
+    serde_json::Value::Object(resolved)
 }
 
 /// Accumulates history and commands while one event is applied.
@@ -512,7 +582,7 @@ impl Builder {
         }
     }
 
-    fn finish(self, mut saga: Saga, settled: Option<(usize, CommandKind)>) -> Transition {
+    fn finish(self, mut saga: Saga, settled: Vec<(usize, CommandKind)>) -> Transition {
         saga.updated_at_ms = self.now_ms;
         Transition {
             saga,
@@ -544,22 +614,27 @@ impl Builder {
         });
     }
 
-    /// RUNNING(i): first attempt of step `i`'s forward action.
-    fn run_step(&mut self, saga: &mut Saga, i: usize) {
-        saga.state = SagaState::Running { step: i };
-        let p = &mut saga.steps[i];
-        p.status = StepStatus::Running;
-        p.attempts = 1;
-        p.started_at_ms = Some(self.now_ms);
-        self.send(saga, i, CommandKind::Forward, 1);
+    /// RUNNING(g): the first attempt of every step of the group starting at `g`.
+    fn run_group(&mut self, saga: &mut Saga, g: usize) {
+        saga.state = SagaState::Running { step: g };
+        for i in saga.definition.group(g) {
+            let p = &mut saga.steps[i];
+            p.status = StepStatus::Running;
+            p.attempts = 1;
+            p.started_at_ms = Some(self.now_ms);
+            self.send(saga, i, CommandKind::Forward, 1);
+        }
     }
 
     fn send(&mut self, saga: &Saga, i: usize, kind: CommandKind, attempt: u32) {
         let def = &saga.definition.steps[i];
-        let action = match kind {
-            CommandKind::Forward => def.action.clone(),
+        let (action, input) = match kind {
+            CommandKind::Forward => (def.action.clone(), &def.input),
             // Only reached for steps that have a compensation (see `compensate_from`).
-            CommandKind::Compensate => def.compensation.clone().unwrap_or_default(),
+            CommandKind::Compensate => (
+                def.compensation.clone().unwrap_or_default(),
+                &def.compensation_input,
+            ),
         };
         self.commands.push(Command {
             step: i,
@@ -574,14 +649,34 @@ impl Builder {
                 attempt,
                 idempotency_key: wire::idempotency_key(&saga.id, &def.name, kind),
                 payload: saga.order.clone(),
+                input: resolve_input(saga, input),
             },
             timeout_ms: u64::try_from(def.timeout.as_millis()).unwrap_or(u64::MAX),
             retry: def.retry,
         });
     }
 
+    /// Whether step `k` failed in a way that stops the saga (not `on_failure: continue`).
+    fn stops(saga: &Saga, k: usize) -> bool {
+        matches!(
+            saga.steps[k].status,
+            StepStatus::Rejected | StepStatus::Failed | StepStatus::Unknown
+        ) && saga.definition.steps[k].on_failure != OnFailure::Continue
+    }
+
+    fn set_reason(saga: &mut Saga, reason: String) {
+        // The first failure of a group explains the saga; later ones are in the history.
+        if saga.reason.is_none() {
+            saga.reason = Some(reason);
+        }
+    }
+
     fn forward_outcome(&mut self, saga: &mut Saga, i: usize, attempt: u32, outcome: &Outcome) {
         let now = self.now_ms;
+        let g = saga.definition.group_of(i);
+        let step_name = saga.definition.steps[i].name.clone();
+        let on_failure = saga.definition.steps[i].on_failure;
+        let continuing = on_failure == OnFailure::Continue;
         match outcome {
             Outcome::Ok(data) => {
                 let p = &mut saga.steps[i];
@@ -589,66 +684,88 @@ impl Builder {
                 p.last_outcome = Some("ok".into());
                 p.output = Some(data.clone());
                 p.finished_at_ms = Some(now);
-                if i + 1 < saga.steps.len() {
-                    saga.state = SagaState::Running { step: i + 1 };
-                    self.log(saga, "step_succeeded", Some(i), Some(attempt), None);
-                    self.run_step(saga, i + 1);
-                } else {
-                    saga.state = SagaState::Completed;
-                    self.log(saga, "step_succeeded", Some(i), Some(attempt), None);
-                    self.log(saga, "completed", None, None, None);
-                }
+                self.log(saga, "step_succeeded", Some(i), Some(attempt), None);
             }
             Outcome::Rejected(reason) => {
                 let p = &mut saga.steps[i];
                 p.status = StepStatus::Rejected;
                 p.last_outcome = Some(format!("rejected: {reason}"));
                 p.finished_at_ms = Some(now);
-                let step_name = saga.definition.steps[i].name.clone();
-                saga.reason = Some(format!("step {step_name} rejected: {reason}"));
-                self.log(
-                    saga,
-                    "step_rejected",
-                    Some(i),
-                    Some(attempt),
-                    Some(reason.clone()),
-                );
-                // The rejected step had no effect: undo the ones before it.
-                self.begin_compensation(saga, i.checked_sub(1));
+                let detail = if continuing {
+                    format!("{reason} (on_failure: continue)")
+                } else {
+                    Self::set_reason(saga, format!("step {step_name} rejected: {reason}"));
+                    reason.clone()
+                };
+                self.log(saga, "step_rejected", Some(i), Some(attempt), Some(detail));
             }
             Outcome::Transient(reason) | Outcome::NotApplied(reason) => {
                 let max = saga.definition.steps[i].retry.max_attempts;
+                // Once a sibling of the group failed, nothing more is retried
+                // forward: the group will be compensated anyway.
+                let group_failing = saga.definition.group(g).any(|k| k != i && Self::stops(saga, k));
+                let may_retry = !group_failing && (attempt < max || on_failure == OnFailure::RetryForever);
                 let p = &mut saga.steps[i];
                 p.last_outcome = Some(reason.clone());
                 p.maybe_applied |= matches!(outcome, Outcome::Transient(_));
-                if attempt < max {
+                if may_retry {
                     p.attempts = attempt + 1;
                     self.log(saga, "step_retry", Some(i), Some(attempt), Some(reason.clone()));
                     self.send(saga, i, CommandKind::Forward, attempt + 1);
-                } else {
-                    p.finished_at_ms = Some(now);
-                    let step_name = saga.definition.steps[i].name.clone();
-                    saga.reason = Some(format!(
-                        "step {step_name}: {attempt} attempts failed, last: {reason}"
-                    ));
-                    if p.maybe_applied {
-                        p.status = StepStatus::Unknown;
-                        self.log(saga, "step_unknown", Some(i), Some(attempt), Some(reason.clone()));
-                        // The outcome is unknown: the step itself may have an effect to undo.
-                        self.begin_compensation(saga, Some(i));
-                    } else {
-                        p.status = StepStatus::Failed;
-                        self.log(saga, "step_failed", Some(i), Some(attempt), Some(reason.clone()));
-                        // No attempt can have had an effect: undo the steps before it.
-                        self.begin_compensation(saga, i.checked_sub(1));
-                    }
+                    return;
                 }
+                p.finished_at_ms = Some(now);
+                let unknown = p.maybe_applied;
+                // Unknown: the step itself may have an effect to undo; Failed: none can have.
+                p.status = if unknown {
+                    StepStatus::Unknown
+                } else {
+                    StepStatus::Failed
+                };
+                let why = if group_failing {
+                    format!("step {step_name}: stopped after a sibling failed, last: {reason}")
+                } else {
+                    format!("step {step_name}: {attempt} attempts failed, last: {reason}")
+                };
+                let detail = if continuing {
+                    format!("{reason} (on_failure: continue)")
+                } else {
+                    Self::set_reason(saga, why);
+                    reason.clone()
+                };
+                let kind = if unknown { "step_unknown" } else { "step_failed" };
+                self.log(saga, kind, Some(i), Some(attempt), Some(detail));
+            }
+        }
+        self.settle_group(saga, g);
+    }
+
+    /// Once no step of group `g` is in flight: the next group, COMPLETED, or
+    /// compensation of everything done so far (this group included).
+    fn settle_group(&mut self, saga: &mut Saga, g: usize) {
+        let members = saga.definition.group(g);
+        if members
+            .clone()
+            .any(|k| saga.steps[k].status == StepStatus::Running)
+        {
+            return;
+        }
+        if members.clone().any(|k| Self::stops(saga, k)) {
+            self.begin_compensation(saga, members.end.checked_sub(1));
+            return;
+        }
+        match saga.definition.next_group(g) {
+            Some(next) => self.run_group(saga, next),
+            None => {
+                saga.state = SagaState::Completed;
+                self.log(saga, "completed", None, None, None);
             }
         }
     }
 
     fn compensation_outcome(&mut self, saga: &mut Saga, i: usize, attempt: u32, outcome: &Outcome) {
         let now = self.now_ms;
+        let g = saga.definition.group_of(i);
         match outcome {
             Outcome::Ok(_) => {
                 let p = &mut saga.steps[i];
@@ -656,10 +773,9 @@ impl Builder {
                 p.last_outcome = Some("compensated".into());
                 p.finished_at_ms = Some(now);
                 self.log(saga, "compensation_succeeded", Some(i), Some(attempt), None);
-                self.compensate_from(saga, i.checked_sub(1));
             }
             Outcome::Rejected(reason) => {
-                self.fail(saga, i, attempt, format!("compensation refused: {reason}"));
+                self.compensation_failed(saga, i, attempt, format!("compensation refused: {reason}"));
             }
             Outcome::Transient(reason) | Outcome::NotApplied(reason) => {
                 let max = saga.definition.steps[i].retry.max_attempts;
@@ -675,19 +791,22 @@ impl Builder {
                         Some(reason.clone()),
                     );
                     self.send(saga, i, CommandKind::Compensate, attempt + 1);
-                } else {
-                    self.fail(
-                        saga,
-                        i,
-                        attempt,
-                        format!("compensation out of retries, last: {reason}"),
-                    );
+                    return;
                 }
+                self.compensation_failed(
+                    saga,
+                    i,
+                    attempt,
+                    format!("compensation out of retries, last: {reason}"),
+                );
             }
         }
+        self.settle_compensation(saga, g);
     }
 
-    fn fail(&mut self, saga: &mut Saga, i: usize, attempt: u32, why: String) {
+    /// Step `i`'s compensation cannot be done. The saga becomes FAILED once
+    /// the rest of its group has settled (at once when nothing else is in flight).
+    fn compensation_failed(&mut self, saga: &mut Saga, i: usize, attempt: u32, why: String) {
         let p = &mut saga.steps[i];
         p.status = StepStatus::CompensationFailed;
         p.last_outcome = Some(why.clone());
@@ -699,44 +818,69 @@ impl Builder {
             .map(|r| format!(" (after: {r})"))
             .unwrap_or_default();
         saga.reason = Some(format!("step {step_name}: {why}{earlier}"));
-        saga.state = SagaState::Failed { step: i };
+        let g = saga.definition.group_of(i);
+        let others_busy = saga
+            .definition
+            .group(g)
+            .any(|k| saga.steps[k].status == StepStatus::Compensating);
+        if !others_busy {
+            saga.state = SagaState::Failed { step: i };
+        }
         self.log(saga, "compensation_failed", Some(i), Some(attempt), Some(why));
-        self.log(saga, "failed", None, None, None);
+    }
+
+    /// Once no compensation of group `g` is in flight: FAILED if one of them
+    /// failed, else on to the newest earlier group with something to undo.
+    fn settle_compensation(&mut self, saga: &mut Saga, g: usize) {
+        let members = saga.definition.group(g);
+        if members
+            .clone()
+            .any(|k| saga.steps[k].status == StepStatus::Compensating)
+        {
+            return;
+        }
+        if let Some(k) = members
+            .clone()
+            .find(|&k| saga.steps[k].status == StepStatus::CompensationFailed)
+        {
+            saga.state = SagaState::Failed { step: k };
+            self.log(saga, "failed", None, None, None);
+            return;
+        }
+        self.compensate_from(saga, g.checked_sub(1));
     }
 
     /// RUNNING → COMPENSATING, starting at step `from` (inclusive) and walking back.
     fn begin_compensation(&mut self, saga: &mut Saga, from: Option<usize>) {
         saga.state = SagaState::Compensating {
-            step: from.unwrap_or(0),
+            step: from.map(|f| saga.definition.group_of(f)).unwrap_or(0),
         };
         self.log(saga, "compensating", None, None, saga.reason.clone());
         self.compensate_from(saga, from);
     }
 
-    /// Sends the compensation of the newest step at or before `from` that
-    /// succeeded or whose outcome is unknown and that has a compensation; when
-    /// none is left the saga is COMPENSATED.
+    /// Sends, at once, the compensations of the newest group at or before step
+    /// `from` that has a step that succeeded or whose outcome is unknown and
+    /// that has a compensation; when none is left the saga is COMPENSATED.
     fn compensate_from(&mut self, saga: &mut Saga, from: Option<usize>) {
-        let Some(from) = from else {
+        let undoable = |saga: &Saga, k: usize| {
+            matches!(saga.steps[k].status, StepStatus::Succeeded | StepStatus::Unknown)
+                && saga.definition.steps[k].compensation.is_some()
+        };
+        let newest = from.and_then(|from| (0..=from).rev().find(|&k| undoable(saga, k)));
+        let Some(k) = newest else {
             saga.state = SagaState::Compensated;
             self.log(saga, "compensated", None, None, None);
             return;
         };
-        let next = (0..=from).rev().find(|&k| {
-            matches!(saga.steps[k].status, StepStatus::Succeeded | StepStatus::Unknown)
-                && saga.definition.steps[k].compensation.is_some()
-        });
-        match next {
-            Some(k) => {
-                saga.state = SagaState::Compensating { step: k };
-                let p = &mut saga.steps[k];
+        let g = saga.definition.group_of(k);
+        saga.state = SagaState::Compensating { step: g };
+        for j in saga.definition.group(g) {
+            if undoable(saga, j) {
+                let p = &mut saga.steps[j];
                 p.status = StepStatus::Compensating;
                 p.compensation_attempts = 1;
-                self.send(saga, k, CommandKind::Compensate, 1);
-            }
-            None => {
-                saga.state = SagaState::Compensated;
-                self.log(saga, "compensated", None, None, None);
+                self.send(saga, j, CommandKind::Compensate, 1);
             }
         }
     }
@@ -760,6 +904,10 @@ mod tests {
                 max_attempts: 3,
                 ..RetryPolicy::default()
             },
+            group: None,
+            on_failure: Default::default(),
+            input: Default::default(),
+            compensation_input: Default::default(),
         }
     }
 
@@ -769,6 +917,7 @@ mod tests {
             version: 1,
             steps,
             input_schema: None,
+            events: Default::default(),
             source: PathBuf::new(),
         }
     }
@@ -802,7 +951,7 @@ mod tests {
     }
 
     fn new_saga(def: SagaDefinition) -> Saga {
-        create("s-1".into(), def, order(), "corr".into(), None, 1).saga
+        create("s-1".into(), def.into(), order(), "corr".into(), None, 1).saga
     }
 
     fn apply(saga: &Saga, event: Event) -> Transition {
@@ -845,11 +994,271 @@ mod tests {
         apply(&s, reply(0, CommandKind::Forward, 1, ok())).saga
     }
 
+    /// reserve ∥ charge, then ship (which gets the reservation and the charge).
+    fn grouped() -> SagaDefinition {
+        let yaml = r#"name: shipped
+version: 1
+defaults: { retry: { max_attempts: 2 } }
+steps:
+  - parallel:
+      - name: reserve
+        participant: inventory
+        action: reserve
+        compensation: release
+        compensation_input: { reservation_id: "${steps.reserve.output.reservation_id}" }
+      - name: charge
+        participant: payment
+        action: charge
+        compensation: refund
+        compensation_input: { charge_id: "${steps.charge.output.charge_id}" }
+  - name: ship
+    participant: shipping
+    action: create-shipment
+    compensation: cancel-shipment
+    input:
+      reservation_id: "${steps.reserve.output.reservation_id}"
+      charge_id: "${steps.charge.output.charge_id}"
+      customer: "${order.customer_id}"
+"#;
+        crate::definition::parse(std::path::Path::new("shipped.yaml"), yaml).expect("valid")
+    }
+
+    fn out(key: &str, value: &str) -> Outcome {
+        Outcome::Ok(serde_json::json!({ key: value }))
+    }
+
+    #[test]
+    fn a_parallel_group_sends_its_steps_at_once_and_the_next_group_gets_their_outputs() {
+        let t = apply(&new_saga(grouped()), Event::Start);
+        assert_eq!(
+            sent(&t),
+            [
+                ("saga.cmd.inventory.reserve".to_string(), CommandKind::Forward, 1),
+                ("saga.cmd.payment.charge".to_string(), CommandKind::Forward, 1)
+            ]
+        );
+        assert_eq!(t.saga.state, SagaState::Running { step: 0 });
+        // One branch done: nothing more leaves until the other is.
+        let t = apply(
+            &t.saga,
+            reply(1, CommandKind::Forward, 1, out("charge_id", "ch_1")),
+        );
+        assert!(t.commands.is_empty());
+        assert_eq!(t.saga.state, SagaState::Running { step: 0 });
+        let t = apply(
+            &t.saga,
+            reply(0, CommandKind::Forward, 1, out("reservation_id", "r_1")),
+        );
+        assert_eq!(t.saga.state, SagaState::Running { step: 2 });
+        assert_eq!(
+            sent(&t),
+            [(
+                "saga.cmd.shipping.create-shipment".to_string(),
+                CommandKind::Forward,
+                1
+            )]
+        );
+        assert_eq!(
+            t.commands[0].message.input,
+            serde_json::json!({"reservation_id": "r_1", "charge_id": "ch_1", "customer": "c-1"})
+        );
+        let t = apply(
+            &t.saga,
+            reply(2, CommandKind::Forward, 1, out("shipment_id", "shp_1")),
+        );
+        assert_eq!(t.saga.state, SagaState::Completed);
+        assert_eq!(kinds(&t), ["step_succeeded", "completed"]);
+    }
+
+    #[test]
+    fn a_rejected_branch_waits_for_the_other_then_undoes_what_it_did() {
+        let t = apply(&new_saga(grouped()), Event::Start);
+        let t = apply(
+            &t.saga,
+            reply(
+                1,
+                CommandKind::Forward,
+                1,
+                Outcome::Rejected("card_declined".into()),
+            ),
+        );
+        assert!(t.commands.is_empty(), "the reserve is still in flight");
+        assert_eq!(t.saga.state, SagaState::Running { step: 0 });
+        let t = apply(
+            &t.saga,
+            reply(0, CommandKind::Forward, 1, out("reservation_id", "r_1")),
+        );
+        assert_eq!(t.saga.state, SagaState::Compensating { step: 0 });
+        assert_eq!(
+            sent(&t),
+            [(
+                "saga.cmd.inventory.release".to_string(),
+                CommandKind::Compensate,
+                1
+            )]
+        );
+        // The compensation carries the reserve's output.
+        assert_eq!(
+            t.commands[0].message.input,
+            serde_json::json!({"reservation_id": "r_1"})
+        );
+        assert_eq!(
+            t.saga.reason.as_deref(),
+            Some("step charge rejected: card_declined")
+        );
+        let t = apply(&t.saga, reply(0, CommandKind::Compensate, 1, ok()));
+        assert_eq!(t.saga.state, SagaState::Compensated);
+        assert!(t.commands.is_empty(), "the rejected charge has nothing to refund");
+    }
+
+    #[test]
+    fn a_failed_sibling_stops_the_other_branch_retrying_and_both_unknowns_are_undone() {
+        let t = apply(&new_saga(grouped()), Event::Start);
+        // The charge times out (it may have happened): a retry.
+        let t = apply(
+            &t.saga,
+            reply(1, CommandKind::Forward, 1, Outcome::Transient("timeout".into())),
+        );
+        assert_eq!(
+            sent(&t),
+            [("saga.cmd.payment.charge".to_string(), CommandKind::Forward, 2)]
+        );
+        // The reserve is rejected: the charge's next timeout is not retried but unknown.
+        let t = apply(
+            &t.saga,
+            reply(
+                0,
+                CommandKind::Forward,
+                1,
+                Outcome::Rejected("insufficient_stock".into()),
+            ),
+        );
+        assert!(t.commands.is_empty());
+        let t = apply(
+            &t.saga,
+            reply(1, CommandKind::Forward, 2, Outcome::Transient("timeout".into())),
+        );
+        assert_eq!(kinds(&t), ["step_unknown", "compensating"]);
+        assert_eq!(t.saga.steps[1].status, StepStatus::Compensating);
+        // An unknown charge is refunded; its output is unknown, so the refund names no charge.
+        assert_eq!(
+            sent(&t),
+            [("saga.cmd.payment.refund".to_string(), CommandKind::Compensate, 1)]
+        );
+        assert_eq!(
+            t.commands[0].message.input,
+            serde_json::json!({"charge_id": null})
+        );
+    }
+
+    #[test]
+    fn an_abort_mid_group_undoes_every_branch_in_flight_at_once() {
+        let t = apply(&new_saga(grouped()), Event::Start);
+        let t = apply(
+            &t.saga,
+            reply(0, CommandKind::Forward, 1, out("reservation_id", "r_1")),
+        );
+        let t = apply(
+            &t.saga,
+            Event::Abort {
+                reason: "customer called".into(),
+            },
+        );
+        assert_eq!(
+            t.settled,
+            [(1, CommandKind::Forward)],
+            "the charge in flight is withdrawn"
+        );
+        assert_eq!(t.saga.state, SagaState::Compensating { step: 0 });
+        assert_eq!(
+            sent(&t),
+            [
+                (
+                    "saga.cmd.inventory.release".to_string(),
+                    CommandKind::Compensate,
+                    1
+                ),
+                ("saga.cmd.payment.refund".to_string(), CommandKind::Compensate, 1)
+            ]
+        );
+        // Both must answer before the saga is compensated; a failed one makes it FAILED.
+        let t = apply(&t.saga, reply(1, CommandKind::Compensate, 1, ok()));
+        assert_eq!(t.saga.state, SagaState::Compensating { step: 0 });
+        let t = apply(
+            &t.saga,
+            reply(0, CommandKind::Compensate, 1, Outcome::Rejected("locked".into())),
+        );
+        assert_eq!(t.saga.state, SagaState::Failed { step: 0 });
+        assert_eq!(kinds(&t), ["compensation_failed", "failed"]);
+        // An operator retry resends only the failed compensation.
+        let t = apply(&t.saga, Event::Retry);
+        assert_eq!(
+            sent(&t),
+            [(
+                "saga.cmd.inventory.release".to_string(),
+                CommandKind::Compensate,
+                1
+            )]
+        );
+        let t = apply(&t.saga, reply(0, CommandKind::Compensate, 1, ok()));
+        assert_eq!(t.saga.state, SagaState::Compensated);
+    }
+
+    #[test]
+    fn on_failure_continue_and_retry_forever() {
+        let mut def = grouped();
+        def.steps[2].on_failure = OnFailure::Continue;
+        def.steps[1].on_failure = OnFailure::RetryForever;
+        let t = apply(&new_saga(def), Event::Start);
+        let t = apply(
+            &t.saga,
+            reply(0, CommandKind::Forward, 1, out("reservation_id", "r_1")),
+        );
+        // Far past max_attempts (2): still retried.
+        let mut t = t;
+        for attempt in 1..6 {
+            t = apply(
+                &t.saga,
+                reply(
+                    1,
+                    CommandKind::Forward,
+                    attempt,
+                    Outcome::NotApplied("no responders".into()),
+                ),
+            );
+            assert_eq!(
+                sent(&t),
+                [(
+                    "saga.cmd.payment.charge".to_string(),
+                    CommandKind::Forward,
+                    attempt + 1
+                )]
+            );
+        }
+        let t = apply(
+            &t.saga,
+            reply(1, CommandKind::Forward, 6, out("charge_id", "ch_1")),
+        );
+        // The shipment is refused, but it may fail: the saga completes without it.
+        let t = apply(
+            &t.saga,
+            reply(
+                2,
+                CommandKind::Forward,
+                1,
+                Outcome::Rejected("address_unreachable".into()),
+            ),
+        );
+        assert_eq!(t.saga.state, SagaState::Completed);
+        assert_eq!(t.saga.steps[2].status, StepStatus::Rejected);
+        assert!(t.saga.reason.is_none());
+    }
+
     #[test]
     fn create_is_pending_with_a_created_entry() {
         let t = create(
             "s-1".into(),
-            order_def(),
+            order_def().into(),
             order(),
             "corr".into(),
             Some("k".into()),
@@ -873,7 +1282,7 @@ mod tests {
         assert_eq!(c.idempotency_key, "s-1/reserve-inventory/forward");
         assert_eq!(c.definition, "order@1");
         assert_eq!(t.saga.steps[0].status, StepStatus::Running);
-        assert_eq!(t.settled, None);
+        assert!(t.settled.is_empty());
     }
 
     #[test]
@@ -886,7 +1295,7 @@ mod tests {
         assert_eq!(t.saga.state, SagaState::Completed);
         assert!(t.commands.is_empty());
         assert_eq!(kinds(&t), ["step_succeeded", "completed"]);
-        assert_eq!(t.settled, Some((1, CommandKind::Forward)));
+        assert_eq!(t.settled, [(1, CommandKind::Forward)]);
         assert!(t.saga.state.is_terminal());
     }
 
@@ -1142,7 +1551,7 @@ mod tests {
         assert_eq!(t.saga.state, SagaState::Compensating { step: 1 });
         assert_eq!(
             t.settled,
-            Some((1, CommandKind::Forward)),
+            [(1, CommandKind::Forward)],
             "the forward command leaves the outbox"
         );
         assert_eq!(

@@ -19,10 +19,11 @@
 //! Every path that sends something goes through [`runner`]'s commit:
 //! 1. an input (a `CreateOrder`, a reply, an operator event) is applied by the
 //!    pure [`engine`], which returns the new saga and the commands it implies;
-//! 2. [`store::Store::write`] puts the saga record, its history, its state
+//! 2. [`store::Store::write`] stages the saga record, its history, its state
 //!    index entry, the outbox entries of those commands (and a dead letter
-//!    when it entered FAILED) in ONE sled transaction;
-//! 3. after the batch, ONE `flush` makes all of it durable; only when it
+//!    when it entered FAILED);
+//! 3. after the batch, ONE sled transaction applies every staged transition
+//!    (all or none) and ONE `flush` makes it durable; only when it
 //!    returns are `CreateOrder`/operator callers answered, commands handed to
 //!    [`dispatch`] and dead letters published. A failed flush stops the runner
 //!    (and the process) before anything is sent.
@@ -38,22 +39,35 @@
 #![deny(unreachable_pub)]
 
 pub mod api;
+pub mod backend;
+pub mod cluster;
 pub mod definition;
 pub mod dispatch;
 pub mod engine;
+pub mod events;
+pub mod jetstream;
+pub mod plan;
 pub mod runner;
 pub mod store;
 pub mod telemetry;
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use saga_proto::pb::saga_service_server::SagaServiceServer;
-use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tokio::{
+    net::TcpListener,
+    sync::{mpsc, oneshot},
+};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
-use crate::{api::SagaApi, definition::Definitions, dispatch::Dispatcher, store::Store};
+use crate::{
+    api::SagaApi,
+    backend::{Backend, StoreKind},
+    definition::{Catalog, DefinitionError},
+    dispatch::Dispatcher,
+    store::Store,
+};
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -84,6 +98,25 @@ pub struct Config {
     /// Directory of the sled database.
     #[arg(long, env = "COORDINATOR_DATA_DIR", default_value = "./data/coordinator")]
     pub data_dir: PathBuf,
+    /// Where sagas are kept: `sled` (embedded, one coordinator) or
+    /// `jetstream` (replicated KV buckets, several coordinators sharing the
+    /// sagas by partition leases).
+    #[arg(long, env = "COORDINATOR_STORE", value_enum, default_value = "sled")]
+    pub store: StoreKind,
+    /// jetstream store: number of partitions (the same on every coordinator
+    /// of a cluster, never changed once sagas exist).
+    #[arg(long, env = "COORDINATOR_PARTITIONS", default_value_t = 16)]
+    pub partitions: u32,
+    /// jetstream store: replicas of the KV buckets (3 on a 3-node cluster).
+    #[arg(long, env = "COORDINATOR_KV_REPLICAS", default_value_t = 1)]
+    pub kv_replicas: usize,
+    /// jetstream store: how long a partition lease lasts without renewal
+    /// (the failover time after a coordinator dies).
+    #[arg(long, env = "COORDINATOR_LEASE_TTL", default_value = "3s", value_parser = humantime::parse_duration)]
+    pub lease_ttl: Duration,
+    /// jetstream store: this coordinator's name in the leases (default: a fresh UUID).
+    #[arg(long, env = "COORDINATOR_INSTANCE_ID")]
+    pub instance_id: Option<String>,
     /// Directory of the saga definition files (`*.yaml`).
     #[arg(long, env = "SAGA_DEFINITIONS_DIR", default_value = "./saga-definitions")]
     pub definitions_dir: PathBuf,
@@ -100,6 +133,58 @@ pub struct Config {
     /// How long an open breaker holds commands back.
     #[arg(long, env = "COORDINATOR_BREAKER_WAIT", default_value = "1s", value_parser = humantime::parse_duration)]
     pub breaker_wait: Duration,
+    /// PEM certificate (chain) of the gRPC server: serve gRPC over TLS (with `--tls-key`).
+    #[arg(long, env = "COORDINATOR_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `--tls-cert`.
+    #[arg(long, env = "COORDINATOR_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA of client certificates: require mutual TLS from gRPC clients.
+    #[arg(long, env = "COORDINATOR_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// NATS credentials and TLS.
+    #[command(flatten)]
+    pub nats_security: saga_proto::nats::NatsSecurity,
+    /// How long COMPLETED and COMPENSATED sagas (record, history, client
+    /// idempotency key) are kept after their last transition; `0s` keeps them
+    /// forever. FAILED sagas are always kept.
+    #[arg(long, env = "COORDINATOR_RETENTION", default_value = "30d", value_parser = humantime::parse_duration)]
+    pub retention: Duration,
+    /// Bound of sled's page cache, in MiB (memory stays flat as the store grows).
+    #[arg(long, env = "COORDINATOR_CACHE_MIB", default_value_t = 128)]
+    pub cache_mib: u64,
+    /// Do not publish saga events to JetStream.
+    #[arg(long, env = "COORDINATOR_NO_EVENTS")]
+    pub no_events: bool,
+    /// JetStream stream of the saga events (created on start if absent).
+    #[arg(long, env = "COORDINATOR_EVENTS_STREAM", default_value = "SAGA_EVENTS")]
+    pub events_stream: String,
+    /// Oldest event the stream keeps (`0s`: no age limit).
+    #[arg(long, env = "COORDINATOR_EVENTS_MAX_AGE", default_value = "7d", value_parser = humantime::parse_duration)]
+    pub events_max_age: Duration,
+    /// Largest size of the stream in bytes (`-1`: no limit); the oldest events go first.
+    #[arg(long, env = "COORDINATOR_EVENTS_MAX_BYTES", default_value_t = -1, allow_negative_numbers = true)]
+    pub events_max_bytes: i64,
+    /// Replicas of the events stream (3 on a 3-node cluster).
+    #[arg(long, env = "COORDINATOR_EVENTS_REPLICAS", default_value_t = 1)]
+    pub events_replicas: usize,
+    /// Window in which JetStream drops a re-published event (same `Nats-Msg-Id`).
+    #[arg(long, env = "COORDINATOR_EVENTS_DUPLICATE_WINDOW", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub events_duplicate_window: Duration,
+}
+
+impl Config {
+    /// The events publisher's settings.
+    pub fn events(&self) -> events::EventsConfig {
+        events::EventsConfig {
+            enabled: !self.no_events,
+            stream: self.events_stream.clone(),
+            max_age: self.events_max_age,
+            max_bytes: self.events_max_bytes,
+            replicas: self.events_replicas,
+            duplicate_window: self.events_duplicate_window,
+        }
+    }
 }
 
 impl Config {
@@ -110,11 +195,28 @@ impl Config {
             http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             nats_url: nats_url.into(),
             data_dir,
+            store: StoreKind::Sled,
+            partitions: 16,
+            kv_replicas: 1,
+            lease_ttl: Duration::from_secs(3),
+            instance_id: None,
             definitions_dir,
             log_format: LogFormat::Pretty,
             operator_token: None,
             breaker_failures: 5,
             breaker_wait: Duration::from_secs(1),
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            nats_security: saga_proto::nats::NatsSecurity::default(),
+            retention: Duration::from_secs(30 * 24 * 3600),
+            cache_mib: 128,
+            no_events: false,
+            events_stream: "SAGA_EVENTS".into(),
+            events_max_age: Duration::from_secs(7 * 24 * 3600),
+            events_max_bytes: -1,
+            events_replicas: 1,
+            events_duplicate_window: Duration::from_secs(600),
         }
     }
 
@@ -137,10 +239,54 @@ impl Config {
                 self.nats_url
             )));
         }
+        if self.events_stream.is_empty()
+            || self
+                .events_stream
+                .chars()
+                .any(|c| c.is_whitespace() || ".*>".contains(c))
+        {
+            return Err(RunError::Config(format!(
+                "events_stream `{}` is not a stream name (no spaces, `.`, `*` or `>`)",
+                self.events_stream
+            )));
+        }
+        if !(1..=5).contains(&self.events_replicas) {
+            return Err(RunError::Config("events_replicas must be 1 to 5".into()));
+        }
+        if !(1..=4096).contains(&self.partitions) {
+            return Err(RunError::Config("partitions must be 1 to 4096".into()));
+        }
+        if !(1..=5).contains(&self.kv_replicas) {
+            return Err(RunError::Config("kv_replicas must be 1 to 5".into()));
+        }
+        if self.lease_ttl < Duration::from_millis(200) {
+            return Err(RunError::Config("lease_ttl must be at least 200ms".into()));
+        }
+        if let Some(id) = &self.instance_id {
+            if id.is_empty()
+                || !id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(RunError::Config(
+                    "instance_id: letters, digits, `-` and `_` only".into(),
+                ));
+            }
+        }
         if self.breaker_failures == 0 {
             return Err(RunError::Config("breaker_failures must be at least 1".into()));
         }
-        if let Some(t) = &self.operator_token {
+        self.nats_security.validate().map_err(RunError::Config)?;
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(RunError::Config("--tls-cert and --tls-key go together".into()));
+        }
+        if self.tls_client_ca.is_some() && self.tls_cert.is_none() {
+            return Err(RunError::Config(
+                "--tls-client-ca needs --tls-cert and --tls-key".into(),
+            ));
+        }
+        // An empty token (an unset variable passed through by compose) means none.
+        if let Some(t) = self.operator_token.as_ref().filter(|t| !t.is_empty()) {
             if t.len() < 16 || t.chars().any(|c| c.is_whitespace() || c.is_control()) {
                 return Err(RunError::Config(
                     "operator_token must be at least 16 characters without whitespace".into(),
@@ -148,6 +294,26 @@ impl Config {
             }
         }
         Ok(())
+    }
+}
+
+impl Config {
+    /// The gRPC server's TLS settings, when `--tls-cert`/`--tls-key` are given.
+    ///
+    /// # Errors
+    /// A certificate or key file that cannot be read.
+    fn server_tls(&self) -> Result<Option<tonic::transport::ServerTlsConfig>, RunError> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return Ok(None);
+        };
+        let read =
+            |p: &PathBuf| std::fs::read(p).map_err(|e| RunError::Config(format!("{}: {e}", p.display())));
+        let identity = tonic::transport::Identity::from_pem(read(cert)?, read(key)?);
+        let mut tls = tonic::transport::ServerTlsConfig::new().identity(identity);
+        if let Some(ca) = &self.tls_client_ca {
+            tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?));
+        }
+        Ok(Some(tls))
     }
 }
 
@@ -185,27 +351,104 @@ pub enum RunError {
 /// [`RunError`]: bad config or definitions (nothing started), store or
 /// server failures.
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> Result<(), RunError> {
+    let (_keep, reloads) = mpsc::channel(1);
+    run_with_reload(config, listener, shutdown, reloads).await
+}
+
+/// Asks a running coordinator to re-read its definitions directory; the
+/// answer says what changed, or why the old set stays in force.
+pub type ReloadRequest = oneshot::Sender<Result<(Vec<String>, Vec<String>), DefinitionError>>;
+
+/// [`run`], also re-reading the definitions directory on every request
+/// received on `reloads` (the binary sends one on SIGHUP). A directory with
+/// a bad file leaves the old set in force and says why in the log and the answer.
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_with_reload(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    mut reloads: mpsc::Receiver<ReloadRequest>,
+) -> Result<(), RunError> {
     config.validate()?;
     let _ = telemetry::prometheus();
-    let definitions = Arc::new(Definitions::load_dir(&config.definitions_dir)?);
-    for d in definitions.all() {
+    let definitions = Catalog::load(&config.definitions_dir)?;
+    for d in definitions.current().all() {
         info!(definition = %d.id(), file = %d.source.display(), steps = d.steps.len(), "definition loaded");
     }
-    std::fs::create_dir_all(&config.data_dir)
-        .map_err(|e| RunError::Config(format!("data_dir {}: {e}", config.data_dir.display())))?;
-    let store = Store::open(&config.data_dir)?;
-    for (state, n) in store.count_by_state()? {
-        if n > 0 {
-            info!(state = state.as_str(), sagas = n, "store opened");
-        }
-    }
-
+    let config_dir = config.definitions_dir.clone();
+    let reload_task = {
+        let (catalog, shutdown) = (definitions.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            loop {
+                let request = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    r = reloads.recv() => match r { Some(r) => r, None => return },
+                };
+                let (c, dir) = (catalog.clone(), config_dir.clone());
+                let result = match tokio::task::spawn_blocking(move || c.reload()).await {
+                    Ok(r) => r,
+                    Err(e) => Err(definition::DefinitionError::Io {
+                        path: dir,
+                        reason: e.to_string(),
+                    }),
+                };
+                match &result {
+                    Ok((added, removed)) => {
+                        info!(
+                            ?added,
+                            ?removed,
+                            loaded = catalog.current().all().count(),
+                            "definitions reloaded"
+                        );
+                        metrics::counter!(telemetry::DEFINITION_RELOADS, "result" => "ok").increment(1);
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "definitions reload refused; the previous set stays in force");
+                        metrics::counter!(telemetry::DEFINITION_RELOADS, "result" => "refused").increment(1);
+                    }
+                }
+                let _ = request.send(result);
+            }
+        })
+    };
     let (health, health_service) = tonic_health::server::health_reporter();
     let ready = Ready {
         health,
         readiness: telemetry::Readiness::default(),
     };
     ready.set(false).await;
+    // sled: the store is local, gRPC reads are served before NATS is reached.
+    // jetstream: the store IS on NATS, so NATS comes first.
+    let (store, early_nats) = match config.store {
+        StoreKind::Sled => {
+            std::fs::create_dir_all(&config.data_dir)
+                .map_err(|e| RunError::Config(format!("data_dir {}: {e}", config.data_dir.display())))?;
+            let store =
+                Store::open_with_cache(&config.data_dir, config.cache_mib.saturating_mul(1024 * 1024))?;
+            for (state, n) in store.count_by_state()? {
+                if n > 0 {
+                    info!(state = state.as_str(), sagas = n, "store opened");
+                }
+            }
+            (Backend::Sled(store), None)
+        }
+        StoreKind::Jetstream => {
+            let nats = tokio::select! {
+                nats = connect_nats(&config.nats_url, &config.nats_security, ready.clone()) => nats?,
+                _ = shutdown.cancelled() => return Ok(()),
+            };
+            let Some(store) = open_jetstream_store(&config, &nats, &shutdown).await else {
+                return Ok(());
+            };
+            (Backend::JetStream(store), Some(nats))
+        }
+    };
+    let cluster = store.jetstream().map(|_| {
+        let (lost_tx, lost_rx) = mpsc::unbounded_channel();
+        (cluster::Ownership::new(config.partitions), lost_tx, lost_rx)
+    });
     let http = TcpListener::bind(config.http_addr)
         .await
         .map_err(|e| RunError::Config(format!("http_addr {}: {e}", config.http_addr)))?;
@@ -224,7 +467,25 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
     let (handle, outcomes, inputs) = runner::channel();
-    let api = SagaApi::new(store.clone(), definitions, handle, config.operator_token.clone());
+    let mut api = SagaApi::new(
+        store.clone(),
+        definitions,
+        handle.clone(),
+        config.operator_token.clone(),
+    );
+    if let (Some(nats), Some((ownership, _, _))) = (&early_nats, &cluster) {
+        api = api.with_forwarding(nats.clone(), ownership.clone());
+    }
+    // Readiness follows the runner: SERVING once it takes requests.
+    let runner_watch = {
+        let (handle, ready) = (handle.clone(), ready.clone());
+        tokio::spawn(async move {
+            handle.wait_running(true).await;
+            ready.set_runner(true).await;
+            handle.wait_running(false).await;
+            ready.set_runner(false).await;
+        })
+    };
     let addr = listener
         .local_addr()
         .map_err(|e| RunError::Config(e.to_string()))?;
@@ -237,22 +498,34 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
             info!("shutting down: no new requests");
         }
     };
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = config.server_tls()? {
+        builder = builder.tls_config(tls)?;
+    }
     let server = tokio::spawn(
-        tonic::transport::Server::builder()
+        builder
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(SagaServiceServer::new(api).max_decoding_message_size(api::MAX_REQUEST_BYTES))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), grpc_shutdown),
+            .serve_with_incoming_shutdown(
+                // Nagle off: a small reply must not wait ~40 ms for the client's delayed ACK.
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                grpc_shutdown,
+            ),
     );
-    info!(%addr, nats = %config.nats_url, data_dir = %config.data_dir.display(), "coordinator serving gRPC");
+    info!(%addr, tls = config.tls_cert.is_some(), nats = %config.nats_url, data_dir = %config.data_dir.display(),
+          "coordinator serving gRPC");
 
-    let nats = tokio::select! {
-                nats = connect_nats(&config.nats_url, ready.clone()) => nats?,
-        _ = shutdown.cancelled() => {
-            join_server(server).await?;
-            return Ok(());
-        }
+    let nats = match early_nats {
+        Some(nats) => nats,
+        None => tokio::select! {
+            nats = connect_nats(&config.nats_url, &config.nats_security, ready.clone()) => nats?,
+            _ = shutdown.cancelled() => {
+                join_server(server).await?;
+                return Ok(());
+            }
+        },
     };
     ready.set(true).await;
 
@@ -269,11 +542,56 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         tracker.clone(),
         stop_work.clone(),
     );
+    // Retention applies to the sled store (the jetstream store keeps records; see README).
+    let pruner = store
+        .sled()
+        .filter(|_| !config.retention.is_zero())
+        .map(|s| tokio::spawn(prune_forever(s.clone(), config.retention, stop_work.clone())));
+    let (runner_cluster, cluster_task) = match (cluster, store.jetstream()) {
+        (Some((ownership, lost_tx, lost_rx)), Some(js_store)) => {
+            let js = async_nats::jetstream::new(nats.clone());
+            let leases = cluster::open_leases(&js, config.kv_replicas).await?;
+            let settings = cluster::ClusterSettings {
+                instance: config
+                    .instance_id
+                    .clone()
+                    .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string()),
+                lease_ttl: config.lease_ttl,
+                replicas: config.kv_replicas,
+            };
+            info!(instance = %settings.instance, partitions = config.partitions, lease_ttl = ?config.lease_ttl,
+                  "joining the coordinator cluster");
+            let task = tokio::spawn(cluster::run(
+                nats.clone(),
+                leases,
+                js_store.clone(),
+                ownership.clone(),
+                handle.clone(),
+                settings,
+                lost_rx,
+                stop_work.clone(),
+            ));
+            (Some((ownership, lost_tx)), Some(task))
+        }
+        _ => (None, None),
+    };
+    let events_wake = events::EventsWake::default();
+    let events_config = config.events();
+    let events_task = events_config.enabled.then(|| {
+        tokio::spawn(events::run(
+            store.clone(),
+            nats.clone(),
+            events_config,
+            events_wake.clone(),
+            stop_work.clone(),
+        ))
+    });
     let runner_task = {
         let (store, stop, shutdown, nats) =
             (store.clone(), stop_work.clone(), shutdown.clone(), nats.clone());
         tokio::spawn(async move {
-            let result = runner::run(store, dispatcher, nats, inputs, stop).await;
+            let result =
+                runner::run(store, runner_cluster, dispatcher, nats, events_wake, inputs, stop).await;
             if let Err(e) = &result {
                 tracing::error!(error = %e, "saga runner failed; shutting down");
                 shutdown.cancel();
@@ -292,6 +610,15 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     };
     tracker.close();
     tracker.wait().await;
+    if let Some(task) = cluster_task {
+        let _ = task.await;
+    }
+    if let Some(task) = events_task {
+        let _ = task.await;
+    }
+    if let Some(task) = pruner {
+        let _ = task.await;
+    }
     store.flush().await?;
     // NATS may already be gone at shutdown: never wait on it for long.
     match tokio::time::timeout(Duration::from_secs(2), nats.drain()).await {
@@ -302,10 +629,42 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     if let Ok(Err(e)) = http_task.await {
         warn!(error = %e, "metrics HTTP server failed");
     }
+    reload_task.abort();
+    runner_watch.abort();
     served?;
     runner_result?;
     info!("coordinator stopped");
     Ok(())
+}
+
+/// Opens the jetstream store, retrying while JetStream is not there yet (a
+/// cluster electing its leaders); `None` when `shutdown` fires first.
+async fn open_jetstream_store(
+    config: &Config,
+    nats: &async_nats::Client,
+    shutdown: &CancellationToken,
+) -> Option<jetstream::JsStore> {
+    let js = async_nats::jetstream::new(nats.clone());
+    let settings = jetstream::JsSettings {
+        replicas: config.kv_replicas,
+        partitions: config.partitions,
+        events: !config.no_events,
+    };
+    let mut wait = Duration::from_millis(200);
+    loop {
+        match jetstream::JsStore::open(&js, settings.clone()).await {
+            Ok(store) => {
+                jetstream::log_opened(&store);
+                return Some(store);
+            }
+            Err(e) => warn!(error = %e, "jetstream store not available yet; retrying"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        wait = (wait * 2).min(Duration::from_secs(5));
+    }
 }
 
 async fn join_server(
@@ -317,8 +676,44 @@ async fn join_server(
     }
 }
 
+/// Removes finished sagas older than `retention`, in batches, every tenth of
+/// the retention (between 100 ms and an hour), until `stop`.
+async fn prune_forever(store: Store, retention: Duration, stop: CancellationToken) {
+    let every = (retention / 10).clamp(Duration::from_millis(100), Duration::from_secs(3600));
+    let keep_ms = u64::try_from(retention.as_millis()).unwrap_or(u64::MAX);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let cutoff = runner::now_ms().saturating_sub(keep_ms);
+        loop {
+            let s = store.clone();
+            match tokio::task::spawn_blocking(move || s.prune(cutoff, 1000)).await {
+                Ok(Ok(0)) => break,
+                Ok(Ok(n)) => {
+                    info!(sagas = n, "finished sagas past the retention removed");
+                    metrics::counter!(telemetry::SAGAS_PRUNED).increment(n as u64);
+                    if n < 1000 || stop.is_cancelled() {
+                        break;
+                    }
+                }
+                Ok(Err(e)) => {
+                    warn!(error = %e, "pruning finished sagas failed; retried later");
+                    break;
+                }
+                Err(e) => {
+                    warn!(error = %e, "pruning task failed");
+                    break;
+                }
+            }
+        }
+    }
+}
+
 /// Readiness, as gRPC health and `GET /ready` report it: the overall
-/// service ("") and `saga.v1.SagaService` are SERVING only while NATS is connected.
+/// service ("") and `saga.v1.SagaService` are SERVING only while NATS is
+/// connected and the saga runner takes requests.
 #[derive(Clone)]
 struct Ready {
     health: tonic_health::server::HealthReporter,
@@ -326,9 +721,20 @@ struct Ready {
 }
 
 impl Ready {
-    async fn set(&self, ready: bool) {
-        self.readiness.set_nats(ready);
-        let status = if ready {
+    /// NATS (dis)connected.
+    async fn set(&self, connected: bool) {
+        self.readiness.set_nats(connected);
+        self.publish().await;
+    }
+
+    /// The runner started or stopped taking requests.
+    async fn set_runner(&self, running: bool) {
+        self.readiness.set_runner(running);
+        self.publish().await;
+    }
+
+    async fn publish(&self) {
+        let status = if self.readiness.ready() {
             tonic_health::ServingStatus::Serving
         } else {
             tonic_health::ServingStatus::NotServing
@@ -339,56 +745,29 @@ impl Ready {
     }
 }
 
-/// Connects to NATS, retrying the first connection with exponential backoff
-/// and jitter (`backon`) until it succeeds; afterwards async-nats reconnects
-/// by itself and every (dis)connection flips readiness.
-async fn connect_nats(url: &str, ready: Ready) -> Result<async_nats::Client, RunError> {
-    use backon::Retryable;
-    let attempt = || {
+/// Connects to NATS (see [`saga_proto::nats::connect`]); every
+/// (dis)connection flips readiness.
+async fn connect_nats(
+    url: &str,
+    security: &saga_proto::nats::NatsSecurity,
+    ready: Ready,
+) -> Result<async_nats::Client, RunError> {
+    saga_proto::nats::connect(url, "saga-coordinator", security, move |up| {
         let ready = ready.clone();
-        async move {
-            async_nats::ConnectOptions::new()
-                .name("saga-coordinator")
-                .max_reconnects(None)
-                .event_callback(move |event| {
-                    let ready = ready.clone();
-                    async move {
-                        match event {
-                            async_nats::Event::Connected => {
-                                info!("nats connected: ready");
-                                ready.set(true).await;
-                            }
-                            async_nats::Event::Disconnected => {
-                                warn!("nats disconnected: not ready");
-                                ready.set(false).await;
-                            }
-                            other => info!(event = %other, "nats event"),
-                        }
-                    }
-                })
-                .connect(url)
-                .await
-        }
-    };
-    let backoff = backon::ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(5))
-        .with_jitter()
-        .without_max_times();
-    attempt
-        .retry(backoff)
-        .when(|e| e.kind() != async_nats::ConnectErrorKind::ServerParse)
-        .notify(|e, delay| warn!(error = %e, retry_in = ?delay, "cannot reach NATS; retrying"))
-        .await
-        .map_err(|e| RunError::Nats(e.to_string()))
+        async move { ready.set(up).await }
+    })
+    .await
+    .map_err(|e| RunError::Nats(e.to_string()))
 }
 
 /// Sets up the global tracing subscriber (only `main` calls this).
 pub fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only on a terminal: log files and collectors get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Pretty => builder.init(),

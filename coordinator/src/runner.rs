@@ -14,6 +14,9 @@
 //! In-flight sagas live in memory (a map, removed when terminal); terminal
 //! ones are only in the store.
 //!
+//! Each transition's saga events are written by the store in the same
+//! transaction; after the flush the runner wakes the events publisher.
+//!
 //! Operator events (`AbortSaga`, `RetrySaga`) go through the same path. A
 //! saga entering FAILED gets a dead-letter record in the same transaction;
 //! after the flush it is published on `saga.dlq` (and again after a restart
@@ -26,16 +29,19 @@ use std::{
 };
 
 use saga_proto::wire::OrderPayload;
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 use uuid::Uuid;
 
 use crate::{
+    backend::Backend,
+    cluster::Ownership,
     definition::SagaDefinition,
     dispatch::{Dispatcher, Reported},
     engine::{self, Event, Saga, StateTag, Transition},
-    store::{OutboxEntry, Store, StoreError},
+    jetstream::{partition_of, Loaded},
+    store::{OutboxEntry, StoreError},
     telemetry,
 };
 
@@ -94,6 +100,17 @@ pub enum CreateError {
     /// The runner stopped (shutdown or a fatal store error).
     #[error("the coordinator is shutting down")]
     Stopped,
+    /// NATS has not been reached since start: nothing is taken yet.
+    #[error("the coordinator is not connected to NATS yet; retry shortly")]
+    NotStarted,
+    /// jetstream store: this coordinator holds no partition yet.
+    #[error("this coordinator owns no partition yet; retry shortly or on another coordinator")]
+    NoPartition,
+    /// jetstream store: the write lost to another coordinator (the same
+    /// idempotency key created there at the same moment) or its outcome is
+    /// unknown; a retry with the same key answers.
+    #[error("the saga's write did not go through; retry with the same idempotency key")]
+    Lost,
 }
 
 type CreateReply = oneshot::Sender<Result<Created, CreateError>>;
@@ -108,6 +125,17 @@ enum Request {
         saga_id: Uuid,
         event: Event,
         reply: OperateReply,
+    },
+    /// jetstream store: run these sagas (a partition taken over, or a saga reloaded).
+    Adopt {
+        sagas: Vec<Loaded>,
+        reply: oneshot::Sender<usize>,
+    },
+    /// jetstream store: stop running the sagas of a partition.
+    Release {
+        partition: u32,
+        partitions: u32,
+        reply: oneshot::Sender<Vec<String>>,
     },
 }
 
@@ -132,13 +160,78 @@ pub enum OperateError {
     /// The runner stopped.
     #[error("the coordinator is shutting down")]
     Stopped,
+    /// NATS has not been reached since start: nothing is taken yet.
+    #[error("the coordinator is not connected to NATS yet; retry shortly")]
+    NotStarted,
+    /// jetstream store: the saga's partition is owned by no reachable coordinator now.
+    #[error("{0}")]
+    Elsewhere(String),
+}
+
+/// Who watches which saga (`WatchSaga`): one `watch` channel per watched
+/// saga carrying its latest durable history sequence, so a transition wakes
+/// only the watchers of its own saga, and a slow watcher simply sees the
+/// latest state (every message carries the whole history).
+#[derive(Clone, Default)]
+struct Watchers(Arc<Mutex<HashMap<String, tokio::sync::watch::Sender<u64>>>>);
+
+impl Watchers {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, tokio::sync::watch::Sender<u64>>> {
+        match self.0.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Tells the watchers of `saga_id` (if any) it reached `seq`; forgets the
+    /// saga when nobody listens any more or it is terminal.
+    fn notify(&self, saga_id: &str, seq: u64, terminal: bool) {
+        let mut map = self.lock();
+        if let Some(tx) = map.get(saga_id) {
+            tx.send_replace(seq);
+            if terminal || tx.receiver_count() == 0 {
+                map.remove(saga_id);
+            }
+        }
+    }
+
+    /// Drops every channel: watchers see the coordinator stop.
+    fn close_all(&self) {
+        self.lock().clear();
+    }
+}
+
+/// A `WatchSaga` subscription: wakes on each durable transition of one saga;
+/// ends (`changed()` fails) when the saga is terminal or the runner stops.
+pub struct Subscription {
+    saga_id: String,
+    rx: tokio::sync::watch::Receiver<u64>,
+    watchers: Watchers,
+}
+
+impl Subscription {
+    /// Waits for the next transition; `false` once no more will come.
+    pub async fn changed(&mut self) -> bool {
+        self.rx.changed().await.is_ok()
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let mut map = self.watchers.lock();
+        // This receiver still counts while it is being dropped.
+        if map.get(&self.saga_id).is_some_and(|tx| tx.receiver_count() <= 1) {
+            map.remove(&self.saga_id);
+        }
+    }
 }
 
 /// Handle to the runner; cheap to clone.
 #[derive(Clone)]
 pub struct RunnerHandle {
     tx: mpsc::Sender<Request>,
-    changes: broadcast::Sender<Arc<Saga>>,
+    watchers: Watchers,
+    running: tokio::sync::watch::Receiver<bool>,
 }
 
 impl RunnerHandle {
@@ -147,6 +240,7 @@ impl RunnerHandle {
     /// # Errors
     /// [`CreateError`].
     pub async fn create(&self, new: NewSaga) -> Result<Created, CreateError> {
+        self.check_running().map_err(|()| CreateError::NotStarted)?;
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Request::Create { new, reply })
@@ -155,10 +249,42 @@ impl RunnerHandle {
         rx.await.map_err(|_| CreateError::Stopped)?
     }
 
-    /// Every saga after each transition, once that transition is durable
-    /// (for `WatchSaga`). A slow receiver may lag and must re-read the store.
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Saga>> {
-        self.changes.subscribe()
+    /// The runner starts once NATS was reached (and recovery is done); until
+    /// then requests are refused at once instead of waiting.
+    fn check_running(&self) -> Result<(), ()> {
+        if *self.running.borrow() {
+            Ok(())
+        } else {
+            Err(())
+        }
+    }
+
+    /// Whether the runner takes requests now.
+    pub fn is_running(&self) -> bool {
+        *self.running.borrow()
+    }
+
+    /// Waits until the runner takes requests, or stopped taking them (`false`).
+    pub async fn wait_running(&self, running: bool) {
+        let mut rx = self.running.clone();
+        let _ = rx.wait_for(|r| *r == running).await;
+    }
+
+    /// Wakes on every durable transition of `saga_id` from now on (for
+    /// `WatchSaga`): subscribe first, then read the store, so nothing falls
+    /// in between.
+    pub fn subscribe(&self, saga_id: &str) -> Subscription {
+        let rx = {
+            let mut map = self.watchers.lock();
+            map.entry(saga_id.to_string())
+                .or_insert_with(|| tokio::sync::watch::channel(0).0)
+                .subscribe()
+        };
+        Subscription {
+            saga_id: saga_id.to_string(),
+            rx,
+            watchers: self.watchers.clone(),
+        }
     }
 
     /// Applies an operator event (`Abort`, `Retry`) to a saga; returns once
@@ -167,6 +293,7 @@ impl RunnerHandle {
     /// # Errors
     /// [`OperateError`].
     pub async fn operate(&self, saga_id: Uuid, event: Event) -> Result<Operated, OperateError> {
+        self.check_running().map_err(|()| OperateError::NotStarted)?;
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Request::Operate {
@@ -178,35 +305,72 @@ impl RunnerHandle {
             .map_err(|_| OperateError::Stopped)?;
         rx.await.map_err(|_| OperateError::Stopped)?
     }
+
+    /// Runs `sagas` (jetstream store): each not already running is resumed,
+    /// its in-flight commands re-sent with their keys. Returns how many were new.
+    ///
+    /// # Errors
+    /// The runner stopped.
+    pub async fn adopt(&self, sagas: Vec<Loaded>) -> Result<usize, OperateError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Adopt { sagas, reply })
+            .await
+            .map_err(|_| OperateError::Stopped)?;
+        rx.await.map_err(|_| OperateError::Stopped)
+    }
+
+    /// Stops running the sagas of `partition` (of `partitions`) once what was
+    /// decided for them is written; returns their ids.
+    ///
+    /// # Errors
+    /// The runner stopped.
+    pub async fn release(&self, partition: u32, partitions: u32) -> Result<Vec<String>, OperateError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Release {
+                partition,
+                partitions,
+                reply,
+            })
+            .await
+            .map_err(|_| OperateError::Stopped)?;
+        rx.await.map_err(|_| OperateError::Stopped)
+    }
 }
 
 /// The runner task's inputs, built by [`channel`].
 pub struct RunnerInputs {
     requests: mpsc::Receiver<Request>,
     outcomes: mpsc::UnboundedReceiver<Reported>,
-    changes: broadcast::Sender<Arc<Saga>>,
+    watchers: Watchers,
+    running: tokio::sync::watch::Sender<bool>,
 }
 
 /// A handle for creators, the sender for the dispatcher and the runner's inputs.
 pub fn channel() -> (RunnerHandle, mpsc::UnboundedSender<Reported>, RunnerInputs) {
     let (tx, requests) = mpsc::channel(4096);
     let (otx, outcomes) = mpsc::unbounded_channel();
-    let (changes, _) = broadcast::channel(1024);
+    let watchers = Watchers::default();
+    let (running, running_rx) = tokio::sync::watch::channel(false);
     (
         RunnerHandle {
             tx,
-            changes: changes.clone(),
+            watchers: watchers.clone(),
+            running: running_rx,
         },
         otx,
         RunnerInputs {
             requests,
             outcomes,
-            changes,
+            watchers,
+            running,
         },
     )
 }
 
-fn now_ms() -> u64 {
+/// Wall-clock time, ms since the Unix epoch (the engine gets time from here).
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -214,20 +378,26 @@ fn now_ms() -> u64 {
 }
 
 struct Runner {
-    store: Store,
+    store: Backend,
+    /// jetstream store: the partitions this coordinator owns (new saga ids are drawn in them).
+    ownership: Option<Ownership>,
+    /// jetstream store: sagas whose write was lost, to be reloaded by the owner.
+    lost: Option<mpsc::UnboundedSender<String>>,
     dispatcher: Dispatcher,
     nats: async_nats::Client,
+    events: crate::events::EventsWake,
     active: HashMap<String, Saga>,
     dlq_inflight: Arc<Mutex<HashSet<Vec<u8>>>>,
     // Per batch:
     to_send: Vec<OutboxEntry>,
     acks: Vec<(CreateReply, Result<Created, CreateError>)>,
-    operated: Vec<(OperateReply, Result<Operated, OperateError>)>,
+    operated: Vec<(OperateReply, String, Result<Operated, OperateError>)>,
     batch_keys: HashMap<String, String>,
     dirty: bool,
     new_dead_letters: bool,
-    changes: broadcast::Sender<Arc<Saga>>,
-    changed: Vec<Arc<Saga>>,
+    watchers: Watchers,
+    /// Sagas that moved in this batch: `(id, seq, terminal)`, for watchers after the flush.
+    changed: Vec<(String, u64, bool)>,
 }
 
 /// Runs the saga runner until `shutdown` fires.
@@ -236,16 +406,25 @@ struct Runner {
 /// A store failure: the runner stops at once, sending nothing more (a
 /// restart recovers from what is durable).
 pub async fn run(
-    store: Store,
+    store: Backend,
+    cluster: Option<(Ownership, mpsc::UnboundedSender<String>)>,
     dispatcher: Dispatcher,
     nats: async_nats::Client,
+    events: crate::events::EventsWake,
     mut inputs: RunnerInputs,
     shutdown: CancellationToken,
 ) -> Result<(), StoreError> {
+    let (ownership, lost) = match cluster {
+        Some((o, l)) => (Some(o), Some(l)),
+        None => (None, None),
+    };
     let mut r = Runner {
         store,
+        ownership,
+        lost,
         dispatcher,
         nats,
+        events,
         active: HashMap::new(),
         dlq_inflight: Arc::new(Mutex::new(HashSet::new())),
         to_send: Vec::new(),
@@ -254,10 +433,32 @@ pub async fn run(
         batch_keys: HashMap::new(),
         dirty: false,
         new_dead_letters: true, // publish what a previous run left unconfirmed
-        changes: inputs.changes.clone(),
+        watchers: inputs.watchers.clone(),
         changed: Vec::new(),
     };
-    r.recover().await?;
+    let resume = r.store.resume_at_start()?;
+    info!(active = resume.len(), "resuming sagas found in the store");
+    r.adopt(resume, now_ms())?;
+    r.commit().await?;
+    inputs.running.send_replace(true);
+    let result = serve(&mut r, &mut inputs, &shutdown).await;
+    inputs.running.send_replace(false);
+    inputs.watchers.close_all();
+    result?;
+    r.store.flush_writes().await?;
+    info!(
+        in_flight = r.active.len(),
+        "saga runner stopped; in-flight sagas resume on next start"
+    );
+    Ok(())
+}
+
+/// The runner's loop: batches of inputs, each applied and group-committed.
+async fn serve(
+    r: &mut Runner,
+    inputs: &mut RunnerInputs,
+    shutdown: &CancellationToken,
+) -> Result<(), StoreError> {
     let mut requests = Vec::with_capacity(BATCH);
     let mut outcomes = Vec::with_capacity(BATCH);
     loop {
@@ -287,7 +488,7 @@ pub async fn run(
         for request in requests.drain(..) {
             match request {
                 Request::Create { new, reply } => {
-                    let result = r.create(new, now);
+                    let result = r.create(new, now).await;
                     r.acks.push((reply, result));
                 }
                 Request::Operate {
@@ -295,81 +496,136 @@ pub async fn run(
                     event,
                     reply,
                 } => {
-                    let result = r.operate(saga_id, &event, now);
-                    r.operated.push((reply, result));
+                    let result = r.operate(saga_id, &event, now).await;
+                    r.operated.push((reply, saga_id.to_string(), result));
+                }
+                Request::Adopt { sagas, reply } => {
+                    let n = r.adopt(sagas, now)?;
+                    let _ = reply.send(n);
+                }
+                Request::Release {
+                    partition,
+                    partitions,
+                    reply,
+                } => {
+                    // What was decided for these sagas is written first.
+                    r.commit().await?;
+                    let ids: Vec<String> = r
+                        .active
+                        .keys()
+                        .filter(|id| partition_of(id, partitions) == partition)
+                        .cloned()
+                        .collect();
+                    for id in &ids {
+                        r.active.remove(id);
+                    }
+                    r.store.forget(&ids);
+                    info!(partition, sagas = ids.len(), "partition released");
+                    let _ = reply.send(ids);
                 }
             }
         }
         r.commit().await?;
     }
-    r.store.flush().await?;
-    info!(
-        in_flight = r.active.len(),
-        "saga runner stopped; in-flight sagas resume on next start"
-    );
     Ok(())
 }
 
 impl Runner {
-    async fn recover(&mut self) -> Result<(), StoreError> {
-        let active = self.store.active()?;
-        let outbox = self.store.outbox()?;
-        let now = now_ms();
-        let mut pending = Vec::new();
-        for saga in active {
-            if saga.state == engine::SagaState::Pending {
-                pending.push(saga.id.clone());
+    /// Runs `sagas` with their in-flight commands (at start with sled; on a
+    /// partition taken over or a saga reloaded with jetstream): PENDING ones
+    /// are started, outbox commands re-sent with their original keys. Sagas
+    /// already running are left alone. Returns how many were new.
+    fn adopt(&mut self, sagas: Vec<Loaded>, now: u64) -> Result<usize, StoreError> {
+        let mut fresh = 0;
+        for (saga, outbox) in sagas {
+            if self.active.contains_key(&saga.id) || saga.state.is_terminal() {
+                continue;
             }
-            self.active.insert(saga.id.clone(), saga);
-        }
-        info!(
-            active = self.active.len(),
-            outbox = outbox.len(),
-            "resuming sagas found in the store"
-        );
-        for id in pending {
-            self.apply(&id, &Event::Start, now)?;
-        }
-        for entry in outbox {
-            if self.active.contains_key(&entry.saga_id) {
+            fresh += 1;
+            let id = saga.id.clone();
+            let pending = saga.state == engine::SagaState::Pending;
+            self.active.insert(id.clone(), saga);
+            if pending {
+                self.apply(&id, &Event::Start, now)?;
+            }
+            for entry in outbox {
                 info!(saga_id = %entry.saga_id, correlation_id = %entry.correlation_id,
                       step = %entry.message.step, attempt = entry.message.attempt, "re-sending in-flight command");
                 self.to_send.push(entry);
-            } else {
-                warn!(saga_id = %entry.saga_id, "outbox entry of a saga that is not active; ignored");
             }
         }
-        self.commit().await
+        Ok(fresh)
     }
 
-    fn create(&mut self, new: NewSaga, now: u64) -> Result<Created, CreateError> {
+    /// A new saga id: with jetstream, one in a partition this coordinator owns.
+    fn new_saga_id(&self) -> Result<String, CreateError> {
+        let Some(ownership) = &self.ownership else {
+            return Ok(Uuid::now_v7().to_string());
+        };
+        if ownership.is_empty() {
+            return Err(CreateError::NoPartition);
+        }
+        // Each draw lands in an owned partition with probability owned/total.
+        for _ in 0..10_000 {
+            let id = Uuid::now_v7().to_string();
+            if ownership.owns(&id) {
+                return Ok(id);
+            }
+        }
+        Err(CreateError::NoPartition)
+    }
+
+    async fn create(&mut self, new: NewSaga, now: u64) -> Result<Created, CreateError> {
+        // jetstream: the id a previous attempt with this key reserved.
+        let mut reserved = None;
         if let Some(key) = &new.idempotency_key {
             let existing = match self.batch_keys.get(key) {
                 Some(id) => Uuid::parse_str(id).ok(),
-                None => self.store.saga_for_key(key)?,
+                None => self.store.saga_for_key(key).await?,
             };
             if let Some(id) = existing {
-                let saga = match self.active.get(&id.to_string()) {
-                    Some(s) => s.clone(),
-                    None => self.store.get(&id)?.ok_or_else(|| {
-                        StoreError::Corrupt(format!("idempotency key names missing saga {id}"))
-                    })?,
+                let found = match self.active.get(&id.to_string()) {
+                    Some(s) => Some(s.clone()),
+                    None => self.store.get_latest(&id).await?,
                 };
-                if !same_request(&saga, &new) {
-                    return Err(CreateError::KeyReused(saga.id));
+                match found {
+                    Some(saga) => {
+                        if !same_request(&saga, &new) {
+                            return Err(CreateError::KeyReused(saga.id));
+                        }
+                        return Ok(Created::Existing {
+                            saga_id: saga.id,
+                            order_id: saga.order.order_id,
+                            state: saga.state.tag(),
+                        });
+                    }
+                    // jetstream: the key names a saga whose record write did not
+                    // land (its coordinator died, or JetStream failed, in between):
+                    // nothing ran. Create it now under that very id, on the
+                    // coordinator holding its partition; the record's create-only
+                    // write lets one of any racing attempts win.
+                    None if self.ownership.is_some() => {
+                        if !self.ownership.as_ref().is_some_and(|o| o.owns(&id.to_string())) {
+                            return Err(CreateError::Lost);
+                        }
+                        reserved = Some(id.to_string());
+                    }
+                    None => {
+                        return Err(
+                            StoreError::Corrupt(format!("idempotency key names missing saga {id}")).into(),
+                        )
+                    }
                 }
-                return Ok(Created::Existing {
-                    saga_id: saga.id,
-                    order_id: saga.order.order_id,
-                    state: saga.state.tag(),
-                });
             }
         }
-        let id = Uuid::now_v7().to_string();
+        let id = match reserved {
+            Some(id) => id,
+            None => self.new_saga_id()?,
+        };
         let order_id = new.order.order_id.clone();
         let created = engine::create(
             id.clone(),
-            (*new.definition).clone(),
+            new.definition.clone(),
             new.order,
             new.correlation_id,
             new.idempotency_key.clone(),
@@ -394,10 +650,14 @@ impl Runner {
 
     /// An operator event: the saga may be terminal (FAILED), so it is loaded
     /// from the store when it is not in memory.
-    fn operate(&mut self, id: Uuid, event: &Event, now: u64) -> Result<Operated, OperateError> {
+    async fn operate(&mut self, id: Uuid, event: &Event, now: u64) -> Result<Operated, OperateError> {
         let key = id.to_string();
         if !self.active.contains_key(&key) {
-            let saga = self.store.get(&id)?.ok_or(OperateError::NotFound(id))?;
+            let saga = self
+                .store
+                .load_for_update(&id)
+                .await?
+                .ok_or(OperateError::NotFound(id))?;
             self.active.insert(key.clone(), saga);
         }
         match self.apply(&key, event, now)? {
@@ -437,9 +697,11 @@ impl Runner {
         };
         self.store.write(&t, Some(previous))?;
         self.dirty = true;
-        if let (Event::Abort { .. }, Some((step, kind))) = (event, t.settled) {
-            // The command in flight is moot: stop it if it has not left yet.
-            self.dispatcher.withdraw(saga_id, step, kind);
+        if let Event::Abort { .. } = event {
+            // The commands in flight are moot: stop them if they have not left yet.
+            for (step, kind) in &t.settled {
+                self.dispatcher.withdraw(saga_id, *step, *kind);
+            }
         }
         let tag = t.saga.state.tag();
         if tag == StateTag::Failed && previous != StateTag::Failed {
@@ -449,9 +711,8 @@ impl Runner {
         }
         self.log(&t);
         let Transition { saga, commands, .. } = t;
-        if self.changes.receiver_count() > 0 {
-            self.changed.push(Arc::new(saga.clone()));
-        }
+        self.changed
+            .push((saga.id.clone(), saga.seq, saga.state.is_terminal()));
         self.to_send
             .extend(commands.iter().map(|c| OutboxEntry::new(&saga, c)));
         if saga.state.is_terminal() {
@@ -480,31 +741,75 @@ impl Runner {
     /// Group commit: one flush for the batch, then replies and sends.
     async fn commit(&mut self) -> Result<(), StoreError> {
         self.batch_keys.clear();
+        let flushed = self.dirty;
         if self.dirty {
-            if let Err(e) = self.store.flush().await {
-                error!(error = %e, "flush failed; stopping without sending");
-                return Err(e);
-            }
+            let started = std::time::Instant::now();
+            let lost = match self.store.flush_writes().await {
+                Ok(lost) => lost,
+                Err(e) => {
+                    error!(error = %e, "flush failed; stopping without sending");
+                    return Err(e);
+                }
+            };
             self.dirty = false;
+            if !lost.is_empty() {
+                self.drop_lost(&lost);
+            }
             metrics::counter!(telemetry::FLUSHES).increment(1);
+            metrics::histogram!(telemetry::FLUSH_SECONDS).record(started.elapsed().as_secs_f64());
         }
         metrics::gauge!(telemetry::SAGAS_IN_FLIGHT).set(self.active.len() as f64);
         for (reply, result) in self.acks.drain(..) {
             let _ = reply.send(result);
         }
-        for (reply, result) in self.operated.drain(..) {
+        for (reply, _, result) in self.operated.drain(..) {
             let _ = reply.send(result);
         }
         for entry in self.to_send.drain(..) {
             self.dispatcher.dispatch(entry);
         }
-        for saga in self.changed.drain(..) {
-            let _ = self.changes.send(saga);
+        for (id, seq, terminal) in self.changed.drain(..) {
+            self.watchers.notify(&id, seq, terminal);
+        }
+        if flushed {
+            // Every transition wrote its events; they are durable now. Woken
+            // last, so the publisher's JetStream traffic queues behind the
+            // commands on the connection, not in front of them.
+            self.events.wake();
         }
         if std::mem::take(&mut self.new_dead_letters) {
             self.publish_dead_letters()?;
         }
         Ok(())
+    }
+
+    /// jetstream store: sagas whose write did not land are forgotten (their
+    /// commands not sent, their callers told) and handed to the partition
+    /// owner to reload from what is durable.
+    fn drop_lost(&mut self, lost: &[String]) {
+        let lost: HashSet<&str> = lost.iter().map(String::as_str).collect();
+        for id in &lost {
+            self.active.remove(*id);
+        }
+        self.to_send.retain(|e| !lost.contains(e.saga_id.as_str()));
+        self.changed.retain(|(id, _, _)| !lost.contains(id.as_str()));
+        for (_, result) in self.acks.iter_mut() {
+            if matches!(result, Ok(Created::New { saga_id, .. }) if lost.contains(saga_id.as_str())) {
+                *result = Err(CreateError::Lost);
+            }
+        }
+        for (_, id, result) in self.operated.iter_mut() {
+            if result.is_ok() && lost.contains(id.as_str()) {
+                *result = Err(OperateError::Elsewhere(
+                    "the saga was written by another coordinator meanwhile; retry".into(),
+                ));
+            }
+        }
+        if let Some(tx) = &self.lost {
+            for id in lost {
+                let _ = tx.send(id.to_string());
+            }
+        }
     }
 
     /// Publishes the durable dead letters not yet confirmed on `saga.dlq`,

@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::store::Store;
+use crate::backend::Backend;
 
 /// Sagas created, by `definition`.
 pub const SAGAS_STARTED: &str = "saga_started_total";
@@ -37,8 +37,18 @@ pub const STEP_RETRIES: &str = "saga_step_retries_total";
 pub const BREAKER_OPEN: &str = "saga_breaker_open";
 /// 1 while NATS is connected.
 pub const NATS_CONNECTED: &str = "saga_nats_connected";
+/// Finished sagas removed after the retention.
+pub const SAGAS_PRUNED: &str = "saga_pruned_total";
+/// Saga events acknowledged by JetStream.
+pub const EVENTS_PUBLISHED: &str = "saga_events_published_total";
+/// Saga events durable but not yet acknowledged by JetStream.
+pub const EVENTS_BACKLOG: &str = "saga_events_backlog";
+/// Definition reloads (SIGHUP), by `result` (`ok`, `refused`).
+pub const DEFINITION_RELOADS: &str = "saga_definition_reloads_total";
 /// Group-commit flushes and the transitions they covered.
 pub const FLUSHES: &str = "saga_store_flushes_total";
+/// How long one group-commit flush took (the store's write latency on the hot path).
+pub const FLUSH_SECONDS: &str = "saga_store_flush_duration_seconds";
 
 /// The process-wide Prometheus recorder (installed on first use).
 pub fn prometheus() -> Option<PrometheusHandle> {
@@ -54,10 +64,13 @@ pub fn prometheus() -> Option<PrometheusHandle> {
         .clone()
 }
 
-/// Readiness shared by gRPC health and `GET /ready`.
+/// Readiness shared by gRPC health and `GET /ready`: NATS connected and the
+/// saga runner taking requests (it starts after the first NATS connection
+/// and recovery).
 #[derive(Clone, Default)]
 pub struct Readiness {
     nats: Arc<AtomicBool>,
+    runner: Arc<AtomicBool>,
 }
 
 impl Readiness {
@@ -67,16 +80,31 @@ impl Readiness {
         metrics::gauge!(NATS_CONNECTED).set(if connected { 1.0 } else { 0.0 });
     }
 
+    /// Records whether the saga runner takes requests.
+    pub fn set_runner(&self, running: bool) {
+        self.runner.store(running, Ordering::SeqCst);
+    }
+
     /// Whether NATS is connected.
     pub fn nats(&self) -> bool {
         self.nats.load(Ordering::SeqCst)
+    }
+
+    /// Whether the runner takes requests.
+    pub fn runner(&self) -> bool {
+        self.runner.load(Ordering::SeqCst)
+    }
+
+    /// Both: new sagas are accepted and their commands can leave.
+    pub fn ready(&self) -> bool {
+        self.nats() && self.runner()
     }
 }
 
 #[derive(Clone)]
 struct Http {
     ready: Readiness,
-    store: Store,
+    store: Backend,
     metrics: Option<PrometheusHandle>,
 }
 
@@ -87,7 +115,7 @@ struct Http {
 pub async fn serve(
     listener: TcpListener,
     ready: Readiness,
-    store: Store,
+    store: Backend,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let addr: Option<SocketAddr> = listener.local_addr().ok();
@@ -118,15 +146,21 @@ async fn metrics_text(State(s): State<Http>) -> (StatusCode, String) {
 }
 
 async fn readiness(State(s): State<Http>) -> (StatusCode, String) {
-    let sled = s.store.probe_writable();
-    match (s.ready.nats(), sled) {
-        (true, Ok(())) => (StatusCode::OK, "ready\n".into()),
-        (nats, sled) => (
+    let probe = s.store.probe().await;
+    let what = match s.store {
+        Backend::Sled(_) => "sled",
+        Backend::JetStream(_) => "jetstream store",
+    };
+    match (s.ready.nats(), s.ready.runner(), probe) {
+        (true, true, Ok(())) => (StatusCode::OK, "ready\n".into()),
+        (nats, runner, probe) => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
-                "not ready: nats {}, sled {}\n",
+                "not ready: nats {}, saga runner {}, {what} {}\n",
                 if nats { "connected" } else { "disconnected" },
-                sled.map(|()| "writable".to_string())
+                if runner { "running" } else { "not started" },
+                probe
+                    .map(|()| "writable".to_string())
                     .unwrap_or_else(|e| e.to_string())
             ),
         ),

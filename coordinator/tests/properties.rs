@@ -6,20 +6,28 @@
 use std::{path::PathBuf, time::Duration};
 
 use coordinator::{
-    definition::{self, RetryPolicy, SagaDefinition, StepDefinition},
+    definition::{self, OnFailure, RetryPolicy, SagaDefinition, StepDefinition},
     engine::{self, Command, Event, Outcome, Saga, SagaState, StepStatus, TransitionError},
 };
 use proptest::prelude::*;
 use saga_proto::wire::{CommandKind, Item, OrderPayload};
 
-fn definition(steps: &[(bool, u32)]) -> SagaDefinition {
+/// A definition from a shape: per step, whether it has a compensation, its
+/// attempts, whether it joins the previous step's parallel group, and its
+/// `on_failure` (0 compensate, 1 continue, 2 retry forever).
+fn definition(steps: &[(bool, u32, bool, u8)]) -> SagaDefinition {
+    let mut groups = Vec::with_capacity(steps.len());
+    for (i, (_, _, joins, _)) in steps.iter().enumerate() {
+        let g = if *joins && i > 0 { groups[i - 1] } else { i };
+        groups.push(g);
+    }
     SagaDefinition {
         name: "p".into(),
         version: 1,
         steps: steps
             .iter()
             .enumerate()
-            .map(|(i, (has_comp, attempts))| StepDefinition {
+            .map(|(i, (has_comp, attempts, _, on_failure))| StepDefinition {
                 name: format!("s{i}"),
                 participant: format!("p{i}"),
                 action: "do".into(),
@@ -29,9 +37,18 @@ fn definition(steps: &[(bool, u32)]) -> SagaDefinition {
                     max_attempts: *attempts,
                     ..RetryPolicy::default()
                 },
+                group: Some(groups[i]),
+                on_failure: match on_failure % 3 {
+                    0 => OnFailure::Compensate,
+                    1 => OnFailure::Continue,
+                    _ => OnFailure::RetryForever,
+                },
+                input: Default::default(),
+                compensation_input: Default::default(),
             })
             .collect(),
         input_schema: None,
+        events: Default::default(),
         source: PathBuf::new(),
     }
 }
@@ -91,18 +108,24 @@ fn check(
     // History is contiguous.
     let expected: Vec<u64> = (before.seq + 1..=saga.seq).collect();
     prop_assert_eq!(history_seqs, expected.as_slice());
-    // At most one command, and only for the step the state says is in flight.
-    prop_assert!(commands.len() <= 1);
+    // Commands only for steps of the group in flight, at most one per step.
+    let def = &saga.definition;
+    let mut seen = std::collections::HashSet::new();
     for c in commands {
+        prop_assert!(seen.insert((c.step, c.kind)), "two commands for step {}", c.step);
         match saga.state {
-            SagaState::Running { step } => {
-                prop_assert_eq!((c.step, c.kind), (step, CommandKind::Forward));
-                prop_assert_eq!(c.message.attempt, saga.steps[step].attempts);
+            SagaState::Running { step: g } => {
+                prop_assert_eq!(def.group_of(c.step), g);
+                prop_assert_eq!(c.kind, CommandKind::Forward);
+                prop_assert_eq!(saga.steps[c.step].status, StepStatus::Running);
+                prop_assert_eq!(c.message.attempt, saga.steps[c.step].attempts);
             }
-            SagaState::Compensating { step } => {
-                prop_assert_eq!((c.step, c.kind), (step, CommandKind::Compensate));
-                prop_assert_eq!(c.message.attempt, saga.steps[step].compensation_attempts);
-                prop_assert!(saga.definition.steps[step].compensation.is_some());
+            SagaState::Compensating { step: g } => {
+                prop_assert_eq!(def.group_of(c.step), g);
+                prop_assert_eq!(c.kind, CommandKind::Compensate);
+                prop_assert_eq!(saga.steps[c.step].status, StepStatus::Compensating);
+                prop_assert_eq!(c.message.attempt, saga.steps[c.step].compensation_attempts);
+                prop_assert!(def.steps[c.step].compensation.is_some());
             }
             other => prop_assert!(false, "command {:?} sent in {:?}", c.kind, other),
         }
@@ -111,18 +134,58 @@ fn check(
             format!("{}/{}/{}", saga.id, c.message.step, c.kind.as_str())
         );
     }
-    // Attempts never exceed the policy.
-    for (p, d) in saga.steps.iter().zip(&saga.definition.steps) {
-        prop_assert!(p.attempts <= d.retry.max_attempts);
+    // Attempts never exceed the policy (unless the step retries forever).
+    for (p, d) in saga.steps.iter().zip(&def.steps) {
+        if d.on_failure != OnFailure::RetryForever {
+            prop_assert!(p.attempts <= d.retry.max_attempts);
+        }
         prop_assert!(p.compensation_attempts <= d.retry.max_attempts);
+    }
+    // Only the group the state names has work in flight.
+    let busy = |status: StepStatus| {
+        saga.steps
+            .iter()
+            .enumerate()
+            .filter(move |(_, p)| p.status == status)
+            .map(|(k, _)| k)
+    };
+    match saga.state {
+        SagaState::Running { step: g } => {
+            prop_assert!(busy(StepStatus::Running).all(|k| def.group_of(k) == g));
+            prop_assert!(
+                busy(StepStatus::Running).count() > 0,
+                "running with nothing in flight"
+            );
+            prop_assert_eq!(busy(StepStatus::Compensating).count(), 0);
+        }
+        SagaState::Compensating { step: g } => {
+            prop_assert!(busy(StepStatus::Compensating).all(|k| def.group_of(k) == g));
+            prop_assert!(
+                busy(StepStatus::Compensating).count() > 0,
+                "compensating with nothing in flight"
+            );
+            prop_assert_eq!(busy(StepStatus::Running).count(), 0);
+        }
+        _ => {
+            prop_assert_eq!(busy(StepStatus::Running).count(), 0);
+            prop_assert_eq!(busy(StepStatus::Compensating).count(), 0);
+        }
     }
     match saga.state {
         SagaState::Completed => {
-            prop_assert!(saga.steps.iter().all(|p| p.status == StepStatus::Succeeded));
+            for (p, d) in saga.steps.iter().zip(&def.steps) {
+                let fine = p.status == StepStatus::Succeeded
+                    || (d.on_failure == OnFailure::Continue
+                        && matches!(
+                            p.status,
+                            StepStatus::Rejected | StepStatus::Failed | StepStatus::Unknown
+                        ));
+                prop_assert!(fine, "completed saga with a step in {:?}", p.status);
+            }
         }
         SagaState::Compensated => {
             // Nothing that may have an effect is left undone.
-            for (p, d) in saga.steps.iter().zip(&saga.definition.steps) {
+            for (p, d) in saga.steps.iter().zip(&def.steps) {
                 let undone = match p.status {
                     // `compensation: none` declares there is nothing to undo.
                     StepStatus::Succeeded | StepStatus::Unknown => d.compensation.is_none(),
@@ -149,12 +212,12 @@ proptest! {
 
     #[test]
     fn arbitrary_event_sequences_keep_the_invariants(
-        shape in prop::collection::vec((any::<bool>(), 1u32..4), 1..5),
-        events in prop::collection::vec(event(5), 0..60),
+        shape in prop::collection::vec((any::<bool>(), 1u32..4, any::<bool>(), 0u8..3), 1..6),
+        events in prop::collection::vec(event(6), 0..80),
     ) {
         let def = definition(&shape);
         let n = def.steps.len();
-        let mut saga = engine::create("s".into(), def, order(), "c".into(), None, 0).saga;
+        let mut saga = engine::create("s".into(), def.into(), order(), "c".into(), None, 0).saga;
         let mut now = 1;
         for e in std::iter::once(Event::Start).chain(events) {
             now += 1;

@@ -30,6 +30,18 @@ struct Cli {
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
+    /// PEM CA that signed the coordinator's certificate (for an `https://` address).
+    #[arg(long, env = "SAGACTL_TLS_CA", global = true)]
+    tls_ca: Option<std::path::PathBuf>,
+    /// PEM client certificate, when the coordinator requires mutual TLS (with `--tls-key`).
+    #[arg(long, env = "SAGACTL_TLS_CERT", global = true, requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of `--tls-cert`.
+    #[arg(long, env = "SAGACTL_TLS_KEY", global = true, requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// Server name to check the certificate against (default: the address' host).
+    #[arg(long, env = "SAGACTL_TLS_DOMAIN", global = true)]
+    tls_domain: Option<String>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -106,6 +118,45 @@ enum Cmd {
     },
     /// List the loaded saga definitions.
     Definitions,
+    /// Follow the saga events on JetStream live (stream SAGA_EVENTS), one line per event.
+    Tail {
+        /// Only sagas of this definition (name, e.g. `order`).
+        #[arg(long)]
+        definition: Option<String>,
+        /// Start from the oldest event the stream holds instead of new ones.
+        #[arg(long)]
+        from_start: bool,
+        /// Stop after this many events (default: follow until Ctrl-C).
+        #[arg(long)]
+        limit: Option<u64>,
+        /// NATS server URL.
+        #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+        nats_url: String,
+        /// Events stream name.
+        #[arg(long, env = "COORDINATOR_EVENTS_STREAM", default_value = "SAGA_EVENTS")]
+        stream: String,
+        /// NATS credentials and TLS.
+        #[command(flatten)]
+        security: saga_proto::nats::NatsSecurity,
+    },
+    /// Check saga definition files (or directories of them) exactly as the
+    /// coordinator loads them; prints `file:line:column: reason` for each error
+    /// and exits 1 if there is one (for a CI job).
+    Validate {
+        /// Definition files or directories.
+        #[arg(required = true)]
+        paths: Vec<std::path::PathBuf>,
+    },
+    /// Show what a definition will do: its groups in order and, for each step
+    /// that can fail, the compensations that would run.
+    Plan {
+        /// Definition files.
+        #[arg(required = true)]
+        files: Vec<std::path::PathBuf>,
+        /// A Mermaid flowchart instead of text.
+        #[arg(long)]
+        mermaid: bool,
+    },
     /// Place the demo's three orders (completes, out of stock, declined) and show how each ended.
     Demo {
         /// How long to wait for each saga to finish.
@@ -172,6 +223,8 @@ fn saga_json(s: &pb::Saga) -> Value {
             "name": p.name, "participant": p.participant, "action": p.action, "compensation": p.compensation,
             "status": step_status_name(p.status), "attempts": p.attempts,
             "compensation_attempts": p.compensation_attempts, "last_outcome": p.last_outcome,
+            "group": p.group, "on_failure": p.on_failure, "started_at": ts(&p.started_at),
+            "finished_at": ts(&p.finished_at), "duration_ms": p.duration_ms,
         })).collect::<Vec<_>>(),
         "history": s.history.iter().map(|h| json!({
             "seq": h.seq, "at": ts(&h.at), "kind": h.kind, "step": h.step, "attempt": h.attempt,
@@ -206,15 +259,57 @@ fn print_saga(s: &pb::Saga) {
     ]);
     println!("{t}");
     let mut t = table(&[
+        "group",
         "step",
         "participant",
         "action / compensation",
         "status",
         "attempts",
         "last outcome",
+        "start / took",
+        "timeline",
     ]);
+    let ms = |t: &Option<prost_types::Timestamp>| {
+        t.as_ref()
+            .map(|t| t.seconds.max(0) as u64 * 1000 + (t.nanos.max(0) as u64) / 1_000_000)
+    };
+    let origin = ms(&s.created_at).unwrap_or(0);
+    let end = s
+        .steps
+        .iter()
+        .filter_map(|p| ms(&p.finished_at).or(ms(&p.started_at)))
+        .max()
+        .unwrap_or(origin)
+        .max(origin + 1);
+    let width = 24u64;
+    // Groups numbered 1, 2, ... in order (the wire carries each group's first step index).
+    let mut group_no = 0u32;
+    let mut last_group = None;
     for p in &s.steps {
+        if last_group != Some(p.group) {
+            group_no += 1;
+            last_group = Some(p.group);
+        }
+        let (timing, bar) = match ms(&p.started_at) {
+            Some(start) => {
+                let offset = start.saturating_sub(origin);
+                let cells = |ms: u64| ms * width / (end - origin);
+                let took = if p.duration_ms > 0 || p.finished_at.is_some() {
+                    format!("{} ms", p.duration_ms)
+                } else {
+                    "running".to_string()
+                };
+                let lead = cells(offset).min(width - 1);
+                let len = cells(p.duration_ms).clamp(1, width - lead);
+                (
+                    format!("+{offset} ms / {took}"),
+                    format!("{}{}", " ".repeat(lead as usize), "█".repeat(len as usize)),
+                )
+            }
+            None => (String::new(), String::new()),
+        };
         t.add_row(vec![
+            group_no.to_string(),
             p.name.clone(),
             p.participant.clone(),
             format!(
@@ -229,6 +324,8 @@ fn print_saga(s: &pb::Saga) {
             step_status_name(p.status).to_string(),
             format!("{} / {}", p.attempts, p.compensation_attempts),
             p.last_outcome.clone(),
+            timing,
+            bar,
         ]);
     }
     println!("{t}");
@@ -310,6 +407,7 @@ async fn demo(
     let orders = [
         (
             "completes",
+            "order",
             "c-alice",
             vec![("A-1", 2)],
             1999,
@@ -317,6 +415,7 @@ async fn demo(
         ),
         (
             "out of stock",
+            "order",
             "c-bob",
             vec![("A-1", 1), ("RARE-1", 5)],
             4500,
@@ -324,18 +423,28 @@ async fn demo(
         ),
         (
             "declined by payment",
+            "order",
             "c-carol",
             vec![("B-2", 1)],
             250_000,
             pb::SagaState::Compensated,
         ),
+        (
+            "shipped (reserve ∥ charge, then ship)",
+            "order-with-shipping",
+            "c-dave",
+            vec![("A-1", 1), ("B-2", 1)],
+            3499,
+            pb::SagaState::Completed,
+        ),
     ];
     let mut all_ok = true;
     let mut out = Vec::new();
     let mut summary = table(&["order", "saga", "expected", "final state", "reason"]);
-    for (label, customer, items, amount, expected) in orders {
+    for (label, definition, customer, items, amount, expected) in orders {
         let created = client
             .create_order(pb::CreateOrderRequest {
+                definition: definition.into(),
                 customer_id: customer.into(),
                 items: items
                     .iter()
@@ -380,12 +489,209 @@ async fn demo(
     Ok(all_ok)
 }
 
+/// `sagactl tail`: an ordered, ephemeral JetStream consumer on the events stream.
+async fn tail(
+    cli: &Cli,
+    definition: Option<&str>,
+    from_start: bool,
+    limit: Option<u64>,
+    nats_url: &str,
+    stream: &str,
+    security: &saga_proto::nats::NatsSecurity,
+) -> anyhow::Result<()> {
+    use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
+    use futures::StreamExt;
+    security.validate().map_err(anyhow::Error::msg)?;
+    let options = security
+        .apply(async_nats::ConnectOptions::new().name("sagactl-tail"))
+        .await?;
+    let client = options
+        .connect(nats_url)
+        .await
+        .with_context(|| format!("cannot reach NATS at {nats_url}"))?;
+    let js = async_nats::jetstream::new(client);
+    let events = js
+        .get_stream(stream)
+        .await
+        .with_context(|| format!("events stream {stream} (is the coordinator publishing events?)"))?;
+    let filter = saga_proto::wire::event_subject(definition.unwrap_or("*"), "*");
+    let consumer = events
+        .create_consumer(OrderedConfig {
+            filter_subject: filter.clone(),
+            deliver_policy: if from_start {
+                DeliverPolicy::All
+            } else {
+                DeliverPolicy::New
+            },
+            ..Default::default()
+        })
+        .await?;
+    let mut messages = consumer.messages().await?;
+    if !cli.json {
+        eprintln!("following {filter} on stream {stream} (Ctrl-C stops)");
+    }
+    let mut seen = 0u64;
+    while let Some(message) = messages.next().await {
+        let message = message?;
+        match serde_json::from_slice::<saga_proto::wire::SagaEvent>(&message.payload) {
+            Ok(e) if cli.json => println!("{}", serde_json::to_string(&e)?),
+            Ok(e) => {
+                let at = std::time::UNIX_EPOCH + Duration::from_millis(e.at_ms);
+                let about = [
+                    e.step.clone(),
+                    e.attempt.map(|a| format!("#{a}")),
+                    e.detail.clone(),
+                ]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>()
+                .join(" ");
+                println!(
+                    "{}  {}  {:<10} #{:<3} {:<24} {:<12} {about}",
+                    humantime::format_rfc3339_millis(at),
+                    e.saga_id,
+                    e.definition,
+                    e.sequence,
+                    e.event,
+                    e.state
+                );
+            }
+            Err(err) => eprintln!("unreadable event on {}: {err}", message.subject),
+        }
+        seen += 1;
+        if limit.is_some_and(|l| seen >= l) {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// A channel to `--addr`, over TLS when the address is `https://` or a CA is given.
+async fn channel(cli: &Cli) -> anyhow::Result<Channel> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let mut endpoint = Endpoint::from_shared(cli.addr.clone()).context("--addr is not a URL")?;
+    if cli.addr.starts_with("https://") || cli.tls_ca.is_some() {
+        let read = |p: &std::path::Path| std::fs::read(p).with_context(|| format!("{}", p.display()));
+        let mut tls = ClientTlsConfig::new();
+        if let Some(ca) = &cli.tls_ca {
+            tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
+        }
+        if let (Some(cert), Some(key)) = (&cli.tls_cert, &cli.tls_key) {
+            tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        if let Some(domain) = &cli.tls_domain {
+            tls = tls.domain_name(domain.clone());
+        }
+        endpoint = endpoint.tls_config(tls)?;
+    }
+    Ok(endpoint.connect().await?)
+}
+
+/// `sagactl validate`: every definition found, every error; exit status 1 on any error.
+fn validate(paths: &[std::path::PathBuf], json_out: bool) -> anyhow::Result<()> {
+    let (defs, errors) = coordinator::definition::Definitions::validate_paths(paths);
+    if json_out {
+        let valid: Vec<Value> = defs
+            .all()
+            .map(|d| json!({"definition": d.id(), "file": d.source.display().to_string(), "steps": d.steps.len(), "groups": d.groups().len()}))
+            .collect();
+        let errs: Vec<Value> = errors
+            .iter()
+            .map(|e| match e {
+                coordinator::definition::DefinitionError::Invalid { path, line, column, reason } => {
+                    json!({"file": path.display().to_string(), "line": line, "column": column, "reason": reason})
+                }
+                coordinator::definition::DefinitionError::Io { path, reason } => {
+                    json!({"file": path.display().to_string(), "line": 0, "column": 0, "reason": reason})
+                }
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"valid": valid, "errors": errs}))?
+        );
+    } else {
+        for d in defs.all() {
+            println!(
+                "ok     {}  {}  ({} steps in {} groups)",
+                d.source.display(),
+                d.id(),
+                d.steps.len(),
+                d.groups().len()
+            );
+        }
+        for e in &errors {
+            eprintln!("error  {e}");
+        }
+        let n = defs.all().count();
+        println!("{n} definition(s) valid, {} error(s)", errors.len());
+    }
+    if !errors.is_empty() {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+/// `sagactl plan`: the execution graph and the compensation plans, as text or Mermaid.
+fn plan(files: &[std::path::PathBuf], mermaid: bool, json_out: bool) -> anyhow::Result<()> {
+    let (defs, errors) = coordinator::definition::Definitions::validate_paths(files);
+    if !errors.is_empty() {
+        for e in &errors {
+            eprintln!("error  {e}");
+        }
+        std::process::exit(1);
+    }
+    let plans: Vec<coordinator::plan::Plan> = defs.all().map(|d| coordinator::plan::Plan::of(d)).collect();
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&plans)?);
+        return Ok(());
+    }
+    for (k, p) in plans.iter().enumerate() {
+        if k > 0 {
+            println!();
+        }
+        if mermaid {
+            print!("{}", p.render_mermaid());
+        } else {
+            print!("{}", p.render_text());
+        }
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let mut client = SagaServiceClient::connect(cli.addr.clone())
-        .await
-        .with_context(|| format!("cannot reach the coordinator at {}", cli.addr))?;
+    match &cli.command {
+        Cmd::Validate { paths } => return validate(paths, cli.json),
+        Cmd::Plan { files, mermaid } => return plan(files, *mermaid, cli.json),
+        _ => {}
+    }
+    if let Cmd::Tail {
+        definition,
+        from_start,
+        limit,
+        nats_url,
+        stream,
+        security,
+    } = &cli.command
+    {
+        return tail(
+            &cli,
+            definition.as_deref(),
+            *from_start,
+            *limit,
+            nats_url,
+            stream,
+            security,
+        )
+        .await;
+    }
+    let mut client = SagaServiceClient::new(
+        channel(&cli)
+            .await
+            .with_context(|| format!("cannot reach the coordinator at {}", cli.addr))?,
+    );
     match cli.command {
         Cmd::Create {
             customer,
@@ -451,6 +757,18 @@ async fn main() -> anyhow::Result<()> {
                 .watch_saga(pb::WatchSagaRequest { saga_id })
                 .await?
                 .into_inner();
+            // A live progress bar (steps done / steps) on a terminal, history lines above it;
+            // plain lines when piped, one JSON object per update with --json.
+            let bar = indicatif::ProgressBar::hidden();
+            if !cli.json && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+            }
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{spinner} [{bar:24}] {pos}/{len} steps  {msg}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+            );
+            bar.enable_steady_tick(Duration::from_millis(120));
             let mut seen = 0;
             while let Some(saga) = stream.message().await? {
                 if cli.json {
@@ -473,15 +791,31 @@ async fn main() -> anyhow::Result<()> {
                     } else {
                         format!(": {}", h.detail)
                     };
-                    println!(
-                        "{}  {:<12} {}{step}{attempt}{detail}",
-                        ts(&h.at),
-                        state_name(h.state),
-                        h.kind
-                    );
+                    bar.suspend(|| {
+                        println!(
+                            "{}  {:<12} {}{step}{attempt}{detail}",
+                            ts(&h.at),
+                            state_name(h.state),
+                            h.kind
+                        )
+                    });
                 }
                 seen = saga.history.len();
+                let done = saga
+                    .steps
+                    .iter()
+                    .filter(|p| p.status == pb::StepStatus::Succeeded as i32)
+                    .count();
+                bar.set_length(saga.steps.len() as u64);
+                bar.set_position(done as u64);
+                let at = if saga.current_step.is_empty() {
+                    String::new()
+                } else {
+                    format!(" {}", saga.current_step)
+                };
+                bar.set_message(format!("{}{at}", state_name(saga.state)));
             }
+            bar.finish_and_clear();
         }
         Cmd::Abort {
             saga_id,
@@ -542,6 +876,9 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
         }
+        // Handled before connecting to gRPC (tail talks to NATS only; validate
+        // and plan read files).
+        Cmd::Tail { .. } | Cmd::Validate { .. } | Cmd::Plan { .. } => {}
         Cmd::Definitions => {
             let defs = client
                 .list_definitions(pb::ListDefinitionsRequest {})
