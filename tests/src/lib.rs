@@ -8,6 +8,9 @@
 //! install it.
 #![deny(unreachable_pub)]
 
+pub mod chaos;
+pub mod nats_cluster;
+pub mod pki;
 pub mod procs;
 
 use std::{
@@ -79,6 +82,7 @@ pub struct NatsServer {
     port: u16,
     dir: TempDir,
     kills: u32,
+    args: Vec<String>,
 }
 
 impl NatsServer {
@@ -87,13 +91,24 @@ impl NatsServer {
     /// # Errors
     /// Missing binary, or the server did not report its port in time.
     pub fn start() -> Result<Self> {
+        Self::start_with(&[])
+    }
+
+    /// [`NatsServer::start`] with extra command-line arguments (auth, TLS),
+    /// kept for restarts.
+    ///
+    /// # Errors
+    /// As [`NatsServer::start`].
+    pub fn start_with(args: &[&str]) -> Result<Self> {
         let dir = tempfile::tempdir()?;
-        let (child, port) = spawn_nats(dir.path(), None)?;
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let (child, port) = spawn_nats(dir.path(), None, &args)?;
         Ok(NatsServer {
             child: Some(child),
             port,
             dir,
             kills: 0,
+            args,
         })
     }
 
@@ -122,7 +137,7 @@ impl NatsServer {
     /// As [`NatsServer::start`].
     pub fn restart(&mut self) -> Result<()> {
         self.kill();
-        let (child, _) = spawn_nats(self.dir.path(), Some(self.port))?;
+        let (child, _) = spawn_nats(self.dir.path(), Some(self.port), &self.args)?;
         self.child = Some(child);
         Ok(())
     }
@@ -134,9 +149,15 @@ impl Drop for NatsServer {
     }
 }
 
-fn spawn_nats(dir: &Path, port: Option<u16>) -> Result<(Child, u16)> {
+fn spawn_nats(dir: &Path, port: Option<u16>, extra: &[String]) -> Result<(Child, u16)> {
     let bin = nats_server_bin()?;
     let ports_dir = dir.join(format!("ports-{}", port.unwrap_or(0)));
+    // A server killed with SIGKILL leaves its ports file behind: without
+    // this, a restart on the same port would read it and return before the
+    // new server listens.
+    if ports_dir.exists() {
+        std::fs::remove_dir_all(&ports_dir)?;
+    }
     std::fs::create_dir_all(&ports_dir)?;
     let port_arg = port.map(|p| p.to_string()).unwrap_or_else(|| "-1".into());
     let mut child = Command::new(&bin)
@@ -144,6 +165,7 @@ fn spawn_nats(dir: &Path, port: Option<u16>) -> Result<(Child, u16)> {
         .arg(dir.join("js"))
         .arg("--ports_file_dir")
         .arg(&ports_dir)
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -165,7 +187,8 @@ fn spawn_nats(dir: &Path, port: Option<u16>) -> Result<(Child, u16)> {
     }
 }
 
-fn read_port(dir: &Path) -> Option<u16> {
+/// The client port nats-server wrote to its ports file in `dir` (`--ports_file_dir`), once it listens.
+pub fn read_port(dir: &Path) -> Option<u16> {
     // nats-server writes one `<name>_<pid>.ports` file once it listens.
     let entry = std::fs::read_dir(dir).ok()?.flatten().next()?;
     let text = std::fs::read_to_string(entry.path()).ok()?;
@@ -181,6 +204,7 @@ pub struct RunningCoordinator {
     /// Its HTTP address (`/metrics`, `/health`, `/ready`).
     pub http_addr: SocketAddr,
     shutdown: CancellationToken,
+    reloads: tokio::sync::mpsc::Sender<coordinator::ReloadRequest>,
     task: JoinHandle<Result<(), coordinator::RunError>>,
 }
 
@@ -211,13 +235,49 @@ impl RunningCoordinator {
         tweak(&mut config);
         let http_addr = config.http_addr;
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(coordinator::run(config, listener, shutdown.clone()));
+        let (reloads, reload_rx) = tokio::sync::mpsc::channel(1);
+        let task = tokio::spawn(coordinator::run_with_reload(
+            config,
+            listener,
+            shutdown.clone(),
+            reload_rx,
+        ));
         Ok(RunningCoordinator {
             addr,
             http_addr,
             shutdown,
+            reloads,
             task,
         })
+    }
+
+    /// What SIGHUP does to the binary: re-read the definitions directory.
+    /// Returns the ids `(added, removed)`, or why the old set stays.
+    ///
+    /// # Errors
+    /// The coordinator is not running.
+    pub async fn reload(
+        &self,
+    ) -> Result<Result<(Vec<String>, Vec<String>), coordinator::definition::DefinitionError>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.reloads
+            .send(tx)
+            .await
+            .map_err(|_| anyhow!("coordinator stopped"))?;
+        Ok(rx.await?)
+    }
+
+    /// Waits until `/ready` says 200: NATS connected and the saga runner
+    /// taking requests (before that, `CreateOrder` is refused with UNAVAILABLE).
+    ///
+    /// # Errors
+    /// Not ready within 15 s.
+    pub async fn wait_ready(&self) -> Result<()> {
+        let addr = self.http_addr;
+        eventually(Duration::from_secs(15), "coordinator ready", || async move {
+            http_get(addr, "/ready").await.is_ok_and(|(code, _)| code == 200)
+        })
+        .await
     }
 
     /// A connected gRPC client (retries while the server comes up).
@@ -286,6 +346,8 @@ pub async fn connect(addr: SocketAddr) -> Result<SagaServiceClient<Channel>> {
 
 /// A running participant service (inventory or payment) in this process.
 pub struct RunningParticipant {
+    /// Its HTTP address (`/metrics`, `/health`, `/ready`), on a port of its own.
+    pub http_addr: SocketAddr,
     shutdown: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
 }
@@ -301,16 +363,59 @@ impl RunningParticipant {
     }
 }
 
-/// Starts the inventory service with `stock` (`SKU=N` entries).
-pub fn start_inventory(nats_url: &str, data_dir: &Path, stock: &[(&str, u64)]) -> RunningParticipant {
+/// A loopback HTTP listener on a free port, so that participants in the
+/// same process (or beside another test's) never collide on the defaults.
+async fn http_listener() -> Result<(tokio::net::TcpListener, SocketAddr)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    Ok((listener, addr))
+}
+
+/// Starts the inventory service with `stock` (`SKU=N` entries), its HTTP
+/// surface on a free loopback port.
+///
+/// # Errors
+/// The HTTP port cannot be bound.
+pub async fn start_inventory(
+    nats_url: &str,
+    data_dir: &Path,
+    stock: &[(&str, u64)],
+) -> Result<RunningParticipant> {
     let config = participants::inventory::InventoryConfig::for_tests(
         nats_url,
         data_dir,
         stock.iter().map(|(s, n)| ((*s).to_string(), *n)).collect(),
     );
+    let (http, http_addr) = http_listener().await?;
     let shutdown = CancellationToken::new();
-    let task = tokio::spawn(participants::inventory::run(config, shutdown.clone()));
-    RunningParticipant { shutdown, task }
+    let task = tokio::spawn(participants::inventory::run(config, http, shutdown.clone()));
+    Ok(RunningParticipant {
+        http_addr,
+        shutdown,
+        task,
+    })
+}
+
+/// Starts the shipping service; `unreachable` customers are refused
+/// (`address_unreachable`).
+///
+/// # Errors
+/// The HTTP port cannot be bound.
+pub async fn start_shipping(
+    nats_url: &str,
+    data_dir: &Path,
+    unreachable: &[&str],
+) -> Result<RunningParticipant> {
+    let mut config = participants::shipping::ShippingConfig::for_tests(nats_url, data_dir);
+    config.unreachable_customers = unreachable.iter().map(|c| c.to_string()).collect();
+    let (http, http_addr) = http_listener().await?;
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(participants::shipping::run(config, http, shutdown.clone()));
+    Ok(RunningParticipant {
+        http_addr,
+        shutdown,
+        task,
+    })
 }
 
 /// Payment settings for a test.
@@ -334,8 +439,15 @@ impl Default for PaymentSettings {
     }
 }
 
-/// Starts the payment service.
-pub fn start_payment(nats_url: &str, data_dir: &Path, s: &PaymentSettings) -> RunningParticipant {
+/// Starts the payment service, its HTTP surface on a free loopback port.
+///
+/// # Errors
+/// The HTTP port cannot be bound.
+pub async fn start_payment(
+    nats_url: &str,
+    data_dir: &Path,
+    s: &PaymentSettings,
+) -> Result<RunningParticipant> {
     let config = participants::payment::PaymentConfig::for_tests(
         nats_url,
         data_dir,
@@ -343,9 +455,14 @@ pub fn start_payment(nats_url: &str, data_dir: &Path, s: &PaymentSettings) -> Ru
         s.gateway_latency,
         s.gateway_failure_rate,
     );
+    let (http, http_addr) = http_listener().await?;
     let shutdown = CancellationToken::new();
-    let task = tokio::spawn(participants::payment::run(config, shutdown.clone()));
-    RunningParticipant { shutdown, task }
+    let task = tokio::spawn(participants::payment::run(config, http, shutdown.clone()));
+    Ok(RunningParticipant {
+        http_addr,
+        shutdown,
+        task,
+    })
 }
 
 /// Asks a participant for its figures (`saga.admin.<participant>.stats`).
@@ -668,18 +785,19 @@ impl System {
     }
 
     pub async fn start_inventory(&mut self) -> Result<()> {
-        self.inventory = Some(start_inventory(&self.nats.url(), &self.path("inventory"), STOCK));
+        self.inventory = Some(start_inventory(&self.nats.url(), &self.path("inventory"), STOCK).await?);
         wait_participant(&self.client, "inventory").await
     }
 
     pub async fn start_payment(&mut self, settings: &PaymentSettings) -> Result<()> {
-        self.payment = Some(start_payment(&self.nats.url(), &self.path("payment"), settings));
+        self.payment = Some(start_payment(&self.nats.url(), &self.path("payment"), settings).await?);
         wait_participant(&self.client, "payment").await
     }
 
     pub async fn start_coordinator(&mut self) -> Result<()> {
         let c =
             RunningCoordinator::start(&self.nats.url(), &self.path("coordinator"), &self.definitions).await?;
+        c.wait_ready().await?;
         self.coordinator = Some(c);
         Ok(())
     }
@@ -715,4 +833,47 @@ impl System {
         }
         Ok(())
     }
+}
+
+/// Every message in the saga events stream now: `(subject, event)` in stream
+/// order (the domain-alias copies included, under their own subjects).
+///
+/// # Errors
+/// The stream is missing, or a message is not a saga event.
+pub async fn stream_events(
+    client: &async_nats::Client,
+    stream: &str,
+) -> Result<Vec<(String, saga_proto::wire::SagaEvent)>> {
+    use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
+    use futures::StreamExt;
+    let js = async_nats::jetstream::new(client.clone());
+    let mut s = js.get_stream(stream).await?;
+    let last = s.info().await?.state.last_sequence;
+    let mut out = Vec::new();
+    if last == 0 {
+        return Ok(out);
+    }
+    let consumer = s
+        .create_consumer(OrderedConfig {
+            deliver_policy: DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await?;
+    let mut messages = consumer.messages().await?;
+    loop {
+        let next = tokio::time::timeout(Duration::from_secs(10), messages.next())
+            .await
+            .context("events stream stalled")?;
+        let Some(message) = next else { break };
+        let message = message.map_err(|e| anyhow!("{e}"))?;
+        let seq = message.info().map_err(|e| anyhow!("{e}"))?.stream_sequence;
+        out.push((
+            message.subject.to_string(),
+            serde_json::from_slice(&message.payload).context("event payload")?,
+        ));
+        if seq >= last {
+            break;
+        }
+    }
+    Ok(out)
 }

@@ -60,6 +60,11 @@ impl Proc {
 
     /// Starts it (its output appended to its log file).
     ///
+    /// The participants' HTTP ports default to a free one (port 0, through
+    /// their `*_HTTP_ADDR` variables), so several clusters, or a local
+    /// deployment, on one machine never collide on 9465/9466; an explicit
+    /// `--http-addr` in the arguments wins.
+    ///
     /// # Errors
     /// Spawn failure.
     pub fn start(&mut self) -> Result<()> {
@@ -71,6 +76,8 @@ impl Proc {
                 "RUST_LOG",
                 std::env::var("CHAOS_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .env("INVENTORY_HTTP_ADDR", "127.0.0.1:0")
+            .env("PAYMENT_HTTP_ADDR", "127.0.0.1:0")
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)

@@ -40,6 +40,7 @@ async fn start_coordinator(s: &mut System) -> Result<()> {
         },
     )
     .await?;
+    c.wait_ready().await?;
     s.coordinator = Some(c);
     Ok(())
 }
@@ -287,6 +288,7 @@ async fn an_open_breaker_holds_commands_back_instead_of_hammering() -> Result<()
         },
     )
     .await?;
+    c.wait_ready().await?;
     s.coordinator = Some(c);
     let mut g = s.grpc().await?;
     let req = pb::CreateOrderRequest {

@@ -151,8 +151,21 @@ async fn a_coordinator_started_before_nats_serves_reads_and_becomes_ready() -> R
         .list_definitions(saga_proto::pb::ListDefinitionsRequest {})
         .await?
         .into_inner();
-    assert_eq!(defs.definitions.len(), 1, "reads work before NATS is reachable");
+    assert_eq!(defs.definitions.len(), 2, "reads work before NATS is reachable");
+    // Writes are refused at once (not queued until NATS comes), so clients retry.
+    let refused = tokio::time::timeout(
+        Duration::from_secs(5),
+        g.create_order(order("c-1", &[("A-1", 1)], 100)),
+    )
+    .await?
+    .expect_err("no NATS yet");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
     nats.restart()?;
     wait_health(&health, Serving).await?;
+    let created = g
+        .create_order(order("c-1", &[("A-1", 1)], 100))
+        .await?
+        .into_inner();
+    assert!(created.created);
     c.stop().await
 }

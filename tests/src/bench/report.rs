@@ -1,0 +1,717 @@
+//! The report: tables on stdout (comfy-table) and the same figures as JSON,
+//! with the engine's figures as ratios to the floors and the issue's
+//! targets checked where a scenario measured them.
+
+use std::time::Duration;
+
+use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
+use serde_json::{json, Value};
+
+use super::{
+    cli::{Args, Setup, Store},
+    drive::{max_ms, ms, Tally},
+    floors::{NatsFloor, SledFloor},
+    scenarios::{ProcFigures, RecoveryReport, RunReport, SoakReport, StoredReport, Sweep},
+};
+
+/// Everything one invocation measured.
+pub(crate) struct Report {
+    pub(crate) seed: u64,
+    pub(crate) clock_ticks: f64,
+    pub(crate) nats: Option<NatsFloor>,
+    pub(crate) sled: Option<SledFloor>,
+    /// The configuration of `runs` and the other scenarios (none with --target).
+    pub(crate) setup: Option<Setup>,
+    /// The sweep of `setup`.
+    pub(crate) runs: Vec<RunReport>,
+    /// With several configurations (--compare-stores, --smoke): each one's
+    /// sweep, the first being `runs`.
+    pub(crate) stores: Vec<Sweep>,
+    pub(crate) recovery: Option<RecoveryReport>,
+    pub(crate) soak: Option<SoakReport>,
+    pub(crate) stored: Option<StoredReport>,
+    /// Scenarios that failed, mismatches, dead processes.
+    pub(crate) failures: Vec<String>,
+    pub(crate) total: Duration,
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED);
+    t.set_header(header.iter().map(|h| (*h).to_string()).collect::<Vec<_>>());
+    t
+}
+
+fn outcomes(t: &Tally) -> String {
+    let mut parts: Vec<String> = t.states.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    if t.errors > 0 {
+        parts.push(format!("errors {}", t.errors));
+    }
+    parts.join(", ")
+}
+
+/// CPU seconds of the processes whose name starts with `prefix` (all the
+/// coordinators, all the NATS nodes), when there are any.
+fn cpu_of(r: &RunReport, prefix: &str) -> Option<f64> {
+    let mut found = r.procs.iter().filter(|p| p.name.starts_with(prefix)).peekable();
+    found.peek()?;
+    Some(found.map(|p| p.cpu_s).sum())
+}
+
+/// CPU seconds per saga of a run, in µs.
+fn per_saga_us(r: &RunReport, cpu_s: f64) -> f64 {
+    cpu_s * 1e6 / (r.tally.placed.max(1) as f64)
+}
+
+fn not_found_note(t: &Tally) -> String {
+    format!(
+        "{} of {} sagas were NOT_FOUND by WatchSaga/GetSaga right after CreateOrder acknowledged \
+         them (a stale read; read again, they reached their expected state)",
+        t.not_found, t.placed
+    )
+}
+
+fn opt(v: Option<f64>, digits: usize) -> String {
+    v.map(|v| format!("{v:.digits$}")).unwrap_or_else(|| "n/a".into())
+}
+
+/// A target of issue 4 and whether this run met it.
+struct Target {
+    what: String,
+    measured: String,
+    met: bool,
+}
+
+impl Report {
+    /// The engine's figures over the floors, per run.
+    fn ratios(&self, r: &RunReport) -> Value {
+        let p50_us = ms(&r.tally.latency, 0.5) * 1000.0;
+        let nats_rps = self.nats.as_ref().and_then(|n| n.at(r.concurrency));
+        let flushes_per_s = r.flushes.map(|f| f / r.elapsed.as_secs_f64().max(1e-9));
+        let per_saga = |cpu_s: f64| per_saga_us(r, cpu_s);
+        // Every coordinator of the run.
+        let coordinator_cpu = cpu_of(r, "coordinator");
+        let engine_cpu: f64 = r
+            .procs
+            .iter()
+            .filter(|p| p.name != "saga-bench")
+            .map(|p| p.cpu_s)
+            .sum();
+        json!({
+            "coordinator_cpu_us_per_saga": coordinator_cpu.map(per_saga),
+            // nats-server, coordinator and participants together.
+            "system_cpu_us_per_saga": (!r.procs.is_empty()).then(|| per_saga(engine_cpu)),
+            "p50_over_nats_rtt": self.nats.as_ref().map(|n| p50_us / n.rtt_p50_us.max(1.0)),
+            "sagas_per_s_over_nats_req_per_s": nats_rps.map(|n| r.sagas_per_s() / n),
+            "sagas_per_s_over_sled_flushed_writes_per_s":
+                self.sled.as_ref().map(|s| r.sagas_per_s() / s.per_write_per_s),
+            "sagas_per_flush": r.sagas_per_flush(),
+            "flushes_per_s": flushes_per_s,
+            // Share of the run's wall time the flushes would take at the floor's flush cost.
+            "flush_time_share": flushes_per_s
+                .zip(self.sled.as_ref())
+                .map(|(f, s)| f * s.flush_p50_us / 1e6),
+        })
+    }
+
+    fn targets(&self) -> Vec<Target> {
+        let mut t = Vec::new();
+        let run = |c: usize| self.runs.iter().find(|r| r.concurrency == c);
+        if let Some(r) = run(256) {
+            t.push(Target {
+                what: "≥ 5,000 completed sagas/s at C=256".into(),
+                measured: format!("{:.0}/s", r.completed_per_s()),
+                met: r.completed_per_s() >= 5000.0,
+            });
+        }
+        if let Some(r) = run(64) {
+            t.push(Target {
+                what: "≥ 2,000 completed sagas/s at C=64".into(),
+                measured: format!("{:.0}/s", r.completed_per_s()),
+                met: r.completed_per_s() >= 2000.0,
+            });
+            t.push(Target {
+                what: "p99 ≤ 25 ms at C=64".into(),
+                measured: format!("{:.2} ms", ms(&r.tally.latency, 0.99)),
+                met: ms(&r.tally.latency, 0.99) <= 25.0,
+            });
+        }
+        if let Some(r) = run(1) {
+            t.push(Target {
+                what: "p50 ≤ 2 ms at C=1".into(),
+                measured: format!("{:.2} ms", ms(&r.tally.latency, 0.5)),
+                met: ms(&r.tally.latency, 0.5) <= 2.0,
+            });
+        }
+        if let Some(r) = &self.recovery {
+            t.push(Target {
+                what: format!(
+                    "restart with {} in flight: all terminal ≤ 5 s (target: 10,000)",
+                    r.k
+                ),
+                measured: format!("{:.2} s", r.to_all_terminal.as_secs_f64()),
+                met: r.to_all_terminal <= Duration::from_secs(5),
+            });
+            // Only a large K says something per saga: at 1,000 the runtime's and
+            // sled's fixed start-up growth dominates.
+            if let Some(b) = r.rss_bytes_per_saga().filter(|_| r.k >= 10_000) {
+                t.push(Target {
+                    what: format!(
+                        "{} in flight: coordinator RSS growth ≤ 1 KiB per saga (target: 100,000)",
+                        r.k
+                    ),
+                    measured: format!("{b:.0} B"),
+                    met: b <= 1024.0,
+                });
+            }
+        }
+        if let Some(s) = &self.stored {
+            t.push(Target {
+                what: format!("{} stored: GetSaga p99 ≤ 1 ms (target: 1,000,000)", s.n),
+                measured: format!("{:.3} ms", ms(&s.get, 0.99)),
+                met: ms(&s.get, 0.99) <= 1.0,
+            });
+            t.push(Target {
+                what: format!("{} stored: ListSagas page ≤ 5 ms (p99)", s.n),
+                measured: format!("{:.3} ms", ms(&s.list, 0.99)),
+                met: ms(&s.list, 0.99) <= 5.0,
+            });
+        }
+        t
+    }
+
+    /// The table comparing the configurations' sweeps, row by row.
+    fn print_comparison(&self) {
+        let Some(first) = self.stores.first() else {
+            return;
+        };
+        println!("\nStores compared (same order mix and concurrency; NATS cores: all its nodes)");
+        let base = format!("÷ {}", first.setup.slug());
+        let mut t = table(&[
+            "configuration",
+            "C",
+            "sagas",
+            "sagas/s",
+            &base,
+            "p50 ms",
+            "p99 ms",
+            "ack p50 ms",
+            "coordinator CPU µs/saga",
+            "system CPU µs/saga",
+            "coordinator cores",
+            "NATS cores",
+            "create retries",
+            "NOT_FOUND after create",
+            "mismatch",
+        ]);
+        for sweep in &self.stores {
+            for r in &sweep.runs {
+                let l = &r.tally.latency;
+                let cores = |prefix: &str| cpu_of(r, prefix).map(|c| c / r.elapsed.as_secs_f64().max(1e-9));
+                let x = self.ratios(r);
+                let relative = first
+                    .runs
+                    .iter()
+                    .find(|b| b.concurrency == r.concurrency)
+                    .map(|b| r.sagas_per_s() / b.sagas_per_s().max(1e-9));
+                t.add_row(vec![
+                    sweep.setup.label(),
+                    r.concurrency.to_string(),
+                    r.tally.placed.to_string(),
+                    format!("{:.0}", r.sagas_per_s()),
+                    format!("{}×", opt(relative, 2)),
+                    format!("{:.2}", ms(l, 0.5)),
+                    format!("{:.2}", ms(l, 0.99)),
+                    format!("{:.2}", ms(&r.tally.acked, 0.5)),
+                    opt(x["coordinator_cpu_us_per_saga"].as_f64(), 0),
+                    opt(x["system_cpu_us_per_saga"].as_f64(), 0),
+                    opt(cores("coordinator"), 2),
+                    opt(cores("nats"), 2),
+                    r.tally.retries.to_string(),
+                    r.tally.not_found.to_string(),
+                    r.tally.mismatches.to_string(),
+                ]);
+            }
+            if let Some(e) = &sweep.error {
+                t.add_row(vec![sweep.setup.label(), "—".into(), format!("FAILED: {e}")]);
+            }
+        }
+        println!("{t}");
+    }
+
+    /// One run of a sweep, as JSON.
+    fn run_json(&self, r: &RunReport) -> Value {
+        json!({
+            "concurrency": r.concurrency,
+            "connections": r.connections,
+            "orders": r.tally.placed,
+            "seconds": r.elapsed.as_secs_f64(),
+            "sagas_per_s": r.sagas_per_s(),
+            "completed_per_s": r.completed_per_s(),
+            "latency_ms": latency(&r.tally.latency),
+            "create_ack_ms": latency(&r.tally.acked),
+            "outcomes": r.tally.states,
+            "mismatches": r.tally.mismatches,
+            "errors": r.tally.errors,
+            "watch_fallbacks": r.tally.fallbacks,
+            "create_retries": r.tally.retries,
+            "not_found_after_create": r.tally.not_found,
+            "examples": r.tally.examples,
+            "flushes": r.flushes,
+            "processes": procs(&r.procs),
+            "ratios": self.ratios(r),
+        })
+    }
+
+    /// Prints every table on stdout.
+    pub(crate) fn print(&self) {
+        if self.nats.is_some() || self.sled.is_some() {
+            println!("\nFloors (this machine, this run)");
+            let mut t = table(&["floor", "figure"]);
+            if let Some(n) = &self.nats {
+                t.add_row(vec![
+                    "NATS request-reply, sequential round trip p50 / p99".to_string(),
+                    format!("{:.0} µs / {:.0} µs", n.rtt_p50_us, n.rtt_p99_us),
+                ]);
+                for (c, rps) in &n.throughput {
+                    t.add_row(vec![
+                        format!("NATS request-reply, {c} in flight"),
+                        format!("{rps:.0} req/s"),
+                    ]);
+                }
+            }
+            if let Some(s) = &self.sled {
+                t.add_row(vec![
+                    "sled insert + flush, per write (p50)".to_string(),
+                    format!("{:.0} µs ({:.0} writes/s)", s.flush_p50_us, s.per_write_per_s),
+                ]);
+                t.add_row(vec![
+                    "sled 100 inserts per flush".to_string(),
+                    format!("{:.0} writes/s", s.batched_per_s),
+                ]);
+            }
+            println!("{t}");
+        }
+        if !self.runs.is_empty() {
+            println!(
+                "\nConcurrency sweep{} (end to end: CreateOrder sent → terminal state seen)",
+                self.setup
+                    .map(|s| format!(" on {}", s.label()))
+                    .unwrap_or_default()
+            );
+            let mut t = table(&[
+                "C",
+                "sagas",
+                "s",
+                "sagas/s",
+                "completed/s",
+                "p50 ms",
+                "p90 ms",
+                "p99 ms",
+                "max ms",
+                "ack p50 ms",
+                "outcomes",
+                "mismatch",
+            ]);
+            for r in &self.runs {
+                let l = &r.tally.latency;
+                t.add_row(vec![
+                    r.concurrency.to_string(),
+                    r.tally.placed.to_string(),
+                    format!("{:.1}", r.elapsed.as_secs_f64()),
+                    format!("{:.0}", r.sagas_per_s()),
+                    format!("{:.0}", r.completed_per_s()),
+                    format!("{:.2}", ms(l, 0.5)),
+                    format!("{:.2}", ms(l, 0.9)),
+                    format!("{:.2}", ms(l, 0.99)),
+                    format!("{:.1}", max_ms(l)),
+                    format!("{:.2}", ms(&r.tally.acked, 0.5)),
+                    outcomes(&r.tally),
+                    r.tally.mismatches.to_string(),
+                ]);
+            }
+            println!("{t}");
+
+            println!("\nCPU seconds (cores busy) and peak RSS per process, per run");
+            let names: Vec<&str> = self.runs[0].procs.iter().map(|p| p.name.as_str()).collect();
+            let mut header = vec!["C"];
+            header.extend(names.iter().copied());
+            let mut t = table(&header);
+            for r in &self.runs {
+                let mut row = vec![r.concurrency.to_string()];
+                for p in &r.procs {
+                    row.push(proc_cell(p));
+                }
+                t.add_row(row);
+            }
+            println!("{t}");
+
+            println!("\nRatios to the floors");
+            let mut t = table(&[
+                "C",
+                "p50 ÷ NATS RTT",
+                "sagas/s ÷ NATS req/s (same C)",
+                "sagas/s ÷ sled flushed writes/s",
+                "flushes/s",
+                "sagas per flush",
+                "flush time share",
+                "coordinator CPU µs/saga",
+                "system CPU µs/saga",
+            ]);
+            for r in &self.runs {
+                let x = self.ratios(r);
+                let f = |k: &str, d: usize| opt(x[k].as_f64(), d);
+                t.add_row(vec![
+                    r.concurrency.to_string(),
+                    format!("{}×", f("p50_over_nats_rtt", 1)),
+                    f("sagas_per_s_over_nats_req_per_s", 3),
+                    f("sagas_per_s_over_sled_flushed_writes_per_s", 2),
+                    f("flushes_per_s", 0),
+                    f("sagas_per_flush", 2),
+                    f("flush_time_share", 2),
+                    f("coordinator_cpu_us_per_saga", 0),
+                    f("system_cpu_us_per_saga", 0),
+                ]);
+            }
+            println!("{t}");
+        }
+        if self.stores.len() > 1 {
+            self.print_comparison();
+        }
+        if let Some(r) = &self.recovery {
+            println!(
+                "\nRecovery ({} sagas in flight, coordinator stopped with {:?})",
+                r.k, r.signal
+            );
+            let mut t = table(&["figure", "value"]);
+            t.add_row(vec![
+                "orders placed in".to_string(),
+                format!("{:.2?}", r.placed_in),
+            ]);
+            t.add_row(vec![
+                "in flight at the stop".to_string(),
+                r.in_flight_at_stop.to_string(),
+            ]);
+            if let (Some(idle), Some(loaded), Some(b)) =
+                (r.rss_idle_kib, r.rss_in_flight_kib, r.rss_bytes_per_saga())
+            {
+                t.add_row(vec![
+                    "coordinator RSS idle → all in flight".to_string(),
+                    format!("{} → {} MiB ({b:.0} B per saga)", idle / 1024, loaded / 1024),
+                ]);
+            }
+            t.add_row(vec!["stop took".to_string(), format!("{:.2?}", r.stop_took)]);
+            t.add_row(vec![
+                "restart → gRPC answers".to_string(),
+                format!("{:.2?}", r.to_grpc),
+            ]);
+            t.add_row(vec![
+                "restart → all terminal".to_string(),
+                format!("{:.2?}", r.to_all_terminal),
+            ]);
+            t.add_row(vec![
+                "COMPLETED after restart".to_string(),
+                r.completed.to_string(),
+            ]);
+            t.add_row(vec![
+                "coordinator CPU s / peak RSS (since restart)".to_string(),
+                format!(
+                    "{} s / {} MiB",
+                    opt(r.coordinator_cpu_s, 2),
+                    opt(r.coordinator_peak_rss_kib.map(mib), 1)
+                ),
+            ]);
+            println!("{t}");
+        }
+        if let Some(s) = &self.soak {
+            println!("\nSoak ({:.0} orders/s for {:?})", s.rate, s.duration);
+            let mut t = table(&["figure", "value"]);
+            t.add_row(vec![
+                "sagas / achieved rate".to_string(),
+                format!(
+                    "{} / {:.0}/s",
+                    s.tally.placed,
+                    s.tally.placed as f64 / s.duration.as_secs_f64().max(1e-9)
+                ),
+            ]);
+            t.add_row(vec![
+                "latency p50 / p99 / max".to_string(),
+                format!(
+                    "{:.2} / {:.2} / {:.1} ms",
+                    ms(&s.tally.latency, 0.5),
+                    ms(&s.tally.latency, 0.99),
+                    max_ms(&s.tally.latency)
+                ),
+            ]);
+            t.add_row(vec!["outcomes".to_string(), outcomes(&s.tally)]);
+            t.add_row(vec![
+                "coordinator RSS start / end / max".to_string(),
+                format!(
+                    "{} / {} / {} MiB ({} samples)",
+                    opt(s.rss_start().map(mib), 1),
+                    opt(s.rss_end().map(mib), 1),
+                    opt(s.rss_max().map(mib), 1),
+                    s.rss.len()
+                ),
+            ]);
+            for p in &s.procs {
+                t.add_row(vec![p.name.to_string(), proc_cell(p)]);
+            }
+            println!("{t}");
+        }
+        if let Some(s) = &self.stored {
+            println!("\nStored ({} sagas)", s.n);
+            let mut t = table(&["figure", "value"]);
+            t.add_row(vec![
+                "fill".to_string(),
+                format!(
+                    "{:.1?} ({:.0} sagas/s)",
+                    s.fill_time,
+                    s.n as f64 / s.fill_time.as_secs_f64().max(1e-9)
+                ),
+            ]);
+            t.add_row(vec![
+                "GetSaga p50 / p99 / max (random ids)".to_string(),
+                format!(
+                    "{:.3} / {:.3} / {:.3} ms",
+                    ms(&s.get, 0.5),
+                    ms(&s.get, 0.99),
+                    max_ms(&s.get)
+                ),
+            ]);
+            t.add_row(vec![
+                format!("ListSagas COMPLETED, pages of {}: p50 / p99 / max", s.page_size),
+                format!(
+                    "{:.3} / {:.3} / {:.3} ms ({} pages)",
+                    ms(&s.list, 0.5),
+                    ms(&s.list, 0.99),
+                    max_ms(&s.list),
+                    s.list.len()
+                ),
+            ]);
+            t.add_row(vec![
+                "coordinator RSS / store on disk".to_string(),
+                format!(
+                    "{} MiB / {} MiB",
+                    opt(s.coordinator_rss_kib.map(mib), 1),
+                    opt(s.store_bytes.map(|b| b as f64 / 1048576.0), 1)
+                ),
+            ]);
+            println!("{t}");
+        }
+        let targets = self.targets();
+        if !targets.is_empty() {
+            println!("\nTargets of issue 4");
+            let mut t = table(&["target", "measured", "met"]);
+            for x in targets {
+                t.add_row(vec![
+                    x.what,
+                    x.measured,
+                    if x.met { "yes" } else { "no" }.to_string(),
+                ]);
+            }
+            println!("{t}");
+        }
+        for n in self.stale_read_notes() {
+            println!("NOTE: {n}");
+        }
+        for f in &self.failures {
+            println!("FAILED: {f}");
+        }
+        println!(
+            "\nseed {} · {} in total · {}",
+            self.seed,
+            humantime::format_duration(Duration::from_secs(self.total.as_secs())),
+            if self.ok() {
+                "all sagas reached their expected state"
+            } else {
+                "FAILURES (see above)"
+            }
+        );
+    }
+
+    /// Runs in which sagas were NOT_FOUND right after CreateOrder: not a
+    /// failure (they were read again and reached their expected state) but
+    /// a read-after-write gap a client sees.
+    fn stale_read_notes(&self) -> Vec<String> {
+        let sweeps: Vec<(String, &RunReport)> = if self.stores.is_empty() {
+            self.runs.iter().map(|r| (String::new(), r)).collect()
+        } else {
+            self.stores
+                .iter()
+                .flat_map(|w| w.runs.iter().map(|r| (format!(" ({})", w.setup.label()), r)))
+                .collect()
+        };
+        let mut notes: Vec<String> = sweeps
+            .into_iter()
+            .filter(|(_, r)| r.tally.not_found > 0)
+            .map(|(on, r)| format!("C={}{on}: {}", r.concurrency, not_found_note(&r.tally)))
+            .collect();
+        if let Some(s) = self.soak.as_ref().filter(|s| s.tally.not_found > 0) {
+            notes.push(format!("soak: {}", not_found_note(&s.tally)));
+        }
+        notes
+    }
+
+    /// Whether every saga reached its expected state and no scenario failed.
+    pub(crate) fn ok(&self) -> bool {
+        self.failures.is_empty()
+    }
+
+    /// The JSON report.
+    pub(crate) fn json(&self, args: &Args) -> Value {
+        let runs: Vec<Value> = self.runs.iter().map(|r| self.run_json(r)).collect();
+        let stores: Vec<Value> = self
+            .stores
+            .iter()
+            .map(|w| {
+                json!({
+                    "label": w.setup.label(),
+                    "setup": setup_json(&w.setup),
+                    "runs": w.runs.iter().map(|r| self.run_json(r)).collect::<Vec<_>>(),
+                    "error": w.error,
+                })
+            })
+            .collect();
+        json!({
+            "version": 1,
+            "seed": self.seed,
+            "total_seconds": self.total.as_secs_f64(),
+            "machine": {
+                "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+                "clock_ticks": self.clock_ticks,
+            },
+            "config": {
+                "target": args.target.map(|t| t.to_string()),
+                "orders": args.orders,
+                "concurrency": args.concurrency,
+                "max_run_seconds": args.max_run_time.as_secs_f64(),
+                "warmup": args.warmup,
+                "declined_share": args.declined_share,
+                "out_of_stock_share": args.out_of_stock_share,
+                "gateway_latency_ms": args.gateway_latency.as_secs_f64() * 1000.0,
+                "customer_limit_cents": args.customer_limit_cents,
+                "follow": format!("{:?}", args.follow).to_lowercase(),
+                "coordinator_args": args.coordinator_arg,
+                "setup": self.setup.as_ref().map(setup_json),
+                "compare_stores": args.compare_stores,
+                "smoke": args.smoke,
+            },
+            "floors": {
+                "nats": self.nats.as_ref().map(|n| json!({
+                    "rtt_p50_us": n.rtt_p50_us,
+                    "rtt_p99_us": n.rtt_p99_us,
+                    "throughput": n.throughput.iter()
+                        .map(|(c, r)| json!({"concurrency": c, "req_per_s": r}))
+                        .collect::<Vec<_>>(),
+                })),
+                "sled": self.sled.as_ref().map(|s| json!({
+                    "flush_p50_us": s.flush_p50_us,
+                    "per_write_per_s": s.per_write_per_s,
+                    "batched_100_per_s": s.batched_per_s,
+                })),
+            },
+            "runs": runs,
+            "stores": stores,
+            "recovery": self.recovery.as_ref().map(|r| json!({
+                "k": r.k,
+                "signal": format!("{:?}", r.signal).to_lowercase(),
+                "in_flight_at_stop": r.in_flight_at_stop,
+                "placed_s": r.placed_in.as_secs_f64(),
+                "stop_s": r.stop_took.as_secs_f64(),
+                "restart_to_grpc_s": r.to_grpc.as_secs_f64(),
+                "restart_to_all_terminal_s": r.to_all_terminal.as_secs_f64(),
+                "completed": r.completed,
+                "coordinator_cpu_s": r.coordinator_cpu_s,
+                "coordinator_peak_rss_kib": r.coordinator_peak_rss_kib,
+                "coordinator_rss_idle_kib": r.rss_idle_kib,
+                "coordinator_rss_in_flight_kib": r.rss_in_flight_kib,
+                "coordinator_rss_bytes_per_saga_in_flight": r.rss_bytes_per_saga(),
+            })),
+            "soak": self.soak.as_ref().map(|s| json!({
+                "seconds": s.duration.as_secs_f64(),
+                "rate": s.rate,
+                "seconds_until_all_terminal": s.elapsed.as_secs_f64(),
+                "orders": s.tally.placed,
+                "achieved_rate": s.tally.placed as f64 / s.duration.as_secs_f64().max(1e-9),
+                "latency_ms": latency(&s.tally.latency),
+                "outcomes": s.tally.states,
+                "mismatches": s.tally.mismatches,
+                "not_found_after_create": s.tally.not_found,
+                "coordinator_rss_kib": {
+                    "start": s.rss_start(), "end": s.rss_end(), "max": s.rss_max(),
+                    "samples": s.rss.iter().map(|(t, k)| json!([t, k])).collect::<Vec<_>>(),
+                },
+                "processes": procs(&s.procs),
+            })),
+            "stored": self.stored.as_ref().map(|s| json!({
+                "n": s.n,
+                "fill_s": s.fill_time.as_secs_f64(),
+                "fill_per_s": s.n as f64 / s.fill_time.as_secs_f64().max(1e-9),
+                "fill_outcomes": s.fill.states,
+                "fill_latency_ms": latency(&s.fill.latency),
+                "get_saga_ms": latency(&s.get),
+                "list_sagas_page_ms": latency(&s.list),
+                "page_size": s.page_size,
+                "coordinator_rss_kib": s.coordinator_rss_kib,
+                "store_bytes": s.store_bytes,
+            })),
+            "targets": self.targets().into_iter()
+                .map(|t| json!({"target": t.what, "measured": t.measured, "met": t.met}))
+                .collect::<Vec<_>>(),
+            "failures": self.failures,
+            "ok": self.ok(),
+        })
+    }
+}
+
+fn proc_cell(p: &ProcFigures) -> String {
+    format!(
+        "{:.1} s ({:.2}) · {:.0} MiB",
+        p.cpu_s,
+        p.cores,
+        mib(p.peak_rss_kib)
+    )
+}
+
+fn setup_json(s: &Setup) -> Value {
+    let jetstream = s.store == Store::Jetstream;
+    json!({
+        "store": s.store.name(),
+        "nats_nodes": s.nats_nodes,
+        "coordinators": s.coordinators,
+        "replicas": s.replicas(),
+        "partitions": jetstream.then_some(s.partitions),
+        "lease_ttl_ms": jetstream.then_some(s.lease_ttl.as_millis() as u64),
+    })
+}
+
+fn latency(h: &hdrhistogram::Histogram<u64>) -> Value {
+    json!({
+        "p50": ms(h, 0.5),
+        "p90": ms(h, 0.9),
+        "p99": ms(h, 0.99),
+        "max": max_ms(h),
+        "count": h.len(),
+    })
+}
+
+fn procs(p: &[ProcFigures]) -> Value {
+    let mut m = serde_json::Map::new();
+    for x in p {
+        m.insert(
+            x.name.to_string(),
+            json!({
+                "cpu_s": x.cpu_s,
+                "cores": x.cores,
+                "peak_rss_kib": x.peak_rss_kib,
+                "rss_kib": x.rss_kib,
+            }),
+        );
+    }
+    Value::Object(m)
+}

@@ -1,0 +1,802 @@
+//! The processes under test: nats-server, inventory, payment and coordinator
+//! as separate OS processes on loopback (logs to files in the data dir),
+//! their CPU seconds and memory read from `/proc`, and the coordinator's
+//! `/metrics` scraped over plain HTTP/1.1.
+//!
+//! Nothing here measures latency: that is `drive`'s job.
+
+use std::{
+    fs::OpenOptions,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use saga_proto::pb;
+
+use super::cli::{Setup, Store};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A free loopback port (bound and released).
+///
+/// # Errors
+/// No port can be bound.
+pub(crate) fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// One service process that can be stopped and started again with the same arguments.
+pub(crate) struct Service {
+    pub(crate) name: String,
+    program: PathBuf,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Service {
+    pub(crate) fn new(
+        name: impl Into<String>,
+        program: PathBuf,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+        log: PathBuf,
+    ) -> Self {
+        Service {
+            name: name.into(),
+            program,
+            args,
+            env,
+            log,
+            child: None,
+        }
+    }
+
+    /// Starts it, output appended to its log file.
+    ///
+    /// # Errors
+    /// Spawn failure.
+    pub(crate) fn start(&mut self) -> Result<()> {
+        let out = OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let err = out.try_clone()?;
+        let child = Command::new(&self.program)
+            .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("spawning {}", self.program.display()))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Replaces the value that follows `flag` in its arguments (for the next start).
+    pub(crate) fn set_arg(&mut self, flag: &str, value: &str) {
+        if let Some(i) = self.args.iter().position(|a| a == flag) {
+            if let Some(v) = self.args.get_mut(i + 1) {
+                *v = value.to_string();
+                return;
+            }
+        }
+        self.args.push(flag.to_string());
+        self.args.push(value.to_string());
+    }
+
+    /// Its pid while it runs.
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL, then reap.
+    pub(crate) fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`; how long it took to exit.
+    pub(crate) fn terminate(&mut self, grace: Duration) -> Duration {
+        let start = Instant::now();
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+            while start.elapsed() < grace {
+                if matches!(c.try_wait(), Ok(Some(_))) {
+                    return start.elapsed();
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        start.elapsed()
+    }
+
+    /// Fails, with the tail of its log, when it exited by itself.
+    ///
+    /// # Errors
+    /// It is not running.
+    pub(crate) fn check_alive(&mut self) -> Result<()> {
+        let Some(c) = self.child.as_mut() else {
+            bail!("{} is not running", self.name);
+        };
+        if let Some(status) = c.try_wait()? {
+            self.child = None;
+            bail!(
+                "{} exited by itself ({status}); log tail:\n{}",
+                self.name,
+                self.log_tail(20)
+            );
+        }
+        Ok(())
+    }
+
+    /// The last `n` lines of its log.
+    pub(crate) fn log_tail(&self, n: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// nats-server on free loopback ports, with JetStream (the coordinator
+/// publishes its saga events to a stream, and the jetstream store keeps its
+/// sagas there) stored in the data dir: a single server, or a cluster.
+pub(crate) struct Nats {
+    nodes: Vec<Service>,
+    /// The client URL of every node, comma-separated (as `--nats-url` takes them).
+    pub(crate) url: String,
+}
+
+impl Nats {
+    /// Starts a single server in `dir` and waits for its port file.
+    ///
+    /// # Errors
+    /// No binary (the message says how to install one), or it did not come up in 10 s.
+    pub(crate) fn start(dir: &Path) -> Result<Self> {
+        let bin = saga_tests::nats_server_bin()?;
+        let ports_dir = dir.join("nats-ports");
+        std::fs::create_dir_all(&ports_dir)?;
+        let mut service = Service::new(
+            "nats-server",
+            bin,
+            vec![
+                "-a".into(),
+                "127.0.0.1".into(),
+                "-p".into(),
+                "-1".into(),
+                "-js".into(),
+                "-sd".into(),
+                dir.join("nats-js").display().to_string(),
+                "--ports_file_dir".into(),
+                ports_dir.display().to_string(),
+            ],
+            Vec::new(),
+            dir.join("nats-server.log"),
+        );
+        service.start()?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(port) = saga_tests::read_port(&ports_dir) {
+                return Ok(Nats {
+                    nodes: vec![service],
+                    url: format!("nats://127.0.0.1:{port}"),
+                });
+            }
+            service.check_alive()?;
+            if Instant::now() > deadline {
+                bail!("nats-server did not report its port within 10s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts a cluster of `n` JetStream nodes (`nats-0`…) in `dir`, each
+    /// routed to all others; [`Nats::jetstream_ready`] waits until it has a
+    /// meta leader.
+    ///
+    /// # Errors
+    /// No binary, no free port, or a spawn failure.
+    pub(crate) fn cluster(dir: &Path, n: usize) -> Result<Self> {
+        let bin = saga_tests::nats_server_bin()?;
+        let client: Vec<u16> = (0..n).map(|_| free_port()).collect::<Result<_>>()?;
+        let route: Vec<u16> = (0..n).map(|_| free_port()).collect::<Result<_>>()?;
+        let mut nodes = Vec::with_capacity(n);
+        for i in 0..n {
+            let mut node = Service::new(
+                format!("nats-{i}"),
+                bin.clone(),
+                saga_tests::nats_cluster::node_args(dir, i, &client, &route, "saga-bench"),
+                Vec::new(),
+                dir.join(format!("nats-{i}.log")),
+            );
+            node.start()?;
+            nodes.push(node);
+        }
+        let url = client
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        Ok(Nats { nodes, url })
+    }
+
+    /// Connects to it and waits until JetStream answers (on a cluster: a
+    /// meta leader is elected); the client.
+    ///
+    /// # Errors
+    /// Not within 60 s, or a node exited.
+    pub(crate) async fn jetstream_ready(&mut self) -> Result<async_nats::Client> {
+        let nodes = &mut self.nodes;
+        saga_tests::nats_cluster::jetstream_ready(&self.url, || {
+            nodes.iter_mut().try_for_each(Service::check_alive)
+        })
+        .await
+    }
+
+    /// `(name, pid)` of its running nodes.
+    pub(crate) fn pids(&self) -> Vec<(String, u32)> {
+        self.nodes
+            .iter()
+            .filter_map(|s| s.pid().map(|p| (s.name.clone(), p)))
+            .collect()
+    }
+}
+
+/// The first of comma-separated NATS URLs.
+pub(crate) fn first_url(urls: &str) -> &str {
+    urls.split(',').next().unwrap_or(urls)
+}
+
+/// An async-nats client of comma-separated `urls`.
+///
+/// # Errors
+/// No server answered.
+pub(crate) async fn connect_nats(urls: &str) -> Result<async_nats::Client> {
+    async_nats::connect(urls.split(',').map(str::trim).collect::<Vec<_>>())
+        .await
+        .with_context(|| format!("connecting to NATS at {urls}"))
+}
+
+/// Stock of every SKU orders normally use: large enough that only the
+/// intended orders run out.
+pub(crate) const PLENTY: u64 = 1_000_000_000;
+/// SKUs with plenty of stock.
+pub(crate) const SKUS: &[&str] = &["A-1", "B-2", "C-3"];
+/// The SKU with (almost) no stock: an order for [`RARE_QUANTITY`] of it is refused.
+pub(crate) const RARE: &str = "RARE-1";
+/// Quantity of [`RARE`] an out-of-stock order asks for.
+pub(crate) const RARE_QUANTITY: u32 = 1000;
+
+/// Writes `<dir>/order.yaml`: the shipped order saga (reserve-inventory,
+/// charge-payment) without its input schema, with `charge_timeout` for the
+/// charge step.
+///
+/// # Errors
+/// I/O.
+pub(crate) fn write_definitions(dir: &Path, charge_timeout: &str) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(
+        dir.join("order.yaml"),
+        format!(
+            "name: order\nversion: 1\ndefaults:\n  timeout: 2s\n  retry: {{ max_attempts: 5, \
+             initial_backoff: 50ms, max_backoff: 2s, multiplier: 2.0, jitter: true }}\nsteps:\n  \
+             - name: reserve-inventory\n    participant: inventory\n    action: reserve\n    \
+             compensation: release\n  - name: charge-payment\n    participant: payment\n    \
+             action: charge\n    compensation: refund\n    timeout: {charge_timeout}\n"
+        ),
+    )?;
+    Ok(dir.to_path_buf())
+}
+
+/// What a cluster is started with.
+pub(crate) struct ClusterSpec<'a> {
+    pub(crate) bin_dir: &'a Path,
+    /// Comma-separated NATS URLs.
+    pub(crate) nats_url: &'a str,
+    /// Its data dirs, logs and definitions go under here.
+    pub(crate) dir: PathBuf,
+    /// The store and the number of coordinators.
+    pub(crate) setup: Setup,
+    pub(crate) gateway_latency: Duration,
+    pub(crate) customer_limit_cents: i64,
+    pub(crate) charge_timeout: &'a str,
+    pub(crate) log_level: &'a str,
+    /// Extra arguments for the coordinators.
+    pub(crate) coordinator_args: &'a [String],
+}
+
+impl ClusterSpec<'_> {
+    /// The arguments of coordinator `i` serving `grpc` and `http`.
+    fn coordinator_args(&self, i: usize, grpc: SocketAddr, http: SocketAddr, defs: &Path) -> Vec<String> {
+        let setup = &self.setup;
+        let data = if setup.coordinators == 1 {
+            "coordinator".to_string()
+        } else {
+            format!("coordinator-{i}")
+        };
+        let mut args = strings(&[
+            "--nats-url",
+            self.nats_url,
+            "--grpc-addr",
+            &grpc.to_string(),
+            "--http-addr",
+            &http.to_string(),
+            "--data-dir",
+            &self.dir.join(data).display().to_string(),
+            "--definitions-dir",
+            &defs.display().to_string(),
+        ]);
+        if setup.replicas() > 1 || setup.store == Store::Jetstream {
+            args.extend(strings(&["--events-replicas", &setup.replicas().to_string()]));
+        }
+        if setup.store == Store::Jetstream {
+            args.extend(strings(&[
+                "--store",
+                "jetstream",
+                "--kv-replicas",
+                &setup.replicas().to_string(),
+                "--partitions",
+                &setup.partitions.to_string(),
+                "--lease-ttl",
+                &humantime::format_duration(setup.lease_ttl).to_string(),
+                "--instance-id",
+                &instance_id(setup, i),
+            ]));
+        }
+        args.extend(self.coordinator_args.iter().cloned());
+        args
+    }
+}
+
+/// The `--instance-id` of coordinator `i` of `setup`.
+fn instance_id(setup: &Setup, i: usize) -> String {
+    format!("{}-{i}", setup.slug())
+}
+
+/// Inventory, payment and the coordinators started by the harness.
+pub(crate) struct Cluster {
+    /// At least one; `coordinator` alone, else `coordinator-0`….
+    pub(crate) coordinators: Vec<Service>,
+    pub(crate) inventory: Service,
+    pub(crate) payment: Service,
+    /// gRPC address of each coordinator, in the same order.
+    pub(crate) grpc: Vec<SocketAddr>,
+    /// HTTP address (`/metrics`, `/ready`) of each coordinator.
+    pub(crate) http: Vec<SocketAddr>,
+    setup: Setup,
+}
+
+impl Cluster {
+    /// Starts the services on fresh data dirs (with jetstream: on emptied
+    /// buckets) and waits until the participants answer on NATS, every
+    /// coordinator serves gRPC and is ready, and (jetstream) the partitions
+    /// are spread over the coordinators.
+    ///
+    /// # Errors
+    /// A missing binary, or a service not up within 30 s (the partitions: 60 s).
+    pub(crate) async fn start(spec: &ClusterSpec<'_>, nats: &async_nats::Client) -> Result<Self> {
+        for b in ["coordinator", "inventory", "payment"] {
+            if !spec.bin_dir.join(b).is_file() {
+                bail!(
+                    "{} is missing: build the binaries first (cargo build --release --workspace --bins, \
+                     as make bench does) or pass --bin-dir",
+                    spec.bin_dir.join(b).display()
+                );
+            }
+        }
+        std::fs::create_dir_all(&spec.dir)?;
+        let defs = write_definitions(&spec.dir.join("defs"), spec.charge_timeout)?;
+        let (inventory, payment) = participants(spec);
+        let n = spec.setup.coordinators.max(1);
+        let (mut grpc, mut http, mut coordinators) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..n {
+            let g = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+            let h = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+            let name = if n == 1 {
+                "coordinator".to_string()
+            } else {
+                format!("coordinator-{i}")
+            };
+            coordinators.push(Service::new(
+                name.clone(),
+                spec.bin_dir.join("coordinator"),
+                spec.coordinator_args(i, g, h, &defs),
+                vec![("RUST_LOG".to_string(), spec.log_level.to_string())],
+                spec.dir.join(format!("{name}.log")),
+            ));
+            grpc.push(g);
+            http.push(h);
+        }
+        let mut c = Cluster {
+            coordinators,
+            inventory,
+            payment,
+            grpc,
+            http,
+            setup: spec.setup,
+        };
+        if spec.setup.store == Store::Jetstream {
+            reset_jetstream(nats).await?;
+        }
+        c.inventory.start()?;
+        c.payment.start()?;
+        c.wait_participants(nats).await?;
+        for s in &mut c.coordinators {
+            s.start()?;
+        }
+        for i in 0..n {
+            c.wait_coordinator(i, Duration::from_secs(30)).await?;
+        }
+        if spec.setup.store == Store::Jetstream {
+            c.wait_partitions(nats, Duration::from_secs(60)).await?;
+        }
+        Ok(c)
+    }
+
+    /// Waits until both participants answer their stats subject.
+    ///
+    /// # Errors
+    /// Not within 10 s, or one exited.
+    pub(crate) async fn wait_participants(&mut self, nats: &async_nats::Client) -> Result<()> {
+        for (p, name) in [(&mut self.inventory, "inventory"), (&mut self.payment, "payment")] {
+            if let Err(e) = saga_tests::wait_participant(nats, name).await {
+                p.check_alive()?;
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until coordinator `i` answers gRPC and its `/ready` is 200; how long that took.
+    ///
+    /// # Errors
+    /// Not within `timeout`, or it exited.
+    pub(crate) async fn wait_coordinator(&mut self, i: usize, timeout: Duration) -> Result<Duration> {
+        let start = Instant::now();
+        let (grpc, http) = (self.grpc[i], self.http[i]);
+        loop {
+            let answers = async {
+                let mut g = saga_tests::connect(grpc).await?;
+                tokio::time::timeout(
+                    Duration::from_secs(2),
+                    g.list_definitions(pb::ListDefinitionsRequest {}),
+                )
+                .await??;
+                anyhow::Ok(())
+            };
+            if answers.await.is_ok()
+                && http_get(http, "/ready")
+                    .await
+                    .is_ok_and(|(status, _)| status == 200)
+            {
+                return Ok(start.elapsed());
+            }
+            let coordinator = &mut self.coordinators[i];
+            coordinator.check_alive()?;
+            if start.elapsed() > timeout {
+                bail!(
+                    "{} not ready after {timeout:?}; log tail:\n{}",
+                    coordinator.name,
+                    coordinator.log_tail(20)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// jetstream: waits until every partition is leased to one of this
+    /// cluster's coordinators, each holding its fair share at most (the
+    /// first one up takes them all and hands back one per lease round).
+    ///
+    /// # Errors
+    /// Not within `timeout` (the message shows the last spread), or a coordinator exited.
+    async fn wait_partitions(&mut self, nats: &async_nats::Client, timeout: Duration) -> Result<()> {
+        let start = Instant::now();
+        let n = self.coordinators.len();
+        let instances: Vec<String> = (0..n).map(|i| instance_id(&self.setup, i)).collect();
+        let partitions = self.setup.partitions;
+        let fair = (partitions as usize).div_ceil(n);
+        loop {
+            let last = match lease_spread(nats, partitions, &instances).await {
+                Ok((0, held)) if held.iter().all(|h| (1..=fair).contains(h)) => {
+                    super::scenarios::phase(&format!(
+                        "{partitions} partitions spread over {n} coordinator(s) {held:?} in {:.1?}",
+                        start.elapsed()
+                    ));
+                    return Ok(());
+                }
+                Ok((free, held)) => format!("{free} not held, held per coordinator {held:?}"),
+                Err(e) => format!("{e:#}"),
+            };
+            self.check_alive()?;
+            if start.elapsed() > timeout {
+                bail!("partitions not spread over the coordinators after {timeout:?}: {last}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Fails when a service exited by itself.
+    ///
+    /// # Errors
+    /// Which one, with its log tail.
+    pub(crate) fn check_alive(&mut self) -> Result<()> {
+        for c in &mut self.coordinators {
+            c.check_alive()?;
+        }
+        self.inventory.check_alive()?;
+        self.payment.check_alive()
+    }
+
+    /// `(name, pid)` of its processes.
+    pub(crate) fn pids(&self) -> Vec<(String, u32)> {
+        self.coordinators
+            .iter()
+            .chain([&self.inventory, &self.payment])
+            .filter_map(|s| s.pid().map(|p| (s.name.clone(), p)))
+            .collect()
+    }
+
+    /// Graceful stop of all.
+    pub(crate) fn stop(&mut self) {
+        for c in &mut self.coordinators {
+            c.terminate(Duration::from_secs(10));
+        }
+        self.payment.terminate(Duration::from_secs(10));
+        self.inventory.terminate(Duration::from_secs(10));
+    }
+}
+
+/// The inventory and payment services of `spec` (not started).
+fn participants(spec: &ClusterSpec<'_>) -> (Service, Service) {
+    let path = |p: &str| spec.dir.join(p).display().to_string();
+    let env = vec![("RUST_LOG".to_string(), spec.log_level.to_string())];
+    let mut stock: Vec<String> = SKUS.iter().map(|s| format!("{s}={PLENTY}")).collect();
+    stock.push(format!("{RARE}=1"));
+    let inventory = Service::new(
+        "inventory",
+        spec.bin_dir.join("inventory"),
+        strings(&[
+            "--nats-url",
+            spec.nats_url,
+            "--data-dir",
+            &path("inventory"),
+            "--http-addr",
+            "127.0.0.1:0",
+            "--stock",
+            &stock.join(","),
+        ]),
+        env.clone(),
+        spec.dir.join("inventory.log"),
+    );
+    let payment = Service::new(
+        "payment",
+        spec.bin_dir.join("payment"),
+        strings(&[
+            "--nats-url",
+            spec.nats_url,
+            "--data-dir",
+            &path("payment"),
+            "--http-addr",
+            "127.0.0.1:0",
+            "--customer-limit-cents",
+            &spec.customer_limit_cents.to_string(),
+            "--gateway-latency",
+            &humantime::format_duration(spec.gateway_latency).to_string(),
+        ]),
+        env,
+        spec.dir.join("payment.log"),
+    );
+    (inventory, payment)
+}
+
+/// Deletes the jetstream store's KV buckets, so that a cluster starts as
+/// empty as its fresh data dirs (the previous cluster on the same NATS is
+/// stopped by then). The events stream stays, as it does for sled: several
+/// coordinators creating an R3 stream at once can block one of them for
+/// JetStream's 10 s request timeout.
+///
+/// # Errors
+/// JetStream refused a deletion of something that exists.
+async fn reset_jetstream(nats: &async_nats::Client) -> Result<()> {
+    let js = async_nats::jetstream::new(nats.clone());
+    for bucket in [
+        coordinator::jetstream::RECORDS_BUCKET,
+        coordinator::jetstream::ACTIVE_BUCKET,
+        coordinator::jetstream::KEYS_BUCKET,
+        coordinator::cluster::LEASES_BUCKET,
+    ] {
+        if js.get_key_value(bucket).await.is_ok() {
+            js.delete_key_value(bucket)
+                .await
+                .with_context(|| format!("deleting the KV bucket {bucket}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// The leases of `partitions`: `(partitions not held by a live lease of
+/// one of instances, partitions held per instance)`.
+///
+/// # Errors
+/// The bucket or a lease could not be read.
+async fn lease_spread(
+    nats: &async_nats::Client,
+    partitions: u32,
+    instances: &[String],
+) -> Result<(usize, Vec<usize>)> {
+    let leases = saga_tests::nats_cluster::leases(nats).await?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis();
+    let (mut free, mut held) = (0, vec![0; instances.len()]);
+    for p in 0..partitions {
+        let live = leases
+            .get(&p)
+            .filter(|l| u128::from(l.expires_at_ms) > now)
+            .and_then(|l| instances.iter().position(|i| *i == l.holder));
+        match live {
+            Some(i) => held[i] += 1,
+            None => free += 1,
+        }
+    }
+    Ok((free, held))
+}
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| (*s).to_string()).collect()
+}
+
+/// CPU time and memory of one process.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct ProcSample {
+    /// utime + stime, in seconds.
+    pub(crate) cpu_s: f64,
+    /// VmHWM: peak resident set since the process started, KiB.
+    pub(crate) hwm_kib: u64,
+    /// VmRSS: resident set now, KiB.
+    pub(crate) rss_kib: u64,
+}
+
+/// The clock tick `/proc/<pid>/stat` counts in (`getconf CLK_TCK`, 100 if that fails).
+pub(crate) fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse::<f64>().ok())
+        .filter(|t| *t > 0.0)
+        .unwrap_or(100.0)
+}
+
+/// Reads `/proc/<pid>/stat` and `/proc/<pid>/status`.
+///
+/// # Errors
+/// The process is gone or the files do not parse.
+pub(crate) fn sample(pid: u32, ticks: f64) -> Result<ProcSample> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // The command name (field 2) may hold spaces: fields count from after its ')'.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("/proc/<pid>/stat without ')'")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After ')': field 3 (state) is index 0, so utime (14) is 11 and stime (15) is 12.
+    let num = |i: usize| -> Result<f64> {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .with_context(|| format!("/proc/{pid}/stat field {}", i + 3))
+    };
+    let cpu_s = (num(11)? + num(12)?) / ticks;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    let kib = |key: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    Ok(ProcSample {
+        cpu_s,
+        hwm_kib: kib("VmHWM:"),
+        rss_kib: kib("VmRSS:"),
+    })
+}
+
+/// `GET path` on `addr` over HTTP/1.1: `(status, body)`.
+///
+/// # Errors
+/// Connection failure, no answer within 5 s, or not HTTP.
+pub(crate) async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let fetch = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+            .await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        anyhow::Ok(buf)
+    };
+    let buf = tokio::time::timeout(Duration::from_secs(5), fetch)
+        .await
+        .with_context(|| format!("GET {addr}{path} timed out"))??;
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text.split_once("\r\n\r\n").context("no HTTP header end")?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("no HTTP status")?;
+    Ok((status, body.to_string()))
+}
+
+/// The sum of every sample of metric `name` (all label sets) in Prometheus text.
+pub(crate) fn metric_sum(text: &str, name: &str) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        if !(rest.starts_with('{') || rest.starts_with(' ')) {
+            continue;
+        }
+        if let Some(v) = rest.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) {
+            *found.get_or_insert(0.0) += v;
+        }
+    }
+    found
+}
+
+/// The coordinators' group-commit flush count, summed, when every `/metrics` answers.
+pub(crate) async fn flushes(metrics: &[SocketAddr]) -> Option<f64> {
+    if metrics.is_empty() {
+        return None;
+    }
+    let mut sum = 0.0;
+    for m in metrics {
+        let (status, body) = http_get(*m, "/metrics").await.ok()?;
+        if status != 200 {
+            return None;
+        }
+        // The exporter shows a counter only after its first increment.
+        sum += metric_sum(&body, "saga_store_flushes_total").unwrap_or(0.0);
+    }
+    Some(sum)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_sum_adds_label_sets_and_ignores_longer_names() {
+        let text = "# TYPE saga_store_flushes_total counter\nsaga_store_flushes_total 12\n\
+                    saga_store_flushes_total_x 5\nsaga_finished_total{state=\"completed\"} 3\n\
+                    saga_finished_total{state=\"compensated\"} 2\n";
+        assert_eq!(metric_sum(text, "saga_store_flushes_total"), Some(12.0));
+        assert_eq!(metric_sum(text, "saga_finished_total"), Some(5.0));
+        assert_eq!(metric_sum(text, "nope"), None);
+    }
+
+    #[test]
+    fn own_process_is_sampled() -> Result<()> {
+        let s = sample(std::process::id(), clock_ticks())?;
+        assert!(s.hwm_kib > 0 && s.rss_kib > 0);
+        Ok(())
+    }
+}

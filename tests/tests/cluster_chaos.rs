@@ -1,0 +1,361 @@
+//! Beyond one machine: a 3-node NATS cluster (routes between the nodes,
+//! JetStream with replicas 3), three coordinators on the `jetstream` store
+//! and the participants, all as separate OS processes on loopback. Orders go
+//! to the coordinators in turn; mid-run one coordinator is kill -9'd for good
+//! and one NATS node is kill -9'd (and restarted a few seconds later). Then
+//! the chaos suite's invariants: every saga terminal in the state its order
+//! implies, stock and money conserved, nothing applied twice, every event
+//! once. It prints the failover time: from the kill to the first transition,
+//! on another coordinator, of a saga the killed one was running.
+//!
+//! `CLUSTER_ORDERS` (default 300; `make chaos-cluster` uses 1000),
+//! `CLUSTER_SECONDS` (default 15), `CLUSTER_SEED`.
+
+use std::{
+    collections::BTreeSet,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Result};
+use rand::{rngs::StdRng, SeedableRng};
+use saga_proto::pb;
+use saga_tests::{chaos::*, procs::Proc, *};
+use tokio::sync::Semaphore;
+
+const PARTITIONS: u32 = 12;
+const LEASE_TTL: &str = "2s";
+
+struct Node {
+    proc: Proc,
+    url: String,
+}
+
+/// Three nats-server nodes routed to each other, JetStream on each.
+fn nats_cluster(dir: &std::path::Path) -> Result<Vec<Node>> {
+    let bin = nats_server_bin()?;
+    let client: Vec<u16> = (0..3).map(|_| free_port()).collect::<Result<_>>()?;
+    let route: Vec<u16> = (0..3).map(|_| free_port()).collect::<Result<_>>()?;
+    let mut nodes = Vec::new();
+    for i in 0..3 {
+        let args = nats_cluster::node_args(dir, i, &client, &route, "saga");
+        let mut proc = Proc::new(
+            &format!("nats-{i}"),
+            bin.clone(),
+            args,
+            dir.join(format!("nats-{i}.log")),
+        );
+        proc.start()?;
+        nodes.push(Node {
+            proc,
+            url: format!("nats://127.0.0.1:{}", client[i]),
+        });
+    }
+    Ok(nodes)
+}
+
+fn ms(t: &Option<prost_types::Timestamp>) -> u64 {
+    t.as_ref()
+        .map(|t| t.seconds.max(0) as u64 * 1000 + t.nanos.max(0) as u64 / 1_000_000)
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_and_a_nats_node_die_and_every_saga_still_ends_once() -> Result<()> {
+    init_logs();
+    let orders: usize = env_or("CLUSTER_ORDERS", 300);
+    let window = Duration::from_secs(env_or("CLUSTER_SECONDS", 15));
+    let seed: u64 = env_or(
+        "CLUSTER_SEED",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(7),
+    );
+    println!("cluster chaos: seed {seed} (CLUSTER_SEED={seed}), {orders} orders over {window:?}");
+    // Kept when the test fails (logs), removed at the end when it passes.
+    let dir = tempfile::tempdir()?.keep();
+    println!("cluster chaos: processes' data and logs in {}", dir.display());
+    let defs = dir.as_path().join("defs");
+    write_definitions(&defs)?;
+    let bin = procs::bin_dir()?;
+
+    let nodes = nats_cluster(dir.as_path())?;
+    let urls = nodes.iter().map(|n| n.url.clone()).collect::<Vec<_>>().join(",");
+    let nodes: Vec<Arc<tokio::sync::Mutex<Node>>> = nodes
+        .into_iter()
+        .map(|n| Arc::new(tokio::sync::Mutex::new(n)))
+        .collect();
+    let nats = nats_cluster::jetstream_ready(&urls, || Ok(())).await?;
+
+    let arg = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let path = |p: &str| dir.as_path().join(p).display().to_string();
+    let stock = SKUS
+        .iter()
+        .map(|(s, n)| format!("{s}={n}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut inventory = Proc::new(
+        "inventory",
+        bin.join("inventory"),
+        arg(&[
+            "--nats-url",
+            &urls,
+            "--data-dir",
+            &path("inventory"),
+            "--stock",
+            &stock,
+        ]),
+        dir.as_path().join("inventory.log"),
+    );
+    let mut payment = Proc::new(
+        "payment",
+        bin.join("payment"),
+        arg(&[
+            "--nats-url",
+            &urls,
+            "--data-dir",
+            &path("payment"),
+            "--customer-limit-cents",
+            &LIMIT_CENTS.to_string(),
+            // Slow enough that sagas are in flight when the coordinator dies.
+            "--gateway-latency",
+            "300ms",
+            "--gateway-failure-rate",
+            "0.05",
+        ]),
+        dir.as_path().join("payment.log"),
+    );
+    inventory.start()?;
+    payment.start()?;
+    let mut coordinators = Vec::new();
+    let mut addrs = Vec::new();
+    for i in 0..3 {
+        let grpc = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let mut c = Proc::new(
+            &format!("coord-{i}"),
+            bin.join("coordinator"),
+            arg(&[
+                "--store",
+                "jetstream",
+                "--kv-replicas",
+                "3",
+                "--events-replicas",
+                "3",
+                "--partitions",
+                &PARTITIONS.to_string(),
+                "--lease-ttl",
+                LEASE_TTL,
+                "--instance-id",
+                &format!("coord-{i}"),
+                "--nats-url",
+                &urls,
+                "--grpc-addr",
+                &grpc.to_string(),
+                "--http-addr",
+                &format!("127.0.0.1:{}", free_port()?),
+                "--data-dir",
+                &path(&format!("coord-{i}")),
+                "--definitions-dir",
+                &defs.display().to_string(),
+            ]),
+            dir.as_path().join(format!("coord-{i}.log")),
+        );
+        c.start()?;
+        coordinators.push(c);
+        addrs.push(grpc);
+    }
+    for a in &addrs {
+        wait_grpc_ready(*a, Duration::from_secs(60)).await?;
+    }
+    wait_participant(&nats, "inventory").await?;
+    wait_participant(&nats, "payment").await?;
+    // Every partition held, spread over the three.
+    eventually(
+        Duration::from_secs(30),
+        "partitions spread over 3 coordinators",
+        || async {
+            nats_cluster::holders(&nats).await.is_ok_and(|h| {
+                let per: BTreeSet<&String> = h.values().collect();
+                h.len() == PARTITIONS as usize && per.len() == 3
+            })
+        },
+    )
+    .await?;
+
+    // Orders, round-robin over the coordinators, retried elsewhere on failure.
+    let started = Instant::now();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let plan: Vec<_> = (0..orders).map(|i| order_for(&mut rng, i, seed)).collect();
+    let pace = window / u32::try_from(orders.max(1)).unwrap_or(u32::MAX);
+    let gate = Arc::new(Semaphore::new(16));
+    let addrs = Arc::new(addrs);
+    let mut tasks = Vec::new();
+    let (mut victim_partitions, mut kill_ms) = (BTreeSet::new(), 0u64);
+    let mut restart = None;
+    for (i, (req, expect)) in plan.into_iter().enumerate() {
+        // At 40% of the orders the first coordinator dies for good; at 60% a NATS node.
+        if i == orders * 2 / 5 {
+            victim_partitions = nats_cluster::holders(&nats)
+                .await?
+                .into_iter()
+                .filter(|(_, h)| h == "coord-0")
+                .map(|(p, _)| p)
+                .collect();
+            kill_ms = now_ms();
+            coordinators[0].kill();
+            println!("cluster chaos: coord-0 killed holding partitions {victim_partitions:?}");
+        }
+        if i == orders * 3 / 5 {
+            nodes[1].lock().await.proc.kill();
+            println!("cluster chaos: nats node-1 killed");
+            // It comes back 3 s later, whatever the orders are doing.
+            let node = nodes[1].clone();
+            restart = Some(tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                println!("cluster chaos: nats node-1 restarted");
+                node.lock().await.proc.start()
+            }));
+        }
+        let permit = gate.clone().acquire_owned().await?;
+        // The coordinators in turn; once coord-0 is dead, the two others.
+        let first = if kill_ms == 0 { i % 3 } else { 1 + i % 2 };
+        tasks.push(spawn_place(addrs.clone(), first, req, expect, permit));
+        tokio::time::sleep(pace).await;
+    }
+    let mut placed = Vec::with_capacity(orders);
+    for t in tasks {
+        placed.push(t.await??);
+    }
+    if let Some(r) = restart {
+        r.await??;
+    }
+    let placed_in = started.elapsed();
+
+    // Quiescence, read through a surviving coordinator.
+    let live = addrs[1];
+    let quiet_start = Instant::now();
+    loop {
+        let all = all_sagas(live, None).await.unwrap_or_default();
+        let busy = all.iter().filter(|s| !is_terminal(s.state)).count();
+        if all.len() == orders && busy == 0 {
+            break;
+        }
+        if quiet_start.elapsed() > Duration::from_secs(env_or("CLUSTER_QUIET_SECONDS", 120)) {
+            bail!(
+                "{busy} of {} sagas still in flight (logs kept in {})\ncoord-1 log tail:\n{}",
+                all.len(),
+                dir.display(),
+                coordinators[1].log_tail(30)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let quiet_in = quiet_start.elapsed();
+    let verdict = verify(&nats, live, orders, &placed).await?;
+
+    // Failover: the first transition after the kill of a saga in the victim's
+    // partitions that was running then.
+    let mut g = connect(live).await?;
+    let mut failover: Option<u64> = None;
+    let mut orphans = 0;
+    for s in &verdict.sagas {
+        let p = coordinator::jetstream::partition_of(&s.saga_id, PARTITIONS);
+        if !victim_partitions.contains(&p) || ms(&s.created_at) > kill_ms {
+            continue;
+        }
+        let saga = g
+            .get_saga(pb::GetSagaRequest {
+                saga_id: s.saga_id.clone(),
+            })
+            .await?
+            .into_inner();
+        let before = saga.history.iter().any(|h| ms(&h.at) <= kill_ms);
+        let after = saga
+            .history
+            .iter()
+            .map(|h| ms(&h.at))
+            .filter(|t| *t > kill_ms)
+            .min();
+        if let (true, Some(t)) = (before, after) {
+            orphans += 1;
+            failover = Some(failover.map_or(t - kill_ms, |f: u64| f.min(t - kill_ms)));
+        }
+    }
+    // The dead coordinator's partitions are all taken over.
+    let taken_over = eventually(
+        Duration::from_secs(20),
+        "every partition held by a live coordinator",
+        || async {
+            nats_cluster::holders(&nats)
+                .await
+                .is_ok_and(|h| h.len() == PARTITIONS as usize && !h.values().any(|v| v == "coord-0"))
+        },
+    )
+    .await;
+    let holders_after = nats_cluster::holders(&nats).await?;
+    if taken_over.is_err() {
+        bail!(
+            "partitions not all taken over: {holders_after:?} (logs in {})\ncoord-1:\n{}\ncoord-2:\n{}",
+            dir.display(),
+            coordinators[1].log_tail(40),
+            coordinators[2].log_tail(40)
+        );
+    }
+    let mut rows = vec![("seed".to_string(), seed.to_string())];
+    rows.extend(verdict.rows(orders));
+    rows.extend([
+        (
+            "coordinators / partitions / lease ttl".to_string(),
+            format!("3 / {PARTITIONS} / {LEASE_TTL}"),
+        ),
+        (
+            "coord-0 killed holding partitions".to_string(),
+            format!("{}", victim_partitions.len()),
+        ),
+        (
+            "orphaned sagas / failover (kill → 1st move)".to_string(),
+            format!(
+                "{orphans} / {}",
+                failover.map_or("n/a".to_string(), |f| format!("{f} ms"))
+            ),
+        ),
+        (
+            "partitions held at the end by coord-1 / coord-2".to_string(),
+            format!(
+                "{} / {}",
+                holders_after.values().filter(|h| *h == "coord-1").count(),
+                holders_after.values().filter(|h| *h == "coord-2").count()
+            ),
+        ),
+        (
+            "orders placed in / quiescent after".to_string(),
+            format!("{placed_in:.1?} / {quiet_in:.1?}"),
+        ),
+    ]);
+    print_table(&rows);
+    ensure!(
+        verdict.wrong.is_empty(),
+        "{} invariant violations (seed {seed}):\n{}",
+        verdict.wrong.len(),
+        verdict.wrong.join("\n")
+    );
+    for c in &mut coordinators {
+        c.stop();
+    }
+    payment.stop();
+    inventory.stop();
+    for n in &nodes {
+        n.lock().await.proc.stop();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
