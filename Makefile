@@ -12,10 +12,11 @@ NATS_SERVER := $(VENV)/bin/nats-server
 GRPCURL     := $(VENV)/bin/grpcurl
 CARGO       ?= cargo
 
-.PHONY: help tools build demo up test chaos fuzz verify fmt clippy doc compose-config clean
+.PHONY: help tools build demo up cluster test chaos chaos-cluster fuzz verify fmt clippy doc compose-config compose-up compose-demo compose-cluster compose-down clean bench
 
 help:
-	@echo "make demo | make up | make test | make chaos | make verify | make tools | make compose-config | make clean"
+	@echo "make demo | make up | make cluster | make test | make chaos | make chaos-cluster | make bench | make fuzz | make verify | make tools"
+	@echo "make compose-config | make compose-up | make compose-demo | make compose-cluster | make compose-down | make clean"
 
 tools: $(NATS_SERVER)
 
@@ -34,11 +35,15 @@ demo: tools build
 up: tools build
 	deploy/local.sh up
 
+# Three coordinators on the jetstream store over a 3-node NATS cluster, locally (no Docker).
+cluster: tools build
+	deploy/local.sh cluster
+
 # The chaos test runs the binaries as separate processes: build them first.
 test: tools
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
-	$(CARGO) build --workspace --bins
+	$(CARGO) build --workspace --bins --examples
 	NATS_SERVER_BIN=$(abspath $(NATS_SERVER)) $(CARGO) test --workspace
 
 # The long chaos run: 2000 orders, kill -9 of every process at random moments.
@@ -49,6 +54,25 @@ chaos: tools
 	$(CARGO) build --workspace --bins
 	CHAOS_ORDERS=$(CHAOS_ORDERS) CHAOS_SECONDS=$(CHAOS_SECONDS) NATS_SERVER_BIN=$(abspath $(NATS_SERVER)) \
 	  $(CARGO) test -p saga-tests --test chaos -- --nocapture
+
+# The long cluster run: a 3-node NATS cluster, three coordinators on the jetstream store,
+# 1000 orders; one coordinator and one NATS node kill -9'd mid-run (make test runs 300).
+CLUSTER_ORDERS ?= 1000
+CLUSTER_SECONDS ?= 60
+chaos-cluster: tools
+	$(CARGO) build --workspace --bins
+	CLUSTER_ORDERS=$(CLUSTER_ORDERS) CLUSTER_SECONDS=$(CLUSTER_SECONDS) NATS_SERVER_BIN=$(abspath $(NATS_SERVER)) \
+	  $(CARGO) test -p saga-tests --test cluster_chaos -- --nocapture
+
+# The benchmark harness (saga-bench, tests/src/bin/saga-bench.rs) against release builds run as
+# separate processes: NATS and sled floors, the concurrency sweep, a short recovery run; prints the
+# tables and writes target/bench/saga-bench.json. Extra flags through BENCH_ARGS, e.g.
+#   make bench BENCH_ARGS="--concurrency 64 --orders 50000 --soak 60s --rate 1000 --stored 1000000"
+# (target/release/saga-bench --help lists them all).
+BENCH_ARGS ?=
+bench: tools
+	$(CARGO) build --release --workspace --bins
+	NATS_SERVER_BIN=$(abspath $(NATS_SERVER)) target/release/saga-bench $(BENCH_ARGS)
 
 # Coverage-guided fuzzing (libFuzzer via cargo-fuzz; not part of CI) of the YAML loader, the NATS
 # envelope decoder and the CreateOrder decoding + validation. FUZZ_SECONDS per target.
@@ -69,6 +93,27 @@ fmt:
 
 clippy:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+COMPOSE = $(shell if docker compose version >/dev/null 2>&1; then echo "docker compose"; elif command -v docker-compose >/dev/null; then echo docker-compose; fi)
+COMPOSE_FILE := deploy/docker-compose.yml
+
+# The compose demo needs a Docker engine (not available on the development machines).
+compose-up:
+	@test -n "$(COMPOSE)" || { echo "docker compose is not installed"; exit 1; }
+	$(COMPOSE) -f $(COMPOSE_FILE) up -d --build
+	@echo "gRPC on 127.0.0.1:50051, metrics on http://127.0.0.1:9464/metrics (9465 inventory, 9466 payment)"
+
+compose-demo: compose-up
+	$(COMPOSE) -f $(COMPOSE_FILE) --profile demo run --rm demo
+
+# Three coordinators on the jetstream store (the `cluster` profile) instead of one on sled.
+compose-cluster:
+	@test -n "$(COMPOSE)" || { echo "docker compose is not installed"; exit 1; }
+	COORDINATOR_STORE=jetstream $(COMPOSE) -f $(COMPOSE_FILE) --profile cluster up -d --build
+
+compose-down:
+	@test -n "$(COMPOSE)" || { echo "docker compose is not installed"; exit 1; }
+	$(COMPOSE) -f $(COMPOSE_FILE) --profile demo --profile cluster down
 
 compose-config:
 	@if docker compose version >/dev/null 2>&1; then docker compose -f deploy/docker-compose.yml config -q && echo "compose file valid";\

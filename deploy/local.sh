@@ -3,6 +3,9 @@
 # nats-server on a free loopback port, inventory, payment and the coordinator.
 #   deploy/local.sh demo   place the three demo orders, print how each ended, stop everything
 #   deploy/local.sh up     keep it running (gRPC on 127.0.0.1:50051) until Ctrl-C
+#   deploy/local.sh cluster  a 3-node NATS cluster and three coordinators on the jetstream
+#                          store (gRPC on 127.0.0.1:50051-50053), the demo orders placed
+#                          once, then kept running until Ctrl-C
 # Data and logs go to ./data/<mode>-<timestamp>/ (ignored by git).
 set -euo pipefail
 
@@ -32,12 +35,28 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 [[ -x "$NATS_SERVER" ]] || { echo "nats-server not found at $NATS_SERVER: run 'make tools'"; exit 1; }
-for b in coordinator inventory payment sagactl; do
+for b in coordinator inventory payment shipping sagactl; do
   [[ -x "$BIN/$b" ]] || { echo "$BIN/$b missing: run 'make build'"; exit 1; }
 done
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
+if [[ "$MODE" == cluster ]]; then
+  # Three nodes routed to each other, JetStream on each (streams and KV buckets with 3 replicas).
+  CLIENT=($(free_port) $(free_port) $(free_port)); ROUTE=($(free_port) $(free_port) $(free_port))
+  URLS=()
+  for i in 0 1 2; do
+    routes=""
+    for j in 0 1 2; do [[ $j == "$i" ]] || routes+="${routes:+,}nats://127.0.0.1:${ROUTE[j]}"; done
+    "$NATS_SERVER" -a 127.0.0.1 -p "${CLIENT[i]}" -n "node-$i" -js -sd "$RUN_DIR/nats-$i" --cluster_name saga \
+      --cluster "nats://127.0.0.1:${ROUTE[i]}" --routes "$routes" >"$RUN_DIR/nats-$i.log" 2>&1 &
+    PIDS+=($!)
+    URLS+=("nats://127.0.0.1:${CLIENT[i]}")
+  done
+  export NATS_URL
+  NATS_URL=$(IFS=,; echo "${URLS[*]}")
+else
+# nats-server picks its own port and writes it to a ports file.
 # nats-server picks its own port and writes it to a ports file.
 "$NATS_SERVER" -a 127.0.0.1 -p -1 -js -sd "$RUN_DIR/nats" --ports_file_dir "$RUN_DIR" >"$RUN_DIR/nats.log" 2>&1 &
 PIDS+=($!)
@@ -46,19 +65,40 @@ PORTS_FILE=$(compgen -G "$RUN_DIR/*.ports" | head -1) || { echo "nats-server did
 export NATS_URL
 NATS_URL=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["nats"][0])' "$PORTS_FILE")
 
-if [[ "$MODE" == up ]]; then
-  GRPC_ADDR="${COORDINATOR_GRPC_ADDR:-127.0.0.1:50051}"; HTTP_ADDR="${COORDINATOR_HTTP_ADDR:-127.0.0.1:9464}"
-else
-  GRPC_ADDR="127.0.0.1:$(free_port)"; HTTP_ADDR="127.0.0.1:$(free_port)"
 fi
 
-"$BIN/inventory" --data-dir "$RUN_DIR/inventory" --stock-file "$ROOT/deploy/stock.json" >"$RUN_DIR/inventory.log" 2>&1 &
+# Each process has its own HTTP port (/metrics, /health, /ready): 9464 coordinator,
+# 9465 inventory, 9466 payment in `up` mode; free ports for a demo, so that a demo
+# can run beside a system that is up.
+if [[ "$MODE" == up || "$MODE" == cluster ]]; then
+  GRPC_ADDR="${COORDINATOR_GRPC_ADDR:-127.0.0.1:50051}"; HTTP_ADDR="${COORDINATOR_HTTP_ADDR:-127.0.0.1:9464}"
+  INVENTORY_HTTP="${INVENTORY_HTTP_ADDR:-127.0.0.1:9465}"; PAYMENT_HTTP="${PAYMENT_HTTP_ADDR:-127.0.0.1:9466}"; SHIPPING_HTTP="${SHIPPING_HTTP_ADDR:-127.0.0.1:9467}"
+else
+  GRPC_ADDR="127.0.0.1:$(free_port)"; HTTP_ADDR="127.0.0.1:$(free_port)"
+  INVENTORY_HTTP="127.0.0.1:$(free_port)"; PAYMENT_HTTP="127.0.0.1:$(free_port)"; SHIPPING_HTTP="127.0.0.1:$(free_port)"
+fi
+
+"$BIN/inventory" --data-dir "$RUN_DIR/inventory" --stock-file "$ROOT/deploy/stock.json" \
+  --http-addr "$INVENTORY_HTTP" >"$RUN_DIR/inventory.log" 2>&1 &
 PIDS+=($!)
-"$BIN/payment" --data-dir "$RUN_DIR/payment" --customer-limit-cents 50000 >"$RUN_DIR/payment.log" 2>&1 &
+"$BIN/payment" --data-dir "$RUN_DIR/payment" --customer-limit-cents 50000 \
+  --http-addr "$PAYMENT_HTTP" >"$RUN_DIR/payment.log" 2>&1 &
 PIDS+=($!)
+"$BIN/shipping" --data-dir "$RUN_DIR/shipping" --http-addr "$SHIPPING_HTTP" >"$RUN_DIR/shipping.log" 2>&1 &
+PIDS+=($!)
+if [[ "$MODE" == cluster ]]; then
+  GRPC_ADDRS=("$GRPC_ADDR" "127.0.0.1:50052" "127.0.0.1:50053"); HTTP_ADDRS=("$HTTP_ADDR" "127.0.0.1:9474" "127.0.0.1:9484")
+  for i in 0 1 2; do
+    "$BIN/coordinator" --store jetstream --kv-replicas 3 --events-replicas 3 --instance-id "coord-$i" \
+      --grpc-addr "${GRPC_ADDRS[i]}" --http-addr "${HTTP_ADDRS[i]}" --data-dir "$RUN_DIR/coordinator-$i" \
+      --definitions-dir "$ROOT/saga-definitions" >"$RUN_DIR/coordinator-$i.log" 2>&1 &
+    PIDS+=($!)
+  done
+else
 "$BIN/coordinator" --grpc-addr "$GRPC_ADDR" --http-addr "$HTTP_ADDR" --data-dir "$RUN_DIR/coordinator" \
   --definitions-dir "$ROOT/saga-definitions" >"$RUN_DIR/coordinator.log" 2>&1 &
 PIDS+=($!)
+fi
 
 # Wait until the coordinator answers gRPC.
 ready=0
@@ -70,8 +110,68 @@ done
 [[ $ready == 1 ]] || { echo "coordinator not ready after 30s"; tail -n 20 "$RUN_DIR"/*.log; exit 1; }
 
 echo "nats: $NATS_URL   gRPC: $GRPC_ADDR   metrics/health: http://$HTTP_ADDR   data and logs: $RUN_DIR"
+echo "participants' metrics/health: inventory http://$INVENTORY_HTTP   payment http://$PAYMENT_HTTP   shipping http://$SHIPPING_HTTP"
+# Prometheus counters (`*_total`) of the three processes, one `name{labels} value` per line.
+scrape() {
+  python3 - "http://$HTTP_ADDR/metrics" "http://$INVENTORY_HTTP/metrics" "http://$PAYMENT_HTTP/metrics" "http://$SHIPPING_HTTP/metrics" <<'PY'
+import sys, urllib.request
+for url in sys.argv[1:]:
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    for line in text.splitlines():
+        if line and not line.startswith("#") and line.split("{")[0].split(" ")[0].endswith("_total"):
+            print(line)
+PY
+}
+
 if [[ "$MODE" == demo ]]; then
-  "$BIN/sagactl" --addr "http://$GRPC_ADDR" demo
+  before="$RUN_DIR/metrics-before.txt"; after="$RUN_DIR/metrics-after.txt"
+  scrape >"$before"
+  status=0
+  "$BIN/sagactl" --addr "http://$GRPC_ADDR" demo || status=$?
+  scrape >"$after"
+  echo
+  echo "=== metrics that moved during the demo (GET /metrics of the coordinator and the participants) ==="
+  python3 - "$before" "$after" <<'PY'
+import sys
+def load(path):
+    out = {}
+    for line in open(path):
+        key, _, value = line.rstrip().rpartition(" ")
+        out[key] = float(value)
+    return out
+before, after = load(sys.argv[1]), load(sys.argv[2])
+moved = [(k, before.get(k, 0.0), v) for k, v in sorted(after.items()) if v != before.get(k, 0.0)]
+width = max((len(k) for k, _, _ in moved), default=0)
+for k, a, b in moved:
+    print(f"  {k:<{width}}  {a:g} -> {b:g}")
+if not moved:
+    print("  (nothing moved)")
+PY
+  exit "$status"
+elif [[ "$MODE" == cluster ]]; then
+  # Ready (NATS, store, runner) on all three, then a few seconds for the partitions to spread.
+  python3 - "${HTTP_ADDRS[@]}" <<'PY'
+import sys, time, urllib.request
+for addr in sys.argv[1:]:
+    for _ in range(600):
+        try:
+            if urllib.request.urlopen(f"http://{addr}/ready", timeout=2).status == 200:
+                break
+        except Exception:
+            pass
+        time.sleep(0.1)
+PY
+  sleep 3
+  echo "coordinators (jetstream store): gRPC ${GRPC_ADDRS[*]}   metrics ${HTTP_ADDRS[*]}"
+  echo "the demo orders, placed through the second coordinator (any coordinator takes any order):"
+  "$BIN/sagactl" --addr "http://${GRPC_ADDRS[1]}" demo || true
+  cat <<MSG
+
+A cluster is up: kill one coordinator (kill -9 <pid>, see ps) and watch another take its
+partitions over within the lease TTL (3 s): target/debug/sagactl --addr http://${GRPC_ADDRS[2]} list
+Press Ctrl-C to stop.
+MSG
+  wait "${PIDS[-1]}"
 else
   cat <<MSG
 
@@ -81,6 +181,7 @@ The saga engine is up. Try (grpcurl is in .venv/bin):
   .venv/bin/grpcurl -plaintext -d '{"customer_id":"c-1","items":[{"sku":"A-1","quantity":2}],"amount_cents":1999,"currency":"EUR"}' $GRPC_ADDR saga.v1.SagaService/CreateOrder
   target/debug/sagactl --addr http://$GRPC_ADDR list
   curl -s http://$HTTP_ADDR/metrics | grep ^saga_
+  curl -s http://$INVENTORY_HTTP/metrics http://$PAYMENT_HTTP/metrics | grep ^participant_
 Press Ctrl-C to stop.
 MSG
   wait "${PIDS[-1]}"
