@@ -2,9 +2,10 @@
 //! coordinator and both participants, orders driven over gRPC, then
 //! `GET /metrics`, `/health` and `/ready` on each participant's own port.
 //!
-//! The participants' recorder is process-wide and the tests of this file run
-//! in parallel in one process, so counters are compared before and after
-//! (they only grow), never to absolute values.
+//! The participants' recorder is process-wide, so counters are compared before
+//! and after (they only grow), never to absolute values; and the tests of this
+//! file take turns ([`SERIAL`]): a participant that stops sets the shared
+//! `participant_nats_connected` gauge to 0 while another test may be reading it.
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -60,6 +61,9 @@ async fn commands(addr: SocketAddr, participant: &str, action: &str, outcome: &s
     .unwrap_or(0.0))
 }
 
+/// One test of this file at a time (see the module docs).
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn http_addrs(s: &System) -> Result<(SocketAddr, SocketAddr)> {
     let inventory = s.inventory.as_ref().context("no inventory")?.http_addr;
     let payment = s.payment.as_ref().context("no payment")?.http_addr;
@@ -68,6 +72,7 @@ fn http_addrs(s: &System) -> Result<(SocketAddr, SocketAddr)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn participants_serve_metrics_health_and_readiness_over_http() -> Result<()> {
+    let _turn = SERIAL.lock().await;
     let mut s = System::up().await?;
     let (inventory, payment) = http_addrs(&s)?;
     assert_ne!(inventory, payment, "each participant has its own port");
@@ -144,6 +149,7 @@ async fn participants_serve_metrics_health_and_readiness_over_http() -> Result<(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repeats_and_malformed_commands_are_counted() -> Result<()> {
+    let _turn = SERIAL.lock().await;
     let s = System::up().await?;
     let (inventory, _) = http_addrs(&s)?;
     let saga_id = "0190b8a4-0000-7000-8000-0000000000aa";
