@@ -1,12 +1,24 @@
 //! Sends outbox commands to participants over NATS request-reply and turns
 //! whatever comes back into an engine [`Outcome`].
 //!
-//! Each command runs in its own tracked task: wait the step's backoff for
-//! attempts after the first (`RetryPolicy::delay_before`, jittered by the
-//! `backon` crate), send with the step's timeout, classify the answer, report
-//! it to the saga runner. Retrying is the engine's decision, recorded before
-//! the next attempt leaves; this module never retries on its own and never
-//! touches the store. Callers hand it only commands whose state is flushed.
+//! One task drives every command in flight. A command is a compact row in a
+//! table (saga, step, kind, attempt, its route and a timer key), not a task
+//! of its own: one reply subscription (`<inbox>.*`) serves them all, each
+//! request carrying its row's token as the last token of its reply subject,
+//! and one timer wheel ([`DelayQueue`]) holds both the backoff waits before
+//! a retry and the reply deadlines. So 100,000 sagas waiting on a slow
+//! participant cost a few hundred bytes each here, not a task, a future, a
+//! timer, a span and a reply slot each.
+//!
+//! For each command: wait the step's backoff for attempts after the first
+//! (`RetryPolicy::delay_before`, jittered by the `backon` crate), send with
+//! the step's timeout, classify the answer, report it to the saga runner.
+//! Retrying is the engine's decision, recorded before the next attempt
+//! leaves; this module never retries on its own and never touches the store.
+//! Callers hand it only commands whose state is flushed. While the NATS
+//! connection is down a command due to leave waits (re-checked every
+//! [`PARKED_RECHECK`]) instead of burning its attempt: nothing could be
+//! delivered, and the outbox still holds it if the coordinator stops.
 //!
 //! Every participant sits behind its own failsafe circuit breaker: after
 //! `failures` consecutive failures (no responders, timeouts, `error` or
@@ -21,19 +33,25 @@ use std::{
     time::{Duration, Instant},
 };
 
-use failsafe::futures::CircuitBreaker as _;
-
-use async_nats::{header::HeaderMap, RequestErrorKind};
+use async_nats::{connection::State as NatsState, header::HeaderMap, StatusCode};
+use futures::StreamExt;
 use saga_proto::wire::{self, CommandKind, Reply};
 use tokio::sync::mpsc;
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::{debug, info, info_span, warn, Instrument};
+use tokio_util::{
+    sync::CancellationToken,
+    task::TaskTracker,
+    time::{delay_queue, DelayQueue},
+};
+use tracing::{debug, info, warn};
 
 use crate::{
     engine::{Event, Outcome},
     store::OutboxEntry,
     telemetry,
 };
+
+/// How often a command that is due while NATS is disconnected looks again.
+pub const PARKED_RECHECK: Duration = Duration::from_millis(100);
 
 /// Why a call produced no participant answer (style: the two kinds
 /// async-nats distinguishes, plus a reply we cannot read).
@@ -52,6 +70,9 @@ pub enum CallError {
     /// The participant answered `error`: it recorded nothing.
     #[error("error: {0}")]
     ErrorReply(String),
+    /// The participant's circuit breaker is open: nothing was sent.
+    #[error("circuit open for {0}")]
+    CircuitOpen(String),
 }
 
 /// Circuit-breaker settings, the same for every participant.
@@ -133,6 +154,10 @@ impl Breaker {
     }
 }
 
+/// The breakers by participant, created on first use; shared with
+/// [`Dispatcher::open_breakers`].
+type Breakers = Arc<Mutex<HashMap<String, Breaker>>>;
+
 /// An outcome for the saga runner.
 #[derive(Debug)]
 pub struct Reported {
@@ -142,28 +167,27 @@ pub struct Reported {
     pub event: Event,
 }
 
-/// A command's identity: saga, step, kind.
-type CommandId = (String, usize, CommandKind);
+enum Order {
+    Send(Box<OutboxEntry>),
+    Withdraw {
+        saga_id: String,
+        step: usize,
+        kind: CommandKind,
+    },
+}
 
 /// Sends commands; cheap to clone.
 #[derive(Clone)]
 pub struct Dispatcher {
-    client: async_nats::Client,
-    breakers: Arc<Mutex<HashMap<String, Breaker>>>,
-    /// Commands in flight (or waiting out their backoff), so one made moot
-    /// by an operator abort can be withdrawn.
-    in_flight: Arc<Mutex<HashMap<CommandId, (u64, CancellationToken)>>>,
-    next_id: Arc<std::sync::atomic::AtomicU64>,
-    breaker_settings: BreakerSettings,
-    outcomes: mpsc::UnboundedSender<Reported>,
-    tracker: TaskTracker,
-    cancel: CancellationToken,
+    orders: mpsc::UnboundedSender<Order>,
+    breakers: Breakers,
 }
 
 impl Dispatcher {
-    /// A dispatcher reporting outcomes on `outcomes`. Tasks are tracked by
-    /// `tracker` and abandoned (not reported) when `cancel` fires: their
-    /// commands stay in the outbox and are re-sent on the next start.
+    /// A dispatcher reporting outcomes on `outcomes`. Its task is tracked by
+    /// `tracker` and stops when `cancel` fires, abandoning the commands in
+    /// flight unreported: they stay in the outbox and are re-sent on the next
+    /// start. Must be called inside a tokio runtime.
     pub fn new(
         client: async_nats::Client,
         breaker_settings: BreakerSettings,
@@ -171,142 +195,40 @@ impl Dispatcher {
         tracker: TaskTracker,
         cancel: CancellationToken,
     ) -> Self {
-        Dispatcher {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let breakers = Breakers::default();
+        let inbox = client.new_inbox();
+        let driver = Driver {
             client,
-            breakers: Arc::default(),
-            in_flight: Arc::default(),
-            next_id: Arc::default(),
-            breaker_settings,
+            inbox,
+            settings: breaker_settings,
+            breakers: breakers.clone(),
+            routes: HashMap::new(),
+            rows: HashMap::new(),
+            timers: DelayQueue::new(),
+            next_token: 0,
             outcomes,
-            tracker,
-            cancel,
-        }
+        };
+        tracker.spawn(driver.run(rx, cancel));
+        Dispatcher { orders: tx, breakers }
     }
 
     /// Sends `entry` in the background. The caller guarantees the state that
     /// implies this command is durable.
     pub fn dispatch(&self, entry: OutboxEntry) {
-        let span = info_span!(
-            "command",
-            saga_id = %entry.saga_id,
-            correlation_id = %entry.correlation_id,
-            step = %entry.message.step,
-            kind = entry.kind.as_str(),
-            attempt = entry.message.attempt,
-        );
-        let this = self.clone();
-        let key = (entry.saga_id.clone(), entry.step, entry.kind);
-        let withdrawn = self.cancel.child_token();
-        let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if let Ok(mut map) = self.in_flight.lock() {
-            map.insert(key.clone(), (id, withdrawn.clone()));
-        }
-        self.tracker.spawn(
-            async move {
-                let breaker = this.breaker(participant_of(&entry.subject));
-                let outcome = tokio::select! {
-                    _ = withdrawn.cancelled() => {
-                        this.forget(&key, id);
-                        return;
-                    }
-                    outcome = async {
-                        // Back off as the step's policy says, and at least until an open breaker may close.
-                        let delay = entry.retry.delay_before(entry.message.attempt).max(breaker.remaining_open());
-                        // Not even a zero sleep on a first attempt: tokio's timer rounds a
-                        // deadline up to its next 1 ms tick, which a saga would pay per step.
-                        if !delay.is_zero() {
-                            tokio::time::sleep(delay).await;
-                        }
-                        let started = Instant::now();
-                        let result = breaker.machine.call(this.call(&entry)).await;
-                        let label = match &result {
-                            Ok(Reply::Ok { .. }) => "ok",
-                            Ok(Reply::Rejected { .. }) => "rejected",
-                            Ok(Reply::Error { .. }) | Err(failsafe::Error::Inner(CallError::ErrorReply(_))) => "error",
-                            Err(failsafe::Error::Rejected) => "circuit_open",
-                            Err(failsafe::Error::Inner(CallError::Unavailable(_))) => "unavailable",
-                            Err(failsafe::Error::Inner(CallError::OutcomeUnknown(_))) => "timeout",
-                            Err(failsafe::Error::Inner(CallError::Malformed(_))) => "malformed",
-                        };
-                        let participant = participant_of(&entry.subject).to_string();
-                        metrics::histogram!(
-                            telemetry::STEP_SECONDS,
-                            "participant" => participant.clone(),
-                            "action" => entry.message.action.clone(),
-                            "outcome" => label,
-                        )
-                        .record(started.elapsed().as_secs_f64());
-                        if entry.message.attempt > 1 {
-                            metrics::counter!(telemetry::STEP_RETRIES, "participant" => participant).increment(1);
-                        }
-                        result
-                    } => outcome,
-                };
-                let outcome = match outcome {
-                    Ok(Reply::Ok { data }) => Outcome::Ok(data),
-                    Ok(Reply::Rejected { reason }) => Outcome::Rejected(reason),
-                    // `call` turns error replies into `CallError::ErrorReply`.
-                    Ok(Reply::Error { reason }) => Outcome::NotApplied(format!("error: {reason}")),
-                    Err(failsafe::Error::Rejected) => {
-                        Outcome::NotApplied(format!("circuit open for {}", participant_of(&entry.subject)))
-                    }
-                    Err(failsafe::Error::Inner(e @ (CallError::Unavailable(_) | CallError::ErrorReply(_)))) => {
-                        Outcome::NotApplied(e.to_string())
-                    }
-                    Err(failsafe::Error::Inner(e @ (CallError::OutcomeUnknown(_) | CallError::Malformed(_)))) => {
-                        Outcome::Transient(e.to_string())
-                    }
-                };
-                debug!(?outcome, "outcome");
-                let event = Event::Reply {
-                    step: entry.step,
-                    kind: entry.kind,
-                    attempt: entry.message.attempt,
-                    outcome,
-                };
-                this.forget(&key, id);
-                // The runner is gone only during shutdown; the outbox keeps the command.
-                let _ = this.outcomes.send(Reported {
-                    saga_id: entry.saga_id,
-                    event,
-                });
-            }
-            .instrument(span),
-        );
+        // Gone only after shutdown: the outbox keeps the command.
+        let _ = self.orders.send(Order::Send(Box::new(entry)));
     }
 
     /// Withdraws the command for `saga_id`/`step`/`kind` if it has not been
     /// answered yet (an operator abort settled it). A request already on the
     /// wire may still arrive: participants' tombstones make that harmless.
     pub fn withdraw(&self, saga_id: &str, step: usize, kind: CommandKind) {
-        let entry = self
-            .in_flight
-            .lock()
-            .ok()
-            .and_then(|mut m| m.remove(&(saga_id.to_string(), step, kind)));
-        if let Some((_, token)) = entry {
-            token.cancel();
-        }
-    }
-
-    fn forget(&self, key: &CommandId, id: u64) {
-        if let Ok(mut map) = self.in_flight.lock() {
-            // Only our own entry: a newer attempt may have replaced it.
-            if map.get(key).is_some_and(|(mine, _)| *mine == id) {
-                map.remove(key);
-            }
-        }
-    }
-
-    /// The breaker of `participant`, created on first use.
-    fn breaker(&self, participant: &str) -> Breaker {
-        let mut map = match self.breakers.lock() {
-            Ok(m) => m,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        map.entry(participant.to_string())
-            .or_insert_with(|| Breaker::new(participant, self.breaker_settings))
-            .clone()
+        let _ = self.orders.send(Order::Withdraw {
+            saga_id: saga_id.to_string(),
+            step,
+            kind,
+        });
     }
 
     /// Participants whose breaker is open now.
@@ -320,42 +242,385 @@ impl Dispatcher {
             .map(|(p, _)| p.clone())
             .collect()
     }
+}
 
-    /// One request-reply round trip; an `error` reply is a failure for the breaker.
-    async fn call(&self, entry: &OutboxEntry) -> Result<Reply, CallError> {
-        let body = serde_json::to_vec(&entry.message).map_err(|e| CallError::Malformed(e.to_string()))?;
-        let timeout = Duration::from_millis(entry.timeout_ms);
-        let request = async_nats::Request::new()
-            .payload(body.into())
-            .headers(headers(entry))
-            .timeout(Some(timeout));
-        let msg = match self.client.send_request(entry.subject.clone(), request).await {
-            Ok(msg) => msg,
-            Err(e) => {
-                return Err(match e.kind() {
-                    RequestErrorKind::TimedOut => CallError::OutcomeUnknown(timeout),
-                    RequestErrorKind::NoResponders => CallError::Unavailable("no responders".into()),
-                    RequestErrorKind::InvalidSubject
-                    | RequestErrorKind::MaxPayloadExceeded
-                    | RequestErrorKind::Other => CallError::Unavailable(e.to_string()),
-                })
-            }
+/// Where a command goes, shared by every row with the same subject.
+struct Route {
+    subject: String,
+    participant: String,
+    action: String,
+    breaker: Breaker,
+}
+
+/// A command in flight: waiting out its backoff (with the whole entry, to
+/// send it) or sent (with only what its outcome and metrics need).
+struct Row {
+    saga_id: Box<str>,
+    correlation_id: Box<str>,
+    step: usize,
+    kind: CommandKind,
+    attempt: u32,
+    route: Arc<Route>,
+    /// The row's one live timer, if any. A key is forgotten the moment its
+    /// timer fires: the queue reuses keys, so a stale one must never be used.
+    timer: Option<delay_queue::Key>,
+    stage: Stage,
+}
+
+enum Stage {
+    Waiting(Box<OutboxEntry>),
+    Sent { started: Instant, timeout: Duration },
+}
+
+/// The one task behind a [`Dispatcher`].
+struct Driver {
+    client: async_nats::Client,
+    /// Replies come to `<inbox>.<token>`.
+    inbox: String,
+    settings: BreakerSettings,
+    breakers: Breakers,
+    routes: HashMap<String, Arc<Route>>,
+    rows: HashMap<u64, Row>,
+    /// Fires a row's token: a backoff over (send it) or a deadline (timeout).
+    timers: DelayQueue<u64>,
+    next_token: u64,
+    outcomes: mpsc::UnboundedSender<Reported>,
+}
+
+impl Driver {
+    async fn run(mut self, mut orders: mpsc::UnboundedReceiver<Order>, cancel: CancellationToken) {
+        let mut replies = tokio::select! {
+            s = self.subscribe() => s,
+            _ = cancel.cancelled() => return,
         };
-        match serde_json::from_slice::<Reply>(&msg.payload) {
-            Ok(Reply::Error { reason }) => Err(CallError::ErrorReply(reason)),
-            Ok(reply) => Ok(reply),
-            Err(e) => {
-                let body: String = String::from_utf8_lossy(&msg.payload).chars().take(200).collect();
-                warn!(error = %e, body, "malformed reply from participant; treated as transient");
-                Err(CallError::Malformed(e.to_string()))
+        let mut batch = Vec::with_capacity(256);
+        loop {
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                message = replies.next() => match message {
+                    Some(message) => self.on_reply(message),
+                    // The client closed (it does not while reconnecting): subscribe again.
+                    None => replies = tokio::select! {
+                        s = self.subscribe() => s,
+                        _ = cancel.cancelled() => break,
+                    },
+                },
+                n = orders.recv_many(&mut batch, 256) => {
+                    if n == 0 {
+                        break;
+                    }
+                    for order in batch.drain(..) {
+                        match order {
+                            Order::Send(entry) => self.admit(entry),
+                            Order::Withdraw { saga_id, step, kind } => self.withdraw(&saga_id, step, kind),
+                        }
+                    }
+                }
+                Some(expired) = self.timers.next(), if !self.timers.is_empty() => {
+                    let token = expired.into_inner();
+                    if let Some(row) = self.rows.get_mut(&token) {
+                        row.timer = None;
+                    }
+                    tokio::select! {
+                        biased;
+                        _ = cancel.cancelled() => break,
+                        () = self.on_timer(token) => {}
+                    }
+                }
+            }
+        }
+        debug!(
+            in_flight = self.rows.len(),
+            "dispatcher stopped; in-flight commands stay in the outbox"
+        );
+    }
+
+    /// The reply subscription, retried until it is taken.
+    async fn subscribe(&self) -> async_nats::Subscriber {
+        let subject = format!("{}.*", self.inbox);
+        let mut wait = Duration::from_millis(50);
+        loop {
+            match self.client.subscribe(subject.clone()).await {
+                Ok(s) => return s,
+                Err(e) => {
+                    warn!(error = %e, "cannot subscribe to command replies; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(2));
+                }
             }
         }
     }
+
+    fn route(&mut self, subject: &str) -> Arc<Route> {
+        if let Some(r) = self.routes.get(subject) {
+            return r.clone();
+        }
+        let participant = wire_part(subject, 2).to_string();
+        let breaker = {
+            let mut map = match self.breakers.lock() {
+                Ok(m) => m,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            map.entry(participant.clone())
+                .or_insert_with(|| Breaker::new(&participant, self.settings))
+                .clone()
+        };
+        let route = Arc::new(Route {
+            subject: subject.to_string(),
+            action: wire_part(subject, 3).to_string(),
+            participant,
+            breaker,
+        });
+        self.routes.insert(subject.to_string(), route.clone());
+        route
+    }
+
+    /// A new command: a row waiting out its backoff (and at least until an
+    /// open breaker may close), due at once on a first attempt.
+    fn admit(&mut self, entry: Box<OutboxEntry>) {
+        let route = self.route(&entry.subject);
+        let delay = entry
+            .retry
+            .delay_before(entry.message.attempt)
+            .max(route.breaker.remaining_open());
+        let token = self.next_token;
+        self.next_token += 1;
+        // Not even a zero sleep on a first attempt: tokio's timer rounds a
+        // deadline up to its next 1 ms tick, which a saga would pay per step.
+        let timer = (!delay.is_zero()).then(|| self.timers.insert(token, delay));
+        self.rows.insert(
+            token,
+            Row {
+                saga_id: entry.saga_id.as_str().into(),
+                correlation_id: entry.correlation_id.as_str().into(),
+                step: entry.step,
+                kind: entry.kind,
+                attempt: entry.message.attempt,
+                route,
+                timer,
+                stage: Stage::Waiting(entry),
+            },
+        );
+        if timer.is_none() {
+            self.send_now_or_park(token);
+        }
+    }
+
+    fn withdraw(&mut self, saga_id: &str, step: usize, kind: CommandKind) {
+        // Only an operator abort withdraws: a scan is cheap enough for it.
+        let tokens: Vec<u64> = self
+            .rows
+            .iter()
+            .filter(|(_, r)| &*r.saga_id == saga_id && r.step == step && r.kind == kind)
+            .map(|(t, _)| *t)
+            .collect();
+        for token in tokens {
+            if let Some(row) = self.rows.remove(&token) {
+                if let Some(key) = row.timer {
+                    self.timers.try_remove(&key);
+                }
+                debug!(saga_id, correlation_id = %row.correlation_id, step, attempt = row.attempt,
+                       "command withdrawn");
+            }
+        }
+    }
+
+    async fn on_timer(&mut self, token: u64) {
+        let Some(row) = self.rows.get(&token) else {
+            return;
+        };
+        match row.stage {
+            Stage::Waiting(_) => self.send(token).await,
+            Stage::Sent { timeout, .. } => self.finish(token, Err(CallError::OutcomeUnknown(timeout))),
+        }
+    }
+
+    /// A row due now, from a non-async path: sent at once (the publish only
+    /// queues on the connection), or parked while NATS is down.
+    fn send_now_or_park(&mut self, token: u64) {
+        if self.client.connection_state() != NatsState::Connected {
+            self.park(token, PARKED_RECHECK);
+            return;
+        }
+        let Some((subject, reply, headers, body)) = self.request_parts(token) else {
+            return;
+        };
+        match futures::FutureExt::now_or_never(
+            self.client
+                .publish_with_reply_and_headers(subject, reply, headers, body),
+        ) {
+            Some(result) => self.sent(token, result),
+            // The connection's queue is full (NATS is stalling): nothing was
+            // queued; the timer path sends it, waiting for room.
+            None => self.park(token, Duration::ZERO),
+        }
+    }
+
+    /// Sends a due row, waiting for room on the connection if needed.
+    async fn send(&mut self, token: u64) {
+        if self.client.connection_state() != NatsState::Connected {
+            self.park(token, PARKED_RECHECK);
+            return;
+        }
+        let Some((subject, reply, headers, body)) = self.request_parts(token) else {
+            return;
+        };
+        let result = self
+            .client
+            .publish_with_reply_and_headers(subject, reply, headers, body)
+            .await;
+        self.sent(token, result);
+    }
+
+    /// A waiting row looks again after `after` (its attempt not spent).
+    fn park(&mut self, token: u64, after: Duration) {
+        if let Some(row) = self.rows.get_mut(&token) {
+            row.timer = Some(self.timers.insert(token, after));
+        }
+    }
+
+    /// The request of a waiting row, or its failure reported (an open
+    /// breaker, an envelope that cannot be encoded).
+    fn request_parts(&mut self, token: u64) -> Option<(String, String, HeaderMap, bytes::Bytes)> {
+        let row = self.rows.get(&token)?;
+        let Stage::Waiting(entry) = &row.stage else {
+            return None;
+        };
+        if !row.route.breaker.machine.is_call_permitted() {
+            let participant = row.route.participant.clone();
+            self.finish(token, Err(CallError::CircuitOpen(participant)));
+            return None;
+        }
+        let body = match serde_json::to_vec(&entry.message) {
+            Ok(b) => b,
+            Err(e) => {
+                self.finish(token, Err(CallError::Malformed(e.to_string())));
+                return None;
+            }
+        };
+        Some((
+            row.route.subject.clone(),
+            format!("{}.{token}", self.inbox),
+            headers(entry),
+            body.into(),
+        ))
+    }
+
+    /// The publish of a row went (or failed): it now waits for its reply
+    /// until its deadline, keeping only what its outcome needs.
+    fn sent(&mut self, token: u64, result: Result<(), async_nats::PublishError>) {
+        if let Err(e) = result {
+            self.finish(token, Err(CallError::Unavailable(e.to_string())));
+            return;
+        }
+        let Some(row) = self.rows.get_mut(&token) else {
+            return;
+        };
+        let Stage::Waiting(entry) = &row.stage else {
+            return;
+        };
+        let timeout = Duration::from_millis(entry.timeout_ms);
+        row.timer = Some(self.timers.insert(token, timeout));
+        row.stage = Stage::Sent {
+            started: Instant::now(),
+            timeout,
+        };
+    }
+
+    fn on_reply(&mut self, message: async_nats::Message) {
+        let token = message
+            .subject
+            .rsplit_once('.')
+            .and_then(|(_, t)| t.parse::<u64>().ok());
+        let Some(token) =
+            token.filter(|t| matches!(self.rows.get(t), Some(r) if matches!(r.stage, Stage::Sent { .. })))
+        else {
+            debug!(subject = %message.subject, "reply for no command in flight (late, or withdrawn); ignored");
+            return;
+        };
+        let result = if message.status == Some(StatusCode::NO_RESPONDERS) {
+            Err(CallError::Unavailable("no responders".into()))
+        } else {
+            match serde_json::from_slice::<Reply>(&message.payload) {
+                Ok(Reply::Error { reason }) => Err(CallError::ErrorReply(reason)),
+                Ok(reply) => Ok(reply),
+                Err(e) => {
+                    let body: String = String::from_utf8_lossy(&message.payload)
+                        .chars()
+                        .take(200)
+                        .collect();
+                    if let Some(row) = self.rows.get(&token) {
+                        warn!(saga_id = %row.saga_id, correlation_id = %row.correlation_id, step = row.step,
+                              attempt = row.attempt, error = %e, body,
+                              "malformed reply from participant; treated as transient");
+                    }
+                    Err(CallError::Malformed(e.to_string()))
+                }
+            }
+        };
+        self.finish(token, result);
+    }
+
+    /// Ends a row: breaker bookkeeping, metrics, the outcome to the runner.
+    fn finish(&mut self, token: u64, result: Result<Reply, CallError>) {
+        let Some(row) = self.rows.remove(&token) else {
+            return;
+        };
+        if let Some(key) = row.timer {
+            self.timers.try_remove(&key);
+        }
+        let route = &row.route;
+        let sent = match row.stage {
+            Stage::Sent { started, .. } => Some(started),
+            Stage::Waiting(_) => None,
+        };
+        // A command refused before it left (open breaker) is not a call.
+        match &result {
+            Ok(_) => route.breaker.machine.on_success(),
+            Err(CallError::CircuitOpen(_)) => {}
+            Err(_) => route.breaker.machine.on_error(),
+        }
+        let (label, outcome) = match result {
+            Ok(Reply::Ok { data }) => ("ok", Outcome::Ok(data)),
+            Ok(Reply::Rejected { reason }) => ("rejected", Outcome::Rejected(reason)),
+            Ok(Reply::Error { reason }) | Err(CallError::ErrorReply(reason)) => {
+                ("error", Outcome::NotApplied(format!("error: {reason}")))
+            }
+            Err(e @ CallError::CircuitOpen(_)) => ("circuit_open", Outcome::NotApplied(e.to_string())),
+            Err(e @ CallError::Unavailable(_)) => ("unavailable", Outcome::NotApplied(e.to_string())),
+            Err(e @ CallError::OutcomeUnknown(_)) => ("timeout", Outcome::Transient(e.to_string())),
+            Err(e @ CallError::Malformed(_)) => ("malformed", Outcome::Transient(e.to_string())),
+        };
+        metrics::histogram!(
+            telemetry::STEP_SECONDS,
+            "participant" => route.participant.clone(),
+            "action" => route.action.clone(),
+            "outcome" => label,
+        )
+        .record(sent.map_or(0.0, |s| s.elapsed().as_secs_f64()));
+        if row.attempt > 1 {
+            metrics::counter!(telemetry::STEP_RETRIES, "participant" => route.participant.clone())
+                .increment(1);
+        }
+        debug!(saga_id = %row.saga_id, correlation_id = %row.correlation_id, step = row.step,
+               kind = row.kind.as_str(), attempt = row.attempt, ?outcome, "outcome");
+        // The runner is gone only during shutdown; the outbox keeps the command.
+        let _ = self.outcomes.send(Reported {
+            saga_id: row.saga_id.into(),
+            event: Event::Reply {
+                step: row.step,
+                kind: row.kind,
+                attempt: row.attempt,
+                outcome,
+            },
+        });
+    }
 }
 
-/// `saga.cmd.<participant>.<action>` → `<participant>`.
-fn participant_of(subject: &str) -> &str {
-    subject.split('.').nth(2).unwrap_or(subject)
+/// The `n`th dot-separated part of `saga.cmd.<participant>.<action>`.
+fn wire_part(subject: &str, n: usize) -> &str {
+    subject.split('.').nth(n).unwrap_or(subject)
 }
 
 /// `X-Correlation-ID` and a W3C `traceparent` whose trace id is the saga id,

@@ -153,6 +153,11 @@ pub struct Config {
     /// Bound of sled's page cache, in MiB (memory stays flat as the store grows).
     #[arg(long, env = "COORDINATOR_CACHE_MIB", default_value_t = 128)]
     pub cache_mib: u64,
+    /// sled store: most in-flight sagas kept in memory; beyond that, sagas
+    /// waiting for a reply are evicted once durable and read back from the
+    /// store on their next event (memory stays small with many in flight).
+    #[arg(long, env = "COORDINATOR_RESIDENT_SAGAS", default_value_t = 10_000)]
+    pub resident_sagas: usize,
     /// Do not publish saga events to JetStream.
     #[arg(long, env = "COORDINATOR_NO_EVENTS")]
     pub no_events: bool,
@@ -211,6 +216,7 @@ impl Config {
             nats_security: saga_proto::nats::NatsSecurity::default(),
             retention: Duration::from_secs(30 * 24 * 3600),
             cache_mib: 128,
+            resident_sagas: 10_000,
             no_events: false,
             events_stream: "SAGA_EVENTS".into(),
             events_max_age: Duration::from_secs(7 * 24 * 3600),
@@ -466,7 +472,7 @@ pub async fn run_with_reload(
         .register_encoded_file_descriptor_set(saga_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    let (handle, outcomes, inputs) = runner::channel();
+    let (handle, outcomes, inputs) = runner::channel(config.resident_sagas);
     let mut api = SagaApi::new(
         store.clone(),
         definitions,

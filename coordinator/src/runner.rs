@@ -12,7 +12,13 @@
 //! On start it resumes every non-terminal saga: PENDING ones are started,
 //! outbox commands are re-sent with their original idempotency keys.
 //! In-flight sagas live in memory (a map, removed when terminal); terminal
-//! ones are only in the store.
+//! ones are only in the store. With sled, at most `resident` in-flight
+//! sagas stay in memory: beyond that, sagas waiting for a reply are evicted
+//! after the flush that made them durable (only their 16-byte id is kept) and
+//! read back from the store when their next event arrives. Every in-flight
+//! saga has a command out (or a retry timer in the dispatcher) whose outcome
+//! is such an event, so an evicted saga is never forgotten; and a restart
+//! resumes from the store anyway.
 //!
 //! Each transition's saga events are written by the store in the same
 //! transaction; after the flush the runner wakes the events publisher.
@@ -341,14 +347,17 @@ impl RunnerHandle {
 
 /// The runner task's inputs, built by [`channel`].
 pub struct RunnerInputs {
+    /// Most in-flight sagas kept in memory (see the module docs).
+    resident: usize,
     requests: mpsc::Receiver<Request>,
     outcomes: mpsc::UnboundedReceiver<Reported>,
     watchers: Watchers,
     running: tokio::sync::watch::Sender<bool>,
 }
 
-/// A handle for creators, the sender for the dispatcher and the runner's inputs.
-pub fn channel() -> (RunnerHandle, mpsc::UnboundedSender<Reported>, RunnerInputs) {
+/// A handle for creators, the sender for the dispatcher and the runner's
+/// inputs; at most `resident` in-flight sagas are kept in memory with sled.
+pub fn channel(resident: usize) -> (RunnerHandle, mpsc::UnboundedSender<Reported>, RunnerInputs) {
     let (tx, requests) = mpsc::channel(4096);
     let (otx, outcomes) = mpsc::unbounded_channel();
     let watchers = Watchers::default();
@@ -361,6 +370,7 @@ pub fn channel() -> (RunnerHandle, mpsc::UnboundedSender<Reported>, RunnerInputs
         },
         otx,
         RunnerInputs {
+            resident: resident.max(1),
             requests,
             outcomes,
             watchers,
@@ -387,6 +397,10 @@ struct Runner {
     nats: async_nats::Client,
     events: crate::events::EventsWake,
     active: HashMap<String, Saga>,
+    /// In flight but not in memory (sled only): read back on their next event.
+    evicted: HashSet<Uuid>,
+    /// Most in-flight sagas kept in `active` (sled only).
+    resident: usize,
     dlq_inflight: Arc<Mutex<HashSet<Vec<u8>>>>,
     // Per batch:
     to_send: Vec<OutboxEntry>,
@@ -426,6 +440,8 @@ pub async fn run(
         nats,
         events,
         active: HashMap::new(),
+        evicted: HashSet::new(),
+        resident: inputs.resident,
         dlq_inflight: Arc::new(Mutex::new(HashSet::new())),
         to_send: Vec::new(),
         acks: Vec::new(),
@@ -447,7 +463,7 @@ pub async fn run(
     result?;
     r.store.flush_writes().await?;
     info!(
-        in_flight = r.active.len(),
+        in_flight = r.active.len() + r.evicted.len(),
         "saga runner stopped; in-flight sagas resume on next start"
     );
     Ok(())
@@ -652,6 +668,7 @@ impl Runner {
     /// from the store when it is not in memory.
     async fn operate(&mut self, id: Uuid, event: &Event, now: u64) -> Result<Operated, OperateError> {
         let key = id.to_string();
+        self.reload(&key)?;
         if !self.active.contains_key(&key) {
             let saga = self
                 .store
@@ -679,6 +696,7 @@ impl Runner {
     /// Applies one event to an active saga and writes the transition
     /// (unflushed); returns the new state when the saga changed.
     fn apply(&mut self, saga_id: &str, event: &Event, now: u64) -> Result<Option<StateTag>, StoreError> {
+        self.reload(saga_id)?;
         let Some(saga) = self.active.get(saga_id) else {
             debug!(saga_id, ?event, "event for a saga that is not active; ignored");
             return Ok(None);
@@ -729,6 +747,60 @@ impl Runner {
         Ok(Some(tag))
     }
 
+    /// Brings an evicted saga back into memory from the store (where the
+    /// flush before its eviction left it).
+    fn reload(&mut self, saga_id: &str) -> Result<(), StoreError> {
+        if self.evicted.is_empty() {
+            return Ok(());
+        }
+        let Some(id) = Uuid::parse_str(saga_id).ok().filter(|id| self.evicted.remove(id)) else {
+            return Ok(());
+        };
+        let Some(store) = self.store.sled() else {
+            return Ok(());
+        };
+        match store.get_latest(&id)? {
+            Some(saga) if !saga.state.is_terminal() => {
+                self.active.insert(saga_id.to_string(), saga);
+            }
+            Some(_) => {}
+            None => return Err(StoreError::Corrupt(format!("in-flight saga {id} is missing"))),
+        }
+        Ok(())
+    }
+
+    /// Keeps at most `resident` in-flight sagas in memory (sled only): the
+    /// excess, and a quarter more so this does not run on every batch, is
+    /// evicted, longest-waiting first (the oldest last transition: a saga
+    /// that just moved will hear back soonest). Called after the flush, so
+    /// each evicted saga is durable.
+    fn evict(&mut self) {
+        if self.active.len() <= self.resident || self.store.sled().is_none() {
+            return;
+        }
+        let excess = self.active.len() - (self.resident - self.resident / 4);
+        let mut by_age: Vec<(u64, &str)> = self
+            .active
+            .iter()
+            .map(|(k, s)| (s.updated_at_ms, k.as_str()))
+            .collect();
+        by_age.select_nth_unstable(excess - 1);
+        let victims: Vec<(String, Uuid)> = by_age[..excess]
+            .iter()
+            .filter_map(|(_, k)| Uuid::parse_str(k).ok().map(|id| (k.to_string(), id)))
+            .collect();
+        for (key, id) in victims {
+            self.active.remove(&key);
+            self.evicted.insert(id);
+        }
+        self.active.shrink_to(self.resident.saturating_mul(2));
+        debug!(
+            resident = self.active.len(),
+            evicted = self.evicted.len(),
+            "in-flight sagas evicted from memory"
+        );
+    }
+
     fn log(&self, t: &Transition) {
         let s = &t.saga;
         for h in &t.history {
@@ -758,7 +830,8 @@ impl Runner {
             metrics::counter!(telemetry::FLUSHES).increment(1);
             metrics::histogram!(telemetry::FLUSH_SECONDS).record(started.elapsed().as_secs_f64());
         }
-        metrics::gauge!(telemetry::SAGAS_IN_FLIGHT).set(self.active.len() as f64);
+        self.evict();
+        metrics::gauge!(telemetry::SAGAS_IN_FLIGHT).set((self.active.len() + self.evicted.len()) as f64);
         for (reply, result) in self.acks.drain(..) {
             let _ = reply.send(result);
         }

@@ -626,3 +626,74 @@ async fn finished_sagas_are_removed_after_the_retention() -> Result<()> {
     c.stop().await?;
     s.shutdown().await
 }
+
+/// More sagas in flight than the coordinator keeps in memory
+/// (`resident_sagas`): the excess is evicted once durable and read back from
+/// the store on its next reply. Every saga still ends as it would have, with
+/// each effect applied once, including a compensation of an evicted saga and
+/// an operator abort of one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sagas_evicted_from_memory_are_read_back_and_finish() -> Result<()> {
+    const TOKEN: &str = "operator-token-0123456789";
+    let mut s = System::bare(None).await?;
+    s.start_inventory().await?;
+    s.start_payment(&PaymentSettings {
+        gateway_latency: Duration::from_millis(600),
+        ..PaymentSettings::default()
+    })
+    .await?;
+    let c = RunningCoordinator::start_with(&s.nats.url(), &s.path("coordinator"), &s.definitions, |c| {
+        c.resident_sagas = 2;
+        c.operator_token = Some(TOKEN.into());
+    })
+    .await?;
+    c.wait_ready().await?;
+    let mut g = c.client().await?;
+    // 14 orders of one unit (the test stock is A-1 × 10, B-2 × 5): 9 of A-1, 5 of B-2.
+    let sku = |i: i64| if i < 9 { "A-1" } else { "B-2" };
+    let mut ids = Vec::new();
+    for i in 0..14 {
+        // The last one is above the customer limit: declined, then released.
+        let amount = if i == 13 { 60_000 } else { 100 + i };
+        let created = g
+            .create_order(order(&format!("c-{i}"), &[(sku(i), 1)], amount))
+            .await?
+            .into_inner();
+        ids.push(created.saga_id);
+    }
+    // All 14 now wait on the slow gateway, 12 of them out of memory: abort one.
+    let mut abort = tonic::Request::new(pb::AbortSagaRequest {
+        saga_id: ids[0].clone(),
+        reason: "customer called".into(),
+    });
+    abort
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {TOKEN}").parse()?);
+    g.abort_saga(abort).await?;
+
+    let mut charged = 0;
+    for (i, id) in ids.iter().enumerate() {
+        let saga = wait_terminal(&mut g, id, WAIT).await?;
+        let want = match i {
+            0 | 13 => SagaState::Compensated,
+            _ => SagaState::Completed,
+        };
+        assert_eq!(saga.state, want as i32, "saga {i}: {saga:#?}");
+        if want == SagaState::Completed {
+            charged += 100 + i as i64;
+            // One attempt per step: nothing was re-sent for having been evicted.
+            assert!(saga.steps.iter().all(|p| p.attempts == 1), "saga {i}: {saga:#?}");
+        }
+    }
+    // 12 units reserved for good (8 of A-1, 4 of B-2); the aborted and the
+    // declined order's released; money only for the completed ones.
+    eventually(Duration::from_secs(10), "stock and money settled", || async {
+        let a = stock(&s.client, "A-1").await.ok();
+        let b = stock(&s.client, "B-2").await.ok();
+        let money = ledger(&s.client).await.ok();
+        a == Some((2, 8)) && b == Some((1, 4)) && money.is_some_and(|(c, r)| c - r == charged)
+    })
+    .await?;
+    c.stop().await?;
+    s.shutdown().await
+}
