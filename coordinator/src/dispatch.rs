@@ -10,6 +10,12 @@
 //! participant cost a few hundred bytes each here, not a task, a future, a
 //! timer, a span and a reply slot each.
 //!
+//! A small pump task drains the reply subscription into an unbounded
+//! channel the moment replies arrive, so the subscription's bounded buffer
+//! never overflows (async-nats would drop replies as a slow consumer) while
+//! the dispatcher is busy sending a burst, e.g. every re-sent command after a
+//! restart. That channel holds at most one reply per command in flight.
+//!
 //! For each command: wait the step's backoff for attempts after the first
 //! (`RetryPolicy::delay_before`, jittered by the `backon` crate), send with
 //! the step's timeout, classify the answer, report it to the saga runner.
@@ -198,6 +204,15 @@ impl Dispatcher {
         let (tx, rx) = mpsc::unbounded_channel();
         let breakers = Breakers::default();
         let inbox = client.new_inbox();
+        let (reply_tx, replies) = mpsc::unbounded_channel();
+        let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
+        tracker.spawn(pump(
+            client.clone(),
+            format!("{inbox}.*"),
+            reply_tx,
+            subscribed_tx,
+            cancel.clone(),
+        ));
         let driver = Driver {
             client,
             inbox,
@@ -209,7 +224,7 @@ impl Dispatcher {
             next_token: 0,
             outcomes,
         };
-        tracker.spawn(driver.run(rx, cancel));
+        tracker.spawn(driver.run(rx, replies, subscribed, cancel));
         Dispatcher { orders: tx, breakers }
     }
 
@@ -288,23 +303,26 @@ struct Driver {
 }
 
 impl Driver {
-    async fn run(mut self, mut orders: mpsc::UnboundedReceiver<Order>, cancel: CancellationToken) {
-        let mut replies = tokio::select! {
-            s = self.subscribe() => s,
+    async fn run(
+        mut self,
+        mut orders: mpsc::UnboundedReceiver<Order>,
+        mut replies: mpsc::UnboundedReceiver<async_nats::Message>,
+        subscribed: tokio::sync::oneshot::Receiver<()>,
+        cancel: CancellationToken,
+    ) {
+        // No request leaves before its reply subscription is taken.
+        tokio::select! {
+            r = subscribed => if r.is_err() { return },
             _ = cancel.cancelled() => return,
-        };
+        }
         let mut batch = Vec::with_capacity(256);
         loop {
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break,
-                message = replies.next() => match message {
+                message = replies.recv() => match message {
                     Some(message) => self.on_reply(message),
-                    // The client closed (it does not while reconnecting): subscribe again.
-                    None => replies = tokio::select! {
-                        s = self.subscribe() => s,
-                        _ = cancel.cancelled() => break,
-                    },
+                    None => break,
                 },
                 n = orders.recv_many(&mut batch, 256) => {
                     if n == 0 {
@@ -334,22 +352,6 @@ impl Driver {
             in_flight = self.rows.len(),
             "dispatcher stopped; in-flight commands stay in the outbox"
         );
-    }
-
-    /// The reply subscription, retried until it is taken.
-    async fn subscribe(&self) -> async_nats::Subscriber {
-        let subject = format!("{}.*", self.inbox);
-        let mut wait = Duration::from_millis(50);
-        loop {
-            match self.client.subscribe(subject.clone()).await {
-                Ok(s) => return s,
-                Err(e) => {
-                    warn!(error = %e, "cannot subscribe to command replies; retrying");
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_secs(2));
-                }
-            }
-        }
     }
 
     fn route(&mut self, subject: &str) -> Arc<Route> {
@@ -615,6 +617,55 @@ impl Driver {
                 outcome,
             },
         });
+    }
+}
+
+/// Drains the reply subscription on `subject` into `tx` as fast as replies
+/// arrive; tells `subscribed` once the subscription is taken (retried until
+/// it is) and takes it again should the stream end.
+async fn pump(
+    client: async_nats::Client,
+    subject: String,
+    tx: mpsc::UnboundedSender<async_nats::Message>,
+    subscribed: tokio::sync::oneshot::Sender<()>,
+    cancel: CancellationToken,
+) {
+    let mut subscribed = Some(subscribed);
+    let mut wait = Duration::from_millis(50);
+    loop {
+        let taken = tokio::select! {
+            s = client.subscribe(subject.clone()) => s,
+            _ = cancel.cancelled() => return,
+        };
+        let mut sub = match taken {
+            Ok(sub) => sub,
+            Err(e) => {
+                warn!(error = %e, "cannot subscribe to command replies; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = cancel.cancelled() => return,
+                }
+                wait = (wait * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        };
+        if let Some(s) = subscribed.take() {
+            let _ = s.send(());
+        }
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                message = sub.next() => match message {
+                    Some(m) => {
+                        if tx.send(m).is_err() {
+                            return;
+                        }
+                    }
+                    // The client closed (it does not while reconnecting).
+                    None => break,
+                },
+            }
+        }
     }
 }
 

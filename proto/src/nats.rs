@@ -129,6 +129,9 @@ impl NatsSecurity {
     }
 }
 
+/// Messages a subscription buffers before async-nats drops them (see [`connect`]).
+pub const SUBSCRIPTION_CAPACITY: usize = 1 << 21;
+
 /// Why [`connect`] gave up.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -145,6 +148,13 @@ pub enum ConnectError {
 /// race it against their shutdown); afterwards async-nats reconnects by
 /// itself without limit. `on_connection(true | false)` runs on every
 /// (dis)connection and once after the first success.
+///
+/// Each subscription buffers up to [`SUBSCRIPTION_CAPACITY`] messages
+/// instead of async-nats' 65,536: past its buffer async-nats drops messages
+/// (a "slow consumer"), and a burst bigger than that is normal here, e.g.
+/// every command re-sent at once after a coordinator restart with 100,000
+/// sagas in flight, and their replies. A dropped command or reply would only
+/// surface as a timeout, much later. The buffer is allocated as it fills.
 ///
 /// # Errors
 /// An unreadable credentials file or an unparsable URL.
@@ -172,6 +182,7 @@ where
         .await
         .map_err(ConnectError::Credentials)?
         .name(name)
+        .subscription_capacity(SUBSCRIPTION_CAPACITY)
         .max_reconnects(None);
     let attempt = || {
         let on_connection = on_connection.clone();
@@ -188,6 +199,12 @@ where
                             tracing::warn!("nats disconnected");
                             on_connection(false).await;
                         }
+                        // Messages were dropped: a reply or a command lost this way
+                        // shows up as a timeout much later, so say so now.
+                        async_nats::Event::SlowConsumer(sid) => tracing::warn!(
+                            subscription = sid,
+                            "nats slow consumer: messages dropped because the subscription's buffer was full"
+                        ),
                         other => tracing::info!(event = %other, "nats event"),
                     }
                 }

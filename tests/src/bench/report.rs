@@ -168,6 +168,13 @@ impl Report {
                     met: b <= 1024.0,
                 });
             }
+            if let Some(b) = r.rss_marginal_bytes_per_saga().filter(|_| r.k >= 10_000) {
+                t.push(Target {
+                    what: format!("  the same, marginal ({} → {} in flight)", r.k / 2, r.k),
+                    measured: format!("{b:.0} B"),
+                    met: b <= 1024.0,
+                });
+            }
         }
         if let Some(s) = &self.stored {
             t.push(Target {
@@ -404,6 +411,20 @@ impl Report {
                     format!("{} → {} MiB ({b:.0} B per saga)", idle / 1024, loaded / 1024),
                 ]);
             }
+            if let (Some(half), Some(loaded), Some(b)) = (
+                r.rss_half_kib,
+                r.rss_in_flight_kib,
+                r.rss_marginal_bytes_per_saga(),
+            ) {
+                t.add_row(vec![
+                    format!("coordinator RSS {} → {} in flight", r.k / 2, r.k),
+                    format!(
+                        "{} → {} MiB ({b:.0} B per added saga)",
+                        half / 1024,
+                        loaded / 1024
+                    ),
+                ]);
+            }
             t.add_row(vec!["stop took".to_string(), format!("{:.2?}", r.stop_took)]);
             t.add_row(vec![
                 "restart → gRPC answers".to_string(),
@@ -629,7 +650,9 @@ impl Report {
                 "coordinator_cpu_s": r.coordinator_cpu_s,
                 "coordinator_peak_rss_kib": r.coordinator_peak_rss_kib,
                 "coordinator_rss_idle_kib": r.rss_idle_kib,
+                "coordinator_rss_half_kib": r.rss_half_kib,
                 "coordinator_rss_in_flight_kib": r.rss_in_flight_kib,
+                "coordinator_rss_marginal_bytes_per_saga_in_flight": r.rss_marginal_bytes_per_saga(),
                 "coordinator_rss_bytes_per_saga_in_flight": r.rss_bytes_per_saga(),
             })),
             "soak": self.soak.as_ref().map(|s| json!({

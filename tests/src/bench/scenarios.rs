@@ -351,8 +351,9 @@ pub(crate) struct RecoveryReport {
     pub(crate) completed: usize,
     pub(crate) coordinator_cpu_s: Option<f64>,
     pub(crate) coordinator_peak_rss_kib: Option<u64>,
-    /// Coordinator RSS before the first order and with all K in flight, KiB.
+    /// Coordinator RSS before the first order, with K/2 and with all K in flight, KiB.
     pub(crate) rss_idle_kib: Option<u64>,
+    pub(crate) rss_half_kib: Option<u64>,
     pub(crate) rss_in_flight_kib: Option<u64>,
 }
 
@@ -361,6 +362,14 @@ impl RecoveryReport {
     pub(crate) fn rss_bytes_per_saga(&self) -> Option<f64> {
         let (idle, loaded) = (self.rss_idle_kib?, self.rss_in_flight_kib?);
         Some(loaded.saturating_sub(idle) as f64 * 1024.0 / self.k.max(1) as f64)
+    }
+
+    /// Coordinator RSS growth per saga from K/2 to K in flight, bytes: the
+    /// marginal cost of one more saga in flight, without what fills up once.
+    pub(crate) fn rss_marginal_bytes_per_saga(&self) -> Option<f64> {
+        let (half, loaded) = (self.rss_half_kib?, self.rss_in_flight_kib?);
+        let added = self.k - self.k / 2;
+        Some(loaded.saturating_sub(half) as f64 * 1024.0 / added.max(1) as f64)
     }
 }
 
@@ -445,37 +454,47 @@ pub(crate) async fn recovery(ctx: &Ctx<'_>) -> Result<RecoveryReport> {
     let driver = Driver::connect(&[grpc], 2, args.follow, args.order_timeout).await?;
     let b = bar(k as u64, "recovery".into());
     let start = Instant::now();
-    let mut tasks = Vec::new();
     let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(64));
     let mix = Mix::all_complete(args.customer_limit_cents);
-    for i in 0..k {
-        let permit = gate.clone().acquire_owned().await?;
-        let (mut client, b) = (driver.client(i), b.clone());
-        let (req, _) = mix.order(ctx.seed, "recovery", i);
-        tasks.push(tokio::spawn(async move {
-            let r = client.create_order(req).await;
-            drop(permit);
-            b.inc(1);
-            r.map(|r| r.into_inner().saga_id)
-        }));
-    }
-    for t in tasks {
-        t.await?.context("CreateOrder in the recovery scenario")?;
+    // Placed in two halves, each waited for at charge-payment: the RSS with
+    // half of them in flight and with all of them gives the marginal cost of
+    // a saga in flight, apart from what fills up once (caches, arenas).
+    let half = k / 2;
+    let mut rss_half_kib = None;
+    for (from, to) in [(0, half), (half, k)] {
+        let mut tasks = Vec::new();
+        for i in from..to {
+            let permit = gate.clone().acquire_owned().await?;
+            let (mut client, b) = (driver.client(i), b.clone());
+            let (req, _) = mix.order(ctx.seed, "recovery", i);
+            tasks.push(tokio::spawn(async move {
+                let r = client.create_order(req).await;
+                drop(permit);
+                b.inc(1);
+                r.map(|r| r.into_inner().saga_id)
+            }));
+        }
+        for t in tasks {
+            t.await?.context("CreateOrder in the recovery scenario")?;
+        }
+        // Every saga placed so far reserved and waiting for its charge.
+        let deadline = Instant::now() + gateway + start.elapsed();
+        loop {
+            let n = count_state(grpc, SagaState::Running, Some("charge-payment")).await?;
+            if n == to {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("recovery: only {n} of {to} sagas reached charge-payment");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if to == half {
+            rss_half_kib = rss(&cluster);
+        }
     }
     let placed_in = start.elapsed();
     b.finish_and_clear();
-    // Every saga reserved and waiting for its charge.
-    let deadline = Instant::now() + gateway + placed_in;
-    loop {
-        let n = count_state(grpc, SagaState::Running, Some("charge-payment")).await?;
-        if n == k {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("recovery: only {n} of {k} sagas reached charge-payment");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     let in_flight_at_stop = count_state(grpc, SagaState::Running, None).await?;
     let rss_in_flight_kib = rss(&cluster);
     phase(&format!(
@@ -548,6 +567,7 @@ pub(crate) async fn recovery(ctx: &Ctx<'_>) -> Result<RecoveryReport> {
         coordinator_cpu_s: sample.map(|s| s.cpu_s),
         coordinator_peak_rss_kib: sample.map(|s| s.hwm_kib),
         rss_idle_kib,
+        rss_half_kib,
         rss_in_flight_kib,
     })
 }
