@@ -85,6 +85,10 @@ impl Cluster {
                 &path("coordinator"),
                 "--definitions-dir",
                 &defs.display().to_string(),
+                // Fewer in memory than in flight (16 orders at a time): sagas
+                // are evicted and read back all along, through every kill.
+                "--resident-sagas",
+                "8",
             ]),
             dir.join("coordinator.log"),
         );
