@@ -51,6 +51,8 @@ pub struct SagaApi {
     operator_token: Option<String>,
     /// jetstream store: operator events for sagas held elsewhere go to their holder.
     forward: Option<(async_nats::Client, Ownership)>,
+    /// Oldest saga `RetrySaga` may resume (zero: no limit), see `Config::command_horizon`.
+    command_horizon: std::time::Duration,
 }
 
 impl SagaApi {
@@ -69,6 +71,7 @@ impl SagaApi {
             // An empty token means none: it must never match an empty bearer.
             operator_token: operator_token.filter(|t| !t.is_empty()),
             forward: None,
+            command_horizon: std::time::Duration::ZERO,
         }
     }
 
@@ -77,6 +80,35 @@ impl SagaApi {
     pub fn with_forwarding(mut self, nats: async_nats::Client, ownership: Ownership) -> Self {
         self.forward = Some((nats, ownership));
         self
+    }
+
+    /// `RetrySaga` refuses sagas started longer than `horizon` ago (zero: no limit).
+    pub fn with_command_horizon(mut self, horizon: std::time::Duration) -> Self {
+        self.command_horizon = horizon;
+        self
+    }
+
+    /// A retry re-sends commands under their original idempotency keys; past
+    /// the horizon the participants may have forgotten those keys and would
+    /// apply a repeated command again.
+    async fn check_horizon(&self, id: &Uuid) -> Result<(), Status> {
+        if self.command_horizon.is_zero() {
+            return Ok(());
+        }
+        let Some(saga) = self.store.get(id).await.map_err(store_status)? else {
+            return Ok(()); // The runner answers NOT_FOUND.
+        };
+        let age =
+            std::time::Duration::from_millis(crate::runner::now_ms().saturating_sub(saga.created_at_ms));
+        if age > self.command_horizon {
+            return Err(Status::failed_precondition(format!(
+                "saga {id} started {} ago, past the command horizon ({}): its participants may have \
+                 forgotten its commands' idempotency keys, so a retry could apply one twice; reconcile it by hand",
+                humantime::format_duration(std::time::Duration::from_secs(age.as_secs())),
+                humantime::format_duration(self.command_horizon),
+            )));
+        }
+        Ok(())
     }
 
     /// Checks the caller's bearer token for an operator RPC.
@@ -564,6 +596,7 @@ impl SagaService for SagaApi {
     ) -> Result<Response<pb::OperatorResponse>, Status> {
         self.authorize(&request)?;
         let id = parse_saga_id("saga_id", &request.into_inner().saga_id)?;
+        self.check_horizon(&id).await?;
         tracing::warn!(saga_id = %id, "operator retry");
         Ok(Response::new(
             self.operate(id, Event::Retry, "retry (only FAILED sagas are retried)")

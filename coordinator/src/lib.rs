@@ -153,6 +153,13 @@ pub struct Config {
     /// Bound of sled's page cache, in MiB (memory stays flat as the store grows).
     #[arg(long, env = "COORDINATOR_CACHE_MIB", default_value_t = 128)]
     pub cache_mib: u64,
+    /// How long after its start a saga may still send a command again: the
+    /// participants forget stored replies after their `--reply-retention`
+    /// (at least this), and a command repeated after that would be applied
+    /// again. `RetrySaga` refuses an older saga (FAILED_PRECONDITION); `0s`:
+    /// no limit (for participants that keep replies forever).
+    #[arg(long, env = "COORDINATOR_COMMAND_HORIZON", default_value = "30d", value_parser = humantime::parse_duration)]
+    pub command_horizon: Duration,
     /// sled store: most in-flight sagas kept in memory; beyond that, sagas
     /// waiting for a reply are evicted once durable and read back from the
     /// store on their next event (memory stays small with many in flight).
@@ -217,6 +224,7 @@ impl Config {
             retention: Duration::from_secs(30 * 24 * 3600),
             cache_mib: 128,
             resident_sagas: 10_000,
+            command_horizon: Duration::from_secs(30 * 24 * 3600),
             no_events: false,
             events_stream: "SAGA_EVENTS".into(),
             events_max_age: Duration::from_secs(7 * 24 * 3600),
@@ -473,12 +481,13 @@ pub async fn run_with_reload(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
     let (handle, outcomes, inputs) = runner::channel(config.resident_sagas);
-    let mut api = SagaApi::new(
+    let api = SagaApi::new(
         store.clone(),
         definitions,
         handle.clone(),
         config.operator_token.clone(),
     );
+    let mut api = api.with_command_horizon(config.command_horizon);
     if let (Some(nats), Some((ownership, _, _))) = (&early_nats, &cluster) {
         api = api.with_forwarding(nats.clone(), ownership.clone());
     }

@@ -337,6 +337,51 @@ impl Store {
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.flusher.flush().await
     }
+
+    /// Removes the stored replies (and tombstones) of sagas started before
+    /// `cutoff_ms` (ms since the Unix epoch), at most `limit` of them; returns
+    /// how many went. A key starts with its saga's id, a UUID v7 whose first
+    /// 48 bits are the saga's start time, so the `replies` tree is in start
+    /// order: the scan stops at the first key of a saga started at or after
+    /// the cutoff. Keys whose saga id is not a UUID v7 are never removed.
+    ///
+    /// Safe once no command of those sagas can come again: the coordinator
+    /// re-sends a command only while its saga runs, and refuses to retry a
+    /// saga older than its `--command-horizon` (at most this retention).
+    ///
+    /// # Errors
+    /// sled errors.
+    pub fn prune_replies(&self, cutoff_ms: u64, limit: usize) -> Result<usize, StoreError> {
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for kv in self.replies.iter().keys() {
+            let key = kv?;
+            let Some(started) = saga_start_ms(&key) else {
+                continue;
+            };
+            if started >= cutoff_ms || n >= limit {
+                break;
+            }
+            batch.remove(key);
+            n += 1;
+        }
+        if n > 0 {
+            self.replies.apply_batch(batch)?;
+        }
+        Ok(n)
+    }
+}
+
+/// The start time (ms since the Unix epoch) of the saga whose UUID v7 id
+/// begins the idempotency key `key` (`<saga_id>/<step>/<kind>`).
+fn saga_start_ms(key: &[u8]) -> Option<u64> {
+    let id = key.split(|b| *b == b'/').next()?;
+    let id = uuid::Uuid::try_parse_ascii(id).ok()?;
+    if id.get_version_num() != 7 {
+        return None;
+    }
+    let (secs, nanos) = id.get_timestamp()?.to_unix();
+    Some(secs * 1000 + u64::from(nanos) / 1_000_000)
 }
 
 #[cfg(test)]
@@ -368,6 +413,41 @@ mod tests {
         store.probe_writable().expect("writable again");
         assert!(store.probe.is_empty());
         assert!(store.replies.is_empty() && store.state.is_empty());
+    }
+
+    #[tokio::test]
+    async fn replies_of_sagas_started_before_the_cutoff_are_pruned() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = Store::new(crate::open_db(dir.path()).expect("sled")).expect("store");
+        // UUID v7 ids started at 1,000 s, 2,000 s and 3,000 s after the epoch, and one v4.
+        let at =
+            |secs: u64| uuid::Uuid::new_v7(uuid::Timestamp::from_unix(uuid::NoContext, secs, 0)).to_string();
+        let (old, mid, new) = (at(1_000), at(2_000), at(3_000));
+        let v4 = "6f0c3e8e-3b1a-4c5d-9e2f-0a1b2c3d4e5f".to_string();
+        for id in [&old, &mid, &new, &v4] {
+            for key in [format!("{id}/s/forward"), format!("{id}/s/compensate")] {
+                store
+                    .apply_forward(&key, |_| Ok(Reply::ok(serde_json::Value::Null)))
+                    .await
+                    .expect("applies");
+            }
+        }
+        assert_eq!(
+            saga_start_ms(format!("{mid}/s/forward").as_bytes()),
+            Some(2_000_000)
+        );
+        assert_eq!(saga_start_ms(format!("{v4}/s/forward").as_bytes()), None);
+        // Limited: one at a time, oldest first.
+        assert_eq!(store.prune_replies(2_500_000, 1).expect("prunes"), 1);
+        assert_eq!(store.prune_replies(2_500_000, 100).expect("prunes"), 3);
+        assert_eq!(store.prune_replies(2_500_000, 100).expect("prunes"), 0);
+        for (id, kept) in [(&old, false), (&mid, false), (&new, true), (&v4, true)] {
+            let found = store
+                .stored_reply(&format!("{id}/s/forward"))
+                .await
+                .expect("reads");
+            assert_eq!(found.is_some(), kept, "{id}");
+        }
     }
 
     #[tokio::test]

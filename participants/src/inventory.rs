@@ -65,6 +65,9 @@ pub struct InventoryConfig {
     /// (port 0 picks a free port; the address is logged).
     #[arg(long, env = "INVENTORY_HTTP_ADDR", default_value = "127.0.0.1:9465")]
     pub http_addr: SocketAddr,
+    /// Retention of the replies stored under idempotency keys.
+    #[command(flatten)]
+    pub retention: crate::ReplyRetention,
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "pretty")]
     pub log_format: LogFormat,
@@ -96,6 +99,7 @@ impl InventoryConfig {
             stock,
             reset_stock: false,
             http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            retention: crate::ReplyRetention::default(),
             log_format: LogFormat::Pretty,
         }
     }
@@ -396,7 +400,15 @@ pub async fn run(
         url: config.nats_url.clone(),
         security: config.nats_security.clone(),
     };
-    crate::serve_participant(inventory, &nats, "saga-inventory", http, shutdown).await
+    crate::serve_participant(
+        inventory,
+        &nats,
+        "saga-inventory",
+        http,
+        config.retention,
+        shutdown,
+    )
+    .await
 }
 
 #[cfg(test)]

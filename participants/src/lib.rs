@@ -104,6 +104,90 @@ pub async fn connect(
     }
 }
 
+/// How long a participant keeps the replies it stored under idempotency keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Args)]
+pub struct ReplyRetention {
+    /// How long the reply stored for a command (and a tombstone) is kept,
+    /// counted from its saga's start; `0s` keeps them forever. A command
+    /// repeated after its reply is gone would be applied again, so this must
+    /// be at least the coordinator's `--command-horizon` (also 30d).
+    #[arg(
+        long = "reply-retention",
+        env = "PARTICIPANT_REPLY_RETENTION",
+        default_value = "30d",
+        value_parser = humantime::parse_duration
+    )]
+    pub reply_retention: std::time::Duration,
+}
+
+impl Default for ReplyRetention {
+    fn default() -> Self {
+        ReplyRetention {
+            reply_retention: std::time::Duration::from_secs(30 * 24 * 3600),
+        }
+    }
+}
+
+/// How often the stored replies past their retention are looked for (more
+/// often for a retention under 40 minutes: a quarter of it, at least 1 s).
+const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
+/// Most replies removed in one go (one sled batch).
+const PRUNE_BATCH: usize = 10_000;
+
+/// Removes stored replies past `retention` now and every [`PRUNE_EVERY`],
+/// in batches, until `shutdown`; counted in `participant_replies_pruned_total`.
+async fn prune_replies(
+    store: dedupe::Store,
+    participant: String,
+    retention: std::time::Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    if retention.is_zero() {
+        return;
+    }
+    loop {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0);
+        let cutoff = now_ms.saturating_sub(u64::try_from(retention.as_millis()).unwrap_or(u64::MAX));
+        loop {
+            let store = store.clone();
+            let pruned = tokio::task::spawn_blocking(move || store.prune_replies(cutoff, PRUNE_BATCH)).await;
+            match pruned {
+                Ok(Ok(0)) => break,
+                Ok(Ok(n)) => {
+                    metrics::counter!(telemetry::REPLIES_PRUNED, "participant" => participant.clone())
+                        .increment(n as u64);
+                    tracing::info!(
+                        pruned = n,
+                        ?retention,
+                        "stored replies past their retention removed"
+                    );
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot prune stored replies; retried later");
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "reply pruning task failed; retried later");
+                    break;
+                }
+            }
+            if shutdown.is_cancelled() {
+                return;
+            }
+        }
+        let every = PRUNE_EVERY
+            .min(retention / 4)
+            .max(std::time::Duration::from_secs(1));
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
 /// Where a participant's NATS is and how to authenticate to it.
 #[derive(Debug, Clone)]
 pub struct NatsTarget {
@@ -115,8 +199,9 @@ pub struct NatsTarget {
 
 /// Runs one participant process around an opened `handler`: its HTTP surface
 /// on `http` (up while NATS is still being reached, so `/ready` can say so),
-/// the NATS connection named `client_name`, [`runtime::serve`] until
-/// `shutdown`, then a bounded NATS drain and the HTTP server's stop.
+/// the pruning of stored replies past `retention`, the NATS connection named
+/// `client_name`, [`runtime::serve`] until `shutdown`, then a bounded NATS
+/// drain and the HTTP server's stop.
 ///
 /// # Errors
 /// Shutdown before NATS was reachable, an unusable NATS URL, a subscription
@@ -126,12 +211,20 @@ pub async fn serve_participant(
     nats: &NatsTarget,
     client_name: &str,
     http: tokio::net::TcpListener,
+    retention: ReplyRetention,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
     let readiness = telemetry::Readiness::new(handler.participant());
     let http = telemetry::spawn(http, readiness.clone(), handler.store().clone(), &shutdown);
+    let pruner = tokio::spawn(prune_replies(
+        handler.store().clone(),
+        handler.participant().to_string(),
+        retention.reply_retention,
+        shutdown.clone(),
+    ));
     let client = connect(nats, client_name, &readiness, &shutdown).await?;
     runtime::serve(client.clone(), handler, shutdown).await?;
+    let _ = pruner.await;
     let _ = tokio::time::timeout(runtime::NATS_GRACE, client.drain()).await;
     http.stop().await;
     Ok(())
@@ -194,4 +287,62 @@ pub async fn shutdown_on_signal(token: tokio_util::sync::CancellationToken) {
     }
     tracing::info!("signal received; shutting down");
     token.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use saga_proto::wire::Reply;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn the_pruner_removes_replies_past_the_retention_and_stops_on_shutdown() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = dedupe::Store::new(open_db(dir.path()).expect("sled")).expect("store");
+        let hour_ago = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs()
+            - 3600;
+        let old = uuid::Uuid::new_v7(uuid::Timestamp::from_unix(uuid::NoContext, hour_ago, 0));
+        let fresh = uuid::Uuid::now_v7();
+        for id in [old, fresh] {
+            store
+                .apply_forward(&format!("{id}/s/forward"), |_| {
+                    Ok(Reply::ok(serde_json::Value::Null))
+                })
+                .await
+                .expect("applies");
+        }
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(prune_replies(
+            store.clone(),
+            "test".into(),
+            Duration::from_secs(60),
+            shutdown.clone(),
+        ));
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while store
+            .stored_reply(&format!("{old}/s/forward"))
+            .await
+            .expect("reads")
+            .is_some()
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the old reply was not pruned"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let kept = store
+            .stored_reply(&format!("{fresh}/s/forward"))
+            .await
+            .expect("reads");
+        assert!(kept.is_some(), "a reply inside the retention is kept");
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the pruner stops on shutdown")
+            .expect("no panic");
+    }
 }

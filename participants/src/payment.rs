@@ -82,6 +82,9 @@ pub struct PaymentConfig {
     /// (port 0 picks a free port; the address is logged).
     #[arg(long, env = "PAYMENT_HTTP_ADDR", default_value = "127.0.0.1:9466")]
     pub http_addr: SocketAddr,
+    /// Retention of the replies stored under idempotency keys.
+    #[command(flatten)]
+    pub retention: crate::ReplyRetention,
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "pretty")]
     pub log_format: LogFormat,
@@ -108,6 +111,7 @@ impl PaymentConfig {
             breaker_wait: Duration::from_millis(200),
             breaker_max_wait: Duration::from_millis(800),
             http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            retention: crate::ReplyRetention::default(),
             log_format: LogFormat::Pretty,
         }
     }
@@ -442,9 +446,10 @@ pub async fn run(
         url: config.nats_url.clone(),
         security: config.nats_security.clone(),
     };
+    let retention = config.retention;
     let payment = Arc::new(Payment::open(db, config)?);
     info!(totals = ?payment.totals()?, "payment ledger opened");
-    crate::serve_participant(payment, &nats, "saga-payment", http, shutdown).await
+    crate::serve_participant(payment, &nats, "saga-payment", http, retention, shutdown).await
 }
 
 #[cfg(test)]

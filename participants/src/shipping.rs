@@ -62,6 +62,9 @@ pub struct ShippingConfig {
     /// Address of the HTTP server: `GET /metrics`, `/health`, `/ready`.
     #[arg(long, env = "SHIPPING_HTTP_ADDR", default_value = "127.0.0.1:9467")]
     pub http_addr: SocketAddr,
+    /// Retention of the replies stored under idempotency keys.
+    #[command(flatten)]
+    pub retention: crate::ReplyRetention,
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "pretty")]
     pub log_format: LogFormat,
@@ -77,6 +80,7 @@ impl ShippingConfig {
             carrier: "saga-express".into(),
             unreachable_customers: Vec::new(),
             http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            retention: crate::ReplyRetention::default(),
             log_format: LogFormat::Pretty,
         }
     }
@@ -288,9 +292,10 @@ pub async fn run(
         url: config.nats_url.clone(),
         security: config.nats_security.clone(),
     };
+    let retention = config.retention;
     let shipping = Arc::new(Shipping::open(db, config)?);
     info!(shipments = shipping.shipments()?.len(), "shipping opened");
-    crate::serve_participant(shipping, &nats, "saga-shipping", http, shutdown).await
+    crate::serve_participant(shipping, &nats, "saga-shipping", http, retention, shutdown).await
 }
 
 #[cfg(test)]

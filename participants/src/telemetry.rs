@@ -42,6 +42,8 @@ pub const DEDUPE_HITS: &str = "participant_dedupe_hits_total";
 pub const COMMAND_SECONDS: &str = "participant_command_duration_seconds";
 /// 1 while the participant's NATS connection is up, else 0, by `participant`.
 pub const NATS_CONNECTED: &str = "participant_nats_connected";
+/// Counter: stored replies removed past their retention, by participant.
+pub const REPLIES_PRUNED: &str = "participant_replies_pruned_total";
 
 /// Bucket bounds (seconds) of [`COMMAND_SECONDS`]: from a flush on a fast
 /// disk to a gateway call near the coordinator's timeout.

@@ -234,6 +234,53 @@ async fn a_compensation_out_of_retries_fails_with_a_dead_letter_and_an_operator_
     s.shutdown().await
 }
 
+/// A FAILED saga older than the command horizon is not retried: the
+/// participants may have forgotten its keys, and a repeated command could be
+/// applied twice. The refusal names the horizon and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_past_the_command_horizon_is_refused() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut s = System::bare(Some(fake_definitions(dir.path(), 2)?)).await?;
+    s.start_inventory().await?;
+    let _fake = FakeParticipant::start(&s.client, "fake", |cmd, _| match cmd.action.as_str() {
+        "undo" => FakeAnswer::Reply(Reply::error("undo backend down")),
+        _ => FakeAnswer::Reply(Reply::ok(serde_json::json!({}))),
+    })
+    .await?;
+    let c = RunningCoordinator::start_with(&s.nats.url(), &s.path("coordinator"), &s.definitions, |c| {
+        c.operator_token = Some(TOKEN.into());
+        c.command_horizon = Duration::from_secs(1);
+    })
+    .await?;
+    c.wait_ready().await?;
+    let mut g = c.client().await?;
+    let req = pb::CreateOrderRequest {
+        definition: "fake".into(),
+        ..order("c-1", &[("RARE-1", 5)], 100)
+    };
+    let id = g.create_order(req).await?.into_inner().saga_id;
+    let failed = wait_terminal(&mut g, &id, WAIT).await?;
+    assert_eq!(failed.state, SagaState::Failed as i32, "{failed:#?}");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let err = g
+        .retry_saga(with_token(
+            pb::RetrySagaRequest { saga_id: id.clone() },
+            Some(TOKEN),
+        ))
+        .await
+        .err()
+        .ok_or_else(|| anyhow::anyhow!("a retry past the horizon was accepted"))?;
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("command horizon"), "{}", err.message());
+    let after = g
+        .get_saga(pb::GetSagaRequest { saga_id: id.clone() })
+        .await?
+        .into_inner();
+    assert_eq!(after.history.len(), failed.history.len(), "nothing changed");
+    c.stop().await?;
+    s.shutdown().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_reply_is_retried_as_transient() -> Result<()> {
     let dir = tempfile::tempdir()?;
