@@ -56,7 +56,7 @@ use crate::{
     telemetry,
 };
 
-/// How often a command that is due while NATS is disconnected looks again.
+/// How often the commands due while NATS is disconnected look whether it is back.
 pub const PARKED_RECHECK: Duration = Duration::from_millis(100);
 
 /// Why a call produced no participant answer (style: the two kinds
@@ -221,6 +221,7 @@ impl Dispatcher {
             routes: HashMap::new(),
             rows: HashMap::new(),
             timers: DelayQueue::new(),
+            parked: Vec::new(),
             next_token: 0,
             outcomes,
         };
@@ -298,6 +299,9 @@ struct Driver {
     rows: HashMap<u64, Row>,
     /// Fires a row's token: a backoff over (send it) or a deadline (timeout).
     timers: DelayQueue<u64>,
+    /// Rows due while NATS was disconnected: sent once it is back (one
+    /// connection check every [`PARKED_RECHECK`] for all of them).
+    parked: Vec<u64>,
     next_token: u64,
     outcomes: mpsc::UnboundedSender<Reported>,
 }
@@ -316,6 +320,8 @@ impl Driver {
             _ = cancel.cancelled() => return,
         }
         let mut batch = Vec::with_capacity(256);
+        let recheck = tokio::time::sleep(PARKED_RECHECK);
+        tokio::pin!(recheck);
         loop {
             tokio::select! {
                 biased;
@@ -344,6 +350,15 @@ impl Driver {
                         biased;
                         _ = cancel.cancelled() => break,
                         () = self.on_timer(token) => {}
+                    }
+                }
+                () = &mut recheck, if !self.parked.is_empty() => {
+                    recheck.as_mut().reset(tokio::time::Instant::now() + PARKED_RECHECK);
+                    if self.client.connection_state() == NatsState::Connected {
+                        debug!(commands = self.parked.len(), "NATS is back: sending the commands that waited");
+                        for token in std::mem::take(&mut self.parked) {
+                            self.park(token, Duration::ZERO);
+                        }
                     }
                 }
             }
@@ -442,7 +457,7 @@ impl Driver {
     /// queues on the connection), or parked while NATS is down.
     fn send_now_or_park(&mut self, token: u64) {
         if self.client.connection_state() != NatsState::Connected {
-            self.park(token, PARKED_RECHECK);
+            self.parked.push(token);
             return;
         }
         let Some((subject, reply, headers, body)) = self.request_parts(token) else {
@@ -462,7 +477,7 @@ impl Driver {
     /// Sends a due row, waiting for room on the connection if needed.
     async fn send(&mut self, token: u64) {
         if self.client.connection_state() != NatsState::Connected {
-            self.park(token, PARKED_RECHECK);
+            self.parked.push(token);
             return;
         }
         let Some((subject, reply, headers, body)) = self.request_parts(token) else {
@@ -475,7 +490,7 @@ impl Driver {
         self.sent(token, result);
     }
 
-    /// A waiting row looks again after `after` (its attempt not spent).
+    /// A waiting row is due again after `after` (its attempt not spent).
     fn park(&mut self, token: u64, after: Duration) {
         if let Some(row) = self.rows.get_mut(&token) {
             row.timer = Some(self.timers.insert(token, after));

@@ -697,3 +697,27 @@ async fn sagas_evicted_from_memory_are_read_back_and_finish() -> Result<()> {
     c.stop().await?;
     s.shutdown().await
 }
+
+/// A command that falls due while NATS is down waits for NATS instead of
+/// spending its attempts on a connection that cannot deliver: the outage
+/// outlasts a step timeout (2 s), yet each step takes one attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_due_while_nats_is_down_waits_for_it() -> Result<()> {
+    let mut s = System::up().await?;
+    let mut g = s.grpc().await?;
+    s.nats.kill();
+    let created = g
+        .create_order(order("c-1", &[("A-1", 1)], 100))
+        .await?
+        .into_inner();
+    // The outage: longer than the step's timeout.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    s.nats.restart()?;
+    let saga = wait_terminal(&mut g, &created.saga_id, WAIT).await?;
+    assert_eq!(saga.state, SagaState::Completed as i32, "{saga:#?}");
+    assert!(
+        saga.steps.iter().all(|p| p.attempts == 1),
+        "no attempt was spent during the outage: {saga:#?}"
+    );
+    s.shutdown().await
+}
