@@ -82,15 +82,18 @@ impl SagaApi {
         self
     }
 
-    /// `RetrySaga` refuses sagas started longer than `horizon` ago (zero: no limit).
+    /// `RetrySaga` and `AbortSaga` refuse sagas started longer than `horizon`
+    /// ago (zero: no limit).
     pub fn with_command_horizon(mut self, horizon: std::time::Duration) -> Self {
         self.command_horizon = horizon;
         self
     }
 
-    /// A retry re-sends commands under their original idempotency keys; past
-    /// the horizon the participants may have forgotten those keys and would
-    /// apply a repeated command again.
+    /// A retry re-sends commands under their original idempotency keys, and
+    /// an abort's compensations look up the forward replies stored under
+    /// theirs; past the horizon the participants may have forgotten those
+    /// keys: a repeated command would be applied again, a compensation would
+    /// find nothing to undo.
     async fn check_horizon(&self, id: &Uuid) -> Result<(), Status> {
         if self.command_horizon.is_zero() {
             return Ok(());
@@ -103,7 +106,8 @@ impl SagaApi {
         if age > self.command_horizon {
             return Err(Status::failed_precondition(format!(
                 "saga {id} started {} ago, past the command horizon ({}): its participants may have \
-                 forgotten its commands' idempotency keys, so a retry could apply one twice; reconcile it by hand",
+                 forgotten its commands' idempotency keys, so a command could be applied twice or a \
+                 compensation find nothing to undo; reconcile it by hand",
                 humantime::format_duration(std::time::Duration::from_secs(age.as_secs())),
                 humantime::format_duration(self.command_horizon),
             )));
@@ -584,6 +588,8 @@ impl SagaService for SagaApi {
             r if r.is_empty() => "operator abort".to_string(),
             r => r,
         };
+        // An abort compensates with the forward replies the participants stored.
+        self.check_horizon(&id).await?;
         tracing::warn!(saga_id = %id, reason, "operator abort");
         Ok(Response::new(
             self.operate(id, Event::Abort { reason }, "abort").await?,

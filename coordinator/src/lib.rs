@@ -156,8 +156,9 @@ pub struct Config {
     /// How long after its start a saga may still send a command again: the
     /// participants forget stored replies after their `--reply-retention`
     /// (at least this), and a command repeated after that would be applied
-    /// again. `RetrySaga` refuses an older saga (FAILED_PRECONDITION); `0s`:
-    /// no limit (for participants that keep replies forever).
+    /// again, and a compensation would find nothing to undo. `RetrySaga` and
+    /// `AbortSaga` refuse an older saga (FAILED_PRECONDITION); `0s`: no limit
+    /// (for participants that keep replies forever).
     #[arg(long, env = "COORDINATOR_COMMAND_HORIZON", default_value = "30d", value_parser = humantime::parse_duration)]
     pub command_horizon: Duration,
     /// sled store: most in-flight sagas kept in memory; beyond that, sagas

@@ -234,9 +234,9 @@ async fn a_compensation_out_of_retries_fails_with_a_dead_letter_and_an_operator_
     s.shutdown().await
 }
 
-/// A FAILED saga older than the command horizon is not retried: the
-/// participants may have forgotten its keys, and a repeated command could be
-/// applied twice. The refusal names the horizon and changes nothing.
+/// A saga older than the command horizon is neither retried nor aborted:
+/// the participants may have forgotten its keys, so a repeated command could
+/// be applied twice. The refusal names the horizon and changes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_past_the_command_horizon_is_refused() -> Result<()> {
     let dir = tempfile::tempdir()?;
@@ -272,6 +272,19 @@ async fn a_retry_past_the_command_horizon_is_refused() -> Result<()> {
         .ok_or_else(|| anyhow::anyhow!("a retry past the horizon was accepted"))?;
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert!(err.message().contains("command horizon"), "{}", err.message());
+    // An abort's compensations would look for forward replies that may be gone.
+    let err = g
+        .abort_saga(with_token(
+            pb::AbortSagaRequest {
+                saga_id: id.clone(),
+                reason: String::new(),
+            },
+            Some(TOKEN),
+        ))
+        .await
+        .err()
+        .ok_or_else(|| anyhow::anyhow!("an abort past the horizon was accepted"))?;
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     let after = g
         .get_saga(pb::GetSagaRequest { saga_id: id.clone() })
         .await?
