@@ -10,11 +10,9 @@
 //! participant cost a few hundred bytes each here, not a task, a future, a
 //! timer, a span and a reply slot each.
 //!
-//! A small pump task drains the reply subscription into an unbounded
-//! channel the moment replies arrive, so the subscription's bounded buffer
-//! never overflows (async-nats would drop replies as a slow consumer) while
-//! the dispatcher is busy sending a burst, e.g. every re-sent command after a
-//! restart. That channel holds at most one reply per command in flight.
+//! The reply subscription's buffer holds every reply of a burst (see
+//! `saga_proto::nats::connect`): async-nats drops messages past it as a
+//! slow consumer, and a burst of 100,000 replies after a restart is normal.
 //!
 //! For each command: wait the step's backoff for attempts after the first
 //! (`RetryPolicy::delay_before`, jittered by the `backon` crate), send with
@@ -160,10 +158,6 @@ impl Breaker {
     }
 }
 
-/// The breakers by participant, created on first use; shared with
-/// [`Dispatcher::open_breakers`].
-type Breakers = Arc<Mutex<HashMap<String, Breaker>>>;
-
 /// An outcome for the saga runner.
 #[derive(Debug)]
 pub struct Reported {
@@ -186,7 +180,6 @@ enum Order {
 #[derive(Clone)]
 pub struct Dispatcher {
     orders: mpsc::UnboundedSender<Order>,
-    breakers: Breakers,
 }
 
 impl Dispatcher {
@@ -202,22 +195,11 @@ impl Dispatcher {
         cancel: CancellationToken,
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        let breakers = Breakers::default();
-        let inbox = client.new_inbox();
-        let (reply_tx, replies) = mpsc::unbounded_channel();
-        let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
-        tracker.spawn(pump(
-            client.clone(),
-            format!("{inbox}.*"),
-            reply_tx,
-            subscribed_tx,
-            cancel.clone(),
-        ));
         let driver = Driver {
+            inbox: client.new_inbox(),
             client,
-            inbox,
             settings: breaker_settings,
-            breakers: breakers.clone(),
+            breakers: HashMap::new(),
             routes: HashMap::new(),
             rows: HashMap::new(),
             timers: DelayQueue::new(),
@@ -225,8 +207,8 @@ impl Dispatcher {
             next_token: 0,
             outcomes,
         };
-        tracker.spawn(driver.run(rx, replies, subscribed, cancel));
-        Dispatcher { orders: tx, breakers }
+        tracker.spawn(driver.run(rx, cancel));
+        Dispatcher { orders: tx }
     }
 
     /// Sends `entry` in the background. The caller guarantees the state that
@@ -245,18 +227,6 @@ impl Dispatcher {
             step,
             kind,
         });
-    }
-
-    /// Participants whose breaker is open now.
-    pub fn open_breakers(&self) -> Vec<String> {
-        let map = match self.breakers.lock() {
-            Ok(m) => m,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        map.iter()
-            .filter(|(_, b)| !b.machine.is_call_permitted())
-            .map(|(p, _)| p.clone())
-            .collect()
     }
 }
 
@@ -294,7 +264,8 @@ struct Driver {
     /// Replies come to `<inbox>.<token>`.
     inbox: String,
     settings: BreakerSettings,
-    breakers: Breakers,
+    /// One breaker per participant, shared by the routes of its actions.
+    breakers: HashMap<String, Breaker>,
     routes: HashMap<String, Arc<Route>>,
     rows: HashMap<u64, Row>,
     /// Fires a row's token: a backoff over (send it) or a deadline (timeout).
@@ -307,18 +278,12 @@ struct Driver {
 }
 
 impl Driver {
-    async fn run(
-        mut self,
-        mut orders: mpsc::UnboundedReceiver<Order>,
-        mut replies: mpsc::UnboundedReceiver<async_nats::Message>,
-        subscribed: tokio::sync::oneshot::Receiver<()>,
-        cancel: CancellationToken,
-    ) {
+    async fn run(mut self, mut orders: mpsc::UnboundedReceiver<Order>, cancel: CancellationToken) {
         // No request leaves before its reply subscription is taken.
-        tokio::select! {
-            r = subscribed => if r.is_err() { return },
+        let mut replies = tokio::select! {
+            s = self.subscribe() => s,
             _ = cancel.cancelled() => return,
-        }
+        };
         let mut batch = Vec::with_capacity(256);
         let recheck = tokio::time::sleep(PARKED_RECHECK);
         tokio::pin!(recheck);
@@ -326,19 +291,30 @@ impl Driver {
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break,
-                message = replies.recv() => match message {
+                message = replies.next() => match message {
                     Some(message) => self.on_reply(message),
-                    None => break,
+                    // The client closed (it does not while reconnecting): subscribe again.
+                    None => replies = tokio::select! {
+                        s = self.subscribe() => s,
+                        _ = cancel.cancelled() => break,
+                    },
                 },
                 n = orders.recv_many(&mut batch, 256) => {
                     if n == 0 {
                         break;
                     }
-                    for order in batch.drain(..) {
-                        match order {
-                            Order::Send(entry) => self.admit(entry),
-                            Order::Withdraw { saga_id, step, kind } => self.withdraw(&saga_id, step, kind),
+                    let work = async {
+                        for order in batch.drain(..) {
+                            match order {
+                                Order::Send(entry) => self.admit(entry).await,
+                                Order::Withdraw { saga_id, step, kind } => self.withdraw(&saga_id, step, kind),
+                            }
                         }
+                    };
+                    tokio::select! {
+                        biased;
+                        _ = cancel.cancelled() => break,
+                        () = work => {}
                     }
                 }
                 Some(expired) = self.timers.next(), if !self.timers.is_empty() => {
@@ -356,8 +332,11 @@ impl Driver {
                     recheck.as_mut().reset(tokio::time::Instant::now() + PARKED_RECHECK);
                     if self.client.connection_state() == NatsState::Connected {
                         debug!(commands = self.parked.len(), "NATS is back: sending the commands that waited");
+                        // Through the timer path, each at its turn.
                         for token in std::mem::take(&mut self.parked) {
-                            self.park(token, Duration::ZERO);
+                            if let Some(row) = self.rows.get_mut(&token) {
+                                row.timer = Some(self.timers.insert(token, Duration::ZERO));
+                            }
                         }
                     }
                 }
@@ -369,20 +348,32 @@ impl Driver {
         );
     }
 
+    /// The reply subscription, retried until it is taken.
+    async fn subscribe(&self) -> async_nats::Subscriber {
+        let subject = format!("{}.*", self.inbox);
+        let mut wait = Duration::from_millis(50);
+        loop {
+            match self.client.subscribe(subject.clone()).await {
+                Ok(s) => return s,
+                Err(e) => {
+                    warn!(error = %e, "cannot subscribe to command replies; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
     fn route(&mut self, subject: &str) -> Arc<Route> {
         if let Some(r) = self.routes.get(subject) {
             return r.clone();
         }
         let participant = wire_part(subject, 2).to_string();
-        let breaker = {
-            let mut map = match self.breakers.lock() {
-                Ok(m) => m,
-                Err(poisoned) => poisoned.into_inner(),
-            };
-            map.entry(participant.clone())
-                .or_insert_with(|| Breaker::new(&participant, self.settings))
-                .clone()
-        };
+        let breaker = self
+            .breakers
+            .entry(participant.clone())
+            .or_insert_with(|| Breaker::new(&participant, self.settings))
+            .clone();
         let route = Arc::new(Route {
             subject: subject.to_string(),
             action: wire_part(subject, 3).to_string(),
@@ -395,7 +386,7 @@ impl Driver {
 
     /// A new command: a row waiting out its backoff (and at least until an
     /// open breaker may close), due at once on a first attempt.
-    fn admit(&mut self, entry: Box<OutboxEntry>) {
+    async fn admit(&mut self, entry: Box<OutboxEntry>) {
         let route = self.route(&entry.subject);
         let delay = entry
             .retry
@@ -420,7 +411,7 @@ impl Driver {
             },
         );
         if timer.is_none() {
-            self.send_now_or_park(token);
+            self.send(token).await;
         }
     }
 
@@ -453,28 +444,8 @@ impl Driver {
         }
     }
 
-    /// A row due now, from a non-async path: sent at once (the publish only
-    /// queues on the connection), or parked while NATS is down.
-    fn send_now_or_park(&mut self, token: u64) {
-        if self.client.connection_state() != NatsState::Connected {
-            self.parked.push(token);
-            return;
-        }
-        let Some((subject, reply, headers, body)) = self.request_parts(token) else {
-            return;
-        };
-        match futures::FutureExt::now_or_never(
-            self.client
-                .publish_with_reply_and_headers(subject, reply, headers, body),
-        ) {
-            Some(result) => self.sent(token, result),
-            // The connection's queue is full (NATS is stalling): nothing was
-            // queued; the timer path sends it, waiting for room.
-            None => self.park(token, Duration::ZERO),
-        }
-    }
-
-    /// Sends a due row, waiting for room on the connection if needed.
+    /// Sends a due row (the publish only queues on the connection, waiting
+    /// for room in it when NATS stalls), or parks it while NATS is down.
     async fn send(&mut self, token: u64) {
         if self.client.connection_state() != NatsState::Connected {
             self.parked.push(token);
@@ -488,13 +459,6 @@ impl Driver {
             .publish_with_reply_and_headers(subject, reply, headers, body)
             .await;
         self.sent(token, result);
-    }
-
-    /// A waiting row is due again after `after` (its attempt not spent).
-    fn park(&mut self, token: u64, after: Duration) {
-        if let Some(row) = self.rows.get_mut(&token) {
-            row.timer = Some(self.timers.insert(token, after));
-        }
     }
 
     /// The request of a waiting row, or its failure reported (an open
@@ -632,55 +596,6 @@ impl Driver {
                 outcome,
             },
         });
-    }
-}
-
-/// Drains the reply subscription on `subject` into `tx` as fast as replies
-/// arrive; tells `subscribed` once the subscription is taken (retried until
-/// it is) and takes it again should the stream end.
-async fn pump(
-    client: async_nats::Client,
-    subject: String,
-    tx: mpsc::UnboundedSender<async_nats::Message>,
-    subscribed: tokio::sync::oneshot::Sender<()>,
-    cancel: CancellationToken,
-) {
-    let mut subscribed = Some(subscribed);
-    let mut wait = Duration::from_millis(50);
-    loop {
-        let taken = tokio::select! {
-            s = client.subscribe(subject.clone()) => s,
-            _ = cancel.cancelled() => return,
-        };
-        let mut sub = match taken {
-            Ok(sub) => sub,
-            Err(e) => {
-                warn!(error = %e, "cannot subscribe to command replies; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = cancel.cancelled() => return,
-                }
-                wait = (wait * 2).min(Duration::from_secs(2));
-                continue;
-            }
-        };
-        if let Some(s) = subscribed.take() {
-            let _ = s.send(());
-        }
-        loop {
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                message = sub.next() => match message {
-                    Some(m) => {
-                        if tx.send(m).is_err() {
-                            return;
-                        }
-                    }
-                    // The client closed (it does not while reconnecting).
-                    None => break,
-                },
-            }
-        }
     }
 }
 
