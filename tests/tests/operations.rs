@@ -31,12 +31,18 @@ fn with_token<T>(msg: T, token: Option<&str>) -> tonic::Request<T> {
 }
 
 async fn start_coordinator(s: &mut System) -> Result<()> {
+    start_coordinator_with(s, |_| {}).await
+}
+
+/// The coordinator with the operator token and `tweak` applied.
+async fn start_coordinator_with(s: &mut System, tweak: impl FnOnce(&mut coordinator::Config)) -> Result<()> {
     let c = RunningCoordinator::start_with(
         &s.nats.url(),
         &s.dir.path().join("coordinator"),
         &s.definitions,
         |c| {
             c.operator_token = Some(TOKEN.into());
+            tweak(c);
         },
     )
     .await?;
@@ -238,7 +244,7 @@ async fn a_compensation_out_of_retries_fails_with_a_dead_letter_and_an_operator_
 /// the participants may have forgotten its keys, so a repeated command could
 /// be applied twice. The refusal names the horizon and changes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_retry_past_the_command_horizon_is_refused() -> Result<()> {
+async fn a_retry_or_abort_past_the_command_horizon_is_refused() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let mut s = System::bare(Some(fake_definitions(dir.path(), 2)?)).await?;
     s.start_inventory().await?;
@@ -247,13 +253,8 @@ async fn a_retry_past_the_command_horizon_is_refused() -> Result<()> {
         _ => FakeAnswer::Reply(Reply::ok(serde_json::json!({}))),
     })
     .await?;
-    let c = RunningCoordinator::start_with(&s.nats.url(), &s.path("coordinator"), &s.definitions, |c| {
-        c.operator_token = Some(TOKEN.into());
-        c.command_horizon = Duration::from_secs(1);
-    })
-    .await?;
-    c.wait_ready().await?;
-    let mut g = c.client().await?;
+    start_coordinator_with(&mut s, |c| c.command_horizon = Duration::from_secs(1)).await?;
+    let mut g = s.grpc().await?;
     let req = pb::CreateOrderRequest {
         definition: "fake".into(),
         ..order("c-1", &[("RARE-1", 5)], 100)
@@ -290,7 +291,6 @@ async fn a_retry_past_the_command_horizon_is_refused() -> Result<()> {
         .await?
         .into_inner();
     assert_eq!(after.history.len(), failed.history.len(), "nothing changed");
-    c.stop().await?;
     s.shutdown().await
 }
 
