@@ -491,8 +491,11 @@ impl SagaService for SagaApi {
         let id = parse_saga_id("saga_id", &request.into_inner().saga_id)?;
         // Subscribe before reading, so no transition falls in between.
         let mut changes = self.runner.subscribe(&id.to_string());
-        let (first, done) = view(&self.store, &id)
-            .await?
+        let (mut saga, mut history) = self
+            .store
+            .get_with_history(&id)
+            .await
+            .map_err(store_status)?
             .ok_or_else(|| Status::not_found(format!("saga {id} not found")))?;
         // jetstream store: the saga may run on another coordinator, whose
         // transitions wake nobody here; look again every 200 ms as well.
@@ -500,8 +503,8 @@ impl SagaService for SagaApi {
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let store = self.store.clone();
         tokio::spawn(async move {
-            let mut sent = first.history.len();
-            if tx.send(Ok(first)).await.is_err() || done {
+            let mut sent = history.len();
+            if tx.send(Ok(saga_to_pb(&saga, &history))).await.is_err() || saga.state.is_terminal() {
                 return;
             }
             loop {
@@ -510,19 +513,32 @@ impl SagaService for SagaApi {
                     more = changes.changed() => more,
                     _ = tokio::time::sleep(std::time::Duration::from_millis(200)), if poll => true,
                 };
-                // The latest durable state (a burst of transitions may arrive as one).
-                match view(&store, &id).await {
-                    // Nothing new (a poll between transitions): nothing to send.
-                    Ok(Some((saga, false))) if saga.history.len() == sent => {}
-                    Ok(Some((saga, terminal))) => {
-                        sent = saga.history.len();
-                        if tx.send(Ok(saga)).await.is_err() || terminal {
+                // The transition handed over when it continues what is known,
+                // else (missed ones, a poll) the latest durable state.
+                let known = history.len() as u64;
+                let handed = changes.latest().filter(|c| {
+                    c.history.first().is_some_and(|h| h.seq <= known + 1)
+                        && c.history.last().is_some_and(|h| h.seq > known)
+                });
+                match handed {
+                    Some(change) => {
+                        history.extend(change.history.iter().filter(|h| h.seq > known).cloned());
+                        saga = change.saga.clone();
+                    }
+                    None => match store.get_with_history(&id).await {
+                        Ok(Some(latest)) => (saga, history) = latest,
+                        Ok(None) => return,
+                        Err(e) => {
+                            let _ = tx.send(Err(store_status(e))).await;
                             return;
                         }
-                    }
-                    Ok(None) => return,
-                    Err(status) => {
-                        let _ = tx.send(Err(status)).await;
+                    },
+                }
+                let terminal = saga.state.is_terminal();
+                // Nothing new (a poll between transitions): nothing to send.
+                if history.len() != sent || terminal {
+                    sent = history.len();
+                    if tx.send(Ok(saga_to_pb(&saga, &history))).await.is_err() || terminal {
                         return;
                     }
                 }

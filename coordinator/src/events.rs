@@ -4,14 +4,16 @@
 //! alias, e.g. `orders.completed`) AFTER the transition that made it is
 //! durable.
 //!
-//! The store writes each event into its `events_outbox` tree in the same
-//! transaction as the history entry; this module only reads that outbox,
-//! makes sure it is durable (the runner's group commit usually covered it
-//! already, else one flush), publishes in key
-//! order (per saga, in sequence) and removes what JetStream acknowledged. So a crash neither loses an event (a committed one is still
-//! in the outbox and is published on the next start) nor invents one (no
-//! event exists without its committed transition). A crash after the publish
-//! but before the removal re-publishes on restart; the `Nats-Msg-Id` header
+//! With sled the store logs a pointer to each transition's history entries
+//! in the same transaction as the entries (the events log, see `store`);
+//! with jetstream it keeps them in memory until they are out. This module
+//! reads what is pending, makes sure it is durable (the runner's group
+//! commit usually covered it already, else one flush), publishes in commit
+//! order (per saga, in sequence) and then records how far it got. So a
+//! crash neither loses an event (a committed one is still pending and is
+//! published on the next start) nor invents one (no event exists without
+//! its committed transition). A crash after the publish but before the
+//! record re-publishes on restart; the `Nats-Msg-Id` header
 //! (`<saga_id>:<sequence>`, `…:<alias>` for the alias copy) makes JetStream
 //! drop the copy inside the stream's duplicate window. Consumers that may see
 //! a re-publish after a longer outage dedupe on `(saga_id, sequence)`.

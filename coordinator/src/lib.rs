@@ -440,8 +440,11 @@ pub async fn run_with_reload(
         StoreKind::Sled => {
             std::fs::create_dir_all(&config.data_dir)
                 .map_err(|e| RunError::Config(format!("data_dir {}: {e}", config.data_dir.display())))?;
-            let store =
+            let mut store =
                 Store::open_with_cache(&config.data_dir, config.cache_mib.saturating_mul(1024 * 1024))?;
+            if config.no_events {
+                store = store.without_events();
+            }
             for (state, n) in store.count_by_state()? {
                 if n > 0 {
                     info!(state = state.as_str(), sagas = n, "store opened");

@@ -4,7 +4,9 @@
 //! and outcomes (from the dispatcher), applies them with the pure engine,
 //! writes every resulting transition to the store, flushes ONCE for the whole
 //! batch (group commit), and only then answers the creators and hands the
-//! new commands to the dispatcher. So no command ever leaves before the state
+//! new commands to the dispatcher. With sled the flush runs in its own task
+//! while the runner decides the next batch (one flush in flight; the next
+//! starts when it ends and covers everything decided meanwhile). So no command ever leaves before the state
 //! that implies it is durable, and a crash at any point leaves either the old
 //! state (the event is redelivered: the command is still in the outbox and
 //! is re-sent on start) or the new one with its commands in the outbox.
@@ -174,27 +176,46 @@ pub enum OperateError {
     Elsewhere(String),
 }
 
+/// A durable transition of a watched saga: the saga after it and the
+/// history entries it added.
+#[derive(Debug)]
+pub struct Change {
+    /// The saga after the transition.
+    pub saga: Saga,
+    /// The entries the transition added, in order.
+    pub history: Vec<engine::HistoryEntry>,
+}
+
+type WatchMap = HashMap<String, tokio::sync::watch::Sender<Option<Arc<Change>>>>;
+
 /// Who watches which saga (`WatchSaga`): one `watch` channel per watched
-/// saga carrying its latest durable history sequence, so a transition wakes
-/// only the watchers of its own saga, and a slow watcher simply sees the
-/// latest state (every message carries the whole history).
+/// saga carrying its latest durable transition, so a transition wakes only
+/// the watchers of its own saga without a store read, and a slow watcher
+/// sees the latest one (and reads the store when it missed some).
 #[derive(Clone, Default)]
-struct Watchers(Arc<Mutex<HashMap<String, tokio::sync::watch::Sender<u64>>>>);
+struct Watchers(Arc<Mutex<WatchMap>>);
 
 impl Watchers {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, tokio::sync::watch::Sender<u64>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, WatchMap> {
         match self.0.lock() {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
         }
     }
 
-    /// Tells the watchers of `saga_id` (if any) it reached `seq`; forgets the
-    /// saga when nobody listens any more or it is terminal.
-    fn notify(&self, saga_id: &str, seq: u64, terminal: bool) {
+    /// Whether anyone watches `saga_id`.
+    fn watched(&self, saga_id: &str) -> bool {
+        self.lock().contains_key(saga_id)
+    }
+
+    /// Tells the watchers of `saga_id` (if any) it moved, handing them the
+    /// change when it was captured (`None`: the watch began after the
+    /// transition was decided; they read the store); forgets the saga when
+    /// nobody listens any more or it is terminal.
+    fn notify(&self, saga_id: &str, terminal: bool, change: Option<Arc<Change>>) {
         let mut map = self.lock();
         if let Some(tx) = map.get(saga_id) {
-            tx.send_replace(seq);
+            tx.send_replace(change);
             if terminal || tx.receiver_count() == 0 {
                 map.remove(saga_id);
             }
@@ -211,7 +232,7 @@ impl Watchers {
 /// ends (`changed()` fails) when the saga is terminal or the runner stops.
 pub struct Subscription {
     saga_id: String,
-    rx: tokio::sync::watch::Receiver<u64>,
+    rx: tokio::sync::watch::Receiver<Option<Arc<Change>>>,
     watchers: Watchers,
 }
 
@@ -219,6 +240,12 @@ impl Subscription {
     /// Waits for the next transition; `false` once no more will come.
     pub async fn changed(&mut self) -> bool {
         self.rx.changed().await.is_ok()
+    }
+
+    /// The latest transition handed over (earlier ones a slow watcher
+    /// missed are gone).
+    pub fn latest(&mut self) -> Option<Arc<Change>> {
+        self.rx.borrow_and_update().clone()
     }
 }
 
@@ -283,7 +310,7 @@ impl RunnerHandle {
         let rx = {
             let mut map = self.watchers.lock();
             map.entry(saga_id.to_string())
-                .or_insert_with(|| tokio::sync::watch::channel(0).0)
+                .or_insert_with(|| tokio::sync::watch::channel(None).0)
                 .subscribe()
         };
         Subscription {
@@ -402,16 +429,63 @@ struct Runner {
     /// Most in-flight sagas kept in `active` (sled only).
     resident: usize,
     dlq_inflight: Arc<Mutex<HashSet<Vec<u8>>>>,
-    // Per batch:
+    /// What was decided since the last flush began.
+    batch: Batch,
+    /// The flush under way (at most one), with what it releases when done.
+    flushing: Option<Flushing>,
+    watchers: Watchers,
+}
+
+/// What a batch of decisions releases once the flush covering it is done.
+#[derive(Default)]
+struct Batch {
+    /// Commands to hand to the dispatcher.
     to_send: Vec<OutboxEntry>,
     acks: Vec<(CreateReply, Result<Created, CreateError>)>,
     operated: Vec<(OperateReply, String, Result<Operated, OperateError>)>,
-    batch_keys: HashMap<String, String>,
+    /// Idempotency keys of the sagas it created (not yet readable in the store).
+    keys: HashMap<String, String>,
+    /// Sagas that moved, `(id, terminal, change)`, for their watchers; the
+    /// change is captured for sagas watched when it was decided.
+    changed: Vec<(String, bool, Option<Arc<Change>>)>,
+    /// Whether it wrote anything.
     dirty: bool,
-    new_dead_letters: bool,
-    watchers: Watchers,
-    /// Sagas that moved in this batch: `(id, seq, terminal)`, for watchers after the flush.
-    changed: Vec<(String, u64, bool)>,
+    /// Whether it wrote a dead letter (publish the unconfirmed ones).
+    dead_letters: bool,
+}
+
+impl Batch {
+    fn is_empty(&self) -> bool {
+        !self.dirty
+            && !self.dead_letters
+            && self.to_send.is_empty()
+            && self.acks.is_empty()
+            && self.operated.is_empty()
+    }
+}
+
+/// A flush running in its own task while the runner decides the next batch.
+struct Flushing {
+    batch: Batch,
+    task: tokio::task::JoinHandle<Result<Vec<String>, StoreError>>,
+    started: std::time::Instant,
+}
+
+impl Flushing {
+    async fn wait(&mut self) -> Result<Vec<String>, StoreError> {
+        match (&mut self.task).await {
+            Ok(result) => result,
+            Err(e) => Err(StoreError::Corrupt(format!("flush task failed: {e}"))),
+        }
+    }
+}
+
+/// Waits for the flush under way, if any (else never returns).
+async fn flushed(flushing: &mut Option<Flushing>) -> Result<Vec<String>, StoreError> {
+    match flushing {
+        Some(f) => f.wait().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Runs the saga runner until `shutdown` fires.
@@ -443,14 +517,12 @@ pub async fn run(
         evicted: HashSet::new(),
         resident: inputs.resident,
         dlq_inflight: Arc::new(Mutex::new(HashSet::new())),
-        to_send: Vec::new(),
-        acks: Vec::new(),
-        operated: Vec::new(),
-        batch_keys: HashMap::new(),
-        dirty: false,
-        new_dead_letters: true, // publish what a previous run left unconfirmed
+        batch: Batch {
+            dead_letters: true, // publish what a previous run left unconfirmed
+            ..Batch::default()
+        },
+        flushing: None,
         watchers: inputs.watchers.clone(),
-        changed: Vec::new(),
     };
     let resume = r.store.resume_at_start()?;
     info!(active = resume.len(), "resuming sagas found in the store");
@@ -481,6 +553,11 @@ async fn serve(
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
+            result = flushed(&mut r.flushing) => {
+                r.flush_done(result)?;
+                r.begin_commit()?;
+                continue;
+            }
             n = inputs.outcomes.recv_many(&mut outcomes, BATCH) => if n == 0 { break },
             n = inputs.requests.recv_many(&mut requests, BATCH) => if n == 0 { break },
         }
@@ -505,7 +582,7 @@ async fn serve(
             match request {
                 Request::Create { new, reply } => {
                     let result = r.create(new, now).await;
-                    r.acks.push((reply, result));
+                    r.batch.acks.push((reply, result));
                 }
                 Request::Operate {
                     saga_id,
@@ -513,7 +590,7 @@ async fn serve(
                     reply,
                 } => {
                     let result = r.operate(saga_id, &event, now).await;
-                    r.operated.push((reply, saga_id.to_string(), result));
+                    r.batch.operated.push((reply, saga_id.to_string(), result));
                 }
                 Request::Adopt { sagas, reply } => {
                     let n = r.adopt(sagas, now)?;
@@ -541,9 +618,15 @@ async fn serve(
                 }
             }
         }
-        r.commit().await?;
+        // Flushed now, or when the flush under way is done.
+        r.begin_commit()?;
+        if r.store.sled().is_none() {
+            // jetstream: a batch's writes check the revisions the previous
+            // one left, so its flush completes before the next batch.
+            r.settle().await?;
+        }
     }
-    Ok(())
+    r.commit().await
 }
 
 impl Runner {
@@ -567,7 +650,7 @@ impl Runner {
             for entry in outbox {
                 info!(saga_id = %entry.saga_id, correlation_id = %entry.correlation_id,
                       step = %entry.message.step, attempt = entry.message.attempt, "re-sending in-flight command");
-                self.to_send.push(entry);
+                self.batch.to_send.push(entry);
             }
         }
         Ok(fresh)
@@ -595,7 +678,12 @@ impl Runner {
         // jetstream: the id a previous attempt with this key reserved.
         let mut reserved = None;
         if let Some(key) = &new.idempotency_key {
-            let existing = match self.batch_keys.get(key) {
+            let pending = self
+                .batch
+                .keys
+                .get(key)
+                .or_else(|| self.flushing.as_ref().and_then(|f| f.batch.keys.get(key)));
+            let existing = match pending {
                 Some(id) => Uuid::parse_str(id).ok(),
                 None => self.store.saga_for_key(key).await?,
             };
@@ -648,13 +736,13 @@ impl Runner {
             now,
         );
         self.store.write(&created, None)?;
-        self.dirty = true;
+        self.batch.dirty = true;
         info!(saga_id = %id, correlation_id = %created.saga.correlation_id, order_id = %order_id,
               definition = %created.saga.definition.id(), "saga created");
         metrics::counter!(telemetry::SAGAS_STARTED, "definition" => created.saga.definition.id())
             .increment(1);
         if let Some(key) = new.idempotency_key {
-            self.batch_keys.insert(key, id.clone());
+            self.batch.keys.insert(key, id.clone());
         }
         self.active.insert(id.clone(), created.saga);
         self.apply(&id, &Event::Start, now)?;
@@ -714,7 +802,7 @@ impl Runner {
             }
         };
         self.store.write(&t, Some(previous))?;
-        self.dirty = true;
+        self.batch.dirty = true;
         if let Event::Abort { .. } = event {
             // The commands in flight are moot: stop them if they have not left yet.
             for (step, kind) in &t.settled {
@@ -723,15 +811,28 @@ impl Runner {
         }
         let tag = t.saga.state.tag();
         if tag == StateTag::Failed && previous != StateTag::Failed {
-            self.new_dead_letters = true;
+            self.batch.dead_letters = true;
             warn!(saga_id, correlation_id = %t.saga.correlation_id,
                   reason = t.saga.reason.as_deref().unwrap_or(""), "saga FAILED: dead letter written");
         }
         self.log(&t);
-        let Transition { saga, commands, .. } = t;
-        self.changed
-            .push((saga.id.clone(), saga.seq, saga.state.is_terminal()));
-        self.to_send
+        let Transition {
+            saga,
+            commands,
+            history,
+            ..
+        } = t;
+        let change = self.watchers.watched(saga_id).then(|| {
+            Arc::new(Change {
+                saga: saga.clone(),
+                history,
+            })
+        });
+        self.batch
+            .changed
+            .push((saga.id.clone(), saga.state.is_terminal(), change));
+        self.batch
+            .to_send
             .extend(commands.iter().map(|c| OutboxEntry::new(&saga, c)));
         if saga.state.is_terminal() {
             metrics::counter!(
@@ -747,8 +848,8 @@ impl Runner {
         Ok(Some(tag))
     }
 
-    /// Brings an evicted saga back into memory from the store (where the
-    /// flush before its eviction left it).
+    /// Brings an evicted saga back into memory from the store (its latest
+    /// record: staged, being committed or flushed).
     fn reload(&mut self, saga_id: &str) -> Result<(), StoreError> {
         if self.evicted.is_empty() {
             return Ok(());
@@ -772,8 +873,9 @@ impl Runner {
     /// Keeps at most `resident` in-flight sagas in memory (sled only): the
     /// excess, and a quarter more so this does not run on every batch, is
     /// evicted, longest-waiting first (the oldest last transition: a saga
-    /// that just moved will hear back soonest). Called after the flush, so
-    /// each evicted saga is durable.
+    /// that just moved will hear back soonest). Called when a flush is done;
+    /// a saga whose latest transition is still staged or being committed is
+    /// read back from there ([`Backend::get_latest`]).
     fn evict(&mut self) {
         if self.active.len() <= self.resident || self.store.sled().is_none() {
             return;
@@ -810,47 +912,103 @@ impl Runner {
         }
     }
 
-    /// Group commit: one flush for the batch, then replies and sends.
-    async fn commit(&mut self) -> Result<(), StoreError> {
-        self.batch_keys.clear();
-        let flushed = self.dirty;
-        if self.dirty {
-            let started = std::time::Instant::now();
-            let lost = match self.store.flush_writes().await {
-                Ok(lost) => lost,
-                Err(e) => {
-                    error!(error = %e, "flush failed; stopping without sending");
-                    return Err(e);
-                }
-            };
-            self.dirty = false;
-            if !lost.is_empty() {
-                self.drop_lost(&lost);
-            }
-            metrics::counter!(telemetry::FLUSHES).increment(1);
-            metrics::histogram!(telemetry::FLUSH_SECONDS).record(started.elapsed().as_secs_f64());
+    /// Starts the group commit of what was decided since the last flush
+    /// began: its flush runs in a task while the runner decides the next
+    /// batch, and its replies, commands and wake-ups are released only when
+    /// that flush is done ([`Runner::flush_done`]). With a flush already
+    /// under way this waits: that flush's end starts the next, which then
+    /// covers everything decided meanwhile (one flush in flight at a time,
+    /// so batches grow with the load and are released in order). A batch
+    /// that wrote nothing is released at once.
+    fn begin_commit(&mut self) -> Result<(), StoreError> {
+        if self.flushing.is_some() || self.batch.is_empty() {
+            return Ok(());
         }
+        let batch = std::mem::take(&mut self.batch);
+        if !batch.dirty {
+            return self.release(batch);
+        }
+        let store = self.store.clone();
+        self.flushing = Some(Flushing {
+            batch,
+            task: tokio::spawn(async move { store.flush_writes().await }),
+            started: std::time::Instant::now(),
+        });
+        Ok(())
+    }
+
+    /// The flush under way ended: release its batch, or stop on a failure
+    /// (sending nothing: the outbox re-sends after a restart).
+    fn flush_done(&mut self, result: Result<Vec<String>, StoreError>) -> Result<(), StoreError> {
+        let Some(Flushing {
+            mut batch, started, ..
+        }) = self.flushing.take()
+        else {
+            return Ok(());
+        };
+        let lost = match result {
+            Ok(lost) => lost,
+            Err(e) => {
+                error!(error = %e, "flush failed; stopping without sending");
+                return Err(e);
+            }
+        };
+        if !lost.is_empty() {
+            self.drop_lost(&mut batch, &lost);
+        }
+        metrics::counter!(telemetry::FLUSHES).increment(1);
+        metrics::histogram!(telemetry::FLUSH_SECONDS).record(started.elapsed().as_secs_f64());
+        self.release(batch)
+    }
+
+    /// Waits for the flush under way, if any, and releases its batch.
+    async fn settle(&mut self) -> Result<(), StoreError> {
+        if let Some(f) = self.flushing.as_mut() {
+            let result = f.wait().await;
+            self.flush_done(result)?;
+        }
+        Ok(())
+    }
+
+    /// Flushes everything decided so far and releases it, before returning.
+    async fn commit(&mut self) -> Result<(), StoreError> {
+        self.settle().await?;
+        self.begin_commit()?;
+        self.settle().await
+    }
+
+    /// Replies, sends and wakes what `batch` decided, now durable.
+    fn release(&mut self, batch: Batch) -> Result<(), StoreError> {
         self.evict();
         metrics::gauge!(telemetry::SAGAS_IN_FLIGHT).set((self.active.len() + self.evicted.len()) as f64);
-        for (reply, result) in self.acks.drain(..) {
+        let Batch {
+            to_send,
+            acks,
+            operated,
+            changed,
+            dirty,
+            dead_letters,
+            ..
+        } = batch;
+        for (reply, result) in acks {
             let _ = reply.send(result);
         }
-        for (reply, _, result) in self.operated.drain(..) {
+        for (reply, _, result) in operated {
             let _ = reply.send(result);
         }
-        for entry in self.to_send.drain(..) {
+        for entry in to_send {
             self.dispatcher.dispatch(entry);
         }
-        for (id, seq, terminal) in self.changed.drain(..) {
-            self.watchers.notify(&id, seq, terminal);
+        for (id, terminal, change) in changed {
+            self.watchers.notify(&id, terminal, change);
         }
-        if flushed {
+        if dirty {
             // Every transition wrote its events; they are durable now. Woken
             // last, so the publisher's JetStream traffic queues behind the
             // commands on the connection, not in front of them.
             self.events.wake();
         }
-        if std::mem::take(&mut self.new_dead_letters) {
+        if dead_letters {
             self.publish_dead_letters()?;
         }
         Ok(())
@@ -859,19 +1017,19 @@ impl Runner {
     /// jetstream store: sagas whose write did not land are forgotten (their
     /// commands not sent, their callers told) and handed to the partition
     /// owner to reload from what is durable.
-    fn drop_lost(&mut self, lost: &[String]) {
+    fn drop_lost(&mut self, batch: &mut Batch, lost: &[String]) {
         let lost: HashSet<&str> = lost.iter().map(String::as_str).collect();
         for id in &lost {
             self.active.remove(*id);
         }
-        self.to_send.retain(|e| !lost.contains(e.saga_id.as_str()));
-        self.changed.retain(|(id, _, _)| !lost.contains(id.as_str()));
-        for (_, result) in self.acks.iter_mut() {
+        batch.to_send.retain(|e| !lost.contains(e.saga_id.as_str()));
+        batch.changed.retain(|(id, _, _)| !lost.contains(id.as_str()));
+        for (_, result) in batch.acks.iter_mut() {
             if matches!(result, Ok(Created::New { saga_id, .. }) if lost.contains(saga_id.as_str())) {
                 *result = Err(CreateError::Lost);
             }
         }
-        for (_, id, result) in self.operated.iter_mut() {
+        for (_, id, result) in batch.operated.iter_mut() {
             if result.is_ok() && lost.contains(id.as_str()) {
                 *result = Err(OperateError::Elsewhere(
                     "the saga was written by another coordinator meanwhile; retry".into(),

@@ -13,9 +13,21 @@
 //! - `idempotency`: client `CreateOrder` key → saga id;
 //! - `dead_letters`: saga id ++ seq → [`DeadLetter`], one per entry into FAILED (kept);
 //! - `dlq_outbox`: the same keys, for dead letters not yet published on `saga.dlq`;
-//! - `events_outbox`: saga id ++ seq → the [`EventRecord`] of that history
-//!   entry, written in the same transaction as the entry and removed once
-//!   JetStream acknowledged it (see `events`).
+//! - `events.<generation>` (16 hex digits): the events log, in commit order.
+//!   Key: a sequence number (u64 BE, increasing over the store's life).
+//!   Value: a 41-byte pointer to the history entries one transition wrote
+//!   (version byte 1 ++ saga id ++ first seq ++ last seq ++ time in ms, u64
+//!   BE each), written in the same transaction as those entries. The
+//!   publisher (see `events`) builds each event from the history entry and
+//!   the saga record (every field it copies from the record is fixed at
+//!   creation) and records how far it got in `meta` (`events-cursor`:
+//!   generation ++ sequence, not flushed: after a crash the last batches are
+//!   re-published and JetStream drops the copies by `Nats-Msg-Id`). Nothing
+//!   is removed key by key: once the log holds `EVENTS_ROTATE` published
+//!   pointers a new generation is started, and a generation entirely
+//!   published is dropped whole (sled frees its pages). A log written by an
+//!   earlier version (`events_outbox`: one event copy per history entry,
+//!   removed one by one) is converted on open.
 //!
 //! [`Store::write`] stages one transition (record, history, index, outbox,
 //! idempotency key). The caller groups many writes and then calls
@@ -163,13 +175,42 @@ pub struct EventRecord {
 impl EventRecord {
     /// The event of history entry `h` of `saga`.
     pub fn new(saga: &Saga, h: &HistoryEntry) -> Self {
-        let d = &saga.definition;
+        Self::build(
+            &saga.id,
+            &saga.definition,
+            &saga.order,
+            &saga.correlation_id,
+            saga.created_at_ms,
+            h,
+        )
+    }
+
+    /// The event of history entry `h` of the saga `source` describes.
+    fn of(source: &EventSource, h: &HistoryEntry) -> Self {
+        Self::build(
+            &source.id,
+            &source.definition,
+            &source.order,
+            &source.correlation_id,
+            source.created_at_ms,
+            h,
+        )
+    }
+
+    fn build(
+        saga_id: &str,
+        d: &SagaDefinition,
+        order: &saga_proto::wire::OrderPayload,
+        correlation_id: &str,
+        created_at_ms: u64,
+        h: &HistoryEntry,
+    ) -> Self {
         EventRecord {
             subject: saga_proto::wire::event_subject(&d.name, &h.kind),
             alias: d.events.get(&h.kind).cloned(),
             event: saga_proto::wire::SagaEvent {
                 v: saga_proto::wire::EVENT_FORMAT_VERSION,
-                saga_id: saga.id.clone(),
+                saga_id: saga_id.to_string(),
                 definition: d.id(),
                 sequence: h.seq,
                 event: h.kind.clone(),
@@ -178,12 +219,51 @@ impl EventRecord {
                 detail: h.detail.clone(),
                 state: h.state.as_str().to_string(),
                 at_ms: h.at_ms,
-                saga_created_at_ms: saga.created_at_ms,
-                correlation_id: saga.correlation_id.clone(),
-                order: saga.order.clone(),
+                saga_created_at_ms: created_at_ms,
+                correlation_id: correlation_id.to_string(),
+                order: order.clone(),
             },
         }
     }
+}
+
+/// What a saga's events take from its record: the fields fixed when it was
+/// created (so any later record of the saga gives the same).
+struct EventSource {
+    id: String,
+    definition: Arc<SagaDefinition>,
+    order: saga_proto::wire::OrderPayload,
+    correlation_id: String,
+    created_at_ms: u64,
+}
+
+/// A saga record read for its events only: the rest is skipped, not built.
+#[derive(Deserialize)]
+struct EventSourceRecordIn {
+    saga: EventSourceIn,
+}
+
+#[derive(Deserialize)]
+struct EventSourceIn {
+    id: String,
+    #[serde(default)]
+    definition: Option<Arc<SagaDefinition>>,
+    #[serde(default)]
+    definition_ref: Option<String>,
+    order: saga_proto::wire::OrderPayload,
+    correlation_id: String,
+    created_at_ms: u64,
+}
+
+/// Most sagas whose [`EventSource`] the events publisher keeps: a saga's
+/// transitions are close together in the log, so most are read once.
+const EVENT_SOURCES: usize = 8192;
+
+/// The events publisher's recently read [`EventSource`]s, oldest first out.
+#[derive(Default)]
+struct EventSources {
+    by_id: HashMap<[u8; 16], Arc<EventSource>>,
+    order: std::collections::VecDeque<[u8; 16]>,
 }
 
 #[derive(Serialize)]
@@ -318,6 +398,98 @@ fn outbox_key(id: &[u8; 16], step: usize, kind: CommandKind) -> Vec<u8> {
     k
 }
 
+/// Published events-log pointers after which a new generation is started.
+const EVENTS_ROTATE: u64 = 50_000;
+/// `meta` key of the events publisher's cursor.
+const EVENTS_CURSOR: &[u8] = b"events-cursor";
+/// Name prefix of the events log's generations.
+const EVENTS_TREE: &str = "events.";
+/// The events log of earlier versions (one event copy per history entry).
+const LEGACY_EVENTS_TREE: &str = "events_outbox";
+
+fn events_tree_name(generation: u64) -> String {
+    format!("{EVENTS_TREE}{generation:016x}")
+}
+
+/// An events-log pointer: the history entries `first..=last` of saga `id`,
+/// written at `at_ms`.
+fn event_pointer(id: &[u8; 16], first: u64, last: u64, at_ms: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(41);
+    v.push(1);
+    v.extend_from_slice(id);
+    v.extend_from_slice(&first.to_be_bytes());
+    v.extend_from_slice(&last.to_be_bytes());
+    v.extend_from_slice(&at_ms.to_be_bytes());
+    v
+}
+
+/// A decoded [`event_pointer`].
+struct EventPointer {
+    id: [u8; 16],
+    first: u64,
+    last: u64,
+    at_ms: u64,
+}
+
+fn be_u64(bytes: &[u8], what: &str) -> Result<u64, StoreError> {
+    bytes
+        .try_into()
+        .map(u64::from_be_bytes)
+        .map_err(|_| StoreError::Corrupt(format!("{what}: {} bytes, not 8", bytes.len())))
+}
+
+fn parse_event_pointer(v: &[u8]) -> Result<EventPointer, StoreError> {
+    match v {
+        [1, rest @ ..] if rest.len() == 40 => {
+            let mut id = [0; 16];
+            id.copy_from_slice(&rest[..16]);
+            Ok(EventPointer {
+                id,
+                first: be_u64(&rest[16..24], "events log")?,
+                last: be_u64(&rest[24..32], "events log")?,
+                at_ms: be_u64(&rest[32..40], "events log")?,
+            })
+        }
+        [1, ..] => Err(StoreError::Corrupt(format!(
+            "events log: pointer of {} bytes",
+            v.len()
+        ))),
+        [version, ..] => Err(StoreError::Corrupt(format!(
+            "events log: unsupported format version {version}"
+        ))),
+        [] => Err(StoreError::Corrupt("events log: empty pointer".into())),
+    }
+}
+
+/// A key handed to the events publisher: generation ++ sequence.
+fn events_log_key(generation: u64, seq: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(16);
+    k.extend_from_slice(&generation.to_be_bytes());
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn read_lock<T>(lock: &std::sync::RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    match lock.read() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+fn write_lock<T>(lock: &std::sync::RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    match lock.write() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match mutex.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
 /// The coordinator's sled database.
 #[derive(Clone)]
 pub struct Store {
@@ -329,7 +501,17 @@ pub struct Store {
     idempotency: sled::Tree,
     dead_letters: sled::Tree,
     dlq_outbox: sled::Tree,
-    events: sled::Tree,
+    /// The events log's generations, oldest first; transactions write to
+    /// the last (holding the read lock while they commit, so a generation
+    /// is never dropped or replaced under a transaction).
+    events: Arc<std::sync::RwLock<Vec<(u64, sled::Tree)>>>,
+    /// How far the events publisher got: `(generation, sequence)`.
+    events_cursor: Arc<Mutex<Option<(u64, u64)>>>,
+    /// Whether transitions write to the events log (`--no-events`: not).
+    events_on: bool,
+    event_sources: Arc<Mutex<EventSources>>,
+    /// Published pointers after which a new generation starts.
+    events_rotate: u64,
     meta: sled::Tree,
     /// Set before staged writes are applied, cleared by
     /// [`Store::flush_writes`] once the writer's flush returned.
@@ -353,13 +535,22 @@ enum Tree {
     DlqOutbox,
 }
 
+/// A staged insert (`Some`) or removal (`None`) of a key of a tree.
+type Op = (Tree, Vec<u8>, Option<Vec<u8>>);
+
 /// What [`Store::write`] staged for the next flush.
 #[derive(Default)]
 struct Staged {
     /// Inserts (`Some`) and removals (`None`), in order.
-    ops: Vec<(Tree, Vec<u8>, Option<Vec<u8>>)>,
+    ops: Vec<Op>,
     /// Each staged saga's latest record.
     records: HashMap<[u8; 16], Vec<u8>>,
+    /// Sequence of the next events-log pointer.
+    next_event: u64,
+    /// The records of the transaction being applied now: the runner stages
+    /// its next batch while the previous one is committed, and
+    /// [`Store::get_latest`] must see them until sled does.
+    applying: Option<Arc<HashMap<[u8; 16], Vec<u8>>>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -411,7 +602,7 @@ impl Store {
                 other => break other?,
             }
         };
-        Ok(Store {
+        Store {
             sagas: db.open_tree("sagas")?,
             history: db.open_tree("history")?,
             by_state: db.open_tree("by_state")?,
@@ -419,14 +610,140 @@ impl Store {
             idempotency: db.open_tree("idempotency")?,
             dead_letters: db.open_tree("dead_letters")?,
             dlq_outbox: db.open_tree("dlq_outbox")?,
-            events: db.open_tree("events_outbox")?,
+            events: Default::default(),
+            events_cursor: Default::default(),
+            events_on: true,
+            event_sources: Default::default(),
+            events_rotate: EVENTS_ROTATE,
             meta: db.open_tree("meta")?,
             unflushed: Default::default(),
             staged: Default::default(),
             definitions: db.open_tree("definitions")?,
             refs: Default::default(),
             db,
-        })
+        }
+        .with_events_log()
+    }
+
+    /// This store without saga events (`--no-events`): transitions write no
+    /// events-log pointers (what an earlier run logged stays for a later run
+    /// with events).
+    #[must_use]
+    pub fn without_events(mut self) -> Self {
+        self.events_on = false;
+        self
+    }
+
+    /// Opens the events log: its generations (those before the publisher's
+    /// cursor are published and dropped), the cursor, the next sequence; a
+    /// log of an earlier version is converted first.
+    fn with_events_log(self) -> Result<Self, StoreError> {
+        let cursor = match self.meta.get(EVENTS_CURSOR)? {
+            Some(v) if v.len() == 16 => Some((
+                be_u64(&v[..8], "events cursor")?,
+                be_u64(&v[8..], "events cursor")?,
+            )),
+            Some(v) => return Err(StoreError::Corrupt(format!("events cursor of {} bytes", v.len()))),
+            None => None,
+        };
+        let mut generations: Vec<u64> = self
+            .db
+            .tree_names()
+            .iter()
+            .filter_map(|name| {
+                std::str::from_utf8(name)
+                    .ok()?
+                    .strip_prefix(EVENTS_TREE)
+                    .map(str::to_owned)
+            })
+            .filter_map(|hex| u64::from_str_radix(&hex, 16).ok())
+            .collect();
+        generations.sort_unstable();
+        if let Some((published, _)) = cursor {
+            for g in generations.iter().filter(|g| **g < published) {
+                self.db.drop_tree(events_tree_name(*g))?;
+            }
+            generations.retain(|g| *g >= published);
+        }
+        if generations.is_empty() {
+            generations.push(cursor.map_or(0, |(g, _)| g));
+        }
+        let mut trees = Vec::with_capacity(generations.len());
+        let mut last = None;
+        for g in generations {
+            let tree = self.db.open_tree(events_tree_name(g))?;
+            if let Some((k, _)) = tree.last()? {
+                last = last.max(Some(be_u64(&k, "events log key")?));
+            }
+            trees.push((g, tree));
+        }
+        let next = last.max(cursor.map(|(_, seq)| seq)).map_or(0, |seq| seq + 1);
+        *write_lock(&self.events) = trees;
+        *lock(&self.events_cursor) = cursor;
+        self.staged().next_event = next;
+        self.convert_legacy_events()?;
+        Ok(self)
+    }
+
+    /// Moves the events an earlier version left unpublished in
+    /// `events_outbox` (one copy per history entry, in saga-and-sequence
+    /// order) into the log as pointers, in one transaction, then drops it.
+    fn convert_legacy_events(&self) -> Result<(), StoreError> {
+        if !self
+            .db
+            .tree_names()
+            .iter()
+            .any(|n| n == LEGACY_EVENTS_TREE.as_bytes())
+        {
+            return Ok(());
+        }
+        let legacy = self.db.open_tree(LEGACY_EVENTS_TREE)?;
+        let mut moved = Vec::new();
+        for kv in legacy.iter() {
+            let (k, v) = kv?;
+            let record: EventRecord = decode(&v, "event")?;
+            let id: [u8; 16] = k
+                .get(..16)
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(|| StoreError::Corrupt("events_outbox key".into()))?;
+            moved.push((
+                k,
+                event_pointer(
+                    &id,
+                    record.event.sequence,
+                    record.event.sequence,
+                    record.event.at_ms,
+                ),
+            ));
+        }
+        if !moved.is_empty() {
+            let mut staged = self.staged();
+            let first = staged.next_event;
+            staged.next_event += moved.len() as u64;
+            drop(staged);
+            let events = read_lock(&self.events);
+            let Some((_, log)) = events.last() else {
+                return Err(StoreError::Corrupt("the events log has no generation".into()));
+            };
+            (&legacy, log)
+                .transaction(|(legacy, log)| {
+                    for (seq, (k, pointer)) in (first..).zip(&moved) {
+                        log.insert(&seq.to_be_bytes(), pointer.as_slice())?;
+                        legacy.remove(k)?;
+                    }
+                    Ok::<(), ConflictableTransactionError<()>>(())
+                })
+                .map_err(|e| match e {
+                    sled::transaction::TransactionError::Storage(e) => StoreError::Sled(e),
+                    sled::transaction::TransactionError::Abort(()) => {
+                        StoreError::Corrupt("events conversion aborted".into())
+                    }
+                })?;
+            self.db.flush()?;
+        }
+        drop(legacy);
+        self.db.drop_tree(LEGACY_EVENTS_TREE)?;
+        Ok(())
     }
 
     /// Stages one transition: the saga record, its new history entries and
@@ -449,14 +766,9 @@ impl Store {
         let saga = &t.saga;
         let id = saga_key(&saga.id)?;
         let record = self.encode_record(saga)?;
-        let mut ops = Vec::with_capacity(4 + 2 * t.history.len() + t.settled.len() + t.commands.len());
+        let mut ops = Vec::with_capacity(5 + t.history.len() + t.settled.len() + t.commands.len());
         for h in &t.history {
             ops.push((Tree::History, history_key(&id, h.seq), Some(encode(h)?)));
-            ops.push((
-                Tree::Events,
-                history_key(&id, h.seq),
-                Some(encode(&EventRecord::new(saga, h))?),
-            ));
         }
         let new_tag = saga.state.tag();
         if previous != Some(new_tag) {
@@ -488,6 +800,15 @@ impl Store {
             }
         }
         let mut staged = self.staged();
+        if let (true, Some(first), Some(last)) = (self.events_on, t.history.first(), t.history.last()) {
+            let seq = staged.next_event;
+            staged.next_event += 1;
+            ops.push((
+                Tree::Events,
+                seq.to_be_bytes().to_vec(),
+                Some(event_pointer(&id, first.seq, last.seq, last.at_ms)),
+            ));
+        }
         staged.records.insert(id, record);
         staged.ops.extend(ops);
         Ok(())
@@ -502,10 +823,28 @@ impl Store {
 
     /// Applies every staged transition in one sled transaction (unflushed).
     fn apply_staged(&self) -> Result<(), StoreError> {
-        let Staged { ops, records } = std::mem::take(&mut *self.staged());
+        let (ops, records) = {
+            let mut staged = self.staged();
+            let ops = std::mem::take(&mut staged.ops);
+            let records = Arc::new(std::mem::take(&mut staged.records));
+            staged.applying = Some(records.clone());
+            (ops, records)
+        };
+        let result = self.commit_staged(&ops, &records);
+        // Committed (or failed, and the runner stops): sled answers for them now.
+        self.staged().applying = None;
+        result
+    }
+
+    fn commit_staged(&self, ops: &[Op], records: &HashMap<[u8; 16], Vec<u8>>) -> Result<(), StoreError> {
         if ops.is_empty() && records.is_empty() {
             return Ok(());
         }
+        // The generation written to stays while the transaction commits.
+        let events = read_lock(&self.events);
+        let Some((_, events_log)) = events.last() else {
+            return Err(StoreError::Corrupt("the events log has no generation".into()));
+        };
         // Before the commit: whoever sees this data and then finds the flag
         // clear knows a flush covered it.
         self.unflushed.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -517,17 +856,17 @@ impl Store {
             &self.idempotency,
             &self.dead_letters,
             &self.dlq_outbox,
-            &self.events,
+            events_log,
         )
             .transaction(
-                |(sagas, hist, by_state, outbox, idempotency, dead_letters, dlq_outbox, events_outbox)| {
-                    for (id, record) in &records {
+                |(sagas, hist, by_state, outbox, idempotency, dead_letters, dlq_outbox, events_log)| {
+                    for (id, record) in records {
                         sagas.insert(&id[..], record.as_slice())?;
                     }
-                    for (tree, k, v) in &ops {
+                    for (tree, k, v) in ops {
                         let tree = match tree {
                             Tree::History => hist,
-                            Tree::Events => events_outbox,
+                            Tree::Events => events_log,
                             Tree::ByState => by_state,
                             Tree::Outbox => outbox,
                             Tree::Idempotency => idempotency,
@@ -719,15 +1058,25 @@ impl Store {
         })
     }
 
-    /// The saga `id` as the runner last wrote it: staged, or else stored.
+    /// The saga `id` as the runner last wrote it: staged, being committed, or
+    /// else stored.
     ///
     /// # Errors
     /// As [`Store::get`].
     pub fn get_latest(&self, id: &Uuid) -> Result<Option<Saga>, StoreError> {
-        if let Some(bytes) = self.staged().records.get(id.as_bytes()) {
-            return Ok(Some(self.decode_record(bytes)?));
+        let latest = {
+            let staged = self.staged();
+            let key = id.as_bytes();
+            staged
+                .records
+                .get(key)
+                .or_else(|| staged.applying.as_ref().and_then(|a| a.get(key)))
+                .cloned()
+        };
+        match latest {
+            Some(bytes) => Ok(Some(self.decode_record(&bytes)?)),
+            None => self.get(id),
         }
-        self.get(id)
     }
 
     /// The saga `id`, if stored.
@@ -921,6 +1270,7 @@ impl Store {
     /// sled errors; a corrupt record.
     pub fn prune(&self, cutoff_ms: u64, limit: usize) -> Result<usize, StoreError> {
         let mut removed = 0;
+        let held_from = self.oldest_pending_event_ms()?;
         for tag in [StateTag::Completed, StateTag::Compensated] {
             let mut doomed = Vec::new();
             for kv in self.by_state.scan_prefix([tag as u8]) {
@@ -938,7 +1288,9 @@ impl Store {
                     break;
                 }
                 let Some(saga) = self.get(&id)? else { continue };
-                if saga.updated_at_ms > cutoff_ms || self.events.scan_prefix(id.as_bytes()).next().is_some() {
+                // The log is in commit order: a saga last moved before the oldest
+                // unpublished transition has all its events published.
+                if saga.updated_at_ms > cutoff_ms || held_from.is_some_and(|t| saga.updated_at_ms >= t) {
                     continue;
                 }
                 doomed.push((id, saga.idempotency_key));
@@ -991,38 +1343,177 @@ impl Store {
         Ok(removed)
     }
 
-    /// Up to `limit` events not yet acknowledged by JetStream, in key order
-    /// (per saga, in sequence), with their keys.
+    /// The events log's pointers after the publisher's cursor, oldest
+    /// generation first, each with its log key (generation ++ sequence).
+    fn events_after_cursor(&self) -> impl Iterator<Item = Result<(Vec<u8>, EventPointer), StoreError>> {
+        let cursor = *lock(&self.events_cursor);
+        let generations = read_lock(&self.events).clone();
+        generations.into_iter().flat_map(move |(g, tree)| {
+            let from = match cursor {
+                Some((published, seq)) if published == g => seq.saturating_add(1),
+                Some((published, _)) if published > g => u64::MAX,
+                _ => 0,
+            };
+            tree.range(from.to_be_bytes()..).map(move |kv| {
+                let (k, v) = kv?;
+                Ok((
+                    events_log_key(g, be_u64(&k, "events log key")?),
+                    parse_event_pointer(&v)?,
+                ))
+            })
+        })
+    }
+
+    /// The events of up to `limit` transitions not yet acknowledged by
+    /// JetStream, in commit order, each with its log key (the same for the
+    /// events of one transition). Each event is built from its history entry
+    /// and the saga record. A transition whose saga is gone (pruned by an
+    /// operator's retention shorter than the publisher's delay) is skipped
+    /// with a warning.
     ///
     /// # Errors
     /// sled errors; a corrupt entry.
     pub fn events_pending(&self, limit: usize) -> Result<Vec<(Vec<u8>, EventRecord)>, StoreError> {
-        self.events
-            .iter()
-            .take(limit)
-            .map(|kv| {
-                let (k, v) = kv?;
-                Ok((k.to_vec(), decode(&v, "event")?))
-            })
-            .collect()
+        let mut out = Vec::new();
+        for entry in self.events_after_cursor().take(limit) {
+            let (key, p) = entry?;
+            let id = Uuid::from_bytes(p.id);
+            let Some(source) = self.event_source(&p.id)? else {
+                tracing::warn!(saga_id = %id, first = p.first, last = p.last,
+                               "saga events skipped: the saga is no longer stored");
+                if out.is_empty() {
+                    self.events_published(&[key])?;
+                    continue;
+                }
+                break;
+            };
+            for kv in self
+                .history
+                .range(history_key(&p.id, p.first)..=history_key(&p.id, p.last))
+            {
+                let (_, v) = kv?;
+                let h: HistoryEntry = decode(&v, "history entry")?;
+                out.push((key.clone(), EventRecord::of(&source, &h)));
+            }
+        }
+        Ok(out)
     }
 
-    /// Number of events waiting to be published.
+    /// The creation-time fields of saga `id` for its events (cached).
+    fn event_source(&self, id: &[u8; 16]) -> Result<Option<Arc<EventSource>>, StoreError> {
+        if let Some(source) = lock(&self.event_sources).by_id.get(id) {
+            return Ok(Some(source.clone()));
+        }
+        let Some(bytes) = self.sagas.get(id)? else {
+            return Ok(None);
+        };
+        let r = decode::<EventSourceRecordIn>(&bytes, "saga record")?.saga;
+        let definition = match (r.definition, r.definition_ref) {
+            (Some(inline), _) => inline,
+            (None, Some(d)) => self.resolve_definition(&d)?,
+            (None, None) => {
+                return Err(StoreError::Corrupt(format!(
+                    "saga record {} has no definition",
+                    r.id
+                )))
+            }
+        };
+        let source = Arc::new(EventSource {
+            id: r.id,
+            definition,
+            order: r.order,
+            correlation_id: r.correlation_id,
+            created_at_ms: r.created_at_ms,
+        });
+        let mut cache = lock(&self.event_sources);
+        if cache.order.len() >= EVENT_SOURCES {
+            if let Some(old) = cache.order.pop_front() {
+                cache.by_id.remove(&old);
+            }
+        }
+        cache.order.push_back(*id);
+        cache.by_id.insert(*id, source.clone());
+        Ok(Some(source))
+    }
+
+    /// Number of transitions whose events wait to be published.
     pub fn events_backlog(&self) -> usize {
-        self.events.len()
+        self.events_after_cursor().count()
     }
 
-    /// Removes acknowledged events (not flushed: re-publishing after a crash
-    /// is deduplicated by JetStream on `Nats-Msg-Id`).
+    /// Time of the oldest transition whose events wait to be published.
+    fn oldest_pending_event_ms(&self) -> Result<Option<u64>, StoreError> {
+        self.events_after_cursor()
+            .next()
+            .transpose()
+            .map(|p| p.map(|(_, p)| p.at_ms))
+    }
+
+    /// Records that JetStream acknowledged the events up to the largest of
+    /// `keys` (not flushed: re-publishing after a crash is deduplicated by
+    /// JetStream on `Nats-Msg-Id`). Drops the generations wholly published;
+    /// starts a new generation once the current one holds
+    /// `events_rotate` ([`EVENTS_ROTATE`]) published pointers.
     ///
     /// # Errors
-    /// sled errors.
+    /// sled errors; a malformed key.
     pub fn events_published(&self, keys: &[Vec<u8>]) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
-        for k in keys {
-            batch.remove(k.as_slice());
+        let Some(max) = keys.iter().max() else {
+            return Ok(());
+        };
+        if max.len() != 16 {
+            return Err(StoreError::Corrupt(format!(
+                "events log key of {} bytes",
+                max.len()
+            )));
         }
-        self.events.apply_batch(batch)?;
+        let at = (
+            be_u64(&max[..8], "events log key")?,
+            be_u64(&max[8..], "events log key")?,
+        );
+        {
+            let mut cursor = lock(&self.events_cursor);
+            if cursor.is_some_and(|c| c >= at) {
+                return Ok(());
+            }
+            *cursor = Some(at);
+        }
+        self.meta.insert(EVENTS_CURSOR, max.as_slice())?;
+        let (generation, seq) = at;
+        let (dropped, rotate) = {
+            let generations = read_lock(&self.events);
+            let dropped = generations.iter().any(|(g, _)| *g < generation);
+            let rotate = match generations.last() {
+                Some((g, tree)) if *g == generation => match tree.first()? {
+                    Some((k, _)) => seq >= be_u64(&k, "events log key")?.saturating_add(self.events_rotate),
+                    None => false,
+                },
+                _ => false,
+            };
+            (dropped, rotate)
+        };
+        if !dropped && !rotate {
+            return Ok(());
+        }
+        let mut gone = Vec::new();
+        {
+            let mut generations = write_lock(&self.events);
+            generations.retain(|(g, _)| {
+                let keep = *g >= generation;
+                if !keep {
+                    gone.push(*g);
+                }
+                keep
+            });
+            if rotate {
+                let next = generation + 1;
+                generations.push((next, self.db.open_tree(events_tree_name(next))?));
+            }
+        }
+        // No transaction writes to a generation that is not the last.
+        for g in gone {
+            self.db.drop_tree(events_tree_name(g))?;
+        }
         Ok(())
     }
 
@@ -1295,6 +1786,164 @@ mod tests {
             store.get(&id).expect("get").map(|s| s.state),
             Some(engine::SagaState::Pending)
         );
+    }
+
+    /// Sequence numbers of the events `pending` holds, per saga, in order.
+    fn sequences(pending: &[(Vec<u8>, EventRecord)], saga: &Transition) -> Vec<u64> {
+        pending
+            .iter()
+            .filter(|(_, r)| r.event.saga_id == saga.saga.id)
+            .map(|(_, r)| r.event.sequence)
+            .collect()
+    }
+
+    fn keys(pending: &[(Vec<u8>, EventRecord)]) -> Vec<Vec<u8>> {
+        pending.iter().map(|(k, _)| k.clone()).collect()
+    }
+
+    fn generations(dir: &Path) -> Vec<String> {
+        let db = sled::open(dir).expect("open");
+        let mut names: Vec<String> = db
+            .tree_names()
+            .iter()
+            .filter_map(|n| String::from_utf8(n.to_vec()).ok())
+            .filter(|n| n.starts_with("events"))
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[tokio::test]
+    async fn events_are_pending_in_commit_order_until_published_also_after_reopening() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (a, b) = (new_saga(None), new_saga(None));
+        {
+            let store = Store::open(dir.path()).expect("open");
+            store.write(&a, None).expect("write");
+            store.write(&b, None).expect("write");
+            let a1 = engine::transition(&a.saga, &Event::Start, 2)
+                .expect("ok")
+                .expect("changes");
+            store.write(&a1, Some(StateTag::Pending)).expect("write");
+            store.flush_writes().await.expect("flush");
+            // Staged events are not pending; committed ones are, in commit order.
+            let b1 = engine::transition(&b.saga, &Event::Start, 3)
+                .expect("ok")
+                .expect("changes");
+            store.write(&b1, Some(StateTag::Pending)).expect("write");
+            let pending = store.events_pending(100).expect("pending");
+            assert_eq!(sequences(&pending, &a), vec![1, 2]);
+            assert_eq!(sequences(&pending, &b), vec![1]);
+            let first = &pending[0].1.event;
+            assert_eq!(
+                (first.saga_id.as_str(), first.event.as_str()),
+                (a.saga.id.as_str(), "created")
+            );
+            assert_eq!(first.order, a.saga.order);
+            assert_eq!(pending[0].1.subject, "saga.events.order.created");
+            store.flush_writes().await.expect("flush");
+            assert_eq!(store.events_backlog(), 4);
+            // The first two transitions are out.
+            let pending = store.events_pending(2).expect("pending");
+            assert_eq!(pending.len(), 2);
+            store.events_published(&keys(&pending)).expect("published");
+            store.flush().await.expect("flush");
+        }
+        let store = Store::open(dir.path()).expect("reopen");
+        let pending = store.events_pending(100).expect("pending");
+        assert_eq!(sequences(&pending, &a), vec![2]);
+        assert_eq!(sequences(&pending, &b), vec![2]);
+        store.events_published(&keys(&pending)).expect("published");
+        assert!(store.events_pending(100).expect("pending").is_empty());
+        assert_eq!(store.events_backlog(), 0);
+        // New events continue after the published ones.
+        let a2 = engine::transition(
+            &store
+                .get(&Uuid::parse_str(&a.saga.id).expect("uuid"))
+                .expect("get")
+                .expect("saga"),
+            &Event::Abort {
+                reason: "test".into(),
+            },
+            4,
+        )
+        .expect("ok")
+        .expect("changes");
+        store.write(&a2, Some(StateTag::Running)).expect("write");
+        store.flush_writes().await.expect("flush");
+        let pending = store.events_pending(100).expect("pending");
+        assert_eq!(sequences(&pending, &a), (3..=a2.saga.seq).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn published_generations_are_dropped_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let mut store = Store::open(dir.path()).expect("open");
+            store.events_rotate = 3;
+            let mut all = Vec::new();
+            for round in 0..4 {
+                for _ in 0..2 {
+                    let t = new_saga(None);
+                    store.write(&t, None).expect("write");
+                    all.push(t);
+                }
+                store.flush_writes().await.expect("flush");
+                let pending = store.events_pending(100).expect("pending");
+                assert_eq!(pending.len(), 2, "round {round}: only the new transitions");
+                store.events_published(&keys(&pending)).expect("published");
+            }
+            // Rotated after pointers 3 and 7; generation 0 was dropped once the
+            // cursor entered generation 1, which stays until it enters 2.
+            let names = |s: &Store| read_lock(&s.events).iter().map(|(g, _)| *g).collect::<Vec<_>>();
+            assert_eq!(names(&store), vec![1, 2]);
+            let t = new_saga(None);
+            store.write(&t, None).expect("write");
+            store.flush_writes().await.expect("flush");
+            let pending = store.events_pending(100).expect("pending");
+            assert_eq!(sequences(&pending, &t), vec![1]);
+            store.events_published(&keys(&pending)).expect("published");
+            assert_eq!(names(&store), vec![2]);
+            store.flush().await.expect("flush");
+        }
+        assert_eq!(generations(dir.path()), vec![events_tree_name(2)]);
+        let store = Store::open(dir.path()).expect("reopen");
+        assert!(store.events_pending(100).expect("pending").is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_earlier_versions_events_outbox_is_converted_in_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (a, b) = (new_saga(None), new_saga(None));
+        {
+            let store = Store::open(dir.path()).expect("open").without_events();
+            store.write(&a, None).expect("write");
+            store.write(&b, None).expect("write");
+            store.flush_writes().await.expect("flush");
+            assert!(
+                store.events_pending(100).expect("pending").is_empty(),
+                "--no-events logs nothing"
+            );
+            let legacy = store.db.open_tree(LEGACY_EVENTS_TREE).expect("tree");
+            for t in [&b, &a] {
+                let id = saga_key(&t.saga.id).expect("key");
+                let h = &t.history[0];
+                legacy
+                    .insert(
+                        history_key(&id, h.seq),
+                        encode(&EventRecord::new(&t.saga, h)).expect("encode"),
+                    )
+                    .expect("insert");
+            }
+            store.flush().await.expect("flush");
+        }
+        let store = Store::open(dir.path()).expect("reopen");
+        let pending = store.events_pending(100).expect("pending");
+        // Key order of the old tree: saga id, i.e. creation order.
+        let ids: Vec<&str> = pending.iter().map(|(_, r)| r.event.saga_id.as_str()).collect();
+        assert_eq!(ids, vec![a.saga.id.as_str(), b.saga.id.as_str()]);
+        drop(store);
+        assert_eq!(generations(dir.path()), vec![events_tree_name(0)]);
     }
 
     #[tokio::test]

@@ -517,6 +517,12 @@ async fn watch_saga_streams_the_transitions_until_terminal() -> Result<()> {
     let mut updates = 1;
     while let Some(next) = tokio::time::timeout(WAIT, stream.message()).await?? {
         assert!(next.history.len() >= last.history.len(), "history only grows");
+        // Each message is one consistent state: the saga's state is its last entry's.
+        assert_eq!(
+            next.history.last().map(|h| h.state),
+            Some(next.state),
+            "{next:#?}"
+        );
         last = next;
         updates += 1;
     }
@@ -524,6 +530,12 @@ async fn watch_saga_streams_the_transitions_until_terminal() -> Result<()> {
     assert!(updates >= 2, "at least the initial state and the completion");
     let seqs: Vec<u64> = last.history.iter().map(|h| h.seq).collect();
     assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+    // What the stream assembled from the transitions it was handed is what is stored.
+    let stored = g
+        .get_saga(pb::GetSagaRequest { saga_id: id.clone() })
+        .await?
+        .into_inner();
+    assert_eq!(last, stored);
     // A finished saga: its state, then the end of the stream.
     let mut again = g
         .watch_saga(pb::WatchSagaRequest { saga_id: id.clone() })
