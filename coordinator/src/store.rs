@@ -255,6 +255,17 @@ struct EventSourceIn {
     created_at_ms: u64,
 }
 
+/// Most transitions whose events wait in memory for the publisher.
+const EVENTS_READY: usize = 4096;
+
+/// See `Store::events_ready`.
+#[derive(Default)]
+struct EventsReady {
+    /// Sequence of the first pointer not yet published.
+    next: u64,
+    queue: std::collections::VecDeque<(u64, u64, Vec<EventRecord>)>,
+}
+
 /// Most sagas whose [`EventSource`] the events publisher keeps: a saga's
 /// transitions are close together in the log, so most are read once.
 const EVENT_SOURCES: usize = 8192;
@@ -507,6 +518,11 @@ pub struct Store {
     events: Arc<std::sync::RwLock<Vec<(u64, sled::Tree)>>>,
     /// How far the events publisher got: `(generation, sequence)`.
     events_cursor: Arc<Mutex<Option<(u64, u64)>>>,
+    /// Events of committed transitions handed to the publisher in memory,
+    /// `(generation, sequence, events)` in sequence order, so it need not
+    /// read them back from the log (which it does when this falls behind:
+    /// after a start, or when more than [`EVENTS_READY`] wait).
+    events_ready: Arc<Mutex<EventsReady>>,
     /// Whether transitions write to the events log (`--no-events`: not).
     events_on: bool,
     event_sources: Arc<Mutex<EventSources>>,
@@ -547,6 +563,8 @@ struct Staged {
     records: HashMap<[u8; 16], Vec<u8>>,
     /// Sequence of the next events-log pointer.
     next_event: u64,
+    /// The events of the staged pointers, by sequence, for `Store::events_ready`.
+    events: Vec<(u64, Vec<EventRecord>)>,
     /// The records of the transaction being applied now: the runner stages
     /// its next batch while the previous one is committed, and
     /// [`Store::get_latest`] must see them until sled does.
@@ -612,6 +630,7 @@ impl Store {
             dlq_outbox: db.open_tree("dlq_outbox")?,
             events: Default::default(),
             events_cursor: Default::default(),
+            events_ready: Default::default(),
             events_on: true,
             event_sources: Default::default(),
             events_rotate: EVENTS_ROTATE,
@@ -669,9 +688,12 @@ impl Store {
             generations.push(cursor.map_or(0, |(g, _)| g));
         }
         let mut trees = Vec::with_capacity(generations.len());
-        let mut last = None;
+        let (mut first_pending, mut last) = (None, None);
         for g in generations {
             let tree = self.db.open_tree(events_tree_name(g))?;
+            if let Some((k, _)) = tree.first()? {
+                first_pending = first_pending.or(Some(be_u64(&k, "events log key")?));
+            }
             if let Some((k, _)) = tree.last()? {
                 last = last.max(Some(be_u64(&k, "events log key")?));
             }
@@ -681,6 +703,10 @@ impl Store {
         *write_lock(&self.events) = trees;
         *lock(&self.events_cursor) = cursor;
         self.staged().next_event = next;
+        lock(&self.events_ready).next = match cursor {
+            Some((_, seq)) => seq + 1,
+            None => first_pending.unwrap_or(next),
+        };
         self.convert_legacy_events()?;
         Ok(self)
     }
@@ -799,8 +825,12 @@ impl Store {
                 ops.push((Tree::DlqOutbox, k, Some(v)));
             }
         }
+        let events: Vec<EventRecord> = match self.events_on {
+            true => t.history.iter().map(|h| EventRecord::new(saga, h)).collect(),
+            false => Vec::new(),
+        };
         let mut staged = self.staged();
-        if let (true, Some(first), Some(last)) = (self.events_on, t.history.first(), t.history.last()) {
+        if let (Some(first), Some(last)) = (t.history.first().filter(|_| self.events_on), t.history.last()) {
             let seq = staged.next_event;
             staged.next_event += 1;
             ops.push((
@@ -808,6 +838,7 @@ impl Store {
                 seq.to_be_bytes().to_vec(),
                 Some(event_pointer(&id, first.seq, last.seq, last.at_ms)),
             ));
+            staged.events.push((seq, events));
         }
         staged.records.insert(id, record);
         staged.ops.extend(ops);
@@ -823,28 +854,39 @@ impl Store {
 
     /// Applies every staged transition in one sled transaction (unflushed).
     fn apply_staged(&self) -> Result<(), StoreError> {
-        let (ops, records) = {
+        let (ops, records, events) = {
             let mut staged = self.staged();
             let ops = std::mem::take(&mut staged.ops);
             let records = Arc::new(std::mem::take(&mut staged.records));
             staged.applying = Some(records.clone());
-            (ops, records)
+            (ops, records, std::mem::take(&mut staged.events))
         };
         let result = self.commit_staged(&ops, &records);
         // Committed (or failed, and the runner stops): sled answers for them now.
         self.staged().applying = None;
-        result
+        let generation = result?;
+        if !events.is_empty() {
+            let mut ready = lock(&self.events_ready);
+            let room = EVENTS_READY.saturating_sub(ready.queue.len());
+            // Past the bound the publisher reads the log instead.
+            ready
+                .queue
+                .extend(events.into_iter().take(room).map(|(seq, e)| (generation, seq, e)));
+        }
+        Ok(())
     }
 
-    fn commit_staged(&self, ops: &[Op], records: &HashMap<[u8; 16], Vec<u8>>) -> Result<(), StoreError> {
-        if ops.is_empty() && records.is_empty() {
-            return Ok(());
-        }
+    /// Commits `ops` and `records` in one transaction; returns the events
+    /// log generation it wrote to.
+    fn commit_staged(&self, ops: &[Op], records: &HashMap<[u8; 16], Vec<u8>>) -> Result<u64, StoreError> {
         // The generation written to stays while the transaction commits.
         let events = read_lock(&self.events);
-        let Some((_, events_log)) = events.last() else {
+        let Some((generation, events_log)) = events.last() else {
             return Err(StoreError::Corrupt("the events log has no generation".into()));
         };
+        if ops.is_empty() && records.is_empty() {
+            return Ok(*generation);
+        }
         // Before the commit: whoever sees this data and then finds the flag
         // clear knows a flush covered it.
         self.unflushed.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -887,6 +929,7 @@ impl Store {
                     StoreError::Corrupt("transaction aborted".into())
                 }
             })
+            .map(|()| *generation)
     }
 
     /// Applies what is staged, then makes every write so far durable (one
@@ -1375,6 +1418,22 @@ impl Store {
     /// sled errors; a corrupt entry.
     pub fn events_pending(&self, limit: usize) -> Result<Vec<(Vec<u8>, EventRecord)>, StoreError> {
         let mut out = Vec::new();
+        {
+            // Handed over in memory: the unpublished run that starts at the
+            // next pointer, if it does.
+            let ready = lock(&self.events_ready);
+            let run = ready.queue.iter().skip_while(|(_, seq, _)| *seq < ready.next);
+            for (expected, (generation, seq, events)) in (ready.next..).zip(run) {
+                if *seq != expected || out.len() >= limit {
+                    break;
+                }
+                let key = events_log_key(*generation, *seq);
+                out.extend(events.iter().map(|e| (key.clone(), e.clone())));
+            }
+        }
+        if !out.is_empty() {
+            return Ok(out);
+        }
         for entry in self.events_after_cursor().take(limit) {
             let (key, p) = entry?;
             let id = Uuid::from_bytes(p.id);
@@ -1480,6 +1539,13 @@ impl Store {
         }
         self.meta.insert(EVENTS_CURSOR, max.as_slice())?;
         let (generation, seq) = at;
+        {
+            let mut ready = lock(&self.events_ready);
+            ready.next = seq + 1;
+            while ready.queue.front().is_some_and(|(_, s, _)| *s <= seq) {
+                ready.queue.pop_front();
+            }
+        }
         let (dropped, rotate) = {
             let generations = read_lock(&self.events);
             let dropped = generations.iter().any(|(g, _)| *g < generation);
@@ -1873,6 +1939,29 @@ mod tests {
         store.flush_writes().await.expect("flush");
         let pending = store.events_pending(100).expect("pending");
         assert_eq!(sequences(&pending, &a), (3..=a2.saga.seq).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn events_not_handed_over_in_memory_are_read_from_the_log() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let sagas: Vec<Transition> = (0..4).map(|_| new_saga(None)).collect();
+        for t in &sagas {
+            store.write(t, None).expect("write");
+        }
+        store.flush_writes().await.expect("flush");
+        // The third one did not fit in memory (as past the bound).
+        lock(&store.events_ready).queue.retain(|(_, seq, _)| *seq != 2);
+        let mut order = Vec::new();
+        for expected in [2, 2] {
+            let pending = store.events_pending(100).expect("pending");
+            assert_eq!(pending.len(), expected, "{order:?}");
+            order.extend(pending.iter().map(|(_, r)| r.event.saga_id.clone()));
+            store.events_published(&keys(&pending)).expect("published");
+        }
+        assert!(store.events_pending(100).expect("pending").is_empty());
+        let ids: Vec<String> = sagas.iter().map(|t| t.saga.id.clone()).collect();
+        assert_eq!(order, ids, "each once, in commit order");
     }
 
     #[tokio::test]
