@@ -735,8 +735,6 @@ impl Runner {
             new.idempotency_key.clone(),
             now,
         );
-        self.store.write(&created, None)?;
-        self.batch.dirty = true;
         info!(saga_id = %id, correlation_id = %created.saga.correlation_id, order_id = %order_id,
               definition = %created.saga.definition.id(), "saga created");
         metrics::counter!(telemetry::SAGAS_STARTED, "definition" => created.saga.definition.id())
@@ -744,8 +742,9 @@ impl Runner {
         if let Some(key) = new.idempotency_key {
             self.batch.keys.insert(key, id.clone());
         }
-        self.active.insert(id.clone(), created.saga);
-        self.apply(&id, &Event::Start, now)?;
+        self.active.insert(id.clone(), created.saga.clone());
+        // Written with its start: one record, index entry and events pointer.
+        self.apply_after(&id, &Event::Start, now, Some(created))?;
         Ok(Created::New {
             saga_id: id,
             order_id,
@@ -784,24 +783,54 @@ impl Runner {
     /// Applies one event to an active saga and writes the transition
     /// (unflushed); returns the new state when the saga changed.
     fn apply(&mut self, saga_id: &str, event: &Event, now: u64) -> Result<Option<StateTag>, StoreError> {
+        self.apply_after(saga_id, event, now, None)
+    }
+
+    /// [`Runner::apply`] to a saga whose `creation` is not written yet: both
+    /// are written as one transition (its history entries are the creation's
+    /// and then the event's).
+    fn apply_after(
+        &mut self,
+        saga_id: &str,
+        event: &Event,
+        now: u64,
+        creation: Option<Transition>,
+    ) -> Result<Option<StateTag>, StoreError> {
         self.reload(saga_id)?;
         let Some(saga) = self.active.get(saga_id) else {
             debug!(saga_id, ?event, "event for a saga that is not active; ignored");
             return Ok(None);
         };
         let previous = saga.state.tag();
-        let t = match engine::transition(saga, event, now) {
+        let outcome = engine::transition(saga, event, now);
+        let mut t = match outcome {
             Ok(Some(t)) => t,
-            Ok(None) => {
-                debug!(saga_id, correlation_id = %saga.correlation_id, ?event, "late or duplicate event; no-op");
-                return Ok(None);
-            }
-            Err(e) => {
-                error!(saga_id, correlation_id = %saga.correlation_id, error = %e, "impossible transition");
+            Ok(None) | Err(_) => {
+                match &outcome {
+                    Err(e) => {
+                        error!(saga_id, correlation_id = %saga.correlation_id, error = %e, "impossible transition")
+                    }
+                    _ => {
+                        debug!(saga_id, correlation_id = %saga.correlation_id, ?event, "late or duplicate event; no-op")
+                    }
+                }
+                if let Some(created) = creation {
+                    self.store.write(&created, None)?;
+                    self.batch.dirty = true;
+                }
                 return Ok(None);
             }
         };
-        self.store.write(&t, Some(previous))?;
+        let written_from = match creation {
+            Some(created) => {
+                let mut history = created.history;
+                history.append(&mut t.history);
+                t.history = history;
+                None
+            }
+            None => Some(previous),
+        };
+        self.store.write(&t, written_from)?;
         self.batch.dirty = true;
         if let Event::Abort { .. } = event {
             // The commands in flight are moot: stop them if they have not left yet.
