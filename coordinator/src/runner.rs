@@ -450,6 +450,8 @@ struct Batch {
     changed: Vec<(String, bool, Option<Arc<Change>>)>,
     /// Whether it wrote anything.
     dirty: bool,
+    /// Inputs (outcomes and requests) it took.
+    inputs: usize,
     /// Whether it wrote a dead letter (publish the unconfirmed ones).
     dead_letters: bool,
 }
@@ -558,8 +560,11 @@ async fn serve(
                 r.begin_commit()?;
                 continue;
             }
-            n = inputs.outcomes.recv_many(&mut outcomes, BATCH) => if n == 0 { break },
-            n = inputs.requests.recv_many(&mut requests, BATCH) => if n == 0 { break },
+            // While a flush runs, the next batch takes at most BATCH inputs, then
+            // waits for it: a burst (all replies after a restart) is committed in
+            // bounded transactions, not one that grows while the flush runs.
+            n = inputs.outcomes.recv_many(&mut outcomes, BATCH), if r.batch.inputs < BATCH => if n == 0 { break },
+            n = inputs.requests.recv_many(&mut requests, BATCH), if r.batch.inputs < BATCH => if n == 0 { break },
         }
         // Take whatever else is already waiting so it shares this flush.
         while outcomes.len() < BATCH {
@@ -575,6 +580,7 @@ async fn serve(
             }
         }
         let now = now_ms();
+        r.batch.inputs += outcomes.len() + requests.len();
         for Reported { saga_id, event } in outcomes.drain(..) {
             r.apply(&saga_id, &event, now)?;
         }
@@ -950,7 +956,12 @@ impl Runner {
     /// so batches grow with the load and are released in order). A batch
     /// that wrote nothing is released at once.
     fn begin_commit(&mut self) -> Result<(), StoreError> {
-        if self.flushing.is_some() || self.batch.is_empty() {
+        if self.flushing.is_some() {
+            return Ok(());
+        }
+        if self.batch.is_empty() {
+            // Inputs that changed nothing (late replies): nothing to wait for.
+            self.batch.inputs = 0;
             return Ok(());
         }
         let batch = std::mem::take(&mut self.batch);
