@@ -53,6 +53,21 @@ impl Backend {
         }
     }
 
+    /// [`Backend::flush_writes`] in a task of its own (with sled, straight on
+    /// the blocking pool: one thread hand-off less per flush).
+    pub fn spawn_flush(&self) -> tokio::task::JoinHandle<Result<Vec<String>, StoreError>> {
+        match self {
+            Backend::Sled(s) => {
+                let s = s.clone();
+                tokio::task::spawn_blocking(move || s.flush_writes_blocking().map(|()| Vec::new()))
+            }
+            Backend::JetStream(s) => {
+                let s = s.clone();
+                tokio::spawn(async move { s.flush_writes().await })
+            }
+        }
+    }
+
     /// Final flush at shutdown.
     ///
     /// # Errors

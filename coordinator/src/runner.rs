@@ -968,10 +968,9 @@ impl Runner {
         if !batch.dirty {
             return self.release(batch);
         }
-        let store = self.store.clone();
         self.flushing = Some(Flushing {
             batch,
-            task: tokio::spawn(async move { store.flush_writes().await }),
+            task: self.store.spawn_flush(),
             started: std::time::Instant::now(),
         });
         Ok(())

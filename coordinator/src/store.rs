@@ -953,7 +953,17 @@ impl Store {
     /// # Errors
     /// As [`Store::flush`].
     pub async fn flush_writes(&self) -> Result<(), StoreError> {
-        self.flush().await?;
+        let this = self.clone();
+        blocking(move || this.flush_writes_blocking()).await
+    }
+
+    /// [`Store::flush_writes`] on the calling thread (a blocking one).
+    ///
+    /// # Errors
+    /// As [`Store::flush`].
+    pub fn flush_writes_blocking(&self) -> Result<(), StoreError> {
+        self.apply_staged()?;
+        self.db.flush()?;
         self.unflushed.store(false, std::sync::atomic::Ordering::SeqCst);
         Ok(())
     }
