@@ -4,9 +4,10 @@
 //! and outcomes (from the dispatcher), applies them with the pure engine,
 //! writes every resulting transition to the store, flushes ONCE for the whole
 //! batch (group commit), and only then answers the creators and hands the
-//! new commands to the dispatcher. With sled the flush runs in its own task
-//! while the runner decides the next batch (one flush in flight; the next
-//! starts when it ends and covers everything decided meanwhile). So no command ever leaves before the state
+//! new commands to the dispatcher. With sled the flush runs on the blocking
+//! pool while the runner decides the next batch (one flush in flight, at
+//! most 512 inputs waiting; the next flush starts when it ends and covers
+//! everything decided meanwhile). So no command ever leaves before the state
 //! that implies it is durable, and a crash at any point leaves either the old
 //! state (the event is redelivered: the command is still in the outbox and
 //! is re-sent on start) or the new one with its commands in the outbox.
@@ -808,24 +809,23 @@ impl Runner {
             return Ok(None);
         };
         let previous = saga.state.tag();
-        let outcome = engine::transition(saga, event, now);
-        let mut t = match outcome {
-            Ok(Some(t)) => t,
-            Ok(None) | Err(_) => {
-                match &outcome {
-                    Err(e) => {
-                        error!(saga_id, correlation_id = %saga.correlation_id, error = %e, "impossible transition")
-                    }
-                    _ => {
-                        debug!(saga_id, correlation_id = %saga.correlation_id, ?event, "late or duplicate event; no-op")
-                    }
-                }
-                if let Some(created) = creation {
-                    self.store.write(&created, None)?;
-                    self.batch.dirty = true;
-                }
-                return Ok(None);
+        let t = match engine::transition(saga, event, now) {
+            Ok(Some(t)) => Some(t),
+            Ok(None) => {
+                debug!(saga_id, correlation_id = %saga.correlation_id, ?event, "late or duplicate event; no-op");
+                None
             }
+            Err(e) => {
+                error!(saga_id, correlation_id = %saga.correlation_id, error = %e, "impossible transition");
+                None
+            }
+        };
+        let Some(mut t) = t else {
+            if let Some(created) = creation {
+                self.store.write(&created, None)?;
+                self.batch.dirty = true;
+            }
+            return Ok(None);
         };
         let written_from = match creation {
             Some(created) => {

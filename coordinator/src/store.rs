@@ -846,10 +846,7 @@ impl Store {
     }
 
     fn staged(&self) -> std::sync::MutexGuard<'_, Staged> {
-        match self.staged.lock() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        }
+        lock(&self.staged)
     }
 
     /// Applies every staged transition in one sled transaction (unflushed).
@@ -984,10 +981,7 @@ impl Store {
     }
 
     fn refs(&self) -> std::sync::MutexGuard<'_, DefinitionRefs> {
-        match self.refs.lock() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        }
+        lock(&self.refs)
     }
 
     /// The reference of `def` in the `definitions` tree, stored there the
