@@ -480,6 +480,15 @@ fn events_log_key(generation: u64, seq: u64) -> Vec<u8> {
     k
 }
 
+/// Maps a failed sled transaction: a storage error, or an abort (`what`
+/// names the transaction; nothing here aborts on purpose).
+fn transaction_error(what: &'static str) -> impl Fn(sled::transaction::TransactionError<()>) -> StoreError {
+    move |e| match e {
+        sled::transaction::TransactionError::Storage(e) => StoreError::Sled(e),
+        sled::transaction::TransactionError::Abort(()) => StoreError::Corrupt(what.into()),
+    }
+}
+
 fn read_lock<T>(lock: &std::sync::RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
     match lock.read() {
         Ok(g) => g,
@@ -759,12 +768,7 @@ impl Store {
                     }
                     Ok::<(), ConflictableTransactionError<()>>(())
                 })
-                .map_err(|e| match e {
-                    sled::transaction::TransactionError::Storage(e) => StoreError::Sled(e),
-                    sled::transaction::TransactionError::Abort(()) => {
-                        StoreError::Corrupt("events conversion aborted".into())
-                    }
-                })?;
+                .map_err(transaction_error("events conversion aborted"))?;
             self.db.flush()?;
         }
         drop(legacy);
@@ -920,12 +924,7 @@ impl Store {
                     Ok::<(), ConflictableTransactionError<()>>(())
                 },
             )
-            .map_err(|e| match e {
-                sled::transaction::TransactionError::Storage(e) => StoreError::Sled(e),
-                sled::transaction::TransactionError::Abort(()) => {
-                    StoreError::Corrupt("transaction aborted".into())
-                }
-            })
+            .map_err(transaction_error("transaction aborted"))
             .map(|()| *generation)
     }
 
@@ -1070,6 +1069,20 @@ impl Store {
         })
     }
 
+    /// A record's definition: inline (records of earlier versions) or by reference.
+    fn record_definition(
+        &self,
+        id: &str,
+        inline: Option<Arc<SagaDefinition>>,
+        by_ref: Option<String>,
+    ) -> Result<Arc<SagaDefinition>, StoreError> {
+        match (inline, by_ref) {
+            (Some(inline), _) => Ok(inline),
+            (None, Some(r)) => self.resolve_definition(&r),
+            (None, None) => Err(StoreError::Corrupt(format!("saga record {id} has no definition"))),
+        }
+    }
+
     fn decode_record(&self, bytes: &[u8]) -> Result<Saga, StoreError> {
         let SagaIn {
             id,
@@ -1085,11 +1098,7 @@ impl Store {
             updated_at_ms,
             seq,
         } = decode::<SagaRecordIn>(bytes, "saga record")?.saga;
-        let definition = match (definition, definition_ref) {
-            (Some(inline), _) => inline,
-            (None, Some(r)) => self.resolve_definition(&r)?,
-            (None, None) => return Err(StoreError::Corrupt(format!("saga record {id} has no definition"))),
-        };
+        let definition = self.record_definition(&id, definition, definition_ref)?;
         Ok(Saga {
             id,
             definition,
@@ -1378,12 +1387,7 @@ impl Store {
                         }
                         Ok::<(), ConflictableTransactionError<()>>(())
                     })
-                    .map_err(|e| match e {
-                        sled::transaction::TransactionError::Storage(e) => StoreError::Sled(e),
-                        sled::transaction::TransactionError::Abort(()) => {
-                            StoreError::Corrupt("prune transaction aborted".into())
-                        }
-                    })?;
+                    .map_err(transaction_error("prune transaction aborted"))?;
                 removed += 1;
             }
         }
@@ -1471,16 +1475,7 @@ impl Store {
             return Ok(None);
         };
         let r = decode::<EventSourceRecordIn>(&bytes, "saga record")?.saga;
-        let definition = match (r.definition, r.definition_ref) {
-            (Some(inline), _) => inline,
-            (None, Some(d)) => self.resolve_definition(&d)?,
-            (None, None) => {
-                return Err(StoreError::Corrupt(format!(
-                    "saga record {} has no definition",
-                    r.id
-                )))
-            }
-        };
+        let definition = self.record_definition(&r.id, r.definition, r.definition_ref)?;
         let source = Arc::new(EventSource {
             id: r.id,
             definition,
