@@ -1494,9 +1494,12 @@ impl Store {
         Ok(Some(source))
     }
 
-    /// Number of transitions whose events wait to be published.
+    /// Number of events waiting to be published.
     pub fn events_backlog(&self) -> usize {
-        self.events_after_cursor().count()
+        self.events_after_cursor()
+            .filter_map(Result::ok)
+            .map(|(_, p)| usize::try_from(p.last.saturating_sub(p.first) + 1).unwrap_or(usize::MAX))
+            .fold(0, usize::saturating_add)
     }
 
     /// Time of the oldest transition whose events wait to be published.
