@@ -544,8 +544,25 @@ pub async fn run(
     Ok(())
 }
 
-/// The runner's loop: batches of inputs, each applied and group-committed.
+/// The runner's loop ([`serve_batches`]). On an error it still waits for
+/// the flush under way (releasing nothing), so no write of the runner is
+/// committed after it has returned.
 async fn serve(
+    r: &mut Runner,
+    inputs: &mut RunnerInputs,
+    shutdown: &CancellationToken,
+) -> Result<(), StoreError> {
+    let result = serve_batches(r, inputs, shutdown).await;
+    if result.is_err() {
+        if let Some(mut f) = r.flushing.take() {
+            let _ = f.wait().await;
+        }
+    }
+    result
+}
+
+/// Batches of inputs, each applied and group-committed.
+async fn serve_batches(
     r: &mut Runner,
     inputs: &mut RunnerInputs,
     shutdown: &CancellationToken,
@@ -839,9 +856,15 @@ impl Runner {
         self.store.write(&t, written_from)?;
         self.batch.dirty = true;
         if let Event::Abort { .. } = event {
-            // The commands in flight are moot: stop them if they have not left yet.
+            // The commands in flight are moot: stop them if they have not left
+            // yet, in the dispatcher or still waiting for a flush here.
             for (step, kind) in &t.settled {
                 self.dispatcher.withdraw(saga_id, *step, *kind);
+                let moot = |e: &OutboxEntry| e.saga_id == saga_id && e.step == *step && e.kind == *kind;
+                self.batch.to_send.retain(|e| !moot(e));
+                if let Some(f) = self.flushing.as_mut() {
+                    f.batch.to_send.retain(|e| !moot(e));
+                }
             }
         }
         let tag = t.saga.state.tag();

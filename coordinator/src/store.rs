@@ -742,6 +742,7 @@ impl Store {
                 .and_then(|b| b.try_into().ok())
                 .ok_or_else(|| StoreError::Corrupt("events_outbox key".into()))?;
             moved.push((
+                record.event.at_ms,
                 k,
                 event_pointer(
                     &id,
@@ -751,6 +752,9 @@ impl Store {
                 ),
             ));
         }
+        // In time order (each saga's entries stay in sequence): pruning relies on
+        // the log's times not going back.
+        moved.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
         if !moved.is_empty() {
             let mut staged = self.staged();
             let first = staged.next_event;
@@ -762,7 +766,7 @@ impl Store {
             };
             (&legacy, log)
                 .transaction(|(legacy, log)| {
-                    for (seq, (k, pointer)) in (first..).zip(&moved) {
+                    for (seq, (_, k, pointer)) in (first..).zip(&moved) {
                         log.insert(&seq.to_be_bytes(), pointer.as_slice())?;
                         legacy.remove(k)?;
                     }
@@ -863,8 +867,18 @@ impl Store {
             (ops, records, std::mem::take(&mut staged.events))
         };
         let result = self.commit_staged(&ops, &records);
-        // Committed (or failed, and the runner stops): sled answers for them now.
-        self.staged().applying = None;
+        let mut staged = self.staged();
+        // Committed, or failed: sled answers for these records now.
+        staged.applying = None;
+        if result.is_err() {
+            // What was staged meanwhile follows from the failed writes: it must
+            // not be committed without them (the runner stops; a restart
+            // resumes from what is durable).
+            staged.ops.clear();
+            staged.records.clear();
+            staged.events.clear();
+        }
+        drop(staged);
         let generation = result?;
         if !events.is_empty() {
             let mut ready = lock(&self.events_ready);
@@ -1326,7 +1340,12 @@ impl Store {
     /// sled errors; a corrupt record.
     pub fn prune(&self, cutoff_ms: u64, limit: usize) -> Result<usize, StoreError> {
         let mut removed = 0;
-        let held_from = self.oldest_pending_event_ms()?;
+        // With events off nothing publishes what an earlier run logged: it
+        // holds nothing back (those events are skipped if events come back on).
+        let held_from = match self.events_on {
+            true => self.oldest_pending_event_ms()?,
+            false => None,
+        };
         for tag in [StateTag::Completed, StateTag::Compensated] {
             let mut doomed = Vec::new();
             for kv in self.by_state.scan_prefix([tag as u8]) {
@@ -1532,14 +1551,12 @@ impl Store {
             be_u64(&max[..8], "events log key")?,
             be_u64(&max[8..], "events log key")?,
         );
-        {
-            let mut cursor = lock(&self.events_cursor);
-            if cursor.is_some_and(|c| c >= at) {
-                return Ok(());
-            }
-            *cursor = Some(at);
+        if lock(&self.events_cursor).is_some_and(|c| c >= at) {
+            return Ok(());
         }
+        // One publisher: nothing moves the cursor between the check and here.
         self.meta.insert(EVENTS_CURSOR, max.as_slice())?;
+        *lock(&self.events_cursor) = Some(at);
         let (generation, seq) = at;
         {
             let mut ready = lock(&self.events_ready);
@@ -2030,7 +2047,7 @@ mod tests {
         }
         let store = Store::open(dir.path()).expect("reopen");
         let pending = store.events_pending(100).expect("pending");
-        // Key order of the old tree: saga id, i.e. creation order.
+        // Time order, then key order (saga id: creation order).
         let ids: Vec<&str> = pending.iter().map(|(_, r)| r.event.saga_id.as_str()).collect();
         assert_eq!(ids, vec![a.saga.id.as_str(), b.saga.id.as_str()]);
         drop(store);
