@@ -30,6 +30,21 @@ fn with_token<T>(msg: T, token: Option<&str>) -> tonic::Request<T> {
     r
 }
 
+/// Places an order for `items` on the `fake` definition and waits until
+/// its saga is terminal; returns its id and final state.
+async fn run_fake_saga(
+    g: &mut pb::saga_service_client::SagaServiceClient<tonic::transport::Channel>,
+    items: &[(&str, u32)],
+) -> Result<(String, pb::Saga)> {
+    let req = pb::CreateOrderRequest {
+        definition: "fake".into(),
+        ..order("c-1", items, 100)
+    };
+    let id = g.create_order(req).await?.into_inner().saga_id;
+    let done = wait_terminal(g, &id, WAIT).await?;
+    Ok((id, done))
+}
+
 async fn start_coordinator(s: &mut System) -> Result<()> {
     start_coordinator_with(s, |_| {}).await
 }
@@ -185,12 +200,7 @@ async fn a_compensation_out_of_retries_fails_with_a_dead_letter_and_an_operator_
     start_coordinator(&mut s).await?;
     let mut g = s.grpc().await?;
     // RARE-1 has 1 unit: the reservation is rejected, so fake-step is compensated.
-    let req = pb::CreateOrderRequest {
-        definition: "fake".into(),
-        ..order("c-1", &[("RARE-1", 5)], 100)
-    };
-    let id = g.create_order(req).await?.into_inner().saga_id;
-    let failed = wait_terminal(&mut g, &id, WAIT).await?;
+    let (id, failed) = run_fake_saga(&mut g, &[("RARE-1", 5)]).await?;
     assert_eq!(failed.state, SagaState::Failed as i32, "{failed:#?}");
     assert_eq!(failed.steps[0].status, StepStatus::CompensationFailed as i32);
     assert_eq!(failed.steps[0].compensation_attempts, 3);
@@ -255,12 +265,7 @@ async fn a_retry_or_abort_past_the_command_horizon_is_refused() -> Result<()> {
     .await?;
     start_coordinator_with(&mut s, |c| c.command_horizon = Duration::from_secs(1)).await?;
     let mut g = s.grpc().await?;
-    let req = pb::CreateOrderRequest {
-        definition: "fake".into(),
-        ..order("c-1", &[("RARE-1", 5)], 100)
-    };
-    let id = g.create_order(req).await?.into_inner().saga_id;
-    let failed = wait_terminal(&mut g, &id, WAIT).await?;
+    let (id, failed) = run_fake_saga(&mut g, &[("RARE-1", 5)]).await?;
     assert_eq!(failed.state, SagaState::Failed as i32, "{failed:#?}");
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let err = g
@@ -307,12 +312,7 @@ async fn a_malformed_reply_is_retried_as_transient() -> Result<()> {
     .await?;
     start_coordinator(&mut s).await?;
     let mut g = s.grpc().await?;
-    let req = pb::CreateOrderRequest {
-        definition: "fake".into(),
-        ..order("c-1", &[("A-1", 1)], 100)
-    };
-    let id = g.create_order(req).await?.into_inner().saga_id;
-    let done = wait_terminal(&mut g, &id, WAIT).await?;
+    let (_, done) = run_fake_saga(&mut g, &[("A-1", 1)]).await?;
     assert_eq!(done.state, SagaState::Completed as i32, "{done:#?}");
     assert_eq!(done.steps[0].attempts, 3);
     let retries: Vec<&str> = done
@@ -351,12 +351,7 @@ async fn an_open_breaker_holds_commands_back_instead_of_hammering() -> Result<()
     c.wait_ready().await?;
     s.coordinator = Some(c);
     let mut g = s.grpc().await?;
-    let req = pb::CreateOrderRequest {
-        definition: "fake".into(),
-        ..order("c-1", &[("A-1", 1)], 100)
-    };
-    let id = g.create_order(req).await?.into_inner().saga_id;
-    let done = wait_terminal(&mut g, &id, WAIT).await?;
+    let (_, done) = run_fake_saga(&mut g, &[("A-1", 1)]).await?;
     // Every attempt failed without effect: nothing to undo, the saga is compensated.
     assert_eq!(done.state, SagaState::Compensated as i32, "{done:#?}");
     assert_eq!(done.steps[0].status, StepStatus::Failed as i32);
