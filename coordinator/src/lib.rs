@@ -38,15 +38,15 @@
 //! transaction, flushed before the reply is published.
 #![deny(unreachable_pub)]
 
+// The pure core, under the names the server's modules have always used.
+pub use saga_core::{definition, engine};
+
 pub mod api;
 pub mod backend;
 pub mod cluster;
-pub mod definition;
 pub mod dispatch;
-pub mod engine;
 pub mod events;
 pub mod jetstream;
-pub mod plan;
 pub mod runner;
 pub mod store;
 pub mod telemetry;

@@ -16,7 +16,7 @@ use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use clap::Parser;
 use futures::StreamExt;
 use participants::analytics::Revenue;
-use saga_proto::wire::SagaEvent;
+use saga_wire::SagaEvent;
 
 #[derive(Parser)]
 struct Args {
@@ -34,7 +34,7 @@ struct Args {
     limit: Option<u64>,
     /// NATS credentials and TLS.
     #[command(flatten)]
-    security: saga_proto::nats::NatsSecurity,
+    security: saga_nats::NatsSecurity,
 }
 
 #[tokio::main]
@@ -57,7 +57,7 @@ async fn main() -> anyhow::Result<()> {
                 durable_name: Some(args.durable.clone()),
                 filter_subjects: ["completed", "compensated", "failed"]
                     .iter()
-                    .map(|e| saga_proto::wire::event_subject("*", e))
+                    .map(|e| saga_wire::event_subject("*", e))
                     .collect(),
                 deliver_policy: DeliverPolicy::All,
                 ack_policy: AckPolicy::Explicit,

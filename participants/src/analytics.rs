@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use saga_proto::wire::SagaEvent;
+use saga_wire::SagaEvent;
 
 /// Totals so far.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -62,7 +62,7 @@ impl Revenue {
 
 #[cfg(test)]
 mod tests {
-    use saga_proto::wire::{Item, OrderPayload};
+    use saga_wire::{Item, OrderPayload};
 
     use super::*;
 

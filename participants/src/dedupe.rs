@@ -20,7 +20,7 @@
 //!
 //! This module knows nothing of stock or money, and nothing of NATS.
 
-use saga_proto::wire::{self, Reply};
+use saga_wire::{self as wire, Reply};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use sled::{
     transaction::{ConflictableTransactionError, TransactionError, TransactionalTree},

@@ -21,7 +21,7 @@ use std::{
     },
 };
 
-use saga_proto::wire::{saga_of_key, Command, CommandKind, Item, Reply};
+use saga_wire::{saga_of_key, Command, CommandKind, Item, Reply};
 use serde::{Deserialize, Serialize};
 use sled::transaction::ConflictableTransactionError;
 use tokio::net::TcpListener;
@@ -47,7 +47,7 @@ pub struct InventoryConfig {
     pub nats_url: String,
     /// NATS credentials and TLS.
     #[command(flatten)]
-    pub nats_security: saga_proto::nats::NatsSecurity,
+    pub nats_security: saga_nats::NatsSecurity,
     /// Directory of the sled database.
     #[arg(long, env = "INVENTORY_DATA_DIR", default_value = "./data/inventory")]
     pub data_dir: PathBuf,
@@ -93,7 +93,7 @@ impl InventoryConfig {
     pub fn for_tests(nats_url: &str, data_dir: &Path, stock: Vec<(String, u64)>) -> Self {
         InventoryConfig {
             nats_url: nats_url.into(),
-            nats_security: saga_proto::nats::NatsSecurity::default(),
+            nats_security: saga_nats::NatsSecurity::default(),
             data_dir: data_dir.into(),
             stock_file: None,
             stock,
@@ -414,7 +414,7 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use clap::Parser;
-    use saga_proto::wire::{self, OrderPayload};
+    use saga_wire::{self as wire, OrderPayload};
 
     use super::*;
 

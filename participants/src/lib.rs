@@ -53,7 +53,7 @@ pub enum ConfigError {
 pub enum ConnectError {
     /// The URL, options or credentials are unusable (retrying would not help).
     #[error(transparent)]
-    Nats(#[from] saga_proto::nats::ConnectError),
+    Nats(#[from] saga_nats::ConnectError),
     /// Shutdown was requested before NATS became reachable.
     #[error("shut down before NATS was reachable")]
     ShutDown,
@@ -81,7 +81,7 @@ pub fn init_tracing(format: LogFormat) {
     }
 }
 
-/// Connects to NATS (see [`saga_proto::nats::connect`]) until it succeeds or
+/// Connects to NATS (see [`saga_nats::connect`]) until it succeeds or
 /// `shutdown` fires. `readiness` follows the connection (`/ready` and
 /// `participant_nats_connected`).
 ///
@@ -94,7 +94,7 @@ pub async fn connect(
     shutdown: &tokio_util::sync::CancellationToken,
 ) -> Result<async_nats::Client, ConnectError> {
     let readiness = readiness.clone();
-    let connecting = saga_proto::nats::connect(&nats.url, name, &nats.security, move |up| {
+    let connecting = saga_nats::connect(&nats.url, name, &nats.security, move |up| {
         readiness.set_nats(up);
         std::future::ready(())
     });
@@ -194,7 +194,7 @@ pub struct NatsTarget {
     /// Server URL(s), comma-separated.
     pub url: String,
     /// Credentials and TLS.
-    pub security: saga_proto::nats::NatsSecurity,
+    pub security: saga_nats::NatsSecurity,
 }
 
 /// Runs one participant process around an opened `handler`: its HTTP surface
@@ -292,7 +292,7 @@ pub async fn shutdown_on_signal(token: tokio_util::sync::CancellationToken) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use saga_proto::wire::Reply;
+    use saga_wire::Reply;
     use std::time::Duration;
 
     #[tokio::test]

@@ -26,7 +26,7 @@ use std::{
 
 use failsafe::{futures::CircuitBreaker, Config as BreakerConfig, Instrument};
 use rand::Rng;
-use saga_proto::wire::{saga_of_key, Command, CommandKind, Reply};
+use saga_wire::{saga_of_key, Command, CommandKind, Reply};
 use serde::{Deserialize, Serialize};
 use sled::transaction::ConflictableTransactionError;
 use tokio::net::TcpListener;
@@ -52,7 +52,7 @@ pub struct PaymentConfig {
     pub nats_url: String,
     /// NATS credentials and TLS.
     #[command(flatten)]
-    pub nats_security: saga_proto::nats::NatsSecurity,
+    pub nats_security: saga_nats::NatsSecurity,
     /// Directory of the sled database.
     #[arg(long, env = "PAYMENT_DATA_DIR", default_value = "./data/payment")]
     pub data_dir: PathBuf,
@@ -101,7 +101,7 @@ impl PaymentConfig {
     ) -> Self {
         PaymentConfig {
             nats_url: nats_url.into(),
-            nats_security: saga_proto::nats::NatsSecurity::default(),
+            nats_security: saga_nats::NatsSecurity::default(),
             data_dir: data_dir.into(),
             customer_limit_cents,
             declined_customers: Vec::new(),
@@ -454,7 +454,7 @@ pub async fn run(
 
 #[cfg(test)]
 mod tests {
-    use saga_proto::wire::{self, Item, OrderPayload};
+    use saga_wire::{self as wire, Item, OrderPayload};
 
     use super::*;
 

@@ -19,7 +19,7 @@
 use std::{future::Future, pin::Pin, sync::Arc};
 
 use futures::StreamExt;
-use saga_proto::wire::{self, Command, Reply};
+use saga_wire::{self as wire, Command, Reply};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, info_span, warn, Instrument};
 

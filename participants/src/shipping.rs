@@ -23,7 +23,7 @@ use std::{
     },
 };
 
-use saga_proto::wire::{saga_of_key, Command, CommandKind, Reply};
+use saga_wire::{saga_of_key, Command, CommandKind, Reply};
 use serde::{Deserialize, Serialize};
 use sled::transaction::ConflictableTransactionError;
 use tokio::net::TcpListener;
@@ -49,7 +49,7 @@ pub struct ShippingConfig {
     pub nats_url: String,
     /// NATS credentials and TLS.
     #[command(flatten)]
-    pub nats_security: saga_proto::nats::NatsSecurity,
+    pub nats_security: saga_nats::NatsSecurity,
     /// Directory of the sled database.
     #[arg(long, env = "SHIPPING_DATA_DIR", default_value = "./data/shipping")]
     pub data_dir: PathBuf,
@@ -75,7 +75,7 @@ impl ShippingConfig {
     pub fn for_tests(nats_url: &str, data_dir: &std::path::Path) -> Self {
         ShippingConfig {
             nats_url: nats_url.into(),
-            nats_security: saga_proto::nats::NatsSecurity::default(),
+            nats_security: saga_nats::NatsSecurity::default(),
             data_dir: data_dir.into(),
             carrier: "saga-express".into(),
             unreachable_customers: Vec::new(),
@@ -300,7 +300,7 @@ pub async fn run(
 
 #[cfg(test)]
 mod tests {
-    use saga_proto::wire::{self, Item, OrderPayload};
+    use saga_wire::{self as wire, Item, OrderPayload};
 
     use super::*;
 

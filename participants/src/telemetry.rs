@@ -25,7 +25,7 @@ use std::{
 
 use axum::{extract::State, http::StatusCode, routing::get, Router};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
-use saga_proto::wire::Reply;
+use saga_wire::Reply;
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{info, warn};

@@ -1,15 +1,11 @@
-//! Wire contracts shared by every process of the saga engine.
+//! The saga engine's gRPC contract: the `saga.v1` protobuf messages and the
+//! tonic client and server for `SagaService`, generated at build time by
+//! protox (no system `protoc`), and the encoded descriptors that gRPC
+//! reflection serves.
 //!
-//! - [`pb`]: the `saga.v1` protobuf messages and the tonic client/server for
-//!   `SagaService`, generated at build time by protox (no system `protoc`).
-//! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, served by gRPC reflection.
-//! - [`wire`]: the JSON envelopes the coordinator and the participants exchange
-//!   over NATS request-reply (DESIGN.md, "Messages on NATS").
-//! - [`nats`]: the NATS security settings (credentials, TLS) every binary
-//!   takes, and how they become connection options.
-//!
-//! This crate holds types and settings only: no policy, and no I/O beyond
-//! reading a NATS credentials file when asked to.
+//! The NATS envelopes live in `saga-wire` (serde only, so participants need
+//! no gRPC code) and the NATS connection settings in `saga-nats`. This crate
+//! holds types only: no policy, no I/O.
 #![deny(unreachable_pub)]
 #![warn(missing_docs)]
 
@@ -22,5 +18,6 @@ pub mod pb {
 /// Encoded `FileDescriptorSet` of `saga.v1` (with its imports), for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/saga_descriptor.bin"));
 
-pub mod nats;
-pub mod wire;
+// Kept while the coordinator's modules move over to the crates' own names.
+pub use saga_nats as nats;
+pub use saga_wire as wire;

@@ -2,7 +2,7 @@
 #![no_main]
 use std::sync::OnceLock;
 
-use coordinator::definition::{self, Definitions};
+use saga_core::definition::{self, Definitions};
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
 

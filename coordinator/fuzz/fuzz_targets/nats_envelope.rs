@@ -4,5 +4,5 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let _ = participants::runtime::decode("saga.cmd.inventory.reserve", data, &["reserve", "release"]);
-    let _ = serde_json::from_slice::<saga_proto::wire::Reply>(data);
+    let _ = serde_json::from_slice::<saga_wire::Reply>(data);
 });

@@ -520,7 +520,7 @@ steps:
     /// the compensations the engine sends, group by group, are the plan's.
     #[test]
     fn the_plan_matches_what_the_engine_does() {
-        use saga_proto::wire::{CommandKind, OrderPayload};
+        use saga_wire::{CommandKind, OrderPayload};
 
         use crate::engine::{self, Event, Outcome, Saga};
         let def = std::sync::Arc::new(shipping());
@@ -533,7 +533,7 @@ steps:
                 let order = OrderPayload {
                     order_id: "o-1".into(),
                     customer_id: "c-1".into(),
-                    items: vec![saga_proto::wire::Item {
+                    items: vec![saga_wire::Item {
                         sku: "A-1".into(),
                         quantity: 1,
                     }],

@@ -1,6 +1,6 @@
 //! `sagactl`: the operator's command line for the saga coordinator, over gRPC.
 //!
-//! Human tables by default, `--json` for scripts. `demo` places the three
+//! Human tables by default, `--json` for scripts. `demo` places the four
 //! orders of `make demo` and checks each ends where it should.
 
 use std::time::Duration;
@@ -137,7 +137,7 @@ enum Cmd {
         stream: String,
         /// NATS credentials and TLS.
         #[command(flatten)]
-        security: saga_proto::nats::NatsSecurity,
+        security: saga_nats::NatsSecurity,
     },
     /// Check saga definition files (or directories of them) exactly as the
     /// coordinator loads them; prints `file:line:column: reason` for each error
@@ -157,7 +157,7 @@ enum Cmd {
         #[arg(long)]
         mermaid: bool,
     },
-    /// Place the demo's three orders (completes, out of stock, declined) and show how each ended.
+    /// Place the demo's four orders (completes, out of stock, declined, shipped) and show how each ended.
     Demo {
         /// How long to wait for each saga to finish.
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
@@ -497,7 +497,7 @@ async fn tail(
     limit: Option<u64>,
     nats_url: &str,
     stream: &str,
-    security: &saga_proto::nats::NatsSecurity,
+    security: &saga_nats::NatsSecurity,
 ) -> anyhow::Result<()> {
     use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
     use futures::StreamExt;
@@ -514,7 +514,7 @@ async fn tail(
         .get_stream(stream)
         .await
         .with_context(|| format!("events stream {stream} (is the coordinator publishing events?)"))?;
-    let filter = saga_proto::wire::event_subject(definition.unwrap_or("*"), "*");
+    let filter = saga_wire::event_subject(definition.unwrap_or("*"), "*");
     let consumer = events
         .create_consumer(OrderedConfig {
             filter_subject: filter.clone(),
@@ -533,7 +533,7 @@ async fn tail(
     let mut seen = 0u64;
     while let Some(message) = messages.next().await {
         let message = message?;
-        match serde_json::from_slice::<saga_proto::wire::SagaEvent>(&message.payload) {
+        match serde_json::from_slice::<saga_wire::SagaEvent>(&message.payload) {
             Ok(e) if cli.json => println!("{}", serde_json::to_string(&e)?),
             Ok(e) => {
                 let at = std::time::UNIX_EPOCH + Duration::from_millis(e.at_ms);
@@ -589,7 +589,7 @@ async fn channel(cli: &Cli) -> anyhow::Result<Channel> {
 
 /// `sagactl validate`: every definition found, every error; exit status 1 on any error.
 fn validate(paths: &[std::path::PathBuf], json_out: bool) -> anyhow::Result<()> {
-    let (defs, errors) = coordinator::definition::Definitions::validate_paths(paths);
+    let (defs, errors) = saga_core::definition::Definitions::validate_paths(paths);
     if json_out {
         let valid: Vec<Value> = defs
             .all()
@@ -598,10 +598,10 @@ fn validate(paths: &[std::path::PathBuf], json_out: bool) -> anyhow::Result<()> 
         let errs: Vec<Value> = errors
             .iter()
             .map(|e| match e {
-                coordinator::definition::DefinitionError::Invalid { path, line, column, reason } => {
+                saga_core::definition::DefinitionError::Invalid { path, line, column, reason } => {
                     json!({"file": path.display().to_string(), "line": line, "column": column, "reason": reason})
                 }
-                coordinator::definition::DefinitionError::Io { path, reason } => {
+                saga_core::definition::DefinitionError::Io { path, reason } => {
                     json!({"file": path.display().to_string(), "line": 0, "column": 0, "reason": reason})
                 }
             })
@@ -634,14 +634,14 @@ fn validate(paths: &[std::path::PathBuf], json_out: bool) -> anyhow::Result<()> 
 
 /// `sagactl plan`: the execution graph and the compensation plans, as text or Mermaid.
 fn plan(files: &[std::path::PathBuf], mermaid: bool, json_out: bool) -> anyhow::Result<()> {
-    let (defs, errors) = coordinator::definition::Definitions::validate_paths(files);
+    let (defs, errors) = saga_core::definition::Definitions::validate_paths(files);
     if !errors.is_empty() {
         for e in &errors {
             eprintln!("error  {e}");
         }
         std::process::exit(1);
     }
-    let plans: Vec<coordinator::plan::Plan> = defs.all().map(|d| coordinator::plan::Plan::of(d)).collect();
+    let plans: Vec<saga_core::plan::Plan> = defs.all().map(|d| saga_core::plan::Plan::of(d)).collect();
     if json_out {
         println!("{}", serde_json::to_string_pretty(&plans)?);
         return Ok(());

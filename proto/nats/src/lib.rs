@@ -10,6 +10,8 @@
 //!
 //! Secrets (password, token) are never printed: `Debug` redacts them, and
 //! clap hides their environment values in `--help`.
+#![deny(unreachable_pub)]
+#![warn(missing_docs)]
 
 use std::{fmt, future::Future, path::PathBuf, time::Duration};
 

@@ -1,10 +1,12 @@
-//! NATS envelopes: the command the coordinator sends to a participant and the
+//! NATS envelopes (docs/protocol.md): the command the coordinator sends to a participant and the
 //! reply it gets back, both JSON.
 //!
 //! Subjects are `saga.cmd.<participant>.<action>`; participants listen in the
 //! queue group `<participant>`. A repeated command carries the same
 //! `idempotency_key` (`<saga_id>/<step>/<kind>`), so a participant applies its
 //! effect at most once and answers a repeat with the stored reply.
+#![deny(unreachable_pub)]
+#![warn(missing_docs)]
 
 use serde::{Deserialize, Serialize};
 

@@ -13,7 +13,7 @@
 //! Replies that do not match the command in flight (late, duplicate, stale
 //! attempt) and any event on a terminal saga are explicit no-ops.
 
-use saga_proto::wire::{self, CommandKind, OrderPayload};
+use saga_wire::{self as wire, CommandKind, OrderPayload};
 use serde::{Deserialize, Serialize};
 
 use crate::definition::{InputValue, OnFailure, RetryPolicy, SagaDefinition};

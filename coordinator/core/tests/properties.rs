@@ -5,12 +5,12 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use coordinator::{
+use proptest::prelude::*;
+use saga_core::{
     definition::{self, OnFailure, RetryPolicy, SagaDefinition, StepDefinition},
     engine::{self, Command, Event, Outcome, Saga, SagaState, StepStatus, TransitionError},
 };
-use proptest::prelude::*;
-use saga_proto::wire::{CommandKind, Item, OrderPayload};
+use saga_wire::{CommandKind, Item, OrderPayload};
 
 /// A definition from a shape: per step, whether it has a compensation, its
 /// attempts, whether it joins the previous step's parallel group, and its
@@ -259,7 +259,7 @@ proptest! {
 
     #[test]
     fn envelopes_never_panic_on_arbitrary_bytes(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
-        let _ = serde_json::from_slice::<saga_proto::wire::Command>(&bytes);
-        let _ = serde_json::from_slice::<saga_proto::wire::Reply>(&bytes);
+        let _ = serde_json::from_slice::<saga_wire::Command>(&bytes);
+        let _ = serde_json::from_slice::<saga_wire::Reply>(&bytes);
     }
 }
