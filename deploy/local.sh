@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole system on this machine without Docker:
-# nats-server on a free loopback port, inventory, payment and the coordinator.
-#   deploy/local.sh demo   place the three demo orders, print how each ended, stop everything
+# nats-server on a loopback port of its choosing, inventory, payment, shipping and the coordinator.
+#   deploy/local.sh demo   place the four demo orders, print how each ended, stop everything
 #   deploy/local.sh up     keep it running (gRPC on 127.0.0.1:50051) until Ctrl-C
 #   deploy/local.sh cluster  a 3-node NATS cluster and three coordinators on the jetstream
 #                          store (gRPC on 127.0.0.1:50051-50053), the demo orders placed
@@ -39,52 +39,74 @@ for b in coordinator inventory payment shipping sagactl; do
   [[ -x "$BIN/$b" ]] || { echo "$BIN/$b missing: run 'make build'"; exit 1; }
 done
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# A process started on port 0 writes the addresses it bound to a ports file; this
+# waits for FILE and prints its KEY (nats-server: the first URL of the list under KEY).
+# Nothing here binds a port to hand its number on: another process could take it.
+port_of() {
+  python3 - "$1" "$2" <<'PY'
+import json, sys, time
+path, key = sys.argv[1], sys.argv[2]
+for _ in range(300):
+    try:
+        value = json.load(open(path))[key]
+        print(value[0] if isinstance(value, list) else value)
+        sys.exit(0)
+    except (OSError, ValueError, KeyError):
+        time.sleep(0.1)
+sys.exit(f"no {key} address in {path} after 30 s")
+PY
+}
+# The one `*.ports` file nats-server writes into DIR (--ports_file_dir) once it listens.
+nats_ports_file() {
+  for _ in $(seq 300); do compgen -G "$1/*.ports" >/dev/null && break; sleep 0.1; done
+  compgen -G "$1/*.ports" | head -1
+}
 
 if [[ "$MODE" == cluster ]]; then
-  # Three nodes routed to each other, JetStream on each (streams and KV buckets with 3 replicas).
-  CLIENT=($(free_port) $(free_port) $(free_port)); ROUTE=($(free_port) $(free_port) $(free_port))
-  URLS=()
+  # Three nodes, JetStream on each (streams and KV buckets with 3 replicas), each on ports it
+  # picks itself. JetStream clustering insists on a configured route, and node 0 cannot know
+  # its peers' ports yet: it gets one to a closed port and meets them when they connect.
+  URLS=(); ROUTES=()
   for i in 0 1 2; do
-    routes=""
-    for j in 0 1 2; do [[ $j == "$i" ]] || routes+="${routes:+,}nats://127.0.0.1:${ROUTE[j]}"; done
-    "$NATS_SERVER" -a 127.0.0.1 -p "${CLIENT[i]}" -n "node-$i" -js -sd "$RUN_DIR/nats-$i" --cluster_name saga \
-      --cluster "nats://127.0.0.1:${ROUTE[i]}" --routes "$routes" >"$RUN_DIR/nats-$i.log" 2>&1 &
+    routes=$(IFS=,; echo "${ROUTES[*]:-nats://127.0.0.1:1}")
+    mkdir -p "$RUN_DIR/nats-$i-ports"
+    "$NATS_SERVER" -a 127.0.0.1 -p -1 -n "node-$i" -js -sd "$RUN_DIR/nats-$i" --cluster_name saga \
+      --cluster "nats://127.0.0.1:-1" --routes "$routes" --ports_file_dir "$RUN_DIR/nats-$i-ports" \
+      >"$RUN_DIR/nats-$i.log" 2>&1 &
     PIDS+=($!)
-    URLS+=("nats://127.0.0.1:${CLIENT[i]}")
+    ports=$(nats_ports_file "$RUN_DIR/nats-$i-ports") || { echo "nats node-$i did not start"; cat "$RUN_DIR/nats-$i.log"; exit 1; }
+    URLS+=("$(port_of "$ports" nats)"); ROUTES+=("$(port_of "$ports" cluster)")
   done
   export NATS_URL
   NATS_URL=$(IFS=,; echo "${URLS[*]}")
 else
-# nats-server picks its own port and writes it to a ports file.
-# nats-server picks its own port and writes it to a ports file.
-"$NATS_SERVER" -a 127.0.0.1 -p -1 -js -sd "$RUN_DIR/nats" --ports_file_dir "$RUN_DIR" >"$RUN_DIR/nats.log" 2>&1 &
-PIDS+=($!)
-for _ in $(seq 100); do compgen -G "$RUN_DIR/*.ports" >/dev/null && break; sleep 0.1; done
-PORTS_FILE=$(compgen -G "$RUN_DIR/*.ports" | head -1) || { echo "nats-server did not start"; cat "$RUN_DIR/nats.log"; exit 1; }
-export NATS_URL
-NATS_URL=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["nats"][0])' "$PORTS_FILE")
-
+  # nats-server picks its own port and writes it to a ports file.
+  "$NATS_SERVER" -a 127.0.0.1 -p -1 -js -sd "$RUN_DIR/nats" --ports_file_dir "$RUN_DIR" >"$RUN_DIR/nats.log" 2>&1 &
+  PIDS+=($!)
+  PORTS_FILE=$(nats_ports_file "$RUN_DIR") || { echo "nats-server did not start"; cat "$RUN_DIR/nats.log"; exit 1; }
+  export NATS_URL
+  NATS_URL=$(port_of "$PORTS_FILE" nats)
 fi
 
 # Each process has its own HTTP port (/metrics, /health, /ready): 9464 coordinator,
-# 9465 inventory, 9466 payment in `up` mode; free ports for a demo, so that a demo
-# can run beside a system that is up.
+# 9465 inventory, 9466 payment, 9467 shipping in `up` mode; in a demo each binds port 0
+# and reports what it got in its ports file, so that a demo can run beside a system that is up.
 if [[ "$MODE" == up || "$MODE" == cluster ]]; then
   GRPC_ADDR="${COORDINATOR_GRPC_ADDR:-127.0.0.1:50051}"; HTTP_ADDR="${COORDINATOR_HTTP_ADDR:-127.0.0.1:9464}"
   INVENTORY_HTTP="${INVENTORY_HTTP_ADDR:-127.0.0.1:9465}"; PAYMENT_HTTP="${PAYMENT_HTTP_ADDR:-127.0.0.1:9466}"; SHIPPING_HTTP="${SHIPPING_HTTP_ADDR:-127.0.0.1:9467}"
 else
-  GRPC_ADDR="127.0.0.1:$(free_port)"; HTTP_ADDR="127.0.0.1:$(free_port)"
-  INVENTORY_HTTP="127.0.0.1:$(free_port)"; PAYMENT_HTTP="127.0.0.1:$(free_port)"; SHIPPING_HTTP="127.0.0.1:$(free_port)"
+  GRPC_ADDR="127.0.0.1:0"; HTTP_ADDR="127.0.0.1:0"
+  INVENTORY_HTTP="127.0.0.1:0"; PAYMENT_HTTP="127.0.0.1:0"; SHIPPING_HTTP="127.0.0.1:0"
 fi
 
 "$BIN/inventory" --data-dir "$RUN_DIR/inventory" --stock-file "$ROOT/deploy/stock.json" \
-  --http-addr "$INVENTORY_HTTP" >"$RUN_DIR/inventory.log" 2>&1 &
+  --http-addr "$INVENTORY_HTTP" --ports-file "$RUN_DIR/inventory.ports" >"$RUN_DIR/inventory.log" 2>&1 &
 PIDS+=($!)
 "$BIN/payment" --data-dir "$RUN_DIR/payment" --customer-limit-cents 50000 \
-  --http-addr "$PAYMENT_HTTP" >"$RUN_DIR/payment.log" 2>&1 &
+  --http-addr "$PAYMENT_HTTP" --ports-file "$RUN_DIR/payment.ports" >"$RUN_DIR/payment.log" 2>&1 &
 PIDS+=($!)
-"$BIN/shipping" --data-dir "$RUN_DIR/shipping" --http-addr "$SHIPPING_HTTP" >"$RUN_DIR/shipping.log" 2>&1 &
+"$BIN/shipping" --data-dir "$RUN_DIR/shipping" --http-addr "$SHIPPING_HTTP" \
+  --ports-file "$RUN_DIR/shipping.ports" >"$RUN_DIR/shipping.log" 2>&1 &
 PIDS+=($!)
 if [[ "$MODE" == cluster ]]; then
   GRPC_ADDRS=("$GRPC_ADDR" "127.0.0.1:50052" "127.0.0.1:50053"); HTTP_ADDRS=("$HTTP_ADDR" "127.0.0.1:9474" "127.0.0.1:9484")
@@ -95,9 +117,16 @@ if [[ "$MODE" == cluster ]]; then
     PIDS+=($!)
   done
 else
-"$BIN/coordinator" --grpc-addr "$GRPC_ADDR" --http-addr "$HTTP_ADDR" --data-dir "$RUN_DIR/coordinator" \
-  --definitions-dir "$ROOT/saga-definitions" >"$RUN_DIR/coordinator.log" 2>&1 &
-PIDS+=($!)
+  "$BIN/coordinator" --grpc-addr "$GRPC_ADDR" --http-addr "$HTTP_ADDR" --data-dir "$RUN_DIR/coordinator" \
+    --ports-file "$RUN_DIR/coordinator.ports" --definitions-dir "$ROOT/saga-definitions" \
+    >"$RUN_DIR/coordinator.log" 2>&1 &
+  PIDS+=($!)
+fi
+if [[ "$MODE" != cluster ]]; then
+  # The addresses actually bound (the ones asked for, unless port 0 was asked).
+  GRPC_ADDR=$(port_of "$RUN_DIR/coordinator.ports" grpc); HTTP_ADDR=$(port_of "$RUN_DIR/coordinator.ports" http)
+  INVENTORY_HTTP=$(port_of "$RUN_DIR/inventory.ports" http); PAYMENT_HTTP=$(port_of "$RUN_DIR/payment.ports" http)
+  SHIPPING_HTTP=$(port_of "$RUN_DIR/shipping.ports" http)
 fi
 
 # Wait until the coordinator answers gRPC.

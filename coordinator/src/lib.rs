@@ -92,6 +92,11 @@ pub struct Config {
     /// HTTP address of `/metrics`, `/health` and `/ready`.
     #[arg(long, env = "COORDINATOR_HTTP_ADDR", default_value = "127.0.0.1:9464")]
     pub http_addr: SocketAddr,
+    /// Once both sockets listen, write their addresses to this file as JSON
+    /// (`{"grpc":"127.0.0.1:50051","http":"127.0.0.1:9464"}`): with port 0,
+    /// how a supervisor or a test learns the ports the OS picked.
+    #[arg(long, env = "COORDINATOR_PORTS_FILE")]
+    pub ports_file: Option<PathBuf>,
     /// NATS server URL(s), comma-separated.
     #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
@@ -206,6 +211,7 @@ impl Config {
         Config {
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
             http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            ports_file: None,
             nats_url: nats_url.into(),
             data_dir,
             store: StoreKind::Sled,
@@ -355,7 +361,7 @@ pub enum RunError {
     Reflection(#[from] tonic_reflection::server::Error),
 }
 
-/// Runs the coordinator on `listener` until `shutdown` fires, then stops
+/// Runs the coordinator on `listeners` until `shutdown` fires, then stops
 /// gracefully: health NOT_SERVING, no new requests, in-flight transitions
 /// committed, sled flushed, NATS drained.
 ///
@@ -365,9 +371,46 @@ pub enum RunError {
 /// # Errors
 /// [`RunError`]: bad config or definitions (nothing started), store or
 /// server failures.
-pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> Result<(), RunError> {
+pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationToken) -> Result<(), RunError> {
     let (_keep, reloads) = mpsc::channel(1);
-    run_with_reload(config, listener, shutdown, reloads).await
+    run_with_reload(config, listeners, shutdown, reloads).await
+}
+
+/// The coordinator's two sockets, bound before [`run`] so that the caller
+/// knows the addresses (port 0 included) and nothing binds, drops and
+/// rebinds a port another process could take in between.
+#[derive(Debug)]
+pub struct Listeners {
+    /// gRPC (`saga.v1.SagaService`, reflection, health).
+    pub grpc: TcpListener,
+    /// HTTP: `/metrics`, `/health`, `/ready`.
+    pub http: TcpListener,
+}
+
+impl Listeners {
+    /// Binds `config.grpc_addr` and `config.http_addr`.
+    ///
+    /// # Errors
+    /// An address cannot be bound ([`RunError::Config`] names it).
+    pub async fn bind(config: &Config) -> Result<Self, RunError> {
+        let bind = |what: &'static str, addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|e| RunError::Config(format!("{what} {addr}: {e}")))
+        };
+        Ok(Listeners {
+            grpc: bind("grpc_addr", config.grpc_addr).await?,
+            http: bind("http_addr", config.http_addr).await?,
+        })
+    }
+
+    /// The bound addresses, `(grpc, http)`.
+    ///
+    /// # Errors
+    /// The OS cannot say (a socket in a bad state).
+    pub fn local_addrs(&self) -> std::io::Result<(SocketAddr, SocketAddr)> {
+        Ok((self.grpc.local_addr()?, self.http.local_addr()?))
+    }
 }
 
 /// Asks a running coordinator to re-read its definitions directory; the
@@ -382,7 +425,7 @@ pub type ReloadRequest = oneshot::Sender<Result<(Vec<String>, Vec<String>), Defi
 /// As [`run`].
 pub async fn run_with_reload(
     config: Config,
-    listener: TcpListener,
+    listeners: Listeners,
     shutdown: CancellationToken,
     mut reloads: mpsc::Receiver<ReloadRequest>,
 ) -> Result<(), RunError> {
@@ -467,9 +510,7 @@ pub async fn run_with_reload(
         let (lost_tx, lost_rx) = mpsc::unbounded_channel();
         (cluster::Ownership::new(config.partitions), lost_tx, lost_rx)
     });
-    let http = TcpListener::bind(config.http_addr)
-        .await
-        .map_err(|e| RunError::Config(format!("http_addr {}: {e}", config.http_addr)))?;
+    let Listeners { grpc: listener, http } = listeners;
     let http_task = tokio::spawn(telemetry::serve(
         http,
         ready.readiness.clone(),

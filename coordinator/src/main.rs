@@ -4,7 +4,7 @@
 //! directory (a bad file leaves the old set in force; the log says why).
 
 use clap::Parser;
-use coordinator::{init_tracing, run_with_reload, Config, ReloadRequest};
+use coordinator::{init_tracing, run_with_reload, Config, Listeners, ReloadRequest};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -19,18 +19,30 @@ async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
     init_tracing(config.log_format);
     config.validate()?;
-    let listener = tokio::net::TcpListener::bind(config.grpc_addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.grpc_addr))?;
+    let listeners = Listeners::bind(&config).await?;
+    if let Some(path) = &config.ports_file {
+        let (grpc, http) = listeners.local_addrs()?;
+        let ports = serde_json::json!({ "grpc": grpc.to_string(), "http": http.to_string() });
+        write_ports_file(path, &ports.to_string())?;
+    }
     let shutdown = CancellationToken::new();
     tokio::spawn(shutdown_on_signal(shutdown.clone()));
     let (reload_tx, reloads) = mpsc::channel(4);
     tokio::spawn(reload_on_sighup(reload_tx));
-    if let Err(e) = run_with_reload(config, listener, shutdown, reloads).await {
+    if let Err(e) = run_with_reload(config, listeners, shutdown, reloads).await {
         tracing::error!(error = %e, "coordinator failed");
         return Err(e.into());
     }
     Ok(())
+}
+
+/// Writes `text` to `path` whole (a temp file renamed over it), so a reader
+/// polling for the file never sees half of it.
+fn write_ports_file(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| anyhow::anyhow!("ports file {}: {e}", path.display()))
 }
 
 /// Cancels `token` on SIGINT or SIGTERM.

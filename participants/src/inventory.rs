@@ -65,6 +65,10 @@ pub struct InventoryConfig {
     /// (port 0 picks a free port; the address is logged).
     #[arg(long, env = "INVENTORY_HTTP_ADDR", default_value = "127.0.0.1:9465")]
     pub http_addr: SocketAddr,
+    /// Once the HTTP server listens, write `{"http":"<addr>"}` to this file
+    /// (with port 0: how a supervisor or a test learns the port).
+    #[arg(long, env = "INVENTORY_PORTS_FILE")]
+    pub ports_file: Option<std::path::PathBuf>,
     /// Retention of the replies stored under idempotency keys.
     #[command(flatten)]
     pub retention: crate::ReplyRetention,
@@ -99,6 +103,7 @@ impl InventoryConfig {
             stock,
             reset_stock: false,
             http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            ports_file: None,
             retention: crate::ReplyRetention::default(),
             log_format: LogFormat::Pretty,
         }

@@ -230,15 +230,28 @@ pub async fn serve_participant(
     Ok(())
 }
 
-/// Binds a participant's HTTP address (`--http-addr`; port 0 picks a free one).
+/// Binds a participant's HTTP address (`--http-addr`; port 0 picks a free
+/// one) and, with `--ports-file`, writes the bound address there as
+/// `{"http":"<addr>"}` (a temp file renamed over it: never read half-written).
 ///
 /// # Errors
-/// The address cannot be bound; the message names it.
-pub async fn bind_http(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+/// The address cannot be bound or the file written; the message names it.
+pub async fn bind_http(
+    addr: std::net::SocketAddr,
+    ports_file: Option<&std::path::Path>,
+) -> anyhow::Result<tokio::net::TcpListener> {
     use anyhow::Context;
-    tokio::net::TcpListener::bind(addr)
+    let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .with_context(|| format!("http-addr {addr}"))
+        .with_context(|| format!("http-addr {addr}"))?;
+    if let Some(path) = ports_file {
+        let text = serde_json::json!({ "http": listener.local_addr()?.to_string() }).to_string();
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, text)
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .with_context(|| format!("ports file {}", path.display()))?;
+    }
+    Ok(listener)
 }
 
 /// Opens (creating it if needed) the sled database in `dir`.

@@ -82,6 +82,10 @@ pub struct PaymentConfig {
     /// (port 0 picks a free port; the address is logged).
     #[arg(long, env = "PAYMENT_HTTP_ADDR", default_value = "127.0.0.1:9466")]
     pub http_addr: SocketAddr,
+    /// Once the HTTP server listens, write `{"http":"<addr>"}` to this file
+    /// (with port 0: how a supervisor or a test learns the port).
+    #[arg(long, env = "PAYMENT_PORTS_FILE")]
+    pub ports_file: Option<std::path::PathBuf>,
     /// Retention of the replies stored under idempotency keys.
     #[command(flatten)]
     pub retention: crate::ReplyRetention,
@@ -111,6 +115,7 @@ impl PaymentConfig {
             breaker_wait: Duration::from_millis(200),
             breaker_max_wait: Duration::from_millis(800),
             http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            ports_file: None,
             retention: crate::ReplyRetention::default(),
             log_format: LogFormat::Pretty,
         }

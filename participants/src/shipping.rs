@@ -62,6 +62,10 @@ pub struct ShippingConfig {
     /// Address of the HTTP server: `GET /metrics`, `/health`, `/ready`.
     #[arg(long, env = "SHIPPING_HTTP_ADDR", default_value = "127.0.0.1:9467")]
     pub http_addr: SocketAddr,
+    /// Once the HTTP server listens, write `{"http":"<addr>"}` to this file
+    /// (with port 0: how a supervisor or a test learns the port).
+    #[arg(long, env = "SHIPPING_PORTS_FILE")]
+    pub ports_file: Option<std::path::PathBuf>,
     /// Retention of the replies stored under idempotency keys.
     #[command(flatten)]
     pub retention: crate::ReplyRetention,
@@ -80,6 +84,7 @@ impl ShippingConfig {
             carrier: "saga-express".into(),
             unreachable_customers: Vec::new(),
             http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            ports_file: None,
             retention: crate::ReplyRetention::default(),
             log_format: LogFormat::Pretty,
         }

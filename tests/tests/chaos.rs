@@ -17,7 +17,7 @@ use std::{
 use anyhow::{bail, ensure, Result};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use saga_proto::pb::SagaState;
-use saga_tests::{chaos::*, procs::Proc, *};
+use saga_testkit::{chaos::*, *};
 use tokio::sync::{Mutex, Semaphore};
 
 struct Cluster {
@@ -25,15 +25,13 @@ struct Cluster {
     coordinator: Proc,
     inventory: Proc,
     payment: Proc,
-    grpc: SocketAddr,
 }
 
 impl Cluster {
     fn start(dir: &std::path::Path, defs: &std::path::Path) -> Result<Self> {
-        let bin = procs::bin_dir()?;
+        let bin = bin_dir()?;
         let nats = NatsServer::start()?;
         let url = nats.url();
-        let grpc = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let stock = SKUS
             .iter()
             .map(|(s, n)| format!("{s}={n}"))
@@ -78,9 +76,9 @@ impl Cluster {
                 "--nats-url",
                 &url,
                 "--grpc-addr",
-                &grpc.to_string(),
+                "127.0.0.1:0",
                 "--http-addr",
-                &format!("127.0.0.1:{}", free_port()?),
+                "127.0.0.1:0",
                 "--data-dir",
                 &path("coordinator"),
                 "--definitions-dir",
@@ -91,7 +89,8 @@ impl Cluster {
                 "8",
             ]),
             dir.join("coordinator.log"),
-        );
+        )
+        .ports_file(dir.join("coordinator.ports"));
         inventory.start()?;
         payment.start()?;
         coordinator.start()?;
@@ -100,8 +99,13 @@ impl Cluster {
             coordinator,
             inventory,
             payment,
-            grpc,
         })
+    }
+
+    /// The coordinator's gRPC address once it has bound it (port 0: a new
+    /// one at every start).
+    fn grpc(&mut self) -> Result<SocketAddr> {
+        self.coordinator.ports(Duration::from_secs(30))?.get("grpc")
     }
 
     fn check_alive(&mut self) -> Result<()> {
@@ -131,8 +135,8 @@ async fn chaos_every_saga_ends_terminal_and_nothing_is_applied_twice() -> Result
     let defs = dir.path().join("defs");
     write_definitions(&defs)?;
     let cluster = Arc::new(Mutex::new(Cluster::start(dir.path(), &defs)?));
-    let addr = cluster.lock().await.grpc;
-    wait_grpc_ready(addr, Duration::from_secs(30)).await?;
+    let addrs = Addrs::new(vec![cluster.lock().await.grpc()?]);
+    wait_grpc_ready(addrs.get(0), Duration::from_secs(30)).await?;
     let started = Instant::now();
 
     let window = Duration::from_secs(env_or("CHAOS_SECONDS", 15));
@@ -141,7 +145,7 @@ async fn chaos_every_saga_ends_terminal_and_nothing_is_applied_twice() -> Result
 
     // The monkey: kill -9 a random process at random moments while orders flow.
     let monkey = {
-        let cluster = cluster.clone();
+        let (cluster, addrs) = (cluster.clone(), addrs.clone());
         let done = done_placing.clone();
         let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
         tokio::spawn(async move {
@@ -156,7 +160,8 @@ async fn chaos_every_saga_ends_terminal_and_nothing_is_applied_twice() -> Result
                         c.coordinator.kill();
                         tokio::time::sleep(down).await;
                         c.coordinator.start()?;
-                        let grpc = c.grpc;
+                        let grpc = c.grpc()?;
+                        addrs.set(0, grpc);
                         drop(c);
                         recoveries.push(wait_grpc_ready(grpc, Duration::from_secs(30)).await?);
                     }
@@ -185,7 +190,6 @@ async fn chaos_every_saga_ends_terminal_and_nothing_is_applied_twice() -> Result
     let mut rng = StdRng::seed_from_u64(seed);
     let plan: Vec<_> = (0..orders).map(|i| order_for(&mut rng, i, seed)).collect();
     let gate = Arc::new(Semaphore::new(concurrency));
-    let addrs = Arc::new(vec![addr]);
     let mut tasks = Vec::new();
     for (req, expect) in plan {
         let permit = gate.clone().acquire_owned().await?;
@@ -212,7 +216,7 @@ async fn chaos_every_saga_ends_terminal_and_nothing_is_applied_twice() -> Result
     loop {
         let mut busy = 0;
         for state in [SagaState::Pending, SagaState::Running, SagaState::Compensating] {
-            busy += all_sagas(addr, Some(state))
+            busy += all_sagas(addrs.get(0), Some(state))
                 .await
                 .map(|v| v.len())
                 .unwrap_or(usize::MAX / 4);
@@ -236,7 +240,7 @@ async fn chaos_every_saga_ends_terminal_and_nothing_is_applied_twice() -> Result
 
     // The invariants.
     let nats = async_nats::connect(cluster.lock().await.nats.url()).await?;
-    let verdict = verify(&nats, addr, orders, &placed).await?;
+    let verdict = verify(&nats, addrs.get(0), orders, &placed).await?;
     let (ck, ik, pk) = {
         let c = cluster.lock().await;
         (c.coordinator.kills, c.inventory.kills, c.payment.kills)

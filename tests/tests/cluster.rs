@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Result};
 use saga_proto::pb::{self, SagaState};
-use saga_tests::*;
+use saga_testkit::*;
 
 const PARTITIONS: u32 = 8;
 
@@ -33,7 +33,7 @@ async fn balanced(client: &async_nats::Client, instances: &[&str]) -> Result<()>
         Duration::from_secs(20),
         "partitions spread over the coordinators",
         || async {
-            let Ok(h) = nats_cluster::holders(client).await else {
+            let Ok(h) = cluster::holders(client).await else {
                 return false;
             };
             h.len() == PARTITIONS as usize
@@ -118,7 +118,7 @@ async fn two_coordinators_share_sagas_and_hand_them_over() -> Result<()> {
     // A client idempotency key whose saga record never landed (its coordinator
     // died between the two writes): a retry on the partition's holder creates
     // that very saga; elsewhere it is refused as retryable.
-    let owned_by_a: Vec<u32> = nats_cluster::holders(&client)
+    let owned_by_a: Vec<u32> = cluster::holders(&client)
         .await?
         .into_iter()
         .filter(|(_, h)| h == "coord-a")
@@ -164,7 +164,7 @@ async fn two_coordinators_share_sagas_and_hand_them_over() -> Result<()> {
         .create_order(order("c-2", &[("A-1", 2)], 500))
         .await?
         .into_inner();
-    let held_by_a = nats_cluster::holders(&client).await?
+    let held_by_a = cluster::holders(&client).await?
         [&coordinator::jetstream::partition_of(&r.saga_id, PARTITIONS)]
         == "coord-a";
     ensure!(held_by_a, "a saga created on coord-a is in one of its partitions");

@@ -13,7 +13,6 @@
 
 use std::{
     collections::BTreeSet,
-    net::SocketAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -21,39 +20,11 @@ use std::{
 use anyhow::{bail, ensure, Result};
 use rand::{rngs::StdRng, SeedableRng};
 use saga_proto::pb;
-use saga_tests::{chaos::*, procs::Proc, *};
+use saga_testkit::{chaos::*, *};
 use tokio::sync::Semaphore;
 
 const PARTITIONS: u32 = 12;
 const LEASE_TTL: &str = "2s";
-
-struct Node {
-    proc: Proc,
-    url: String,
-}
-
-/// Three nats-server nodes routed to each other, JetStream on each.
-fn nats_cluster(dir: &std::path::Path) -> Result<Vec<Node>> {
-    let bin = nats_server_bin()?;
-    let client: Vec<u16> = (0..3).map(|_| free_port()).collect::<Result<_>>()?;
-    let route: Vec<u16> = (0..3).map(|_| free_port()).collect::<Result<_>>()?;
-    let mut nodes = Vec::new();
-    for i in 0..3 {
-        let args = nats_cluster::node_args(dir, i, &client, &route, "saga");
-        let mut proc = Proc::new(
-            &format!("nats-{i}"),
-            bin.clone(),
-            args,
-            dir.join(format!("nats-{i}.log")),
-        );
-        proc.start()?;
-        nodes.push(Node {
-            proc,
-            url: format!("nats://127.0.0.1:{}", client[i]),
-        });
-    }
-    Ok(nodes)
-}
 
 fn ms(t: &Option<prost_types::Timestamp>) -> u64 {
     t.as_ref()
@@ -79,15 +50,16 @@ async fn a_coordinator_and_a_nats_node_die_and_every_saga_still_ends_once() -> R
     println!("cluster chaos: processes' data and logs in {}", dir.display());
     let defs = dir.as_path().join("defs");
     write_definitions(&defs)?;
-    let bin = procs::bin_dir()?;
+    let bin = bin_dir()?;
 
-    let nodes = nats_cluster(dir.as_path())?;
-    let urls = nodes.iter().map(|n| n.url.clone()).collect::<Vec<_>>().join(",");
-    let nodes: Vec<Arc<tokio::sync::Mutex<Node>>> = nodes
+    let mut cluster = NatsCluster::start(dir.as_path(), 3, "saga")?;
+    let urls = cluster.url();
+    let nats = cluster.jetstream_ready().await?;
+    let nodes: Vec<Arc<std::sync::Mutex<NatsServer>>> = cluster
+        .nodes
         .into_iter()
-        .map(|n| Arc::new(tokio::sync::Mutex::new(n)))
+        .map(|n| Arc::new(std::sync::Mutex::new(n)))
         .collect();
-    let nats = nats_cluster::jetstream_ready(&urls, || Ok(())).await?;
 
     let arg = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     let path = |p: &str| dir.as_path().join(p).display().to_string();
@@ -132,7 +104,6 @@ async fn a_coordinator_and_a_nats_node_die_and_every_saga_still_ends_once() -> R
     let mut coordinators = Vec::new();
     let mut addrs = Vec::new();
     for i in 0..3 {
-        let grpc = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let mut c = Proc::new(
             &format!("coord-{i}"),
             bin.join("coordinator"),
@@ -152,19 +123,20 @@ async fn a_coordinator_and_a_nats_node_die_and_every_saga_still_ends_once() -> R
                 "--nats-url",
                 &urls,
                 "--grpc-addr",
-                &grpc.to_string(),
+                "127.0.0.1:0",
                 "--http-addr",
-                &format!("127.0.0.1:{}", free_port()?),
+                "127.0.0.1:0",
                 "--data-dir",
                 &path(&format!("coord-{i}")),
                 "--definitions-dir",
                 &defs.display().to_string(),
             ]),
             dir.as_path().join(format!("coord-{i}.log")),
-        );
+        )
+        .ports_file(dir.as_path().join(format!("coord-{i}.ports")));
         c.start()?;
+        addrs.push(c.ports(Duration::from_secs(60))?.get("grpc")?);
         coordinators.push(c);
-        addrs.push(grpc);
     }
     for a in &addrs {
         wait_grpc_ready(*a, Duration::from_secs(60)).await?;
@@ -176,7 +148,7 @@ async fn a_coordinator_and_a_nats_node_die_and_every_saga_still_ends_once() -> R
         Duration::from_secs(30),
         "partitions spread over 3 coordinators",
         || async {
-            nats_cluster::holders(&nats).await.is_ok_and(|h| {
+            cluster::holders(&nats).await.is_ok_and(|h| {
                 let per: BTreeSet<&String> = h.values().collect();
                 h.len() == PARTITIONS as usize && per.len() == 3
             })
@@ -190,14 +162,14 @@ async fn a_coordinator_and_a_nats_node_die_and_every_saga_still_ends_once() -> R
     let plan: Vec<_> = (0..orders).map(|i| order_for(&mut rng, i, seed)).collect();
     let pace = window / u32::try_from(orders.max(1)).unwrap_or(u32::MAX);
     let gate = Arc::new(Semaphore::new(16));
-    let addrs = Arc::new(addrs);
+    let addrs = Addrs::new(addrs);
     let mut tasks = Vec::new();
     let (mut victim_partitions, mut kill_ms) = (BTreeSet::new(), 0u64);
     let mut restart = None;
     for (i, (req, expect)) in plan.into_iter().enumerate() {
         // At 40% of the orders the first coordinator dies for good; at 60% a NATS node.
         if i == orders * 2 / 5 {
-            victim_partitions = nats_cluster::holders(&nats)
+            victim_partitions = cluster::holders(&nats)
                 .await?
                 .into_iter()
                 .filter(|(_, h)| h == "coord-0")
@@ -208,14 +180,15 @@ async fn a_coordinator_and_a_nats_node_die_and_every_saga_still_ends_once() -> R
             println!("cluster chaos: coord-0 killed holding partitions {victim_partitions:?}");
         }
         if i == orders * 3 / 5 {
-            nodes[1].lock().await.proc.kill();
+            lock(&nodes[1]).kill();
             println!("cluster chaos: nats node-1 killed");
             // It comes back 3 s later, whatever the orders are doing.
             let node = nodes[1].clone();
             restart = Some(tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_secs(3)).await;
                 println!("cluster chaos: nats node-1 restarted");
-                node.lock().await.proc.start()
+                // Waits for the node's ports file: not on an async worker.
+                tokio::task::spawn_blocking(move || lock(&node).restart()).await?
             }));
         }
         let permit = gate.clone().acquire_owned().await?;
@@ -234,7 +207,7 @@ async fn a_coordinator_and_a_nats_node_die_and_every_saga_still_ends_once() -> R
     let placed_in = started.elapsed();
 
     // Quiescence, read through a surviving coordinator.
-    let live = addrs[1];
+    let live = addrs.get(1);
     let quiet_start = Instant::now();
     loop {
         let all = all_sagas(live, None).await.unwrap_or_default();
@@ -288,13 +261,13 @@ async fn a_coordinator_and_a_nats_node_die_and_every_saga_still_ends_once() -> R
         Duration::from_secs(20),
         "every partition held by a live coordinator",
         || async {
-            nats_cluster::holders(&nats)
+            cluster::holders(&nats)
                 .await
                 .is_ok_and(|h| h.len() == PARTITIONS as usize && !h.values().any(|v| v == "coord-0"))
         },
     )
     .await;
-    let holders_after = nats_cluster::holders(&nats).await?;
+    let holders_after = cluster::holders(&nats).await?;
     if taken_over.is_err() {
         bail!(
             "partitions not all taken over: {holders_after:?} (logs in {})\ncoord-1:\n{}\ncoord-2:\n{}",
@@ -347,10 +320,14 @@ async fn a_coordinator_and_a_nats_node_die_and_every_saga_still_ends_once() -> R
     payment.stop();
     inventory.stop();
     for n in &nodes {
-        n.lock().await.proc.stop();
+        lock(n).kill();
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+fn lock(node: &std::sync::Mutex<NatsServer>) -> std::sync::MutexGuard<'_, NatsServer> {
+    node.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn now_ms() -> u64 {

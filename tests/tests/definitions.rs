@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::{ensure, Result};
 use saga_proto::pb::{self, SagaState};
-use saga_tests::*;
+use saga_testkit::*;
 use tonic::Code;
 
 /// The order saga as `version`, its steps named with `prefix` so the test

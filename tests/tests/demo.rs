@@ -7,8 +7,8 @@ use anyhow::{ensure, Context, Result};
 
 #[test]
 fn the_demo_runs_and_its_metrics_move() -> Result<()> {
-    let bin = saga_tests::procs::bin_dir()?;
-    let nats = saga_tests::nats_server_bin()?;
+    let bin = saga_testkit::bin_dir()?;
+    let nats = saga_testkit::nats_server_bin()?;
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let out = std::process::Command::new("bash")
         .arg(root.join("deploy/local.sh"))

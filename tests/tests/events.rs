@@ -10,7 +10,7 @@ use saga_proto::{
     pb::{self, SagaState},
     wire::SagaEvent,
 };
-use saga_tests::*;
+use saga_testkit::*;
 
 const STREAM: &str = "SAGA_EVENTS";
 
@@ -125,7 +125,7 @@ async fn completed_and_compensated_sagas_publish_their_events_in_order_with_alia
     assert!(all.iter().any(|(subj, _)| subj == "orders.completed"));
 
     // `sagactl tail --from-start` shows the same events, in order.
-    let bin = procs::bin_dir()?;
+    let bin = bin_dir()?;
     let url = s.nats.url();
     let n = (done.history.len() + undone.history.len()).to_string();
     let out = run(

@@ -11,7 +11,7 @@ use saga_proto::{
     pb::{self, SagaState, StepStatus},
     wire,
 };
-use saga_tests::*;
+use saga_testkit::*;
 
 /// Customer the shipping service cannot deliver to.
 const FAR: &str = "c-far";

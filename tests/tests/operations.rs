@@ -15,7 +15,7 @@ use saga_proto::{
     pb::{self, SagaState, StepStatus},
     wire::Reply,
 };
-use saga_tests::*;
+use saga_testkit::*;
 use tonic::{metadata::MetadataValue, Code};
 
 const TOKEN: &str = "operator-token-0123456789";

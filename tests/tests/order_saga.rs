@@ -9,7 +9,7 @@ use saga_proto::{
     pb::{self, SagaState, StepStatus},
     wire::{self, CommandKind, Reply},
 };
-use saga_tests::*;
+use saga_testkit::*;
 
 fn step_statuses(s: &pb::Saga) -> Vec<StepStatus> {
     s.steps

@@ -14,7 +14,7 @@ use saga_proto::{
     pb::SagaState,
     wire::{self, CommandKind, Item, OrderPayload, Reply},
 };
-use saga_tests::*;
+use saga_testkit::*;
 
 /// Sum of the samples of `name` whose labels include all of `labels`
 /// (`None` when there is no such series).

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use saga_tests::*;
+use saga_testkit::*;
 use tonic_health::pb::{
     health_check_response::ServingStatus::{self, NotServing, Serving},
     health_client::HealthClient,

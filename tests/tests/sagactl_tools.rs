@@ -6,7 +6,7 @@ use std::{path::Path, process::Output};
 use anyhow::{ensure, Context, Result};
 
 fn sagactl(args: &[&str]) -> Result<Output> {
-    let bin = saga_tests::procs::bin_dir()?.join("sagactl");
+    let bin = saga_testkit::bin_dir()?.join("sagactl");
     std::process::Command::new(&bin)
         .args(args)
         .output()

@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::Path, time::Duration};
 
 use anyhow::{ensure, Context, Result};
 use saga_proto::pb::{self, saga_service_client::SagaServiceClient};
-use saga_tests::{pki::Pki, *};
+use saga_testkit::{pki::Pki, *};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 async fn tls_client(
@@ -41,7 +41,7 @@ async fn definitions(g: &mut SagaServiceClient<tonic::transport::Channel>) -> Re
 
 /// Runs the sagactl binary without blocking the runtime the coordinator serves on.
 async fn sagactl(args: &[&str]) -> Result<std::process::Output> {
-    let bin = procs::bin_dir()?.join("sagactl");
+    let bin = bin_dir()?.join("sagactl");
     let run = tokio::process::Command::new(&bin)
         .args(args)
         .kill_on_drop(true)
@@ -155,7 +155,7 @@ async fn nats_user_and_password_are_required_and_used() -> Result<()> {
     )
     .await?;
     // The participants with the same credentials: an order runs end to end.
-    let security = saga_proto::nats::NatsSecurity {
+    let security = saga_nats::NatsSecurity {
         nats_user: Some("saga".into()),
         nats_password: Some("correct-horse".into()),
         ..Default::default()

@@ -17,7 +17,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 async fn main() -> ExitCode {
     let config = inventory::InventoryConfig::parse();
     init_tracing(config.log_format);
-    let http = match bind_http(config.http_addr).await {
+    let http = match bind_http(config.http_addr, config.ports_file.as_deref()).await {
         Ok(l) => l,
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "inventory failed");

@@ -1,14 +1,14 @@
 //! The benchmark harness cannot rot: `saga-bench --smoke` (a few orders
 //! through every scenario against the debug binaries as separate processes)
-//! exits 0 and writes a JSON report with the keys `BENCHMARKS.md` and
+//! exits 0 and writes a JSON report with the keys `docs/benchmarks.md` and
 //! scripts read. The benchmarks themselves never run in `make test`.
 
 use anyhow::{ensure, Context, Result};
 
 #[test]
 fn saga_bench_smoke_run_passes_and_writes_its_report() -> Result<()> {
-    let bin_dir = saga_tests::procs::bin_dir()?;
-    let nats = saga_tests::nats_server_bin()?;
+    let bin_dir = saga_testkit::bin_dir()?;
+    let nats = saga_testkit::nats_server_bin()?;
     let out_dir = tempfile::tempdir()?;
     let json_path = out_dir.path().join("saga-bench.json");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_saga-bench"))

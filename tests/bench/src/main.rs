@@ -1,4 +1,5 @@
-//! `saga-bench`: the engine's benchmark harness (issue 4), run by `make bench`.
+//! `saga-bench`: the engine's benchmark harness, run by `make bench`
+//! (docs/benchmarks.md has its figures).
 //!
 //! By default it starts nats-server and the release binaries of the
 //! inventory, payment and coordinator (next to this executable, or
@@ -13,8 +14,24 @@
 //! jetstream with one coordinator and jetstream with three in one go and
 //! prints them side by side. `saga-bench --help` lists every flag.
 
-#[path = "../bench/mod.rs"]
-mod bench;
+//!
+//! The modules:
+//! - `cli`: the flags;
+//! - `sys`: the processes (the test kit's), their CPU and memory from `/proc`, `/metrics` scrapes;
+//! - `drive`: order generation, driving N orders with C in flight, following each to its end;
+//! - `floors`: the NATS and sled floors;
+//! - `scenarios`: the sweep, recovery, soak and stored-store scenarios;
+//! - `report`: the tables and the JSON.
+//!
+//! Nothing here is part of the engine: it only talks to it the way a client
+//! and an operator would (gRPC, `/metrics`, signals).
+
+mod cli;
+mod drive;
+mod floors;
+mod report;
+mod scenarios;
+mod sys;
 
 use std::{
     path::{Path, PathBuf},
@@ -25,12 +42,11 @@ use std::{
 use anyhow::{Context, Result};
 use clap::Parser;
 
-use bench::{
+use crate::{
     cli::{Args, Setup},
-    floors,
     report::Report,
-    scenarios::{self, phase, Ctx, Sweep},
-    sys::{self, Nats},
+    scenarios::{phase, Ctx, Sweep},
+    sys::Nats,
 };
 
 fn main() -> ExitCode {

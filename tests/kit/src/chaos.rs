@@ -52,14 +52,6 @@ pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
-/// A free loopback port (bound and released).
-///
-/// # Errors
-/// No port.
-pub fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 /// The order for index `i`: its request and what must become of it.
 pub fn order_for(rng: &mut StdRng, i: usize, seed: u64) -> (pb::CreateOrderRequest, Expect) {
     let roll: f64 = rng.random();
@@ -118,17 +110,42 @@ pub fn write_definitions(dir: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+/// The gRPC addresses of the coordinators under test. A coordinator killed
+/// and restarted binds port 0 again and reports a new address, so drivers
+/// read the current one before each attempt.
+#[derive(Debug, Clone)]
+pub struct Addrs(std::sync::Arc<std::sync::RwLock<Vec<SocketAddr>>>);
+
+impl Addrs {
+    /// The addresses, in coordinator order.
+    pub fn new(addrs: Vec<SocketAddr>) -> Self {
+        Addrs(std::sync::Arc::new(std::sync::RwLock::new(addrs)))
+    }
+
+    /// The current address of coordinator `i` (modulo their number).
+    pub fn get(&self, i: usize) -> SocketAddr {
+        let v = self.0.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        v[i % v.len()]
+    }
+
+    /// Records coordinator `i`'s new address after a restart.
+    pub fn set(&self, i: usize, addr: SocketAddr) {
+        let mut v = self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        v[i] = addr;
+    }
+}
+
 /// Retries `CreateOrder` (same idempotency key) through coordinator
 /// restarts, moving on to the next of `addrs` after each failure (several
 /// coordinators of a cluster; one address for a single coordinator).
 ///
 /// # Errors
 /// Still failing after 120 s.
-pub async fn place(addrs: &[SocketAddr], first: usize, req: pb::CreateOrderRequest) -> Result<String> {
+pub async fn place(addrs: &Addrs, first: usize, req: pb::CreateOrderRequest) -> Result<String> {
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut k = first;
     loop {
-        let addr = addrs[k % addrs.len()];
+        let addr = addrs.get(k);
         let attempt = async {
             let mut g = tokio::time::timeout(Duration::from_secs(3), connect(addr)).await??;
             let r = tokio::time::timeout(Duration::from_secs(5), g.create_order(req.clone())).await??;
@@ -148,7 +165,7 @@ pub async fn place(addrs: &[SocketAddr], first: usize, req: pb::CreateOrderReque
 /// [`place`] in a task that gives `permit` back once the order is placed,
 /// returning what must become of it.
 pub fn spawn_place(
-    addrs: std::sync::Arc<Vec<SocketAddr>>,
+    addrs: Addrs,
     first: usize,
     req: pb::CreateOrderRequest,
     expect: Expect,
@@ -200,7 +217,7 @@ pub async fn all_sagas(addr: SocketAddr, state: Option<SagaState>) -> Result<Vec
 pub async fn effects(client: &async_nats::Client, participant: &str) -> Result<serde_json::Value> {
     let msg = tokio::time::timeout(
         Duration::from_secs(10),
-        client.request(saga_proto::wire::effects_subject(participant), "".into()),
+        client.request(saga_wire::effects_subject(participant), "".into()),
     )
     .await
     .context("effects timed out")??;
@@ -423,8 +440,8 @@ pub async fn verify(
         Ok(SagaState::Failed) => "failed",
         _ => "?",
     };
-    let events_ok = |events: &[(String, saga_proto::wire::SagaEvent)]| -> Vec<String> {
-        let mut per_saga: HashMap<&str, Vec<&saga_proto::wire::SagaEvent>> = HashMap::new();
+    let events_ok = |events: &[(String, saga_wire::SagaEvent)]| -> Vec<String> {
+        let mut per_saga: HashMap<&str, Vec<&saga_wire::SagaEvent>> = HashMap::new();
         for (subject, e) in events {
             if subject.starts_with("saga.events.") {
                 per_saga.entry(e.saga_id.as_str()).or_default().push(e);

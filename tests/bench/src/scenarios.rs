@@ -375,7 +375,7 @@ impl RecoveryReport {
 
 /// Sagas in `state`, by paging `ListSagas`; with `step`, only those whose current step it is.
 async fn count_state(grpc: SocketAddr, state: SagaState, step: Option<&str>) -> Result<usize> {
-    let mut g = saga_tests::connect(grpc).await?;
+    let mut g = saga_testkit::connect(grpc).await?;
     let (mut n, mut token) = (0, String::new());
     loop {
         let page = g
@@ -519,7 +519,8 @@ pub(crate) async fn recovery(ctx: &Ctx<'_>) -> Result<RecoveryReport> {
     cluster.wait_participants(&ctx.nats_client).await?;
     phase("recovery: restarting the coordinator");
     let t0 = Instant::now();
-    cluster.coordinators[0].start()?;
+    cluster.start_coordinator(0)?;
+    let grpc = cluster.grpc[0];
     let mut to_grpc = None;
     let to_all_terminal = loop {
         let mut probe = async {

@@ -6,229 +6,53 @@
 //! Nothing here measures latency: that is `drive`'s job.
 
 use std::{
-    fs::OpenOptions,
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
 use saga_proto::pb;
+use saga_testkit::{NatsCluster, NatsServer, Proc};
 
-use super::cli::{Setup, Store};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use crate::cli::{Setup, Store};
 
-/// A free loopback port (bound and released).
-///
-/// # Errors
-/// No port can be bound.
-pub(crate) fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-/// One service process that can be stopped and started again with the same arguments.
-pub(crate) struct Service {
-    pub(crate) name: String,
-    program: PathBuf,
-    args: Vec<String>,
-    env: Vec<(String, String)>,
-    log: PathBuf,
-    child: Option<Child>,
-}
-
-impl Service {
-    pub(crate) fn new(
-        name: impl Into<String>,
-        program: PathBuf,
-        args: Vec<String>,
-        env: Vec<(String, String)>,
-        log: PathBuf,
-    ) -> Self {
-        Service {
-            name: name.into(),
-            program,
-            args,
-            env,
-            log,
-            child: None,
-        }
-    }
-
-    /// Starts it, output appended to its log file.
-    ///
-    /// # Errors
-    /// Spawn failure.
-    pub(crate) fn start(&mut self) -> Result<()> {
-        let out = OpenOptions::new().create(true).append(true).open(&self.log)?;
-        let err = out.try_clone()?;
-        let child = Command::new(&self.program)
-            .args(&self.args)
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .with_context(|| format!("spawning {}", self.program.display()))?;
-        self.child = Some(child);
-        Ok(())
-    }
-
-    /// Replaces the value that follows `flag` in its arguments (for the next start).
-    pub(crate) fn set_arg(&mut self, flag: &str, value: &str) {
-        if let Some(i) = self.args.iter().position(|a| a == flag) {
-            if let Some(v) = self.args.get_mut(i + 1) {
-                *v = value.to_string();
-                return;
-            }
-        }
-        self.args.push(flag.to_string());
-        self.args.push(value.to_string());
-    }
-
-    /// Its pid while it runs.
-    pub(crate) fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
-    /// SIGKILL, then reap.
-    pub(crate) fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// SIGTERM, then SIGKILL after `grace`; how long it took to exit.
-    pub(crate) fn terminate(&mut self, grace: Duration) -> Duration {
-        let start = Instant::now();
-        if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
-            while start.elapsed() < grace {
-                if matches!(c.try_wait(), Ok(Some(_))) {
-                    return start.elapsed();
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        start.elapsed()
-    }
-
-    /// Fails, with the tail of its log, when it exited by itself.
-    ///
-    /// # Errors
-    /// It is not running.
-    pub(crate) fn check_alive(&mut self) -> Result<()> {
-        let Some(c) = self.child.as_mut() else {
-            bail!("{} is not running", self.name);
-        };
-        if let Some(status) = c.try_wait()? {
-            self.child = None;
-            bail!(
-                "{} exited by itself ({status}); log tail:\n{}",
-                self.name,
-                self.log_tail(20)
-            );
-        }
-        Ok(())
-    }
-
-    /// The last `n` lines of its log.
-    pub(crate) fn log_tail(&self, n: usize) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// nats-server on free loopback ports, with JetStream (the coordinator
-/// publishes its saga events to a stream, and the jetstream store keeps its
-/// sagas there) stored in the data dir: a single server, or a cluster.
+/// nats-server with JetStream (the coordinator publishes its saga events to
+/// a stream, and the jetstream store keeps its sagas there) stored in the
+/// data dir: a single server, or a cluster, from the test kit.
 pub(crate) struct Nats {
-    nodes: Vec<Service>,
+    nodes: Vec<NatsServer>,
     /// The client URL of every node, comma-separated (as `--nats-url` takes them).
     pub(crate) url: String,
 }
 
 impl Nats {
-    /// Starts a single server in `dir` and waits for its port file.
+    /// Starts a single server in `dir`.
     ///
     /// # Errors
     /// No binary (the message says how to install one), or it did not come up in 10 s.
     pub(crate) fn start(dir: &Path) -> Result<Self> {
-        let bin = saga_tests::nats_server_bin()?;
-        let ports_dir = dir.join("nats-ports");
-        std::fs::create_dir_all(&ports_dir)?;
-        let mut service = Service::new(
-            "nats-server",
-            bin,
-            vec![
-                "-a".into(),
-                "127.0.0.1".into(),
-                "-p".into(),
-                "-1".into(),
-                "-js".into(),
-                "-sd".into(),
-                dir.join("nats-js").display().to_string(),
-                "--ports_file_dir".into(),
-                ports_dir.display().to_string(),
-            ],
-            Vec::new(),
-            dir.join("nats-server.log"),
-        );
-        service.start()?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(port) = saga_tests::read_port(&ports_dir) {
-                return Ok(Nats {
-                    nodes: vec![service],
-                    url: format!("nats://127.0.0.1:{port}"),
-                });
-            }
-            service.check_alive()?;
-            if Instant::now() > deadline {
-                bail!("nats-server did not report its port within 10s");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let server = NatsServer::start_in(dir, "nats-server", &[])?;
+        let url = server.url();
+        Ok(Nats {
+            nodes: vec![server],
+            url,
+        })
     }
 
-    /// Starts a cluster of `n` JetStream nodes (`nats-0`…) in `dir`, each
-    /// routed to all others; [`Nats::jetstream_ready`] waits until it has a
-    /// meta leader.
+    /// Starts a cluster of `n` JetStream nodes (`nats-0`…) in `dir`;
+    /// [`Nats::jetstream_ready`] waits until it has a meta leader.
     ///
     /// # Errors
-    /// No binary, no free port, or a spawn failure.
+    /// No binary, or a node did not come up.
     pub(crate) fn cluster(dir: &Path, n: usize) -> Result<Self> {
-        let bin = saga_tests::nats_server_bin()?;
-        let client: Vec<u16> = (0..n).map(|_| free_port()).collect::<Result<_>>()?;
-        let route: Vec<u16> = (0..n).map(|_| free_port()).collect::<Result<_>>()?;
-        let mut nodes = Vec::with_capacity(n);
-        for i in 0..n {
-            let mut node = Service::new(
-                format!("nats-{i}"),
-                bin.clone(),
-                saga_tests::nats_cluster::node_args(dir, i, &client, &route, "saga-bench"),
-                Vec::new(),
-                dir.join(format!("nats-{i}.log")),
-            );
-            node.start()?;
-            nodes.push(node);
-        }
-        let url = client
-            .iter()
-            .map(|p| format!("nats://127.0.0.1:{p}"))
-            .collect::<Vec<_>>()
-            .join(",");
-        Ok(Nats { nodes, url })
+        let cluster = NatsCluster::start(dir, n, "saga-bench")?;
+        let url = cluster.url();
+        Ok(Nats {
+            nodes: cluster.nodes,
+            url,
+        })
     }
 
     /// Connects to it and waits until JetStream answers (on a cluster: a
@@ -238,8 +62,8 @@ impl Nats {
     /// Not within 60 s, or a node exited.
     pub(crate) async fn jetstream_ready(&mut self) -> Result<async_nats::Client> {
         let nodes = &mut self.nodes;
-        saga_tests::nats_cluster::jetstream_ready(&self.url, || {
-            nodes.iter_mut().try_for_each(Service::check_alive)
+        saga_testkit::jetstream_ready(&self.url, || {
+            nodes.iter_mut().try_for_each(NatsServer::check_alive)
         })
         .await
     }
@@ -248,7 +72,7 @@ impl Nats {
     pub(crate) fn pids(&self) -> Vec<(String, u32)> {
         self.nodes
             .iter()
-            .filter_map(|s| s.pid().map(|p| (s.name.clone(), p)))
+            .filter_map(|s| s.pid().map(|p| (s.name().to_string(), p)))
             .collect()
     }
 }
@@ -318,7 +142,7 @@ pub(crate) struct ClusterSpec<'a> {
 
 impl ClusterSpec<'_> {
     /// The arguments of coordinator `i` serving `grpc` and `http`.
-    fn coordinator_args(&self, i: usize, grpc: SocketAddr, http: SocketAddr, defs: &Path) -> Vec<String> {
+    fn coordinator_args(&self, i: usize, defs: &Path) -> Vec<String> {
         let setup = &self.setup;
         let data = if setup.coordinators == 1 {
             "coordinator".to_string()
@@ -328,10 +152,11 @@ impl ClusterSpec<'_> {
         let mut args = strings(&[
             "--nats-url",
             self.nats_url,
+            // Port 0: each coordinator reports the ports it bound (its ports file).
             "--grpc-addr",
-            &grpc.to_string(),
+            "127.0.0.1:0",
             "--http-addr",
-            &http.to_string(),
+            "127.0.0.1:0",
             "--data-dir",
             &self.dir.join(data).display().to_string(),
             "--definitions-dir",
@@ -367,9 +192,9 @@ fn instance_id(setup: &Setup, i: usize) -> String {
 /// Inventory, payment and the coordinators started by the harness.
 pub(crate) struct Cluster {
     /// At least one; `coordinator` alone, else `coordinator-0`….
-    pub(crate) coordinators: Vec<Service>,
-    pub(crate) inventory: Service,
-    pub(crate) payment: Service,
+    pub(crate) coordinators: Vec<Proc>,
+    pub(crate) inventory: Proc,
+    pub(crate) payment: Proc,
     /// gRPC address of each coordinator, in the same order.
     pub(crate) grpc: Vec<SocketAddr>,
     /// HTTP address (`/metrics`, `/ready`) of each coordinator.
@@ -386,37 +211,34 @@ impl Cluster {
     /// # Errors
     /// A missing binary, or a service not up within 30 s (the partitions: 60 s).
     pub(crate) async fn start(spec: &ClusterSpec<'_>, nats: &async_nats::Client) -> Result<Self> {
-        for b in ["coordinator", "inventory", "payment"] {
-            if !spec.bin_dir.join(b).is_file() {
-                bail!(
-                    "{} is missing: build the binaries first (cargo build --release --workspace --bins, \
-                     as make bench does) or pass --bin-dir",
-                    spec.bin_dir.join(b).display()
-                );
-            }
-        }
+        saga_testkit::process::require_bins(
+            spec.bin_dir,
+            "cargo build --release --workspace --bins (make bench does), or pass --bin-dir",
+        )?;
         std::fs::create_dir_all(&spec.dir)?;
         let defs = write_definitions(&spec.dir.join("defs"), spec.charge_timeout)?;
         let (inventory, payment) = participants(spec);
         let n = spec.setup.coordinators.max(1);
         let (mut grpc, mut http, mut coordinators) = (Vec::new(), Vec::new(), Vec::new());
         for i in 0..n {
-            let g = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-            let h = SocketAddr::from(([127, 0, 0, 1], free_port()?));
             let name = if n == 1 {
                 "coordinator".to_string()
             } else {
                 format!("coordinator-{i}")
             };
-            coordinators.push(Service::new(
-                name.clone(),
-                spec.bin_dir.join("coordinator"),
-                spec.coordinator_args(i, g, h, &defs),
-                vec![("RUST_LOG".to_string(), spec.log_level.to_string())],
-                spec.dir.join(format!("{name}.log")),
-            ));
-            grpc.push(g);
-            http.push(h);
+            coordinators.push(
+                Proc::new(
+                    &name,
+                    spec.bin_dir.join("coordinator"),
+                    spec.coordinator_args(i, &defs),
+                    spec.dir.join(format!("{name}.log")),
+                )
+                .env("RUST_LOG", spec.log_level)
+                .ports_file(spec.dir.join(format!("{name}.ports"))),
+            );
+            // Known once it has started (`start_coordinator`).
+            grpc.push(SocketAddr::from(([127, 0, 0, 1], 0)));
+            http.push(SocketAddr::from(([127, 0, 0, 1], 0)));
         }
         let mut c = Cluster {
             coordinators,
@@ -432,8 +254,8 @@ impl Cluster {
         c.inventory.start()?;
         c.payment.start()?;
         c.wait_participants(nats).await?;
-        for s in &mut c.coordinators {
-            s.start()?;
+        for i in 0..n {
+            c.start_coordinator(i)?;
         }
         for i in 0..n {
             c.wait_coordinator(i, Duration::from_secs(30)).await?;
@@ -444,13 +266,27 @@ impl Cluster {
         Ok(c)
     }
 
+    /// Starts coordinator `i` and learns the addresses it bound (port 0: new
+    /// ones at every start).
+    ///
+    /// # Errors
+    /// It did not start, or wrote no ports file within 30 s.
+    pub(crate) fn start_coordinator(&mut self, i: usize) -> Result<()> {
+        let c = &mut self.coordinators[i];
+        c.start()?;
+        let ports = c.ports(Duration::from_secs(30))?;
+        self.grpc[i] = ports.get("grpc")?;
+        self.http[i] = ports.get("http")?;
+        Ok(())
+    }
+
     /// Waits until both participants answer their stats subject.
     ///
     /// # Errors
     /// Not within 10 s, or one exited.
     pub(crate) async fn wait_participants(&mut self, nats: &async_nats::Client) -> Result<()> {
         for (p, name) in [(&mut self.inventory, "inventory"), (&mut self.payment, "payment")] {
-            if let Err(e) = saga_tests::wait_participant(nats, name).await {
+            if let Err(e) = saga_testkit::wait_participant(nats, name).await {
                 p.check_alive()?;
                 return Err(e);
             }
@@ -467,7 +303,7 @@ impl Cluster {
         let (grpc, http) = (self.grpc[i], self.http[i]);
         loop {
             let answers = async {
-                let mut g = saga_tests::connect(grpc).await?;
+                let mut g = saga_testkit::connect(grpc).await?;
                 tokio::time::timeout(
                     Duration::from_secs(2),
                     g.list_definitions(pb::ListDefinitionsRequest {}),
@@ -559,12 +395,11 @@ impl Cluster {
 }
 
 /// The inventory and payment services of `spec` (not started).
-fn participants(spec: &ClusterSpec<'_>) -> (Service, Service) {
+fn participants(spec: &ClusterSpec<'_>) -> (Proc, Proc) {
     let path = |p: &str| spec.dir.join(p).display().to_string();
-    let env = vec![("RUST_LOG".to_string(), spec.log_level.to_string())];
     let mut stock: Vec<String> = SKUS.iter().map(|s| format!("{s}={PLENTY}")).collect();
     stock.push(format!("{RARE}=1"));
-    let inventory = Service::new(
+    let inventory = Proc::new(
         "inventory",
         spec.bin_dir.join("inventory"),
         strings(&[
@@ -577,10 +412,10 @@ fn participants(spec: &ClusterSpec<'_>) -> (Service, Service) {
             "--stock",
             &stock.join(","),
         ]),
-        env.clone(),
         spec.dir.join("inventory.log"),
-    );
-    let payment = Service::new(
+    )
+    .env("RUST_LOG", spec.log_level);
+    let payment = Proc::new(
         "payment",
         spec.bin_dir.join("payment"),
         strings(&[
@@ -595,9 +430,9 @@ fn participants(spec: &ClusterSpec<'_>) -> (Service, Service) {
             "--gateway-latency",
             &humantime::format_duration(spec.gateway_latency).to_string(),
         ]),
-        env,
         spec.dir.join("payment.log"),
-    );
+    )
+    .env("RUST_LOG", spec.log_level);
     (inventory, payment)
 }
 
@@ -636,7 +471,7 @@ async fn lease_spread(
     partitions: u32,
     instances: &[String],
 ) -> Result<(usize, Vec<usize>)> {
-    let leases = saga_tests::nats_cluster::leases(nats).await?;
+    let leases = saga_testkit::cluster::leases(nats).await?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_millis();
@@ -719,31 +554,7 @@ pub(crate) fn sample(pid: u32, ticks: f64) -> Result<ProcSample> {
     })
 }
 
-/// `GET path` on `addr` over HTTP/1.1: `(status, body)`.
-///
-/// # Errors
-/// Connection failure, no answer within 5 s, or not HTTP.
-pub(crate) async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-    let fetch = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await?;
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
-            .await?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await?;
-        anyhow::Ok(buf)
-    };
-    let buf = tokio::time::timeout(Duration::from_secs(5), fetch)
-        .await
-        .with_context(|| format!("GET {addr}{path} timed out"))??;
-    let text = String::from_utf8_lossy(&buf);
-    let (head, body) = text.split_once("\r\n\r\n").context("no HTTP header end")?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .context("no HTTP status")?;
-    Ok((status, body.to_string()))
-}
+pub(crate) use saga_testkit::http_get;
 
 /// The sum of every sample of metric `name` (all label sets) in Prometheus text.
 pub(crate) fn metric_sum(text: &str, name: &str) -> Option<f64> {

