@@ -6,7 +6,7 @@
 //! randomness here: time comes in as `now_ms`, retry delays are computed by
 //! the dispatcher from the step's [`RetryPolicy`].
 //!
-//! Life cycle (DESIGN.md): `PENDING → RUNNING(i) → COMPLETED`; on a business
+//! Life cycle (docs/overview.md, ARCHITECTURE.md "States"): `PENDING → RUNNING(i) → COMPLETED`; on a business
 //! rejection, or a step's retries exhausted, `→ COMPENSATING` walking back,
 //! newest first, over every step that succeeded or whose outcome is unknown,
 //! `→ COMPENSATED`; a compensation refused or out of retries `→ FAILED`.
