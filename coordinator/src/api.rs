@@ -25,9 +25,9 @@ use uuid::Uuid;
 
 use crate::{
     backend::Backend,
-    cluster::Ownership,
     definition::{Catalog, Definitions},
     engine::{Event, HistoryEntry, Saga, SagaState, StateTag, StepStatus},
+    partition::Ownership,
     runner::{CreateError, Created, NewSaga, OperateError, Operated, RunnerHandle},
     store::StoreError,
 };
@@ -101,8 +101,7 @@ impl SagaApi {
         let Some(saga) = self.store.get(id).await.map_err(store_status)? else {
             return Ok(()); // The runner answers NOT_FOUND.
         };
-        let age =
-            std::time::Duration::from_millis(crate::runner::now_ms().saturating_sub(saga.created_at_ms));
+        let age = std::time::Duration::from_millis(crate::clock::now_ms().saturating_sub(saga.created_at_ms));
         if age > self.command_horizon {
             return Err(Status::failed_precondition(format!(
                 "saga {id} started {} ago, past the command horizon ({}): its participants may have \

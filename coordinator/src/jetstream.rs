@@ -8,7 +8,7 @@
 //!   coordinator must load when it takes a partition over (non-terminal ones,
 //!   and terminal ones whose events are not yet out);
 //! - `SAGA_KEYS`: hex of a client idempotency key → saga id;
-//! - `SAGA_LEASES` (see [`crate::cluster`]): partition leases and members.
+//! - `SAGA_LEASES` (see the `cluster` module): partition leases and members.
 //!
 //! **Fencing.** Every write of a saga names the revision it read
 //! (`update(key, value, revision)`; `create` for a new one). Two coordinators
@@ -56,22 +56,7 @@ pub const KEYS_BUCKET: &str = "SAGA_KEYS";
 /// Most KV writes in flight at once during a flush.
 const FLUSH_PARALLELISM: usize = 256;
 
-/// The partition of a saga: from the random tail of its UUID (v7 ids begin
-/// with the time, which would put a burst of sagas in one partition).
-pub fn partition_of(saga_id: &str, partitions: u32) -> u32 {
-    let partitions = partitions.max(1);
-    let n = match Uuid::parse_str(saga_id) {
-        Ok(u) => {
-            let b = u.as_bytes();
-            u64::from_be_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]])
-        }
-        // Not a UUID (never produced here): still a stable answer.
-        Err(_) => saga_id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-        }),
-    };
-    u32::try_from(n % u64::from(partitions)).unwrap_or(0)
-}
+pub use crate::partition::partition_of;
 
 fn active_key(partition: u32, saga_id: &str) -> String {
     format!("p{partition:04}.{saga_id}")
@@ -184,8 +169,7 @@ struct Buckets {
     keys: kv::Store,
 }
 
-/// A saga loaded for running: the record and the commands it has in flight.
-pub type Loaded = (Saga, Vec<OutboxEntry>);
+pub use crate::store::Loaded;
 
 impl JsStore {
     /// Opens (creating when absent) the buckets.
@@ -709,21 +693,6 @@ pub fn log_opened(store: &JsStore) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn partitions_spread_uuid_v7_ids_made_in_a_burst() {
-        let mut counts = [0u32; 8];
-        for _ in 0..8000 {
-            let id = Uuid::now_v7().to_string();
-            counts[partition_of(&id, 8) as usize] += 1;
-        }
-        // Each partition gets its share within 20%.
-        for c in counts {
-            assert!((800..=1200).contains(&c), "{counts:?}");
-        }
-        assert_eq!(partition_of("x", 8), partition_of("x", 8));
-        assert_eq!(partition_of("anything", 0), 0);
-    }
 
     #[test]
     fn client_keys_become_valid_kv_keys() {

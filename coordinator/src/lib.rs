@@ -40,12 +40,15 @@
 
 pub mod api;
 pub mod backend;
+pub mod clock;
 pub mod cluster;
 pub mod definition;
 pub mod dispatch;
 pub mod engine;
 pub mod events;
 pub mod jetstream;
+pub mod ops;
+pub mod partition;
 pub mod plan;
 pub mod runner;
 pub mod store;
@@ -465,7 +468,7 @@ pub async fn run_with_reload(
     };
     let cluster = store.jetstream().map(|_| {
         let (lost_tx, lost_rx) = mpsc::unbounded_channel();
-        (cluster::Ownership::new(config.partitions), lost_tx, lost_rx)
+        (partition::Ownership::new(config.partitions), lost_tx, lost_rx)
     });
     let http = TcpListener::bind(config.http_addr)
         .await
@@ -705,7 +708,7 @@ async fn prune_forever(store: Store, retention: Duration, stop: CancellationToke
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        let cutoff = runner::now_ms().saturating_sub(keep_ms);
+        let cutoff = clock::now_ms().saturating_sub(keep_ms);
         loop {
             let s = store.clone();
             match tokio::task::spawn_blocking(move || s.prune(cutoff, 1000)).await {

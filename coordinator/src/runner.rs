@@ -34,7 +34,7 @@
 use std::{
     collections::{HashMap, HashSet},
     sync::{Arc, Mutex},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use saga_proto::wire::OrderPayload;
@@ -43,14 +43,16 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 use uuid::Uuid;
 
+pub use crate::ops::{CreateError, Created, OperateError, Operated};
 use crate::{
     backend::Backend,
-    cluster::Ownership,
+    clock::now_ms,
+    cluster::SagaHost,
     definition::SagaDefinition,
     dispatch::{Dispatcher, Reported},
     engine::{self, Event, Saga, StateTag, Transition},
-    jetstream::{partition_of, Loaded},
-    store::{OutboxEntry, StoreError},
+    partition::{partition_of, Ownership},
+    store::{Loaded, OutboxEntry, StoreError},
     telemetry,
 };
 
@@ -74,52 +76,6 @@ pub struct NewSaga {
     pub correlation_id: String,
     /// Client idempotency key.
     pub idempotency_key: Option<String>,
-}
-
-/// What `create` did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Created {
-    /// A new saga, durable and started.
-    New {
-        /// Its id.
-        saga_id: String,
-        /// Order id (given or generated).
-        order_id: String,
-    },
-    /// The idempotency key already named this saga.
-    Existing {
-        /// Its id.
-        saga_id: String,
-        /// Its order id.
-        order_id: String,
-        /// Its current state.
-        state: StateTag,
-    },
-}
-
-/// Why a saga could not be created.
-#[derive(Debug, thiserror::Error)]
-pub enum CreateError {
-    /// The key was used before for a different order.
-    #[error("idempotency_key was already used for a different order (saga {0})")]
-    KeyReused(String),
-    /// The store failed.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// The runner stopped (shutdown or a fatal store error).
-    #[error("the coordinator is shutting down")]
-    Stopped,
-    /// NATS has not been reached since start: nothing is taken yet.
-    #[error("the coordinator is not connected to NATS yet; retry shortly")]
-    NotStarted,
-    /// jetstream store: this coordinator holds no partition yet.
-    #[error("this coordinator owns no partition yet; retry shortly or on another coordinator")]
-    NoPartition,
-    /// jetstream store: the write lost to another coordinator (the same
-    /// idempotency key created there at the same moment) or its outcome is
-    /// unknown; a retry with the same key answers.
-    #[error("the saga's write did not go through; retry with the same idempotency key")]
-    Lost,
 }
 
 type CreateReply = oneshot::Sender<Result<Created, CreateError>>;
@@ -146,35 +102,6 @@ enum Request {
         partitions: u32,
         reply: oneshot::Sender<Vec<String>>,
     },
-}
-
-/// What an operator event did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Operated {
-    /// The saga moved; its state now.
-    Changed(StateTag),
-    /// The event does not apply in the saga's state (e.g. abort of a completed saga).
-    Unchanged(StateTag),
-}
-
-/// Why an operator event could not be applied.
-#[derive(Debug, thiserror::Error)]
-pub enum OperateError {
-    /// No such saga.
-    #[error("saga {0} not found")]
-    NotFound(Uuid),
-    /// The store failed.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// The runner stopped.
-    #[error("the coordinator is shutting down")]
-    Stopped,
-    /// NATS has not been reached since start: nothing is taken yet.
-    #[error("the coordinator is not connected to NATS yet; retry shortly")]
-    NotStarted,
-    /// jetstream store: the saga's partition is owned by no reachable coordinator now.
-    #[error("{0}")]
-    Elsewhere(String),
 }
 
 /// A durable transition of a watched saga: the saga after it and the
@@ -373,6 +300,20 @@ impl RunnerHandle {
     }
 }
 
+impl SagaHost for RunnerHandle {
+    async fn adopt(&self, sagas: Vec<Loaded>) -> Result<usize, OperateError> {
+        RunnerHandle::adopt(self, sagas).await
+    }
+
+    async fn release(&self, partition: u32, partitions: u32) -> Result<Vec<String>, OperateError> {
+        RunnerHandle::release(self, partition, partitions).await
+    }
+
+    async fn operate(&self, saga_id: Uuid, event: Event) -> Result<Operated, OperateError> {
+        RunnerHandle::operate(self, saga_id, event).await
+    }
+}
+
 /// The runner task's inputs, built by [`channel`].
 pub struct RunnerInputs {
     /// Most in-flight sagas kept in memory (see the module docs).
@@ -405,14 +346,6 @@ pub fn channel(resident: usize) -> (RunnerHandle, mpsc::UnboundedSender<Reported
             running,
         },
     )
-}
-
-/// Wall-clock time, ms since the Unix epoch (the engine gets time from here).
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 struct Runner {

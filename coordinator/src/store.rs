@@ -586,6 +586,9 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// A saga loaded for running: the record and the commands it has in flight.
+pub type Loaded = (Saga, Vec<OutboxEntry>);
+
 /// One page of [`Store::list`].
 #[derive(Debug)]
 pub struct Page {
@@ -2092,7 +2095,7 @@ mod tests {
         store.write(&s3, Some(StateTag::Pending)).expect("write");
         store.flush().await.expect("flush");
         let id = |t: &Transition| Uuid::parse_str(&t.saga.id).expect("uuid");
-        let cutoff = super::super::runner::now_ms() + 60_000;
+        let cutoff = crate::clock::now_ms() + 60_000;
 
         // Unpublished events hold a saga back.
         assert_eq!(store.prune(cutoff, 100).expect("prune"), 0);
