@@ -46,7 +46,7 @@ pub mod definition;
 pub mod dispatch;
 pub mod engine;
 pub mod events;
-pub mod jetstream;
+pub use store::jetstream;
 pub mod ops;
 pub mod partition;
 pub mod plan;

@@ -44,7 +44,11 @@ use uuid::Uuid;
 
 use crate::{
     engine::{HistoryEntry, Saga, StateTag, Transition},
-    store::{decode, encode, history_key, saga_key, DeadLetter, EventRecord, OutboxEntry, Page, StoreError},
+    store::{
+        codec::{decode, encode},
+        keys::{history_key, saga_key},
+        DeadLetter, EventRecord, OutboxEntry, Page, StoreError,
+    },
 };
 
 /// Bucket of the saga records.
