@@ -24,12 +24,11 @@ use tracing::warn;
 use uuid::Uuid;
 
 use crate::{
-    backend::Backend,
     definition::{Catalog, Definitions},
     engine::{Event, HistoryEntry, Saga, SagaState, StateTag, StepStatus},
     partition::Ownership,
     runner::{CreateError, Created, NewSaga, OperateError, Operated, RunnerHandle},
-    store::StoreError,
+    store::{SharedStore, StoreError},
 };
 
 /// Largest accepted gRPC request, in bytes.
@@ -45,7 +44,7 @@ const MAX_ITEMS: usize = 100;
 
 /// The service implementation.
 pub struct SagaApi {
-    store: Backend,
+    store: SharedStore,
     definitions: Catalog,
     runner: RunnerHandle,
     operator_token: Option<String>,
@@ -59,7 +58,7 @@ impl SagaApi {
     /// A service reading `store`, creating and operating through `runner`;
     /// operator RPCs need `operator_token` (refused when `None`).
     pub fn new(
-        store: Backend,
+        store: SharedStore,
         definitions: Catalog,
         runner: RunnerHandle,
         operator_token: Option<String>,
@@ -164,7 +163,7 @@ impl SagaApi {
 }
 
 /// A saga as `GetSaga` shows it, and whether it is terminal.
-async fn view(store: &Backend, id: &Uuid) -> Result<Option<(pb::Saga, bool)>, Status> {
+async fn view(store: &SharedStore, id: &Uuid) -> Result<Option<(pb::Saga, bool)>, Status> {
     let Some((saga, history)) = store.get_with_history(id).await.map_err(store_status)? else {
         return Ok(None);
     };
@@ -498,7 +497,7 @@ impl SagaService for SagaApi {
             .ok_or_else(|| Status::not_found(format!("saga {id} not found")))?;
         // jetstream store: the saga may run on another coordinator, whose
         // transitions wake nobody here; look again every 200 ms as well.
-        let poll = matches!(self.store, Backend::JetStream(_));
+        let poll = self.store.capabilities().shared;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let store = self.store.clone();
         tokio::spawn(async move {

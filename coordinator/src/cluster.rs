@@ -39,6 +39,7 @@
 use std::{
     collections::HashMap,
     future::Future,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -54,10 +55,9 @@ pub use crate::partition::Ownership;
 use crate::{
     clock::now_ms,
     engine::{Event, StateTag},
-    jetstream::JsStore,
     ops::{OperateError, Operated},
     partition::partition_of,
-    store::{Loaded, StoreError},
+    store::{Loaded, PartitionedStore, StoreError},
 };
 
 /// Bucket of the leases and heartbeats.
@@ -270,7 +270,7 @@ struct Held {
 pub async fn run<R: SagaHost>(
     nats: async_nats::Client,
     leases: kv::Store,
-    store: JsStore,
+    store: Arc<dyn PartitionedStore>,
     ownership: Ownership,
     runner: R,
     settings: ClusterSettings,
@@ -314,7 +314,7 @@ pub async fn run<R: SagaHost>(
 
 struct Manager<R> {
     leases: kv::Store,
-    store: JsStore,
+    store: Arc<dyn PartitionedStore>,
     ownership: Ownership,
     runner: R,
     settings: ClusterSettings,

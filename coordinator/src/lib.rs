@@ -66,10 +66,10 @@ use tracing::{info, warn};
 
 use crate::{
     api::SagaApi,
-    backend::{Backend, StoreKind},
+    backend::StoreKind,
     definition::{Catalog, DefinitionError},
     dispatch::Dispatcher,
-    store::Store,
+    store::{PartitionedStore, SharedStore, Store},
 };
 
 /// Log output format.
@@ -439,34 +439,38 @@ pub async fn run_with_reload(
     ready.set(false).await;
     // sled: the store is local, gRPC reads are served before NATS is reached.
     // jetstream: the store IS on NATS, so NATS comes first.
-    let (store, early_nats) = match config.store {
-        StoreKind::Sled => {
-            std::fs::create_dir_all(&config.data_dir)
-                .map_err(|e| RunError::Config(format!("data_dir {}: {e}", config.data_dir.display())))?;
-            let mut store =
-                Store::open_with_cache(&config.data_dir, config.cache_mib.saturating_mul(1024 * 1024))?;
-            if config.no_events {
-                store = store.without_events();
-            }
-            for (state, n) in store.count_by_state()? {
-                if n > 0 {
-                    info!(state = state.as_str(), sagas = n, "store opened");
+    // The wiring is the one place that knows which store it built: the
+    // others get the `SagaStore`, the cluster code the `PartitionedStore`.
+    let (store, partitioned, early_nats): (SharedStore, Option<std::sync::Arc<dyn PartitionedStore>>, _) =
+        match config.store {
+            StoreKind::Sled => {
+                std::fs::create_dir_all(&config.data_dir)
+                    .map_err(|e| RunError::Config(format!("data_dir {}: {e}", config.data_dir.display())))?;
+                let mut store =
+                    Store::open_with_cache(&config.data_dir, config.cache_mib.saturating_mul(1024 * 1024))?;
+                if config.no_events {
+                    store = store.without_events();
                 }
+                for (state, n) in store.count_by_state()? {
+                    if n > 0 {
+                        info!(state = state.as_str(), sagas = n, "store opened");
+                    }
+                }
+                (std::sync::Arc::new(store), None, None)
             }
-            (Backend::Sled(store), None)
-        }
-        StoreKind::Jetstream => {
-            let nats = tokio::select! {
-                nats = connect_nats(&config.nats_url, &config.nats_security, ready.clone()) => nats?,
-                _ = shutdown.cancelled() => return Ok(()),
-            };
-            let Some(store) = open_jetstream_store(&config, &nats, &shutdown).await else {
-                return Ok(());
-            };
-            (Backend::JetStream(store), Some(nats))
-        }
-    };
-    let cluster = store.jetstream().map(|_| {
+            StoreKind::Jetstream => {
+                let nats = tokio::select! {
+                    nats = connect_nats(&config.nats_url, &config.nats_security, ready.clone()) => nats?,
+                    _ = shutdown.cancelled() => return Ok(()),
+                };
+                let Some(store) = open_jetstream_store(&config, &nats, &shutdown).await else {
+                    return Ok(());
+                };
+                let store = std::sync::Arc::new(store);
+                (store.clone(), Some(store), Some(nats))
+            }
+        };
+    let cluster = partitioned.as_ref().map(|_| {
         let (lost_tx, lost_rx) = mpsc::unbounded_channel();
         (partition::Ownership::new(config.partitions), lost_tx, lost_rx)
     });
@@ -564,13 +568,11 @@ pub async fn run_with_reload(
         tracker.clone(),
         stop_work.clone(),
     );
-    // Retention applies to the sled store (the jetstream store keeps records; see README).
-    let pruner = store
-        .sled()
-        .filter(|_| !config.retention.is_zero())
-        .map(|s| tokio::spawn(prune_forever(s.clone(), config.retention, stop_work.clone())));
-    let (runner_cluster, cluster_task) = match (cluster, store.jetstream()) {
-        (Some((ownership, lost_tx, lost_rx)), Some(js_store)) => {
+    // Retention applies where the store prunes (sled; the jetstream store keeps records, see README).
+    let pruner = (store.capabilities().retention && !config.retention.is_zero())
+        .then(|| tokio::spawn(prune_forever(store.clone(), config.retention, stop_work.clone())));
+    let (runner_cluster, cluster_task) = match (cluster, partitioned) {
+        (Some((ownership, lost_tx, lost_rx)), Some(partitioned)) => {
             let js = async_nats::jetstream::new(nats.clone());
             let leases = cluster::open_leases(&js, config.kv_replicas).await?;
             let settings = cluster::ClusterSettings {
@@ -586,7 +588,7 @@ pub async fn run_with_reload(
             let task = tokio::spawn(cluster::run(
                 nats.clone(),
                 leases,
-                js_store.clone(),
+                partitioned,
                 ownership.clone(),
                 handle.clone(),
                 settings,
@@ -700,7 +702,7 @@ async fn join_server(
 
 /// Removes finished sagas older than `retention`, in batches, every tenth of
 /// the retention (between 100 ms and an hour), until `stop`.
-async fn prune_forever(store: Store, retention: Duration, stop: CancellationToken) {
+async fn prune_forever(store: SharedStore, retention: Duration, stop: CancellationToken) {
     let every = (retention / 10).clamp(Duration::from_millis(100), Duration::from_secs(3600));
     let keep_ms = u64::try_from(retention.as_millis()).unwrap_or(u64::MAX);
     loop {

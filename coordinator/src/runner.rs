@@ -45,14 +45,13 @@ use uuid::Uuid;
 
 pub use crate::ops::{CreateError, Created, OperateError, Operated};
 use crate::{
-    backend::Backend,
     clock::now_ms,
     cluster::SagaHost,
     definition::SagaDefinition,
     dispatch::{Dispatcher, Reported},
     engine::{self, Event, Saga, StateTag, Transition},
     partition::{partition_of, Ownership},
-    store::{Loaded, OutboxEntry, StoreError},
+    store::{Capabilities, Committed, Loaded, OutboxEntry, SharedStore, StoreError},
     telemetry,
 };
 
@@ -349,7 +348,9 @@ pub fn channel(resident: usize) -> (RunnerHandle, mpsc::UnboundedSender<Reported
 }
 
 struct Runner {
-    store: Backend,
+    store: SharedStore,
+    /// How the store differs from the others (asked once).
+    caps: Capabilities,
     /// jetstream store: the partitions this coordinator owns (new saga ids are drawn in them).
     ownership: Option<Ownership>,
     /// jetstream store: sagas whose write was lost, to be reloaded by the owner.
@@ -403,12 +404,12 @@ impl Batch {
 /// A flush running in its own task while the runner decides the next batch.
 struct Flushing {
     batch: Batch,
-    task: tokio::task::JoinHandle<Result<Vec<String>, StoreError>>,
+    task: crate::store::CommitTask,
     started: std::time::Instant,
 }
 
 impl Flushing {
-    async fn wait(&mut self) -> Result<Vec<String>, StoreError> {
+    async fn wait(&mut self) -> Result<Committed, StoreError> {
         match (&mut self.task).await {
             Ok(result) => result,
             Err(e) => Err(StoreError::Corrupt(format!("flush task failed: {e}"))),
@@ -417,7 +418,7 @@ impl Flushing {
 }
 
 /// Waits for the flush under way, if any (else never returns).
-async fn flushed(flushing: &mut Option<Flushing>) -> Result<Vec<String>, StoreError> {
+async fn flushed(flushing: &mut Option<Flushing>) -> Result<Committed, StoreError> {
     match flushing {
         Some(f) => f.wait().await,
         None => std::future::pending().await,
@@ -430,7 +431,7 @@ async fn flushed(flushing: &mut Option<Flushing>) -> Result<Vec<String>, StoreEr
 /// A store failure: the runner stops at once, sending nothing more (a
 /// restart recovers from what is durable).
 pub async fn run(
-    store: Backend,
+    store: SharedStore,
     cluster: Option<(Ownership, mpsc::UnboundedSender<String>)>,
     dispatcher: Dispatcher,
     nats: async_nats::Client,
@@ -443,6 +444,7 @@ pub async fn run(
         None => (None, None),
     };
     let mut r = Runner {
+        caps: store.capabilities(),
         store,
         ownership,
         lost,
@@ -469,7 +471,12 @@ pub async fn run(
     inputs.running.send_replace(false);
     inputs.watchers.close_all();
     result?;
-    r.store.flush_writes().await?;
+    // The runner decided nothing since its last commit; a final one covers
+    // anything a store still holds staged (none lost: nothing is pending).
+    match r.store.begin_commit().await {
+        Ok(result) => drop(result?),
+        Err(e) => return Err(StoreError::Corrupt(format!("final commit task failed: {e}"))),
+    }
     info!(
         in_flight = r.active.len() + r.evicted.len(),
         "saga runner stopped; in-flight sagas resume on next start"
@@ -577,9 +584,9 @@ async fn serve_batches(
         }
         // Flushed now, or when the flush under way is done.
         r.begin_commit()?;
-        if r.store.sled().is_none() {
-            // jetstream: a batch's writes check the revisions the previous
-            // one left, so its flush completes before the next batch.
+        if r.caps.commit_each_batch {
+            // A batch's writes check the revisions the previous one left
+            // (jetstream), so its flush completes before the next batch.
             r.settle().await?;
         }
     }
@@ -772,7 +779,7 @@ impl Runner {
         };
         let Some(mut t) = t else {
             if let Some(created) = creation {
-                self.store.write(&created, None)?;
+                self.store.stage(&created, None)?;
                 self.batch.dirty = true;
             }
             return Ok(None);
@@ -786,7 +793,7 @@ impl Runner {
             }
             None => Some(previous),
         };
-        self.store.write(&t, written_from)?;
+        self.store.stage(&t, written_from)?;
         self.batch.dirty = true;
         if let Event::Abort { .. } = event {
             // The commands in flight are moot: stop them if they have not left
@@ -848,10 +855,10 @@ impl Runner {
         let Some(id) = Uuid::parse_str(saga_id).ok().filter(|id| self.evicted.remove(id)) else {
             return Ok(());
         };
-        let Some(store) = self.store.sled() else {
+        if !self.caps.evicts_resident {
             return Ok(());
-        };
-        match store.get_latest(&id)? {
+        }
+        match self.store.read_back(&id)? {
             Some(saga) if !saga.state.is_terminal() => {
                 self.active.insert(saga_id.to_string(), saga);
             }
@@ -866,9 +873,9 @@ impl Runner {
     /// evicted, longest-waiting first (the oldest last transition: a saga
     /// that just moved will hear back soonest). Called when a flush is done;
     /// a saga whose latest transition is still staged or being committed is
-    /// read back from there ([`Backend::get_latest`]).
+    /// read back from there ([`crate::store::SagaStore::read_back`]).
     fn evict(&mut self) {
-        if self.active.len() <= self.resident || self.store.sled().is_none() {
+        if self.active.len() <= self.resident || !self.caps.evicts_resident {
             return;
         }
         let excess = self.active.len() - (self.resident - self.resident / 4);
@@ -926,7 +933,7 @@ impl Runner {
         }
         self.flushing = Some(Flushing {
             batch,
-            task: self.store.spawn_flush(),
+            task: self.store.begin_commit(),
             started: std::time::Instant::now(),
         });
         Ok(())
@@ -934,22 +941,22 @@ impl Runner {
 
     /// The flush under way ended: release its batch, or stop on a failure
     /// (sending nothing: the outbox re-sends after a restart).
-    fn flush_done(&mut self, result: Result<Vec<String>, StoreError>) -> Result<(), StoreError> {
+    fn flush_done(&mut self, result: Result<Committed, StoreError>) -> Result<(), StoreError> {
         let Some(Flushing {
             mut batch, started, ..
         }) = self.flushing.take()
         else {
             return Ok(());
         };
-        let lost = match result {
-            Ok(lost) => lost,
+        let committed = match result {
+            Ok(committed) => committed,
             Err(e) => {
                 error!(error = %e, "flush failed; stopping without sending");
                 return Err(e);
             }
         };
-        if !lost.is_empty() {
-            self.drop_lost(&mut batch, &lost);
+        if !committed.lost().is_empty() {
+            self.drop_lost(&mut batch, committed.lost());
         }
         metrics::counter!(telemetry::FLUSHES).increment(1);
         metrics::histogram!(telemetry::FLUSH_SECONDS).record(started.elapsed().as_secs_f64());

@@ -37,7 +37,7 @@ use std::{
 };
 
 use async_nats::jetstream::{self, kv};
-use futures::{StreamExt, TryStreamExt};
+use futures::{future::BoxFuture, StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 use uuid::Uuid;
@@ -47,7 +47,8 @@ use crate::{
     store::{
         codec::{decode, encode},
         keys::{history_key, saga_key},
-        DeadLetter, EventRecord, OutboxEntry, Page, StoreError,
+        Capabilities, CommitTask, Committed, DeadLetter, EventRecord, Loaded, OutboxEntry, Page,
+        PartitionedStore, SagaStore, StoreError, WithHistory,
     },
 };
 
@@ -172,8 +173,6 @@ struct Buckets {
     active: kv::Store,
     keys: kv::Store,
 }
-
-pub use crate::store::Loaded;
 
 impl JsStore {
     /// Opens (creating when absent) the buckets.
@@ -692,6 +691,126 @@ pub fn log_opened(store: &JsStore) {
         replicas = store.settings.replicas,
         "jetstream store opened ({RECORDS_BUCKET}, {ACTIVE_BUCKET}, {KEYS_BUCKET})"
     );
+}
+
+impl SagaStore for JsStore {
+    fn name(&self) -> &'static str {
+        "jetstream store"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            evicts_resident: false,
+            // A batch's writes check the revisions the previous one left.
+            commit_each_batch: true,
+            shared: true,
+            retention: false,
+        }
+    }
+
+    fn stage(&self, t: &Transition, previous: Option<StateTag>) -> Result<(), StoreError> {
+        self.write(t, previous)
+    }
+
+    fn begin_commit(&self) -> CommitTask {
+        let s = self.clone();
+        tokio::spawn(async move { s.flush_writes().await.map(Committed::except) })
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        // Every commit waited for JetStream's acknowledgements.
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn ensure_durable(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        // Readers only see what JetStream acknowledged.
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn get<'a>(&'a self, id: &'a Uuid) -> BoxFuture<'a, Result<Option<Saga>, StoreError>> {
+        Box::pin(JsStore::get(self, id))
+    }
+
+    fn load_for_update<'a>(&'a self, id: &'a Uuid) -> BoxFuture<'a, Result<Option<Saga>, StoreError>> {
+        Box::pin(JsStore::load_for_update(self, id))
+    }
+
+    fn get_latest<'a>(&'a self, id: &'a Uuid) -> BoxFuture<'a, Result<Option<Saga>, StoreError>> {
+        Box::pin(JsStore::get(self, id))
+    }
+
+    fn get_with_history<'a>(
+        &'a self,
+        id: &'a Uuid,
+    ) -> BoxFuture<'a, Result<Option<WithHistory>, StoreError>> {
+        Box::pin(JsStore::get_with_history(self, id))
+    }
+
+    fn saga_for_key<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Uuid>, StoreError>> {
+        Box::pin(JsStore::saga_for_key(self, key))
+    }
+
+    fn list(
+        &self,
+        state: Option<StateTag>,
+        after: Option<Uuid>,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Page, StoreError>> {
+        Box::pin(JsStore::list(self, state, after, limit))
+    }
+
+    fn resume_at_start(&self) -> Result<Vec<Loaded>, StoreError> {
+        // Loaded partition by partition as leases are taken (the cluster module).
+        Ok(Vec::new())
+    }
+
+    fn forget(&self, ids: &[String]) {
+        JsStore::forget(self, ids);
+    }
+
+    fn dlq_pending(&self) -> Result<Vec<(Vec<u8>, DeadLetter)>, StoreError> {
+        Ok(JsStore::dlq_pending(self))
+    }
+
+    fn dlq_published(&self, key: &[u8]) -> Result<(), StoreError> {
+        JsStore::dlq_published(self, key);
+        Ok(())
+    }
+
+    fn dead_letters<'a>(&'a self, id: &'a Uuid) -> BoxFuture<'a, Result<Vec<DeadLetter>, StoreError>> {
+        Box::pin(JsStore::dead_letters(self, id))
+    }
+
+    fn events_pending(&self, limit: usize) -> Result<Vec<(Vec<u8>, EventRecord)>, StoreError> {
+        Ok(JsStore::events_pending(self, limit))
+    }
+
+    fn events_backlog(&self) -> usize {
+        JsStore::events_backlog(self)
+    }
+
+    fn events_published(&self, keys: &[Vec<u8>]) -> Result<(), StoreError> {
+        JsStore::events_published(self, keys);
+        Ok(())
+    }
+
+    fn probe(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(JsStore::probe(self))
+    }
+}
+
+impl PartitionedStore for JsStore {
+    fn load_partition(&self, partition: u32) -> BoxFuture<'_, Result<Vec<Loaded>, StoreError>> {
+        Box::pin(JsStore::load_partition(self, partition))
+    }
+
+    fn load<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<Loaded>, StoreError>> {
+        Box::pin(JsStore::load(self, id))
+    }
+
+    fn retire_published(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(JsStore::retire_published(self))
+    }
 }
 
 #[cfg(test)]

@@ -54,6 +54,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
+use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use sled::{transaction::ConflictableTransactionError, Transactional};
 use uuid::Uuid;
@@ -65,7 +66,7 @@ use crate::{
     store::{
         codec::{decode, encode},
         keys::{history_key, outbox_key, saga_key, state_key},
-        DeadLetter, EventRecord, OutboxEntry, Page, StoreError,
+        DeadLetter, EventRecord, Loaded, OutboxEntry, Page, StoreError, WithHistory,
     },
 };
 
@@ -884,5 +885,130 @@ impl Store {
             out.push((tag, n));
         }
         Ok(out)
+    }
+}
+
+impl crate::store::SagaStore for Store {
+    fn name(&self) -> &'static str {
+        "sled"
+    }
+
+    fn capabilities(&self) -> crate::store::Capabilities {
+        crate::store::Capabilities {
+            evicts_resident: true,
+            commit_each_batch: false,
+            shared: false,
+            retention: true,
+        }
+    }
+
+    fn stage(&self, t: &Transition, previous: Option<StateTag>) -> Result<(), StoreError> {
+        self.write(t, previous)
+    }
+
+    fn begin_commit(&self) -> crate::store::CommitTask {
+        // Straight on the blocking pool: one thread hand-off less per flush.
+        let s = self.clone();
+        tokio::task::spawn_blocking(move || {
+            s.flush_writes_blocking().map(|()| crate::store::Committed::all())
+        })
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(Store::flush(self))
+    }
+
+    fn ensure_durable(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(Store::ensure_durable(self))
+    }
+
+    fn get<'a>(&'a self, id: &'a Uuid) -> BoxFuture<'a, Result<Option<Saga>, StoreError>> {
+        Box::pin(std::future::ready(Store::get(self, id)))
+    }
+
+    fn load_for_update<'a>(&'a self, id: &'a Uuid) -> BoxFuture<'a, Result<Option<Saga>, StoreError>> {
+        Box::pin(std::future::ready(Store::get_latest(self, id)))
+    }
+
+    fn get_latest<'a>(&'a self, id: &'a Uuid) -> BoxFuture<'a, Result<Option<Saga>, StoreError>> {
+        Box::pin(std::future::ready(Store::get_latest(self, id)))
+    }
+
+    fn read_back(&self, id: &Uuid) -> Result<Option<Saga>, StoreError> {
+        Store::get_latest(self, id)
+    }
+
+    fn get_with_history<'a>(
+        &'a self,
+        id: &'a Uuid,
+    ) -> BoxFuture<'a, Result<Option<WithHistory>, StoreError>> {
+        let read = || match Store::get(self, id)? {
+            Some(saga) => Ok(Some((saga, self.history(id)?))),
+            None => Ok(None),
+        };
+        Box::pin(std::future::ready(read()))
+    }
+
+    fn saga_for_key<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Uuid>, StoreError>> {
+        Box::pin(std::future::ready(Store::saga_for_key(self, key)))
+    }
+
+    fn list(
+        &self,
+        state: Option<StateTag>,
+        after: Option<Uuid>,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Page, StoreError>> {
+        Box::pin(std::future::ready(Store::list(self, state, after, limit)))
+    }
+
+    fn resume_at_start(&self) -> Result<Vec<Loaded>, StoreError> {
+        let mut outbox: HashMap<String, Vec<OutboxEntry>> = HashMap::new();
+        for entry in self.outbox()? {
+            outbox.entry(entry.saga_id.clone()).or_default().push(entry);
+        }
+        let mut out = Vec::new();
+        for saga in self.active()? {
+            let mine = outbox.remove(&saga.id).unwrap_or_default();
+            out.push((saga, mine));
+        }
+        for orphan in outbox.keys() {
+            tracing::warn!(saga_id = %orphan, "outbox entry of a saga that is not active; ignored");
+        }
+        Ok(out)
+    }
+
+    fn forget(&self, _ids: &[String]) {}
+
+    fn dlq_pending(&self) -> Result<Vec<(Vec<u8>, DeadLetter)>, StoreError> {
+        Store::dlq_pending(self)
+    }
+
+    fn dlq_published(&self, key: &[u8]) -> Result<(), StoreError> {
+        Store::dlq_published(self, key)
+    }
+
+    fn dead_letters<'a>(&'a self, id: &'a Uuid) -> BoxFuture<'a, Result<Vec<DeadLetter>, StoreError>> {
+        Box::pin(std::future::ready(Store::dead_letters(self, id)))
+    }
+
+    fn events_pending(&self, limit: usize) -> Result<Vec<(Vec<u8>, EventRecord)>, StoreError> {
+        Store::events_pending(self, limit)
+    }
+
+    fn events_backlog(&self) -> usize {
+        Store::events_backlog(self)
+    }
+
+    fn events_published(&self, keys: &[Vec<u8>]) -> Result<(), StoreError> {
+        Store::events_published(self, keys)
+    }
+
+    fn probe(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(std::future::ready(self.probe_writable()))
+    }
+
+    fn prune(&self, cutoff_ms: u64, limit: usize) -> Result<usize, StoreError> {
+        Store::prune(self, cutoff_ms, limit)
     }
 }
