@@ -177,7 +177,9 @@ fn invalid(field: &str, why: impl std::fmt::Display) -> Status {
 fn store_status(e: StoreError) -> Status {
     match e {
         StoreError::Corrupt(_) => Status::data_loss(e.to_string()),
-        StoreError::Sled(_) | StoreError::JetStream(_) => Status::unavailable(e.to_string()),
+        StoreError::Sled(_) | StoreError::JetStream(_) | StoreError::Unavailable(_) => {
+            Status::unavailable(e.to_string())
+        }
     }
 }
 

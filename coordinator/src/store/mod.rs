@@ -7,6 +7,7 @@
 pub mod codec;
 pub mod jetstream;
 pub(crate) mod keys;
+pub mod memory;
 pub mod records;
 mod sled;
 
@@ -28,6 +29,10 @@ pub enum StoreError {
     /// A stored value cannot be decoded: the data is corrupt or from an unknown version.
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// The store refused or could not take a write (the in-memory store's
+    /// injected failures).
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
     /// JetStream (the `jetstream` store) failed or timed out.
     #[error("jetstream: {0}")]
     JetStream(String),
