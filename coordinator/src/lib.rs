@@ -44,6 +44,7 @@ pub mod clock;
 pub mod cluster;
 pub mod definition;
 pub mod dispatch;
+pub mod effects;
 pub mod engine;
 pub mod events;
 pub use store::jetstream;
@@ -51,6 +52,7 @@ pub mod ops;
 pub mod partition;
 pub mod plan;
 pub mod runner;
+pub mod sink;
 pub mod store;
 pub mod telemetry;
 
@@ -611,11 +613,17 @@ pub async fn run_with_reload(
         ))
     });
     let runner_task = {
-        let (store, stop, shutdown, nats) =
-            (store.clone(), stop_work.clone(), shutdown.clone(), nats.clone());
+        let (store, stop, shutdown) = (store.clone(), stop_work.clone(), shutdown.clone());
         tokio::spawn(async move {
-            let result =
-                runner::run(store, runner_cluster, dispatcher, nats, events_wake, inputs, stop).await;
+            let result = runner::run(
+                store,
+                runner_cluster,
+                std::sync::Arc::new(dispatcher),
+                events_wake,
+                inputs,
+                stop,
+            )
+            .await;
             if let Err(e) = &result {
                 tracing::error!(error = %e, "saga runner failed; shutting down");
                 shutdown.cancel();

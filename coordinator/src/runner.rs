@@ -43,22 +43,23 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 use uuid::Uuid;
 
+pub use crate::effects::Change;
 pub use crate::ops::{CreateError, Created, OperateError, Operated};
 use crate::{
     clock::now_ms,
     cluster::SagaHost,
     definition::SagaDefinition,
-    dispatch::{Dispatcher, Reported},
+    effects::{CreateReply, OperateReply, Pending, Released, Unwritten},
     engine::{self, Event, Saga, StateTag, Transition},
     partition::{partition_of, Ownership},
+    sink::{CommandSink, Reported},
     store::{Capabilities, Committed, Loaded, OutboxEntry, SharedStore, StoreError},
     telemetry,
 };
 
 /// Most events applied under one flush.
 const BATCH: usize = 512;
-/// Subject of dead-letter records.
-pub const DLQ_SUBJECT: &str = "saga.dlq";
+pub use crate::dispatch::DLQ_SUBJECT;
 
 /// A saga to create.
 #[derive(Debug, Clone)]
@@ -76,9 +77,6 @@ pub struct NewSaga {
     /// Client idempotency key.
     pub idempotency_key: Option<String>,
 }
-
-type CreateReply = oneshot::Sender<Result<Created, CreateError>>;
-type OperateReply = oneshot::Sender<Result<Operated, OperateError>>;
 
 enum Request {
     Create {
@@ -101,16 +99,6 @@ enum Request {
         partitions: u32,
         reply: oneshot::Sender<Vec<String>>,
     },
-}
-
-/// A durable transition of a watched saga: the saga after it and the
-/// history entries it added.
-#[derive(Debug)]
-pub struct Change {
-    /// The saga after the transition.
-    pub saga: Saga,
-    /// The entries the transition added, in order.
-    pub history: Vec<engine::HistoryEntry>,
 }
 
 type WatchMap = HashMap<String, tokio::sync::watch::Sender<Option<Arc<Change>>>>;
@@ -355,8 +343,7 @@ struct Runner {
     ownership: Option<Ownership>,
     /// jetstream store: sagas whose write was lost, to be reloaded by the owner.
     lost: Option<mpsc::UnboundedSender<String>>,
-    dispatcher: Dispatcher,
-    nats: async_nats::Client,
+    sink: Arc<dyn CommandSink>,
     events: crate::events::EventsWake,
     active: HashMap<String, Saga>,
     /// In flight but not in memory (sled only): read back on their next event.
@@ -365,45 +352,15 @@ struct Runner {
     resident: usize,
     dlq_inflight: Arc<Mutex<HashSet<Vec<u8>>>>,
     /// What was decided since the last flush began.
-    batch: Batch,
+    batch: Pending,
     /// The flush under way (at most one), with what it releases when done.
     flushing: Option<Flushing>,
     watchers: Watchers,
 }
 
-/// What a batch of decisions releases once the flush covering it is done.
-#[derive(Default)]
-struct Batch {
-    /// Commands to hand to the dispatcher.
-    to_send: Vec<OutboxEntry>,
-    acks: Vec<(CreateReply, Result<Created, CreateError>)>,
-    operated: Vec<(OperateReply, String, Result<Operated, OperateError>)>,
-    /// Idempotency keys of the sagas it created (not yet readable in the store).
-    keys: HashMap<String, String>,
-    /// Sagas that moved, `(id, terminal, change)`, for their watchers; the
-    /// change is captured for sagas watched when it was decided.
-    changed: Vec<(String, bool, Option<Arc<Change>>)>,
-    /// Whether it wrote anything.
-    dirty: bool,
-    /// Inputs (outcomes and requests) it took.
-    inputs: usize,
-    /// Whether it wrote a dead letter (publish the unconfirmed ones).
-    dead_letters: bool,
-}
-
-impl Batch {
-    fn is_empty(&self) -> bool {
-        !self.dirty
-            && !self.dead_letters
-            && self.to_send.is_empty()
-            && self.acks.is_empty()
-            && self.operated.is_empty()
-    }
-}
-
 /// A flush running in its own task while the runner decides the next batch.
 struct Flushing {
-    batch: Batch,
+    batch: Pending,
     task: crate::store::CommitTask,
     started: std::time::Instant,
 }
@@ -433,8 +390,7 @@ async fn flushed(flushing: &mut Option<Flushing>) -> Result<Committed, StoreErro
 pub async fn run(
     store: SharedStore,
     cluster: Option<(Ownership, mpsc::UnboundedSender<String>)>,
-    dispatcher: Dispatcher,
-    nats: async_nats::Client,
+    sink: Arc<dyn CommandSink>,
     events: crate::events::EventsWake,
     mut inputs: RunnerInputs,
     shutdown: CancellationToken,
@@ -448,17 +404,14 @@ pub async fn run(
         store,
         ownership,
         lost,
-        dispatcher,
-        nats,
+        sink,
         events,
         active: HashMap::new(),
         evicted: HashSet::new(),
         resident: inputs.resident,
         dlq_inflight: Arc::new(Mutex::new(HashSet::new())),
-        batch: Batch {
-            dead_letters: true, // publish what a previous run left unconfirmed
-            ..Batch::default()
-        },
+        // Publishes what a previous run left unconfirmed.
+        batch: Pending::resuming(),
         flushing: None,
         watchers: inputs.watchers.clone(),
     };
@@ -521,8 +474,8 @@ async fn serve_batches(
             // While a flush runs, the next batch takes at most BATCH inputs, then
             // waits for it: a burst (all replies after a restart) is committed in
             // bounded transactions, not one that grows while the flush runs.
-            n = inputs.outcomes.recv_many(&mut outcomes, BATCH), if r.batch.inputs < BATCH => if n == 0 { break },
-            n = inputs.requests.recv_many(&mut requests, BATCH), if r.batch.inputs < BATCH => if n == 0 { break },
+            n = inputs.outcomes.recv_many(&mut outcomes, BATCH), if r.batch.inputs() < BATCH => if n == 0 { break },
+            n = inputs.requests.recv_many(&mut requests, BATCH), if r.batch.inputs() < BATCH => if n == 0 { break },
         }
         // Take whatever else is already waiting so it shares this flush.
         while outcomes.len() < BATCH {
@@ -538,7 +491,7 @@ async fn serve_batches(
             }
         }
         let now = now_ms();
-        r.batch.inputs += outcomes.len() + requests.len();
+        r.batch.took(outcomes.len() + requests.len());
         for Reported { saga_id, event } in outcomes.drain(..) {
             r.apply(&saga_id, &event, now)?;
         }
@@ -546,7 +499,7 @@ async fn serve_batches(
             match request {
                 Request::Create { new, reply } => {
                     let result = r.create(new, now).await;
-                    r.batch.acks.push((reply, result));
+                    r.batch.ack(reply, result);
                 }
                 Request::Operate {
                     saga_id,
@@ -554,7 +507,7 @@ async fn serve_batches(
                     reply,
                 } => {
                     let result = r.operate(saga_id, &event, now).await;
-                    r.batch.operated.push((reply, saga_id.to_string(), result));
+                    r.batch.operated(reply, saga_id.to_string(), result);
                 }
                 Request::Adopt { sagas, reply } => {
                     let n = r.adopt(sagas, now)?;
@@ -614,7 +567,7 @@ impl Runner {
             for entry in outbox {
                 info!(saga_id = %entry.saga_id, correlation_id = %entry.correlation_id,
                       step = %entry.message.step, attempt = entry.message.attempt, "re-sending in-flight command");
-                self.batch.to_send.push(entry);
+                self.batch.send(entry);
             }
         }
         Ok(fresh)
@@ -644,9 +597,8 @@ impl Runner {
         if let Some(key) = &new.idempotency_key {
             let pending = self
                 .batch
-                .keys
-                .get(key)
-                .or_else(|| self.flushing.as_ref().and_then(|f| f.batch.keys.get(key)));
+                .reserved(key)
+                .or_else(|| self.flushing.as_ref().and_then(|f| f.batch.reserved(key)));
             let existing = match pending {
                 Some(id) => Uuid::parse_str(id).ok(),
                 None => self.store.saga_for_key(key).await?,
@@ -704,7 +656,7 @@ impl Runner {
         metrics::counter!(telemetry::SAGAS_STARTED, "definition" => created.saga.definition.id())
             .increment(1);
         if let Some(key) = new.idempotency_key {
-            self.batch.keys.insert(key, id.clone());
+            self.batch.reserve_key(key, id.clone());
         }
         self.active.insert(id.clone(), created.saga.clone());
         // Written with its start: one record, index entry and events pointer.
@@ -780,7 +732,7 @@ impl Runner {
         let Some(mut t) = t else {
             if let Some(created) = creation {
                 self.store.stage(&created, None)?;
-                self.batch.dirty = true;
+                self.batch.wrote();
             }
             return Ok(None);
         };
@@ -794,22 +746,21 @@ impl Runner {
             None => Some(previous),
         };
         self.store.stage(&t, written_from)?;
-        self.batch.dirty = true;
+        self.batch.wrote();
         if let Event::Abort { .. } = event {
             // The commands in flight are moot: stop them if they have not left
             // yet, in the dispatcher or still waiting for a flush here.
             for (step, kind) in &t.settled {
-                self.dispatcher.withdraw(saga_id, *step, *kind);
-                let moot = |e: &OutboxEntry| e.saga_id == saga_id && e.step == *step && e.kind == *kind;
-                self.batch.to_send.retain(|e| !moot(e));
+                self.sink.withdraw(saga_id, *step, *kind);
+                self.batch.withdraw(saga_id, *step, *kind);
                 if let Some(f) = self.flushing.as_mut() {
-                    f.batch.to_send.retain(|e| !moot(e));
+                    f.batch.withdraw(saga_id, *step, *kind);
                 }
             }
         }
         let tag = t.saga.state.tag();
         if tag == StateTag::Failed && previous != StateTag::Failed {
-            self.batch.dead_letters = true;
+            self.batch.wrote_dead_letter();
             warn!(saga_id, correlation_id = %t.saga.correlation_id,
                   reason = t.saga.reason.as_deref().unwrap_or(""), "saga FAILED: dead letter written");
         }
@@ -827,11 +778,10 @@ impl Runner {
             })
         });
         self.batch
-            .changed
-            .push((saga.id.clone(), saga.state.is_terminal(), change));
-        self.batch
-            .to_send
-            .extend(commands.iter().map(|c| OutboxEntry::new(&saga, c)));
+            .moved((saga.id.clone(), saga.state.is_terminal(), change));
+        for c in &commands {
+            self.batch.send(OutboxEntry::new(&saga, c));
+        }
         if saga.state.is_terminal() {
             metrics::counter!(
                 telemetry::SAGAS_FINISHED,
@@ -924,13 +874,13 @@ impl Runner {
         }
         if self.batch.is_empty() {
             // Inputs that changed nothing (late replies): nothing to wait for.
-            self.batch.inputs = 0;
+            self.batch = Pending::default();
             return Ok(());
         }
-        let batch = std::mem::take(&mut self.batch);
-        if !batch.dirty {
-            return self.release(batch);
-        }
+        let batch = match std::mem::take(&mut self.batch).release_unwritten() {
+            Unwritten::Released(released) => return self.release(released),
+            Unwritten::NeedsCommit(batch) => batch,
+        };
         self.flushing = Some(Flushing {
             batch,
             task: self.store.begin_commit(),
@@ -942,10 +892,7 @@ impl Runner {
     /// The flush under way ended: release its batch, or stop on a failure
     /// (sending nothing: the outbox re-sends after a restart).
     fn flush_done(&mut self, result: Result<Committed, StoreError>) -> Result<(), StoreError> {
-        let Some(Flushing {
-            mut batch, started, ..
-        }) = self.flushing.take()
-        else {
+        let Some(Flushing { batch, started, .. }) = self.flushing.take() else {
             return Ok(());
         };
         let committed = match result {
@@ -955,12 +902,13 @@ impl Runner {
                 return Err(e);
             }
         };
-        if !committed.lost().is_empty() {
-            self.drop_lost(&mut batch, committed.lost());
-        }
         metrics::counter!(telemetry::FLUSHES).increment(1);
         metrics::histogram!(telemetry::FLUSH_SECONDS).record(started.elapsed().as_secs_f64());
-        self.release(batch)
+        let released = batch.committed(committed);
+        if !released.lost().is_empty() {
+            self.forget_lost(released.lost());
+        }
+        self.release(released)
     }
 
     /// Waits for the flush under way, if any, and releases its batch.
@@ -979,68 +927,45 @@ impl Runner {
         self.settle().await
     }
 
-    /// Replies, sends and wakes what `batch` decided, now durable.
-    fn release(&mut self, batch: Batch) -> Result<(), StoreError> {
+    /// Replies, sends and wakes what a committed batch decided.
+    fn release(&mut self, released: Released) -> Result<(), StoreError> {
         self.evict();
         metrics::gauge!(telemetry::SAGAS_IN_FLIGHT).set((self.active.len() + self.evicted.len()) as f64);
-        let Batch {
-            to_send,
-            acks,
-            operated,
-            changed,
-            dirty,
-            dead_letters,
-            ..
-        } = batch;
-        for (reply, result) in acks {
+        let delivery = released.into_delivery();
+        for (reply, result) in delivery.acks {
             let _ = reply.send(result);
         }
-        for (reply, _, result) in operated {
+        for (reply, _, result) in delivery.operated {
             let _ = reply.send(result);
         }
-        for entry in to_send {
-            self.dispatcher.dispatch(entry);
+        for entry in delivery.to_send {
+            self.sink.dispatch(entry);
         }
-        for (id, terminal, change) in changed {
+        for (id, terminal, change) in delivery.changed {
             self.watchers.notify(&id, terminal, change);
         }
-        if dirty {
+        if delivery.wrote {
             // Every transition wrote its events; they are durable now. Woken
             // last, so the publisher's JetStream traffic queues behind the
             // commands on the connection, not in front of them.
             self.events.wake();
         }
-        if dead_letters {
+        if delivery.dead_letters {
             self.publish_dead_letters()?;
         }
         Ok(())
     }
 
-    /// jetstream store: sagas whose write did not land are forgotten (their
-    /// commands not sent, their callers told) and handed to the partition
-    /// owner to reload from what is durable.
-    fn drop_lost(&mut self, batch: &mut Batch, lost: &[String]) {
-        let lost: HashSet<&str> = lost.iter().map(String::as_str).collect();
-        for id in &lost {
-            self.active.remove(*id);
-        }
-        batch.to_send.retain(|e| !lost.contains(e.saga_id.as_str()));
-        batch.changed.retain(|(id, _, _)| !lost.contains(id.as_str()));
-        for (_, result) in batch.acks.iter_mut() {
-            if matches!(result, Ok(Created::New { saga_id, .. }) if lost.contains(saga_id.as_str())) {
-                *result = Err(CreateError::Lost);
-            }
-        }
-        for (_, id, result) in batch.operated.iter_mut() {
-            if result.is_ok() && lost.contains(id.as_str()) {
-                *result = Err(OperateError::Elsewhere(
-                    "the saga was written by another coordinator meanwhile; retry".into(),
-                ));
-            }
+    /// Sagas whose write did not land (jetstream: another coordinator wrote
+    /// them) are forgotten here — their effects were dropped from the
+    /// batch — and handed to the partition owner to reload from what is durable.
+    fn forget_lost(&mut self, lost: &[String]) {
+        for id in lost {
+            self.active.remove(id);
         }
         if let Some(tx) = &self.lost {
             for id in lost {
-                let _ = tx.send(id.to_string());
+                let _ = tx.send(id.clone());
             }
         }
     }
@@ -1056,15 +981,9 @@ impl Runner {
             if !fresh {
                 continue;
             }
-            let (nats, store, inflight) = (self.nats.clone(), self.store.clone(), self.dlq_inflight.clone());
+            let (sink, store, inflight) = (self.sink.clone(), self.store.clone(), self.dlq_inflight.clone());
             tokio::spawn(async move {
-                let published = async {
-                    let body = serde_json::to_vec(&letter).map_err(|e| e.to_string())?;
-                    nats.publish(DLQ_SUBJECT, body.into())
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    nats.flush().await.map_err(|e| e.to_string())
-                };
+                let published = sink.publish_dead_letter(letter.clone());
                 match tokio::time::timeout(Duration::from_secs(5), published).await {
                     Ok(Ok(())) => {
                         info!(saga_id = %letter.saga_id, correlation_id = %letter.correlation_id, "dead letter published");
