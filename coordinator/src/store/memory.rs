@@ -43,6 +43,7 @@ struct Inner {
     fail_next: bool,
     lose_next: bool,
     commits: usize,
+    in_flight: usize,
     read_backs: usize,
 }
 
@@ -118,6 +119,16 @@ impl MemoryStore {
     /// Commits completed so far (successful ones).
     pub fn commits(&self) -> usize {
         self.lock().commits
+    }
+
+    /// Commits begun and not yet done (held ones included).
+    pub fn commits_in_flight(&self) -> usize {
+        self.lock().in_flight
+    }
+
+    /// Transitions staged and not yet in a commit.
+    pub fn staged_len(&self) -> usize {
+        self.lock().staged.len()
     }
 
     /// Sagas read back with [`SagaStore::read_back`] so far.
@@ -215,6 +226,7 @@ impl SagaStore for MemoryStore {
             let mut inner = self.lock();
             let writes = Arc::new(std::mem::take(&mut inner.staged));
             inner.applying = writes.clone();
+            inner.in_flight += 1;
             writes
         };
         let (this, mut open) = (self.clone(), self.open.subscribe());
@@ -222,6 +234,7 @@ impl SagaStore for MemoryStore {
             let _ = open.wait_for(|open| *open).await;
             let mut inner = this.lock();
             inner.applying = Arc::default();
+            inner.in_flight -= 1;
             if std::mem::take(&mut inner.fail_next) {
                 // What was staged meanwhile follows from the failed writes.
                 inner.staged.clear();

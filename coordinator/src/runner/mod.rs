@@ -1019,3 +1019,6 @@ fn same_request(saga: &Saga, new: &NewSaga) -> bool {
         && a.amount_cents == b.amount_cents
         && a.currency == b.currency
 }
+
+#[cfg(test)]
+mod tests;
