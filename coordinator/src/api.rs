@@ -100,8 +100,9 @@ impl SagaApi {
         let Some(saga) = self.store.get(id).await.map_err(store_status)? else {
             return Ok(()); // The runner answers NOT_FOUND.
         };
-        let age = std::time::Duration::from_millis(crate::clock::now_ms().saturating_sub(saga.created_at_ms));
-        if age > self.command_horizon {
+        if let Some(age) =
+            crate::engine::past_command_horizon(&saga, self.command_horizon, crate::clock::now_ms())
+        {
             return Err(Status::failed_precondition(format!(
                 "saga {id} started {} ago, past the command horizon ({}): its participants may have \
                  forgotten its commands' idempotency keys, so a command could be applied twice or a \

@@ -886,6 +886,46 @@ impl Builder {
     }
 }
 
+/// What a `CreateOrder` asked for, compared with the saga its idempotency
+/// key already names (a repeat must ask for the same thing).
+#[derive(Debug, Clone, Copy)]
+pub struct CreateRequest<'a> {
+    /// The definition it resolved to.
+    pub definition: &'a SagaDefinition,
+    /// Whether it named that exact version.
+    pub version_requested: bool,
+    /// The order.
+    pub order: &'a OrderPayload,
+    /// Whether it gave `order.order_id` (otherwise one was generated).
+    pub order_id_given: bool,
+}
+
+/// Whether a repeated `CreateOrder` with the same idempotency key asks for
+/// what created `saga`: same definition (and version when named), same
+/// order (its id only when given).
+pub fn same_create_request(saga: &Saga, request: &CreateRequest<'_>) -> bool {
+    let (a, b) = (&saga.order, request.order);
+    saga.definition.name == request.definition.name
+        && (!request.version_requested || saga.definition.version == request.definition.version)
+        && (!request.order_id_given || a.order_id == b.order_id)
+        && a.customer_id == b.customer_id
+        && a.items == b.items
+        && a.amount_cents == b.amount_cents
+        && a.currency == b.currency
+}
+
+/// The saga's age when it is past the command horizon (`horizon` zero: no
+/// limit): participants may have forgotten its commands' idempotency keys,
+/// so no command of it may be sent again (`RetrySaga`, `AbortSaga`).
+pub fn past_command_horizon(
+    saga: &Saga,
+    horizon: std::time::Duration,
+    now_ms: u64,
+) -> Option<std::time::Duration> {
+    let age = std::time::Duration::from_millis(now_ms.saturating_sub(saga.created_at_ms));
+    (!horizon.is_zero() && age > horizon).then_some(age)
+}
+
 #[cfg(test)]
 mod tests {
     use std::{path::PathBuf, time::Duration};
@@ -1690,5 +1730,41 @@ steps:
             assert_eq!(StateTag::from_byte(t as u8), Some(t));
         }
         assert_eq!(StateTag::from_byte(0), None);
+    }
+
+    #[test]
+    fn a_repeated_create_must_ask_for_the_same_order() {
+        let saga = new_saga(order_def());
+        let def = order_def();
+        let same = |order: &OrderPayload, order_id_given: bool| {
+            same_create_request(
+                &saga,
+                &CreateRequest {
+                    definition: &def,
+                    version_requested: false,
+                    order,
+                    order_id_given,
+                },
+            )
+        };
+        assert!(same(&order(), true));
+        let mut other = order();
+        other.order_id = "generated".into();
+        assert!(same(&other, false));
+        assert!(!same(&other, true));
+        other.amount_cents += 1;
+        assert!(!same(&other, false));
+    }
+
+    #[test]
+    fn the_command_horizon_counts_from_the_sagas_creation() {
+        let saga = new_saga(order_def()); // created at 1 ms
+        let day = Duration::from_secs(86_400);
+        assert_eq!(past_command_horizon(&saga, day, 1 + 86_400_000), None);
+        assert_eq!(
+            past_command_horizon(&saga, day, 2 + 86_400_000),
+            Some(Duration::from_millis(86_400_001))
+        );
+        assert_eq!(past_command_horizon(&saga, Duration::ZERO, u64::MAX), None);
     }
 }

@@ -610,7 +610,13 @@ impl Runner {
                 };
                 match found {
                     Some(saga) => {
-                        if !same_request(&saga, &new) {
+                        let request = engine::CreateRequest {
+                            definition: &new.definition,
+                            version_requested: new.version_requested,
+                            order: &new.order,
+                            order_id_given: new.order_id_given,
+                        };
+                        if !engine::same_create_request(&saga, &request) {
                             return Err(CreateError::KeyReused(saga.id));
                         }
                         return Ok(Created::Existing {
@@ -1005,19 +1011,6 @@ impl Runner {
         }
         Ok(())
     }
-}
-
-/// Whether a repeated `CreateOrder` with the same idempotency key asks for the same thing.
-fn same_request(saga: &Saga, new: &NewSaga) -> bool {
-    let a = &saga.order;
-    let b = &new.order;
-    saga.definition.name == new.definition.name
-        && (!new.version_requested || saga.definition.version == new.definition.version)
-        && (!new.order_id_given || a.order_id == b.order_id)
-        && a.customer_id == b.customer_id
-        && a.items == b.items
-        && a.amount_cents == b.amount_cents
-        && a.currency == b.currency
 }
 
 #[cfg(test)]
