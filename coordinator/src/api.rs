@@ -410,7 +410,7 @@ pub fn saga_to_pb(saga: &Saga, history: &[HistoryEntry]) -> pb::Saga {
         .map(|h| pb::HistoryEvent {
             seq: h.seq,
             at: Some(timestamp(h.at_ms)),
-            kind: h.kind.clone(),
+            kind: h.kind.as_str().to_string(),
             step: h.step.clone().unwrap_or_default(),
             attempt: h.attempt.unwrap_or(0),
             detail: h.detail.clone().unwrap_or_default(),

@@ -125,14 +125,14 @@ impl EventRecord {
         h: &HistoryEntry,
     ) -> Self {
         EventRecord {
-            subject: saga_proto::wire::event_subject(&d.name, &h.kind),
-            alias: d.events.get(&h.kind).cloned(),
+            subject: saga_proto::wire::event_subject(&d.name, h.kind.as_str()),
+            alias: d.events.get(h.kind.as_str()).cloned(),
             event: saga_proto::wire::SagaEvent {
                 v: saga_proto::wire::EVENT_FORMAT_VERSION,
                 saga_id: saga_id.to_string(),
                 definition: d.id(),
                 sequence: h.seq,
-                event: h.kind.clone(),
+                event: h.kind.as_str().to_string(),
                 step: h.step.clone(),
                 attempt: h.attempt,
                 detail: h.detail.clone(),
