@@ -912,6 +912,13 @@ impl Builder {
     }
 }
 
+/// Whether a transition written from `previous` (`None`: a new saga) puts
+/// `saga` into FAILED: it then gets a dead letter, once per entry (an
+/// operator must act).
+pub fn enters_failed(saga: &Saga, previous: Option<StateTag>) -> bool {
+    saga.state.tag() == StateTag::Failed && previous != Some(StateTag::Failed)
+}
+
 /// What a `CreateOrder` asked for, compared with the saga its idempotency
 /// key already names (a repeat must ask for the same thing).
 #[derive(Debug, Clone, Copy)]

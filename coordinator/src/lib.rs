@@ -2,13 +2,21 @@
 //! sled, sends commands to participants over NATS request-reply and serves
 //! `saga.v1.SagaService` (with reflection and health) over gRPC.
 //!
-//! Modules, from the pure core outwards:
+//! Modules, from the pure core outwards (no module imports one that imports it):
 //! - [`definition`]: YAML saga definitions, validated at start-up;
 //! - [`engine`]: the pure state machine (no I/O);
-//! - [`store`]: sled trees, one atomic write per transition, group flush;
+//! - [`clock`], [`partition`], [`ops`]: leaf vocabulary (time, partition
+//!   ownership, what creations and operator events answer);
+//! - [`store`]: the [`store::SagaStore`] trait and its sled, jetstream and
+//!   in-memory implementations (stage, one group commit, reads);
+//! - [`effects`]: a batch's commands, replies and wake-ups, releasable only
+//!   through the store's commit;
+//! - [`sink`]: where committed commands go ([`dispatch`] implements it);
 //! - [`runner`]: the single owner of in-flight sagas (event in → transition →
-//!   persist and flush → send);
+//!   stage, commit → release);
 //! - [`dispatch`]: NATS request-reply with timeouts and backoff;
+//! - [`cluster`]: partition leases on the jetstream store (talks to the
+//!   runner through [`cluster::SagaHost`]);
 //! - [`api`]: the gRPC service.
 //!
 //! [`run`] wires them; `main.rs` only parses config and handles signals, and
@@ -19,14 +27,16 @@
 //! Every path that sends something goes through [`runner`]'s commit:
 //! 1. an input (a `CreateOrder`, a reply, an operator event) is applied by the
 //!    pure [`engine`], which returns the new saga and the commands it implies;
-//! 2. [`store::Store::write`] stages the saga record, its history, its state
-//!    index entry, the outbox entries of those commands (and a dead letter
-//!    when it entered FAILED);
-//! 3. after the batch, ONE sled transaction applies every staged transition
-//!    (all or none) and ONE `flush` makes it durable; only when it
-//!    returns are `CreateOrder`/operator callers answered, commands handed to
-//!    [`dispatch`] and dead letters published. A failed flush stops the runner
-//!    (and the process) before anything is sent.
+//! 2. [`store::SagaStore::stage`] stages the saga record, its history, its
+//!    state index entry, the outbox entries of those commands (and a dead
+//!    letter when it entered FAILED);
+//! 3. after the batch, ONE commit (with sled: one transaction and one
+//!    `flush`) makes every staged transition durable; only when it returns
+//!    `Ok` are `CreateOrder`/operator callers answered, commands handed to
+//!    [`dispatch`] and dead letters published — the types keep this: those
+//!    effects come out of an [`effects`] batch only with the store's
+//!    [`store::Committed`]. A failed commit stops the runner (and the
+//!    process) before anything is sent.
 //!
 //! [`dispatch`] has no other source of commands, and the API never writes to
 //! the store. A crash before step 3 completes loses only work nobody heard of:

@@ -4,10 +4,13 @@
 //! and outcomes (from the dispatcher), applies them with the pure engine,
 //! writes every resulting transition to the store, flushes ONCE for the whole
 //! batch (group commit), and only then answers the creators and hands the
-//! new commands to the dispatcher. With sled the flush runs on the blocking
-//! pool while the runner decides the next batch (one flush in flight, at
-//! most 512 inputs waiting; the next flush starts when it ends and covers
-//! everything decided meanwhile). So no command ever leaves before the state
+//! new commands to the command sink. Unless the store needs each batch
+//! committed before the next ([`crate::store::Capabilities`]), the commit
+//! runs in a task while the runner decides the next batch (one commit in
+//! flight, at most 512 inputs waiting; the next starts when it ends and
+//! covers everything decided meanwhile). A batch's effects are an
+//! [`crate::effects`] value that yields them only with the store's
+//! `Committed`. So no command ever leaves before the state
 //! that implies it is durable, and a crash at any point leaves either the old
 //! state (the event is redelivered: the command is still in the outbox and
 //! is re-sent on start) or the new one with its commands in the outbox.
@@ -15,8 +18,8 @@
 //! On start it resumes every non-terminal saga: PENDING ones are started,
 //! outbox commands are re-sent with their original idempotency keys.
 //! In-flight sagas live in memory (a map, removed when terminal); terminal
-//! ones are only in the store. With sled, at most `resident` in-flight
-//! sagas stay in memory: beyond that, sagas waiting for a reply are evicted
+//! ones are only in the store. With a store that can read evicted sagas
+//! back (sled), at most `resident` in-flight sagas stay in memory: beyond that, sagas waiting for a reply are evicted
 //! after the flush that made them durable (only their 16-byte id is kept) and
 //! read back from the store when their next event arrives. Every in-flight
 //! saga has a command out (or a retry timer in the dispatcher) whose outcome
@@ -312,7 +315,8 @@ pub struct RunnerInputs {
 }
 
 /// A handle for creators, the sender for the dispatcher and the runner's
-/// inputs; at most `resident` in-flight sagas are kept in memory with sled.
+/// inputs; at most `resident` in-flight sagas are kept in memory when the
+/// store can read evicted ones back.
 pub fn channel(resident: usize) -> (RunnerHandle, mpsc::UnboundedSender<Reported>, RunnerInputs) {
     let (tx, requests) = mpsc::channel(4096);
     let (otx, outcomes) = mpsc::unbounded_channel();
@@ -346,9 +350,9 @@ struct Runner {
     sink: Arc<dyn CommandSink>,
     events: crate::events::EventsWake,
     active: HashMap<String, Saga>,
-    /// In flight but not in memory (sled only): read back on their next event.
+    /// In flight but not in memory (a store that evicts): read back on their next event.
     evicted: HashSet<Uuid>,
-    /// Most in-flight sagas kept in `active` (sled only).
+    /// Most in-flight sagas kept in `active` (a store that evicts).
     resident: usize,
     dlq_inflight: Arc<Mutex<HashSet<Vec<u8>>>>,
     /// What was decided since the last flush began.
@@ -765,7 +769,7 @@ impl Runner {
             }
         }
         let tag = t.saga.state.tag();
-        if tag == StateTag::Failed && previous != StateTag::Failed {
+        if engine::enters_failed(&t.saga, Some(previous)) {
             self.batch.wrote_dead_letter();
             warn!(saga_id, correlation_id = %t.saga.correlation_id,
                   reason = t.saga.reason.as_deref().unwrap_or(""), "saga FAILED: dead letter written");
@@ -824,7 +828,7 @@ impl Runner {
         Ok(())
     }
 
-    /// Keeps at most `resident` in-flight sagas in memory (sled only): the
+    /// Keeps at most `resident` in-flight sagas in memory (a store that evicts): the
     /// excess, and a quarter more so this does not run on every batch, is
     /// evicted, longest-waiting first (the oldest last transition: a saga
     /// that just moved will hear back soonest). Called when a flush is done;

@@ -245,7 +245,7 @@ impl JsStore {
             cached.outbox.retain(|e| !(e.step == c.step && e.kind == c.kind));
             cached.outbox.push(OutboxEntry::new(saga, c));
         }
-        let dead = DeadLetter::of(saga).filter(|_| previous != Some(StateTag::Failed));
+        let dead = DeadLetter::on_entering(saga, previous);
         if let Some(d) = &dead {
             cached.dead_letters.push(d.clone());
         }

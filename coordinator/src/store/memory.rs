@@ -186,7 +186,7 @@ impl MemoryStore {
             d.outbox.retain(|e| !(e.step == c.step && e.kind == c.kind));
             d.outbox.push(OutboxEntry::new(saga, c));
         }
-        let dead = DeadLetter::of(saga).filter(|_| previous != Some(StateTag::Failed));
+        let dead = DeadLetter::on_entering(saga, previous);
         if let Some(letter) = &dead {
             d.dead_letters.push(letter.clone());
         }

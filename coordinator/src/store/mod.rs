@@ -3,6 +3,13 @@
 //! the embedded default), [`jetstream::JsStore`] (replicated KV, several
 //! coordinators) and [`memory::MemoryStore`] (tests). The stores keep what
 //! the engine decided; they must not decide or send anything.
+//!
+//! Formats: both persistent stores write every value in the versioned
+//! envelope of [`codec`] (`{"v":1,…}`) and share the key layouts of `keys`
+//! and the [`records`]. Their saga records differ and stay as they are (an
+//! upgrade reads every stored saga unchanged): sled keeps the saga in its
+//! own trees with the definition by reference, jetstream one whole record
+//! per saga (saga, history, outbox, dead letters) with the definition inline.
 
 pub mod codec;
 pub mod jetstream;

@@ -68,6 +68,12 @@ pub struct DeadLetter {
 }
 
 impl DeadLetter {
+    /// The dead letter a transition written from `previous` owes: one when
+    /// it made `saga` enter FAILED ([`crate::engine::enters_failed`]).
+    pub fn on_entering(saga: &Saga, previous: Option<crate::engine::StateTag>) -> Option<Self> {
+        Self::of(saga).filter(|_| crate::engine::enters_failed(saga, previous))
+    }
+
     /// The dead letter of `saga` when it is FAILED.
     pub fn of(saga: &Saga) -> Option<Self> {
         let crate::engine::SagaState::Failed { step } = saga.state else {

@@ -360,12 +360,10 @@ impl Store {
                 ops.push((Tree::Idempotency, key.as_bytes().to_vec(), Some(id.to_vec())));
             }
         }
-        if let Some(d) = DeadLetter::of(saga) {
-            if previous != Some(StateTag::Failed) {
-                let (k, v) = (history_key(&id, saga.seq), encode(&d)?);
-                ops.push((Tree::DeadLetters, k.clone(), Some(v.clone())));
-                ops.push((Tree::DlqOutbox, k, Some(v)));
-            }
+        if let Some(d) = DeadLetter::on_entering(saga, previous) {
+            let (k, v) = (history_key(&id, saga.seq), encode(&d)?);
+            ops.push((Tree::DeadLetters, k.clone(), Some(v.clone())));
+            ops.push((Tree::DlqOutbox, k, Some(v)));
         }
         let events: Vec<EventRecord> = match self.events_on {
             true => t.history.iter().map(|h| EventRecord::new(saga, h)).collect(),
