@@ -1,9 +1,9 @@
 //! What a batch of the runner's decisions releases — commands to send,
 //! replies to callers, watcher wake-ups — and the rule that keeps them
-//! behind the store's commit: a [`Pending`] batch only collects them, its
-//! fields are private, and the only ways to [`Released`] (the one value
+//! behind the store's commit: a `Pending` batch only collects them, its
+//! fields are private, and the only ways to `Released` (the one value
 //! they can be taken from) are a successful commit
-//! ([`Pending::committed`], which needs the store's
+//! (`Pending::committed`, which needs the store's
 //! [`crate::store::Committed`]) or a batch that wrote nothing. So sending
 //! before the flush cannot be written by mistake in the runner. No I/O here.
 
@@ -19,7 +19,7 @@ use crate::{
 };
 
 /// A value made durable by a store commit: a command the sink may send.
-/// Only this module makes one, from a [`Released`] batch.
+/// Only this module makes one, from a released (committed) batch.
 #[derive(Debug)]
 pub struct Durable<T>(T);
 

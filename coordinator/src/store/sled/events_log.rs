@@ -324,7 +324,7 @@ impl Store {
     /// `keys` (not flushed: re-publishing after a crash is deduplicated by
     /// JetStream on `Nats-Msg-Id`). Drops the generations wholly published;
     /// starts a new generation once the current one holds
-    /// `events_rotate` ([`EVENTS_ROTATE`]) published pointers.
+    /// `events_rotate` (`EVENTS_ROTATE`) published pointers.
     ///
     /// # Errors
     /// sled errors; a malformed key.
