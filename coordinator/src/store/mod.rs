@@ -12,6 +12,8 @@
 //! per saga (saga, history, outbox, dead letters) with the definition inline.
 
 pub mod codec;
+#[cfg(test)]
+mod contract_tests;
 pub mod jetstream;
 pub(crate) mod keys;
 pub mod memory;
