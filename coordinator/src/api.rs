@@ -24,12 +24,11 @@ use tracing::warn;
 use uuid::Uuid;
 
 use crate::{
-    backend::Backend,
-    cluster::Ownership,
     definition::{Catalog, Definitions},
     engine::{Event, HistoryEntry, Saga, SagaState, StateTag, StepStatus},
+    partition::Ownership,
     runner::{CreateError, Created, NewSaga, OperateError, Operated, RunnerHandle},
-    store::StoreError,
+    store::{SharedStore, StoreError},
 };
 
 /// Largest accepted gRPC request, in bytes.
@@ -45,7 +44,7 @@ const MAX_ITEMS: usize = 100;
 
 /// The service implementation.
 pub struct SagaApi {
-    store: Backend,
+    store: SharedStore,
     definitions: Catalog,
     runner: RunnerHandle,
     operator_token: Option<String>,
@@ -59,7 +58,7 @@ impl SagaApi {
     /// A service reading `store`, creating and operating through `runner`;
     /// operator RPCs need `operator_token` (refused when `None`).
     pub fn new(
-        store: Backend,
+        store: SharedStore,
         definitions: Catalog,
         runner: RunnerHandle,
         operator_token: Option<String>,
@@ -101,9 +100,9 @@ impl SagaApi {
         let Some(saga) = self.store.get(id).await.map_err(store_status)? else {
             return Ok(()); // The runner answers NOT_FOUND.
         };
-        let age =
-            std::time::Duration::from_millis(crate::runner::now_ms().saturating_sub(saga.created_at_ms));
-        if age > self.command_horizon {
+        if let Some(age) =
+            crate::engine::past_command_horizon(&saga, self.command_horizon, crate::clock::now_ms())
+        {
             return Err(Status::failed_precondition(format!(
                 "saga {id} started {} ago, past the command horizon ({}): its participants may have \
                  forgotten its commands' idempotency keys, so a command could be applied twice or a \
@@ -165,7 +164,7 @@ impl SagaApi {
 }
 
 /// A saga as `GetSaga` shows it, and whether it is terminal.
-async fn view(store: &Backend, id: &Uuid) -> Result<Option<(pb::Saga, bool)>, Status> {
+async fn view(store: &SharedStore, id: &Uuid) -> Result<Option<(pb::Saga, bool)>, Status> {
     let Some((saga, history)) = store.get_with_history(id).await.map_err(store_status)? else {
         return Ok(None);
     };
@@ -179,7 +178,9 @@ fn invalid(field: &str, why: impl std::fmt::Display) -> Status {
 fn store_status(e: StoreError) -> Status {
     match e {
         StoreError::Corrupt(_) => Status::data_loss(e.to_string()),
-        StoreError::Sled(_) | StoreError::JetStream(_) => Status::unavailable(e.to_string()),
+        StoreError::Sled(_) | StoreError::JetStream(_) | StoreError::Unavailable(_) => {
+            Status::unavailable(e.to_string())
+        }
     }
 }
 
@@ -409,7 +410,7 @@ pub fn saga_to_pb(saga: &Saga, history: &[HistoryEntry]) -> pb::Saga {
         .map(|h| pb::HistoryEvent {
             seq: h.seq,
             at: Some(timestamp(h.at_ms)),
-            kind: h.kind.clone(),
+            kind: h.kind.as_str().to_string(),
             step: h.step.clone().unwrap_or_default(),
             attempt: h.attempt.unwrap_or(0),
             detail: h.detail.clone().unwrap_or_default(),
@@ -499,7 +500,7 @@ impl SagaService for SagaApi {
             .ok_or_else(|| Status::not_found(format!("saga {id} not found")))?;
         // jetstream store: the saga may run on another coordinator, whose
         // transitions wake nobody here; look again every 200 ms as well.
-        let poll = matches!(self.store, Backend::JetStream(_));
+        let poll = self.store.capabilities().shared;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let store = self.store.clone();
         tokio::spawn(async move {

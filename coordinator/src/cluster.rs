@@ -37,8 +37,9 @@
 //! holder (`saga.coordinator.operate.<partition>`).
 
 use std::{
-    collections::{BTreeSet, HashMap},
-    sync::{Arc, RwLock},
+    collections::HashMap,
+    future::Future,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -50,11 +51,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use uuid::Uuid;
 
+pub use crate::partition::Ownership;
 use crate::{
+    clock::now_ms,
     engine::{Event, StateTag},
-    jetstream::{partition_of, JsStore},
-    runner::{now_ms, OperateError, Operated, RunnerHandle},
-    store::StoreError,
+    ops::{OperateError, Operated},
+    partition::partition_of,
+    store::{Loaded, PartitionedStore, StoreError},
 };
 
 /// Bucket of the leases and heartbeats.
@@ -64,55 +67,26 @@ const RESCAN_EVERY: u64 = 8;
 /// Prefix of the subjects operator events are forwarded on (`.<partition>`).
 pub const OPERATE_SUBJECT: &str = "saga.coordinator.operate";
 
-/// The partitions this coordinator holds. Cheap to clone.
-#[derive(Clone, Debug)]
-pub struct Ownership {
-    held: Arc<RwLock<BTreeSet<u32>>>,
-    partitions: u32,
-}
-
-impl Ownership {
-    /// Holding nothing, out of `partitions`.
-    pub fn new(partitions: u32) -> Self {
-        Ownership {
-            held: Arc::default(),
-            partitions: partitions.max(1),
-        }
-    }
-
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeSet<u32>> {
-        match self.held.read() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
-    }
-
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeSet<u32>> {
-        match self.held.write() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
-    }
-
-    /// Whether the saga's partition is held here.
-    pub fn owns(&self, saga_id: &str) -> bool {
-        self.read().contains(&partition_of(saga_id, self.partitions))
-    }
-
-    /// Whether nothing is held.
-    pub fn is_empty(&self) -> bool {
-        self.read().is_empty()
-    }
-
-    /// The partitions held.
-    pub fn held(&self) -> Vec<u32> {
-        self.read().iter().copied().collect()
-    }
-
-    /// Number of partitions in the cluster.
-    pub fn partitions(&self) -> u32 {
-        self.partitions
-    }
+/// What the cluster code asks of the saga runner: run the sagas of a
+/// partition taken over, stop running those of one given up, and apply a
+/// forwarded operator event. A trait, so this module does not depend on the
+/// runner (which draws its ids in the [`Ownership`] this module keeps).
+pub trait SagaHost: Clone + Send + Sync + 'static {
+    /// Runs `sagas` with their in-flight commands; returns how many were new.
+    fn adopt(&self, sagas: Vec<Loaded>) -> impl Future<Output = Result<usize, OperateError>> + Send;
+    /// Stops running the sagas of `partition` (of `partitions`) once what was
+    /// decided for them is written; returns their ids.
+    fn release(
+        &self,
+        partition: u32,
+        partitions: u32,
+    ) -> impl Future<Output = Result<Vec<String>, OperateError>> + Send;
+    /// Applies an operator event; answers once its result is durable.
+    fn operate(
+        &self,
+        saga_id: Uuid,
+        event: Event,
+    ) -> impl Future<Output = Result<Operated, OperateError>> + Send;
 }
 
 /// Cluster settings (`--partitions`, `--lease-ttl`, `--instance-id`, `--kv-replicas`).
@@ -207,10 +181,10 @@ pub async fn forward_operate(
 
 /// Answers operator events forwarded for the partitions held here (the
 /// others are left to their holder: no reply).
-async fn serve_forwarded(
+async fn serve_forwarded<R: SagaHost>(
     nats: async_nats::Client,
     ownership: Ownership,
-    runner: RunnerHandle,
+    runner: R,
     stop: CancellationToken,
 ) {
     let mut sub = match nats.subscribe(format!("{OPERATE_SUBJECT}.*")).await {
@@ -293,12 +267,12 @@ struct Held {
 /// sagas whose write was lost, and answers forwarded operator events. On
 /// stop it deletes its leases so the others take over at once.
 #[allow(clippy::too_many_arguments)]
-pub async fn run(
+pub async fn run<R: SagaHost>(
     nats: async_nats::Client,
     leases: kv::Store,
-    store: JsStore,
+    store: Arc<dyn PartitionedStore>,
     ownership: Ownership,
-    runner: RunnerHandle,
+    runner: R,
     settings: ClusterSettings,
     mut lost: mpsc::UnboundedReceiver<String>,
     stop: CancellationToken,
@@ -338,18 +312,18 @@ pub async fn run(
     let _ = forwarded.await;
 }
 
-struct Manager {
+struct Manager<R> {
     leases: kv::Store,
-    store: JsStore,
+    store: Arc<dyn PartitionedStore>,
     ownership: Ownership,
-    runner: RunnerHandle,
+    runner: R,
     settings: ClusterSettings,
     held: HashMap<u32, Held>,
     reload: Vec<String>,
     rounds: u64,
 }
 
-impl Manager {
+impl<R: SagaHost> Manager<R> {
     fn lease_value(&self) -> Option<bytes::Bytes> {
         let lease = Lease {
             holder: self.settings.instance.clone(),
@@ -534,7 +508,7 @@ impl Manager {
     /// Took partition `p`: run its sagas.
     async fn start_running(&mut self, p: u32) {
         let t0 = Instant::now();
-        self.ownership.write().insert(p);
+        self.ownership.hold(p);
         match self.store.load_partition(p).await {
             Ok(sagas) => {
                 let n = sagas.len();
@@ -544,7 +518,7 @@ impl Manager {
             }
             Err(e) => {
                 warn!(partition = p, error = %e, "cannot load the partition; handing it back");
-                self.ownership.write().remove(&p);
+                self.ownership.give_up(p);
                 if let Some(h) = self.held.remove(&p) {
                     let _ = self
                         .leases
@@ -557,14 +531,14 @@ impl Manager {
 
     /// Lost or gave up partition `p`: stop running its sagas.
     async fn stop_running(&mut self, p: u32) {
-        self.ownership.write().remove(&p);
+        self.ownership.give_up(p);
         let _ = self.runner.release(p, self.ownership.partitions()).await;
     }
 
     /// At shutdown: delete the leases so the others take over at once.
     async fn hand_back_all(&mut self) {
         for (p, h) in std::mem::take(&mut self.held) {
-            self.ownership.write().remove(&p);
+            self.ownership.give_up(p);
             let _ = self
                 .leases
                 .delete_expect_revision(lease_key(p), Some(h.revision))

@@ -38,7 +38,7 @@ use std::{
 };
 
 use async_nats::{connection::State as NatsState, header::HeaderMap, StatusCode};
-use futures::StreamExt;
+use futures::{future::BoxFuture, StreamExt};
 use saga_proto::wire::{self, CommandKind, Reply};
 use tokio::sync::mpsc;
 use tokio_util::{
@@ -49,10 +49,15 @@ use tokio_util::{
 use tracing::{debug, info, warn};
 
 use crate::{
+    effects::Durable,
     engine::{Event, Outcome},
-    store::OutboxEntry,
+    sink::CommandSink,
+    store::{DeadLetter, OutboxEntry},
     telemetry,
 };
+
+/// Subject of dead-letter records.
+pub const DLQ_SUBJECT: &str = "saga.dlq";
 
 /// How often the commands due while NATS is disconnected look whether it is back.
 pub const PARKED_RECHECK: Duration = Duration::from_millis(100);
@@ -158,14 +163,7 @@ impl Breaker {
     }
 }
 
-/// An outcome for the saga runner.
-#[derive(Debug)]
-pub struct Reported {
-    /// Saga the outcome belongs to.
-    pub saga_id: String,
-    /// The engine event.
-    pub event: Event,
-}
+pub use crate::sink::Reported;
 
 enum Order {
     Send(Box<OutboxEntry>),
@@ -180,6 +178,8 @@ enum Order {
 #[derive(Clone)]
 pub struct Dispatcher {
     orders: mpsc::UnboundedSender<Order>,
+    /// For the dead letters ([`CommandSink::publish_dead_letter`]).
+    client: async_nats::Client,
 }
 
 impl Dispatcher {
@@ -197,7 +197,7 @@ impl Dispatcher {
         let (tx, rx) = mpsc::unbounded_channel();
         let driver = Driver {
             inbox: client.new_inbox(),
-            client,
+            client: client.clone(),
             settings: breaker_settings,
             breakers: HashMap::new(),
             routes: HashMap::new(),
@@ -208,7 +208,7 @@ impl Dispatcher {
             outcomes,
         };
         tracker.spawn(driver.run(rx, cancel));
-        Dispatcher { orders: tx }
+        Dispatcher { orders: tx, client }
     }
 
     /// Sends `entry` in the background. The caller guarantees the state that
@@ -227,6 +227,27 @@ impl Dispatcher {
             step,
             kind,
         });
+    }
+}
+
+impl CommandSink for Dispatcher {
+    fn dispatch(&self, entry: Durable<OutboxEntry>) {
+        Dispatcher::dispatch(self, entry.into_inner());
+    }
+
+    fn withdraw(&self, saga_id: &str, step: usize, kind: CommandKind) {
+        Dispatcher::withdraw(self, saga_id, step, kind);
+    }
+
+    fn publish_dead_letter(&self, letter: DeadLetter) -> BoxFuture<'static, Result<(), String>> {
+        let nats = self.client.clone();
+        Box::pin(async move {
+            let body = serde_json::to_vec(&letter).map_err(|e| e.to_string())?;
+            nats.publish(DLQ_SUBJECT, body.into())
+                .await
+                .map_err(|e| e.to_string())?;
+            nats.flush().await.map_err(|e| e.to_string())
+        })
     }
 }
 

@@ -29,7 +29,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::{backend::Backend, telemetry};
+use crate::{store::SharedStore, telemetry};
 
 /// Most events published before their acknowledgements are awaited.
 const BATCH: usize = 256;
@@ -77,7 +77,7 @@ impl EventsWake {
 
 /// Publishes the events outbox until `shutdown`.
 pub async fn run(
-    store: Backend,
+    store: SharedStore,
     client: async_nats::Client,
     config: EventsConfig,
     wake: EventsWake,

@@ -2,13 +2,21 @@
 //! sled, sends commands to participants over NATS request-reply and serves
 //! `saga.v1.SagaService` (with reflection and health) over gRPC.
 //!
-//! Modules, from the pure core outwards:
+//! Modules, from the pure core outwards (no module imports one that imports it):
 //! - [`definition`]: YAML saga definitions, validated at start-up;
 //! - [`engine`]: the pure state machine (no I/O);
-//! - [`store`]: sled trees, one atomic write per transition, group flush;
+//! - [`clock`], [`partition`], [`ops`]: leaf vocabulary (time, partition
+//!   ownership, what creations and operator events answer);
+//! - [`store`]: the [`store::SagaStore`] trait and its sled, jetstream and
+//!   in-memory implementations (stage, one group commit, reads);
+//! - [`effects`]: a batch's commands, replies and wake-ups, releasable only
+//!   through the store's commit;
+//! - [`sink`]: where committed commands go ([`dispatch`] implements it);
 //! - [`runner`]: the single owner of in-flight sagas (event in → transition →
-//!   persist and flush → send);
+//!   stage, commit → release);
 //! - [`dispatch`]: NATS request-reply with timeouts and backoff;
+//! - [`cluster`]: partition leases on the jetstream store (talks to the
+//!   runner through [`cluster::SagaHost`]);
 //! - [`api`]: the gRPC service.
 //!
 //! [`run`] wires them; `main.rs` only parses config and handles signals, and
@@ -19,14 +27,16 @@
 //! Every path that sends something goes through [`runner`]'s commit:
 //! 1. an input (a `CreateOrder`, a reply, an operator event) is applied by the
 //!    pure [`engine`], which returns the new saga and the commands it implies;
-//! 2. [`store::Store::write`] stages the saga record, its history, its state
-//!    index entry, the outbox entries of those commands (and a dead letter
-//!    when it entered FAILED);
-//! 3. after the batch, ONE sled transaction applies every staged transition
-//!    (all or none) and ONE `flush` makes it durable; only when it
-//!    returns are `CreateOrder`/operator callers answered, commands handed to
-//!    [`dispatch`] and dead letters published. A failed flush stops the runner
-//!    (and the process) before anything is sent.
+//! 2. [`store::SagaStore::stage`] stages the saga record, its history, its
+//!    state index entry, the outbox entries of those commands (and a dead
+//!    letter when it entered FAILED);
+//! 3. after the batch, ONE commit (with sled: one transaction and one
+//!    `flush`) makes every staged transition durable; only when it returns
+//!    `Ok` are `CreateOrder`/operator callers answered, commands handed to
+//!    [`dispatch`] and dead letters published — the types keep this: those
+//!    effects come out of an [`effects`] batch only with the store's
+//!    [`store::Committed`]. A failed commit stops the runner (and the
+//!    process) before anything is sent.
 //!
 //! [`dispatch`] has no other source of commands, and the API never writes to
 //! the store. A crash before step 3 completes loses only work nobody heard of:
@@ -43,11 +53,16 @@ pub use saga_core::{definition, engine};
 
 pub mod api;
 pub mod backend;
+pub mod clock;
 pub mod cluster;
 pub mod dispatch;
+pub mod effects;
 pub mod events;
-pub mod jetstream;
+pub use store::jetstream;
+pub mod ops;
+pub mod partition;
 pub mod runner;
+pub mod sink;
 pub mod store;
 pub mod telemetry;
 
@@ -63,10 +78,10 @@ use tracing::{info, warn};
 
 use crate::{
     api::SagaApi,
-    backend::{Backend, StoreKind},
+    backend::StoreKind,
     definition::{Catalog, DefinitionError},
     dispatch::Dispatcher,
-    store::Store,
+    store::{PartitionedStore, SharedStore, Store},
 };
 
 /// Log output format.
@@ -479,36 +494,40 @@ pub async fn run_with_reload(
     ready.set(false).await;
     // sled: the store is local, gRPC reads are served before NATS is reached.
     // jetstream: the store IS on NATS, so NATS comes first.
-    let (store, early_nats) = match config.store {
-        StoreKind::Sled => {
-            std::fs::create_dir_all(&config.data_dir)
-                .map_err(|e| RunError::Config(format!("data_dir {}: {e}", config.data_dir.display())))?;
-            let mut store =
-                Store::open_with_cache(&config.data_dir, config.cache_mib.saturating_mul(1024 * 1024))?;
-            if config.no_events {
-                store = store.without_events();
-            }
-            for (state, n) in store.count_by_state()? {
-                if n > 0 {
-                    info!(state = state.as_str(), sagas = n, "store opened");
+    // The wiring is the one place that knows which store it built: the
+    // others get the `SagaStore`, the cluster code the `PartitionedStore`.
+    let (store, partitioned, early_nats): (SharedStore, Option<std::sync::Arc<dyn PartitionedStore>>, _) =
+        match config.store {
+            StoreKind::Sled => {
+                std::fs::create_dir_all(&config.data_dir)
+                    .map_err(|e| RunError::Config(format!("data_dir {}: {e}", config.data_dir.display())))?;
+                let mut store =
+                    Store::open_with_cache(&config.data_dir, config.cache_mib.saturating_mul(1024 * 1024))?;
+                if config.no_events {
+                    store = store.without_events();
                 }
+                for (state, n) in store.count_by_state()? {
+                    if n > 0 {
+                        info!(state = state.as_str(), sagas = n, "store opened");
+                    }
+                }
+                (std::sync::Arc::new(store), None, None)
             }
-            (Backend::Sled(store), None)
-        }
-        StoreKind::Jetstream => {
-            let nats = tokio::select! {
-                nats = connect_nats(&config.nats_url, &config.nats_security, ready.clone()) => nats?,
-                _ = shutdown.cancelled() => return Ok(()),
-            };
-            let Some(store) = open_jetstream_store(&config, &nats, &shutdown).await else {
-                return Ok(());
-            };
-            (Backend::JetStream(store), Some(nats))
-        }
-    };
-    let cluster = store.jetstream().map(|_| {
+            StoreKind::Jetstream => {
+                let nats = tokio::select! {
+                    nats = connect_nats(&config.nats_url, &config.nats_security, ready.clone()) => nats?,
+                    _ = shutdown.cancelled() => return Ok(()),
+                };
+                let Some(store) = open_jetstream_store(&config, &nats, &shutdown).await else {
+                    return Ok(());
+                };
+                let store = std::sync::Arc::new(store);
+                (store.clone(), Some(store), Some(nats))
+            }
+        };
+    let cluster = partitioned.as_ref().map(|_| {
         let (lost_tx, lost_rx) = mpsc::unbounded_channel();
-        (cluster::Ownership::new(config.partitions), lost_tx, lost_rx)
+        (partition::Ownership::new(config.partitions), lost_tx, lost_rx)
     });
     let Listeners { grpc: listener, http } = listeners;
     let http_task = tokio::spawn(telemetry::serve(
@@ -602,13 +621,11 @@ pub async fn run_with_reload(
         tracker.clone(),
         stop_work.clone(),
     );
-    // Retention applies to the sled store (the jetstream store keeps records; see README).
-    let pruner = store
-        .sled()
-        .filter(|_| !config.retention.is_zero())
-        .map(|s| tokio::spawn(prune_forever(s.clone(), config.retention, stop_work.clone())));
-    let (runner_cluster, cluster_task) = match (cluster, store.jetstream()) {
-        (Some((ownership, lost_tx, lost_rx)), Some(js_store)) => {
+    // Retention applies where the store prunes (sled; the jetstream store keeps records, see README).
+    let pruner = (store.capabilities().retention && !config.retention.is_zero())
+        .then(|| tokio::spawn(prune_forever(store.clone(), config.retention, stop_work.clone())));
+    let (runner_cluster, cluster_task) = match (cluster, partitioned) {
+        (Some((ownership, lost_tx, lost_rx)), Some(partitioned)) => {
             let js = async_nats::jetstream::new(nats.clone());
             let leases = cluster::open_leases(&js, config.kv_replicas).await?;
             let settings = cluster::ClusterSettings {
@@ -624,7 +641,7 @@ pub async fn run_with_reload(
             let task = tokio::spawn(cluster::run(
                 nats.clone(),
                 leases,
-                js_store.clone(),
+                partitioned,
                 ownership.clone(),
                 handle.clone(),
                 settings,
@@ -647,11 +664,17 @@ pub async fn run_with_reload(
         ))
     });
     let runner_task = {
-        let (store, stop, shutdown, nats) =
-            (store.clone(), stop_work.clone(), shutdown.clone(), nats.clone());
+        let (store, stop, shutdown) = (store.clone(), stop_work.clone(), shutdown.clone());
         tokio::spawn(async move {
-            let result =
-                runner::run(store, runner_cluster, dispatcher, nats, events_wake, inputs, stop).await;
+            let result = runner::run(
+                store,
+                runner_cluster,
+                std::sync::Arc::new(dispatcher),
+                events_wake,
+                inputs,
+                stop,
+            )
+            .await;
             if let Err(e) = &result {
                 tracing::error!(error = %e, "saga runner failed; shutting down");
                 shutdown.cancel();
@@ -738,7 +761,7 @@ async fn join_server(
 
 /// Removes finished sagas older than `retention`, in batches, every tenth of
 /// the retention (between 100 ms and an hour), until `stop`.
-async fn prune_forever(store: Store, retention: Duration, stop: CancellationToken) {
+async fn prune_forever(store: SharedStore, retention: Duration, stop: CancellationToken) {
     let every = (retention / 10).clamp(Duration::from_millis(100), Duration::from_secs(3600));
     let keep_ms = u64::try_from(retention.as_millis()).unwrap_or(u64::MAX);
     loop {
@@ -746,7 +769,7 @@ async fn prune_forever(store: Store, retention: Duration, stop: CancellationToke
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        let cutoff = runner::now_ms().saturating_sub(keep_ms);
+        let cutoff = clock::now_ms().saturating_sub(keep_ms);
         loop {
             let s = store.clone();
             match tokio::task::spawn_blocking(move || s.prune(cutoff, 1000)).await {

@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::backend::Backend;
+use crate::store::SharedStore;
 
 /// Sagas created, by `definition`.
 pub const SAGAS_STARTED: &str = "saga_started_total";
@@ -104,7 +104,7 @@ impl Readiness {
 #[derive(Clone)]
 struct Http {
     ready: Readiness,
-    store: Backend,
+    store: SharedStore,
     metrics: Option<PrometheusHandle>,
 }
 
@@ -115,7 +115,7 @@ struct Http {
 pub async fn serve(
     listener: TcpListener,
     ready: Readiness,
-    store: Backend,
+    store: SharedStore,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let addr: Option<SocketAddr> = listener.local_addr().ok();
@@ -147,10 +147,7 @@ async fn metrics_text(State(s): State<Http>) -> (StatusCode, String) {
 
 async fn readiness(State(s): State<Http>) -> (StatusCode, String) {
     let probe = s.store.probe().await;
-    let what = match s.store {
-        Backend::Sled(_) => "sled",
-        Backend::JetStream(_) => "jetstream store",
-    };
+    let what = s.store.name();
     match (s.ready.nats(), s.ready.runner(), probe) {
         (true, true, Ok(())) => (StatusCode::OK, "ready\n".into()),
         (nats, runner, probe) => (

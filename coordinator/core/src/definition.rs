@@ -686,13 +686,13 @@ fn validate(path: &Path, raw: RawDefinition) -> Result<SagaDefinition, Definitio
     let mut events = BTreeMap::new();
     if let Some(aliases) = &raw.events {
         for (event, subject) in &aliases.value {
-            if !EVENT_KINDS.contains(&event.as_str()) {
+            if EventKind::parse(event).is_none() {
                 return Err(DefinitionError::at(
                     path,
                     subject.referenced,
                     format!(
                         "events: `{event}` is not a saga event; use one of {}",
-                        EVENT_KINDS.join(", ")
+                        EventKind::ALL.map(EventKind::as_str).join(", ")
                     ),
                 ));
             }
@@ -727,25 +727,101 @@ fn validate(path: &Path, raw: RawDefinition) -> Result<SagaDefinition, Definitio
     })
 }
 
-/// Every saga event (history entry kind) a definition may alias.
-pub const EVENT_KINDS: &[&str] = &[
-    "created",
-    "started",
-    "step_succeeded",
-    "step_retry",
-    "step_rejected",
-    "step_unknown",
-    "step_failed",
-    "compensating",
-    "compensation_succeeded",
-    "compensation_retry",
-    "compensation_failed",
-    "completed",
-    "compensated",
-    "failed",
-    "aborted",
-    "retried",
-];
+/// A saga event: the kind of a history entry, which a definition may alias
+/// (`events:`). Stored and published as its snake_case name (the names
+/// earlier versions wrote as strings), so one list serves the engine, the
+/// stores and the definitions' validation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// `created`.
+    Created,
+    /// `started`.
+    Started,
+    /// `step_succeeded`.
+    StepSucceeded,
+    /// `step_retry`.
+    StepRetry,
+    /// `step_rejected`.
+    StepRejected,
+    /// `step_unknown`.
+    StepUnknown,
+    /// `step_failed`.
+    StepFailed,
+    /// `compensating`.
+    Compensating,
+    /// `compensation_succeeded`.
+    CompensationSucceeded,
+    /// `compensation_retry`.
+    CompensationRetry,
+    /// `compensation_failed`.
+    CompensationFailed,
+    /// `completed`.
+    Completed,
+    /// `compensated`.
+    Compensated,
+    /// `failed`.
+    Failed,
+    /// `aborted`.
+    Aborted,
+    /// `retried`.
+    Retried,
+}
+
+impl EventKind {
+    /// Every saga event.
+    pub const ALL: [EventKind; 16] = [
+        EventKind::Created,
+        EventKind::Started,
+        EventKind::StepSucceeded,
+        EventKind::StepRetry,
+        EventKind::StepRejected,
+        EventKind::StepUnknown,
+        EventKind::StepFailed,
+        EventKind::Compensating,
+        EventKind::CompensationSucceeded,
+        EventKind::CompensationRetry,
+        EventKind::CompensationFailed,
+        EventKind::Completed,
+        EventKind::Compensated,
+        EventKind::Failed,
+        EventKind::Aborted,
+        EventKind::Retried,
+    ];
+
+    /// The event's name, as stored, published and written in definitions.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Created => "created",
+            EventKind::Started => "started",
+            EventKind::StepSucceeded => "step_succeeded",
+            EventKind::StepRetry => "step_retry",
+            EventKind::StepRejected => "step_rejected",
+            EventKind::StepUnknown => "step_unknown",
+            EventKind::StepFailed => "step_failed",
+            EventKind::Compensating => "compensating",
+            EventKind::CompensationSucceeded => "compensation_succeeded",
+            EventKind::CompensationRetry => "compensation_retry",
+            EventKind::CompensationFailed => "compensation_failed",
+            EventKind::Completed => "completed",
+            EventKind::Compensated => "compensated",
+            EventKind::Failed => "failed",
+            EventKind::Aborted => "aborted",
+            EventKind::Retried => "retried",
+        }
+    }
+
+    /// The event named `name`, if it is one.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == name)
+    }
+}
+
+impl std::fmt::Display for EventKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// A literal NATS subject: dot-separated non-empty tokens of ASCII letters,
 /// digits, `-` and `_`, at most 200 characters.

@@ -16,6 +16,7 @@
 use saga_wire::{self as wire, CommandKind, OrderPayload};
 use serde::{Deserialize, Serialize};
 
+pub use crate::definition::EventKind;
 use crate::definition::{InputValue, OnFailure, RetryPolicy, SagaDefinition};
 
 /// Where a saga is in its life cycle. Indices point into the definition's steps.
@@ -294,11 +295,8 @@ pub struct HistoryEntry {
     pub seq: u64,
     /// When, ms since the Unix epoch.
     pub at_ms: u64,
-    /// What happened: `created`, `started`, `step_succeeded`, `step_retry`,
-    /// `step_rejected`, `step_unknown`, `step_failed`, `compensating`, `compensation_succeeded`,
-    /// `compensation_retry`, `compensation_failed`, `completed`, `compensated`, `failed`,
-    /// `aborted`, `retried`.
-    pub kind: String,
+    /// What happened.
+    pub kind: EventKind,
     /// Step name, when the entry is about a step.
     pub step: Option<String>,
     /// Attempt, when the entry is about one.
@@ -373,7 +371,7 @@ pub fn create(
     };
     let mut b = Builder::new(now_ms);
     let detail = format!("definition {}", saga.definition.id());
-    b.log(&mut saga, "created", None, None, Some(detail));
+    b.log(&mut saga, EventKind::Created, None, None, Some(detail));
     b.finish(saga, Vec::new())
 }
 
@@ -402,7 +400,7 @@ pub fn transition(saga: &Saga, event: &Event, now_ms: u64) -> Result<Option<Tran
     match (saga.state, event) {
         (SagaState::Pending, Event::Start) => {
             b.run_group(&mut s, 0);
-            b.log(&mut s, "started", None, None, None);
+            b.log(&mut s, EventKind::Started, None, None, None);
             Ok(Some(b.finish(s, Vec::new())))
         }
         (SagaState::Pending, Event::Reply { step, kind, .. }) => Err(TransitionError::Unexpected {
@@ -464,7 +462,7 @@ pub fn transition(saga: &Saga, event: &Event, now_ms: u64) -> Result<Option<Tran
         }
         (SagaState::Pending, Event::Abort { reason }) => {
             s.reason = Some(format!("aborted: {reason}"));
-            b.log(&mut s, "aborted", None, None, Some(reason.clone()));
+            b.log(&mut s, EventKind::Aborted, None, None, Some(reason.clone()));
             b.compensate_from(&mut s, None);
             Ok(Some(b.finish(s, Vec::new())))
         }
@@ -483,7 +481,7 @@ pub fn transition(saga: &Saga, event: &Event, now_ms: u64) -> Result<Option<Tran
             }
             s.reason = Some(format!("aborted: {reason}"));
             let about = (settled.len() == 1).then(|| settled[0].0);
-            b.log(&mut s, "aborted", about, None, Some(reason.clone()));
+            b.log(&mut s, EventKind::Aborted, about, None, Some(reason.clone()));
             b.begin_compensation(&mut s, members.end.checked_sub(1));
             Ok(Some(b.finish(s, settled)))
         }
@@ -498,7 +496,7 @@ pub fn transition(saga: &Saga, event: &Event, now_ms: u64) -> Result<Option<Tran
             // Every compensation of the group that failed gets fresh attempts.
             let group = def.group_of(step);
             s.state = SagaState::Compensating { step: group };
-            b.log(&mut s, "retried", Some(step), None, None);
+            b.log(&mut s, EventKind::Retried, Some(step), None, None);
             for k in def.group(group) {
                 if s.steps[k].status == StepStatus::CompensationFailed {
                     let p = &mut s.steps[k];
@@ -595,7 +593,7 @@ impl Builder {
     fn log(
         &mut self,
         saga: &mut Saga,
-        kind: &str,
+        kind: EventKind,
         step: Option<usize>,
         attempt: Option<u32>,
         detail: Option<String>,
@@ -604,7 +602,7 @@ impl Builder {
         self.history.push(HistoryEntry {
             seq: saga.seq,
             at_ms: self.now_ms,
-            kind: kind.to_string(),
+            kind,
             step: step
                 .and_then(|i| saga.definition.steps.get(i))
                 .map(|d| d.name.clone()),
@@ -684,7 +682,7 @@ impl Builder {
                 p.last_outcome = Some("ok".into());
                 p.output = Some(data.clone());
                 p.finished_at_ms = Some(now);
-                self.log(saga, "step_succeeded", Some(i), Some(attempt), None);
+                self.log(saga, EventKind::StepSucceeded, Some(i), Some(attempt), None);
             }
             Outcome::Rejected(reason) => {
                 let p = &mut saga.steps[i];
@@ -697,7 +695,13 @@ impl Builder {
                     Self::set_reason(saga, format!("step {step_name} rejected: {reason}"));
                     reason.clone()
                 };
-                self.log(saga, "step_rejected", Some(i), Some(attempt), Some(detail));
+                self.log(
+                    saga,
+                    EventKind::StepRejected,
+                    Some(i),
+                    Some(attempt),
+                    Some(detail),
+                );
             }
             Outcome::Transient(reason) | Outcome::NotApplied(reason) => {
                 let max = saga.definition.steps[i].retry.max_attempts;
@@ -710,7 +714,13 @@ impl Builder {
                 p.maybe_applied |= matches!(outcome, Outcome::Transient(_));
                 if may_retry {
                     p.attempts = attempt + 1;
-                    self.log(saga, "step_retry", Some(i), Some(attempt), Some(reason.clone()));
+                    self.log(
+                        saga,
+                        EventKind::StepRetry,
+                        Some(i),
+                        Some(attempt),
+                        Some(reason.clone()),
+                    );
                     self.send(saga, i, CommandKind::Forward, attempt + 1);
                     return;
                 }
@@ -733,7 +743,11 @@ impl Builder {
                     Self::set_reason(saga, why);
                     reason.clone()
                 };
-                let kind = if unknown { "step_unknown" } else { "step_failed" };
+                let kind = if unknown {
+                    EventKind::StepUnknown
+                } else {
+                    EventKind::StepFailed
+                };
                 self.log(saga, kind, Some(i), Some(attempt), Some(detail));
             }
         }
@@ -758,7 +772,7 @@ impl Builder {
             Some(next) => self.run_group(saga, next),
             None => {
                 saga.state = SagaState::Completed;
-                self.log(saga, "completed", None, None, None);
+                self.log(saga, EventKind::Completed, None, None, None);
             }
         }
     }
@@ -772,7 +786,13 @@ impl Builder {
                 p.status = StepStatus::Compensated;
                 p.last_outcome = Some("compensated".into());
                 p.finished_at_ms = Some(now);
-                self.log(saga, "compensation_succeeded", Some(i), Some(attempt), None);
+                self.log(
+                    saga,
+                    EventKind::CompensationSucceeded,
+                    Some(i),
+                    Some(attempt),
+                    None,
+                );
             }
             Outcome::Rejected(reason) => {
                 self.compensation_failed(saga, i, attempt, format!("compensation refused: {reason}"));
@@ -785,7 +805,7 @@ impl Builder {
                     p.compensation_attempts = attempt + 1;
                     self.log(
                         saga,
-                        "compensation_retry",
+                        EventKind::CompensationRetry,
                         Some(i),
                         Some(attempt),
                         Some(reason.clone()),
@@ -826,7 +846,13 @@ impl Builder {
         if !others_busy {
             saga.state = SagaState::Failed { step: i };
         }
-        self.log(saga, "compensation_failed", Some(i), Some(attempt), Some(why));
+        self.log(
+            saga,
+            EventKind::CompensationFailed,
+            Some(i),
+            Some(attempt),
+            Some(why),
+        );
     }
 
     /// Once no compensation of group `g` is in flight: FAILED if one of them
@@ -844,7 +870,7 @@ impl Builder {
             .find(|&k| saga.steps[k].status == StepStatus::CompensationFailed)
         {
             saga.state = SagaState::Failed { step: k };
-            self.log(saga, "failed", None, None, None);
+            self.log(saga, EventKind::Failed, None, None, None);
             return;
         }
         self.compensate_from(saga, g.checked_sub(1));
@@ -855,7 +881,7 @@ impl Builder {
         saga.state = SagaState::Compensating {
             step: from.map(|f| saga.definition.group_of(f)).unwrap_or(0),
         };
-        self.log(saga, "compensating", None, None, saga.reason.clone());
+        self.log(saga, EventKind::Compensating, None, None, saga.reason.clone());
         self.compensate_from(saga, from);
     }
 
@@ -870,7 +896,7 @@ impl Builder {
         let newest = from.and_then(|from| (0..=from).rev().find(|&k| undoable(saga, k)));
         let Some(k) = newest else {
             saga.state = SagaState::Compensated;
-            self.log(saga, "compensated", None, None, None);
+            self.log(saga, EventKind::Compensated, None, None, None);
             return;
         };
         let g = saga.definition.group_of(k);
@@ -884,6 +910,53 @@ impl Builder {
             }
         }
     }
+}
+
+/// Whether a transition written from `previous` (`None`: a new saga) puts
+/// `saga` into FAILED: it then gets a dead letter, once per entry (an
+/// operator must act).
+pub fn enters_failed(saga: &Saga, previous: Option<StateTag>) -> bool {
+    saga.state.tag() == StateTag::Failed && previous != Some(StateTag::Failed)
+}
+
+/// What a `CreateOrder` asked for, compared with the saga its idempotency
+/// key already names (a repeat must ask for the same thing).
+#[derive(Debug, Clone, Copy)]
+pub struct CreateRequest<'a> {
+    /// The definition it resolved to.
+    pub definition: &'a SagaDefinition,
+    /// Whether it named that exact version.
+    pub version_requested: bool,
+    /// The order.
+    pub order: &'a OrderPayload,
+    /// Whether it gave `order.order_id` (otherwise one was generated).
+    pub order_id_given: bool,
+}
+
+/// Whether a repeated `CreateOrder` with the same idempotency key asks for
+/// what created `saga`: same definition (and version when named), same
+/// order (its id only when given).
+pub fn same_create_request(saga: &Saga, request: &CreateRequest<'_>) -> bool {
+    let (a, b) = (&saga.order, request.order);
+    saga.definition.name == request.definition.name
+        && (!request.version_requested || saga.definition.version == request.definition.version)
+        && (!request.order_id_given || a.order_id == b.order_id)
+        && a.customer_id == b.customer_id
+        && a.items == b.items
+        && a.amount_cents == b.amount_cents
+        && a.currency == b.currency
+}
+
+/// The saga's age when it is past the command horizon (`horizon` zero: no
+/// limit): participants may have forgotten its commands' idempotency keys,
+/// so no command of it may be sent again (`RetrySaga`, `AbortSaga`).
+pub fn past_command_horizon(
+    saga: &Saga,
+    horizon: std::time::Duration,
+    now_ms: u64,
+) -> Option<std::time::Duration> {
+    let age = std::time::Duration::from_millis(now_ms.saturating_sub(saga.created_at_ms));
+    (!horizon.is_zero() && age > horizon).then_some(age)
 }
 
 #[cfg(test)]
@@ -1690,5 +1763,63 @@ steps:
             assert_eq!(StateTag::from_byte(t as u8), Some(t));
         }
         assert_eq!(StateTag::from_byte(0), None);
+    }
+
+    #[test]
+    fn a_repeated_create_must_ask_for_the_same_order() {
+        let saga = new_saga(order_def());
+        let def = order_def();
+        let same = |order: &OrderPayload, order_id_given: bool| {
+            same_create_request(
+                &saga,
+                &CreateRequest {
+                    definition: &def,
+                    version_requested: false,
+                    order,
+                    order_id_given,
+                },
+            )
+        };
+        assert!(same(&order(), true));
+        let mut other = order();
+        other.order_id = "generated".into();
+        assert!(same(&other, false));
+        assert!(!same(&other, true));
+        other.amount_cents += 1;
+        assert!(!same(&other, false));
+    }
+
+    #[test]
+    fn the_command_horizon_counts_from_the_sagas_creation() {
+        let saga = new_saga(order_def()); // created at 1 ms
+        let day = Duration::from_secs(86_400);
+        assert_eq!(past_command_horizon(&saga, day, 1 + 86_400_000), None);
+        assert_eq!(
+            past_command_horizon(&saga, day, 2 + 86_400_000),
+            Some(Duration::from_millis(86_400_001))
+        );
+        assert_eq!(past_command_horizon(&saga, Duration::ZERO, u64::MAX), None);
+    }
+
+    #[test]
+    fn event_kinds_are_stored_under_the_names_earlier_versions_wrote() {
+        for kind in EventKind::ALL {
+            let stored = serde_json::to_value(kind).ok();
+            assert_eq!(stored, Some(serde_json::Value::String(kind.as_str().into())));
+            assert_eq!(EventKind::parse(kind.as_str()), Some(kind));
+        }
+        let old: Result<HistoryEntry, _> = serde_json::from_str(
+            r#"{"seq":1,"at_ms":5,"kind":"step_succeeded","step":"a","attempt":1,"detail":null,"state":"running"}"#,
+        );
+        assert!(
+            matches!(
+                old,
+                Ok(HistoryEntry {
+                    kind: EventKind::StepSucceeded,
+                    ..
+                })
+            ),
+            "{old:?}"
+        );
     }
 }

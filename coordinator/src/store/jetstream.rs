@@ -8,7 +8,7 @@
 //!   coordinator must load when it takes a partition over (non-terminal ones,
 //!   and terminal ones whose events are not yet out);
 //! - `SAGA_KEYS`: hex of a client idempotency key → saga id;
-//! - `SAGA_LEASES` (see [`crate::cluster`]): partition leases and members.
+//! - `SAGA_LEASES` (see the `cluster` module): partition leases and members.
 //!
 //! **Fencing.** Every write of a saga names the revision it read
 //! (`update(key, value, revision)`; `create` for a new one). Two coordinators
@@ -37,14 +37,19 @@ use std::{
 };
 
 use async_nats::jetstream::{self, kv};
-use futures::{StreamExt, TryStreamExt};
+use futures::{future::BoxFuture, StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 use uuid::Uuid;
 
 use crate::{
     engine::{HistoryEntry, Saga, StateTag, Transition},
-    store::{decode, encode, history_key, saga_key, DeadLetter, EventRecord, OutboxEntry, Page, StoreError},
+    store::{
+        codec::{decode, encode},
+        keys::{history_key, saga_key},
+        Capabilities, CommitTask, Committed, DeadLetter, EventRecord, Loaded, OutboxEntry, Page,
+        PartitionedStore, SagaStore, StoreError, WithHistory,
+    },
 };
 
 /// Bucket of the saga records.
@@ -56,22 +61,7 @@ pub const KEYS_BUCKET: &str = "SAGA_KEYS";
 /// Most KV writes in flight at once during a flush.
 const FLUSH_PARALLELISM: usize = 256;
 
-/// The partition of a saga: from the random tail of its UUID (v7 ids begin
-/// with the time, which would put a burst of sagas in one partition).
-pub fn partition_of(saga_id: &str, partitions: u32) -> u32 {
-    let partitions = partitions.max(1);
-    let n = match Uuid::parse_str(saga_id) {
-        Ok(u) => {
-            let b = u.as_bytes();
-            u64::from_be_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]])
-        }
-        // Not a UUID (never produced here): still a stable answer.
-        Err(_) => saga_id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-        }),
-    };
-    u32::try_from(n % u64::from(partitions)).unwrap_or(0)
-}
+pub use crate::partition::partition_of;
 
 fn active_key(partition: u32, saga_id: &str) -> String {
     format!("p{partition:04}.{saga_id}")
@@ -184,9 +174,6 @@ struct Buckets {
     keys: kv::Store,
 }
 
-/// A saga loaded for running: the record and the commands it has in flight.
-pub type Loaded = (Saga, Vec<OutboxEntry>);
-
 impl JsStore {
     /// Opens (creating when absent) the buckets.
     ///
@@ -258,7 +245,7 @@ impl JsStore {
             cached.outbox.retain(|e| !(e.step == c.step && e.kind == c.kind));
             cached.outbox.push(OutboxEntry::new(saga, c));
         }
-        let dead = DeadLetter::of(saga).filter(|_| previous != Some(StateTag::Failed));
+        let dead = DeadLetter::on_entering(saga, previous);
         if let Some(d) = &dead {
             cached.dead_letters.push(d.clone());
         }
@@ -706,24 +693,129 @@ pub fn log_opened(store: &JsStore) {
     );
 }
 
+impl SagaStore for JsStore {
+    fn name(&self) -> &'static str {
+        "jetstream store"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            evicts_resident: false,
+            // A batch's writes check the revisions the previous one left.
+            commit_each_batch: true,
+            shared: true,
+            retention: false,
+        }
+    }
+
+    fn stage(&self, t: &Transition, previous: Option<StateTag>) -> Result<(), StoreError> {
+        self.write(t, previous)
+    }
+
+    fn begin_commit(&self) -> CommitTask {
+        let s = self.clone();
+        tokio::spawn(async move { s.flush_writes().await.map(Committed::except) })
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        // Every commit waited for JetStream's acknowledgements.
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn ensure_durable(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        // Readers only see what JetStream acknowledged.
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn get<'a>(&'a self, id: &'a Uuid) -> BoxFuture<'a, Result<Option<Saga>, StoreError>> {
+        Box::pin(JsStore::get(self, id))
+    }
+
+    fn load_for_update<'a>(&'a self, id: &'a Uuid) -> BoxFuture<'a, Result<Option<Saga>, StoreError>> {
+        Box::pin(JsStore::load_for_update(self, id))
+    }
+
+    fn get_latest<'a>(&'a self, id: &'a Uuid) -> BoxFuture<'a, Result<Option<Saga>, StoreError>> {
+        Box::pin(JsStore::get(self, id))
+    }
+
+    fn get_with_history<'a>(
+        &'a self,
+        id: &'a Uuid,
+    ) -> BoxFuture<'a, Result<Option<WithHistory>, StoreError>> {
+        Box::pin(JsStore::get_with_history(self, id))
+    }
+
+    fn saga_for_key<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Uuid>, StoreError>> {
+        Box::pin(JsStore::saga_for_key(self, key))
+    }
+
+    fn list(
+        &self,
+        state: Option<StateTag>,
+        after: Option<Uuid>,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Page, StoreError>> {
+        Box::pin(JsStore::list(self, state, after, limit))
+    }
+
+    fn resume_at_start(&self) -> Result<Vec<Loaded>, StoreError> {
+        // Loaded partition by partition as leases are taken (the cluster module).
+        Ok(Vec::new())
+    }
+
+    fn forget(&self, ids: &[String]) {
+        JsStore::forget(self, ids);
+    }
+
+    fn dlq_pending(&self) -> Result<Vec<(Vec<u8>, DeadLetter)>, StoreError> {
+        Ok(JsStore::dlq_pending(self))
+    }
+
+    fn dlq_published(&self, key: &[u8]) -> Result<(), StoreError> {
+        JsStore::dlq_published(self, key);
+        Ok(())
+    }
+
+    fn dead_letters<'a>(&'a self, id: &'a Uuid) -> BoxFuture<'a, Result<Vec<DeadLetter>, StoreError>> {
+        Box::pin(JsStore::dead_letters(self, id))
+    }
+
+    fn events_pending(&self, limit: usize) -> Result<Vec<(Vec<u8>, EventRecord)>, StoreError> {
+        Ok(JsStore::events_pending(self, limit))
+    }
+
+    fn events_backlog(&self) -> usize {
+        JsStore::events_backlog(self)
+    }
+
+    fn events_published(&self, keys: &[Vec<u8>]) -> Result<(), StoreError> {
+        JsStore::events_published(self, keys);
+        Ok(())
+    }
+
+    fn probe(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(JsStore::probe(self))
+    }
+}
+
+impl PartitionedStore for JsStore {
+    fn load_partition(&self, partition: u32) -> BoxFuture<'_, Result<Vec<Loaded>, StoreError>> {
+        Box::pin(JsStore::load_partition(self, partition))
+    }
+
+    fn load<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<Loaded>, StoreError>> {
+        Box::pin(JsStore::load(self, id))
+    }
+
+    fn retire_published(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(JsStore::retire_published(self))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn partitions_spread_uuid_v7_ids_made_in_a_burst() {
-        let mut counts = [0u32; 8];
-        for _ in 0..8000 {
-            let id = Uuid::now_v7().to_string();
-            counts[partition_of(&id, 8) as usize] += 1;
-        }
-        // Each partition gets its share within 20%.
-        for c in counts {
-            assert!((800..=1200).contains(&c), "{counts:?}");
-        }
-        assert_eq!(partition_of("x", 8), partition_of("x", 8));
-        assert_eq!(partition_of("anything", 0), 0);
-    }
 
     #[test]
     fn client_keys_become_valid_kv_keys() {

@@ -4,10 +4,13 @@
 //! and outcomes (from the dispatcher), applies them with the pure engine,
 //! writes every resulting transition to the store, flushes ONCE for the whole
 //! batch (group commit), and only then answers the creators and hands the
-//! new commands to the dispatcher. With sled the flush runs on the blocking
-//! pool while the runner decides the next batch (one flush in flight, at
-//! most 512 inputs waiting; the next flush starts when it ends and covers
-//! everything decided meanwhile). So no command ever leaves before the state
+//! new commands to the command sink. Unless the store needs each batch
+//! committed before the next ([`crate::store::Capabilities`]), the commit
+//! runs in a task while the runner decides the next batch (one commit in
+//! flight, at most 512 inputs waiting; the next starts when it ends and
+//! covers everything decided meanwhile). A batch's effects are an
+//! [`crate::effects`] value that yields them only with the store's
+//! `Committed`. So no command ever leaves before the state
 //! that implies it is durable, and a crash at any point leaves either the old
 //! state (the event is redelivered: the command is still in the outbox and
 //! is re-sent on start) or the new one with its commands in the outbox.
@@ -15,8 +18,8 @@
 //! On start it resumes every non-terminal saga: PENDING ones are started,
 //! outbox commands are re-sent with their original idempotency keys.
 //! In-flight sagas live in memory (a map, removed when terminal); terminal
-//! ones are only in the store. With sled, at most `resident` in-flight
-//! sagas stay in memory: beyond that, sagas waiting for a reply are evicted
+//! ones are only in the store. With a store that can read evicted sagas
+//! back (sled), at most `resident` in-flight sagas stay in memory: beyond that, sagas waiting for a reply are evicted
 //! after the flush that made them durable (only their 16-byte id is kept) and
 //! read back from the store when their next event arrives. Every in-flight
 //! saga has a command out (or a retry timer in the dispatcher) whose outcome
@@ -34,7 +37,7 @@
 use std::{
     collections::{HashMap, HashSet},
     sync::{Arc, Mutex},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use saga_proto::wire::OrderPayload;
@@ -43,21 +46,23 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 use uuid::Uuid;
 
+pub use crate::effects::Change;
+pub use crate::ops::{CreateError, Created, OperateError, Operated};
 use crate::{
-    backend::Backend,
-    cluster::Ownership,
+    clock::now_ms,
+    cluster::SagaHost,
     definition::SagaDefinition,
-    dispatch::{Dispatcher, Reported},
+    effects::{CreateReply, OperateReply, Pending, Released, Unwritten},
     engine::{self, Event, Saga, StateTag, Transition},
-    jetstream::{partition_of, Loaded},
-    store::{OutboxEntry, StoreError},
+    partition::{partition_of, Ownership},
+    sink::{CommandSink, Reported},
+    store::{Capabilities, Committed, Loaded, OutboxEntry, SharedStore, StoreError},
     telemetry,
 };
 
 /// Most events applied under one flush.
 const BATCH: usize = 512;
-/// Subject of dead-letter records.
-pub const DLQ_SUBJECT: &str = "saga.dlq";
+pub use crate::dispatch::DLQ_SUBJECT;
 
 /// A saga to create.
 #[derive(Debug, Clone)]
@@ -75,55 +80,6 @@ pub struct NewSaga {
     /// Client idempotency key.
     pub idempotency_key: Option<String>,
 }
-
-/// What `create` did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Created {
-    /// A new saga, durable and started.
-    New {
-        /// Its id.
-        saga_id: String,
-        /// Order id (given or generated).
-        order_id: String,
-    },
-    /// The idempotency key already named this saga.
-    Existing {
-        /// Its id.
-        saga_id: String,
-        /// Its order id.
-        order_id: String,
-        /// Its current state.
-        state: StateTag,
-    },
-}
-
-/// Why a saga could not be created.
-#[derive(Debug, thiserror::Error)]
-pub enum CreateError {
-    /// The key was used before for a different order.
-    #[error("idempotency_key was already used for a different order (saga {0})")]
-    KeyReused(String),
-    /// The store failed.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// The runner stopped (shutdown or a fatal store error).
-    #[error("the coordinator is shutting down")]
-    Stopped,
-    /// NATS has not been reached since start: nothing is taken yet.
-    #[error("the coordinator is not connected to NATS yet; retry shortly")]
-    NotStarted,
-    /// jetstream store: this coordinator holds no partition yet.
-    #[error("this coordinator owns no partition yet; retry shortly or on another coordinator")]
-    NoPartition,
-    /// jetstream store: the write lost to another coordinator (the same
-    /// idempotency key created there at the same moment) or its outcome is
-    /// unknown; a retry with the same key answers.
-    #[error("the saga's write did not go through; retry with the same idempotency key")]
-    Lost,
-}
-
-type CreateReply = oneshot::Sender<Result<Created, CreateError>>;
-type OperateReply = oneshot::Sender<Result<Operated, OperateError>>;
 
 enum Request {
     Create {
@@ -146,45 +102,6 @@ enum Request {
         partitions: u32,
         reply: oneshot::Sender<Vec<String>>,
     },
-}
-
-/// What an operator event did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Operated {
-    /// The saga moved; its state now.
-    Changed(StateTag),
-    /// The event does not apply in the saga's state (e.g. abort of a completed saga).
-    Unchanged(StateTag),
-}
-
-/// Why an operator event could not be applied.
-#[derive(Debug, thiserror::Error)]
-pub enum OperateError {
-    /// No such saga.
-    #[error("saga {0} not found")]
-    NotFound(Uuid),
-    /// The store failed.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// The runner stopped.
-    #[error("the coordinator is shutting down")]
-    Stopped,
-    /// NATS has not been reached since start: nothing is taken yet.
-    #[error("the coordinator is not connected to NATS yet; retry shortly")]
-    NotStarted,
-    /// jetstream store: the saga's partition is owned by no reachable coordinator now.
-    #[error("{0}")]
-    Elsewhere(String),
-}
-
-/// A durable transition of a watched saga: the saga after it and the
-/// history entries it added.
-#[derive(Debug)]
-pub struct Change {
-    /// The saga after the transition.
-    pub saga: Saga,
-    /// The entries the transition added, in order.
-    pub history: Vec<engine::HistoryEntry>,
 }
 
 type WatchMap = HashMap<String, tokio::sync::watch::Sender<Option<Arc<Change>>>>;
@@ -373,6 +290,20 @@ impl RunnerHandle {
     }
 }
 
+impl SagaHost for RunnerHandle {
+    async fn adopt(&self, sagas: Vec<Loaded>) -> Result<usize, OperateError> {
+        RunnerHandle::adopt(self, sagas).await
+    }
+
+    async fn release(&self, partition: u32, partitions: u32) -> Result<Vec<String>, OperateError> {
+        RunnerHandle::release(self, partition, partitions).await
+    }
+
+    async fn operate(&self, saga_id: Uuid, event: Event) -> Result<Operated, OperateError> {
+        RunnerHandle::operate(self, saga_id, event).await
+    }
+}
+
 /// The runner task's inputs, built by [`channel`].
 pub struct RunnerInputs {
     /// Most in-flight sagas kept in memory (see the module docs).
@@ -384,7 +315,8 @@ pub struct RunnerInputs {
 }
 
 /// A handle for creators, the sender for the dispatcher and the runner's
-/// inputs; at most `resident` in-flight sagas are kept in memory with sled.
+/// inputs; at most `resident` in-flight sagas are kept in memory when the
+/// store can read evicted ones back.
 pub fn channel(resident: usize) -> (RunnerHandle, mpsc::UnboundedSender<Reported>, RunnerInputs) {
     let (tx, requests) = mpsc::channel(4096);
     let (otx, outcomes) = mpsc::unbounded_channel();
@@ -407,75 +339,38 @@ pub fn channel(resident: usize) -> (RunnerHandle, mpsc::UnboundedSender<Reported
     )
 }
 
-/// Wall-clock time, ms since the Unix epoch (the engine gets time from here).
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
 struct Runner {
-    store: Backend,
+    store: SharedStore,
+    /// How the store differs from the others (asked once).
+    caps: Capabilities,
     /// jetstream store: the partitions this coordinator owns (new saga ids are drawn in them).
     ownership: Option<Ownership>,
     /// jetstream store: sagas whose write was lost, to be reloaded by the owner.
     lost: Option<mpsc::UnboundedSender<String>>,
-    dispatcher: Dispatcher,
-    nats: async_nats::Client,
+    sink: Arc<dyn CommandSink>,
     events: crate::events::EventsWake,
     active: HashMap<String, Saga>,
-    /// In flight but not in memory (sled only): read back on their next event.
+    /// In flight but not in memory (a store that evicts): read back on their next event.
     evicted: HashSet<Uuid>,
-    /// Most in-flight sagas kept in `active` (sled only).
+    /// Most in-flight sagas kept in `active` (a store that evicts).
     resident: usize,
     dlq_inflight: Arc<Mutex<HashSet<Vec<u8>>>>,
     /// What was decided since the last flush began.
-    batch: Batch,
+    batch: Pending,
     /// The flush under way (at most one), with what it releases when done.
     flushing: Option<Flushing>,
     watchers: Watchers,
 }
 
-/// What a batch of decisions releases once the flush covering it is done.
-#[derive(Default)]
-struct Batch {
-    /// Commands to hand to the dispatcher.
-    to_send: Vec<OutboxEntry>,
-    acks: Vec<(CreateReply, Result<Created, CreateError>)>,
-    operated: Vec<(OperateReply, String, Result<Operated, OperateError>)>,
-    /// Idempotency keys of the sagas it created (not yet readable in the store).
-    keys: HashMap<String, String>,
-    /// Sagas that moved, `(id, terminal, change)`, for their watchers; the
-    /// change is captured for sagas watched when it was decided.
-    changed: Vec<(String, bool, Option<Arc<Change>>)>,
-    /// Whether it wrote anything.
-    dirty: bool,
-    /// Inputs (outcomes and requests) it took.
-    inputs: usize,
-    /// Whether it wrote a dead letter (publish the unconfirmed ones).
-    dead_letters: bool,
-}
-
-impl Batch {
-    fn is_empty(&self) -> bool {
-        !self.dirty
-            && !self.dead_letters
-            && self.to_send.is_empty()
-            && self.acks.is_empty()
-            && self.operated.is_empty()
-    }
-}
-
 /// A flush running in its own task while the runner decides the next batch.
 struct Flushing {
-    batch: Batch,
-    task: tokio::task::JoinHandle<Result<Vec<String>, StoreError>>,
+    batch: Pending,
+    task: crate::store::CommitTask,
     started: std::time::Instant,
 }
 
 impl Flushing {
-    async fn wait(&mut self) -> Result<Vec<String>, StoreError> {
+    async fn wait(&mut self) -> Result<Committed, StoreError> {
         match (&mut self.task).await {
             Ok(result) => result,
             Err(e) => Err(StoreError::Corrupt(format!("flush task failed: {e}"))),
@@ -484,7 +379,7 @@ impl Flushing {
 }
 
 /// Waits for the flush under way, if any (else never returns).
-async fn flushed(flushing: &mut Option<Flushing>) -> Result<Vec<String>, StoreError> {
+async fn flushed(flushing: &mut Option<Flushing>) -> Result<Committed, StoreError> {
     match flushing {
         Some(f) => f.wait().await,
         None => std::future::pending().await,
@@ -497,10 +392,9 @@ async fn flushed(flushing: &mut Option<Flushing>) -> Result<Vec<String>, StoreEr
 /// A store failure: the runner stops at once, sending nothing more (a
 /// restart recovers from what is durable).
 pub async fn run(
-    store: Backend,
+    store: SharedStore,
     cluster: Option<(Ownership, mpsc::UnboundedSender<String>)>,
-    dispatcher: Dispatcher,
-    nats: async_nats::Client,
+    sink: Arc<dyn CommandSink>,
     events: crate::events::EventsWake,
     mut inputs: RunnerInputs,
     shutdown: CancellationToken,
@@ -510,20 +404,18 @@ pub async fn run(
         None => (None, None),
     };
     let mut r = Runner {
+        caps: store.capabilities(),
         store,
         ownership,
         lost,
-        dispatcher,
-        nats,
+        sink,
         events,
         active: HashMap::new(),
         evicted: HashSet::new(),
         resident: inputs.resident,
         dlq_inflight: Arc::new(Mutex::new(HashSet::new())),
-        batch: Batch {
-            dead_letters: true, // publish what a previous run left unconfirmed
-            ..Batch::default()
-        },
+        // Publishes what a previous run left unconfirmed.
+        batch: Pending::resuming(),
         flushing: None,
         watchers: inputs.watchers.clone(),
     };
@@ -536,7 +428,12 @@ pub async fn run(
     inputs.running.send_replace(false);
     inputs.watchers.close_all();
     result?;
-    r.store.flush_writes().await?;
+    // The runner decided nothing since its last commit; a final one covers
+    // anything a store still holds staged (none lost: nothing is pending).
+    match r.store.begin_commit().await {
+        Ok(result) => drop(result?),
+        Err(e) => return Err(StoreError::Corrupt(format!("final commit task failed: {e}"))),
+    }
     info!(
         in_flight = r.active.len() + r.evicted.len(),
         "saga runner stopped; in-flight sagas resume on next start"
@@ -581,8 +478,8 @@ async fn serve_batches(
             // While a flush runs, the next batch takes at most BATCH inputs, then
             // waits for it: a burst (all replies after a restart) is committed in
             // bounded transactions, not one that grows while the flush runs.
-            n = inputs.outcomes.recv_many(&mut outcomes, BATCH), if r.batch.inputs < BATCH => if n == 0 { break },
-            n = inputs.requests.recv_many(&mut requests, BATCH), if r.batch.inputs < BATCH => if n == 0 { break },
+            n = inputs.outcomes.recv_many(&mut outcomes, BATCH), if r.batch.inputs() < BATCH => if n == 0 { break },
+            n = inputs.requests.recv_many(&mut requests, BATCH), if r.batch.inputs() < BATCH => if n == 0 { break },
         }
         // Take whatever else is already waiting so it shares this flush.
         while outcomes.len() < BATCH {
@@ -598,7 +495,7 @@ async fn serve_batches(
             }
         }
         let now = now_ms();
-        r.batch.inputs += outcomes.len() + requests.len();
+        r.batch.took(outcomes.len() + requests.len());
         for Reported { saga_id, event } in outcomes.drain(..) {
             r.apply(&saga_id, &event, now)?;
         }
@@ -606,7 +503,7 @@ async fn serve_batches(
             match request {
                 Request::Create { new, reply } => {
                     let result = r.create(new, now).await;
-                    r.batch.acks.push((reply, result));
+                    r.batch.ack(reply, result);
                 }
                 Request::Operate {
                     saga_id,
@@ -614,7 +511,7 @@ async fn serve_batches(
                     reply,
                 } => {
                     let result = r.operate(saga_id, &event, now).await;
-                    r.batch.operated.push((reply, saga_id.to_string(), result));
+                    r.batch.operated(reply, saga_id.to_string(), result);
                 }
                 Request::Adopt { sagas, reply } => {
                     let n = r.adopt(sagas, now)?;
@@ -644,9 +541,9 @@ async fn serve_batches(
         }
         // Flushed now, or when the flush under way is done.
         r.begin_commit()?;
-        if r.store.sled().is_none() {
-            // jetstream: a batch's writes check the revisions the previous
-            // one left, so its flush completes before the next batch.
+        if r.caps.commit_each_batch {
+            // A batch's writes check the revisions the previous one left
+            // (jetstream), so its flush completes before the next batch.
             r.settle().await?;
         }
     }
@@ -674,7 +571,7 @@ impl Runner {
             for entry in outbox {
                 info!(saga_id = %entry.saga_id, correlation_id = %entry.correlation_id,
                       step = %entry.message.step, attempt = entry.message.attempt, "re-sending in-flight command");
-                self.batch.to_send.push(entry);
+                self.batch.send(entry);
             }
         }
         Ok(fresh)
@@ -704,9 +601,8 @@ impl Runner {
         if let Some(key) = &new.idempotency_key {
             let pending = self
                 .batch
-                .keys
-                .get(key)
-                .or_else(|| self.flushing.as_ref().and_then(|f| f.batch.keys.get(key)));
+                .reserved(key)
+                .or_else(|| self.flushing.as_ref().and_then(|f| f.batch.reserved(key)));
             let existing = match pending {
                 Some(id) => Uuid::parse_str(id).ok(),
                 None => self.store.saga_for_key(key).await?,
@@ -718,7 +614,13 @@ impl Runner {
                 };
                 match found {
                     Some(saga) => {
-                        if !same_request(&saga, &new) {
+                        let request = engine::CreateRequest {
+                            definition: &new.definition,
+                            version_requested: new.version_requested,
+                            order: &new.order,
+                            order_id_given: new.order_id_given,
+                        };
+                        if !engine::same_create_request(&saga, &request) {
                             return Err(CreateError::KeyReused(saga.id));
                         }
                         return Ok(Created::Existing {
@@ -764,7 +666,7 @@ impl Runner {
         metrics::counter!(telemetry::SAGAS_STARTED, "definition" => created.saga.definition.id())
             .increment(1);
         if let Some(key) = new.idempotency_key {
-            self.batch.keys.insert(key, id.clone());
+            self.batch.reserve_key(key, id.clone());
         }
         self.active.insert(id.clone(), created.saga.clone());
         // Written with its start: one record, index entry and events pointer.
@@ -839,8 +741,8 @@ impl Runner {
         };
         let Some(mut t) = t else {
             if let Some(created) = creation {
-                self.store.write(&created, None)?;
-                self.batch.dirty = true;
+                self.store.stage(&created, None)?;
+                self.batch.wrote();
             }
             return Ok(None);
         };
@@ -853,23 +755,22 @@ impl Runner {
             }
             None => Some(previous),
         };
-        self.store.write(&t, written_from)?;
-        self.batch.dirty = true;
+        self.store.stage(&t, written_from)?;
+        self.batch.wrote();
         if let Event::Abort { .. } = event {
             // The commands in flight are moot: stop them if they have not left
             // yet, in the dispatcher or still waiting for a flush here.
             for (step, kind) in &t.settled {
-                self.dispatcher.withdraw(saga_id, *step, *kind);
-                let moot = |e: &OutboxEntry| e.saga_id == saga_id && e.step == *step && e.kind == *kind;
-                self.batch.to_send.retain(|e| !moot(e));
+                self.sink.withdraw(saga_id, *step, *kind);
+                self.batch.withdraw(saga_id, *step, *kind);
                 if let Some(f) = self.flushing.as_mut() {
-                    f.batch.to_send.retain(|e| !moot(e));
+                    f.batch.withdraw(saga_id, *step, *kind);
                 }
             }
         }
         let tag = t.saga.state.tag();
-        if tag == StateTag::Failed && previous != StateTag::Failed {
-            self.batch.dead_letters = true;
+        if engine::enters_failed(&t.saga, Some(previous)) {
+            self.batch.wrote_dead_letter();
             warn!(saga_id, correlation_id = %t.saga.correlation_id,
                   reason = t.saga.reason.as_deref().unwrap_or(""), "saga FAILED: dead letter written");
         }
@@ -887,11 +788,10 @@ impl Runner {
             })
         });
         self.batch
-            .changed
-            .push((saga.id.clone(), saga.state.is_terminal(), change));
-        self.batch
-            .to_send
-            .extend(commands.iter().map(|c| OutboxEntry::new(&saga, c)));
+            .moved((saga.id.clone(), saga.state.is_terminal(), change));
+        for c in &commands {
+            self.batch.send(OutboxEntry::new(&saga, c));
+        }
         if saga.state.is_terminal() {
             metrics::counter!(
                 telemetry::SAGAS_FINISHED,
@@ -915,10 +815,10 @@ impl Runner {
         let Some(id) = Uuid::parse_str(saga_id).ok().filter(|id| self.evicted.remove(id)) else {
             return Ok(());
         };
-        let Some(store) = self.store.sled() else {
+        if !self.caps.evicts_resident {
             return Ok(());
-        };
-        match store.get_latest(&id)? {
+        }
+        match self.store.read_back(&id)? {
             Some(saga) if !saga.state.is_terminal() => {
                 self.active.insert(saga_id.to_string(), saga);
             }
@@ -928,14 +828,14 @@ impl Runner {
         Ok(())
     }
 
-    /// Keeps at most `resident` in-flight sagas in memory (sled only): the
+    /// Keeps at most `resident` in-flight sagas in memory (a store that evicts): the
     /// excess, and a quarter more so this does not run on every batch, is
     /// evicted, longest-waiting first (the oldest last transition: a saga
     /// that just moved will hear back soonest). Called when a flush is done;
     /// a saga whose latest transition is still staged or being committed is
-    /// read back from there ([`Backend::get_latest`]).
+    /// read back from there ([`crate::store::SagaStore::read_back`]).
     fn evict(&mut self) {
-        if self.active.len() <= self.resident || self.store.sled().is_none() {
+        if self.active.len() <= self.resident || !self.caps.evicts_resident {
             return;
         }
         let excess = self.active.len() - (self.resident - self.resident / 4);
@@ -984,16 +884,16 @@ impl Runner {
         }
         if self.batch.is_empty() {
             // Inputs that changed nothing (late replies): nothing to wait for.
-            self.batch.inputs = 0;
+            self.batch = Pending::default();
             return Ok(());
         }
-        let batch = std::mem::take(&mut self.batch);
-        if !batch.dirty {
-            return self.release(batch);
-        }
+        let batch = match std::mem::take(&mut self.batch).release_unwritten() {
+            Unwritten::Released(released) => return self.release(released),
+            Unwritten::NeedsCommit(batch) => batch,
+        };
         self.flushing = Some(Flushing {
             batch,
-            task: self.store.spawn_flush(),
+            task: self.store.begin_commit(),
             started: std::time::Instant::now(),
         });
         Ok(())
@@ -1001,26 +901,24 @@ impl Runner {
 
     /// The flush under way ended: release its batch, or stop on a failure
     /// (sending nothing: the outbox re-sends after a restart).
-    fn flush_done(&mut self, result: Result<Vec<String>, StoreError>) -> Result<(), StoreError> {
-        let Some(Flushing {
-            mut batch, started, ..
-        }) = self.flushing.take()
-        else {
+    fn flush_done(&mut self, result: Result<Committed, StoreError>) -> Result<(), StoreError> {
+        let Some(Flushing { batch, started, .. }) = self.flushing.take() else {
             return Ok(());
         };
-        let lost = match result {
-            Ok(lost) => lost,
+        let committed = match result {
+            Ok(committed) => committed,
             Err(e) => {
                 error!(error = %e, "flush failed; stopping without sending");
                 return Err(e);
             }
         };
-        if !lost.is_empty() {
-            self.drop_lost(&mut batch, &lost);
-        }
         metrics::counter!(telemetry::FLUSHES).increment(1);
         metrics::histogram!(telemetry::FLUSH_SECONDS).record(started.elapsed().as_secs_f64());
-        self.release(batch)
+        let released = batch.committed(committed);
+        if !released.lost().is_empty() {
+            self.forget_lost(released.lost());
+        }
+        self.release(released)
     }
 
     /// Waits for the flush under way, if any, and releases its batch.
@@ -1039,68 +937,45 @@ impl Runner {
         self.settle().await
     }
 
-    /// Replies, sends and wakes what `batch` decided, now durable.
-    fn release(&mut self, batch: Batch) -> Result<(), StoreError> {
+    /// Replies, sends and wakes what a committed batch decided.
+    fn release(&mut self, released: Released) -> Result<(), StoreError> {
         self.evict();
         metrics::gauge!(telemetry::SAGAS_IN_FLIGHT).set((self.active.len() + self.evicted.len()) as f64);
-        let Batch {
-            to_send,
-            acks,
-            operated,
-            changed,
-            dirty,
-            dead_letters,
-            ..
-        } = batch;
-        for (reply, result) in acks {
+        let delivery = released.into_delivery();
+        for (reply, result) in delivery.acks {
             let _ = reply.send(result);
         }
-        for (reply, _, result) in operated {
+        for (reply, _, result) in delivery.operated {
             let _ = reply.send(result);
         }
-        for entry in to_send {
-            self.dispatcher.dispatch(entry);
+        for entry in delivery.to_send {
+            self.sink.dispatch(entry);
         }
-        for (id, terminal, change) in changed {
+        for (id, terminal, change) in delivery.changed {
             self.watchers.notify(&id, terminal, change);
         }
-        if dirty {
+        if delivery.wrote {
             // Every transition wrote its events; they are durable now. Woken
             // last, so the publisher's JetStream traffic queues behind the
             // commands on the connection, not in front of them.
             self.events.wake();
         }
-        if dead_letters {
+        if delivery.dead_letters {
             self.publish_dead_letters()?;
         }
         Ok(())
     }
 
-    /// jetstream store: sagas whose write did not land are forgotten (their
-    /// commands not sent, their callers told) and handed to the partition
-    /// owner to reload from what is durable.
-    fn drop_lost(&mut self, batch: &mut Batch, lost: &[String]) {
-        let lost: HashSet<&str> = lost.iter().map(String::as_str).collect();
-        for id in &lost {
-            self.active.remove(*id);
-        }
-        batch.to_send.retain(|e| !lost.contains(e.saga_id.as_str()));
-        batch.changed.retain(|(id, _, _)| !lost.contains(id.as_str()));
-        for (_, result) in batch.acks.iter_mut() {
-            if matches!(result, Ok(Created::New { saga_id, .. }) if lost.contains(saga_id.as_str())) {
-                *result = Err(CreateError::Lost);
-            }
-        }
-        for (_, id, result) in batch.operated.iter_mut() {
-            if result.is_ok() && lost.contains(id.as_str()) {
-                *result = Err(OperateError::Elsewhere(
-                    "the saga was written by another coordinator meanwhile; retry".into(),
-                ));
-            }
+    /// Sagas whose write did not land (jetstream: another coordinator wrote
+    /// them) are forgotten here — their effects were dropped from the
+    /// batch — and handed to the partition owner to reload from what is durable.
+    fn forget_lost(&mut self, lost: &[String]) {
+        for id in lost {
+            self.active.remove(id);
         }
         if let Some(tx) = &self.lost {
             for id in lost {
-                let _ = tx.send(id.to_string());
+                let _ = tx.send(id.clone());
             }
         }
     }
@@ -1116,15 +991,9 @@ impl Runner {
             if !fresh {
                 continue;
             }
-            let (nats, store, inflight) = (self.nats.clone(), self.store.clone(), self.dlq_inflight.clone());
+            let (sink, store, inflight) = (self.sink.clone(), self.store.clone(), self.dlq_inflight.clone());
             tokio::spawn(async move {
-                let published = async {
-                    let body = serde_json::to_vec(&letter).map_err(|e| e.to_string())?;
-                    nats.publish(DLQ_SUBJECT, body.into())
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    nats.flush().await.map_err(|e| e.to_string())
-                };
+                let published = sink.publish_dead_letter(letter.clone());
                 match tokio::time::timeout(Duration::from_secs(5), published).await {
                     Ok(Ok(())) => {
                         info!(saga_id = %letter.saga_id, correlation_id = %letter.correlation_id, "dead letter published");
@@ -1148,15 +1017,5 @@ impl Runner {
     }
 }
 
-/// Whether a repeated `CreateOrder` with the same idempotency key asks for the same thing.
-fn same_request(saga: &Saga, new: &NewSaga) -> bool {
-    let a = &saga.order;
-    let b = &new.order;
-    saga.definition.name == new.definition.name
-        && (!new.version_requested || saga.definition.version == new.definition.version)
-        && (!new.order_id_given || a.order_id == b.order_id)
-        && a.customer_id == b.customer_id
-        && a.items == b.items
-        && a.amount_cents == b.amount_cents
-        && a.currency == b.currency
-}
+#[cfg(test)]
+mod tests;

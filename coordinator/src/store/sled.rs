@@ -1,0 +1,1012 @@
+//! The coordinator's durable state, in sled. Everything sled-specific lives here.
+//!
+//! Trees:
+//! - `sagas`: saga id (16 UUID bytes; v7, so key order is creation order) →
+//!   `{"v":1,"saga":{…}}` (the record; its definition by `definition_ref`,
+//!   or inline in records written by earlier versions);
+//! - `definitions`: `name@version#n` → the definition snapshot records refer
+//!   to (stored once per distinct content, kept);
+//! - `history`: saga id ++ seq (u64 BE) → one [`HistoryEntry`] (`{"v":1,…}`);
+//! - `by_state`: state tag (1 byte) ++ saga id → `[]`, the state index;
+//! - `outbox`: saga id ++ step (u32 BE) ++ kind (1 byte) → the command to send
+//!   (`{"v":1,…}`), removed when its outcome is recorded;
+//! - `idempotency`: client `CreateOrder` key → saga id;
+//! - `dead_letters`: saga id ++ seq → [`DeadLetter`], one per entry into FAILED (kept);
+//! - `dlq_outbox`: the same keys, for dead letters not yet published on `saga.dlq`;
+//! - `events.<generation>` (16 hex digits): the events log, in commit order.
+//!   Key: a sequence number (u64 BE, increasing over the store's life).
+//!   Value: a 41-byte pointer to the history entries one transition wrote
+//!   (version byte 1 ++ saga id ++ first seq ++ last seq ++ time in ms, u64
+//!   BE each), written in the same transaction as those entries. The
+//!   publisher (see `events`) builds each event from the history entry and
+//!   the saga record (every field it copies from the record is fixed at
+//!   creation) and records how far it got in `meta` (`events-cursor`:
+//!   generation ++ sequence, not flushed: after a crash the last batches are
+//!   re-published and JetStream drops the copies by `Nats-Msg-Id`). Nothing
+//!   is removed key by key: once the log holds `EVENTS_ROTATE` published
+//!   pointers a new generation is started, and a generation entirely
+//!   published is dropped whole (sled frees its pages). A log written by an
+//!   earlier version (`events_outbox`: one event copy per history entry,
+//!   removed one by one) is converted on open.
+//!
+//! [`Store::write`] stages one transition (record, history, index, outbox,
+//! idempotency key). The caller groups many writes and then calls
+//! [`Store::flush_writes`] once (group commit): every staged transition is
+//! applied in ONE sled transaction (together or not at all), then flushed;
+//! the caller sends no command before that returns.
+//!
+//! Durability: sled 0.34's `flush` writes its log and syncs it with
+//! `sync_file_range(2)` (data pages, not file metadata, and not a full
+//! `fsync`). On ext4/xfs with a preallocated log that survives a process
+//! crash (kill -9) completely, and a power loss in practice; it is not the
+//! guarantee of `fsync` on every file system. This module must not send
+//! anything or decide anything: it stores what the engine decided.
+
+mod events_log;
+mod legacy;
+mod prune;
+#[cfg(test)]
+mod tests;
+
+use std::{
+    collections::HashMap,
+    path::Path,
+    sync::{Arc, Mutex},
+};
+
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use sled::{transaction::ConflictableTransactionError, Transactional};
+use uuid::Uuid;
+
+use self::events_log::{event_pointer, EventSources, EventsReady, EVENTS_READY, EVENTS_ROTATE};
+use crate::{
+    definition::SagaDefinition,
+    engine::{HistoryEntry, Saga, SagaState, StateTag, StepProgress, Transition},
+    store::{
+        codec::{decode, encode},
+        keys::{history_key, outbox_key, saga_key, state_key},
+        DeadLetter, EventRecord, Loaded, OutboxEntry, Page, StoreError, WithHistory,
+    },
+};
+
+/// Default bound of sled's page cache.
+pub const DEFAULT_CACHE_BYTES: u64 = 128 * 1024 * 1024;
+
+/// A saga record as written: the saga with its definition by reference
+/// (`name@version#n`, a row of the `definitions` tree), so the snapshot is
+/// stored once per distinct definition instead of in every record at every
+/// transition (it was over half of each record's bytes).
+#[derive(Serialize)]
+struct SagaRecordOut<'a> {
+    saga: SagaOut<'a>,
+}
+
+#[derive(Serialize)]
+struct SagaOut<'a> {
+    id: &'a str,
+    definition_ref: &'a str,
+    order: &'a saga_proto::wire::OrderPayload,
+    correlation_id: &'a str,
+    idempotency_key: &'a Option<String>,
+    state: &'a SagaState,
+    steps: &'a [StepProgress],
+    reason: &'a Option<String>,
+    created_at_ms: u64,
+    updated_at_ms: u64,
+    seq: u64,
+}
+
+/// A saga record as read: the definition by reference, or inline (records
+/// written before `definition_ref` existed).
+#[derive(Debug, Deserialize)]
+struct SagaRecordIn {
+    saga: SagaIn,
+}
+
+#[derive(Debug, Deserialize)]
+struct SagaIn {
+    id: String,
+    #[serde(default)]
+    definition: Option<Arc<SagaDefinition>>,
+    #[serde(default)]
+    definition_ref: Option<String>,
+    order: saga_proto::wire::OrderPayload,
+    correlation_id: String,
+    idempotency_key: Option<String>,
+    state: SagaState,
+    steps: Vec<StepProgress>,
+    reason: Option<String>,
+    created_at_ms: u64,
+    updated_at_ms: u64,
+    seq: u64,
+}
+
+/// The definitions saga records refer to, in memory: by the `Arc` the
+/// runner's sagas share (so naming it costs no encoding) and by reference.
+#[derive(Default)]
+struct DefinitionRefs {
+    by_arc: Vec<(std::sync::Weak<SagaDefinition>, String)>,
+    by_ref: HashMap<String, Arc<SagaDefinition>>,
+}
+
+/// Runs sled's blocking work (a transaction, a flush) on the blocking pool.
+/// Not sled's `flush_async`: that goes through sled's own I/O thread pool,
+/// one more thread hand-off per flush.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| StoreError::Corrupt(format!("blocking store task failed: {e}")))?
+}
+
+/// Maps a failed sled transaction: a storage error, or an abort (`what`
+/// names the transaction; nothing here aborts on purpose).
+fn transaction_error(what: &'static str) -> impl Fn(sled::transaction::TransactionError<()>) -> StoreError {
+    move |e| match e {
+        sled::transaction::TransactionError::Storage(e) => StoreError::Sled(e),
+        sled::transaction::TransactionError::Abort(()) => StoreError::Corrupt(what.into()),
+    }
+}
+
+fn read_lock<T>(lock: &std::sync::RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    match lock.read() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+fn write_lock<T>(lock: &std::sync::RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    match lock.write() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match mutex.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+/// The coordinator's sled database.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    sagas: sled::Tree,
+    history: sled::Tree,
+    by_state: sled::Tree,
+    outbox: sled::Tree,
+    idempotency: sled::Tree,
+    dead_letters: sled::Tree,
+    dlq_outbox: sled::Tree,
+    /// The events log's generations, oldest first; transactions write to
+    /// the last (holding the read lock while they commit, so a generation
+    /// is never dropped or replaced under a transaction).
+    events: Arc<std::sync::RwLock<Vec<(u64, sled::Tree)>>>,
+    /// How far the events publisher got: `(generation, sequence)`.
+    events_cursor: Arc<Mutex<Option<(u64, u64)>>>,
+    /// Events of committed transitions handed to the publisher in memory,
+    /// `(generation, sequence, events)` in sequence order, so it need not
+    /// read them back from the log (which it does when this falls behind:
+    /// after a start, or when more than [`EVENTS_READY`] wait).
+    events_ready: Arc<Mutex<EventsReady>>,
+    /// Whether transitions write to the events log (`--no-events`: not).
+    events_on: bool,
+    event_sources: Arc<Mutex<EventSources>>,
+    /// Published pointers after which a new generation starts.
+    events_rotate: u64,
+    meta: sled::Tree,
+    /// Set before staged writes are applied, cleared by
+    /// [`Store::flush_writes`] once the writer's flush returned.
+    unflushed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Transitions written since the last flush, not yet in sled.
+    staged: Arc<Mutex<Staged>>,
+    /// `definitions`: `name@version#n` → a definition snapshot sagas refer to.
+    definitions: sled::Tree,
+    refs: Arc<Mutex<DefinitionRefs>>,
+}
+
+/// The trees a staged write goes to (besides `sagas`).
+#[derive(Debug, Clone, Copy)]
+enum Tree {
+    History,
+    Events,
+    ByState,
+    Outbox,
+    Idempotency,
+    DeadLetters,
+    DlqOutbox,
+}
+
+/// A staged insert (`Some`) or removal (`None`) of a key of a tree.
+type Op = (Tree, Vec<u8>, Option<Vec<u8>>);
+
+/// What [`Store::write`] staged for the next flush.
+#[derive(Default)]
+struct Staged {
+    /// Inserts (`Some`) and removals (`None`), in order.
+    ops: Vec<Op>,
+    /// Each staged saga's latest record.
+    records: HashMap<[u8; 16], Vec<u8>>,
+    /// Sequence of the next events-log pointer.
+    next_event: u64,
+    /// The events of the staged pointers, by sequence, for `Store::events_ready`.
+    events: Vec<(u64, Vec<EventRecord>)>,
+    /// The records of the transaction being applied now: the runner stages
+    /// its next batch while the previous one is committed, and
+    /// [`Store::get_latest`] must see them until sled does.
+    applying: Option<Arc<HashMap<[u8; 16], Vec<u8>>>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Store(sled)")
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the database in `dir`.
+    ///
+    /// # Errors
+    /// sled cannot open the directory (missing permissions, another process holds it).
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with_cache(dir, DEFAULT_CACHE_BYTES)
+    }
+
+    /// [`Store::open`] with sled's page cache bounded to `cache_bytes`
+    /// (sled's own default is 1 GiB, which a long-running coordinator grows into).
+    ///
+    /// # Errors
+    /// As [`Store::open`].
+    pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
+        // sled releases its file lock from a background thread a moment after the
+        // last handle is dropped (an in-process restart, or a previous process still
+        // exiting): retry a lock conflict for up to 3 s.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        let db = loop {
+            match sled::Config::new()
+                .path(dir)
+                .mode(sled::Mode::HighThroughput)
+                .cache_capacity(cache_bytes)
+                .open()
+            {
+                Err(sled::Error::Io(e))
+                    if std::time::Instant::now() < deadline && e.to_string().contains("lock") =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => break other?,
+            }
+        };
+        Store {
+            sagas: db.open_tree("sagas")?,
+            history: db.open_tree("history")?,
+            by_state: db.open_tree("by_state")?,
+            outbox: db.open_tree("outbox")?,
+            idempotency: db.open_tree("idempotency")?,
+            dead_letters: db.open_tree("dead_letters")?,
+            dlq_outbox: db.open_tree("dlq_outbox")?,
+            events: Default::default(),
+            events_cursor: Default::default(),
+            events_ready: Default::default(),
+            events_on: true,
+            event_sources: Default::default(),
+            events_rotate: EVENTS_ROTATE,
+            meta: db.open_tree("meta")?,
+            unflushed: Default::default(),
+            staged: Default::default(),
+            definitions: db.open_tree("definitions")?,
+            refs: Default::default(),
+            db,
+        }
+        .with_events_log()
+    }
+
+    /// This store without saga events (`--no-events`): transitions write no
+    /// events-log pointers (what an earlier run logged stays for a later run
+    /// with events).
+    #[must_use]
+    pub fn without_events(mut self) -> Self {
+        self.events_on = false;
+        self
+    }
+
+    /// Stages one transition: the saga record, its new history entries and
+    /// their events, the state index (moving from `previous` when it
+    /// changed), the settled command's outbox entry removed and the new
+    /// commands added, the client idempotency key of a new saga and a dead
+    /// letter on entering FAILED. Nothing reaches sled yet: the next
+    /// [`Store::flush_writes`] applies every staged transition in ONE sled
+    /// transaction (all of them or none), then flushes. One transaction per
+    /// group commit instead of one per transition halves the store's CPU
+    /// and the bytes sled writes.
+    ///
+    /// Readers ([`Store::get`] and the rest) see a transition once its
+    /// flush began; the runner reads its own staged sagas with
+    /// [`Store::get_latest`].
+    ///
+    /// # Errors
+    /// An unencodable value.
+    pub fn write(&self, t: &Transition, previous: Option<StateTag>) -> Result<(), StoreError> {
+        let saga = &t.saga;
+        let id = saga_key(&saga.id)?;
+        let record = self.encode_record(saga)?;
+        let mut ops = Vec::with_capacity(5 + t.history.len() + t.settled.len() + t.commands.len());
+        for h in &t.history {
+            ops.push((Tree::History, history_key(&id, h.seq), Some(encode(h)?)));
+        }
+        let new_tag = saga.state.tag();
+        if previous != Some(new_tag) {
+            if let Some(prev) = previous {
+                ops.push((Tree::ByState, state_key(prev, &id), None));
+            }
+            ops.push((Tree::ByState, state_key(new_tag, &id), Some(Vec::new())));
+        }
+        for (step, kind) in &t.settled {
+            ops.push((Tree::Outbox, outbox_key(&id, *step, *kind), None));
+        }
+        for c in &t.commands {
+            ops.push((
+                Tree::Outbox,
+                outbox_key(&id, c.step, c.kind),
+                Some(encode(&OutboxEntry::new(saga, c))?),
+            ));
+        }
+        if previous.is_none() {
+            if let Some(key) = saga.idempotency_key.as_deref() {
+                ops.push((Tree::Idempotency, key.as_bytes().to_vec(), Some(id.to_vec())));
+            }
+        }
+        if let Some(d) = DeadLetter::on_entering(saga, previous) {
+            let (k, v) = (history_key(&id, saga.seq), encode(&d)?);
+            ops.push((Tree::DeadLetters, k.clone(), Some(v.clone())));
+            ops.push((Tree::DlqOutbox, k, Some(v)));
+        }
+        let events: Vec<EventRecord> = match self.events_on {
+            true => t.history.iter().map(|h| EventRecord::new(saga, h)).collect(),
+            false => Vec::new(),
+        };
+        let mut staged = self.staged();
+        if let (Some(first), Some(last)) = (t.history.first().filter(|_| self.events_on), t.history.last()) {
+            let seq = staged.next_event;
+            staged.next_event += 1;
+            ops.push((
+                Tree::Events,
+                seq.to_be_bytes().to_vec(),
+                Some(event_pointer(&id, first.seq, last.seq, last.at_ms)),
+            ));
+            staged.events.push((seq, events));
+        }
+        staged.records.insert(id, record);
+        staged.ops.extend(ops);
+        Ok(())
+    }
+
+    fn staged(&self) -> std::sync::MutexGuard<'_, Staged> {
+        lock(&self.staged)
+    }
+
+    /// Applies every staged transition in one sled transaction (unflushed).
+    fn apply_staged(&self) -> Result<(), StoreError> {
+        let (ops, records, events) = {
+            let mut staged = self.staged();
+            let ops = std::mem::take(&mut staged.ops);
+            let records = Arc::new(std::mem::take(&mut staged.records));
+            staged.applying = Some(records.clone());
+            (ops, records, std::mem::take(&mut staged.events))
+        };
+        let result = self.commit_staged(&ops, &records);
+        let mut staged = self.staged();
+        // Committed, or failed: sled answers for these records now.
+        staged.applying = None;
+        if result.is_err() {
+            // What was staged meanwhile follows from the failed writes: it must
+            // not be committed without them (the runner stops; a restart
+            // resumes from what is durable).
+            staged.ops.clear();
+            staged.records.clear();
+            staged.events.clear();
+        }
+        drop(staged);
+        let generation = result?;
+        if !events.is_empty() {
+            let mut ready = lock(&self.events_ready);
+            let room = EVENTS_READY.saturating_sub(ready.queue.len());
+            // Past the bound the publisher reads the log instead.
+            ready
+                .queue
+                .extend(events.into_iter().take(room).map(|(seq, e)| (generation, seq, e)));
+        }
+        Ok(())
+    }
+
+    /// Commits `ops` and `records` in one transaction; returns the events
+    /// log generation it wrote to.
+    fn commit_staged(&self, ops: &[Op], records: &HashMap<[u8; 16], Vec<u8>>) -> Result<u64, StoreError> {
+        // The generation written to stays while the transaction commits.
+        let events = read_lock(&self.events);
+        let Some((generation, events_log)) = events.last() else {
+            return Err(StoreError::Corrupt("the events log has no generation".into()));
+        };
+        if ops.is_empty() && records.is_empty() {
+            return Ok(*generation);
+        }
+        // Before the commit: whoever sees this data and then finds the flag
+        // clear knows a flush covered it.
+        self.unflushed.store(true, std::sync::atomic::Ordering::SeqCst);
+        (
+            &self.sagas,
+            &self.history,
+            &self.by_state,
+            &self.outbox,
+            &self.idempotency,
+            &self.dead_letters,
+            &self.dlq_outbox,
+            events_log,
+        )
+            .transaction(
+                |(sagas, hist, by_state, outbox, idempotency, dead_letters, dlq_outbox, events_log)| {
+                    for (id, record) in records {
+                        sagas.insert(&id[..], record.as_slice())?;
+                    }
+                    for (tree, k, v) in ops {
+                        let tree = match tree {
+                            Tree::History => hist,
+                            Tree::Events => events_log,
+                            Tree::ByState => by_state,
+                            Tree::Outbox => outbox,
+                            Tree::Idempotency => idempotency,
+                            Tree::DeadLetters => dead_letters,
+                            Tree::DlqOutbox => dlq_outbox,
+                        };
+                        match v {
+                            Some(v) => tree.insert(k.as_slice(), v.as_slice())?,
+                            None => tree.remove(k.as_slice())?,
+                        };
+                    }
+                    Ok::<(), ConflictableTransactionError<()>>(())
+                },
+            )
+            .map_err(transaction_error("transaction aborted"))
+            .map(|()| *generation)
+    }
+
+    /// Applies what is staged, then makes every write so far durable (one
+    /// sync for all of them).
+    ///
+    /// # Errors
+    /// sled could not write or sync its log.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        let this = self.clone();
+        blocking(move || {
+            this.apply_staged()?;
+            this.db.flush()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// [`Store::flush`] by the one task that calls [`Store::write`] (the
+    /// runner), between its writes: afterwards every write so far is durable.
+    ///
+    /// # Errors
+    /// As [`Store::flush`].
+    pub async fn flush_writes(&self) -> Result<(), StoreError> {
+        let this = self.clone();
+        blocking(move || this.flush_writes_blocking()).await
+    }
+
+    /// [`Store::flush_writes`] on the calling thread (a blocking one).
+    ///
+    /// # Errors
+    /// As [`Store::flush`].
+    pub fn flush_writes_blocking(&self) -> Result<(), StoreError> {
+        self.apply_staged()?;
+        self.db.flush()?;
+        self.unflushed.store(false, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Makes durable everything a reader has seen so far: a flush, unless the
+    /// writer's last flush already covered every write (the usual case at low
+    /// load, where it saves a second flush per transition). It does not
+    /// apply staged writes: those are the runner's to commit.
+    ///
+    /// # Errors
+    /// As [`Store::flush`].
+    pub async fn ensure_durable(&self) -> Result<(), StoreError> {
+        if self.unflushed.load(std::sync::atomic::Ordering::SeqCst) {
+            let db = self.db.clone();
+            blocking(move || db.flush().map(drop).map_err(StoreError::from)).await?;
+        }
+        Ok(())
+    }
+
+    fn refs(&self) -> std::sync::MutexGuard<'_, DefinitionRefs> {
+        lock(&self.refs)
+    }
+
+    /// The reference of `def` in the `definitions` tree, stored there the
+    /// first time (a write sled's next flush covers, before the records
+    /// that name it). The same `name@version` with other content (a file
+    /// edited in place and reloaded) gets a reference of its own.
+    fn definition_ref(&self, def: &Arc<SagaDefinition>) -> Result<String, StoreError> {
+        let mut refs = self.refs();
+        if let Some((_, r)) = refs
+            .by_arc
+            .iter()
+            .find(|(weak, _)| weak.upgrade().is_some_and(|d| Arc::ptr_eq(&d, def)))
+        {
+            return Ok(r.clone());
+        }
+        let bytes = encode(&**def)?;
+        let prefix = format!("{}#", def.id());
+        let mut found = None;
+        let mut taken = 0;
+        for kv in self.definitions.scan_prefix(prefix.as_bytes()) {
+            let (k, v) = kv?;
+            taken += 1;
+            if v.as_ref() == bytes.as_slice() {
+                found = Some(String::from_utf8_lossy(&k).into_owned());
+                break;
+            }
+        }
+        let r = match found {
+            Some(r) => r,
+            None => {
+                let r = format!("{prefix}{taken}");
+                self.definitions.insert(r.as_bytes(), bytes)?;
+                r
+            }
+        };
+        // Definitions dropped since (reloaded away) leave the list on a miss only.
+        refs.by_arc.retain(|(weak, _)| weak.strong_count() > 0);
+        refs.by_arc.push((Arc::downgrade(def), r.clone()));
+        refs.by_ref.insert(r.clone(), def.clone());
+        Ok(r)
+    }
+
+    /// The definition a record refers to.
+    fn resolve_definition(&self, r: &str) -> Result<Arc<SagaDefinition>, StoreError> {
+        if let Some(def) = self.refs().by_ref.get(r) {
+            return Ok(def.clone());
+        }
+        let bytes = self
+            .definitions
+            .get(r.as_bytes())?
+            .ok_or_else(|| StoreError::Corrupt(format!("saga record names unknown definition {r}")))?;
+        let def: Arc<SagaDefinition> = Arc::new(decode(&bytes, "definition snapshot")?);
+        Ok(self.refs().by_ref.entry(r.to_string()).or_insert(def).clone())
+    }
+
+    fn encode_record(&self, saga: &Saga) -> Result<Vec<u8>, StoreError> {
+        // Every field by name: a field added to `Saga` must be added here.
+        let Saga {
+            id,
+            definition,
+            order,
+            correlation_id,
+            idempotency_key,
+            state,
+            steps,
+            reason,
+            created_at_ms,
+            updated_at_ms,
+            seq,
+        } = saga;
+        let definition_ref = self.definition_ref(definition)?;
+        encode(&SagaRecordOut {
+            saga: SagaOut {
+                id,
+                definition_ref: &definition_ref,
+                order,
+                correlation_id,
+                idempotency_key,
+                state,
+                steps,
+                reason,
+                created_at_ms: *created_at_ms,
+                updated_at_ms: *updated_at_ms,
+                seq: *seq,
+            },
+        })
+    }
+
+    /// A record's definition: inline (records of earlier versions) or by reference.
+    fn record_definition(
+        &self,
+        id: &str,
+        inline: Option<Arc<SagaDefinition>>,
+        by_ref: Option<String>,
+    ) -> Result<Arc<SagaDefinition>, StoreError> {
+        match (inline, by_ref) {
+            (Some(inline), _) => Ok(inline),
+            (None, Some(r)) => self.resolve_definition(&r),
+            (None, None) => Err(StoreError::Corrupt(format!("saga record {id} has no definition"))),
+        }
+    }
+
+    fn decode_record(&self, bytes: &[u8]) -> Result<Saga, StoreError> {
+        let SagaIn {
+            id,
+            definition,
+            definition_ref,
+            order,
+            correlation_id,
+            idempotency_key,
+            state,
+            steps,
+            reason,
+            created_at_ms,
+            updated_at_ms,
+            seq,
+        } = decode::<SagaRecordIn>(bytes, "saga record")?.saga;
+        let definition = self.record_definition(&id, definition, definition_ref)?;
+        Ok(Saga {
+            id,
+            definition,
+            order,
+            correlation_id,
+            idempotency_key,
+            state,
+            steps,
+            reason,
+            created_at_ms,
+            updated_at_ms,
+            seq,
+        })
+    }
+
+    /// The saga `id` as the runner last wrote it: staged, being committed, or
+    /// else stored.
+    ///
+    /// # Errors
+    /// As [`Store::get`].
+    pub fn get_latest(&self, id: &Uuid) -> Result<Option<Saga>, StoreError> {
+        let latest = {
+            let staged = self.staged();
+            let key = id.as_bytes();
+            staged
+                .records
+                .get(key)
+                .or_else(|| staged.applying.as_ref().and_then(|a| a.get(key)))
+                .cloned()
+        };
+        match latest {
+            Some(bytes) => Ok(Some(self.decode_record(&bytes)?)),
+            None => self.get(id),
+        }
+    }
+
+    /// The saga `id`, if stored.
+    ///
+    /// # Errors
+    /// sled errors; a corrupt record.
+    pub fn get(&self, id: &Uuid) -> Result<Option<Saga>, StoreError> {
+        match self.sagas.get(id.as_bytes())? {
+            Some(bytes) => Ok(Some(self.decode_record(&bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The saga's history, in order.
+    ///
+    /// # Errors
+    /// sled errors; a corrupt entry.
+    pub fn history(&self, id: &Uuid) -> Result<Vec<HistoryEntry>, StoreError> {
+        self.history
+            .scan_prefix(id.as_bytes())
+            .map(|kv| {
+                let (_, v) = kv?;
+                decode(&v, "history entry")
+            })
+            .collect()
+    }
+
+    /// The saga created with the client idempotency key `key`, if any.
+    ///
+    /// # Errors
+    /// sled errors; a corrupt id.
+    pub fn saga_for_key(&self, key: &str) -> Result<Option<Uuid>, StoreError> {
+        match self.idempotency.get(key.as_bytes())? {
+            Some(bytes) => Uuid::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt(format!("idempotency index: {e}"))),
+            None => Ok(None),
+        }
+    }
+
+    /// Up to `limit` sagas after `after` (exclusive), oldest first, only those
+    /// in `state` when given.
+    ///
+    /// # Errors
+    /// sled errors; a corrupt record.
+    pub fn list(
+        &self,
+        state: Option<StateTag>,
+        after: Option<Uuid>,
+        limit: usize,
+    ) -> Result<Page, StoreError> {
+        let mut ids: Vec<Uuid> = Vec::with_capacity(limit.min(1024));
+        let mut more = false;
+        match state {
+            Some(tag) => {
+                let start = match after {
+                    Some(a) => {
+                        let mut k = state_key(tag, a.as_bytes());
+                        k.push(0); // first key strictly after `a`
+                        k
+                    }
+                    None => vec![tag as u8],
+                };
+                for kv in self.by_state.range(start..) {
+                    let (k, _) = kv?;
+                    if k.first() != Some(&(tag as u8)) {
+                        break;
+                    }
+                    if ids.len() == limit {
+                        more = true;
+                        break;
+                    }
+                    let id = Uuid::from_slice(&k[1..])
+                        .map_err(|e| StoreError::Corrupt(format!("state index: {e}")))?;
+                    ids.push(id);
+                }
+            }
+            None => {
+                let iter = match after {
+                    Some(a) => {
+                        let mut k = a.as_bytes().to_vec();
+                        k.push(0);
+                        self.sagas.range(k..)
+                    }
+                    None => self.sagas.iter(),
+                };
+                for kv in iter {
+                    let (k, _) = kv?;
+                    if ids.len() == limit {
+                        more = true;
+                        break;
+                    }
+                    ids.push(
+                        Uuid::from_slice(&k).map_err(|e| StoreError::Corrupt(format!("saga key: {e}")))?,
+                    );
+                }
+            }
+        }
+        let next = if more { ids.last().copied() } else { None };
+        let mut sagas = Vec::with_capacity(ids.len());
+        for id in &ids {
+            // A saga can move out of the index between the scan and the read; skip it then.
+            if let Some(s) = self.get(id)? {
+                sagas.push(s);
+            }
+        }
+        Ok(Page { sagas, next })
+    }
+
+    /// Every saga not in a terminal state, oldest first.
+    ///
+    /// # Errors
+    /// sled errors; a corrupt record.
+    pub fn active(&self) -> Result<Vec<Saga>, StoreError> {
+        let mut out = Vec::new();
+        for tag in [StateTag::Pending, StateTag::Running, StateTag::Compensating] {
+            let mut after = None;
+            loop {
+                let page = self.list(Some(tag), after, 1024)?;
+                out.extend(page.sagas);
+                match page.next {
+                    Some(n) => after = Some(n),
+                    None => break,
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every command in the outbox (sent or not yet acknowledged).
+    ///
+    /// # Errors
+    /// sled errors; a corrupt entry.
+    pub fn outbox(&self) -> Result<Vec<OutboxEntry>, StoreError> {
+        self.outbox
+            .iter()
+            .map(|kv| {
+                let (_, v) = kv?;
+                decode(&v, "outbox entry")
+            })
+            .collect()
+    }
+
+    /// Dead letters not yet published, with their keys.
+    ///
+    /// # Errors
+    /// sled errors; a corrupt entry.
+    pub fn dlq_pending(&self) -> Result<Vec<(Vec<u8>, DeadLetter)>, StoreError> {
+        self.dlq_outbox
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok((k.to_vec(), decode(&v, "dead letter")?))
+            })
+            .collect()
+    }
+
+    /// Marks a dead letter published (not flushed: a re-publish after a crash is harmless).
+    ///
+    /// # Errors
+    /// sled errors.
+    pub fn dlq_published(&self, key: &[u8]) -> Result<(), StoreError> {
+        self.dlq_outbox.remove(key)?;
+        Ok(())
+    }
+
+    /// Every dead letter of `id`, oldest first.
+    ///
+    /// # Errors
+    /// sled errors; a corrupt entry.
+    pub fn dead_letters(&self, id: &Uuid) -> Result<Vec<DeadLetter>, StoreError> {
+        self.dead_letters
+            .scan_prefix(id.as_bytes())
+            .map(|kv| {
+                let (_, v) = kv?;
+                decode(&v, "dead letter")
+            })
+            .collect()
+    }
+
+    /// Whether the database accepts a write (readiness probe; not flushed).
+    ///
+    /// # Errors
+    /// sled refused the write.
+    pub fn probe_writable(&self) -> Result<(), StoreError> {
+        self.meta.insert(b"ready-probe", &b"1"[..])?;
+        Ok(())
+    }
+
+    /// Number of sagas per state (for logs at start-up and for tests).
+    ///
+    /// # Errors
+    /// sled errors.
+    pub fn count_by_state(&self) -> Result<Vec<(StateTag, usize)>, StoreError> {
+        let mut out = Vec::new();
+        for tag in StateTag::ALL {
+            let mut n = 0;
+            for kv in self.by_state.scan_prefix([tag as u8]) {
+                kv?;
+                n += 1;
+            }
+            out.push((tag, n));
+        }
+        Ok(out)
+    }
+}
+
+impl crate::store::SagaStore for Store {
+    fn name(&self) -> &'static str {
+        "sled"
+    }
+
+    fn capabilities(&self) -> crate::store::Capabilities {
+        crate::store::Capabilities {
+            evicts_resident: true,
+            commit_each_batch: false,
+            shared: false,
+            retention: true,
+        }
+    }
+
+    fn stage(&self, t: &Transition, previous: Option<StateTag>) -> Result<(), StoreError> {
+        self.write(t, previous)
+    }
+
+    fn begin_commit(&self) -> crate::store::CommitTask {
+        // Straight on the blocking pool: one thread hand-off less per flush.
+        let s = self.clone();
+        tokio::task::spawn_blocking(move || {
+            s.flush_writes_blocking().map(|()| crate::store::Committed::all())
+        })
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(Store::flush(self))
+    }
+
+    fn ensure_durable(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(Store::ensure_durable(self))
+    }
+
+    fn get<'a>(&'a self, id: &'a Uuid) -> BoxFuture<'a, Result<Option<Saga>, StoreError>> {
+        Box::pin(std::future::ready(Store::get(self, id)))
+    }
+
+    fn load_for_update<'a>(&'a self, id: &'a Uuid) -> BoxFuture<'a, Result<Option<Saga>, StoreError>> {
+        Box::pin(std::future::ready(Store::get_latest(self, id)))
+    }
+
+    fn get_latest<'a>(&'a self, id: &'a Uuid) -> BoxFuture<'a, Result<Option<Saga>, StoreError>> {
+        Box::pin(std::future::ready(Store::get_latest(self, id)))
+    }
+
+    fn read_back(&self, id: &Uuid) -> Result<Option<Saga>, StoreError> {
+        Store::get_latest(self, id)
+    }
+
+    fn get_with_history<'a>(
+        &'a self,
+        id: &'a Uuid,
+    ) -> BoxFuture<'a, Result<Option<WithHistory>, StoreError>> {
+        let read = || match Store::get(self, id)? {
+            Some(saga) => Ok(Some((saga, self.history(id)?))),
+            None => Ok(None),
+        };
+        Box::pin(std::future::ready(read()))
+    }
+
+    fn saga_for_key<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Uuid>, StoreError>> {
+        Box::pin(std::future::ready(Store::saga_for_key(self, key)))
+    }
+
+    fn list(
+        &self,
+        state: Option<StateTag>,
+        after: Option<Uuid>,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Page, StoreError>> {
+        Box::pin(std::future::ready(Store::list(self, state, after, limit)))
+    }
+
+    fn resume_at_start(&self) -> Result<Vec<Loaded>, StoreError> {
+        let mut outbox: HashMap<String, Vec<OutboxEntry>> = HashMap::new();
+        for entry in self.outbox()? {
+            outbox.entry(entry.saga_id.clone()).or_default().push(entry);
+        }
+        let mut out = Vec::new();
+        for saga in self.active()? {
+            let mine = outbox.remove(&saga.id).unwrap_or_default();
+            out.push((saga, mine));
+        }
+        for orphan in outbox.keys() {
+            tracing::warn!(saga_id = %orphan, "outbox entry of a saga that is not active; ignored");
+        }
+        Ok(out)
+    }
+
+    fn forget(&self, _ids: &[String]) {}
+
+    fn dlq_pending(&self) -> Result<Vec<(Vec<u8>, DeadLetter)>, StoreError> {
+        Store::dlq_pending(self)
+    }
+
+    fn dlq_published(&self, key: &[u8]) -> Result<(), StoreError> {
+        Store::dlq_published(self, key)
+    }
+
+    fn dead_letters<'a>(&'a self, id: &'a Uuid) -> BoxFuture<'a, Result<Vec<DeadLetter>, StoreError>> {
+        Box::pin(std::future::ready(Store::dead_letters(self, id)))
+    }
+
+    fn events_pending(&self, limit: usize) -> Result<Vec<(Vec<u8>, EventRecord)>, StoreError> {
+        Store::events_pending(self, limit)
+    }
+
+    fn events_backlog(&self) -> usize {
+        Store::events_backlog(self)
+    }
+
+    fn events_published(&self, keys: &[Vec<u8>]) -> Result<(), StoreError> {
+        Store::events_published(self, keys)
+    }
+
+    fn probe(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(std::future::ready(self.probe_writable()))
+    }
+
+    fn prune(&self, cutoff_ms: u64, limit: usize) -> Result<usize, StoreError> {
+        Store::prune(self, cutoff_ms, limit)
+    }
+}

@@ -1,0 +1,495 @@
+//! Tests of the sled store over a temp-dir database.
+
+use std::{path::PathBuf, time::Duration};
+
+use saga_proto::wire::{CommandKind, Item, OrderPayload};
+
+use super::{events_log::events_tree_name, legacy::LEGACY_EVENTS_TREE, *};
+use crate::{
+    definition::{RetryPolicy, SagaDefinition, StepDefinition},
+    engine::{self, Event, Outcome},
+    store::keys::{history_key, saga_key},
+};
+
+fn def() -> SagaDefinition {
+    let step = |n: &str, p: &str, a: &str, c: &str| StepDefinition {
+        name: n.into(),
+        participant: p.into(),
+        action: a.into(),
+        compensation: Some(c.into()),
+        timeout: Duration::from_secs(1),
+        retry: RetryPolicy::default(),
+        group: None,
+        on_failure: Default::default(),
+        input: Default::default(),
+        compensation_input: Default::default(),
+    };
+    SagaDefinition {
+        name: "order".into(),
+        version: 1,
+        steps: vec![
+            step("reserve-inventory", "inventory", "reserve", "release"),
+            step("charge-payment", "payment", "charge", "refund"),
+        ],
+        input_schema: None,
+        events: Default::default(),
+        source: PathBuf::new(),
+    }
+}
+
+fn new_saga(key: Option<&str>) -> Transition {
+    let order = OrderPayload {
+        order_id: "o".into(),
+        customer_id: "c".into(),
+        items: vec![Item {
+            sku: "A".into(),
+            quantity: 1,
+        }],
+        amount_cents: 5,
+        currency: "EUR".into(),
+    };
+    engine::create(
+        Uuid::now_v7().to_string(),
+        def().into(),
+        order,
+        "corr".into(),
+        key.map(Into::into),
+        1,
+    )
+}
+
+#[tokio::test]
+async fn transitions_round_trip_with_index_history_and_outbox() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("open");
+    let created = new_saga(Some("client-key"));
+    store.write(&created, None).expect("write created");
+    let started = engine::transition(&created.saga, &Event::Start, 2)
+        .expect("ok")
+        .expect("changes");
+    store
+        .write(&started, Some(StateTag::Pending))
+        .expect("write started");
+    store.flush().await.expect("flush");
+    let id = Uuid::parse_str(&created.saga.id).expect("uuid");
+
+    assert_eq!(store.get(&id).expect("get"), Some(started.saga.clone()));
+    assert_eq!(store.saga_for_key("client-key").expect("key"), Some(id));
+    assert_eq!(store.history(&id).expect("history").len(), 2);
+    let outbox = store.outbox().expect("outbox");
+    assert_eq!(outbox.len(), 1);
+    assert_eq!(outbox[0].subject, "saga.cmd.inventory.reserve");
+    assert_eq!(store.active().expect("active").len(), 1);
+
+    let reply = Event::Reply {
+        step: 0,
+        kind: CommandKind::Forward,
+        attempt: 1,
+        outcome: Outcome::Rejected("insufficient_stock".into()),
+    };
+    let done = engine::transition(&started.saga, &reply, 3)
+        .expect("ok")
+        .expect("changes");
+    store.write(&done, Some(StateTag::Running)).expect("write done");
+    store.flush().await.expect("flush");
+    assert!(
+        store.outbox().expect("outbox").is_empty(),
+        "settled command left the outbox"
+    );
+    assert!(store.active().expect("active").is_empty());
+    let counts = store.count_by_state().expect("counts");
+    assert!(counts.contains(&(StateTag::Compensated, 1)) && counts.contains(&(StateTag::Running, 0)));
+    let history = store.history(&id).expect("history");
+    assert_eq!(history.iter().map(|h| h.seq).collect::<Vec<_>>(), [1, 2, 3, 4, 5]);
+}
+
+#[tokio::test]
+async fn staged_writes_reach_readers_only_through_a_flush() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("open");
+    let created = new_saga(Some("staged-key"));
+    let id = Uuid::parse_str(&created.saga.id).expect("uuid");
+    store.write(&created, None).expect("write");
+    let started = engine::transition(&created.saga, &Event::Start, 2)
+        .expect("ok")
+        .expect("changes");
+    store.write(&started, Some(StateTag::Pending)).expect("write");
+    // Readers see nothing yet; the runner sees its latest write.
+    assert_eq!(store.get(&id).expect("get"), None);
+    assert!(store.outbox().expect("outbox").is_empty());
+    assert_eq!(store.saga_for_key("staged-key").expect("key"), None);
+    assert_eq!(store.get_latest(&id).expect("latest"), Some(started.saga.clone()));
+
+    store.flush_writes().await.expect("flush");
+    assert_eq!(store.get(&id).expect("get"), Some(started.saga.clone()));
+    assert_eq!(store.get_latest(&id).expect("latest"), Some(started.saga));
+    assert_eq!(store.saga_for_key("staged-key").expect("key"), Some(id));
+    assert_eq!(store.outbox().expect("outbox").len(), 1);
+    // Two transitions of one saga in one batch: the index holds the last state only.
+    assert_eq!(
+        store
+            .list(Some(StateTag::Pending), None, 10)
+            .expect("list")
+            .sagas
+            .len(),
+        0
+    );
+    assert_eq!(store.history(&id).expect("history").len(), 2);
+}
+
+#[tokio::test]
+async fn definitions_are_stored_once_and_records_of_earlier_versions_still_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, b, id_b) = {
+        let store = Store::open(dir.path()).expect("open");
+        let a = new_saga(None);
+        // The same name@version with other content: a reference of its own.
+        let mut edited = def();
+        edited.steps[0].timeout = Duration::from_secs(9);
+        let mut b = new_saga(None);
+        b.saga.definition = edited.into();
+        store.write(&a, None).expect("write");
+        store.write(&b, None).expect("write");
+        store.write(&new_saga(None), None).expect("write");
+        store.flush_writes().await.expect("flush");
+        assert_eq!(store.definitions.len(), 2, "one row per distinct definition");
+        let id_b = Uuid::parse_str(&b.saga.id).expect("uuid");
+        (a, b, id_b)
+    };
+    // Reopened: the definitions come from the tree.
+    let store = Store::open(dir.path()).expect("reopen");
+    let id_a = Uuid::parse_str(&a.saga.id).expect("uuid");
+    assert_eq!(store.get(&id_a).expect("get"), Some(a.saga.clone()));
+    assert_eq!(store.get(&id_b).expect("get"), Some(b.saga.clone()));
+    assert_eq!(
+        store
+            .get(&id_b)
+            .expect("get")
+            .map(|s| s.definition.steps[0].timeout),
+        Some(Duration::from_secs(9))
+    );
+    // A record with the definition inline (as written before `definition_ref`).
+    let old = new_saga(None);
+    let inline = encode(&serde_json::json!({ "saga": old.saga })).expect("encode");
+    let old_id = Uuid::parse_str(&old.saga.id).expect("uuid");
+    store.sagas.insert(old_id.as_bytes(), inline).expect("insert");
+    assert_eq!(store.get(&old_id).expect("get"), Some(old.saga));
+    // A reference to nothing is corruption, not a panic.
+    let good = String::from_utf8(store.encode_record(&new_saga(None).saga).expect("encode")).expect("utf8");
+    assert!(good.contains(r#""definition_ref":"order@1#0""#), "{good}");
+    let dangling = good.replace("order@1#0", "nope@1#0").into_bytes();
+    let e = store.decode_record(&dangling).expect_err("refused");
+    assert!(e.to_string().contains("unknown definition nope@1#0"), "{e}");
+}
+
+#[tokio::test]
+async fn list_pages_in_creation_order_and_filters_by_state() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("open");
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let t = new_saga(None);
+        store.write(&t, None).expect("write");
+        if i % 2 == 0 {
+            let s = engine::transition(&t.saga, &Event::Start, 2)
+                .expect("ok")
+                .expect("changes");
+            store.write(&s, Some(StateTag::Pending)).expect("write");
+        }
+        ids.push(t.saga.id.clone());
+    }
+    store.flush().await.expect("flush");
+    let p1 = store.list(None, None, 2).expect("list");
+    assert_eq!(
+        p1.sagas.iter().map(|s| s.id.clone()).collect::<Vec<_>>(),
+        ids[..2]
+    );
+    let p2 = store.list(None, p1.next, 2).expect("list");
+    let p3 = store.list(None, p2.next, 2).expect("list");
+    assert_eq!(p3.sagas.len(), 1);
+    assert!(p3.next.is_none());
+    let running = store.list(Some(StateTag::Running), None, 2).expect("list");
+    assert_eq!(running.sagas.len(), 2);
+    let rest = store
+        .list(Some(StateTag::Running), running.next, 2)
+        .expect("list");
+    assert_eq!(rest.sagas.len(), 1);
+    assert!(rest.next.is_none());
+    assert_eq!(
+        store
+            .list(Some(StateTag::Pending), None, 10)
+            .expect("list")
+            .sagas
+            .len(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn data_survives_reopening() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let t = new_saga(None);
+    {
+        let store = Store::open(dir.path()).expect("open");
+        store.write(&t, None).expect("write");
+        store.flush().await.expect("flush");
+    }
+    let store = Store::open(dir.path()).expect("reopen");
+    let id = Uuid::parse_str(&t.saga.id).expect("uuid");
+    assert_eq!(
+        store.get(&id).expect("get").map(|s| s.state),
+        Some(engine::SagaState::Pending)
+    );
+}
+
+/// Sequence numbers of the events `pending` holds, per saga, in order.
+fn sequences(pending: &[(Vec<u8>, EventRecord)], saga: &Transition) -> Vec<u64> {
+    pending
+        .iter()
+        .filter(|(_, r)| r.event.saga_id == saga.saga.id)
+        .map(|(_, r)| r.event.sequence)
+        .collect()
+}
+
+fn keys(pending: &[(Vec<u8>, EventRecord)]) -> Vec<Vec<u8>> {
+    pending.iter().map(|(k, _)| k.clone()).collect()
+}
+
+fn generations(dir: &Path) -> Vec<String> {
+    let db = sled::open(dir).expect("open");
+    let mut names: Vec<String> = db
+        .tree_names()
+        .iter()
+        .filter_map(|n| String::from_utf8(n.to_vec()).ok())
+        .filter(|n| n.starts_with("events"))
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn events_are_pending_in_commit_order_until_published_also_after_reopening() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (new_saga(None), new_saga(None));
+    {
+        let store = Store::open(dir.path()).expect("open");
+        store.write(&a, None).expect("write");
+        store.write(&b, None).expect("write");
+        let a1 = engine::transition(&a.saga, &Event::Start, 2)
+            .expect("ok")
+            .expect("changes");
+        store.write(&a1, Some(StateTag::Pending)).expect("write");
+        store.flush_writes().await.expect("flush");
+        // Staged events are not pending; committed ones are, in commit order.
+        let b1 = engine::transition(&b.saga, &Event::Start, 3)
+            .expect("ok")
+            .expect("changes");
+        store.write(&b1, Some(StateTag::Pending)).expect("write");
+        let pending = store.events_pending(100).expect("pending");
+        assert_eq!(sequences(&pending, &a), vec![1, 2]);
+        assert_eq!(sequences(&pending, &b), vec![1]);
+        let first = &pending[0].1.event;
+        assert_eq!(
+            (first.saga_id.as_str(), first.event.as_str()),
+            (a.saga.id.as_str(), "created")
+        );
+        assert_eq!(first.order, a.saga.order);
+        assert_eq!(pending[0].1.subject, "saga.events.order.created");
+        store.flush_writes().await.expect("flush");
+        assert_eq!(store.events_backlog(), 4);
+        // The first two transitions are out.
+        let pending = store.events_pending(2).expect("pending");
+        assert_eq!(pending.len(), 2);
+        store.events_published(&keys(&pending)).expect("published");
+        store.flush().await.expect("flush");
+    }
+    let store = Store::open(dir.path()).expect("reopen");
+    let pending = store.events_pending(100).expect("pending");
+    assert_eq!(sequences(&pending, &a), vec![2]);
+    assert_eq!(sequences(&pending, &b), vec![2]);
+    store.events_published(&keys(&pending)).expect("published");
+    assert!(store.events_pending(100).expect("pending").is_empty());
+    assert_eq!(store.events_backlog(), 0);
+    // New events continue after the published ones.
+    let a2 = engine::transition(
+        &store
+            .get(&Uuid::parse_str(&a.saga.id).expect("uuid"))
+            .expect("get")
+            .expect("saga"),
+        &Event::Abort {
+            reason: "test".into(),
+        },
+        4,
+    )
+    .expect("ok")
+    .expect("changes");
+    store.write(&a2, Some(StateTag::Running)).expect("write");
+    store.flush_writes().await.expect("flush");
+    let pending = store.events_pending(100).expect("pending");
+    assert_eq!(sequences(&pending, &a), (3..=a2.saga.seq).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn events_not_handed_over_in_memory_are_read_from_the_log() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("open");
+    let sagas: Vec<Transition> = (0..4).map(|_| new_saga(None)).collect();
+    for t in &sagas {
+        store.write(t, None).expect("write");
+    }
+    store.flush_writes().await.expect("flush");
+    // The third one did not fit in memory (as past the bound).
+    lock(&store.events_ready).queue.retain(|(_, seq, _)| *seq != 2);
+    let mut order = Vec::new();
+    for expected in [2, 2] {
+        let pending = store.events_pending(100).expect("pending");
+        assert_eq!(pending.len(), expected, "{order:?}");
+        order.extend(pending.iter().map(|(_, r)| r.event.saga_id.clone()));
+        store.events_published(&keys(&pending)).expect("published");
+    }
+    assert!(store.events_pending(100).expect("pending").is_empty());
+    let ids: Vec<String> = sagas.iter().map(|t| t.saga.id.clone()).collect();
+    assert_eq!(order, ids, "each once, in commit order");
+}
+
+#[tokio::test]
+async fn published_generations_are_dropped_whole() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let mut store = Store::open(dir.path()).expect("open");
+        store.events_rotate = 3;
+        let mut all = Vec::new();
+        for round in 0..4 {
+            for _ in 0..2 {
+                let t = new_saga(None);
+                store.write(&t, None).expect("write");
+                all.push(t);
+            }
+            store.flush_writes().await.expect("flush");
+            let pending = store.events_pending(100).expect("pending");
+            assert_eq!(pending.len(), 2, "round {round}: only the new transitions");
+            store.events_published(&keys(&pending)).expect("published");
+        }
+        // Rotated after pointers 3 and 7; generation 0 was dropped once the
+        // cursor entered generation 1, which stays until it enters 2.
+        let names = |s: &Store| read_lock(&s.events).iter().map(|(g, _)| *g).collect::<Vec<_>>();
+        assert_eq!(names(&store), vec![1, 2]);
+        let t = new_saga(None);
+        store.write(&t, None).expect("write");
+        store.flush_writes().await.expect("flush");
+        let pending = store.events_pending(100).expect("pending");
+        assert_eq!(sequences(&pending, &t), vec![1]);
+        store.events_published(&keys(&pending)).expect("published");
+        assert_eq!(names(&store), vec![2]);
+        store.flush().await.expect("flush");
+    }
+    assert_eq!(generations(dir.path()), vec![events_tree_name(2)]);
+    let store = Store::open(dir.path()).expect("reopen");
+    assert!(store.events_pending(100).expect("pending").is_empty());
+}
+
+#[tokio::test]
+async fn an_earlier_versions_events_outbox_is_converted_in_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (new_saga(None), new_saga(None));
+    {
+        let store = Store::open(dir.path()).expect("open").without_events();
+        store.write(&a, None).expect("write");
+        store.write(&b, None).expect("write");
+        store.flush_writes().await.expect("flush");
+        assert!(
+            store.events_pending(100).expect("pending").is_empty(),
+            "--no-events logs nothing"
+        );
+        let legacy = store.db.open_tree(LEGACY_EVENTS_TREE).expect("tree");
+        for t in [&b, &a] {
+            let id = saga_key(&t.saga.id).expect("key");
+            let h = &t.history[0];
+            legacy
+                .insert(
+                    history_key(&id, h.seq),
+                    encode(&EventRecord::new(&t.saga, h)).expect("encode"),
+                )
+                .expect("insert");
+        }
+        store.flush().await.expect("flush");
+    }
+    let store = Store::open(dir.path()).expect("reopen");
+    let pending = store.events_pending(100).expect("pending");
+    // Time order, then key order (saga id: creation order).
+    let ids: Vec<&str> = pending.iter().map(|(_, r)| r.event.saga_id.as_str()).collect();
+    assert_eq!(ids, vec![a.saga.id.as_str(), b.saga.id.as_str()]);
+    drop(store);
+    assert_eq!(generations(dir.path()), vec![events_tree_name(0)]);
+}
+
+#[tokio::test]
+async fn prune_removes_old_terminal_sagas_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("open");
+    let rejected = |t: &Transition, now| {
+        let started = engine::transition(&t.saga, &Event::Start, now)
+            .expect("ok")
+            .expect("changes");
+        let reply = Event::Reply {
+            step: 0,
+            kind: CommandKind::Forward,
+            attempt: 1,
+            outcome: Outcome::Rejected("insufficient_stock".into()),
+        };
+        let done = engine::transition(&started.saga, &reply, now)
+            .expect("ok")
+            .expect("changes");
+        (started, done)
+    };
+    // Old and finished; finished but recently updated; still running.
+    let old = new_saga(Some("old-key"));
+    let recent = new_saga(None);
+    let running = new_saga(None);
+    store.write(&old, None).expect("write");
+    store.write(&recent, None).expect("write");
+    store.write(&running, None).expect("write");
+    let (s1, d1) = rejected(&old, 10);
+    store.write(&s1, Some(StateTag::Pending)).expect("write");
+    store.write(&d1, Some(StateTag::Running)).expect("write");
+    let (s2, d2) = rejected(&recent, u64::MAX / 2);
+    store.write(&s2, Some(StateTag::Pending)).expect("write");
+    store.write(&d2, Some(StateTag::Running)).expect("write");
+    let s3 = engine::transition(&running.saga, &Event::Start, 10)
+        .expect("ok")
+        .expect("changes");
+    store.write(&s3, Some(StateTag::Pending)).expect("write");
+    store.flush().await.expect("flush");
+    let id = |t: &Transition| Uuid::parse_str(&t.saga.id).expect("uuid");
+    let cutoff = crate::clock::now_ms() + 60_000;
+
+    // Unpublished events hold a saga back.
+    assert_eq!(store.prune(cutoff, 100).expect("prune"), 0);
+    let keys: Vec<Vec<u8>> = store
+        .events_pending(1000)
+        .expect("events")
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    store.events_published(&keys).expect("published");
+
+    assert_eq!(store.prune(cutoff, 100).expect("prune"), 1);
+    assert_eq!(store.get(&id(&old)).expect("get"), None);
+    assert!(store.history(&id(&old)).expect("history").is_empty());
+    assert_eq!(store.saga_for_key("old-key").expect("key"), None);
+    assert!(store.get(&id(&recent)).expect("get").is_some());
+    assert!(store.get(&id(&running)).expect("get").is_some());
+    let counts = store.count_by_state().expect("counts");
+    assert!(counts.contains(&(StateTag::Compensated, 1)) && counts.contains(&(StateTag::Running, 1)));
+    assert_eq!(
+        store.prune(cutoff, 100).expect("prune"),
+        0,
+        "nothing left to prune"
+    );
+}
+
+#[test]
+fn unknown_format_versions_are_reported_as_corrupt() {
+    let e = decode::<SagaRecordIn>(br#"{"v":9,"saga":{}}"#, "saga record").expect_err("refused");
+    assert!(e.to_string().contains("stored data is corrupt"), "{e}");
+}
