@@ -45,6 +45,7 @@
 mod events_log;
 mod legacy;
 mod prune;
+mod record;
 #[cfg(test)]
 mod tests;
 
@@ -55,14 +56,13 @@ use std::{
 };
 
 use futures::future::BoxFuture;
-use serde::{Deserialize, Serialize};
 use sled::{transaction::ConflictableTransactionError, Transactional};
 use uuid::Uuid;
 
 use self::events_log::{event_pointer, EventSources, EventsReady, EVENTS_READY, EVENTS_ROTATE};
+use self::record::DefinitionRefs;
 use crate::{
-    definition::SagaDefinition,
-    engine::{HistoryEntry, Saga, SagaState, StateTag, StepProgress, Transition},
+    engine::{HistoryEntry, Saga, StateTag, Transition},
     store::{
         codec::{decode, encode},
         keys::{history_key, outbox_key, saga_key, state_key},
@@ -72,63 +72,6 @@ use crate::{
 
 /// Default bound of sled's page cache.
 pub const DEFAULT_CACHE_BYTES: u64 = 128 * 1024 * 1024;
-
-/// A saga record as written: the saga with its definition by reference
-/// (`name@version#n`, a row of the `definitions` tree), so the snapshot is
-/// stored once per distinct definition instead of in every record at every
-/// transition (it was over half of each record's bytes).
-#[derive(Serialize)]
-struct SagaRecordOut<'a> {
-    saga: SagaOut<'a>,
-}
-
-#[derive(Serialize)]
-struct SagaOut<'a> {
-    id: &'a str,
-    definition_ref: &'a str,
-    order: &'a saga_proto::wire::OrderPayload,
-    correlation_id: &'a str,
-    idempotency_key: &'a Option<String>,
-    state: &'a SagaState,
-    steps: &'a [StepProgress],
-    reason: &'a Option<String>,
-    created_at_ms: u64,
-    updated_at_ms: u64,
-    seq: u64,
-}
-
-/// A saga record as read: the definition by reference, or inline (records
-/// written before `definition_ref` existed).
-#[derive(Debug, Deserialize)]
-struct SagaRecordIn {
-    saga: SagaIn,
-}
-
-#[derive(Debug, Deserialize)]
-struct SagaIn {
-    id: String,
-    #[serde(default)]
-    definition: Option<Arc<SagaDefinition>>,
-    #[serde(default)]
-    definition_ref: Option<String>,
-    order: saga_proto::wire::OrderPayload,
-    correlation_id: String,
-    idempotency_key: Option<String>,
-    state: SagaState,
-    steps: Vec<StepProgress>,
-    reason: Option<String>,
-    created_at_ms: u64,
-    updated_at_ms: u64,
-    seq: u64,
-}
-
-/// The definitions saga records refer to, in memory: by the `Arc` the
-/// runner's sagas share (so naming it costs no encoding) and by reference.
-#[derive(Default)]
-struct DefinitionRefs {
-    by_arc: Vec<(std::sync::Weak<SagaDefinition>, String)>,
-    by_ref: HashMap<String, Arc<SagaDefinition>>,
-}
 
 /// Runs sled's blocking work (a transaction, a flush) on the blocking pool.
 /// Not sled's `flush_async`: that goes through sled's own I/O thread pool,
@@ -523,141 +466,6 @@ impl Store {
             blocking(move || db.flush().map(drop).map_err(StoreError::from)).await?;
         }
         Ok(())
-    }
-
-    fn refs(&self) -> std::sync::MutexGuard<'_, DefinitionRefs> {
-        lock(&self.refs)
-    }
-
-    /// The reference of `def` in the `definitions` tree, stored there the
-    /// first time (a write sled's next flush covers, before the records
-    /// that name it). The same `name@version` with other content (a file
-    /// edited in place and reloaded) gets a reference of its own.
-    fn definition_ref(&self, def: &Arc<SagaDefinition>) -> Result<String, StoreError> {
-        let mut refs = self.refs();
-        if let Some((_, r)) = refs
-            .by_arc
-            .iter()
-            .find(|(weak, _)| weak.upgrade().is_some_and(|d| Arc::ptr_eq(&d, def)))
-        {
-            return Ok(r.clone());
-        }
-        let bytes = encode(&**def)?;
-        let prefix = format!("{}#", def.id());
-        let mut found = None;
-        let mut taken = 0;
-        for kv in self.definitions.scan_prefix(prefix.as_bytes()) {
-            let (k, v) = kv?;
-            taken += 1;
-            if v.as_ref() == bytes.as_slice() {
-                found = Some(String::from_utf8_lossy(&k).into_owned());
-                break;
-            }
-        }
-        let r = match found {
-            Some(r) => r,
-            None => {
-                let r = format!("{prefix}{taken}");
-                self.definitions.insert(r.as_bytes(), bytes)?;
-                r
-            }
-        };
-        // Definitions dropped since (reloaded away) leave the list on a miss only.
-        refs.by_arc.retain(|(weak, _)| weak.strong_count() > 0);
-        refs.by_arc.push((Arc::downgrade(def), r.clone()));
-        refs.by_ref.insert(r.clone(), def.clone());
-        Ok(r)
-    }
-
-    /// The definition a record refers to.
-    fn resolve_definition(&self, r: &str) -> Result<Arc<SagaDefinition>, StoreError> {
-        if let Some(def) = self.refs().by_ref.get(r) {
-            return Ok(def.clone());
-        }
-        let bytes = self
-            .definitions
-            .get(r.as_bytes())?
-            .ok_or_else(|| StoreError::Corrupt(format!("saga record names unknown definition {r}")))?;
-        let def: Arc<SagaDefinition> = Arc::new(decode(&bytes, "definition snapshot")?);
-        Ok(self.refs().by_ref.entry(r.to_string()).or_insert(def).clone())
-    }
-
-    fn encode_record(&self, saga: &Saga) -> Result<Vec<u8>, StoreError> {
-        // Every field by name: a field added to `Saga` must be added here.
-        let Saga {
-            id,
-            definition,
-            order,
-            correlation_id,
-            idempotency_key,
-            state,
-            steps,
-            reason,
-            created_at_ms,
-            updated_at_ms,
-            seq,
-        } = saga;
-        let definition_ref = self.definition_ref(definition)?;
-        encode(&SagaRecordOut {
-            saga: SagaOut {
-                id,
-                definition_ref: &definition_ref,
-                order,
-                correlation_id,
-                idempotency_key,
-                state,
-                steps,
-                reason,
-                created_at_ms: *created_at_ms,
-                updated_at_ms: *updated_at_ms,
-                seq: *seq,
-            },
-        })
-    }
-
-    /// A record's definition: inline (records of earlier versions) or by reference.
-    fn record_definition(
-        &self,
-        id: &str,
-        inline: Option<Arc<SagaDefinition>>,
-        by_ref: Option<String>,
-    ) -> Result<Arc<SagaDefinition>, StoreError> {
-        match (inline, by_ref) {
-            (Some(inline), _) => Ok(inline),
-            (None, Some(r)) => self.resolve_definition(&r),
-            (None, None) => Err(StoreError::Corrupt(format!("saga record {id} has no definition"))),
-        }
-    }
-
-    fn decode_record(&self, bytes: &[u8]) -> Result<Saga, StoreError> {
-        let SagaIn {
-            id,
-            definition,
-            definition_ref,
-            order,
-            correlation_id,
-            idempotency_key,
-            state,
-            steps,
-            reason,
-            created_at_ms,
-            updated_at_ms,
-            seq,
-        } = decode::<SagaRecordIn>(bytes, "saga record")?.saga;
-        let definition = self.record_definition(&id, definition, definition_ref)?;
-        Ok(Saga {
-            id,
-            definition,
-            order,
-            correlation_id,
-            idempotency_key,
-            state,
-            steps,
-            reason,
-            created_at_ms,
-            updated_at_ms,
-            seq,
-        })
     }
 
     /// The saga `id` as the runner last wrote it: staged, being committed, or

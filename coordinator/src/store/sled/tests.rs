@@ -4,7 +4,7 @@ use std::{path::PathBuf, time::Duration};
 
 use saga_proto::wire::{CommandKind, Item, OrderPayload};
 
-use super::{events_log::events_tree_name, legacy::LEGACY_EVENTS_TREE, *};
+use super::{events_log::events_tree_name, legacy::LEGACY_EVENTS_TREE, record::SagaRecordIn, *};
 use crate::{
     definition::{RetryPolicy, SagaDefinition, StepDefinition},
     engine::{self, Event, Outcome},
