@@ -11,7 +11,7 @@ use saga_proto::{
     pb::{self, SagaState, StepStatus},
     wire,
 };
-use saga_testkit::*;
+use saga_testkit::{chaos::effects, *};
 
 /// Customer the shipping service cannot deliver to.
 const FAR: &str = "c-far";
@@ -31,16 +31,6 @@ async fn system(payment: PaymentSettings) -> Result<(System, RunningParticipant)
     wait_participant(&s.client, "shipping").await?;
     s.start_coordinator().await?;
     Ok((s, shipping))
-}
-
-async fn effects(client: &async_nats::Client, participant: &str) -> Result<serde_json::Value> {
-    let msg = tokio::time::timeout(
-        Duration::from_secs(10),
-        client.request(wire::effects_subject(participant), "".into()),
-    )
-    .await
-    .context("effects timed out")??;
-    Ok(serde_json::from_slice(&msg.payload)?)
 }
 
 fn status(saga: &pb::Saga, step: &str) -> Option<StepStatus> {

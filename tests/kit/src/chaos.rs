@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use rand::{rngs::StdRng, Rng};
 use saga_proto::pb::{self, SagaState};
 
@@ -215,13 +215,12 @@ pub async fn all_sagas(addr: SocketAddr, state: Option<SagaState>) -> Result<Vec
 /// # Errors
 /// No answer in 10 s.
 pub async fn effects(client: &async_nats::Client, participant: &str) -> Result<serde_json::Value> {
-    let msg = tokio::time::timeout(
+    crate::admin_request(
+        client,
+        saga_wire::effects_subject(participant),
         Duration::from_secs(10),
-        client.request(saga_wire::effects_subject(participant), "".into()),
     )
     .await
-    .context("effects timed out")??;
-    Ok(serde_json::from_slice(&msg.payload)?)
 }
 
 /// Waits until a coordinator answers gRPC; returns how long it took.

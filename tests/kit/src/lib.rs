@@ -328,12 +328,26 @@ pub async fn start_payment(
 /// # Errors
 /// No answer within 5 s, or not JSON.
 pub async fn stats(nats: &async_nats::Client, participant: &str) -> Result<serde_json::Value> {
-    let msg = tokio::time::timeout(
+    admin_request(
+        nats,
+        saga_wire::stats_subject(participant),
         Duration::from_secs(5),
-        nats.request(saga_wire::stats_subject(participant), "".into()),
     )
     .await
-    .context("stats timed out")??;
+}
+
+/// A participant's read-only admin subject (`saga.admin.<participant>.*`), answered as JSON.
+///
+/// # Errors
+/// No answer within `timeout`, or not JSON.
+pub async fn admin_request(
+    nats: &async_nats::Client,
+    subject: String,
+    timeout: Duration,
+) -> Result<serde_json::Value> {
+    let msg = tokio::time::timeout(timeout, nats.request(subject.clone(), "".into()))
+        .await
+        .with_context(|| format!("{subject} timed out"))??;
     Ok(serde_json::from_slice(&msg.payload)?)
 }
 
