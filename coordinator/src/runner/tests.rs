@@ -4,7 +4,6 @@
 //! the store has committed at that moment).
 
 use std::{
-    path::PathBuf,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -16,7 +15,6 @@ use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::{
-    definition::{RetryPolicy, StepDefinition},
     effects::Durable,
     engine::Outcome,
     store::{memory::MemoryStore, DeadLetter, SagaStore},
@@ -26,29 +24,7 @@ use crate::{
 const WAIT: Duration = Duration::from_secs(5);
 
 fn definition() -> Arc<SagaDefinition> {
-    let step = |n: &str, p: &str, a: &str, c: &str| StepDefinition {
-        name: n.into(),
-        participant: p.into(),
-        action: a.into(),
-        compensation: Some(c.into()),
-        timeout: Duration::from_secs(1),
-        retry: RetryPolicy::default(),
-        group: None,
-        on_failure: Default::default(),
-        input: Default::default(),
-        compensation_input: Default::default(),
-    };
-    Arc::new(SagaDefinition {
-        name: "order".into(),
-        version: 1,
-        steps: vec![
-            step("reserve-inventory", "inventory", "reserve", "release"),
-            step("charge-payment", "payment", "charge", "refund"),
-        ],
-        input_schema: None,
-        events: Default::default(),
-        source: PathBuf::new(),
-    })
+    Arc::new(crate::store::fixtures::two_step_order())
 }
 
 fn new_saga(key: Option<&str>) -> NewSaga {

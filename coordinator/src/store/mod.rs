@@ -14,6 +14,8 @@
 pub mod codec;
 #[cfg(test)]
 mod contract_tests;
+#[cfg(test)]
+pub(crate) mod fixtures;
 pub mod jetstream;
 pub(crate) mod keys;
 pub mod memory;

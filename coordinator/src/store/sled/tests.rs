@@ -1,40 +1,18 @@
 //! Tests of the sled store over a temp-dir database.
 
-use std::{path::PathBuf, time::Duration};
+use std::time::Duration;
 
 use saga_proto::wire::{CommandKind, Item, OrderPayload};
 
 use super::{events_log::events_tree_name, legacy::LEGACY_EVENTS_TREE, record::SagaRecordIn, *};
 use crate::{
-    definition::{RetryPolicy, SagaDefinition, StepDefinition},
+    definition::SagaDefinition,
     engine::{self, Event, Outcome},
     store::keys::{history_key, saga_key},
 };
 
 fn def() -> SagaDefinition {
-    let step = |n: &str, p: &str, a: &str, c: &str| StepDefinition {
-        name: n.into(),
-        participant: p.into(),
-        action: a.into(),
-        compensation: Some(c.into()),
-        timeout: Duration::from_secs(1),
-        retry: RetryPolicy::default(),
-        group: None,
-        on_failure: Default::default(),
-        input: Default::default(),
-        compensation_input: Default::default(),
-    };
-    SagaDefinition {
-        name: "order".into(),
-        version: 1,
-        steps: vec![
-            step("reserve-inventory", "inventory", "reserve", "release"),
-            step("charge-payment", "payment", "charge", "refund"),
-        ],
-        input_schema: None,
-        events: Default::default(),
-        source: PathBuf::new(),
-    }
+    crate::store::fixtures::two_step_order()
 }
 
 fn new_saga(key: Option<&str>) -> Transition {
