@@ -15,10 +15,8 @@
 use std::time::Duration;
 
 use prost_types::Timestamp;
-use saga_proto::{
-    pb::{self, saga_service_server::SagaService},
-    wire::{Item, OrderPayload},
-};
+use saga_proto::pb::{self, saga_service_server::SagaService};
+use saga_wire::{Item, OrderPayload};
 use tonic::{Request, Response, Status};
 use tracing::warn;
 use uuid::Uuid;

@@ -11,7 +11,7 @@
 //! timer, a span and a reply slot each.
 //!
 //! The reply subscription's buffer holds every reply of a burst (see
-//! `saga_proto::nats::connect`): async-nats drops messages past it as a
+//! `saga_nats::connect`): async-nats drops messages past it as a
 //! slow consumer, and a burst of 100,000 replies after a restart is normal.
 //!
 //! For each command: wait the step's backoff for attempts after the first
@@ -39,7 +39,7 @@ use std::{
 
 use async_nats::{connection::State as NatsState, header::HeaderMap, StatusCode};
 use futures::{future::BoxFuture, StreamExt};
-use saga_proto::wire::{self, CommandKind, Reply};
+use saga_wire::{self as wire, CommandKind, Reply};
 use tokio::sync::mpsc;
 use tokio_util::{
     sync::CancellationToken,

@@ -9,7 +9,7 @@
 
 use std::{collections::HashMap, sync::Arc};
 
-use saga_proto::wire::CommandKind;
+use saga_wire::CommandKind;
 use tokio::sync::oneshot;
 
 use crate::{

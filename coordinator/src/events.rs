@@ -168,7 +168,7 @@ async fn ensure_stream(
     config: &EventsConfig,
     aliases: &BTreeSet<String>,
 ) -> Result<(), String> {
-    let mut subjects = vec![format!("{}.>", saga_proto::wire::EVENTS_SUBJECT_PREFIX)];
+    let mut subjects = vec![format!("{}.>", saga_wire::EVENTS_SUBJECT_PREFIX)];
     subjects.extend(aliases.iter().cloned());
     let wanted = stream::Config {
         name: config.stream.clone(),
@@ -202,7 +202,7 @@ async fn publish(
             jetstream::message::PublishMessage::build()
                 .payload(body.clone().into())
                 .message_id(msg_id)
-                .header(saga_proto::wire::CORRELATION_HEADER, e.correlation_id.as_str())
+                .header(saga_wire::CORRELATION_HEADER, e.correlation_id.as_str())
         };
         acks.push(
             js.send_publish(record.subject.clone(), message(id.clone()))

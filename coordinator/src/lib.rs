@@ -164,7 +164,7 @@ pub struct Config {
     pub tls_client_ca: Option<PathBuf>,
     /// NATS credentials and TLS.
     #[command(flatten)]
-    pub nats_security: saga_proto::nats::NatsSecurity,
+    pub nats_security: saga_nats::NatsSecurity,
     /// How long COMPLETED and COMPENSATED sagas (record, history, client
     /// idempotency key) are kept after their last transition; `0s` keeps them
     /// forever. FAILED sagas are always kept.
@@ -242,7 +242,7 @@ impl Config {
             tls_cert: None,
             tls_key: None,
             tls_client_ca: None,
-            nats_security: saga_proto::nats::NatsSecurity::default(),
+            nats_security: saga_nats::NatsSecurity::default(),
             retention: Duration::from_secs(30 * 24 * 3600),
             cache_mib: 128,
             resident_sagas: 10_000,
@@ -828,14 +828,14 @@ impl Ready {
     }
 }
 
-/// Connects to NATS (see [`saga_proto::nats::connect`]); every
+/// Connects to NATS (see [`saga_nats::connect`]); every
 /// (dis)connection flips readiness.
 async fn connect_nats(
     url: &str,
-    security: &saga_proto::nats::NatsSecurity,
+    security: &saga_nats::NatsSecurity,
     ready: Ready,
 ) -> Result<async_nats::Client, RunError> {
-    saga_proto::nats::connect(url, "saga-coordinator", security, move |up| {
+    saga_nats::connect(url, "saga-coordinator", security, move |up| {
         let ready = ready.clone();
         async move { ready.set(up).await }
     })

@@ -4,7 +4,7 @@
 //! `dispatch` nor needs NATS in its tests. No I/O here.
 
 use futures::future::BoxFuture;
-use saga_proto::wire::CommandKind;
+use saga_wire::CommandKind;
 
 use crate::{
     effects::Durable,

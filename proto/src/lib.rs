@@ -17,7 +17,3 @@ pub mod pb {
 
 /// Encoded `FileDescriptorSet` of `saga.v1` (with its imports), for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/saga_descriptor.bin"));
-
-// Kept while the coordinator's modules move over to the crates' own names.
-pub use saga_nats as nats;
-pub use saga_wire as wire;

@@ -6,11 +6,9 @@ use std::{collections::BTreeMap, path::Path, time::Duration};
 
 use anyhow::{ensure, Context, Result};
 use futures::StreamExt;
-use saga_proto::{
-    pb::{self, SagaState},
-    wire::SagaEvent,
-};
+use saga_proto::pb::{self, SagaState};
 use saga_testkit::*;
+use saga_wire::SagaEvent;
 
 const STREAM: &str = "SAGA_EVENTS";
 

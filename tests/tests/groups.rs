@@ -7,11 +7,9 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use futures::StreamExt;
-use saga_proto::{
-    pb::{self, SagaState, StepStatus},
-    wire,
-};
+use saga_proto::pb::{self, SagaState, StepStatus};
 use saga_testkit::{chaos::effects, *};
+use saga_wire as wire;
 
 /// Customer the shipping service cannot deliver to.
 const FAR: &str = "c-far";

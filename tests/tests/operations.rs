@@ -11,11 +11,9 @@ use std::{
 
 use anyhow::Result;
 use futures::StreamExt;
-use saga_proto::{
-    pb::{self, SagaState, StepStatus},
-    wire::Reply,
-};
+use saga_proto::pb::{self, SagaState, StepStatus};
 use saga_testkit::*;
+use saga_wire::Reply;
 use tonic::{metadata::MetadataValue, Code};
 
 const TOKEN: &str = "operator-token-0123456789";

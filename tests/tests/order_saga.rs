@@ -5,11 +5,9 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use saga_proto::{
-    pb::{self, SagaState, StepStatus},
-    wire::{self, CommandKind, Reply},
-};
+use saga_proto::pb::{self, SagaState, StepStatus};
 use saga_testkit::*;
+use saga_wire::{self as wire, CommandKind, Reply};
 
 fn step_statuses(s: &pb::Saga) -> Vec<StepStatus> {
     s.steps

@@ -10,11 +10,9 @@
 use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{Context, Result};
-use saga_proto::{
-    pb::SagaState,
-    wire::{self, CommandKind, Item, OrderPayload, Reply},
-};
+use saga_proto::pb::SagaState;
 use saga_testkit::*;
+use saga_wire::{self as wire, CommandKind, Item, OrderPayload, Reply};
 
 /// Sum of the samples of `name` whose labels include all of `labels`
 /// (`None` when there is no such series).

@@ -40,7 +40,7 @@ use std::{
     time::Duration,
 };
 
-use saga_proto::wire::OrderPayload;
+use saga_wire::OrderPayload;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};

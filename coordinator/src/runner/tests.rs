@@ -9,7 +9,7 @@ use std::{
 };
 
 use futures::future::BoxFuture;
-use saga_proto::wire::{CommandKind, Item, OrderPayload};
+use saga_wire::{CommandKind, Item, OrderPayload};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 

@@ -4,7 +4,7 @@
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
-use saga_proto::wire::{Item, OrderPayload};
+use saga_wire::{Item, OrderPayload};
 use uuid::Uuid;
 
 use super::{memory::MemoryStore, SagaStore, Store};

@@ -2,7 +2,7 @@
 //! uses for its in-memory queues): fixed-width big-endian so key order is
 //! the order that matters. Pure functions; no I/O here.
 
-use saga_proto::wire::CommandKind;
+use saga_wire::CommandKind;
 use uuid::Uuid;
 
 use super::StoreError;

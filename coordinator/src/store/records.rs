@@ -2,7 +2,7 @@
 //! sending side: outbox entries (commands), dead letters and saga events.
 //! Plain data built from a saga; no I/O here.
 
-use saga_proto::wire::CommandKind;
+use saga_wire::CommandKind;
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -28,7 +28,7 @@ pub struct OutboxEntry {
     /// Correlation id for headers and logs.
     pub correlation_id: String,
     /// The envelope.
-    pub message: saga_proto::wire::Command,
+    pub message: saga_wire::Command,
 }
 
 impl OutboxEntry {
@@ -64,7 +64,7 @@ pub struct DeadLetter {
     /// When, ms since the Unix epoch.
     pub failed_at_ms: u64,
     /// The order.
-    pub order: saga_proto::wire::OrderPayload,
+    pub order: saga_wire::OrderPayload,
 }
 
 impl DeadLetter {
@@ -106,7 +106,7 @@ pub struct EventRecord {
     /// The definition's domain alias for this event, if any (`orders.completed`).
     pub alias: Option<String>,
     /// The event.
-    pub event: saga_proto::wire::SagaEvent,
+    pub event: saga_wire::SagaEvent,
 }
 
 impl EventRecord {
@@ -125,16 +125,16 @@ impl EventRecord {
     pub(crate) fn build(
         saga_id: &str,
         d: &SagaDefinition,
-        order: &saga_proto::wire::OrderPayload,
+        order: &saga_wire::OrderPayload,
         correlation_id: &str,
         created_at_ms: u64,
         h: &HistoryEntry,
     ) -> Self {
         EventRecord {
-            subject: saga_proto::wire::event_subject(&d.name, h.kind.as_str()),
+            subject: saga_wire::event_subject(&d.name, h.kind.as_str()),
             alias: d.events.get(h.kind.as_str()).cloned(),
-            event: saga_proto::wire::SagaEvent {
-                v: saga_proto::wire::EVENT_FORMAT_VERSION,
+            event: saga_wire::SagaEvent {
+                v: saga_wire::EVENT_FORMAT_VERSION,
                 saga_id: saga_id.to_string(),
                 definition: d.id(),
                 sequence: h.seq,

@@ -86,7 +86,7 @@ pub(super) fn events_log_key(generation: u64, seq: u64) -> Vec<u8> {
 pub(super) struct EventSource {
     pub(super) id: String,
     pub(super) definition: Arc<SagaDefinition>,
-    pub(super) order: saga_proto::wire::OrderPayload,
+    pub(super) order: saga_wire::OrderPayload,
     pub(super) correlation_id: String,
     pub(super) created_at_ms: u64,
 }
@@ -104,7 +104,7 @@ pub(super) struct EventSourceIn {
     pub(super) definition: Option<Arc<SagaDefinition>>,
     #[serde(default)]
     pub(super) definition_ref: Option<String>,
-    pub(super) order: saga_proto::wire::OrderPayload,
+    pub(super) order: saga_wire::OrderPayload,
     pub(super) correlation_id: String,
     pub(super) created_at_ms: u64,
 }

@@ -30,7 +30,7 @@ pub(super) struct SagaRecordOut<'a> {
 pub(super) struct SagaOut<'a> {
     pub(super) id: &'a str,
     pub(super) definition_ref: &'a str,
-    pub(super) order: &'a saga_proto::wire::OrderPayload,
+    pub(super) order: &'a saga_wire::OrderPayload,
     pub(super) correlation_id: &'a str,
     pub(super) idempotency_key: &'a Option<String>,
     pub(super) state: &'a SagaState,
@@ -55,7 +55,7 @@ pub(super) struct SagaIn {
     pub(super) definition: Option<Arc<SagaDefinition>>,
     #[serde(default)]
     pub(super) definition_ref: Option<String>,
-    pub(super) order: saga_proto::wire::OrderPayload,
+    pub(super) order: saga_wire::OrderPayload,
     pub(super) correlation_id: String,
     pub(super) idempotency_key: Option<String>,
     pub(super) state: SagaState,

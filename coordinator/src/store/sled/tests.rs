@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use saga_proto::wire::{CommandKind, Item, OrderPayload};
+use saga_wire::{CommandKind, Item, OrderPayload};
 
 use super::{events_log::events_tree_name, legacy::LEGACY_EVENTS_TREE, record::SagaRecordIn, *};
 use crate::{
