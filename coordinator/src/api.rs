@@ -30,10 +30,10 @@ use crate::{
 };
 
 /// Largest accepted gRPC request, in bytes.
-pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
 /// gRPC metadata key that carries the caller's correlation id.
-pub const CORRELATION_METADATA: &str = "x-correlation-id";
+pub(crate) const CORRELATION_METADATA: &str = "x-correlation-id";
 /// Default and largest `ListSagas` page.
 const DEFAULT_PAGE: u32 = 100;
 const MAX_PAGE: u32 = 1000;
@@ -41,7 +41,7 @@ const MAX_TEXT: usize = 128;
 const MAX_ITEMS: usize = 100;
 
 /// The service implementation.
-pub struct SagaApi {
+pub(crate) struct SagaApi {
     store: SharedStore,
     definitions: Catalog,
     runner: RunnerHandle,
@@ -55,7 +55,7 @@ pub struct SagaApi {
 impl SagaApi {
     /// A service reading `store`, creating and operating through `runner`;
     /// operator RPCs need `operator_token` (refused when `None`).
-    pub fn new(
+    pub(crate) fn new(
         store: SharedStore,
         definitions: Catalog,
         runner: RunnerHandle,
@@ -74,14 +74,14 @@ impl SagaApi {
 
     /// jetstream store: operator events for sagas whose partition is not
     /// held here are forwarded over `nats` to the coordinator holding it.
-    pub fn with_forwarding(mut self, nats: async_nats::Client, ownership: Ownership) -> Self {
+    pub(crate) fn with_forwarding(mut self, nats: async_nats::Client, ownership: Ownership) -> Self {
         self.forward = Some((nats, ownership));
         self
     }
 
     /// `RetrySaga` and `AbortSaga` refuse sagas started longer than `horizon`
     /// ago (zero: no limit).
-    pub fn with_command_horizon(mut self, horizon: std::time::Duration) -> Self {
+    pub(crate) fn with_command_horizon(mut self, horizon: std::time::Duration) -> Self {
         self.command_horizon = horizon;
         self
     }
@@ -197,11 +197,12 @@ fn text(field: &str, value: &str, required: bool) -> Result<String, Status> {
 }
 
 /// Validates a `CreateOrderRequest` into a [`NewSaga`]: the one boundary
-/// where an order from outside becomes a closed type (also a fuzz target).
+/// where an order from outside becomes a closed type (also a fuzz target,
+/// through [`crate::check_create_order`]).
 ///
 /// # Errors
 /// `INVALID_ARGUMENT` naming the first bad field.
-pub fn validate_create(
+pub(crate) fn validate_create(
     req: pb::CreateOrderRequest,
     definitions: &Definitions,
     correlation_id: String,
@@ -309,7 +310,7 @@ fn timestamp(ms: u64) -> Timestamp {
 }
 
 /// Protobuf enum value of a state tag.
-pub fn state_to_pb(tag: StateTag) -> pb::SagaState {
+pub(crate) fn state_to_pb(tag: StateTag) -> pb::SagaState {
     match tag {
         StateTag::Pending => pb::SagaState::Pending,
         StateTag::Running => pb::SagaState::Running,
@@ -377,7 +378,7 @@ fn items_to_pb(items: &[Item]) -> Vec<pb::OrderItem> {
 }
 
 /// The full protobuf view of a saga and its history.
-pub fn saga_to_pb(saga: &Saga, history: &[HistoryEntry]) -> pb::Saga {
+pub(crate) fn saga_to_pb(saga: &Saga, history: &[HistoryEntry]) -> pb::Saga {
     let steps = saga
         .definition
         .steps

@@ -1,7 +1,7 @@
 //! Several coordinators on the `jetstream` store: partitions, leases, failover.
 //!
 //! Every saga belongs to one of `--partitions` partitions (from its id, see
-//! [`crate::jetstream::partition_of`]). A coordinator runs the sagas of the
+//! [`crate::store::jetstream::partition_of`]). A coordinator runs the sagas of the
 //! partitions it holds a **lease** on. Leases live in the JetStream KV bucket
 //! `SAGA_LEASES` (`lease.p<n>` → `{"holder","expires_at_ms"}`), next to one
 //! heartbeat per coordinator (`member.<instance>`):
@@ -51,7 +51,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use uuid::Uuid;
 
-pub use crate::partition::Ownership;
+pub(crate) use crate::partition::Ownership;
 use crate::{
     clock::now_ms,
     engine::{Event, StateTag},
@@ -65,13 +65,13 @@ pub const LEASES_BUCKET: &str = "SAGA_LEASES";
 /// Rounds (of `ttl/4`) between two rescans of the held partitions.
 const RESCAN_EVERY: u64 = 8;
 /// Prefix of the subjects operator events are forwarded on (`.<partition>`).
-pub const OPERATE_SUBJECT: &str = "saga.coordinator.operate";
+pub(crate) const OPERATE_SUBJECT: &str = "saga.coordinator.operate";
 
 /// What the cluster code asks of the saga runner: run the sagas of a
 /// partition taken over, stop running those of one given up, and apply a
 /// forwarded operator event. A trait, so this module does not depend on the
 /// runner (which draws its ids in the [`Ownership`] this module keeps).
-pub trait SagaHost: Clone + Send + Sync + 'static {
+pub(crate) trait SagaHost: Clone + Send + Sync + 'static {
     /// Runs `sagas` with their in-flight commands; returns how many were new.
     fn adopt(&self, sagas: Vec<Loaded>) -> impl Future<Output = Result<usize, OperateError>> + Send;
     /// Stops running the sagas of `partition` (of `partitions`) once what was
@@ -91,13 +91,11 @@ pub trait SagaHost: Clone + Send + Sync + 'static {
 
 /// Cluster settings (`--partitions`, `--lease-ttl`, `--instance-id`, `--kv-replicas`).
 #[derive(Debug, Clone)]
-pub struct ClusterSettings {
+pub(crate) struct ClusterSettings {
     /// This coordinator's name in leases and logs.
     pub instance: String,
     /// How long a lease lasts without renewal.
     pub lease_ttl: Duration,
-    /// Replicas of the leases bucket.
-    pub replicas: usize,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -137,7 +135,7 @@ enum ForwardReply {
 ///
 /// # Errors
 /// No holder answered in 5 s (a hand-over in progress), or its error.
-pub async fn forward_operate(
+pub(crate) async fn forward_operate(
     nats: &async_nats::Client,
     partitions: u32,
     saga_id: Uuid,
@@ -241,7 +239,7 @@ async fn serve_forwarded<R: SagaHost>(
 ///
 /// # Errors
 /// JetStream refused or did not answer.
-pub async fn open_leases(js: &jetstream::Context, replicas: usize) -> Result<kv::Store, StoreError> {
+pub(crate) async fn open_leases(js: &jetstream::Context, replicas: usize) -> Result<kv::Store, StoreError> {
     match js.get_key_value(LEASES_BUCKET).await {
         Ok(s) => Ok(s),
         Err(_) => js
@@ -267,7 +265,7 @@ struct Held {
 /// sagas whose write was lost, and answers forwarded operator events. On
 /// stop it deletes its leases so the others take over at once.
 #[allow(clippy::too_many_arguments)]
-pub async fn run<R: SagaHost>(
+pub(crate) async fn run<R: SagaHost>(
     nats: async_nats::Client,
     leases: kv::Store,
     store: Arc<dyn PartitionedStore>,
@@ -495,7 +493,7 @@ impl<R: SagaHost> Manager<R> {
             .map_err(|e| e.to_string())?;
         let entries = futures::future::join_all(keys.into_iter().map(|k| async move {
             // Through the leader: a replica's stale revision would make every take fail.
-            let entry = crate::jetstream::leader_get(&self.leases, &k)
+            let entry = crate::store::jetstream::leader_get(&self.leases, &k)
                 .await
                 .map_err(|e| e.to_string())?;
             let value = entry.and_then(|(v, rev)| serde_json::from_slice::<Lease>(&v).ok().map(|l| (l, rev)));

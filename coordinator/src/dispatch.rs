@@ -57,15 +57,15 @@ use crate::{
 };
 
 /// Subject of dead-letter records.
-pub const DLQ_SUBJECT: &str = "saga.dlq";
+pub(crate) const DLQ_SUBJECT: &str = "saga.dlq";
 
 /// How often the commands due while NATS is disconnected look whether it is back.
-pub const PARKED_RECHECK: Duration = Duration::from_millis(100);
+pub(crate) const PARKED_RECHECK: Duration = Duration::from_millis(100);
 
 /// Why a call produced no participant answer (style: the two kinds
 /// async-nats distinguishes, plus a reply we cannot read).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum CallError {
+pub(crate) enum CallError {
     /// Nobody listens on the subject (or the connection is down): nothing was
     /// delivered; retry later.
     #[error("unavailable: {0}")]
@@ -86,7 +86,7 @@ pub enum CallError {
 
 /// Circuit-breaker settings, the same for every participant.
 #[derive(Debug, Clone, Copy)]
-pub struct BreakerSettings {
+pub(crate) struct BreakerSettings {
     /// Consecutive failures that open a breaker.
     pub failures: u32,
     /// How long an open breaker refuses calls.
@@ -163,7 +163,7 @@ impl Breaker {
     }
 }
 
-pub use crate::sink::Reported;
+pub(crate) use crate::sink::Reported;
 
 enum Order {
     Send(Box<OutboxEntry>),
@@ -176,7 +176,7 @@ enum Order {
 
 /// Sends commands; cheap to clone.
 #[derive(Clone)]
-pub struct Dispatcher {
+pub(crate) struct Dispatcher {
     orders: mpsc::UnboundedSender<Order>,
     /// For the dead letters ([`CommandSink::publish_dead_letter`]).
     client: async_nats::Client,
@@ -187,7 +187,7 @@ impl Dispatcher {
     /// `tracker` and stops when `cancel` fires, abandoning the commands in
     /// flight unreported: they stay in the outbox and are re-sent on the next
     /// start. Must be called inside a tokio runtime.
-    pub fn new(
+    pub(crate) fn new(
         client: async_nats::Client,
         breaker_settings: BreakerSettings,
         outcomes: mpsc::UnboundedSender<Reported>,
@@ -213,7 +213,7 @@ impl Dispatcher {
 
     /// Sends `entry` in the background. The caller guarantees the state that
     /// implies this command is durable.
-    pub fn dispatch(&self, entry: OutboxEntry) {
+    pub(crate) fn dispatch(&self, entry: OutboxEntry) {
         // Gone only after shutdown: the outbox keeps the command.
         let _ = self.orders.send(Order::Send(Box::new(entry)));
     }
@@ -221,7 +221,7 @@ impl Dispatcher {
     /// Withdraws the command for `saga_id`/`step`/`kind` if it has not been
     /// answered yet (an operator abort settled it). A request already on the
     /// wire may still arrive: participants' tombstones make that harmless.
-    pub fn withdraw(&self, saga_id: &str, step: usize, kind: CommandKind) {
+    pub(crate) fn withdraw(&self, saga_id: &str, step: usize, kind: CommandKind) {
         let _ = self.orders.send(Order::Withdraw {
             saga_id: saga_id.to_string(),
             step,

@@ -21,11 +21,11 @@ use crate::{
 /// A value made durable by a store commit: a command the sink may send.
 /// Only this module makes one, from a released (committed) batch.
 #[derive(Debug)]
-pub struct Durable<T>(T);
+pub(crate) struct Durable<T>(T);
 
 impl<T> Durable<T> {
     /// The durable value.
-    pub fn into_inner(self) -> T {
+    pub(crate) fn into_inner(self) -> T {
         self.0
     }
 }
@@ -46,7 +46,7 @@ pub(crate) type OperateReply = oneshot::Sender<Result<Operated, OperateError>>;
 /// A durable transition of a watched saga: the saga after it and the
 /// history entries it added.
 #[derive(Debug)]
-pub struct Change {
+pub(crate) struct Change {
     /// The saga after the transition.
     pub saga: Saga,
     /// The entries the transition added, in order.

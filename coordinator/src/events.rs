@@ -66,17 +66,17 @@ impl Default for EventsConfig {
 
 /// Wakes the publisher after a flush that wrote events; cheap to clone.
 #[derive(Clone, Default)]
-pub struct EventsWake(std::sync::Arc<Notify>);
+pub(crate) struct EventsWake(std::sync::Arc<Notify>);
 
 impl EventsWake {
     /// There are new durable events.
-    pub fn wake(&self) {
+    pub(crate) fn wake(&self) {
         self.0.notify_one();
     }
 }
 
 /// Publishes the events outbox until `shutdown`.
-pub async fn run(
+pub(crate) async fn run(
     store: SharedStore,
     client: async_nats::Client,
     config: EventsConfig,

@@ -3,42 +3,42 @@
 //! `saga.v1.SagaService` (with reflection and health) over gRPC.
 //!
 //! Modules, from the pure core outwards (no module imports one that imports it):
-//! - [`definition`]: YAML saga definitions, validated at start-up;
-//! - [`engine`]: the pure state machine (no I/O);
-//! - [`clock`], [`partition`], [`ops`]: leaf vocabulary (time, partition
+//! - `definition`: YAML saga definitions, validated at start-up;
+//! - `engine`: the pure state machine (no I/O);
+//! - `clock`, `partition`, `ops`: leaf vocabulary (time, partition
 //!   ownership, what creations and operator events answer);
-//! - [`store`]: the [`store::SagaStore`] trait and its sled, jetstream and
+//! - `store`: the `store::SagaStore` trait and its sled, jetstream and
 //!   in-memory implementations (stage, one group commit, reads);
-//! - [`effects`]: a batch's commands, replies and wake-ups, releasable only
+//! - `effects`: a batch's commands, replies and wake-ups, releasable only
 //!   through the store's commit;
-//! - [`sink`]: where committed commands go ([`dispatch`] implements it);
-//! - [`runner`]: the single owner of in-flight sagas (event in → transition →
+//! - `sink`: where committed commands go (`dispatch` implements it);
+//! - `runner`: the single owner of in-flight sagas (event in → transition →
 //!   stage, commit → release);
-//! - [`dispatch`]: NATS request-reply with timeouts and backoff;
-//! - [`cluster`]: partition leases on the jetstream store (talks to the
-//!   runner through [`cluster::SagaHost`]);
-//! - [`api`]: the gRPC service.
+//! - `dispatch`: NATS request-reply with timeouts and backoff;
+//! - `cluster`: partition leases on the jetstream store (talks to the
+//!   runner through `cluster::SagaHost`);
+//! - `api`: the gRPC service.
 //!
 //! [`run`] wires them; `main.rs` only parses config and handles signals, and
 //! tests call the same `run` on an ephemeral port.
 //!
 //! # Why no command can leave before its state is durable
 //!
-//! Every path that sends something goes through [`runner`]'s commit:
+//! Every path that sends something goes through `runner`'s commit:
 //! 1. an input (a `CreateOrder`, a reply, an operator event) is applied by the
-//!    pure [`engine`], which returns the new saga and the commands it implies;
-//! 2. [`store::SagaStore::stage`] stages the saga record, its history, its
+//!    pure `engine`, which returns the new saga and the commands it implies;
+//! 2. `store::SagaStore::stage` stages the saga record, its history, its
 //!    state index entry, the outbox entries of those commands (and a dead
 //!    letter when it entered FAILED);
 //! 3. after the batch, ONE commit (with sled: one transaction and one
 //!    `flush`) makes every staged transition durable; only when it returns
 //!    `Ok` are `CreateOrder`/operator callers answered, commands handed to
-//!    [`dispatch`] and dead letters published — the types keep this: those
-//!    effects come out of an [`effects`] batch only with the store's
-//!    [`store::Committed`]. A failed commit stops the runner (and the
+//!    `dispatch` and dead letters published — the types keep this: those
+//!    effects come out of an `effects` batch only with the store's
+//!    `store::Committed`. A failed commit stops the runner (and the
 //!    process) before anything is sent.
 //!
-//! [`dispatch`] has no other source of commands, and the API never writes to
+//! `dispatch` has no other source of commands, and the API never writes to
 //! the store. A crash before step 3 completes loses only work nobody heard of:
 //! the caller sees an error and retries with the same idempotency key, or
 //! the previous state's command is still in the outbox and is re-sent with
@@ -49,22 +49,46 @@
 #![deny(unreachable_pub)]
 
 // The pure core, under the names the server's modules have always used.
-pub use saga_core::{definition, engine};
+use saga_core::{definition, engine};
+use store::jetstream;
 
-pub mod api;
-pub mod backend;
-pub mod clock;
-pub mod cluster;
-pub mod dispatch;
-pub mod effects;
-pub mod events;
-pub use store::jetstream;
-pub mod ops;
-pub mod partition;
-pub mod runner;
-pub mod sink;
-pub mod store;
-pub mod telemetry;
+mod api;
+mod backend;
+mod clock;
+mod cluster;
+mod dispatch;
+mod effects;
+mod events;
+mod ops;
+mod partition;
+mod runner;
+mod sink;
+mod store;
+mod telemetry;
+
+// The public surface: what `main.rs`, the test kit, saga-bench and the fuzz
+// targets need, and nothing else.
+pub use backend::StoreKind;
+pub use saga_core::definition::DefinitionError;
+
+/// Checks a `CreateOrderRequest` exactly as `CreateOrder` does, storing
+/// nothing: the boundary the fuzz target drives.
+///
+/// # Errors
+/// `INVALID_ARGUMENT` naming the first bad field, as the API answers.
+pub fn check_create_order(
+    req: saga_proto::pb::CreateOrderRequest,
+    definitions: &saga_core::definition::Definitions,
+) -> Result<(), tonic::Status> {
+    api::validate_create(req, definitions, String::new()).map(drop)
+}
+
+/// Names in the JetStream KV layout that tools outside the coordinator read
+/// (the bench's clean-up, the cluster tests' checks of who owns a saga).
+pub mod kv {
+    pub use crate::cluster::LEASES_BUCKET;
+    pub use crate::store::jetstream::{partition_of, ACTIVE_BUCKET, KEYS_BUCKET, RECORDS_BUCKET};
+}
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -78,8 +102,7 @@ use tracing::{info, warn};
 
 use crate::{
     api::SagaApi,
-    backend::StoreKind,
-    definition::{Catalog, DefinitionError},
+    definition::Catalog,
     dispatch::Dispatcher,
     store::{PartitionedStore, SharedStore, Store},
 };
@@ -634,7 +657,6 @@ pub async fn run_with_reload(
                     .clone()
                     .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string()),
                 lease_ttl: config.lease_ttl,
-                replicas: config.kv_replicas,
             };
             info!(instance = %settings.instance, partitions = config.partitions, lease_ttl = ?config.lease_ttl,
                   "joining the coordinator cluster");

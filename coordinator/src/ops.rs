@@ -8,7 +8,7 @@ use crate::{engine::StateTag, store::StoreError};
 
 /// What `create` did.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Created {
+pub(crate) enum Created {
     /// A new saga, durable and started.
     New {
         /// Its id.
@@ -29,7 +29,7 @@ pub enum Created {
 
 /// Why a saga could not be created.
 #[derive(Debug, thiserror::Error)]
-pub enum CreateError {
+pub(crate) enum CreateError {
     /// The key was used before for a different order.
     #[error("idempotency_key was already used for a different order (saga {0})")]
     KeyReused(String),
@@ -54,7 +54,7 @@ pub enum CreateError {
 
 /// What an operator event did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Operated {
+pub(crate) enum Operated {
     /// The saga moved; its state now.
     Changed(StateTag),
     /// The event does not apply in the saga's state (e.g. abort of a completed saga).
@@ -63,7 +63,7 @@ pub enum Operated {
 
 /// Why an operator event could not be applied.
 #[derive(Debug, thiserror::Error)]
-pub enum OperateError {
+pub(crate) enum OperateError {
     /// No such saga.
     #[error("saga {0} not found")]
     NotFound(Uuid),

@@ -31,14 +31,14 @@ pub fn partition_of(saga_id: &str, partitions: u32) -> u32 {
 /// The partitions this coordinator holds. Cheap to clone; the cluster code
 /// changes it, everyone else only reads it.
 #[derive(Clone, Debug)]
-pub struct Ownership {
+pub(crate) struct Ownership {
     held: Arc<RwLock<BTreeSet<u32>>>,
     partitions: u32,
 }
 
 impl Ownership {
     /// Holding nothing, out of `partitions`.
-    pub fn new(partitions: u32) -> Self {
+    pub(crate) fn new(partitions: u32) -> Self {
         Ownership {
             held: Arc::default(),
             partitions: partitions.max(1),
@@ -60,32 +60,27 @@ impl Ownership {
     }
 
     /// Partition `p` is held from now on.
-    pub fn hold(&self, p: u32) {
+    pub(crate) fn hold(&self, p: u32) {
         self.write().insert(p);
     }
 
     /// Partition `p` is no longer held.
-    pub fn give_up(&self, p: u32) {
+    pub(crate) fn give_up(&self, p: u32) {
         self.write().remove(&p);
     }
 
     /// Whether the saga's partition is held here.
-    pub fn owns(&self, saga_id: &str) -> bool {
+    pub(crate) fn owns(&self, saga_id: &str) -> bool {
         self.read().contains(&partition_of(saga_id, self.partitions))
     }
 
     /// Whether nothing is held.
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.read().is_empty()
     }
 
-    /// The partitions held.
-    pub fn held(&self) -> Vec<u32> {
-        self.read().iter().copied().collect()
-    }
-
     /// Number of partitions in the cluster.
-    pub fn partitions(&self) -> u32 {
+    pub(crate) fn partitions(&self) -> u32 {
         self.partitions
     }
 }

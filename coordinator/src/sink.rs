@@ -14,7 +14,7 @@ use crate::{
 
 /// An outcome for the saga runner.
 #[derive(Debug)]
-pub struct Reported {
+pub(crate) struct Reported {
     /// Saga the outcome belongs to.
     pub saga_id: String,
     /// The engine event.
@@ -24,7 +24,7 @@ pub struct Reported {
 /// What the runner hands its committed effects to. Every call is made only
 /// for state that a store commit made durable (the runner's types keep
 /// that, see [`crate::effects`]).
-pub trait CommandSink: Send + Sync + 'static {
+pub(crate) trait CommandSink: Send + Sync + 'static {
     /// Sends `entry` in the background; its outcome comes back as a
     /// [`Reported`] on the runner's outcomes channel. Only a committed
     /// batch yields a [`Durable`] command.

@@ -24,34 +24,34 @@ use tracing::{info, warn};
 use crate::store::SharedStore;
 
 /// Sagas created, by `definition`.
-pub const SAGAS_STARTED: &str = "saga_started_total";
+pub(crate) const SAGAS_STARTED: &str = "saga_started_total";
 /// Sagas that reached a terminal state, by `definition` and `state`.
-pub const SAGAS_FINISHED: &str = "saga_finished_total";
+pub(crate) const SAGAS_FINISHED: &str = "saga_finished_total";
 /// Sagas not terminal, in this coordinator's memory.
-pub const SAGAS_IN_FLIGHT: &str = "saga_in_flight";
+pub(crate) const SAGAS_IN_FLIGHT: &str = "saga_in_flight";
 /// One command's round trip, by `participant`, `action`, `outcome`.
-pub const STEP_SECONDS: &str = "saga_step_duration_seconds";
+pub(crate) const STEP_SECONDS: &str = "saga_step_duration_seconds";
 /// Attempts after the first, by `participant`.
-pub const STEP_RETRIES: &str = "saga_step_retries_total";
+pub(crate) const STEP_RETRIES: &str = "saga_step_retries_total";
 /// 1 while a participant's circuit breaker is open.
-pub const BREAKER_OPEN: &str = "saga_breaker_open";
+pub(crate) const BREAKER_OPEN: &str = "saga_breaker_open";
 /// 1 while NATS is connected.
-pub const NATS_CONNECTED: &str = "saga_nats_connected";
+pub(crate) const NATS_CONNECTED: &str = "saga_nats_connected";
 /// Finished sagas removed after the retention.
-pub const SAGAS_PRUNED: &str = "saga_pruned_total";
+pub(crate) const SAGAS_PRUNED: &str = "saga_pruned_total";
 /// Saga events acknowledged by JetStream.
-pub const EVENTS_PUBLISHED: &str = "saga_events_published_total";
+pub(crate) const EVENTS_PUBLISHED: &str = "saga_events_published_total";
 /// Saga events durable but not yet acknowledged by JetStream.
-pub const EVENTS_BACKLOG: &str = "saga_events_backlog";
+pub(crate) const EVENTS_BACKLOG: &str = "saga_events_backlog";
 /// Definition reloads (SIGHUP), by `result` (`ok`, `refused`).
-pub const DEFINITION_RELOADS: &str = "saga_definition_reloads_total";
+pub(crate) const DEFINITION_RELOADS: &str = "saga_definition_reloads_total";
 /// Group-commit flushes and the transitions they covered.
-pub const FLUSHES: &str = "saga_store_flushes_total";
+pub(crate) const FLUSHES: &str = "saga_store_flushes_total";
 /// How long one group-commit flush took (the store's write latency on the hot path).
-pub const FLUSH_SECONDS: &str = "saga_store_flush_duration_seconds";
+pub(crate) const FLUSH_SECONDS: &str = "saga_store_flush_duration_seconds";
 
 /// The process-wide Prometheus recorder (installed on first use).
-pub fn prometheus() -> Option<PrometheusHandle> {
+pub(crate) fn prometheus() -> Option<PrometheusHandle> {
     static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
     HANDLE
         .get_or_init(|| match PrometheusBuilder::new().install_recorder() {
@@ -68,35 +68,35 @@ pub fn prometheus() -> Option<PrometheusHandle> {
 /// saga runner taking requests (it starts after the first NATS connection
 /// and recovery).
 #[derive(Clone, Default)]
-pub struct Readiness {
+pub(crate) struct Readiness {
     nats: Arc<AtomicBool>,
     runner: Arc<AtomicBool>,
 }
 
 impl Readiness {
     /// Records the NATS connection state.
-    pub fn set_nats(&self, connected: bool) {
+    pub(crate) fn set_nats(&self, connected: bool) {
         self.nats.store(connected, Ordering::SeqCst);
         metrics::gauge!(NATS_CONNECTED).set(if connected { 1.0 } else { 0.0 });
     }
 
     /// Records whether the saga runner takes requests.
-    pub fn set_runner(&self, running: bool) {
+    pub(crate) fn set_runner(&self, running: bool) {
         self.runner.store(running, Ordering::SeqCst);
     }
 
     /// Whether NATS is connected.
-    pub fn nats(&self) -> bool {
+    pub(crate) fn nats(&self) -> bool {
         self.nats.load(Ordering::SeqCst)
     }
 
     /// Whether the runner takes requests.
-    pub fn runner(&self) -> bool {
+    pub(crate) fn runner(&self) -> bool {
         self.runner.load(Ordering::SeqCst)
     }
 
     /// Both: new sagas are accepted and their commands can leave.
-    pub fn ready(&self) -> bool {
+    pub(crate) fn ready(&self) -> bool {
         self.nats() && self.runner()
     }
 }
@@ -112,7 +112,7 @@ struct Http {
 ///
 /// # Errors
 /// The listener failed.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     ready: Readiness,
     store: SharedStore,

@@ -17,7 +17,7 @@ async fn coordinator(nats: &str, instance: &str) -> Result<RunningCoordinator> {
     // The jetstream store keeps nothing on local disk: the data dir is not used.
     let unused = std::env::temp_dir();
     let c = RunningCoordinator::start_with(nats, &unused, &shipped_definitions(), move |c| {
-        c.store = coordinator::backend::StoreKind::Jetstream;
+        c.store = coordinator::StoreKind::Jetstream;
         c.partitions = PARTITIONS;
         c.lease_ttl = Duration::from_millis(800);
         c.instance_id = Some(instance);
@@ -126,12 +126,12 @@ async fn two_coordinators_share_sagas_and_hand_them_over() -> Result<()> {
         .collect();
     let reserved = loop {
         let id = uuid::Uuid::now_v7().to_string();
-        if owned_by_a.contains(&coordinator::jetstream::partition_of(&id, PARTITIONS)) {
+        if owned_by_a.contains(&coordinator::kv::partition_of(&id, PARTITIONS)) {
             break id;
         }
     };
     let js = async_nats::jetstream::new(client.clone());
-    let keys = js.get_key_value(coordinator::jetstream::KEYS_BUCKET).await?;
+    let keys = js.get_key_value(coordinator::kv::KEYS_BUCKET).await?;
     let hex: String = "half-written".bytes().map(|b| format!("{b:02x}")).collect();
     keys.create(&hex, reserved.clone().into_bytes().into()).await?;
     let mut retry = order("c-1", &[("A-1", 1)], 100);
@@ -164,9 +164,8 @@ async fn two_coordinators_share_sagas_and_hand_them_over() -> Result<()> {
         .create_order(order("c-2", &[("A-1", 2)], 500))
         .await?
         .into_inner();
-    let held_by_a = cluster::holders(&client).await?
-        [&coordinator::jetstream::partition_of(&r.saga_id, PARTITIONS)]
-        == "coord-a";
+    let held_by_a =
+        cluster::holders(&client).await?[&coordinator::kv::partition_of(&r.saga_id, PARTITIONS)] == "coord-a";
     ensure!(held_by_a, "a saga created on coord-a is in one of its partitions");
     wait_saga(&gb, &r.saga_id, "charging", |s| {
         s.current_step == "charge-payment"

@@ -234,7 +234,7 @@ async fn a_coordinator_and_a_nats_node_die_and_every_saga_still_ends_once() -> R
     let mut failover: Option<u64> = None;
     let mut orphans = 0;
     for s in &verdict.sagas {
-        let p = coordinator::jetstream::partition_of(&s.saga_id, PARTITIONS);
+        let p = coordinator::kv::partition_of(&s.saga_id, PARTITIONS);
         if !victim_partitions.contains(&p) || ms(&s.created_at) > kill_ms {
             continue;
         }

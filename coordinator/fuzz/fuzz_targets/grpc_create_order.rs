@@ -26,6 +26,6 @@ fn definitions() -> &'static Definitions {
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(req) = saga_proto::pb::CreateOrderRequest::decode(data) {
-        let _ = coordinator::api::validate_create(req, definitions(), "fuzz".into());
+        let _ = coordinator::check_create_order(req, definitions());
     }
 });

@@ -46,8 +46,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 use uuid::Uuid;
 
-pub use crate::effects::Change;
-pub use crate::ops::{CreateError, Created, OperateError, Operated};
+pub(crate) use crate::effects::Change;
+pub(crate) use crate::ops::{CreateError, Created, OperateError, Operated};
 use crate::{
     clock::now_ms,
     cluster::SagaHost,
@@ -62,11 +62,10 @@ use crate::{
 
 /// Most events applied under one flush.
 const BATCH: usize = 512;
-pub use crate::dispatch::DLQ_SUBJECT;
 
 /// A saga to create.
 #[derive(Debug, Clone)]
-pub struct NewSaga {
+pub(crate) struct NewSaga {
     /// Definition to run (snapshotted into the saga).
     pub definition: Arc<SagaDefinition>,
     /// Whether the client asked for this exact version (idempotency check).
@@ -148,7 +147,7 @@ impl Watchers {
 
 /// A `WatchSaga` subscription: wakes on each durable transition of one saga;
 /// ends (`changed()` fails) when the saga is terminal or the runner stops.
-pub struct Subscription {
+pub(crate) struct Subscription {
     saga_id: String,
     rx: tokio::sync::watch::Receiver<Option<Arc<Change>>>,
     watchers: Watchers,
@@ -156,13 +155,13 @@ pub struct Subscription {
 
 impl Subscription {
     /// Waits for the next transition; `false` once no more will come.
-    pub async fn changed(&mut self) -> bool {
+    pub(crate) async fn changed(&mut self) -> bool {
         self.rx.changed().await.is_ok()
     }
 
     /// The latest transition handed over (earlier ones a slow watcher
     /// missed are gone).
-    pub fn latest(&mut self) -> Option<Arc<Change>> {
+    pub(crate) fn latest(&mut self) -> Option<Arc<Change>> {
         self.rx.borrow_and_update().clone()
     }
 }
@@ -179,7 +178,7 @@ impl Drop for Subscription {
 
 /// Handle to the runner; cheap to clone.
 #[derive(Clone)]
-pub struct RunnerHandle {
+pub(crate) struct RunnerHandle {
     tx: mpsc::Sender<Request>,
     watchers: Watchers,
     running: tokio::sync::watch::Receiver<bool>,
@@ -190,7 +189,7 @@ impl RunnerHandle {
     ///
     /// # Errors
     /// [`CreateError`].
-    pub async fn create(&self, new: NewSaga) -> Result<Created, CreateError> {
+    pub(crate) async fn create(&self, new: NewSaga) -> Result<Created, CreateError> {
         self.check_running().map_err(|()| CreateError::NotStarted)?;
         let (reply, rx) = oneshot::channel();
         self.tx
@@ -210,13 +209,8 @@ impl RunnerHandle {
         }
     }
 
-    /// Whether the runner takes requests now.
-    pub fn is_running(&self) -> bool {
-        *self.running.borrow()
-    }
-
     /// Waits until the runner takes requests, or stopped taking them (`false`).
-    pub async fn wait_running(&self, running: bool) {
+    pub(crate) async fn wait_running(&self, running: bool) {
         let mut rx = self.running.clone();
         let _ = rx.wait_for(|r| *r == running).await;
     }
@@ -224,7 +218,7 @@ impl RunnerHandle {
     /// Wakes on every durable transition of `saga_id` from now on (for
     /// `WatchSaga`): subscribe first, then read the store, so nothing falls
     /// in between.
-    pub fn subscribe(&self, saga_id: &str) -> Subscription {
+    pub(crate) fn subscribe(&self, saga_id: &str) -> Subscription {
         let rx = {
             let mut map = self.watchers.lock();
             map.entry(saga_id.to_string())
@@ -243,7 +237,7 @@ impl RunnerHandle {
     ///
     /// # Errors
     /// [`OperateError`].
-    pub async fn operate(&self, saga_id: Uuid, event: Event) -> Result<Operated, OperateError> {
+    pub(crate) async fn operate(&self, saga_id: Uuid, event: Event) -> Result<Operated, OperateError> {
         self.check_running().map_err(|()| OperateError::NotStarted)?;
         let (reply, rx) = oneshot::channel();
         self.tx
@@ -262,7 +256,7 @@ impl RunnerHandle {
     ///
     /// # Errors
     /// The runner stopped.
-    pub async fn adopt(&self, sagas: Vec<Loaded>) -> Result<usize, OperateError> {
+    pub(crate) async fn adopt(&self, sagas: Vec<Loaded>) -> Result<usize, OperateError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Request::Adopt { sagas, reply })
@@ -276,7 +270,7 @@ impl RunnerHandle {
     ///
     /// # Errors
     /// The runner stopped.
-    pub async fn release(&self, partition: u32, partitions: u32) -> Result<Vec<String>, OperateError> {
+    pub(crate) async fn release(&self, partition: u32, partitions: u32) -> Result<Vec<String>, OperateError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Request::Release {
@@ -305,7 +299,7 @@ impl SagaHost for RunnerHandle {
 }
 
 /// The runner task's inputs, built by [`channel`].
-pub struct RunnerInputs {
+pub(crate) struct RunnerInputs {
     /// Most in-flight sagas kept in memory (see the module docs).
     resident: usize,
     requests: mpsc::Receiver<Request>,
@@ -317,7 +311,7 @@ pub struct RunnerInputs {
 /// A handle for creators, the sender for the dispatcher and the runner's
 /// inputs; at most `resident` in-flight sagas are kept in memory when the
 /// store can read evicted ones back.
-pub fn channel(resident: usize) -> (RunnerHandle, mpsc::UnboundedSender<Reported>, RunnerInputs) {
+pub(crate) fn channel(resident: usize) -> (RunnerHandle, mpsc::UnboundedSender<Reported>, RunnerInputs) {
     let (tx, requests) = mpsc::channel(4096);
     let (otx, outcomes) = mpsc::unbounded_channel();
     let watchers = Watchers::default();
@@ -391,7 +385,7 @@ async fn flushed(flushing: &mut Option<Flushing>) -> Result<Committed, StoreErro
 /// # Errors
 /// A store failure: the runner stops at once, sending nothing more (a
 /// restart recovers from what is durable).
-pub async fn run(
+pub(crate) async fn run(
     store: SharedStore,
     cluster: Option<(Ownership, mpsc::UnboundedSender<String>)>,
     sink: Arc<dyn CommandSink>,

@@ -151,7 +151,7 @@ struct Inner {
 
 /// Settings of the `jetstream` store.
 #[derive(Debug, Clone)]
-pub struct JsSettings {
+pub(crate) struct JsSettings {
     /// Replicas of every bucket (3 on a 3-node cluster).
     pub replicas: usize,
     /// Number of partitions sagas are spread over.
@@ -162,7 +162,7 @@ pub struct JsSettings {
 
 /// The `jetstream` store. Cheap to clone.
 #[derive(Clone)]
-pub struct JsStore {
+pub(crate) struct JsStore {
     buckets: Arc<Buckets>,
     settings: JsSettings,
     inner: Arc<Mutex<Inner>>,
@@ -179,7 +179,7 @@ impl JsStore {
     ///
     /// # Errors
     /// JetStream refused or did not answer.
-    pub async fn open(js: &jetstream::Context, settings: JsSettings) -> Result<Self, StoreError> {
+    pub(crate) async fn open(js: &jetstream::Context, settings: JsSettings) -> Result<Self, StoreError> {
         let bucket = |name: &str, history: i64| kv::Config {
             bucket: name.to_string(),
             history,
@@ -215,17 +215,12 @@ impl JsStore {
         }
     }
 
-    /// Number of partitions.
-    pub fn partitions(&self) -> u32 {
-        self.settings.partitions
-    }
-
     /// Stages one transition (see the module docs); nothing leaves before
     /// [`JsStore::flush_writes`].
     ///
     /// # Errors
     /// None today (the signature matches the sled store's).
-    pub fn write(&self, t: &Transition, previous: Option<StateTag>) -> Result<(), StoreError> {
+    pub(crate) fn write(&self, t: &Transition, previous: Option<StateTag>) -> Result<(), StoreError> {
         let saga = &t.saga;
         let mut inner = self.lock();
         if previous.is_some() && !inner.cache.contains_key(&saga.id) {
@@ -277,7 +272,7 @@ impl JsStore {
     ///
     /// # Errors
     /// An unencodable record (a bug).
-    pub async fn flush_writes(&self) -> Result<Vec<String>, StoreError> {
+    pub(crate) async fn flush_writes(&self) -> Result<Vec<String>, StoreError> {
         let jobs = {
             let mut inner = self.lock();
             let staged: Vec<(String, Staged)> = inner.staged.drain().collect();
@@ -394,7 +389,7 @@ impl JsStore {
     ///
     /// # Errors
     /// JetStream failed; a corrupt record.
-    pub async fn get(&self, id: &Uuid) -> Result<Option<Saga>, StoreError> {
+    pub(crate) async fn get(&self, id: &Uuid) -> Result<Option<Saga>, StoreError> {
         Ok(self.record(&id.to_string()).await?.map(|(r, _)| r.saga))
     }
 
@@ -402,7 +397,10 @@ impl JsStore {
     ///
     /// # Errors
     /// As [`JsStore::get`].
-    pub async fn get_with_history(&self, id: &Uuid) -> Result<Option<(Saga, Vec<HistoryEntry>)>, StoreError> {
+    pub(crate) async fn get_with_history(
+        &self,
+        id: &Uuid,
+    ) -> Result<Option<(Saga, Vec<HistoryEntry>)>, StoreError> {
         Ok(self
             .record(&id.to_string())
             .await?
@@ -413,7 +411,7 @@ impl JsStore {
     ///
     /// # Errors
     /// As [`JsStore::get`].
-    pub async fn load_for_update(&self, id: &Uuid) -> Result<Option<Saga>, StoreError> {
+    pub(crate) async fn load_for_update(&self, id: &Uuid) -> Result<Option<Saga>, StoreError> {
         let Some((record, revision)) = self.record(&id.to_string()).await? else {
             return Ok(None);
         };
@@ -433,7 +431,7 @@ impl JsStore {
     ///
     /// # Errors
     /// JetStream failed; a corrupt id.
-    pub async fn saga_for_key(&self, key: &str) -> Result<Option<Uuid>, StoreError> {
+    pub(crate) async fn saga_for_key(&self, key: &str) -> Result<Option<Uuid>, StoreError> {
         match leader_get(&self.buckets.keys, &client_key(key)).await? {
             Some((bytes, _)) => Uuid::try_parse_ascii(&bytes)
                 .map(Some)
@@ -447,7 +445,7 @@ impl JsStore {
     ///
     /// # Errors
     /// As [`JsStore::get`].
-    pub async fn list(
+    pub(crate) async fn list(
         &self,
         state: Option<StateTag>,
         after: Option<Uuid>,
@@ -489,7 +487,7 @@ impl JsStore {
     ///
     /// # Errors
     /// JetStream failed; a corrupt record.
-    pub async fn load_partition(&self, partition: u32) -> Result<Vec<Loaded>, StoreError> {
+    pub(crate) async fn load_partition(&self, partition: u32) -> Result<Vec<Loaded>, StoreError> {
         let prefix = format!("p{partition:04}.");
         let keys: Vec<String> = self
             .buckets
@@ -518,7 +516,7 @@ impl JsStore {
     ///
     /// # Errors
     /// As [`JsStore::load_partition`].
-    pub async fn load(&self, id: &str) -> Result<Option<Loaded>, StoreError> {
+    pub(crate) async fn load(&self, id: &str) -> Result<Option<Loaded>, StoreError> {
         // Already running here: the runner's copy (and any write staged for it) wins.
         if self.lock().cache.contains_key(id) {
             return Ok(None);
@@ -564,7 +562,7 @@ impl JsStore {
     }
 
     /// Forgets sagas this coordinator no longer runs (a partition released).
-    pub fn forget(&self, ids: &[String]) {
+    pub(crate) fn forget(&self, ids: &[String]) {
         let mut inner = self.lock();
         for id in ids {
             inner.cache.remove(id);
@@ -577,7 +575,7 @@ impl JsStore {
     ///
     /// # Errors
     /// JetStream failed (retried on the next call).
-    pub async fn retire_published(&self) -> Result<(), StoreError> {
+    pub(crate) async fn retire_published(&self) -> Result<(), StoreError> {
         let done: Vec<String> = {
             let inner = self.lock();
             inner
@@ -614,7 +612,7 @@ impl JsStore {
     }
 
     /// Up to `limit` durable events not yet published.
-    pub fn events_pending(&self, limit: usize) -> Vec<(Vec<u8>, EventRecord)> {
+    pub(crate) fn events_pending(&self, limit: usize) -> Vec<(Vec<u8>, EventRecord)> {
         self.lock()
             .events
             .iter()
@@ -624,12 +622,12 @@ impl JsStore {
     }
 
     /// Number of events waiting.
-    pub fn events_backlog(&self) -> usize {
+    pub(crate) fn events_backlog(&self) -> usize {
         self.lock().events.len()
     }
 
     /// Drops acknowledged events.
-    pub fn events_published(&self, keys: &[Vec<u8>]) {
+    pub(crate) fn events_published(&self, keys: &[Vec<u8>]) {
         let mut inner = self.lock();
         for k in keys {
             inner.events.remove(k);
@@ -637,7 +635,7 @@ impl JsStore {
     }
 
     /// Dead letters not yet published.
-    pub fn dlq_pending(&self) -> Vec<(Vec<u8>, DeadLetter)> {
+    pub(crate) fn dlq_pending(&self) -> Vec<(Vec<u8>, DeadLetter)> {
         self.lock()
             .dlq
             .iter()
@@ -646,27 +644,15 @@ impl JsStore {
     }
 
     /// Drops a published dead letter.
-    pub fn dlq_published(&self, key: &[u8]) {
+    pub(crate) fn dlq_published(&self, key: &[u8]) {
         self.lock().dlq.remove(key);
-    }
-
-    /// Every dead letter of `id`.
-    ///
-    /// # Errors
-    /// As [`JsStore::get`].
-    pub async fn dead_letters(&self, id: &Uuid) -> Result<Vec<DeadLetter>, StoreError> {
-        Ok(self
-            .record(&id.to_string())
-            .await?
-            .map(|(r, _)| r.dead_letters)
-            .unwrap_or_default())
     }
 
     /// Whether JetStream answers (readiness).
     ///
     /// # Errors
     /// The records bucket cannot be reached within 2 s.
-    pub async fn probe(&self) -> Result<(), StoreError> {
+    pub(crate) async fn probe(&self) -> Result<(), StoreError> {
         let records = self.buckets.records.clone();
         match tokio::time::timeout(Duration::from_secs(2), records.status()).await {
             Ok(Ok(_)) => Ok(()),
@@ -685,7 +671,7 @@ impl std::fmt::Debug for JsStore {
 }
 
 /// Logs the buckets' layout once at start.
-pub fn log_opened(store: &JsStore) {
+pub(crate) fn log_opened(store: &JsStore) {
     info!(
         partitions = store.settings.partitions,
         replicas = store.settings.replicas,
@@ -775,10 +761,6 @@ impl SagaStore for JsStore {
     fn dlq_published(&self, key: &[u8]) -> Result<(), StoreError> {
         JsStore::dlq_published(self, key);
         Ok(())
-    }
-
-    fn dead_letters<'a>(&'a self, id: &'a Uuid) -> BoxFuture<'a, Result<Vec<DeadLetter>, StoreError>> {
-        Box::pin(JsStore::dead_letters(self, id))
     }
 
     fn events_pending(&self, limit: usize) -> Result<Vec<(Vec<u8>, EventRecord)>, StoreError> {

@@ -42,14 +42,13 @@ struct Inner {
     dlq: BTreeMap<Vec<u8>, DeadLetter>,
     fail_next: bool,
     lose_next: bool,
-    commits: usize,
     in_flight: usize,
     read_backs: usize,
 }
 
 /// The in-memory store. Cheap to clone (clones share the data).
 #[derive(Debug, Clone)]
-pub struct MemoryStore {
+pub(crate) struct MemoryStore {
     inner: Arc<Mutex<Inner>>,
     caps: Capabilities,
     /// Commits wait while this is `false` ([`MemoryStore::hold_commits`]).
@@ -58,7 +57,7 @@ pub struct MemoryStore {
 
 impl MemoryStore {
     /// A store with the given capabilities.
-    pub fn new(caps: Capabilities) -> Self {
+    pub(crate) fn new(caps: Capabilities) -> Self {
         MemoryStore {
             inner: Arc::default(),
             caps,
@@ -68,7 +67,7 @@ impl MemoryStore {
 
     /// Behaves as the sled store does: one coordinator, evicts resident sagas,
     /// commits pipelined with the next batch.
-    pub fn like_sled() -> Self {
+    pub(crate) fn like_sled() -> Self {
         Self::new(Capabilities {
             evicts_resident: true,
             commit_each_batch: false,
@@ -79,7 +78,7 @@ impl MemoryStore {
 
     /// Behaves as the jetstream store does: shared, every batch committed
     /// before the next, nothing evicted.
-    pub fn like_jetstream() -> Self {
+    pub(crate) fn like_jetstream() -> Self {
         Self::new(Capabilities {
             evicts_resident: false,
             commit_each_batch: true,
@@ -96,54 +95,49 @@ impl MemoryStore {
     }
 
     /// Commits begun from now on wait until [`MemoryStore::release_commits`].
-    pub fn hold_commits(&self) {
+    pub(crate) fn hold_commits(&self) {
         self.open.send_replace(false);
     }
 
     /// Lets held commits (and later ones) complete.
-    pub fn release_commits(&self) {
+    pub(crate) fn release_commits(&self) {
         self.open.send_replace(true);
     }
 
     /// The next commit fails (and discards what was staged after it began).
-    pub fn fail_next_commit(&self) {
+    pub(crate) fn fail_next_commit(&self) {
         self.lock().fail_next = true;
     }
 
     /// The next commit loses every write it carries, as a jetstream write
     /// refused because another coordinator wrote the saga first.
-    pub fn lose_next_commit(&self) {
+    pub(crate) fn lose_next_commit(&self) {
         self.lock().lose_next = true;
     }
 
-    /// Commits completed so far (successful ones).
-    pub fn commits(&self) -> usize {
-        self.lock().commits
-    }
-
     /// Commits begun and not yet done (held ones included).
-    pub fn commits_in_flight(&self) -> usize {
+    pub(crate) fn commits_in_flight(&self) -> usize {
         self.lock().in_flight
     }
 
     /// Transitions staged and not yet in a commit.
-    pub fn staged_len(&self) -> usize {
+    pub(crate) fn staged_len(&self) -> usize {
         self.lock().staged.len()
     }
 
     /// Sagas read back with [`SagaStore::read_back`] so far.
-    pub fn read_backs(&self) -> usize {
+    pub(crate) fn read_backs(&self) -> usize {
         self.lock().read_backs
     }
 
     /// The committed record of saga `id`.
-    pub fn durable(&self, id: &str) -> Option<Saga> {
+    pub(crate) fn durable(&self, id: &str) -> Option<Saga> {
         let id = Uuid::parse_str(id).ok()?;
         self.lock().durable.get(&id).map(|d| d.saga.clone())
     }
 
     /// The committed outbox of saga `id`.
-    pub fn durable_outbox(&self, id: &str) -> Vec<OutboxEntry> {
+    pub(crate) fn durable_outbox(&self, id: &str) -> Vec<OutboxEntry> {
         let Ok(id) = Uuid::parse_str(id) else {
             return Vec::new();
         };
@@ -250,7 +244,6 @@ impl SagaStore for MemoryStore {
             for (t, previous) in writes.iter() {
                 Self::apply(&mut inner, t, *previous)?;
             }
-            inner.commits += 1;
             Ok(Committed::all())
         })
     }
@@ -349,16 +342,6 @@ impl SagaStore for MemoryStore {
     fn dlq_published(&self, key: &[u8]) -> Result<(), StoreError> {
         self.lock().dlq.remove(key);
         Ok(())
-    }
-
-    fn dead_letters<'a>(&'a self, id: &'a Uuid) -> BoxFuture<'a, Result<Vec<DeadLetter>, StoreError>> {
-        let found = self
-            .lock()
-            .durable
-            .get(id)
-            .map(|d| d.dead_letters.clone())
-            .unwrap_or_default();
-        Box::pin(std::future::ready(Ok(found)))
     }
 
     fn events_pending(&self, limit: usize) -> Result<Vec<(Vec<u8>, EventRecord)>, StoreError> {

@@ -11,24 +11,25 @@
 //! own trees with the definition by reference, jetstream one whole record
 //! per saga (saga, history, outbox, dead letters) with the definition inline.
 
-pub mod codec;
+pub(crate) mod codec;
 #[cfg(test)]
 mod contract_tests;
 #[cfg(test)]
 pub(crate) mod fixtures;
-pub mod jetstream;
+pub(crate) mod jetstream;
 pub(crate) mod keys;
-pub mod memory;
-pub mod records;
+#[cfg(test)]
+pub(crate) mod memory;
+pub(crate) mod records;
 mod sled;
 
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
-pub use records::{DeadLetter, EventRecord, OutboxEntry};
+pub(crate) use records::{DeadLetter, EventRecord, OutboxEntry};
 use uuid::Uuid;
 
-pub use self::sled::{Store, DEFAULT_CACHE_BYTES};
+pub(crate) use self::sled::Store;
 use crate::engine::{HistoryEntry, Saga, StateTag, Transition};
 
 /// A failure of the coordinator's storage.
@@ -50,14 +51,14 @@ pub enum StoreError {
 }
 
 /// A saga and its history, as `GetSaga` shows it.
-pub type WithHistory = (Saga, Vec<HistoryEntry>);
+pub(crate) type WithHistory = (Saga, Vec<HistoryEntry>);
 
 /// A saga loaded for running: the record and the commands it has in flight.
-pub type Loaded = (Saga, Vec<OutboxEntry>);
+pub(crate) type Loaded = (Saga, Vec<OutboxEntry>);
 
 /// One page of a store's `list`.
 #[derive(Debug)]
-pub struct Page {
+pub(crate) struct Page {
     /// Sagas, oldest first.
     pub sagas: Vec<Saga>,
     /// Last id of the page when more may follow.
@@ -69,7 +70,7 @@ pub struct Page {
 /// batch's commands, replies and wake-ups from this value and nothing else.
 #[must_use = "a commit's outcome says which sagas were lost; their effects must not be released"]
 #[derive(Debug, Default)]
-pub struct Committed {
+pub(crate) struct Committed {
     lost: Vec<String>,
 }
 
@@ -87,18 +88,18 @@ impl Committed {
     /// The sagas whose write did not land (another coordinator wrote them,
     /// or the outcome is unknown): the store has forgotten them, and none of
     /// their effects may be released; they are to be reloaded.
-    pub fn lost(&self) -> &[String] {
+    pub(crate) fn lost(&self) -> &[String] {
         &self.lost
     }
 }
 
 /// A commit under way, in a task of its own.
-pub type CommitTask = tokio::task::JoinHandle<Result<Committed, StoreError>>;
+pub(crate) type CommitTask = tokio::task::JoinHandle<Result<Committed, StoreError>>;
 
 /// How a store differs from the others, for the callers that must adapt
 /// (asked once, never "which store is this").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Capabilities {
+pub(crate) struct Capabilities {
     /// A saga dropped from the runner's memory can be read back with
     /// [`SagaStore::get_latest`], staged writes included: the runner may
     /// bound its resident sagas (`--resident-sagas`).
@@ -132,7 +133,7 @@ pub struct Capabilities {
 /// - A read error (`StoreError::Sled`, `StoreError::JetStream`) means the
 ///   store could not answer now; `StoreError::Corrupt` means stored data
 ///   cannot be decoded, which no retry will cure.
-pub trait SagaStore: Send + Sync + std::fmt::Debug + 'static {
+pub(crate) trait SagaStore: Send + Sync + std::fmt::Debug + 'static {
     /// The store's name in logs and probes (`sled`, `jetstream store`).
     fn name(&self) -> &'static str;
 
@@ -214,9 +215,6 @@ pub trait SagaStore: Send + Sync + std::fmt::Debug + 'static {
     /// The store's.
     fn dlq_published(&self, key: &[u8]) -> Result<(), StoreError>;
 
-    /// Every dead letter of a saga.
-    fn dead_letters<'a>(&'a self, id: &'a Uuid) -> BoxFuture<'a, Result<Vec<DeadLetter>, StoreError>>;
-
     /// Up to `limit` durable events not yet acknowledged by the events stream.
     ///
     /// # Errors
@@ -247,12 +245,12 @@ pub trait SagaStore: Send + Sync + std::fmt::Debug + 'static {
 }
 
 /// A store shared by the runner, the API, the events publisher and the probes.
-pub type SharedStore = Arc<dyn SagaStore>;
+pub(crate) type SharedStore = Arc<dyn SagaStore>;
 
 /// What the cluster code needs of a store whose sagas are split in
 /// partitions (the jetstream store): load a partition taken over, reload
 /// one saga, retire finished sagas from the index.
-pub trait PartitionedStore: Send + Sync + 'static {
+pub(crate) trait PartitionedStore: Send + Sync + 'static {
     /// The running sagas of `partition`, with their in-flight commands.
     fn load_partition(&self, partition: u32) -> BoxFuture<'_, Result<Vec<Loaded>, StoreError>>;
 

@@ -12,7 +12,7 @@ use crate::{
 
 /// A command waiting in the outbox: exactly what is sent on NATS.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct OutboxEntry {
+pub(crate) struct OutboxEntry {
     /// Saga the command belongs to.
     pub saga_id: String,
     /// Step index.
@@ -33,7 +33,7 @@ pub struct OutboxEntry {
 
 impl OutboxEntry {
     /// The outbox entry of `command` for `saga`.
-    pub fn new(saga: &Saga, command: &Command) -> Self {
+    pub(crate) fn new(saga: &Saga, command: &Command) -> Self {
         OutboxEntry {
             saga_id: saga.id.clone(),
             step: command.step,
@@ -50,7 +50,7 @@ impl OutboxEntry {
 /// The record of a saga that entered FAILED: an operator must act
 /// (`RetrySaga`). Published on `saga.dlq` as JSON.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct DeadLetter {
+pub(crate) struct DeadLetter {
     /// The failed saga.
     pub saga_id: String,
     /// `name@version`.
@@ -70,12 +70,12 @@ pub struct DeadLetter {
 impl DeadLetter {
     /// The dead letter a transition written from `previous` owes: one when
     /// it made `saga` enter FAILED ([`crate::engine::enters_failed`]).
-    pub fn on_entering(saga: &Saga, previous: Option<crate::engine::StateTag>) -> Option<Self> {
+    pub(crate) fn on_entering(saga: &Saga, previous: Option<crate::engine::StateTag>) -> Option<Self> {
         Self::of(saga).filter(|_| crate::engine::enters_failed(saga, previous))
     }
 
     /// The dead letter of `saga` when it is FAILED.
-    pub fn of(saga: &Saga) -> Option<Self> {
+    pub(crate) fn of(saga: &Saga) -> Option<Self> {
         let crate::engine::SagaState::Failed { step } = saga.state else {
             return None;
         };
@@ -100,7 +100,7 @@ impl DeadLetter {
 /// subjects it goes to (fixed when the transition is written, so a definition
 /// reload never changes where an already-committed event goes).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct EventRecord {
+pub(crate) struct EventRecord {
     /// `saga.events.<definition>.<event>`.
     pub subject: String,
     /// The definition's domain alias for this event, if any (`orders.completed`).
@@ -111,7 +111,7 @@ pub struct EventRecord {
 
 impl EventRecord {
     /// The event of history entry `h` of `saga`.
-    pub fn new(saga: &Saga, h: &HistoryEntry) -> Self {
+    pub(crate) fn new(saga: &Saga, h: &HistoryEntry) -> Self {
         Self::build(
             &saga.id,
             &saga.definition,

@@ -70,8 +70,9 @@ use crate::{
     },
 };
 
-/// Default bound of sled's page cache.
-pub const DEFAULT_CACHE_BYTES: u64 = 128 * 1024 * 1024;
+/// Default bound of sled's page cache in tests.
+#[cfg(test)]
+pub(crate) const DEFAULT_CACHE_BYTES: u64 = 128 * 1024 * 1024;
 
 /// Runs sled's blocking work (a transaction, a flush) on the blocking pool.
 /// Not sled's `flush_async`: that goes through sled's own I/O thread pool,
@@ -116,7 +117,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// The coordinator's sled database.
 #[derive(Clone)]
-pub struct Store {
+pub(crate) struct Store {
     db: sled::Db,
     sagas: sled::Tree,
     history: sled::Tree,
@@ -195,7 +196,8 @@ impl Store {
     ///
     /// # Errors
     /// sled cannot open the directory (missing permissions, another process holds it).
-    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+    #[cfg(test)]
+    pub(crate) fn open(dir: &Path) -> Result<Self, StoreError> {
         Self::open_with_cache(dir, DEFAULT_CACHE_BYTES)
     }
 
@@ -204,7 +206,7 @@ impl Store {
     ///
     /// # Errors
     /// As [`Store::open`].
-    pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
+    pub(crate) fn open_with_cache(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
         // sled releases its file lock from a background thread a moment after the
         // last handle is dropped (an in-process restart, or a previous process still
         // exiting): retry a lock conflict for up to 3 s.
@@ -252,7 +254,7 @@ impl Store {
     /// events-log pointers (what an earlier run logged stays for a later run
     /// with events).
     #[must_use]
-    pub fn without_events(mut self) -> Self {
+    pub(crate) fn without_events(mut self) -> Self {
         self.events_on = false;
         self
     }
@@ -273,7 +275,7 @@ impl Store {
     ///
     /// # Errors
     /// An unencodable value.
-    pub fn write(&self, t: &Transition, previous: Option<StateTag>) -> Result<(), StoreError> {
+    pub(crate) fn write(&self, t: &Transition, previous: Option<StateTag>) -> Result<(), StoreError> {
         let saga = &t.saga;
         let id = saga_key(&saga.id)?;
         let record = self.encode_record(saga)?;
@@ -422,7 +424,7 @@ impl Store {
     ///
     /// # Errors
     /// sled could not write or sync its log.
-    pub async fn flush(&self) -> Result<(), StoreError> {
+    pub(crate) async fn flush(&self) -> Result<(), StoreError> {
         let this = self.clone();
         blocking(move || {
             this.apply_staged()?;
@@ -437,7 +439,8 @@ impl Store {
     ///
     /// # Errors
     /// As [`Store::flush`].
-    pub async fn flush_writes(&self) -> Result<(), StoreError> {
+    #[cfg(test)]
+    pub(crate) async fn flush_writes(&self) -> Result<(), StoreError> {
         let this = self.clone();
         blocking(move || this.flush_writes_blocking()).await
     }
@@ -446,7 +449,7 @@ impl Store {
     ///
     /// # Errors
     /// As [`Store::flush`].
-    pub fn flush_writes_blocking(&self) -> Result<(), StoreError> {
+    pub(crate) fn flush_writes_blocking(&self) -> Result<(), StoreError> {
         self.apply_staged()?;
         self.db.flush()?;
         self.unflushed.store(false, std::sync::atomic::Ordering::SeqCst);
@@ -460,7 +463,7 @@ impl Store {
     ///
     /// # Errors
     /// As [`Store::flush`].
-    pub async fn ensure_durable(&self) -> Result<(), StoreError> {
+    pub(crate) async fn ensure_durable(&self) -> Result<(), StoreError> {
         if self.unflushed.load(std::sync::atomic::Ordering::SeqCst) {
             let db = self.db.clone();
             blocking(move || db.flush().map(drop).map_err(StoreError::from)).await?;
@@ -473,7 +476,7 @@ impl Store {
     ///
     /// # Errors
     /// As [`Store::get`].
-    pub fn get_latest(&self, id: &Uuid) -> Result<Option<Saga>, StoreError> {
+    pub(crate) fn get_latest(&self, id: &Uuid) -> Result<Option<Saga>, StoreError> {
         let latest = {
             let staged = self.staged();
             let key = id.as_bytes();
@@ -493,7 +496,7 @@ impl Store {
     ///
     /// # Errors
     /// sled errors; a corrupt record.
-    pub fn get(&self, id: &Uuid) -> Result<Option<Saga>, StoreError> {
+    pub(crate) fn get(&self, id: &Uuid) -> Result<Option<Saga>, StoreError> {
         match self.sagas.get(id.as_bytes())? {
             Some(bytes) => Ok(Some(self.decode_record(&bytes)?)),
             None => Ok(None),
@@ -504,7 +507,7 @@ impl Store {
     ///
     /// # Errors
     /// sled errors; a corrupt entry.
-    pub fn history(&self, id: &Uuid) -> Result<Vec<HistoryEntry>, StoreError> {
+    pub(crate) fn history(&self, id: &Uuid) -> Result<Vec<HistoryEntry>, StoreError> {
         self.history
             .scan_prefix(id.as_bytes())
             .map(|kv| {
@@ -518,7 +521,7 @@ impl Store {
     ///
     /// # Errors
     /// sled errors; a corrupt id.
-    pub fn saga_for_key(&self, key: &str) -> Result<Option<Uuid>, StoreError> {
+    pub(crate) fn saga_for_key(&self, key: &str) -> Result<Option<Uuid>, StoreError> {
         match self.idempotency.get(key.as_bytes())? {
             Some(bytes) => Uuid::from_slice(&bytes)
                 .map(Some)
@@ -532,7 +535,7 @@ impl Store {
     ///
     /// # Errors
     /// sled errors; a corrupt record.
-    pub fn list(
+    pub(crate) fn list(
         &self,
         state: Option<StateTag>,
         after: Option<Uuid>,
@@ -600,7 +603,7 @@ impl Store {
     ///
     /// # Errors
     /// sled errors; a corrupt record.
-    pub fn active(&self) -> Result<Vec<Saga>, StoreError> {
+    pub(crate) fn active(&self) -> Result<Vec<Saga>, StoreError> {
         let mut out = Vec::new();
         for tag in [StateTag::Pending, StateTag::Running, StateTag::Compensating] {
             let mut after = None;
@@ -620,7 +623,7 @@ impl Store {
     ///
     /// # Errors
     /// sled errors; a corrupt entry.
-    pub fn outbox(&self) -> Result<Vec<OutboxEntry>, StoreError> {
+    pub(crate) fn outbox(&self) -> Result<Vec<OutboxEntry>, StoreError> {
         self.outbox
             .iter()
             .map(|kv| {
@@ -634,7 +637,7 @@ impl Store {
     ///
     /// # Errors
     /// sled errors; a corrupt entry.
-    pub fn dlq_pending(&self) -> Result<Vec<(Vec<u8>, DeadLetter)>, StoreError> {
+    pub(crate) fn dlq_pending(&self) -> Result<Vec<(Vec<u8>, DeadLetter)>, StoreError> {
         self.dlq_outbox
             .iter()
             .map(|kv| {
@@ -648,30 +651,16 @@ impl Store {
     ///
     /// # Errors
     /// sled errors.
-    pub fn dlq_published(&self, key: &[u8]) -> Result<(), StoreError> {
+    pub(crate) fn dlq_published(&self, key: &[u8]) -> Result<(), StoreError> {
         self.dlq_outbox.remove(key)?;
         Ok(())
-    }
-
-    /// Every dead letter of `id`, oldest first.
-    ///
-    /// # Errors
-    /// sled errors; a corrupt entry.
-    pub fn dead_letters(&self, id: &Uuid) -> Result<Vec<DeadLetter>, StoreError> {
-        self.dead_letters
-            .scan_prefix(id.as_bytes())
-            .map(|kv| {
-                let (_, v) = kv?;
-                decode(&v, "dead letter")
-            })
-            .collect()
     }
 
     /// Whether the database accepts a write (readiness probe; not flushed).
     ///
     /// # Errors
     /// sled refused the write.
-    pub fn probe_writable(&self) -> Result<(), StoreError> {
+    pub(crate) fn probe_writable(&self) -> Result<(), StoreError> {
         self.meta.insert(b"ready-probe", &b"1"[..])?;
         Ok(())
     }
@@ -680,7 +669,7 @@ impl Store {
     ///
     /// # Errors
     /// sled errors.
-    pub fn count_by_state(&self) -> Result<Vec<(StateTag, usize)>, StoreError> {
+    pub(crate) fn count_by_state(&self) -> Result<Vec<(StateTag, usize)>, StoreError> {
         let mut out = Vec::new();
         for tag in StateTag::ALL {
             let mut n = 0;
@@ -792,10 +781,6 @@ impl crate::store::SagaStore for Store {
 
     fn dlq_published(&self, key: &[u8]) -> Result<(), StoreError> {
         Store::dlq_published(self, key)
-    }
-
-    fn dead_letters<'a>(&'a self, id: &'a Uuid) -> BoxFuture<'a, Result<Vec<DeadLetter>, StoreError>> {
-        Box::pin(std::future::ready(Store::dead_letters(self, id)))
     }
 
     fn events_pending(&self, limit: usize) -> Result<Vec<(Vec<u8>, EventRecord)>, StoreError> {

@@ -447,10 +447,10 @@ fn participants(spec: &ClusterSpec<'_>) -> (Proc, Proc) {
 async fn reset_jetstream(nats: &async_nats::Client) -> Result<()> {
     let js = async_nats::jetstream::new(nats.clone());
     for bucket in [
-        coordinator::jetstream::RECORDS_BUCKET,
-        coordinator::jetstream::ACTIVE_BUCKET,
-        coordinator::jetstream::KEYS_BUCKET,
-        coordinator::cluster::LEASES_BUCKET,
+        coordinator::kv::RECORDS_BUCKET,
+        coordinator::kv::ACTIVE_BUCKET,
+        coordinator::kv::KEYS_BUCKET,
+        coordinator::kv::LEASES_BUCKET,
     ] {
         if js.get_key_value(bucket).await.is_ok() {
             js.delete_key_value(bucket)

@@ -22,7 +22,7 @@ pub struct Lease {
 /// The bucket or a lease cannot be read.
 pub async fn leases(client: &async_nats::Client) -> Result<BTreeMap<u32, Lease>> {
     let js = async_nats::jetstream::new(client.clone());
-    let kv = js.get_key_value(coordinator::cluster::LEASES_BUCKET).await?;
+    let kv = js.get_key_value(coordinator::kv::LEASES_BUCKET).await?;
     let keys: Vec<String> = kv.keys().await?.try_collect().await?;
     let mut out = BTreeMap::new();
     for k in keys.iter().filter(|k| k.starts_with("lease.p")) {

@@ -114,9 +114,7 @@ impl RunningCoordinator {
     ///
     /// # Errors
     /// The coordinator is not running.
-    pub async fn reload(
-        &self,
-    ) -> Result<Result<(Vec<String>, Vec<String>), coordinator::definition::DefinitionError>> {
+    pub async fn reload(&self) -> Result<Result<(Vec<String>, Vec<String>), coordinator::DefinitionError>> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.reloads
             .send(tx)

@@ -234,7 +234,7 @@ impl Store {
     ///
     /// # Errors
     /// sled errors; a corrupt entry.
-    pub fn events_pending(&self, limit: usize) -> Result<Vec<(Vec<u8>, EventRecord)>, StoreError> {
+    pub(crate) fn events_pending(&self, limit: usize) -> Result<Vec<(Vec<u8>, EventRecord)>, StoreError> {
         let mut out = Vec::new();
         {
             // Handed over in memory: the unpublished run that starts at the
@@ -305,7 +305,7 @@ impl Store {
     }
 
     /// Number of events waiting to be published.
-    pub fn events_backlog(&self) -> usize {
+    pub(crate) fn events_backlog(&self) -> usize {
         self.events_after_cursor()
             .filter_map(Result::ok)
             .map(|(_, p)| usize::try_from(p.last.saturating_sub(p.first) + 1).unwrap_or(usize::MAX))
@@ -328,7 +328,7 @@ impl Store {
     ///
     /// # Errors
     /// sled errors; a malformed key.
-    pub fn events_published(&self, keys: &[Vec<u8>]) -> Result<(), StoreError> {
+    pub(crate) fn events_published(&self, keys: &[Vec<u8>]) -> Result<(), StoreError> {
         let Some(max) = keys.iter().max() else {
             return Ok(());
         };

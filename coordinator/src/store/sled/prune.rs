@@ -23,7 +23,7 @@ impl Store {
     ///
     /// # Errors
     /// sled errors; a corrupt record.
-    pub fn prune(&self, cutoff_ms: u64, limit: usize) -> Result<usize, StoreError> {
+    pub(crate) fn prune(&self, cutoff_ms: u64, limit: usize) -> Result<usize, StoreError> {
         let mut removed = 0;
         // With events off nothing publishes what an earlier run logged: it
         // holds nothing back (those events are skipped if events come back on).
