@@ -6,7 +6,9 @@
 #   deploy/local.sh cluster  a 3-node NATS cluster and three coordinators on the jetstream
 #                          store (gRPC on 127.0.0.1:50051-50053), the demo orders placed
 #                          once, then kept running until Ctrl-C
-# Data and logs go to ./data/<mode>-<timestamp>/ (ignored by git).
+# Data and logs go to ./data/<mode>-<timestamp>/ (ignored by git). NATS runs with one user per
+# process and the permissions of its role (see docs/security.md): the nkey seeds are made on the
+# first run into ./data/nats-auth/ (SAGA_NATS_AUTH_DIR) and reused after.
 set -euo pipefail
 
 MODE="${1:-demo}"
@@ -39,6 +41,12 @@ for b in coordinator inventory payment shipping sagactl; do
   [[ -x "$BIN/$b" ]] || { echo "$BIN/$b missing: run 'make build'"; exit 1; }
 done
 
+# One NATS user per role; each process gets only its own seed file (NATS_NKEY).
+AUTH_DIR="${SAGA_NATS_AUTH_DIR:-$ROOT/data/nats-auth}"
+"$BIN/sagactl" nats-auth --dir "$AUTH_DIR" >/dev/null
+NATS_AUTH=(-c "$AUTH_DIR/nats-auth.conf")
+nkey() { echo "$AUTH_DIR/$1.nk"; }
+
 # A process started on port 0 writes the addresses it bound to a ports file; this
 # waits for FILE and prints its KEY (nats-server: the first URL of the list under KEY).
 # Nothing here binds a port to hand its number on: another process could take it.
@@ -70,7 +78,7 @@ if [[ "$MODE" == cluster ]]; then
   for i in 0 1 2; do
     routes=$(IFS=,; echo "${ROUTES[*]:-nats://127.0.0.1:1}")
     mkdir -p "$RUN_DIR/nats-$i-ports"
-    "$NATS_SERVER" -a 127.0.0.1 -p -1 -n "node-$i" -js -sd "$RUN_DIR/nats-$i" --cluster_name saga \
+    "$NATS_SERVER" "${NATS_AUTH[@]}" -a 127.0.0.1 -p -1 -n "node-$i" -js -sd "$RUN_DIR/nats-$i" --cluster_name saga \
       --cluster "nats://127.0.0.1:-1" --routes "$routes" --ports_file_dir "$RUN_DIR/nats-$i-ports" \
       >"$RUN_DIR/nats-$i.log" 2>&1 &
     PIDS+=($!)
@@ -81,7 +89,7 @@ if [[ "$MODE" == cluster ]]; then
   NATS_URL=$(IFS=,; echo "${URLS[*]}")
 else
   # nats-server picks its own port and writes it to a ports file.
-  "$NATS_SERVER" -a 127.0.0.1 -p -1 -js -sd "$RUN_DIR/nats" --ports_file_dir "$RUN_DIR" >"$RUN_DIR/nats.log" 2>&1 &
+  "$NATS_SERVER" "${NATS_AUTH[@]}" -a 127.0.0.1 -p -1 -js -sd "$RUN_DIR/nats" --ports_file_dir "$RUN_DIR" >"$RUN_DIR/nats.log" 2>&1 &
   PIDS+=($!)
   PORTS_FILE=$(nats_ports_file "$RUN_DIR") || { echo "nats-server did not start"; cat "$RUN_DIR/nats.log"; exit 1; }
   export NATS_URL
@@ -99,25 +107,25 @@ else
   INVENTORY_HTTP="127.0.0.1:0"; PAYMENT_HTTP="127.0.0.1:0"; SHIPPING_HTTP="127.0.0.1:0"
 fi
 
-"$BIN/inventory" --data-dir "$RUN_DIR/inventory" --stock-file "$ROOT/deploy/stock.json" \
+NATS_NKEY=$(nkey participant-inventory) "$BIN/inventory" --data-dir "$RUN_DIR/inventory" --stock-file "$ROOT/deploy/stock.json" \
   --http-addr "$INVENTORY_HTTP" --ports-file "$RUN_DIR/inventory.ports" >"$RUN_DIR/inventory.log" 2>&1 &
 PIDS+=($!)
-"$BIN/payment" --data-dir "$RUN_DIR/payment" --customer-limit-cents 50000 \
+NATS_NKEY=$(nkey participant-payment) "$BIN/payment" --data-dir "$RUN_DIR/payment" --customer-limit-cents 50000 \
   --http-addr "$PAYMENT_HTTP" --ports-file "$RUN_DIR/payment.ports" >"$RUN_DIR/payment.log" 2>&1 &
 PIDS+=($!)
-"$BIN/shipping" --data-dir "$RUN_DIR/shipping" --http-addr "$SHIPPING_HTTP" \
+NATS_NKEY=$(nkey participant-shipping) "$BIN/shipping" --data-dir "$RUN_DIR/shipping" --http-addr "$SHIPPING_HTTP" \
   --ports-file "$RUN_DIR/shipping.ports" >"$RUN_DIR/shipping.log" 2>&1 &
 PIDS+=($!)
 if [[ "$MODE" == cluster ]]; then
   GRPC_ADDRS=("$GRPC_ADDR" "127.0.0.1:50052" "127.0.0.1:50053"); HTTP_ADDRS=("$HTTP_ADDR" "127.0.0.1:9474" "127.0.0.1:9484")
   for i in 0 1 2; do
-    "$BIN/coordinator" --store jetstream --kv-replicas 3 --events-replicas 3 --instance-id "coord-$i" \
+    NATS_NKEY=$(nkey coordinator) "$BIN/coordinator" --store jetstream --kv-replicas 3 --events-replicas 3 --instance-id "coord-$i" \
       --grpc-addr "${GRPC_ADDRS[i]}" --http-addr "${HTTP_ADDRS[i]}" --data-dir "$RUN_DIR/coordinator-$i" \
       --definitions-dir "$ROOT/saga-definitions" >"$RUN_DIR/coordinator-$i.log" 2>&1 &
     PIDS+=($!)
   done
 else
-  "$BIN/coordinator" --grpc-addr "$GRPC_ADDR" --http-addr "$HTTP_ADDR" --data-dir "$RUN_DIR/coordinator" \
+  NATS_NKEY=$(nkey coordinator) "$BIN/coordinator" --grpc-addr "$GRPC_ADDR" --http-addr "$HTTP_ADDR" --data-dir "$RUN_DIR/coordinator" \
     --ports-file "$RUN_DIR/coordinator.ports" --definitions-dir "$ROOT/saga-definitions" \
     >"$RUN_DIR/coordinator.log" 2>&1 &
   PIDS+=($!)
@@ -211,6 +219,7 @@ The saga engine is up. Try (grpcurl is in .venv/bin):
   target/debug/sagactl --addr http://$GRPC_ADDR list
   curl -s http://$HTTP_ADDR/metrics | grep ^saga_
   curl -s http://$INVENTORY_HTTP/metrics http://$PAYMENT_HTTP/metrics | grep ^participant_
+  NATS_URL=$NATS_URL NATS_NKEY=$(nkey events) target/debug/sagactl tail --from-start --limit 5
 Press Ctrl-C to stop.
 MSG
   wait "${PIDS[-1]}"

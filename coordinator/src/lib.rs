@@ -857,7 +857,7 @@ async fn connect_nats(
     security: &saga_nats::NatsSecurity,
     ready: Ready,
 ) -> Result<async_nats::Client, RunError> {
-    saga_nats::connect(url, "saga-coordinator", security, move |up| {
+    saga_nats::connect(url, &saga_nats::Role::Coordinator, security, move |up| {
         let ready = ready.clone();
         async move { ready.set(up).await }
     })

@@ -43,7 +43,12 @@ async fn main() -> anyhow::Result<()> {
     args.security.validate().map_err(anyhow::Error::msg)?;
     let client = args
         .security
-        .apply(async_nats::ConnectOptions::new().name("revenue-example"))
+        .apply(
+            async_nats::ConnectOptions::new()
+                .name("revenue-example")
+                // The inbox the events role's NATS permissions allow.
+                .custom_inbox_prefix(saga_nats::Role::Events.inbox_prefix()),
+        )
         .await?
         .connect(&args.nats_url)
         .await

@@ -405,15 +405,7 @@ pub async fn run(
         url: config.nats_url.clone(),
         security: config.nats_security.clone(),
     };
-    crate::serve_participant(
-        inventory,
-        &nats,
-        "saga-inventory",
-        http,
-        config.retention,
-        shutdown,
-    )
-    .await
+    crate::serve_participant(inventory, &nats, http, config.retention, shutdown).await
 }
 
 #[cfg(test)]

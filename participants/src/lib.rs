@@ -94,7 +94,8 @@ pub async fn connect(
     shutdown: &tokio_util::sync::CancellationToken,
 ) -> Result<async_nats::Client, ConnectError> {
     let readiness = readiness.clone();
-    let connecting = saga_nats::connect(&nats.url, name, &nats.security, move |up| {
+    let role = saga_nats::Role::Participant(name.to_string());
+    let connecting = saga_nats::connect(&nats.url, &role, &nats.security, move |up| {
         readiness.set_nats(up);
         std::future::ready(())
     });
@@ -209,7 +210,6 @@ pub struct NatsTarget {
 pub async fn serve_participant(
     handler: std::sync::Arc<dyn runtime::Handler>,
     nats: &NatsTarget,
-    client_name: &str,
     http: tokio::net::TcpListener,
     retention: ReplyRetention,
     shutdown: tokio_util::sync::CancellationToken,
@@ -222,7 +222,7 @@ pub async fn serve_participant(
         retention.reply_retention,
         shutdown.clone(),
     ));
-    let client = connect(nats, client_name, &readiness, &shutdown).await?;
+    let client = connect(nats, handler.participant(), &readiness, &shutdown).await?;
     runtime::serve(client.clone(), handler, shutdown).await?;
     let _ = pruner.await;
     let _ = tokio::time::timeout(runtime::NATS_GRACE, client.drain()).await;

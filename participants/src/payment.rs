@@ -454,7 +454,7 @@ pub async fn run(
     let retention = config.retention;
     let payment = Arc::new(Payment::open(db, config)?);
     info!(totals = ?payment.totals()?, "payment ledger opened");
-    crate::serve_participant(payment, &nats, "saga-payment", http, retention, shutdown).await
+    crate::serve_participant(payment, &nats, http, retention, shutdown).await
 }
 
 #[cfg(test)]

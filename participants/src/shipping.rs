@@ -300,7 +300,7 @@ pub async fn run(
     let retention = config.retention;
     let shipping = Arc::new(Shipping::open(db, config)?);
     info!(shipments = shipping.shipments()?.len(), "shipping opened");
-    crate::serve_participant(shipping, &nats, "saga-shipping", http, retention, shutdown).await
+    crate::serve_participant(shipping, &nats, http, retention, shutdown).await
 }
 
 #[cfg(test)]

@@ -32,6 +32,7 @@ impl Cluster {
         let bin = bin_dir()?;
         let nats = NatsServer::start()?;
         let url = nats.url();
+        let access = nats.access();
         let stock = SKUS
             .iter()
             .map(|(s, n)| format!("{s}={n}"))
@@ -51,7 +52,8 @@ impl Cluster {
                 &stock,
             ]),
             dir.join("inventory.log"),
-        );
+        )
+        .envs(access.env(&Role::Participant("inventory".into())));
         let mut payment = Proc::new(
             "payment",
             bin.join("payment"),
@@ -68,7 +70,8 @@ impl Cluster {
                 "0.1",
             ]),
             dir.join("payment.log"),
-        );
+        )
+        .envs(access.env(&Role::Participant("payment".into())));
         let mut coordinator = Proc::new(
             "coordinator",
             bin.join("coordinator"),
@@ -90,6 +93,7 @@ impl Cluster {
             ]),
             dir.join("coordinator.log"),
         )
+        .envs(access.env(&Role::Coordinator))
         .ports_file(dir.join("coordinator.ports"));
         inventory.start()?;
         payment.start()?;
@@ -239,7 +243,7 @@ async fn chaos_every_saga_ends_terminal_and_nothing_is_applied_twice() -> Result
     let quiet_in = quiet_start.elapsed();
 
     // The invariants.
-    let nats = async_nats::connect(cluster.lock().await.nats.url()).await?;
+    let nats = cluster.lock().await.nats.connect().await?;
     let verdict = verify(&nats, addrs.get(0), orders, &placed).await?;
     let (ck, ik, pk) = {
         let c = cluster.lock().await;

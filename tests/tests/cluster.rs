@@ -12,7 +12,7 @@ use saga_testkit::*;
 
 const PARTITIONS: u32 = 8;
 
-async fn coordinator(nats: &str, instance: &str) -> Result<RunningCoordinator> {
+async fn coordinator(nats: &NatsAccess, instance: &str) -> Result<RunningCoordinator> {
     let instance = instance.to_string();
     // The jetstream store keeps nothing on local disk: the data dir is not used.
     let unused = std::env::temp_dir();
@@ -50,11 +50,11 @@ async fn balanced(client: &async_nats::Client, instances: &[&str]) -> Result<()>
 async fn two_coordinators_share_sagas_and_hand_them_over() -> Result<()> {
     init_logs();
     let nats = NatsServer::start()?;
-    let client = async_nats::connect(nats.url()).await?;
+    let client = nats.connect().await?;
     let dirs = tempfile::tempdir()?;
-    let inventory = start_inventory(&nats.url(), &dirs.path().join("inv"), &[("A-1", 1000)]).await?;
+    let inventory = start_inventory(&nats.access(), &dirs.path().join("inv"), &[("A-1", 1000)]).await?;
     let payment = start_payment(
-        &nats.url(),
+        &nats.access(),
         &dirs.path().join("pay"),
         &PaymentSettings {
             gateway_latency: Duration::from_millis(20),
@@ -65,8 +65,8 @@ async fn two_coordinators_share_sagas_and_hand_them_over() -> Result<()> {
     wait_participant(&client, "inventory").await?;
     wait_participant(&client, "payment").await?;
 
-    let a = coordinator(&nats.url(), "coord-a").await?;
-    let b = coordinator(&nats.url(), "coord-b").await?;
+    let a = coordinator(&nats.access(), "coord-a").await?;
+    let b = coordinator(&nats.access(), "coord-b").await?;
     balanced(&client, &["coord-a", "coord-b"]).await?;
     let (mut ga, mut gb) = (a.client().await?, b.client().await?);
 
@@ -151,7 +151,7 @@ async fn two_coordinators_share_sagas_and_hand_them_over() -> Result<()> {
 
     // An abort sent to the coordinator that does not hold the saga reaches the one that does.
     let slow = start_payment(
-        &nats.url(),
+        &nats.access(),
         &dirs.path().join("pay-slow"),
         &PaymentSettings {
             gateway_latency: Duration::from_secs(3),

@@ -54,6 +54,7 @@ async fn a_coordinator_and_a_nats_node_die_and_every_saga_still_ends_once() -> R
 
     let mut cluster = NatsCluster::start(dir.as_path(), 3, "saga")?;
     let urls = cluster.url();
+    let access = cluster.access();
     let nats = cluster.jetstream_ready().await?;
     let nodes: Vec<Arc<std::sync::Mutex<NatsServer>>> = cluster
         .nodes
@@ -80,7 +81,8 @@ async fn a_coordinator_and_a_nats_node_die_and_every_saga_still_ends_once() -> R
             &stock,
         ]),
         dir.as_path().join("inventory.log"),
-    );
+    )
+    .envs(access.env(&Role::Participant("inventory".into())));
     let mut payment = Proc::new(
         "payment",
         bin.join("payment"),
@@ -98,7 +100,8 @@ async fn a_coordinator_and_a_nats_node_die_and_every_saga_still_ends_once() -> R
             "0.05",
         ]),
         dir.as_path().join("payment.log"),
-    );
+    )
+    .envs(access.env(&Role::Participant("payment".into())));
     inventory.start()?;
     payment.start()?;
     let mut coordinators = Vec::new();
@@ -133,6 +136,7 @@ async fn a_coordinator_and_a_nats_node_die_and_every_saga_still_ends_once() -> R
             ]),
             dir.as_path().join(format!("coord-{i}.log")),
         )
+        .envs(access.env(&Role::Coordinator))
         .ports_file(dir.as_path().join(format!("coord-{i}.ports")));
         c.start()?;
         addrs.push(c.ports(Duration::from_secs(60))?.get("grpc")?);

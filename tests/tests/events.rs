@@ -125,6 +125,14 @@ async fn completed_and_compensated_sagas_publish_their_events_in_order_with_alia
     // `sagactl tail --from-start` shows the same events, in order.
     let bin = bin_dir()?;
     let url = s.nats.url();
+    let nkey = s
+        .nats
+        .access()
+        .security(&Role::Events)
+        .nats_nkey
+        .context("the kit's server has users")?
+        .display()
+        .to_string();
     let n = (done.history.len() + undone.history.len()).to_string();
     let out = run(
         &bin.join("sagactl"),
@@ -136,6 +144,8 @@ async fn completed_and_compensated_sagas_publish_their_events_in_order_with_alia
             &n,
             "--nats-url",
             &url,
+            "--nats-nkey",
+            &nkey,
         ],
     )
     .await?;
@@ -171,7 +181,11 @@ async fn completed_and_compensated_sagas_publish_their_events_in_order_with_alia
         "{} missing: cargo build --workspace --bins --examples (make test does)",
         example.display()
     );
-    let out = run(&example, &["--nats-url", &url, "--limit", "2"]).await?;
+    let out = run(
+        &example,
+        &["--nats-url", &url, "--nats-nkey", &nkey, "--limit", "2"],
+    )
+    .await?;
     ensure!(
         out.lines()
             .last()
@@ -258,7 +272,7 @@ async fn events_wait_out_an_outage_and_a_republish_after_a_crash_is_stored_once(
 
     // NATS back, coordinator back: the waiting events go out, the saga finishes.
     s.nats.restart()?;
-    s.client = async_nats::connect(s.nats.url()).await?;
+    s.client = s.nats.connect().await?;
     wait_participant(&s.client, "inventory").await?;
     wait_participant(&s.client, "payment").await?;
     s.start_coordinator().await?;
@@ -278,7 +292,7 @@ async fn events_wait_out_an_outage_and_a_republish_after_a_crash_is_stored_once(
     // The stale copy re-publishes its waiting events (same saga, same sequences)
     // and resumes the saga (participants answer from their stored replies):
     // JetStream drops every copy, the stream still holds each event once.
-    let replay = RunningCoordinator::start(&s.nats.url(), &snapshot, &s.definitions).await?;
+    let replay = RunningCoordinator::start(&s.nats.access(), &snapshot, &s.definitions).await?;
     replay.wait_ready().await?;
     let mut g2 = replay.client().await?;
     wait_terminal(&mut g2, &created.saga_id, Duration::from_secs(30)).await?;
@@ -312,7 +326,7 @@ async fn no_events_when_disabled() -> Result<()> {
     let mut s = System::bare(None).await?;
     s.start_inventory().await?;
     s.start_payment(&PaymentSettings::default()).await?;
-    let c = RunningCoordinator::start_with(&s.nats.url(), &s.path("coordinator"), &s.definitions, |c| {
+    let c = RunningCoordinator::start_with(&s.nats.access(), &s.path("coordinator"), &s.definitions, |c| {
         c.no_events = true;
     })
     .await?;

@@ -25,7 +25,7 @@ async fn system(payment: PaymentSettings) -> Result<(System, RunningParticipant)
     let mut s = System::bare(None).await?;
     s.start_inventory().await?;
     s.start_payment(&payment).await?;
-    let shipping = start_shipping(&s.nats.url(), &s.path("shipping"), &[FAR]).await?;
+    let shipping = start_shipping(&s.nats.access(), &s.path("shipping"), &[FAR]).await?;
     wait_participant(&s.client, "shipping").await?;
     s.start_coordinator().await?;
     Ok((s, shipping))

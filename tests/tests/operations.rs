@@ -50,7 +50,7 @@ async fn start_coordinator(s: &mut System) -> Result<()> {
 /// The coordinator with the operator token and `tweak` applied.
 async fn start_coordinator_with(s: &mut System, tweak: impl FnOnce(&mut coordinator::Config)) -> Result<()> {
     let c = RunningCoordinator::start_with(
-        &s.nats.url(),
+        &s.nats.access(),
         &s.dir.path().join("coordinator"),
         &s.definitions,
         |c| {
@@ -337,7 +337,7 @@ async fn an_open_breaker_holds_commands_back_instead_of_hammering() -> Result<()
         FakeParticipant::start(&s.client, "fake", |_, _| FakeAnswer::Reply(Reply::error("down"))).await?;
     let wait = Duration::from_millis(400);
     let c = RunningCoordinator::start_with(
-        &s.nats.url(),
+        &s.nats.access(),
         &s.dir.path().join("coordinator"),
         &s.definitions,
         |c| {

@@ -482,7 +482,7 @@ async fn a_bad_definition_file_stops_start_up_with_file_and_line() -> Result<()>
             "    compensation: refund\n    retries: 3\n",
         ),
     )?;
-    let c = RunningCoordinator::start(&nats.url(), &dir.path().join("data"), &defs).await?;
+    let c = RunningCoordinator::start(&nats.access(), &dir.path().join("data"), &defs).await?;
     let err = c.stop().await.expect_err("start-up refused");
     let text = err.to_string();
     assert!(text.contains("order.yaml:") && text.contains("retries"), "{text}");
@@ -599,7 +599,7 @@ async fn finished_sagas_are_removed_after_the_retention() -> Result<()> {
     let mut s = System::bare(None).await?;
     s.start_inventory().await?;
     s.start_payment(&PaymentSettings::default()).await?;
-    let c = RunningCoordinator::start_with(&s.nats.url(), &s.path("coordinator"), &s.definitions, |c| {
+    let c = RunningCoordinator::start_with(&s.nats.access(), &s.path("coordinator"), &s.definitions, |c| {
         c.retention = Duration::from_secs(1);
     })
     .await?;
@@ -652,7 +652,7 @@ async fn sagas_evicted_from_memory_are_read_back_and_finish() -> Result<()> {
         ..PaymentSettings::default()
     })
     .await?;
-    let c = RunningCoordinator::start_with(&s.nats.url(), &s.path("coordinator"), &s.definitions, |c| {
+    let c = RunningCoordinator::start_with(&s.nats.access(), &s.path("coordinator"), &s.definitions, |c| {
         c.resident_sagas = 2;
         c.operator_token = Some(TOKEN.into());
     })

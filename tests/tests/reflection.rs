@@ -16,7 +16,8 @@ async fn coordinator() -> Result<(NatsServer, tempfile::TempDir, RunningCoordina
     init_logs();
     let nats = NatsServer::start()?;
     let dir = tempfile::tempdir()?;
-    let c = RunningCoordinator::start(&nats.url(), &dir.path().join("data"), &shipped_definitions()).await?;
+    let c =
+        RunningCoordinator::start(&nats.access(), &dir.path().join("data"), &shipped_definitions()).await?;
     Ok((nats, dir, c))
 }
 
@@ -143,7 +144,8 @@ async fn a_coordinator_started_before_nats_serves_reads_and_becomes_ready() -> R
     let mut nats = NatsServer::start()?;
     nats.kill();
     let dir = tempfile::tempdir()?;
-    let c = RunningCoordinator::start(&nats.url(), &dir.path().join("data"), &shipped_definitions()).await?;
+    let c =
+        RunningCoordinator::start(&nats.access(), &dir.path().join("data"), &shipped_definitions()).await?;
     let health = HealthClient::new(channel(c.addr).await?);
     wait_health(&health, NotServing).await?;
     let mut g = c.client().await?;

@@ -61,7 +61,7 @@ async fn sagactl(args: &[&str]) -> Result<std::process::Output> {
 async fn grpc_over_mutual_tls_for_clients_and_sagactl() -> Result<()> {
     let s = System::bare(None).await?;
     let pki = Pki::generate(&s.path("pki"))?;
-    let c = RunningCoordinator::start_with(&s.nats.url(), &s.path("coordinator"), &s.definitions, |c| {
+    let c = RunningCoordinator::start_with(&s.nats.access(), &s.path("coordinator"), &s.definitions, |c| {
         c.tls_cert = Some(pki.server_cert.clone());
         c.tls_key = Some(pki.server_key.clone());
         c.tls_client_ca = Some(pki.ca.clone());
@@ -136,18 +136,26 @@ async fn nats_user_and_password_are_required_and_used() -> Result<()> {
     init_logs();
     let nats = NatsServer::start_with(&["--user", "saga", "--pass", "correct-horse"])?;
     let dir = tempfile::tempdir()?;
-    let wrong =
-        RunningCoordinator::start_with(&nats.url(), &dir.path().join("c1"), &shipped_definitions(), |c| {
+    let wrong = RunningCoordinator::start_with(
+        &nats.access(),
+        &dir.path().join("c1"),
+        &shipped_definitions(),
+        |c| {
             c.nats_security.nats_user = Some("saga".into());
             c.nats_security.nats_password = Some("battery-staple".into());
-        })
-        .await?;
-    let right =
-        RunningCoordinator::start_with(&nats.url(), &dir.path().join("c2"), &shipped_definitions(), |c| {
+        },
+    )
+    .await?;
+    let right = RunningCoordinator::start_with(
+        &nats.access(),
+        &dir.path().join("c2"),
+        &shipped_definitions(),
+        |c| {
             c.nats_security.nats_user = Some("saga".into());
             c.nats_security.nats_password = Some("correct-horse".into());
-        })
-        .await?;
+        },
+    )
+    .await?;
     eventually(
         Duration::from_secs(10),
         "ready with the right password",
@@ -214,9 +222,14 @@ async fn nats_over_tls_with_the_ca() -> Result<()> {
         pki.server_key.display().to_string(),
     );
     let nats = NatsServer::start_with(&["--tls", "--tlscert", &cert, "--tlskey", &key])?;
-    let c = RunningCoordinator::start_with(&nats.url(), &dir.path().join("c"), &shipped_definitions(), |c| {
-        c.nats_security.nats_tls_ca = Some(pki.ca.clone());
-    })
+    let c = RunningCoordinator::start_with(
+        &nats.access(),
+        &dir.path().join("c"),
+        &shipped_definitions(),
+        |c| {
+            c.nats_security.nats_tls_ca = Some(pki.ca.clone());
+        },
+    )
     .await?;
     eventually(Duration::from_secs(10), "ready over TLS", || async {
         ready(&c).await.unwrap_or(false)

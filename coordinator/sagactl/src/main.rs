@@ -147,6 +147,22 @@ enum Cmd {
         #[arg(required = true)]
         paths: Vec<std::path::PathBuf>,
     },
+    /// Create (first run) or reuse the NATS users of a deployment: one nkey
+    /// seed file per role in DIR (mode 0600) and `nats-auth.conf`, the
+    /// `authorization` block nats-server loads (`nats-server -c`), which
+    /// enforces each role's permissions. Prints the seed files to give each
+    /// process (`--nats-nkey` / `NATS_NKEY`). Seeds are never printed.
+    NatsAuth {
+        /// Directory of the seeds and the server config.
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        /// Participant names (the `saga.cmd.<name>.*` they serve); repeat.
+        #[arg(long = "participant", default_values_t = saga_auth::SHIPPED_PARTICIPANTS.map(String::from))]
+        participants: Vec<String>,
+        /// The events stream the events role may read.
+        #[arg(long, default_value = "SAGA_EVENTS")]
+        events_stream: String,
+    },
     /// Show what a definition will do: its groups in order and, for each step
     /// that can fail, the compensations that would run.
     Plan {
@@ -503,7 +519,12 @@ async fn tail(
     use futures::StreamExt;
     security.validate().map_err(anyhow::Error::msg)?;
     let options = security
-        .apply(async_nats::ConnectOptions::new().name("sagactl-tail"))
+        .apply(
+            async_nats::ConnectOptions::new()
+                .name("sagactl-tail")
+                // The inbox the events role's NATS permissions allow.
+                .custom_inbox_prefix(saga_nats::Role::Events.inbox_prefix()),
+        )
         .await?;
     let client = options
         .connect(nats_url)
@@ -588,6 +609,34 @@ async fn channel(cli: &Cli) -> anyhow::Result<Channel> {
 }
 
 /// `sagactl validate`: every definition found, every error; exit status 1 on any error.
+fn nats_auth(
+    dir: &std::path::Path,
+    participants: &[String],
+    events_stream: &str,
+    json_out: bool,
+) -> anyhow::Result<()> {
+    let names: Vec<&str> = participants.iter().map(String::as_str).collect();
+    let bundle = saga_auth::Bundle::create_or_load(dir, &names, events_stream)?;
+    let seeds: Vec<(String, String)> = bundle
+        .users()
+        .map(|r| (r.user(), bundle.seed_file(r).display().to_string()))
+        .collect();
+    if json_out {
+        let seeds: serde_json::Map<String, Value> =
+            seeds.into_iter().map(|(u, f)| (u, Value::String(f))).collect();
+        println!(
+            "{}",
+            json!({ "server_config": bundle.server_config_path().display().to_string(), "seeds": seeds })
+        );
+    } else {
+        println!("server config: {}", bundle.server_config_path().display());
+        for (user, file) in seeds {
+            println!("{user}: {file}");
+        }
+    }
+    Ok(())
+}
+
 fn validate(paths: &[std::path::PathBuf], json_out: bool) -> anyhow::Result<()> {
     let (defs, errors) = saga_core::definition::Definitions::validate_paths(paths);
     if json_out {
@@ -665,6 +714,11 @@ async fn main() -> anyhow::Result<()> {
     match &cli.command {
         Cmd::Validate { paths } => return validate(paths, cli.json),
         Cmd::Plan { files, mermaid } => return plan(files, *mermaid, cli.json),
+        Cmd::NatsAuth {
+            dir,
+            participants,
+            events_stream,
+        } => return nats_auth(dir, participants, events_stream, cli.json),
         _ => {}
     }
     if let Cmd::Tail {
@@ -878,7 +932,7 @@ async fn main() -> anyhow::Result<()> {
         }
         // Handled before connecting to gRPC (tail talks to NATS only; validate
         // and plan read files).
-        Cmd::Tail { .. } | Cmd::Validate { .. } | Cmd::Plan { .. } => {}
+        Cmd::Tail { .. } | Cmd::Validate { .. } | Cmd::Plan { .. } | Cmd::NatsAuth { .. } => {}
         Cmd::Definitions => {
             let defs = client
                 .list_definitions(pb::ListDefinitionsRequest {})

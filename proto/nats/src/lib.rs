@@ -1,5 +1,6 @@
-//! NATS connection security shared by every binary: user/password, token or
-//! a credentials file, and TLS (CA, client certificate). The same flags and
+//! NATS connection security shared by every binary: an nkey seed file (the
+//! default deployment's, see `saga-auth`), user/password, token or a
+//! credentials file, and TLS (CA, client certificate). The same flags and
 //! environment variables on the coordinator and every participant, so a
 //! deployment sets them once.
 //!
@@ -14,6 +15,8 @@
 #![warn(missing_docs)]
 
 use std::{fmt, future::Future, path::PathBuf, time::Duration};
+
+pub use saga_auth::Role;
 
 /// How to authenticate to NATS and whether to use TLS.
 #[derive(Clone, Default, clap::Args)]
@@ -30,6 +33,10 @@ pub struct NatsSecurity {
     /// NATS credentials file (JWT + NKey seed, `.creds`).
     #[arg(long, env = "NATS_CREDS")]
     pub nats_creds: Option<PathBuf>,
+    /// File holding this process's NATS nkey user seed (`SU…`), as
+    /// `sagactl nats-auth` writes them. The seed is never logged.
+    #[arg(long, env = "NATS_NKEY")]
+    pub nats_nkey: Option<PathBuf>,
     /// PEM file of the CA that signed the NATS server's certificate (implies TLS).
     #[arg(long, env = "NATS_TLS_CA")]
     pub nats_tls_ca: Option<PathBuf>,
@@ -52,6 +59,7 @@ impl fmt::Debug for NatsSecurity {
             .field("nats_password", &redacted(&self.nats_password))
             .field("nats_token", &redacted(&self.nats_token))
             .field("nats_creds", &self.nats_creds)
+            .field("nats_nkey", &self.nats_nkey)
             .field("nats_tls_ca", &self.nats_tls_ca)
             .field("nats_tls_cert", &self.nats_tls_cert)
             .field("nats_tls_key", &self.nats_tls_key)
@@ -70,9 +78,13 @@ impl NatsSecurity {
             self.nats_user.is_some() || self.nats_password.is_some(),
             self.nats_token.is_some(),
             self.nats_creds.is_some(),
+            self.nats_nkey.is_some(),
         ];
         if methods.iter().filter(|m| **m).count() > 1 {
-            return Err("use only one of --nats-user/--nats-password, --nats-token and --nats-creds".into());
+            return Err(
+                "use only one of --nats-user/--nats-password, --nats-token, --nats-creds and --nats-nkey"
+                    .into(),
+            );
         }
         if self.nats_user.is_some() != self.nats_password.is_some() {
             return Err("--nats-user and --nats-password go together".into());
@@ -82,6 +94,7 @@ impl NatsSecurity {
         }
         let files = [
             ("--nats-creds", &self.nats_creds),
+            ("--nats-nkey", &self.nats_nkey),
             ("--nats-tls-ca", &self.nats_tls_ca),
             ("--nats-tls-cert", &self.nats_tls_cert),
             ("--nats-tls-key", &self.nats_tls_key),
@@ -118,6 +131,19 @@ impl NatsSecurity {
         if let Some(creds) = &self.nats_creds {
             options = options.credentials_file(creds).await?;
         }
+        if let Some(path) = &self.nats_nkey {
+            let seed = std::fs::read_to_string(path)?;
+            let seed = seed.trim();
+            // Checked here so a wrong file is a start-up error naming the
+            // flag, not an endless "authorization violation" retry.
+            if !seed.starts_with("SU") || seed.contains(char::is_whitespace) {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("--nats-nkey {}: not an nkey user seed", path.display()),
+                ));
+            }
+            options = options.nkey(seed.to_string());
+        }
         if let Some(ca) = &self.nats_tls_ca {
             options = options.add_root_certificates(ca.clone());
         }
@@ -145,7 +171,9 @@ pub enum ConnectError {
     Connect(#[from] async_nats::ConnectError),
 }
 
-/// Connects to `url` as `name` with `security`. The first connection is
+/// Connects to `url` as `role` (its client name and its private inbox
+/// prefix, the one its NATS permissions let it subscribe to) with
+/// `security`. The first connection is
 /// retried with exponential backoff and jitter until it succeeds (callers
 /// race it against their shutdown); afterwards async-nats reconnects by
 /// itself without limit. `on_connection(true | false)` runs on every
@@ -162,7 +190,7 @@ pub enum ConnectError {
 /// An unreadable credentials file or an unparsable URL.
 pub async fn connect<F, Fut>(
     url: &str,
-    name: &str,
+    role: &saga_auth::Role,
     security: &NatsSecurity,
     on_connection: F,
 ) -> Result<async_nats::Client, ConnectError>
@@ -183,7 +211,8 @@ where
         .apply(async_nats::ConnectOptions::new())
         .await
         .map_err(ConnectError::Credentials)?
-        .name(name)
+        .name(format!("saga-{role}"))
+        .custom_inbox_prefix(role.inbox_prefix())
         .subscription_capacity(SUBSCRIPTION_CAPACITY)
         .max_reconnects(None);
     let attempt = || {

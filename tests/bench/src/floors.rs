@@ -41,23 +41,18 @@ impl NatsFloor {
     }
 }
 
-/// Measures the NATS floor against `url`: `round_trips` sequential
-/// requests, then `each` of load per concurrency.
+/// Measures the NATS floor between two connections: `round_trips`
+/// sequential requests, then `each` of load per concurrency.
 ///
 /// # Errors
-/// Connection failure or a request that was not answered.
+/// A request that was not answered.
 pub(crate) async fn nats(
-    url: &str,
+    responder: async_nats::Client,
+    requester: async_nats::Client,
     round_trips: usize,
     concurrencies: &[usize],
     each: Duration,
 ) -> Result<NatsFloor> {
-    let responder = async_nats::connect(url)
-        .await
-        .context("NATS floor: responder connect")?;
-    let requester = async_nats::connect(url)
-        .await
-        .context("NATS floor: requester connect")?;
     let mut sub = responder.subscribe(SUBJECT).await?;
     responder.flush().await?;
     let reply_body = bytes_of(60);

@@ -192,7 +192,7 @@ async fn run(args: Args) -> Result<bool> {
     };
     let nats_client = match nats.as_mut() {
         Some(n) => n.jetstream_ready().await?,
-        None => sys::connect_nats(&nats_url).await?,
+        None => sys::client(None, &nats_url).await?,
     };
     let ticks = sys::clock_ticks();
     let mut report = Report {
@@ -217,7 +217,8 @@ async fn run(args: Args) -> Result<bool> {
         ));
         report.nats = Some(
             floors::nats(
-                sys::first_url(&nats_url),
+                sys::client(nats.as_ref(), sys::first_url(&nats_url)).await?,
+                sys::client(nats.as_ref(), sys::first_url(&nats_url)).await?,
                 args.floor_round_trips,
                 &args.concurrency,
                 args.floor_time,

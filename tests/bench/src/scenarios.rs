@@ -142,6 +142,7 @@ impl Ctx<'_> {
         let spec = ClusterSpec {
             bin_dir: &self.bin_dir,
             nats_url: &self.nats_url,
+            access: self.nats.map(|n| &n.access),
             dir: self.dir.join(name),
             setup: self.setup,
             gateway_latency,

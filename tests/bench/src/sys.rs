@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use saga_proto::pb;
-use saga_testkit::{NatsCluster, NatsServer, Proc};
+use saga_testkit::{NatsAccess, NatsCluster, NatsServer, Proc, Role};
 
 use crate::cli::{Setup, Store};
 
@@ -25,6 +25,8 @@ pub(crate) struct Nats {
     nodes: Vec<NatsServer>,
     /// The client URL of every node, comma-separated (as `--nats-url` takes them).
     pub(crate) url: String,
+    /// The URL and users (the kit's servers enforce the NATS permissions).
+    pub(crate) access: NatsAccess,
 }
 
 impl Nats {
@@ -35,9 +37,11 @@ impl Nats {
     pub(crate) fn start(dir: &Path) -> Result<Self> {
         let server = NatsServer::start_in(dir, "nats-server", &[])?;
         let url = server.url();
+        let access = server.access();
         Ok(Nats {
             nodes: vec![server],
             url,
+            access,
         })
     }
 
@@ -49,9 +53,11 @@ impl Nats {
     pub(crate) fn cluster(dir: &Path, n: usize) -> Result<Self> {
         let cluster = NatsCluster::start(dir, n, "saga-bench")?;
         let url = cluster.url();
+        let access = cluster.access();
         Ok(Nats {
             nodes: cluster.nodes,
             url,
+            access,
         })
     }
 
@@ -62,7 +68,7 @@ impl Nats {
     /// Not within 60 s, or a node exited.
     pub(crate) async fn jetstream_ready(&mut self) -> Result<async_nats::Client> {
         let nodes = &mut self.nodes;
-        saga_testkit::jetstream_ready(&self.url, || {
+        saga_testkit::jetstream_ready(&self.access, || {
             nodes.iter_mut().try_for_each(NatsServer::check_alive)
         })
         .await
@@ -80,6 +86,18 @@ impl Nats {
 /// The first of comma-separated NATS URLs.
 pub(crate) fn first_url(urls: &str) -> &str {
     urls.split(',').next().unwrap_or(urls)
+}
+
+/// A client of the bench's own NATS (as the kit's harness), or of the
+/// target's at comma-separated `urls`.
+///
+/// # Errors
+/// No server answered.
+pub(crate) async fn client(nats: Option<&Nats>, urls: &str) -> Result<async_nats::Client> {
+    match nats {
+        Some(n) => n.access.connect().await,
+        None => connect_nats(urls).await,
+    }
 }
 
 /// An async-nats client of comma-separated `urls`.
@@ -128,6 +146,8 @@ pub(crate) struct ClusterSpec<'a> {
     pub(crate) bin_dir: &'a Path,
     /// Comma-separated NATS URLs.
     pub(crate) nats_url: &'a str,
+    /// The users of the bench's own NATS, when it started one.
+    pub(crate) access: Option<&'a NatsAccess>,
     /// Its data dirs, logs and definitions go under here.
     pub(crate) dir: PathBuf,
     /// The store and the number of coordinators.
@@ -141,6 +161,11 @@ pub(crate) struct ClusterSpec<'a> {
 }
 
 impl ClusterSpec<'_> {
+    /// The NATS credentials a process of `role` gets in its environment.
+    fn nats_env(&self, role: &Role) -> Vec<(String, String)> {
+        self.access.map(|a| a.env(role)).unwrap_or_default()
+    }
+
     /// The arguments of coordinator `i` serving `grpc` and `http`.
     fn coordinator_args(&self, i: usize, defs: &Path) -> Vec<String> {
         let setup = &self.setup;
@@ -233,6 +258,7 @@ impl Cluster {
                     spec.coordinator_args(i, &defs),
                     spec.dir.join(format!("{name}.log")),
                 )
+                .envs(spec.nats_env(&Role::Coordinator))
                 .env("RUST_LOG", spec.log_level)
                 .ports_file(spec.dir.join(format!("{name}.ports"))),
             );
@@ -414,6 +440,7 @@ fn participants(spec: &ClusterSpec<'_>) -> (Proc, Proc) {
         ]),
         spec.dir.join("inventory.log"),
     )
+    .envs(spec.nats_env(&Role::Participant("inventory".into())))
     .env("RUST_LOG", spec.log_level);
     let payment = Proc::new(
         "payment",
@@ -432,6 +459,7 @@ fn participants(spec: &ClusterSpec<'_>) -> (Proc, Proc) {
         ]),
         spec.dir.join("payment.log"),
     )
+    .envs(spec.nats_env(&Role::Participant("payment".into())))
     .env("RUST_LOG", spec.log_level);
     (inventory, payment)
 }

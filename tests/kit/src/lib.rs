@@ -18,8 +18,9 @@ pub mod nats;
 pub mod pki;
 pub mod process;
 
-pub use nats::{jetstream_ready, nats_server_bin, NatsCluster, NatsServer};
+pub use nats::{jetstream_ready, nats_server_bin, NatsAccess, NatsCluster, NatsServer};
 pub use process::{bin_dir, Ports, Proc};
+pub use saga_nats::Role;
 
 use std::{
     net::SocketAddr,
@@ -69,8 +70,8 @@ impl RunningCoordinator {
     ///
     /// # Errors
     /// Bind failure.
-    pub async fn start(nats_url: &str, data_dir: &Path, definitions_dir: &Path) -> Result<Self> {
-        Self::start_with(nats_url, data_dir, definitions_dir, |_| {}).await
+    pub async fn start(nats: &NatsAccess, data_dir: &Path, definitions_dir: &Path) -> Result<Self> {
+        Self::start_with(nats, data_dir, definitions_dir, |_| {}).await
     }
 
     /// Starts a coordinator with settings adjusted by `tweak`.
@@ -78,13 +79,14 @@ impl RunningCoordinator {
     /// # Errors
     /// Bind failure.
     pub async fn start_with(
-        nats_url: &str,
+        nats: &NatsAccess,
         data_dir: &Path,
         definitions_dir: &Path,
         tweak: impl FnOnce(&mut coordinator::Config),
     ) -> Result<Self> {
         let mut config =
-            coordinator::Config::new(nats_url, data_dir.to_path_buf(), definitions_dir.to_path_buf());
+            coordinator::Config::new(nats.url(), data_dir.to_path_buf(), definitions_dir.to_path_buf());
+        config.nats_security = nats.security(&Role::Coordinator);
         config.grpc_addr = SocketAddr::from(([127, 0, 0, 1], 0));
         config.http_addr = SocketAddr::from(([127, 0, 0, 1], 0));
         tweak(&mut config);
@@ -233,15 +235,16 @@ async fn http_listener() -> Result<(tokio::net::TcpListener, SocketAddr)> {
 /// # Errors
 /// The HTTP port cannot be bound.
 pub async fn start_inventory(
-    nats_url: &str,
+    nats: &NatsAccess,
     data_dir: &Path,
     stock: &[(&str, u64)],
 ) -> Result<RunningParticipant> {
-    let config = participants::inventory::InventoryConfig::for_tests(
-        nats_url,
+    let mut config = participants::inventory::InventoryConfig::for_tests(
+        nats.url(),
         data_dir,
         stock.iter().map(|(s, n)| ((*s).to_string(), *n)).collect(),
     );
+    config.nats_security = nats.security(&Role::Participant("inventory".into()));
     let (http, http_addr) = http_listener().await?;
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(participants::inventory::run(config, http, shutdown.clone()));
@@ -258,11 +261,12 @@ pub async fn start_inventory(
 /// # Errors
 /// The HTTP port cannot be bound.
 pub async fn start_shipping(
-    nats_url: &str,
+    nats: &NatsAccess,
     data_dir: &Path,
     unreachable: &[&str],
 ) -> Result<RunningParticipant> {
-    let mut config = participants::shipping::ShippingConfig::for_tests(nats_url, data_dir);
+    let mut config = participants::shipping::ShippingConfig::for_tests(nats.url(), data_dir);
+    config.nats_security = nats.security(&Role::Participant("shipping".into()));
     config.unreachable_customers = unreachable.iter().map(|c| c.to_string()).collect();
     let (http, http_addr) = http_listener().await?;
     let shutdown = CancellationToken::new();
@@ -300,17 +304,18 @@ impl Default for PaymentSettings {
 /// # Errors
 /// The HTTP port cannot be bound.
 pub async fn start_payment(
-    nats_url: &str,
+    nats: &NatsAccess,
     data_dir: &Path,
     s: &PaymentSettings,
 ) -> Result<RunningParticipant> {
-    let config = participants::payment::PaymentConfig::for_tests(
-        nats_url,
+    let mut config = participants::payment::PaymentConfig::for_tests(
+        nats.url(),
         data_dir,
         s.customer_limit_cents,
         s.gateway_latency,
         s.gateway_failure_rate,
     );
+    config.nats_security = nats.security(&Role::Participant("payment".into()));
     let (http, http_addr) = http_listener().await?;
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(participants::payment::run(config, http, shutdown.clone()));
@@ -627,7 +632,7 @@ impl System {
     pub async fn bare(definitions: Option<PathBuf>) -> Result<Self> {
         init_logs();
         let nats = NatsServer::start()?;
-        let client = async_nats::connect(nats.url()).await?;
+        let client = nats.connect().await?;
         let dir = tempfile::tempdir()?;
         let definitions = definitions.unwrap_or_else(shipped_definitions);
         Ok(System {
@@ -655,18 +660,18 @@ impl System {
     }
 
     pub async fn start_inventory(&mut self) -> Result<()> {
-        self.inventory = Some(start_inventory(&self.nats.url(), &self.path("inventory"), STOCK).await?);
+        self.inventory = Some(start_inventory(&self.nats.access(), &self.path("inventory"), STOCK).await?);
         wait_participant(&self.client, "inventory").await
     }
 
     pub async fn start_payment(&mut self, settings: &PaymentSettings) -> Result<()> {
-        self.payment = Some(start_payment(&self.nats.url(), &self.path("payment"), settings).await?);
+        self.payment = Some(start_payment(&self.nats.access(), &self.path("payment"), settings).await?);
         wait_participant(&self.client, "payment").await
     }
 
     pub async fn start_coordinator(&mut self) -> Result<()> {
-        let c =
-            RunningCoordinator::start(&self.nats.url(), &self.path("coordinator"), &self.definitions).await?;
+        let c = RunningCoordinator::start(&self.nats.access(), &self.path("coordinator"), &self.definitions)
+            .await?;
         c.wait_ready().await?;
         self.coordinator = Some(c);
         Ok(())

