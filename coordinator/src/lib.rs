@@ -218,8 +218,9 @@ pub struct Config {
     /// Oldest event the stream keeps (`0s`: no age limit).
     #[arg(long, env = "COORDINATOR_EVENTS_MAX_AGE", default_value = "7d", value_parser = humantime::parse_duration)]
     pub events_max_age: Duration,
-    /// Largest size of the stream in bytes (`-1`: no limit); the oldest events go first.
-    #[arg(long, env = "COORDINATOR_EVENTS_MAX_BYTES", default_value_t = -1, allow_negative_numbers = true)]
+    /// Largest size of the stream in bytes (default 1 GiB; `-1`: no limit);
+    /// the oldest events go first. Applied to an existing stream on start.
+    #[arg(long, env = "COORDINATOR_EVENTS_MAX_BYTES", default_value_t = events::DEFAULT_MAX_BYTES, allow_negative_numbers = true)]
     pub events_max_bytes: i64,
     /// Replicas of the events stream (3 on a 3-node cluster).
     #[arg(long, env = "COORDINATOR_EVENTS_REPLICAS", default_value_t = 1)]
@@ -273,7 +274,7 @@ impl Config {
             no_events: false,
             events_stream: "SAGA_EVENTS".into(),
             events_max_age: Duration::from_secs(7 * 24 * 3600),
-            events_max_bytes: -1,
+            events_max_bytes: events::DEFAULT_MAX_BYTES,
             events_replicas: 1,
             events_duplicate_window: Duration::from_secs(600),
         }
@@ -308,6 +309,11 @@ impl Config {
                 "events_stream `{}` is not a stream name (no spaces, `.`, `*` or `>`)",
                 self.events_stream
             )));
+        }
+        if self.events_max_bytes == 0 || self.events_max_bytes < -1 {
+            return Err(RunError::Config(
+                "events_max_bytes must be -1 (no limit) or a positive number of bytes".into(),
+            ));
         }
         if !(1..=5).contains(&self.events_replicas) {
             return Err(RunError::Config("events_replicas must be 1 to 5".into()));
