@@ -163,6 +163,13 @@ pub struct Config {
     /// Directory of the saga definition files (`*.yaml`).
     #[arg(long, env = "SAGA_DEFINITIONS_DIR", default_value = "./saga-definitions")]
     pub definitions_dir: PathBuf,
+    /// Most steps a definition may hold (those of its `parallel:` groups
+    /// included); a file with more is refused at load and on reload.
+    #[arg(long, env = "COORDINATOR_MAX_STEPS", default_value_t = saga_core::definition::Limits::DEFAULT_MAX_STEPS)]
+    pub max_steps: usize,
+    /// Most steps one `parallel:` group may hold.
+    #[arg(long, env = "COORDINATOR_MAX_GROUP_STEPS", default_value_t = saga_core::definition::Limits::DEFAULT_MAX_GROUP_STEPS)]
+    pub max_group_steps: usize,
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "pretty")]
     pub log_format: LogFormat,
@@ -245,6 +252,16 @@ impl Config {
 }
 
 impl Config {
+    /// The bounds definitions are loaded (and reloaded) within.
+    fn definition_limits(&self) -> saga_core::definition::Limits {
+        saga_core::definition::Limits {
+            max_steps: self.max_steps,
+            max_group_steps: self.max_group_steps,
+        }
+    }
+}
+
+impl Config {
     /// A configuration with the defaults and the given directories (for tests and embedding).
     pub fn new(nats_url: impl Into<String>, data_dir: PathBuf, definitions_dir: PathBuf) -> Self {
         Config {
@@ -259,6 +276,8 @@ impl Config {
             lease_ttl: Duration::from_secs(3),
             instance_id: None,
             definitions_dir,
+            max_steps: saga_core::definition::Limits::DEFAULT_MAX_STEPS,
+            max_group_steps: saga_core::definition::Limits::DEFAULT_MAX_GROUP_STEPS,
             log_format: LogFormat::Pretty,
             operator_token: None,
             breaker_failures: 5,
@@ -337,6 +356,12 @@ impl Config {
                     "instance_id: letters, digits, `-` and `_` only".into(),
                 ));
             }
+        }
+        if !(1..=1000).contains(&self.max_steps) {
+            return Err(RunError::Config("max_steps must be 1 to 1000".into()));
+        }
+        if !(2..=256).contains(&self.max_group_steps) {
+            return Err(RunError::Config("max_group_steps must be 2 to 256".into()));
         }
         if self.breaker_failures == 0 {
             return Err(RunError::Config("breaker_failures must be at least 1".into()));
@@ -475,7 +500,7 @@ pub async fn run_with_reload(
 ) -> Result<(), RunError> {
     config.validate()?;
     let _ = telemetry::prometheus();
-    let definitions = Catalog::load(&config.definitions_dir)?;
+    let definitions = Catalog::load_with(&config.definitions_dir, config.definition_limits())?;
     for d in definitions.current().all() {
         info!(definition = %d.id(), file = %d.source.display(), steps = d.steps.len(), "definition loaded");
     }

@@ -141,3 +141,66 @@ async fn the_events_stream_is_bounded_by_default_and_an_existing_one_is_updated(
     .await?;
     c.stop().await
 }
+
+// ---- definition size ----
+
+/// A definition of `n` sequential steps on a participant nobody runs; step
+/// `k` (0-based) starts at line `4 + 5 * k`.
+fn long_definition(n: usize) -> String {
+    let mut y = String::from("name: long\nversion: 1\nsteps:\n");
+    for i in 0..n {
+        y.push_str(&format!(
+            "  - name: s{i}\n    participant: nobody\n    action: a\n    compensation: none\n    timeout: 1s\n"
+        ));
+    }
+    y
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_101_step_definition_is_refused_at_load_and_on_reload_with_its_line() -> Result<()> {
+    let s = System::bare(None).await?;
+    let defs = s.path("defs");
+    std::fs::create_dir_all(&defs)?;
+    let file = defs.join("long.yaml");
+    std::fs::write(&file, long_definition(101))?;
+
+    let c = RunningCoordinator::start(&s.nats.url(), &s.path("coordinator"), &defs).await?;
+    let refused = tokio::time::timeout(WAIT, c.stop())
+        .await
+        .context("a coordinator with a 101-step definition must not start")?
+        .expect_err("refused at load");
+    let text = refused.to_string();
+    let at = format!("{}:504:5:", file.display());
+    assert!(text.contains(&at), "{text} should name {at}");
+    assert!(text.contains("at most 100 steps"), "{text}");
+
+    // 100 load; a reload to 101 is refused and the 100-step version stays in force.
+    std::fs::write(&file, long_definition(100))?;
+    let c = RunningCoordinator::start(&s.nats.url(), &s.path("coordinator"), &defs).await?;
+    c.wait_ready().await?;
+    std::fs::write(&file, long_definition(101).replace("version: 1", "version: 2"))?;
+    let e = c.reload().await?.expect_err("reload refused");
+    assert!(e.to_string().contains(&at), "{e}");
+    let mut g = c.client().await?;
+    let loaded = g
+        .list_definitions(pb::ListDefinitionsRequest::default())
+        .await?
+        .into_inner()
+        .definitions;
+    assert_eq!(
+        loaded
+            .iter()
+            .map(|d| (d.name.as_str(), d.version))
+            .collect::<Vec<_>>(),
+        [("long", 1)]
+    );
+    c.stop().await?;
+
+    // The bound is a flag: with --max-steps 150 the 101 steps load.
+    let c = RunningCoordinator::start_with(&s.nats.url(), &s.path("coordinator"), &defs, |c| {
+        c.max_steps = 150;
+    })
+    .await?;
+    c.wait_ready().await?;
+    c.stop().await
+}
