@@ -180,6 +180,11 @@ pub struct Config {
     /// Consecutive failures that open a participant's circuit breaker.
     #[arg(long, env = "COORDINATOR_BREAKER_FAILURES", default_value_t = 5)]
     pub breaker_failures: u32,
+    /// Largest output a step may return (the `data` of an `ok` reply, as
+    /// compact JSON, in bytes): a larger one is a malformed reply (outcome
+    /// unknown, retried), never stored.
+    #[arg(long, env = "COORDINATOR_MAX_OUTPUT_BYTES", default_value_t = 64 * 1024)]
+    pub max_output_bytes: usize,
     /// How long an open breaker holds commands back.
     #[arg(long, env = "COORDINATOR_BREAKER_WAIT", default_value = "1s", value_parser = humantime::parse_duration)]
     pub breaker_wait: Duration,
@@ -281,6 +286,7 @@ impl Config {
             log_format: LogFormat::Pretty,
             operator_token: None,
             breaker_failures: 5,
+            max_output_bytes: 64 * 1024,
             breaker_wait: Duration::from_secs(1),
             tls_cert: None,
             tls_key: None,
@@ -362,6 +368,9 @@ impl Config {
         }
         if !(2..=256).contains(&self.max_group_steps) {
             return Err(RunError::Config("max_group_steps must be 2 to 256".into()));
+        }
+        if !(1..=1024 * 1024).contains(&self.max_output_bytes) {
+            return Err(RunError::Config("max_output_bytes must be 1 to 1048576".into()));
         }
         if self.breaker_failures == 0 {
             return Err(RunError::Config("breaker_failures must be at least 1".into()));
@@ -671,6 +680,7 @@ pub async fn run_with_reload(
     let dispatcher = Dispatcher::new(
         nats.clone(),
         breakers,
+        config.max_output_bytes,
         outcomes,
         tracker.clone(),
         stop_work.clone(),

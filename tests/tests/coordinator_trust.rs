@@ -4,9 +4,12 @@
 //! A real nats-server per test; where a reply must be hostile the test plays
 //! the participant itself on `saga.cmd.<participant>.*`.
 
+use std::sync::{Arc, Mutex};
+
 use anyhow::{Context, Result};
-use saga_proto::pb;
+use saga_proto::pb::{self, SagaState};
 use saga_testkit::*;
+use saga_wire::Reply;
 use tonic::{metadata::MetadataValue, Code};
 
 const TOKEN: &str = "operator-token-0123456789";
@@ -21,13 +24,14 @@ fn with_bearer<T>(msg: T, header: Option<&str>) -> tonic::Request<T> {
     r
 }
 
-/// The value of the sample `name{labels…}` on `/metrics` (0 when absent).
-async fn metric(c: &RunningCoordinator, name: &str, label: &str) -> Result<f64> {
+/// The sum of the samples `name{…}` on `/metrics` whose labels include
+/// every one of `labels` (`;`-separated `key="value"`), 0 when absent.
+async fn metric(c: &RunningCoordinator, name: &str, labels: &str) -> Result<f64> {
     let (code, body) = http_get(c.http_addr, "/metrics").await?;
     anyhow::ensure!(code == 200, "/metrics answered {code}");
     Ok(body
         .lines()
-        .filter(|l| l.starts_with(name) && l.contains(label))
+        .filter(|l| l.starts_with(&format!("{name}{{")) && labels.split(';').all(|x| l.contains(x)))
         .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
         .sum())
 }
@@ -202,5 +206,153 @@ async fn a_101_step_definition_is_refused_at_load_and_on_reload_with_its_line() 
     })
     .await?;
     c.wait_ready().await?;
+    c.stop().await
+}
+
+// ---- participant replies ----
+
+const TRUST_DEFS: &str = "defaults:
+  timeout: 2s
+  retry: { max_attempts: 2, initial_backoff: 10ms, max_backoff: 20ms, multiplier: 2.0, jitter: false }
+steps:
+  - name: reserve
+    participant: fake
+    action: reserve
+    compensation: release
+    compensation_input:
+      reservation_id: \"${steps.reserve.output.reservation_id}\"
+";
+
+/// `trust` (no output schema) and `trust-schema` (the reservation id a
+/// short `res_…` string) on the scripted participant `fake`.
+fn trust_definitions(dir: &std::path::Path) -> Result<std::path::PathBuf> {
+    let defs = dir.join("trust-defs");
+    std::fs::create_dir_all(&defs)?;
+    std::fs::write(
+        defs.join("trust.yaml"),
+        format!("name: trust\nversion: 1\n{TRUST_DEFS}"),
+    )?;
+    let schema = "    output_schema:
+      type: object
+      required: [reservation_id]
+      properties:
+        reservation_id: { type: string, pattern: \"^res_\", maxLength: 64 }
+";
+    std::fs::write(
+        defs.join("trust-schema.yaml"),
+        format!("name: trust-schema\nversion: 1\n{TRUST_DEFS}{schema}"),
+    )?;
+    Ok(defs)
+}
+
+/// Runs a saga of `definition` against a fake participant answering every
+/// `reserve` with `ok` and `data`, and every `release` with `ok`. Returns
+/// the finished saga and the `input` of every `release` it received.
+async fn run_with_forged_output(
+    s: &System,
+    c: &RunningCoordinator,
+    definition: &str,
+    data: serde_json::Value,
+) -> Result<(pb::Saga, Vec<serde_json::Value>)> {
+    let released: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
+    let seen = released.clone();
+    let _fake = FakeParticipant::start(&s.client, "fake", move |cmd, _| {
+        if cmd.action == "release" {
+            if let Ok(mut r) = seen.lock() {
+                r.push(cmd.input.clone());
+            }
+            return FakeAnswer::Reply(Reply::ok(serde_json::json!({})));
+        }
+        FakeAnswer::Reply(Reply::ok(data.clone()))
+    })
+    .await?;
+    let mut g = c.client().await?;
+    let req = pb::CreateOrderRequest {
+        definition: definition.into(),
+        ..order("c-1", &[("A-1", 1)], 100)
+    };
+    let id = g.create_order(req).await?.into_inner().saga_id;
+    let saga = wait_terminal(&mut g, &id, WAIT).await?;
+    let released = released.lock().map(|r| r.clone()).unwrap_or_default();
+    Ok((saga, released))
+}
+
+fn assert_not_stored(saga: &pb::Saga, released: &[serde_json::Value]) {
+    // Outcome unknown, retried, then compensated: never COMPLETED on it.
+    assert_eq!(saga.state, SagaState::Compensated as i32, "{saga:#?}");
+    assert!(
+        saga.history.iter().any(|h| h.detail.contains("malformed reply")),
+        "the history says why: {:#?}",
+        saga.history
+    );
+    // The compensation was sent without the forged value: it was never stored.
+    assert!(!released.is_empty(), "release sent");
+    for input in released {
+        assert_eq!(input["reservation_id"], serde_json::Value::Null, "{input}");
+    }
+    let text: usize = saga.history.iter().map(|h| h.detail.len()).sum::<usize>()
+        + saga.steps.iter().map(|p| p.last_outcome.len()).sum::<usize>()
+        + saga.reason.len();
+    assert!(text < 8 * 1024, "GetSaga carries {text} bytes of reasons");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_ok_output_is_malformed_never_stored_and_the_saga_does_not_complete_on_it() -> Result<()>
+{
+    let s = System::bare(None).await?;
+    let defs = trust_definitions(s.dir.path())?;
+    let c = RunningCoordinator::start(&s.nats.url(), &s.path("coordinator"), &defs).await?;
+    c.wait_ready().await?;
+    let labels = "participant=\"fake\";action=\"reserve\";outcome=\"malformed\"";
+    let before = metric(&c, "saga_step_duration_seconds_count", labels).await?;
+    // The hostile tester's 900 KB reservation id.
+    let forged = serde_json::json!({ "reservation_id": "r".repeat(900 * 1024) });
+    let (saga, released) = run_with_forged_output(&s, &c, "trust", forged).await?;
+    assert_not_stored(&saga, &released);
+    let history = saga
+        .history
+        .iter()
+        .map(|h| h.detail.as_str())
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        history.contains("a step output is at most 65536 bytes"),
+        "{history}"
+    );
+    let counted = metric(&c, "saga_step_duration_seconds_count", labels).await? - before;
+    assert!(counted >= 2.0, "both attempts counted as malformed: {counted}");
+    c.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_output_violating_its_output_schema_is_malformed_and_never_stored() -> Result<()> {
+    let s = System::bare(None).await?;
+    let defs = trust_definitions(s.dir.path())?;
+    let c = RunningCoordinator::start(&s.nats.url(), &s.path("coordinator"), &defs).await?;
+    c.wait_ready().await?;
+    // Small, but not what the step declares.
+    let forged = serde_json::json!({ "reservation_id": "forged; DROP TABLE" });
+    let (saga, released) = run_with_forged_output(&s, &c, "trust-schema", forged).await?;
+    assert_not_stored(&saga, &released);
+    let history = saga
+        .history
+        .iter()
+        .map(|h| h.detail.as_str())
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        history.contains("output_schema") && history.contains("output.reservation_id"),
+        "{history}"
+    );
+
+    // A conforming output is stored and completes the saga.
+    let (saga, _) = run_with_forged_output(
+        &s,
+        &c,
+        "trust-schema",
+        serde_json::json!({ "reservation_id": "res_1" }),
+    )
+    .await?;
+    assert_eq!(saga.state, SagaState::Completed as i32, "{saga:#?}");
     c.stop().await
 }

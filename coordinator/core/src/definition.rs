@@ -29,12 +29,14 @@ pub const MAX_INPUT_ENTRIES: usize = 32;
 pub const MAX_INPUT_KEY_BYTES: usize = 64;
 /// Longest value (literal or reference) of an input map, in bytes.
 pub const MAX_INPUT_VALUE_BYTES: usize = 1024;
+/// Largest `output_schema:` of one step, as compact JSON, in bytes.
+pub const MAX_OUTPUT_SCHEMA_BYTES: usize = 16 * 1024;
 
 /// Bounds on the size of a definition, checked at load (a saga's cost grows
 /// with its steps: every transition writes the saga whole, `GetSaga` returns
 /// it whole). The other bounds are fixed: [`MAX_FILE_BYTES`], names of 64
 /// characters, alias subjects of 200, [`MAX_INPUT_ENTRIES`],
-/// [`MAX_INPUT_KEY_BYTES`], [`MAX_INPUT_VALUE_BYTES`].
+/// [`MAX_INPUT_KEY_BYTES`], [`MAX_INPUT_VALUE_BYTES`], [`MAX_OUTPUT_SCHEMA_BYTES`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Most steps in one definition, those of its `parallel:` groups included.
@@ -188,6 +190,150 @@ pub struct StepDefinition {
     /// Extra input of the compensation command.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub compensation_input: BTreeMap<String, InputValue>,
+    /// The JSON Schema the forward action's output (`data` of its `ok`
+    /// reply) must match to be stored; a reply whose output does not is
+    /// malformed (outcome unknown). `None`: any output (within the size bound).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_schema: Option<OutputSchema>,
+}
+
+/// A step's `output_schema:`: the schema as JSON (what saga snapshots store)
+/// and the validator compiled from it once, shared by every clone.
+///
+/// Only the schema itself counts: no `$ref` outside it (`#…`) is allowed, and
+/// the validator's retriever refuses every URI, so nothing is ever fetched
+/// or read from disk.
+#[derive(Clone)]
+pub struct OutputSchema {
+    json: Arc<serde_json::Value>,
+    compiled: Arc<std::sync::OnceLock<Result<Arc<jsonschema::Validator>, String>>>,
+}
+
+impl OutputSchema {
+    /// Checks and compiles `json` as an output schema.
+    ///
+    /// # Errors
+    /// A schema over [`MAX_OUTPUT_SCHEMA_BYTES`], with a `$ref` that is not
+    /// local (`#…`), or that is not a valid JSON Schema.
+    pub fn new(json: serde_json::Value) -> Result<Self, String> {
+        let size = serde_json::to_vec(&json).map(|v| v.len()).unwrap_or(usize::MAX);
+        if size > MAX_OUTPUT_SCHEMA_BYTES {
+            return Err(format!(
+                "output_schema is {size} bytes of JSON; at most {MAX_OUTPUT_SCHEMA_BYTES}"
+            ));
+        }
+        if let Some(r) = remote_ref(&json) {
+            return Err(format!(
+                "output_schema: `$ref: {r}` points outside the schema; only local references (`#/…`) are allowed"
+            ));
+        }
+        let schema = OutputSchema {
+            json: Arc::new(json),
+            compiled: Arc::default(),
+        };
+        schema.validator()?;
+        Ok(schema)
+    }
+
+    /// The schema as JSON.
+    pub fn json(&self) -> &serde_json::Value {
+        &self.json
+    }
+
+    fn validator(&self) -> Result<Arc<jsonschema::Validator>, String> {
+        self.compiled
+            .get_or_init(|| {
+                jsonschema::options()
+                    .with_retriever(NoRetrieval)
+                    .build(&self.json)
+                    .map(Arc::new)
+                    .map_err(|e| format!("output_schema is not a valid JSON Schema: {e}"))
+            })
+            .clone()
+    }
+
+    /// Checks a step's output against the schema.
+    ///
+    /// # Errors
+    /// The first violation as `output.path: message`, or why the schema (from
+    /// a stored snapshot) does not compile.
+    pub fn check(&self, output: &serde_json::Value) -> Result<(), String> {
+        let validator = self.validator()?;
+        let first = validator.iter_errors(output).next().map(|e| {
+            let at = match field_path(e.instance_path().as_str()).as_str() {
+                "order" => "output".to_string(),
+                p if p.starts_with('[') => format!("output{p}"),
+                p => format!("output.{p}"),
+            };
+            // The message may quote the output: keep it short, it goes to logs and the history.
+            let mut m = format!("{at}: {e}");
+            if m.len() > 300 {
+                let cut = (0..=300).rev().find(|i| m.is_char_boundary(*i)).unwrap_or(0);
+                m.truncate(cut);
+                m.push('…');
+            }
+            m
+        });
+        first.map_or(Ok(()), Err)
+    }
+}
+
+impl fmt::Debug for OutputSchema {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("OutputSchema").field(&self.json).finish()
+    }
+}
+
+impl PartialEq for OutputSchema {
+    fn eq(&self, other: &Self) -> bool {
+        self.json == other.json
+    }
+}
+
+impl Serialize for OutputSchema {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.json.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for OutputSchema {
+    /// From a stored snapshot: compiled on first use (a snapshot's schema
+    /// was checked when its definition was loaded).
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(OutputSchema {
+            json: Arc::new(serde_json::Value::deserialize(d)?),
+            compiled: Arc::default(),
+        })
+    }
+}
+
+/// The retriever of output schemas: nothing outside the schema is fetched.
+struct NoRetrieval;
+
+impl jsonschema::Retrieve for NoRetrieval {
+    fn retrieve(
+        &self,
+        uri: &jsonschema::Uri<String>,
+    ) -> Result<serde_json::Value, Box<dyn std::error::Error + Send + Sync>> {
+        Err(format!("{uri}: output schemas may not reference other documents").into())
+    }
+}
+
+/// The first `$ref` / `$dynamicRef` / `$recursiveRef` of `json` that is not
+/// local (does not start with `#`).
+fn remote_ref(json: &serde_json::Value) -> Option<String> {
+    match json {
+        serde_json::Value::Object(map) => map.iter().find_map(|(k, v)| match (k.as_str(), v) {
+            ("$ref" | "$dynamicRef" | "$recursiveRef", serde_json::Value::String(r))
+                if !r.starts_with('#') =>
+            {
+                Some(r.clone())
+            }
+            _ => remote_ref(v),
+        }),
+        serde_json::Value::Array(items) => items.iter().find_map(remote_ref),
+        _ => None,
+    }
 }
 
 /// What a step's failure (rejected, or out of attempts) does.
@@ -289,6 +435,18 @@ impl SagaDefinition {
     pub fn next_group(&self, g: usize) -> Option<usize> {
         let end = self.group(g).end;
         (end < self.steps.len()).then_some(end)
+    }
+
+    /// Checks the output of step `i`'s forward action against its
+    /// `output_schema`, if it declares one.
+    ///
+    /// # Errors
+    /// As [`OutputSchema::check`].
+    pub fn check_output(&self, i: usize, output: &serde_json::Value) -> Result<(), String> {
+        match self.steps.get(i).and_then(|s| s.output_schema.as_ref()) {
+            Some(schema) => schema.check(output),
+            None => Ok(()),
+        }
     }
 
     /// The groups, in order, as step-index ranges.
@@ -680,7 +838,8 @@ fn validate(path: &Path, raw: RawDefinition, limits: &Limits) -> Result<SagaDefi
                     || r.retry.is_some()
                     || r.on_failure.is_some()
                     || r.input.is_some()
-                    || r.compensation_input.is_some();
+                    || r.compensation_input.is_some()
+                    || r.output_schema.is_some();
                 if extra {
                     return Err(DefinitionError::at(
                         path,
@@ -802,6 +961,13 @@ fn validate(path: &Path, raw: RawDefinition, limits: &Limits) -> Result<SagaDefi
             Some(index),
             "compensation_input",
         )?;
+        let output_schema = match &step.output_schema {
+            None => None,
+            Some(raw) => Some(
+                OutputSchema::new(raw.value.clone())
+                    .map_err(|reason| DefinitionError::at(path, raw.referenced, reason))?,
+            ),
+        };
         steps.push(StepDefinition {
             name: step_name,
             participant,
@@ -813,6 +979,7 @@ fn validate(path: &Path, raw: RawDefinition, limits: &Limits) -> Result<SagaDefi
             on_failure,
             input,
             compensation_input,
+            output_schema,
         });
     }
     let input_schema = match &raw.input_schema {
@@ -1220,6 +1387,8 @@ struct RawStep {
     input: Option<BTreeMap<String, Spanned<String>>>,
     #[serde(default)]
     compensation_input: Option<BTreeMap<String, Spanned<String>>>,
+    #[serde(default)]
+    output_schema: Option<Spanned<serde_json::Value>>,
     #[serde(default)]
     parallel: Option<Vec<Spanned<RawStep>>>,
 }
@@ -1682,6 +1851,98 @@ steps:
             Some(5)
         );
         assert!(Catalog::load_with(dir.path(), limits).is_err());
+    }
+
+    const WITH_OUTPUT_SCHEMA: &str = r#"name: order
+version: 1
+steps:
+  - name: reserve-inventory
+    participant: inventory
+    action: reserve
+    compensation: release
+    output_schema:
+      type: object
+      required: [reservation_id]
+      additionalProperties: false
+      properties:
+        reservation_id: { type: string, maxLength: 64, pattern: "^res_" }
+"#;
+
+    #[test]
+    fn output_schemas_are_compiled_at_load_and_checked() {
+        let d = parse(Path::new("o.yaml"), WITH_OUTPUT_SCHEMA).expect("valid");
+        let schema = d.steps[0].output_schema.as_ref().expect("declared");
+        assert_eq!(schema.json()["required"], serde_json::json!(["reservation_id"]));
+        assert!(d
+            .check_output(0, &serde_json::json!({"reservation_id": "res_1"}))
+            .is_ok());
+        let e = d
+            .check_output(0, &serde_json::json!({"reservation_id": "x".repeat(900_000)}))
+            .expect_err("too long");
+        assert!(e.starts_with("output.reservation_id: "), "{e}");
+        assert!(e.len() < 400, "the reason is kept short: {} bytes", e.len());
+        assert!(d.check_output(0, &serde_json::json!({})).is_err());
+        assert!(d
+            .check_output(0, &serde_json::json!({"reservation_id": "res_1", "x": 1}))
+            .is_err());
+        assert!(d.check_output(0, &serde_json::Value::Null).is_err());
+        // A step without a schema takes any output.
+        assert!(parse(Path::new("order.yaml"), ORDER)
+            .expect("valid")
+            .check_output(0, &serde_json::json!([1, 2]))
+            .is_ok());
+        // The snapshot round trip keeps the schema, compiled again on first use.
+        let json = serde_json::to_string(&d).expect("serialises");
+        let back: SagaDefinition = serde_json::from_str(&json).expect("deserialises");
+        assert_eq!(back, d);
+        assert!(back.check_output(0, &serde_json::json!({})).is_err());
+        // A snapshot written before output schemas has none.
+        let old: StepDefinition = serde_json::from_value(serde_json::json!({
+            "name": "a", "participant": "p", "action": "x", "compensation": null,
+            "timeout": 1000, "retry": RetryPolicy::default()
+        }))
+        .expect("old snapshot");
+        assert_eq!(old.output_schema, None);
+    }
+
+    #[test]
+    fn bad_output_schemas_are_refused_with_their_line() {
+        let e = err(&WITH_OUTPUT_SCHEMA.replace("type: object", "type: 12"));
+        assert!(e.reason().contains("not a valid JSON Schema"), "{e}");
+        assert_eq!(line_of(&e), 9, "{e}");
+        // Remote and file references are refused, never fetched or read.
+        for r in [
+            "https://example.invalid/s.json",
+            "file:///etc/passwd",
+            "other.json#/x",
+        ] {
+            let e = err(&WITH_OUTPUT_SCHEMA.replace(
+                "reservation_id: { type: string",
+                &format!("reservation_id: {{ $ref: \"{r}\", type: string"),
+            ));
+            assert!(e.reason().contains("only local references"), "{r}: {e}");
+            assert_eq!(line_of(&e), 9, "{e}");
+        }
+        // A local reference is fine.
+        let local = WITH_OUTPUT_SCHEMA.replace(
+            "      properties:\n        reservation_id: { type: string, maxLength: 64, pattern: \"^res_\" }\n",
+            "      properties:\n        reservation_id: { $ref: \"#/$defs/id\" }\n      $defs:\n        id: { type: string, maxLength: 64 }\n",
+        );
+        assert_ne!(local, WITH_OUTPUT_SCHEMA);
+        let d = parse(Path::new("o.yaml"), &local).expect("local $ref");
+        assert!(d
+            .check_output(0, &serde_json::json!({"reservation_id": "x".repeat(65)}))
+            .is_err());
+        // Bounded in size.
+        let big = WITH_OUTPUT_SCHEMA.replace(
+            "pattern: \"^res_\"",
+            &format!("description: \"{}\"", "d".repeat(17_000)),
+        );
+        let e = err(&big);
+        assert!(e.reason().contains("at most 16384"), "{e}");
+        // Not on a `parallel:` item itself.
+        let e = err("name: g\nversion: 1\nsteps:\n  - output_schema: {}\n    parallel:\n      - {name: a, participant: p, action: x, compensation: none}\n      - {name: b, participant: p, action: x, compensation: none}\n");
+        assert!(e.reason().contains("only the list"), "{e}");
     }
 
     #[test]
