@@ -6,8 +6,10 @@
 //! check changes nothing and gets `INVALID_ARGUMENT` naming the field.
 //! Reads go straight to the store; creations and operator actions go
 //! through the runner. Operator RPCs (`AbortSaga`, `RetrySaga`) need
-//! `authorization: Bearer <operator token>`: missing → `UNAUTHENTICATED`,
-//! wrong (or none configured) → `PERMISSION_DENIED`, checked before anything else.
+//! `authorization: Bearer <operator token>` (compared exactly, in constant
+//! time): missing or malformed → `UNAUTHENTICATED`,
+//! wrong (or none configured) → `PERMISSION_DENIED`, checked before anything else;
+//! each refusal is logged at warn (method, peer, reason; never the token) and counted.
 //!
 //! Limits: a request is at most [`MAX_REQUEST_BYTES`]; at most 100 items;
 //! ids, SKUs and reasons at most 128 characters without control characters.
@@ -112,28 +114,10 @@ impl SagaApi {
         Ok(())
     }
 
-    /// Checks the caller's bearer token for an operator RPC.
-    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        use subtle::ConstantTimeEq;
-        let Some(expected) = &self.operator_token else {
-            return Err(Status::permission_denied(
-                "operator RPCs are disabled: start the coordinator with --operator-token",
-            ));
-        };
-        let header = request
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok());
-        let Some(given) = header.and_then(|h| h.strip_prefix("Bearer ")) else {
-            return Err(Status::unauthenticated(
-                "operator RPC: `authorization: Bearer <token>` metadata required",
-            ));
-        };
-        if bool::from(given.trim().as_bytes().ct_eq(expected.as_bytes())) {
-            Ok(())
-        } else {
-            Err(Status::permission_denied("operator RPC: invalid token"))
-        }
+    /// Checks the caller's bearer token for an operator RPC `method`; a
+    /// refusal is logged and counted (see [`authorize`]).
+    fn authorize<T>(&self, request: &Request<T>, method: &str) -> Result<(), Status> {
+        authorize(self.operator_token.as_deref(), request, method)
     }
 
     async fn operate(&self, saga_id: Uuid, event: Event, verb: &str) -> Result<pb::OperatorResponse, Status> {
@@ -278,6 +262,81 @@ pub(crate) fn validate_create(
         order_id_given,
         correlation_id,
         idempotency_key,
+    })
+}
+
+/// Why an operator RPC was refused: the `reason` label of
+/// [`telemetry::OPERATOR_AUTH_FAILURES`] and of the warning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AuthFailure {
+    /// No token is configured: operator RPCs are off.
+    Disabled,
+    /// No `authorization` metadata.
+    Missing,
+    /// `authorization` is there but not `Bearer <token>` (another scheme,
+    /// not ASCII, an empty token).
+    Malformed,
+    /// A bearer token that is not the operator token.
+    Wrong,
+}
+
+impl AuthFailure {
+    fn as_str(self) -> &'static str {
+        match self {
+            AuthFailure::Disabled => "disabled",
+            AuthFailure::Missing => "missing",
+            AuthFailure::Malformed => "malformed",
+            AuthFailure::Wrong => "wrong",
+        }
+    }
+
+    fn status(self) -> Status {
+        match self {
+            AuthFailure::Disabled => Status::permission_denied(
+                "operator RPCs are disabled: start the coordinator with --operator-token",
+            ),
+            AuthFailure::Missing | AuthFailure::Malformed => {
+                Status::unauthenticated("operator RPC: `authorization: Bearer <token>` metadata required")
+            }
+            AuthFailure::Wrong => Status::permission_denied("operator RPC: invalid token"),
+        }
+    }
+}
+
+/// The bearer check itself: `header` (the `authorization` value) must be
+/// exactly `Bearer <expected>`, compared in constant time, nothing trimmed.
+fn check_bearer(expected: Option<&str>, header: Option<&[u8]>) -> Result<(), AuthFailure> {
+    use subtle::ConstantTimeEq;
+    let Some(expected) = expected.filter(|t| !t.is_empty()) else {
+        return Err(AuthFailure::Disabled);
+    };
+    let Some(header) = header else {
+        return Err(AuthFailure::Missing);
+    };
+    let given = match header.strip_prefix(b"Bearer ") {
+        Some(t) if !t.is_empty() => t,
+        _ => return Err(AuthFailure::Malformed),
+    };
+    if bool::from(given.ct_eq(expected.as_bytes())) {
+        Ok(())
+    } else {
+        Err(AuthFailure::Wrong)
+    }
+}
+
+/// Checks an operator RPC's bearer token; a refusal is logged at warn
+/// (method, peer address, reason; never the token) and counted in
+/// `saga_operator_auth_failures_total{reason}`.
+fn authorize<T>(expected: Option<&str>, request: &Request<T>, method: &str) -> Result<(), Status> {
+    let header = request.metadata().get("authorization").map(|v| v.as_bytes());
+    check_bearer(expected, header).map_err(|failure| {
+        let peer = request
+            .remote_addr()
+            .map_or_else(|| "unknown".to_string(), |a| a.to_string());
+        warn!(method, peer, reason = failure.as_str(), "operator RPC refused");
+        metrics::counter!(crate::telemetry::OPERATOR_AUTH_FAILURES, "reason" => failure.as_str())
+            .increment(1);
+        failure.status()
     })
 }
 
@@ -597,7 +656,7 @@ impl SagaService for SagaApi {
         &self,
         request: Request<pb::AbortSagaRequest>,
     ) -> Result<Response<pb::OperatorResponse>, Status> {
-        self.authorize(&request)?;
+        self.authorize(&request, "AbortSaga")?;
         let req = request.into_inner();
         let id = parse_saga_id("saga_id", &req.saga_id)?;
         let reason = match text("reason", &req.reason, false)? {
@@ -616,7 +675,7 @@ impl SagaService for SagaApi {
         &self,
         request: Request<pb::RetrySagaRequest>,
     ) -> Result<Response<pb::OperatorResponse>, Status> {
-        self.authorize(&request)?;
+        self.authorize(&request, "RetrySaga")?;
         let id = parse_saga_id("saga_id", &request.into_inner().saga_id)?;
         self.check_horizon(&id).await?;
         tracing::warn!(saga_id = %id, "operator retry");
@@ -802,5 +861,123 @@ mod tests {
             state_from_pb(pb::SagaState::Failed as i32).ok(),
             Some(Some(StateTag::Failed))
         );
+    }
+
+    const TOKEN: &str = "operator-token-0123456789";
+
+    #[test]
+    fn the_bearer_token_is_compared_exactly() {
+        let check = |header: Option<&str>| check_bearer(Some(TOKEN), header.map(str::as_bytes));
+        assert_eq!(check(Some(&format!("Bearer {TOKEN}"))), Ok(()));
+        assert_eq!(check(None), Err(AuthFailure::Missing));
+        for malformed in ["", "Bearer ", "Basic abc", &format!("bearer {TOKEN}"), TOKEN] {
+            assert_eq!(
+                check(Some(malformed)),
+                Err(AuthFailure::Malformed),
+                "{malformed:?}"
+            );
+        }
+        // Surrounding spaces are not trimmed: the token is not the same bytes.
+        for wrong in [
+            format!("Bearer  {TOKEN}"),
+            format!("Bearer {TOKEN} "),
+            format!("Bearer {TOKEN}\t"),
+            format!("Bearer {}", &TOKEN[1..]),
+            format!("Bearer {TOKEN}x"),
+        ] {
+            assert_eq!(check(Some(&wrong)), Err(AuthFailure::Wrong), "{wrong:?}");
+        }
+        assert_eq!(
+            check_bearer(None, Some(format!("Bearer {TOKEN}").as_bytes())),
+            Err(AuthFailure::Disabled)
+        );
+        assert_eq!(
+            check_bearer(Some(""), Some(b"Bearer ")),
+            Err(AuthFailure::Disabled)
+        );
+    }
+
+    /// A `tracing` writer into a shared buffer.
+    #[derive(Clone, Default)]
+    struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if let Ok(mut b) = self.0.lock() {
+                b.extend_from_slice(buf);
+            }
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Captured {
+        fn text(&self) -> String {
+            self.0
+                .lock()
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_default()
+        }
+    }
+
+    #[test]
+    fn refusals_are_logged_with_method_peer_and_reason_but_never_the_token() {
+        let logs = Captured::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::WARN)
+            .finish();
+        let request = |header: Option<String>| {
+            let mut r = Request::new(());
+            if let Some(h) = header {
+                r.metadata_mut()
+                    .insert("authorization", h.parse().expect("ascii metadata"));
+            }
+            r
+        };
+        let near_miss = format!("{TOKEN} ");
+        tracing::subscriber::with_default(subscriber, || {
+            assert!(authorize(
+                Some(TOKEN),
+                &request(Some(format!("Bearer {TOKEN}"))),
+                "AbortSaga"
+            )
+            .is_ok());
+            let wrong = authorize(
+                Some(TOKEN),
+                &request(Some(format!("Bearer {near_miss}"))),
+                "RetrySaga",
+            );
+            assert_eq!(wrong.map_err(|s| s.code()), Err(tonic::Code::PermissionDenied));
+            let missing = authorize(Some(TOKEN), &request(None), "AbortSaga");
+            assert_eq!(missing.map_err(|s| s.code()), Err(tonic::Code::Unauthenticated));
+            let malformed = authorize(Some(TOKEN), &request(Some("Basic x".into())), "AbortSaga");
+            assert_eq!(malformed.map_err(|s| s.code()), Err(tonic::Code::Unauthenticated));
+        });
+        let text = logs.text();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(
+            lines[0].contains("WARN") && lines[0].contains("operator RPC refused"),
+            "{text}"
+        );
+        assert!(
+            lines[0].contains("method=\"RetrySaga\"") || lines[0].contains("method=RetrySaga"),
+            "{text}"
+        );
+        assert!(
+            lines[0].contains("reason=\"wrong\"") || lines[0].contains("reason=wrong"),
+            "{text}"
+        );
+        assert!(lines[0].contains("peer="), "{text}");
+        assert!(
+            lines[1].contains("missing") && lines[2].contains("malformed"),
+            "{text}"
+        );
+        assert!(!text.contains(TOKEN), "the token was logged: {text}");
     }
 }

@@ -14,6 +14,14 @@
 //! `saga_nats::connect`): async-nats drops messages past it as a
 //! slow consumer, and a burst of 100,000 replies after a restart is normal.
 //!
+//! A reply is untrusted: anyone who may publish to the reply subject can
+//! answer. Nothing in the reply envelope names the command it answers, so
+//! the reply subject's last token is random per command (not a counter one
+//! reply subject would let a participant guess the others from), and an
+//! `ok` reply's output must be at most `--max-output-bytes` of JSON and match
+//! its step's `output_schema`; anything else is a malformed reply (outcome
+//! unknown, logged, counted as `outcome="malformed"`), never stored.
+//!
 //! For each command: wait the step's backoff for attempts after the first
 //! (`RetryPolicy::delay_before`, jittered by the `backon` crate), send with
 //! the step's timeout, classify the answer, report it to the saga runner.
@@ -49,6 +57,7 @@ use tokio_util::{
 use tracing::{debug, info, warn};
 
 use crate::{
+    definition::OutputSchema,
     effects::Durable,
     engine::{Event, Outcome},
     sink::CommandSink,
@@ -190,6 +199,7 @@ impl Dispatcher {
     pub(crate) fn new(
         client: async_nats::Client,
         breaker_settings: BreakerSettings,
+        max_output_bytes: usize,
         outcomes: mpsc::UnboundedSender<Reported>,
         tracker: TaskTracker,
         cancel: CancellationToken,
@@ -204,7 +214,7 @@ impl Dispatcher {
             rows: HashMap::new(),
             timers: DelayQueue::new(),
             parked: Vec::new(),
-            next_token: 0,
+            max_output_bytes,
             outcomes,
         };
         tracker.spawn(driver.run(rx, cancel));
@@ -271,6 +281,8 @@ struct Row {
     /// The row's one live timer, if any. A key is forgotten the moment its
     /// timer fires: the queue reuses keys, so a stale one must never be used.
     timer: Option<delay_queue::Key>,
+    /// What an `ok` reply's output must match (forward commands of steps with an `output_schema`).
+    output_schema: Option<OutputSchema>,
     stage: Stage,
 }
 
@@ -294,7 +306,8 @@ struct Driver {
     /// Rows due while NATS was disconnected: sent once it is back (one
     /// connection check every [`PARKED_RECHECK`] for all of them).
     parked: Vec<u64>,
-    next_token: u64,
+    /// Largest output (`data` of an `ok` reply, as compact JSON) a step may return.
+    max_output_bytes: usize,
     outcomes: mpsc::UnboundedSender<Reported>,
 }
 
@@ -413,8 +426,14 @@ impl Driver {
             .retry
             .delay_before(entry.message.attempt)
             .max(route.breaker.remaining_open());
-        let token = self.next_token;
-        self.next_token += 1;
+        // Random, not a counter: the reply subject of one command (which its
+        // participant sees) must not tell how to answer another one.
+        let token = loop {
+            let t = uuid::Uuid::new_v4().as_u64_pair().0;
+            if !self.rows.contains_key(&t) {
+                break t;
+            }
+        };
         // Not even a zero sleep on a first attempt: tokio's timer rounds a
         // deadline up to its next 1 ms tick, which a saga would pay per step.
         let timer = (!delay.is_zero()).then(|| self.timers.insert(token, delay));
@@ -428,6 +447,7 @@ impl Driver {
                 attempt: entry.message.attempt,
                 route,
                 timer,
+                output_schema: entry.output_schema.clone(),
                 stage: Stage::Waiting(entry),
             },
         );
@@ -544,24 +564,57 @@ impl Driver {
         let result = if message.status == Some(StatusCode::NO_RESPONDERS) {
             Err(CallError::Unavailable("no responders".into()))
         } else {
-            match serde_json::from_slice::<Reply>(&message.payload) {
+            match self.read_reply(token, &message.payload) {
                 Ok(Reply::Error { reason }) => Err(CallError::ErrorReply(reason)),
                 Ok(reply) => Ok(reply),
-                Err(e) => {
+                Err(reason) => {
                     let body: String = String::from_utf8_lossy(&message.payload)
                         .chars()
                         .take(200)
                         .collect();
                     if let Some(row) = self.rows.get(&token) {
                         warn!(saga_id = %row.saga_id, correlation_id = %row.correlation_id, step = row.step,
-                              attempt = row.attempt, error = %e, body,
-                              "malformed reply from participant; treated as transient");
+                              attempt = row.attempt, error = %reason, bytes = message.payload.len(), body,
+                              "malformed reply from participant; treated as transient (outcome unknown)");
                     }
-                    Err(CallError::Malformed(e.to_string()))
+                    Err(CallError::Malformed(reason))
                 }
             }
         };
         self.finish(token, result);
+    }
+
+    /// Decodes a reply and checks an `ok` reply's output: at most
+    /// `max_output_bytes` of JSON (a body far larger is not even parsed) and
+    /// matching the step's `output_schema`. Nothing in the envelope names the
+    /// command it answers; the reply subject's random token is what ties the
+    /// two together.
+    fn read_reply(&self, token: u64, payload: &[u8]) -> Result<Reply, String> {
+        // The envelope around the output is a few dozen bytes.
+        let body_limit = self.max_output_bytes.saturating_add(ENVELOPE_BYTES);
+        if payload.len() > body_limit {
+            return Err(format!(
+                "reply of {} bytes; a step output is at most {} bytes",
+                payload.len(),
+                self.max_output_bytes
+            ));
+        }
+        let reply = serde_json::from_slice::<Reply>(payload).map_err(|e| e.to_string())?;
+        if let Reply::Ok { data } = &reply {
+            let size = json_size(data);
+            if size > self.max_output_bytes {
+                return Err(format!(
+                    "output of {size} bytes; a step output is at most {} bytes",
+                    self.max_output_bytes
+                ));
+            }
+            if let Some(schema) = self.rows.get(&token).and_then(|r| r.output_schema.as_ref()) {
+                schema
+                    .check(data)
+                    .map_err(|e| format!("output does not match the step's output_schema: {e}"))?;
+            }
+        }
+        Ok(reply)
     }
 
     /// Ends a row: breaker bookkeeping, metrics, the outcome to the runner.
@@ -617,6 +670,28 @@ impl Driver {
                 outcome,
             },
         });
+    }
+}
+
+/// What a reply body may hold beyond its output (`{"outcome":"ok","data":…}`, whitespace).
+const ENVELOPE_BYTES: usize = 1024;
+
+/// The size of `value` as compact JSON, counted without building it.
+fn json_size(value: &serde_json::Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    match serde_json::to_writer(&mut count, value) {
+        Ok(()) => count.0,
+        Err(_) => usize::MAX,
     }
 }
 

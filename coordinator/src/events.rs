@@ -34,6 +34,9 @@ use crate::{store::SharedStore, telemetry};
 /// Most events published before their acknowledgements are awaited.
 const BATCH: usize = 256;
 
+/// The events stream's default size bound: 1 GiB (docs/events.md says how to size it).
+pub(crate) const DEFAULT_MAX_BYTES: i64 = 1 << 30;
+
 /// Where and how events are kept.
 #[derive(Debug, Clone)]
 pub struct EventsConfig {
@@ -44,6 +47,7 @@ pub struct EventsConfig {
     /// Oldest event the stream keeps (zero: no age limit).
     pub max_age: Duration,
     /// Largest size of the stream in bytes (-1: no limit); oldest events go first.
+    /// Applied on every start, so a changed limit reaches an existing stream.
     pub max_bytes: i64,
     /// Replicas of the stream (1 on a single server, 3 on the compose cluster).
     pub replicas: usize,
@@ -57,7 +61,7 @@ impl Default for EventsConfig {
             enabled: true,
             stream: "SAGA_EVENTS".into(),
             max_age: Duration::from_secs(7 * 24 * 3600),
-            max_bytes: -1,
+            max_bytes: DEFAULT_MAX_BYTES,
             replicas: 1,
             duplicate_window: Duration::from_secs(10 * 60),
         }
@@ -88,6 +92,34 @@ pub(crate) async fn run(
     let mut backoff = Duration::from_millis(100);
     let mut stream_ready = false;
     let mut counted = std::time::Instant::now();
+    // On start, events or not: the stream's limits are the flags' (a changed
+    // `--events-max-bytes` reaches an existing stream), its alias subjects kept.
+    let start = async {
+        let own = format!("{}.>", saga_wire::EVENTS_SUBJECT_PREFIX);
+        let mut existing = BTreeSet::new();
+        if let Ok(stream) = js.get_stream(&config.stream).await {
+            existing.extend(
+                stream
+                    .cached_info()
+                    .config
+                    .subjects
+                    .iter()
+                    .filter(|s| **s != own)
+                    .cloned(),
+            );
+        }
+        ensure_stream(&js, &config, &existing).await.map(|()| existing)
+    };
+    tokio::select! {
+        _ = shutdown.cancelled() => return,
+        r = start => match r {
+            Ok(existing) => {
+                subjects = existing;
+                stream_ready = true;
+            }
+            Err(e) => warn!(error = %e, "events stream not set up yet; retried with the first events"),
+        },
+    }
     loop {
         if shutdown.is_cancelled() {
             return;
@@ -180,10 +212,13 @@ async fn ensure_stream(
         storage: stream::StorageType::File,
         ..Default::default()
     };
-    js.create_or_update_stream(wanted)
+    // An existing stream is updated: a changed size or age limit is applied on start.
+    let info = js
+        .create_or_update_stream(wanted)
         .await
         .map_err(|e| format!("stream {}: {e}", config.stream))?;
-    debug!(stream = %config.stream, ?aliases, "events stream ready");
+    debug!(stream = %config.stream, ?aliases, max_bytes = info.config.max_bytes,
+           max_age = ?info.config.max_age, "events stream ready");
     Ok(())
 }
 

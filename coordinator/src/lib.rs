@@ -163,6 +163,13 @@ pub struct Config {
     /// Directory of the saga definition files (`*.yaml`).
     #[arg(long, env = "SAGA_DEFINITIONS_DIR", default_value = "./saga-definitions")]
     pub definitions_dir: PathBuf,
+    /// Most steps a definition may hold (those of its `parallel:` groups
+    /// included); a file with more is refused at load and on reload.
+    #[arg(long, env = "COORDINATOR_MAX_STEPS", default_value_t = saga_core::definition::Limits::DEFAULT_MAX_STEPS)]
+    pub max_steps: usize,
+    /// Most steps one `parallel:` group may hold.
+    #[arg(long, env = "COORDINATOR_MAX_GROUP_STEPS", default_value_t = saga_core::definition::Limits::DEFAULT_MAX_GROUP_STEPS)]
+    pub max_group_steps: usize,
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "pretty")]
     pub log_format: LogFormat,
@@ -173,6 +180,11 @@ pub struct Config {
     /// Consecutive failures that open a participant's circuit breaker.
     #[arg(long, env = "COORDINATOR_BREAKER_FAILURES", default_value_t = 5)]
     pub breaker_failures: u32,
+    /// Largest output a step may return (the `data` of an `ok` reply, as
+    /// compact JSON, in bytes): a larger one is a malformed reply (outcome
+    /// unknown, retried), never stored.
+    #[arg(long, env = "COORDINATOR_MAX_OUTPUT_BYTES", default_value_t = 64 * 1024)]
+    pub max_output_bytes: usize,
     /// How long an open breaker holds commands back.
     #[arg(long, env = "COORDINATOR_BREAKER_WAIT", default_value = "1s", value_parser = humantime::parse_duration)]
     pub breaker_wait: Duration,
@@ -218,8 +230,9 @@ pub struct Config {
     /// Oldest event the stream keeps (`0s`: no age limit).
     #[arg(long, env = "COORDINATOR_EVENTS_MAX_AGE", default_value = "7d", value_parser = humantime::parse_duration)]
     pub events_max_age: Duration,
-    /// Largest size of the stream in bytes (`-1`: no limit); the oldest events go first.
-    #[arg(long, env = "COORDINATOR_EVENTS_MAX_BYTES", default_value_t = -1, allow_negative_numbers = true)]
+    /// Largest size of the stream in bytes (default 1 GiB; `-1`: no limit);
+    /// the oldest events go first. Applied to an existing stream on start.
+    #[arg(long, env = "COORDINATOR_EVENTS_MAX_BYTES", default_value_t = events::DEFAULT_MAX_BYTES, allow_negative_numbers = true)]
     pub events_max_bytes: i64,
     /// Replicas of the events stream (3 on a 3-node cluster).
     #[arg(long, env = "COORDINATOR_EVENTS_REPLICAS", default_value_t = 1)]
@@ -244,6 +257,16 @@ impl Config {
 }
 
 impl Config {
+    /// The bounds definitions are loaded (and reloaded) within.
+    fn definition_limits(&self) -> saga_core::definition::Limits {
+        saga_core::definition::Limits {
+            max_steps: self.max_steps,
+            max_group_steps: self.max_group_steps,
+        }
+    }
+}
+
+impl Config {
     /// A configuration with the defaults and the given directories (for tests and embedding).
     pub fn new(nats_url: impl Into<String>, data_dir: PathBuf, definitions_dir: PathBuf) -> Self {
         Config {
@@ -258,9 +281,12 @@ impl Config {
             lease_ttl: Duration::from_secs(3),
             instance_id: None,
             definitions_dir,
+            max_steps: saga_core::definition::Limits::DEFAULT_MAX_STEPS,
+            max_group_steps: saga_core::definition::Limits::DEFAULT_MAX_GROUP_STEPS,
             log_format: LogFormat::Pretty,
             operator_token: None,
             breaker_failures: 5,
+            max_output_bytes: 64 * 1024,
             breaker_wait: Duration::from_secs(1),
             tls_cert: None,
             tls_key: None,
@@ -273,7 +299,7 @@ impl Config {
             no_events: false,
             events_stream: "SAGA_EVENTS".into(),
             events_max_age: Duration::from_secs(7 * 24 * 3600),
-            events_max_bytes: -1,
+            events_max_bytes: events::DEFAULT_MAX_BYTES,
             events_replicas: 1,
             events_duplicate_window: Duration::from_secs(600),
         }
@@ -309,6 +335,11 @@ impl Config {
                 self.events_stream
             )));
         }
+        if self.events_max_bytes == 0 || self.events_max_bytes < -1 {
+            return Err(RunError::Config(
+                "events_max_bytes must be -1 (no limit) or a positive number of bytes".into(),
+            ));
+        }
         if !(1..=5).contains(&self.events_replicas) {
             return Err(RunError::Config("events_replicas must be 1 to 5".into()));
         }
@@ -331,6 +362,15 @@ impl Config {
                     "instance_id: letters, digits, `-` and `_` only".into(),
                 ));
             }
+        }
+        if !(1..=1000).contains(&self.max_steps) {
+            return Err(RunError::Config("max_steps must be 1 to 1000".into()));
+        }
+        if !(2..=256).contains(&self.max_group_steps) {
+            return Err(RunError::Config("max_group_steps must be 2 to 256".into()));
+        }
+        if !(1..=1024 * 1024).contains(&self.max_output_bytes) {
+            return Err(RunError::Config("max_output_bytes must be 1 to 1048576".into()));
         }
         if self.breaker_failures == 0 {
             return Err(RunError::Config("breaker_failures must be at least 1".into()));
@@ -469,7 +509,7 @@ pub async fn run_with_reload(
 ) -> Result<(), RunError> {
     config.validate()?;
     let _ = telemetry::prometheus();
-    let definitions = Catalog::load(&config.definitions_dir)?;
+    let definitions = Catalog::load_with(&config.definitions_dir, config.definition_limits())?;
     for d in definitions.current().all() {
         info!(definition = %d.id(), file = %d.source.display(), steps = d.steps.len(), "definition loaded");
     }
@@ -640,6 +680,7 @@ pub async fn run_with_reload(
     let dispatcher = Dispatcher::new(
         nats.clone(),
         breakers,
+        config.max_output_bytes,
         outcomes,
         tracker.clone(),
         stop_work.clone(),

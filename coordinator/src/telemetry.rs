@@ -45,6 +45,8 @@ pub(crate) const EVENTS_PUBLISHED: &str = "saga_events_published_total";
 pub(crate) const EVENTS_BACKLOG: &str = "saga_events_backlog";
 /// Definition reloads (SIGHUP), by `result` (`ok`, `refused`).
 pub(crate) const DEFINITION_RELOADS: &str = "saga_definition_reloads_total";
+/// Operator RPCs refused, by `reason` (`disabled`, `missing`, `malformed`, `wrong`).
+pub(crate) const OPERATOR_AUTH_FAILURES: &str = "saga_operator_auth_failures_total";
 /// Group-commit flushes and the transitions they covered.
 pub(crate) const FLUSHES: &str = "saga_store_flushes_total";
 /// How long one group-commit flush took (the store's write latency on the hot path).

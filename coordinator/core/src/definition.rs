@@ -21,6 +21,45 @@ use serde_saphyr::{Location, Spanned};
 const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Most attempts a retry policy may declare.
 const MAX_ATTEMPTS: u32 = 1000;
+/// Largest definition file, in bytes.
+pub const MAX_FILE_BYTES: usize = 256 * 1024;
+/// Most entries of one `input:` or `compensation_input:` map.
+pub const MAX_INPUT_ENTRIES: usize = 32;
+/// Longest key of an `input:` / `compensation_input:` map, in bytes.
+pub const MAX_INPUT_KEY_BYTES: usize = 64;
+/// Longest value (literal or reference) of an input map, in bytes.
+pub const MAX_INPUT_VALUE_BYTES: usize = 1024;
+/// Largest `output_schema:` of one step, as compact JSON, in bytes.
+pub const MAX_OUTPUT_SCHEMA_BYTES: usize = 16 * 1024;
+
+/// Bounds on the size of a definition, checked at load (a saga's cost grows
+/// with its steps: every transition writes the saga whole, `GetSaga` returns
+/// it whole). The other bounds are fixed: [`MAX_FILE_BYTES`], names of 64
+/// characters, alias subjects of 200, [`MAX_INPUT_ENTRIES`],
+/// [`MAX_INPUT_KEY_BYTES`], [`MAX_INPUT_VALUE_BYTES`], [`MAX_OUTPUT_SCHEMA_BYTES`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Most steps in one definition, those of its `parallel:` groups included.
+    pub max_steps: usize,
+    /// Most steps in one `parallel:` group (sent in one transition).
+    pub max_group_steps: usize,
+}
+
+impl Limits {
+    /// Default of [`Limits::max_steps`] (the coordinator's `--max-steps`).
+    pub const DEFAULT_MAX_STEPS: usize = 100;
+    /// Default of [`Limits::max_group_steps`] (the coordinator's `--max-group-steps`).
+    pub const DEFAULT_MAX_GROUP_STEPS: usize = 16;
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_steps: Self::DEFAULT_MAX_STEPS,
+            max_group_steps: Self::DEFAULT_MAX_GROUP_STEPS,
+        }
+    }
+}
 
 /// A definition file that cannot be used, with where and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -151,6 +190,150 @@ pub struct StepDefinition {
     /// Extra input of the compensation command.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub compensation_input: BTreeMap<String, InputValue>,
+    /// The JSON Schema the forward action's output (`data` of its `ok`
+    /// reply) must match to be stored; a reply whose output does not is
+    /// malformed (outcome unknown). `None`: any output (within the size bound).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_schema: Option<OutputSchema>,
+}
+
+/// A step's `output_schema:`: the schema as JSON (what saga snapshots store)
+/// and the validator compiled from it once, shared by every clone.
+///
+/// Only the schema itself counts: no `$ref` outside it (`#…`) is allowed, and
+/// the validator's retriever refuses every URI, so nothing is ever fetched
+/// or read from disk.
+#[derive(Clone)]
+pub struct OutputSchema {
+    json: Arc<serde_json::Value>,
+    compiled: Arc<std::sync::OnceLock<Result<Arc<jsonschema::Validator>, String>>>,
+}
+
+impl OutputSchema {
+    /// Checks and compiles `json` as an output schema.
+    ///
+    /// # Errors
+    /// A schema over [`MAX_OUTPUT_SCHEMA_BYTES`], with a `$ref` that is not
+    /// local (`#…`), or that is not a valid JSON Schema.
+    pub fn new(json: serde_json::Value) -> Result<Self, String> {
+        let size = serde_json::to_vec(&json).map(|v| v.len()).unwrap_or(usize::MAX);
+        if size > MAX_OUTPUT_SCHEMA_BYTES {
+            return Err(format!(
+                "output_schema is {size} bytes of JSON; at most {MAX_OUTPUT_SCHEMA_BYTES}"
+            ));
+        }
+        if let Some(r) = remote_ref(&json) {
+            return Err(format!(
+                "output_schema: `$ref: {r}` points outside the schema; only local references (`#/…`) are allowed"
+            ));
+        }
+        let schema = OutputSchema {
+            json: Arc::new(json),
+            compiled: Arc::default(),
+        };
+        schema.validator()?;
+        Ok(schema)
+    }
+
+    /// The schema as JSON.
+    pub fn json(&self) -> &serde_json::Value {
+        &self.json
+    }
+
+    fn validator(&self) -> Result<Arc<jsonschema::Validator>, String> {
+        self.compiled
+            .get_or_init(|| {
+                jsonschema::options()
+                    .with_retriever(NoRetrieval)
+                    .build(&self.json)
+                    .map(Arc::new)
+                    .map_err(|e| format!("output_schema is not a valid JSON Schema: {e}"))
+            })
+            .clone()
+    }
+
+    /// Checks a step's output against the schema.
+    ///
+    /// # Errors
+    /// The first violation as `output.path: message`, or why the schema (from
+    /// a stored snapshot) does not compile.
+    pub fn check(&self, output: &serde_json::Value) -> Result<(), String> {
+        let validator = self.validator()?;
+        let first = validator.iter_errors(output).next().map(|e| {
+            let at = match field_path(e.instance_path().as_str()).as_str() {
+                "order" => "output".to_string(),
+                p if p.starts_with('[') => format!("output{p}"),
+                p => format!("output.{p}"),
+            };
+            // The message may quote the output: keep it short, it goes to logs and the history.
+            let mut m = format!("{at}: {e}");
+            if m.len() > 300 {
+                let cut = (0..=300).rev().find(|i| m.is_char_boundary(*i)).unwrap_or(0);
+                m.truncate(cut);
+                m.push('…');
+            }
+            m
+        });
+        first.map_or(Ok(()), Err)
+    }
+}
+
+impl fmt::Debug for OutputSchema {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("OutputSchema").field(&self.json).finish()
+    }
+}
+
+impl PartialEq for OutputSchema {
+    fn eq(&self, other: &Self) -> bool {
+        self.json == other.json
+    }
+}
+
+impl Serialize for OutputSchema {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.json.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for OutputSchema {
+    /// From a stored snapshot: compiled on first use (a snapshot's schema
+    /// was checked when its definition was loaded).
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(OutputSchema {
+            json: Arc::new(serde_json::Value::deserialize(d)?),
+            compiled: Arc::default(),
+        })
+    }
+}
+
+/// The retriever of output schemas: nothing outside the schema is fetched.
+struct NoRetrieval;
+
+impl jsonschema::Retrieve for NoRetrieval {
+    fn retrieve(
+        &self,
+        uri: &jsonschema::Uri<String>,
+    ) -> Result<serde_json::Value, Box<dyn std::error::Error + Send + Sync>> {
+        Err(format!("{uri}: output schemas may not reference other documents").into())
+    }
+}
+
+/// The first `$ref` / `$dynamicRef` / `$recursiveRef` of `json` that is not
+/// local (does not start with `#`).
+fn remote_ref(json: &serde_json::Value) -> Option<String> {
+    match json {
+        serde_json::Value::Object(map) => map.iter().find_map(|(k, v)| match (k.as_str(), v) {
+            ("$ref" | "$dynamicRef" | "$recursiveRef", serde_json::Value::String(r))
+                if !r.starts_with('#') =>
+            {
+                Some(r.clone())
+            }
+            _ => remote_ref(v),
+        }),
+        serde_json::Value::Array(items) => items.iter().find_map(remote_ref),
+        _ => None,
+    }
 }
 
 /// What a step's failure (rejected, or out of attempts) does.
@@ -254,6 +437,18 @@ impl SagaDefinition {
         (end < self.steps.len()).then_some(end)
     }
 
+    /// Checks the output of step `i`'s forward action against its
+    /// `output_schema`, if it declares one.
+    ///
+    /// # Errors
+    /// As [`OutputSchema::check`].
+    pub fn check_output(&self, i: usize, output: &serde_json::Value) -> Result<(), String> {
+        match self.steps.get(i).and_then(|s| s.output_schema.as_ref()) {
+            Some(schema) => schema.check(output),
+            None => Ok(()),
+        }
+    }
+
     /// The groups, in order, as step-index ranges.
     pub fn groups(&self) -> Vec<std::ops::Range<usize>> {
         let mut out = Vec::new();
@@ -281,9 +476,17 @@ impl Definitions {
     /// The first unreadable or invalid file, a duplicate `name@version`, or an
     /// empty directory.
     pub fn load_dir(dir: &Path) -> Result<Self, DefinitionError> {
+        Self::load_dir_with(dir, &Limits::default())
+    }
+
+    /// [`Definitions::load_dir`] with `limits` instead of the defaults.
+    ///
+    /// # Errors
+    /// As [`Definitions::load_dir`], and a file beyond `limits`.
+    pub fn load_dir_with(dir: &Path, limits: &Limits) -> Result<Self, DefinitionError> {
         let mut defs = Definitions::default();
         for file in &yaml_files(dir)? {
-            defs.insert(load_file(file)?)?;
+            defs.insert(load_file_with(file, limits)?)?;
         }
         Ok(defs)
     }
@@ -388,6 +591,7 @@ impl Definitions {
 #[derive(Debug, Clone)]
 pub struct Catalog {
     dir: PathBuf,
+    limits: Limits,
     current: Arc<RwLock<Arc<Definitions>>>,
 }
 
@@ -397,14 +601,26 @@ impl Catalog {
     /// # Errors
     /// As [`Definitions::load_dir`]: nothing starts with a bad directory.
     pub fn load(dir: &Path) -> Result<Self, DefinitionError> {
-        let defs = Definitions::load_dir(dir)?;
-        Ok(Self::with(dir, defs))
+        Self::load_with(dir, Limits::default())
     }
 
-    /// A catalog holding `defs` whose reloads read `dir`.
+    /// Loads `dir` within `limits`, which its reloads keep to as well.
+    ///
+    /// # Errors
+    /// As [`Definitions::load_dir_with`].
+    pub fn load_with(dir: &Path, limits: Limits) -> Result<Self, DefinitionError> {
+        let defs = Definitions::load_dir_with(dir, &limits)?;
+        Ok(Catalog {
+            limits,
+            ..Self::with(dir, defs)
+        })
+    }
+
+    /// A catalog holding `defs` whose reloads read `dir` (with the default limits).
     pub fn with(dir: &Path, defs: Definitions) -> Self {
         Catalog {
             dir: dir.to_path_buf(),
+            limits: Limits::default(),
             current: Arc::new(RwLock::new(Arc::new(defs))),
         }
     }
@@ -418,12 +634,13 @@ impl Catalog {
     }
 
     /// Reads the directory again; the new set replaces the old one only when
-    /// every file in it is valid. Returns the ids added and removed.
+    /// every file in it is valid (and within the catalog's limits). Returns
+    /// the ids added and removed.
     ///
     /// # Errors
     /// The first bad file (or an empty directory): the old set stays in force.
     pub fn reload(&self) -> Result<(Vec<String>, Vec<String>), DefinitionError> {
-        let fresh = Definitions::load_dir(&self.dir)?;
+        let fresh = Definitions::load_dir_with(&self.dir, &self.limits)?;
         let old = self.current();
         let ids = |d: &Definitions| d.all().map(|x| x.id()).collect::<std::collections::BTreeSet<_>>();
         let (before, after) = (ids(&old), ids(&fresh));
@@ -491,36 +708,97 @@ fn field_path(pointer: &str) -> String {
     }
 }
 
-/// Reads and validates one definition file.
+/// Reads and validates one definition file (with the default [`Limits`]).
 ///
 /// # Errors
 /// Unreadable file or any validation failure, with line and column.
 pub fn load_file(path: &Path) -> Result<SagaDefinition, DefinitionError> {
-    let text = std::fs::read_to_string(path).map_err(|e| DefinitionError::Io {
+    load_file_with(path, &Limits::default())
+}
+
+/// [`load_file`] within `limits`. Reads at most [`MAX_FILE_BYTES`] + 1 bytes.
+///
+/// # Errors
+/// As [`load_file`], and a file beyond `limits` or [`MAX_FILE_BYTES`].
+pub fn load_file_with(path: &Path, limits: &Limits) -> Result<SagaDefinition, DefinitionError> {
+    use std::io::Read;
+    let io = |e: std::io::Error| DefinitionError::Io {
         path: path.to_path_buf(),
         reason: e.to_string(),
+    };
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .map_err(io)?
+        .take(MAX_FILE_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    check_file_size(path, &bytes)?;
+    let text = String::from_utf8(bytes).map_err(|e| DefinitionError::Io {
+        path: path.to_path_buf(),
+        reason: format!("not UTF-8: {e}"),
     })?;
-    parse(path, &text)
+    parse_with(path, &text, limits)
+}
+
+/// A file over [`MAX_FILE_BYTES`] is refused at the line and column where it crosses the bound.
+fn check_file_size(path: &Path, bytes: &[u8]) -> Result<(), DefinitionError> {
+    if bytes.len() <= MAX_FILE_BYTES {
+        return Ok(());
+    }
+    let head = &bytes[..MAX_FILE_BYTES];
+    let line = head.iter().filter(|b| **b == b'\n').count() + 1;
+    let line_start = head.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    Err(DefinitionError::Invalid {
+        path: path.to_path_buf(),
+        line: line as u64,
+        column: (MAX_FILE_BYTES - line_start + 1) as u64,
+        reason: format!(
+            "the file is larger than {} KiB, the most a definition may be",
+            MAX_FILE_BYTES / 1024
+        ),
+    })
 }
 
 /// Parses and validates definition text; `path` names it in errors and
-/// anchors `input_schema`.
+/// anchors `input_schema`. Uses the default [`Limits`].
 ///
 /// # Errors
 /// Syntax errors, unknown keys, missing keys, bad durations, bad names,
-/// duplicate steps, missing compensations, out-of-range numbers.
+/// duplicate steps, missing compensations, out-of-range numbers, sizes
+/// beyond the limits.
 pub fn parse(path: &Path, text: &str) -> Result<SagaDefinition, DefinitionError> {
-    let raw: RawDefinition = serde_saphyr::from_str(text).map_err(|e| {
+    parse_with(path, text, &Limits::default())
+}
+
+/// [`parse`] within `limits`.
+///
+/// # Errors
+/// As [`parse`].
+pub fn parse_with(path: &Path, text: &str, limits: &Limits) -> Result<SagaDefinition, DefinitionError> {
+    check_file_size(path, text.as_bytes())?;
+    // Tighter than the parser's defaults: a definition needs few nodes and
+    // no alias storms (the file size bounds the text, not what aliases expand to).
+    let options = serde_saphyr::options! {
+        budget: serde_saphyr::budget! {
+            max_aliases: 256,
+            max_anchors: 256,
+            max_nodes: 100_000,
+            max_depth: 32,
+            max_documents: 1,
+            max_total_scalar_bytes: 4 * MAX_FILE_BYTES,
+        },
+    };
+    let raw: RawDefinition = serde_saphyr::from_str_with_options(text, options).map_err(|e| {
         let loc = e.location().unwrap_or(Location::UNKNOWN);
         let reason = e.without_snippet().to_string();
         // The rendered message may repeat the location; keep the first line, which says what.
         let reason = reason.lines().next().unwrap_or("invalid YAML").trim().to_string();
         DefinitionError::at(path, loc, reason)
     })?;
-    validate(path, raw)
+    validate(path, raw, limits)
 }
 
-fn validate(path: &Path, raw: RawDefinition) -> Result<SagaDefinition, DefinitionError> {
+fn validate(path: &Path, raw: RawDefinition, limits: &Limits) -> Result<SagaDefinition, DefinitionError> {
     let name = ident(path, &raw.name, "name")?;
     if raw.version.value == 0 {
         return Err(DefinitionError::at(
@@ -560,7 +838,8 @@ fn validate(path: &Path, raw: RawDefinition) -> Result<SagaDefinition, Definitio
                     || r.retry.is_some()
                     || r.on_failure.is_some()
                     || r.input.is_some()
-                    || r.compensation_input.is_some();
+                    || r.compensation_input.is_some()
+                    || r.output_schema.is_some();
                 if extra {
                     return Err(DefinitionError::at(
                         path,
@@ -573,6 +852,16 @@ fn validate(path: &Path, raw: RawDefinition) -> Result<SagaDefinition, Definitio
                         path,
                         item.referenced,
                         "`parallel:` needs at least two steps",
+                    ));
+                }
+                if let Some(extra) = inner.get(limits.max_group_steps) {
+                    return Err(DefinitionError::at(
+                        path,
+                        extra.referenced,
+                        format!(
+                            "`parallel:` holds at most {} steps (the coordinator's --max-group-steps)",
+                            limits.max_group_steps
+                        ),
                     ));
                 }
                 let group = flat.len();
@@ -588,6 +877,17 @@ fn validate(path: &Path, raw: RawDefinition) -> Result<SagaDefinition, Definitio
                 }
             }
             None => flat.push((item, flat.len())),
+        }
+        if let Some((extra, _)) = flat.get(limits.max_steps) {
+            return Err(DefinitionError::at(
+                path,
+                extra.referenced,
+                format!(
+                    "a definition holds at most {} steps (the coordinator's --max-steps); this is step {}",
+                    limits.max_steps,
+                    limits.max_steps + 1
+                ),
+            ));
         }
     }
     let names: Vec<Option<String>> = flat
@@ -661,6 +961,13 @@ fn validate(path: &Path, raw: RawDefinition) -> Result<SagaDefinition, Definitio
             Some(index),
             "compensation_input",
         )?;
+        let output_schema = match &step.output_schema {
+            None => None,
+            Some(raw) => Some(
+                OutputSchema::new(raw.value.clone())
+                    .map_err(|reason| DefinitionError::at(path, raw.referenced, reason))?,
+            ),
+        };
         steps.push(StepDefinition {
             name: step_name,
             participant,
@@ -672,6 +979,7 @@ fn validate(path: &Path, raw: RawDefinition) -> Result<SagaDefinition, Definitio
             on_failure,
             input,
             compensation_input,
+            output_schema,
         });
     }
     let input_schema = match &raw.input_schema {
@@ -849,10 +1157,28 @@ fn inputs(
 ) -> Result<BTreeMap<String, InputValue>, DefinitionError> {
     let mut out = BTreeMap::new();
     let Some(raw) = raw else { return Ok(out) };
+    if let Some((key, value)) = raw.iter().nth(MAX_INPUT_ENTRIES) {
+        return Err(DefinitionError::at(
+            path,
+            value.referenced,
+            format!("{what}.{key}: {what} holds at most {MAX_INPUT_ENTRIES} entries"),
+        ));
+    }
     for (key, value) in raw {
         let at =
             |reason: String| DefinitionError::at(path, value.referenced, format!("{what}.{key}: {reason}"));
         let text = value.value.as_str();
+        if key.len() > MAX_INPUT_KEY_BYTES {
+            let shown: String = key.chars().take(MAX_INPUT_KEY_BYTES).collect();
+            return Err(DefinitionError::at(
+                path,
+                value.referenced,
+                format!("{what}.{shown}…: a key is at most {MAX_INPUT_KEY_BYTES} bytes"),
+            ));
+        }
+        if text.len() > MAX_INPUT_VALUE_BYTES {
+            return Err(at(format!("a value is at most {MAX_INPUT_VALUE_BYTES} bytes")));
+        }
         let Some(inner) = text.strip_prefix("${").and_then(|t| t.strip_suffix('}')) else {
             if text.contains("${") {
                 return Err(at(format!(
@@ -1061,6 +1387,8 @@ struct RawStep {
     input: Option<BTreeMap<String, Spanned<String>>>,
     #[serde(default)]
     compensation_input: Option<BTreeMap<String, Spanned<String>>>,
+    #[serde(default)]
+    output_schema: Option<Spanned<serde_json::Value>>,
     #[serde(default)]
     parallel: Option<Vec<Spanned<RawStep>>>,
 }
@@ -1371,6 +1699,250 @@ steps:
         assert!(e.reason().contains("not a valid JSON Schema"), "{e}");
         assert_eq!(field_path(""), "order");
         assert_eq!(field_path("/a~1b/3/c"), "a/b[3].c");
+    }
+
+    /// A definition of `n` sequential steps, each 5 lines after the 3-line header.
+    fn steps_yaml(n: usize) -> String {
+        let mut y = String::from("name: long\nversion: 1\nsteps:\n");
+        for i in 0..n {
+            y.push_str(&format!(
+                "  - name: s{i}\n    participant: p\n    action: a\n    compensation: none\n    timeout: 1s\n"
+            ));
+        }
+        y
+    }
+
+    fn invalid_at(e: &DefinitionError) -> (u64, u64) {
+        match e {
+            DefinitionError::Invalid { line, column, .. } => (*line, *column),
+            DefinitionError::Io { .. } => (0, 0),
+        }
+    }
+
+    #[test]
+    fn at_most_max_steps_steps_load_and_the_next_one_is_refused_at_its_line() {
+        assert_eq!(
+            parse(Path::new("ok.yaml"), &steps_yaml(100))
+                .expect("100 steps")
+                .steps
+                .len(),
+            100
+        );
+        let e = err(&steps_yaml(101));
+        // Step 101 (index 100) starts at line 4 + 100 * 5.
+        assert_eq!(invalid_at(&e), (504, 5), "{e}");
+        assert!(
+            e.reason().contains("at most 100 steps") && e.reason().contains("--max-steps"),
+            "{e}"
+        );
+        // The bound is the caller's: a coordinator started with --max-steps 10.
+        let small = Limits {
+            max_steps: 10,
+            ..Limits::default()
+        };
+        let e = parse_with(Path::new("bad.yaml"), &steps_yaml(11), &small).expect_err("11 > 10");
+        assert_eq!(line_of(&e), 54, "{e}");
+        assert!(parse_with(Path::new("ok.yaml"), &steps_yaml(10), &small).is_ok());
+        // Ten thousand steps: refused (by the file size first), never loaded.
+        assert!(matches!(
+            err(&steps_yaml(10_000)),
+            DefinitionError::Invalid { .. }
+        ));
+    }
+
+    #[test]
+    fn a_parallel_group_holds_at_most_max_group_steps() {
+        let group = |n: usize| {
+            let mut y = String::from("name: wide\nversion: 1\nsteps:\n  - parallel:\n");
+            for i in 0..n {
+                y.push_str(&format!(
+                    "      - name: s{i}\n        participant: p\n        action: a\n        compensation: none\n"
+                ));
+            }
+            y
+        };
+        assert!(parse(Path::new("ok.yaml"), &group(16)).is_ok());
+        let e = err(&group(17));
+        // The 17th step of the group starts at line 5 + 16 * 4.
+        assert_eq!(invalid_at(&e), (69, 9), "{e}");
+        assert!(e.reason().contains("at most 16 steps"), "{e}");
+    }
+
+    #[test]
+    fn a_file_over_the_size_bound_is_refused_where_it_crosses_it() {
+        let mut big = ORDER.to_string();
+        let filler = format!("# {}\n", "x".repeat(97)); // 100 bytes a line
+        while big.len() <= MAX_FILE_BYTES {
+            big.push_str(&filler);
+        }
+        let e = err(&big);
+        assert!(e.reason().contains("larger than 256 KiB"), "{e}");
+        let (line, column) = invalid_at(&e);
+        let head = &big[..MAX_FILE_BYTES];
+        assert_eq!(line as usize, head.lines().count(), "{e}");
+        assert!((1..=100).contains(&column), "{e}");
+        // Read from disk the same way, without reading the whole file.
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("big.yaml"), &big).expect("write");
+        let e = load_file(&dir.path().join("big.yaml")).expect_err("too big");
+        assert_eq!(invalid_at(&e), (line, column), "{e}");
+    }
+
+    #[test]
+    fn input_maps_are_bounded() {
+        let with_input = |entries: &str| {
+            ORDER.replace(
+                "    compensation: refund\n",
+                &format!("    compensation: refund\n    input:\n{entries}"),
+            )
+        };
+        let many: String = (0..33).map(|i| format!("      k{i:02}: v\n")).collect();
+        let e = err(&with_input(&many));
+        assert!(e.reason().contains("at most 32 entries"), "{e}");
+        assert!(line_of(&e) > 15, "{e}");
+        let e = err(&with_input(&format!("      {}: v\n", "k".repeat(65))));
+        assert!(e.reason().contains("a key is at most 64 bytes"), "{e}");
+        assert_eq!(line_of(&e), 16, "{e}");
+        let e = err(&with_input(&format!("      k: {}\n", "v".repeat(1025))));
+        assert!(e.reason().contains("a value is at most 1024 bytes"), "{e}");
+        assert_eq!(line_of(&e), 16, "{e}");
+        assert!(parse(
+            Path::new("ok.yaml"),
+            &with_input(&format!("      k: {}\n", "v".repeat(1024)))
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn yaml_alias_storms_are_refused_before_they_expand() {
+        // Nested `parallel:` is refused only after parsing: aliases must not
+        // expand 8^9 steps first.
+        let mut y = String::from(
+            "name: a\nversion: 1\nsteps:\n  - &s0 {name: a, participant: p, action: x, compensation: none}\n",
+        );
+        for i in 1..10 {
+            let refs = vec![format!("*s{}", i - 1); 8].join(", ");
+            y.push_str(&format!("  - &s{i} {{parallel: [{refs}]}}\n"));
+        }
+        let started = std::time::Instant::now();
+        let e = err(&y);
+        assert!(matches!(e, DefinitionError::Invalid { .. }), "{e}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(5), "{e}");
+        assert!(
+            e.reason().contains("budget") || e.reason().contains("alias"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn reload_keeps_to_the_catalog_limits_and_keeps_the_old_set() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("long.yaml"), steps_yaml(5)).expect("write");
+        let limits = Limits {
+            max_steps: 5,
+            ..Limits::default()
+        };
+        let catalog = Catalog::load_with(dir.path(), limits).expect("5 steps load");
+        std::fs::write(dir.path().join("long.yaml"), steps_yaml(6)).expect("write");
+        let e = catalog.reload().expect_err("6 > 5");
+        assert_eq!(line_of(&e), 29, "{e}");
+        assert_eq!(
+            catalog.current().get("long", None).map(|d| d.steps.len()),
+            Some(5)
+        );
+        assert!(Catalog::load_with(dir.path(), limits).is_err());
+    }
+
+    const WITH_OUTPUT_SCHEMA: &str = r#"name: order
+version: 1
+steps:
+  - name: reserve-inventory
+    participant: inventory
+    action: reserve
+    compensation: release
+    output_schema:
+      type: object
+      required: [reservation_id]
+      additionalProperties: false
+      properties:
+        reservation_id: { type: string, maxLength: 64, pattern: "^res_" }
+"#;
+
+    #[test]
+    fn output_schemas_are_compiled_at_load_and_checked() {
+        let d = parse(Path::new("o.yaml"), WITH_OUTPUT_SCHEMA).expect("valid");
+        let schema = d.steps[0].output_schema.as_ref().expect("declared");
+        assert_eq!(schema.json()["required"], serde_json::json!(["reservation_id"]));
+        assert!(d
+            .check_output(0, &serde_json::json!({"reservation_id": "res_1"}))
+            .is_ok());
+        let e = d
+            .check_output(0, &serde_json::json!({"reservation_id": "x".repeat(900_000)}))
+            .expect_err("too long");
+        assert!(e.starts_with("output.reservation_id: "), "{e}");
+        assert!(e.len() < 400, "the reason is kept short: {} bytes", e.len());
+        assert!(d.check_output(0, &serde_json::json!({})).is_err());
+        assert!(d
+            .check_output(0, &serde_json::json!({"reservation_id": "res_1", "x": 1}))
+            .is_err());
+        assert!(d.check_output(0, &serde_json::Value::Null).is_err());
+        // A step without a schema takes any output.
+        assert!(parse(Path::new("order.yaml"), ORDER)
+            .expect("valid")
+            .check_output(0, &serde_json::json!([1, 2]))
+            .is_ok());
+        // The snapshot round trip keeps the schema, compiled again on first use.
+        let json = serde_json::to_string(&d).expect("serialises");
+        let back: SagaDefinition = serde_json::from_str(&json).expect("deserialises");
+        assert_eq!(back, d);
+        assert!(back.check_output(0, &serde_json::json!({})).is_err());
+        // A snapshot written before output schemas has none.
+        let old: StepDefinition = serde_json::from_value(serde_json::json!({
+            "name": "a", "participant": "p", "action": "x", "compensation": null,
+            "timeout": 1000, "retry": RetryPolicy::default()
+        }))
+        .expect("old snapshot");
+        assert_eq!(old.output_schema, None);
+    }
+
+    #[test]
+    fn bad_output_schemas_are_refused_with_their_line() {
+        let e = err(&WITH_OUTPUT_SCHEMA.replace("type: object", "type: 12"));
+        assert!(e.reason().contains("not a valid JSON Schema"), "{e}");
+        assert_eq!(line_of(&e), 9, "{e}");
+        // Remote and file references are refused, never fetched or read.
+        for r in [
+            "https://example.invalid/s.json",
+            "file:///etc/passwd",
+            "other.json#/x",
+        ] {
+            let e = err(&WITH_OUTPUT_SCHEMA.replace(
+                "reservation_id: { type: string",
+                &format!("reservation_id: {{ $ref: \"{r}\", type: string"),
+            ));
+            assert!(e.reason().contains("only local references"), "{r}: {e}");
+            assert_eq!(line_of(&e), 9, "{e}");
+        }
+        // A local reference is fine.
+        let local = WITH_OUTPUT_SCHEMA.replace(
+            "      properties:\n        reservation_id: { type: string, maxLength: 64, pattern: \"^res_\" }\n",
+            "      properties:\n        reservation_id: { $ref: \"#/$defs/id\" }\n      $defs:\n        id: { type: string, maxLength: 64 }\n",
+        );
+        assert_ne!(local, WITH_OUTPUT_SCHEMA);
+        let d = parse(Path::new("o.yaml"), &local).expect("local $ref");
+        assert!(d
+            .check_output(0, &serde_json::json!({"reservation_id": "x".repeat(65)}))
+            .is_err());
+        // Bounded in size.
+        let big = WITH_OUTPUT_SCHEMA.replace(
+            "pattern: \"^res_\"",
+            &format!("description: \"{}\"", "d".repeat(17_000)),
+        );
+        let e = err(&big);
+        assert!(e.reason().contains("at most 16384"), "{e}");
+        // Not on a `parallel:` item itself.
+        let e = err("name: g\nversion: 1\nsteps:\n  - output_schema: {}\n    parallel:\n      - {name: a, participant: p, action: x, compensation: none}\n      - {name: b, participant: p, action: x, compensation: none}\n");
+        assert!(e.reason().contains("only the list"), "{e}");
     }
 
     #[test]

@@ -981,6 +981,7 @@ mod tests {
             on_failure: Default::default(),
             input: Default::default(),
             compensation_input: Default::default(),
+            output_schema: None,
         }
     }
 

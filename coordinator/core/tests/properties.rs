@@ -45,6 +45,7 @@ fn definition(steps: &[(bool, u32, bool, u8)]) -> SagaDefinition {
                 },
                 input: Default::default(),
                 compensation_input: Default::default(),
+                output_schema: None,
             })
             .collect(),
         input_schema: None,

@@ -562,9 +562,15 @@ impl Runner {
             if pending {
                 self.apply(&id, &Event::Start, now)?;
             }
+            let saga = self.active.get(&id);
             for entry in outbox {
                 info!(saga_id = %entry.saga_id, correlation_id = %entry.correlation_id,
                       step = %entry.message.step, attempt = entry.message.attempt, "re-sending in-flight command");
+                // The schema is not stored with the entry: it comes from the saga's snapshot.
+                let entry = match saga {
+                    Some(saga) => entry.with_output_schema(saga),
+                    None => entry,
+                };
                 self.batch.send(entry);
             }
         }

@@ -25,6 +25,7 @@ fn started_saga(key: &str) -> Transition {
         on_failure: Default::default(),
         input: Default::default(),
         compensation_input: Default::default(),
+        output_schema: None,
     };
     let definition = Arc::new(SagaDefinition {
         name: "order".into(),

@@ -18,6 +18,7 @@ pub(crate) fn two_step_order() -> SagaDefinition {
         on_failure: Default::default(),
         input: Default::default(),
         compensation_input: Default::default(),
+        output_schema: None,
     };
     SagaDefinition {
         name: "order".into(),

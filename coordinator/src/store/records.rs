@@ -6,7 +6,7 @@ use saga_wire::CommandKind;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    definition::{RetryPolicy, SagaDefinition},
+    definition::{OutputSchema, RetryPolicy, SagaDefinition},
     engine::{Command, HistoryEntry, Saga},
 };
 
@@ -29,6 +29,12 @@ pub(crate) struct OutboxEntry {
     pub correlation_id: String,
     /// The envelope.
     pub message: saga_wire::Command,
+    /// The schema a forward command's output must match (the step's
+    /// `output_schema`), for the dispatcher's check of the reply. Not
+    /// stored: taken from the saga's definition when the entry is built or
+    /// re-sent ([`OutboxEntry::with_output_schema`]).
+    #[serde(skip)]
+    pub output_schema: Option<OutputSchema>,
 }
 
 impl OutboxEntry {
@@ -43,7 +49,23 @@ impl OutboxEntry {
             retry: command.retry,
             correlation_id: saga.correlation_id.clone(),
             message: command.message.clone(),
+            output_schema: None,
         }
+        .with_output_schema(saga)
+    }
+
+    /// The entry with its step's `output_schema` from `saga`'s definition
+    /// (forward commands only: a compensation's output is not kept).
+    pub(crate) fn with_output_schema(mut self, saga: &Saga) -> Self {
+        self.output_schema = match self.kind {
+            CommandKind::Forward => saga
+                .definition
+                .steps
+                .get(self.step)
+                .and_then(|s| s.output_schema.clone()),
+            CommandKind::Compensate => None,
+        };
+        self
     }
 }
 
