@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use sled::transaction::ConflictableTransactionError;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{
     dedupe::{tx_get, tx_put, Store, StoreError, TxResult},
@@ -189,6 +189,10 @@ pub struct Inventory {
 
 const ACTIONS: &[&str] = &["reserve", "release"];
 
+/// The `rejected` reason of a reserve naming a SKU without a stock row
+/// (nothing is reserved, nothing is stored).
+pub const UNKNOWN_SKU: &str = "unknown_sku";
+
 impl Inventory {
     /// Opens the inventory in `db` and applies `seed` in one flushed
     /// transaction: only to SKUs not stored yet, so a restart never re-seeds
@@ -234,11 +238,31 @@ impl Inventory {
         self.store.scan(STOCK_PREFIX).collect()
     }
 
+    /// The index of the first line whose SKU has no stock row.
+    fn first_unknown_sku(&self, items: &[Item]) -> Result<Option<usize>, StoreError> {
+        for (i, item) in items.iter().enumerate() {
+            if !self.store.state().contains_key(stock_key(&item.sku).as_bytes())? {
+                return Ok(Some(i));
+            }
+        }
+        Ok(None)
+    }
+
     async fn run(&self, cmd: Command) -> Result<Reply, StoreError> {
         let key = cmd.idempotency_key.clone();
         let (reply, hit) = match (cmd.kind, cmd.action.as_str()) {
             (CommandKind::Forward, "reserve") => {
                 let wanted = totals(&cmd.payload.items);
+                // A reserve never creates a stock row: a SKU the stock table
+                // does not hold is refused before anything is written (stock
+                // rows are never removed, so the answer cannot change under it).
+                if let Some(i) = self.first_unknown_sku(&cmd.payload.items)? {
+                    warn!(
+                        field = %format!("payload.items[{i}].sku"),
+                        "reserve of a SKU the stock table does not hold refused unapplied"
+                    );
+                    return Ok(Reply::rejected(UNKNOWN_SKU));
+                }
                 self.store
                     .apply_forward(&key, |state| reserve(state, &key, &wanted))
                     .await?
@@ -286,7 +310,9 @@ fn reserve(
 ) -> TxResult<Reply> {
     let mut levels = Vec::with_capacity(wanted.len());
     for (sku, qty) in wanted {
-        let level: Level = tx_get(state, &stock_key(sku))?.unwrap_or_default();
+        let Some(level) = tx_get::<Level>(state, &stock_key(sku))? else {
+            return Ok(Reply::rejected(UNKNOWN_SKU));
+        };
         if level.available < *qty {
             return Ok(Reply::rejected("insufficient_stock"));
         }
@@ -490,8 +516,23 @@ mod tests {
         let r = inv.handle(cmd("s2", CommandKind::Compensate, &[])).await;
         assert!(matches!(r, Reply::Ok { .. }), "{r:?}");
         assert_eq!((level(&inv, "A"), level(&inv, "B")), ((10, 0), (1, 0)));
-        let r = inv.handle(cmd("s3", CommandKind::Forward, &[("NOPE", 1)])).await;
-        assert_eq!(r, Reply::rejected("insufficient_stock"), "unknown SKU");
+        let r = inv
+            .handle(cmd("s3", CommandKind::Forward, &[("A", 1), ("NOPE\u{202E}", 1)]))
+            .await;
+        assert_eq!(r, Reply::rejected(UNKNOWN_SKU));
+        assert!(
+            !inv.levels().expect("levels").contains_key("NOPE\u{202E}"),
+            "no stock row"
+        );
+        assert_eq!(level(&inv, "A"), (10, 0));
+        assert_eq!(
+            inv.store
+                .stored_reply("s3/reserve-inventory/forward")
+                .await
+                .expect("reads"),
+            None,
+            "nothing stored: the refusal is not an effect"
+        );
     }
 
     #[tokio::test]

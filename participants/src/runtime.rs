@@ -72,32 +72,68 @@ pub fn store_reply<E: std::fmt::Display>(participant: &str, result: Result<Reply
     })
 }
 
-/// Validates a command message: JSON envelope, action known, subject's
-/// last token equal to the envelope's action, idempotency key present.
+/// A command refused before it reached the handler: nothing was applied
+/// and nothing is stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refused {
+    /// The field at fault (`saga_id`, `payload.items[2].quantity`), or
+    /// `body`/`action` when the message is not a command of this participant.
+    pub field: String,
+    /// The reply to send: `error` for a malformed envelope (as the protocol
+    /// always answered one), `rejected: invalid_payload: …` for an order no
+    /// `CreateOrder` could have made (retrying cannot help). Either way the
+    /// coordinator knows the effect was not applied.
+    pub reply: Reply,
+}
+
+impl Refused {
+    fn malformed(field: &str, reason: String) -> Self {
+        Refused {
+            field: field.into(),
+            reply: Reply::error(reason),
+        }
+    }
+}
+
+/// The `rejected` reason prefix of a command whose order breaks a rule of
+/// [`saga_wire::OrderPayload::validate`].
+pub const INVALID_PAYLOAD: &str = "invalid_payload";
+
+/// Validates a command message: JSON envelope, the subject's last token
+/// equal to the envelope's action, an action of this participant, the
+/// envelope's rules ([`Command::validate_envelope`]: canonical saga id,
+/// names, attempt, idempotency key) and, for a forward command, the order's
+/// ([`saga_wire::OrderPayload::validate`]).
 ///
 /// # Errors
-/// A human-readable reason for the `error` reply.
-pub fn decode(subject: &str, body: &[u8], actions: &[&str]) -> Result<Command, String> {
-    let cmd: Command = serde_json::from_slice(body).map_err(|e| format!("malformed command: {e}"))?;
+/// The field at fault and the reply to send.
+pub fn decode(subject: &str, body: &[u8], actions: &[&str]) -> Result<Command, Refused> {
+    let cmd: Command = serde_json::from_slice(body)
+        .map_err(|e| Refused::malformed("body", format!("malformed command: {e}")))?;
     let token = subject.rsplit('.').next().unwrap_or_default();
     if token != cmd.action {
-        return Err(format!(
-            "subject action `{token}` does not match command action `{}`",
-            cmd.action
+        return Err(Refused::malformed(
+            "action",
+            format!(
+                "subject action `{token}` does not match command action `{}`",
+                cmd.action
+            ),
         ));
     }
     if !actions.contains(&cmd.action.as_str()) {
-        return Err(format!("unknown action `{}`", cmd.action));
-    }
-    if cmd.idempotency_key.trim().is_empty() {
-        return Err("idempotency_key is empty".into());
-    }
-    let expected = wire::idempotency_key(&cmd.saga_id, &cmd.step, cmd.kind);
-    if cmd.idempotency_key != expected {
-        return Err(format!(
-            "idempotency_key `{}` should be `{expected}`",
-            cmd.idempotency_key
+        return Err(Refused::malformed(
+            "action",
+            format!("unknown action `{}`", cmd.action),
         ));
+    }
+    if let Err(e) = cmd.validate_envelope() {
+        return Err(Refused::malformed(&e.field, format!("invalid command: {e}")));
+    }
+    if let Err(e) = cmd.validate() {
+        return Err(Refused {
+            field: e.field.clone(),
+            reply: Reply::rejected(format!("{INVALID_PAYLOAD}: {e}")),
+        });
     }
     Ok(cmd)
 }
@@ -213,16 +249,20 @@ async fn process(client: async_nats::Client, handler: Arc<dyn Handler>, msg: asy
         return;
     };
     let reply = match decode(&msg.subject, &msg.payload, handler.actions()) {
-        Err(reason) => {
+        Err(Refused { field, reply }) => {
             let [saga_id, step, idempotency_key, attempt] = ids_of_malformed(&msg.payload);
             let action = msg.subject.rsplit('.').next().unwrap_or_default();
+            let reason = match &reply {
+                Reply::Error { reason } | Reply::Rejected { reason } => reason.as_str(),
+                Reply::Ok { .. } => "",
+            };
             warn!(
                 subject = %msg.subject, saga_id, correlation_id, step, attempt, idempotency_key, action,
-                reason, "malformed command answered with an error"
+                field, reason, "command refused unapplied"
             );
             let action = known_action(&msg.subject, handler.actions());
             telemetry::command(participant, action, Outcome::Malformed);
-            Reply::error(reason)
+            reply
         }
         Ok(cmd) => {
             let action = cmd.action.clone();
@@ -265,24 +305,36 @@ mod tests {
     use super::*;
 
     const ACTIONS: &[&str] = &["reserve", "release"];
+    const SAGA: &str = "0190b8a4-0000-7000-8000-0000000000aa";
+    const KEY: &str = "0190b8a4-0000-7000-8000-0000000000aa/reserve-inventory/forward";
 
-    fn body(action: &str, key: &str) -> Vec<u8> {
-        serde_json::to_vec(&serde_json::json!({
-            "saga_id": "s", "definition": "order@1", "step": "reserve-inventory", "action": action,
-            "kind": "forward", "attempt": 1, "idempotency_key": key,
+    fn command() -> serde_json::Value {
+        serde_json::json!({
+            "saga_id": SAGA, "definition": "order@1", "step": "reserve-inventory", "action": "reserve",
+            "kind": "forward", "attempt": 1, "idempotency_key": KEY,
             "payload": {"order_id": "o", "customer_id": "c", "items": [{"sku": "A", "quantity": 1}],
                         "amount_cents": 5, "currency": "EUR"}
-        }))
-        .unwrap_or_default()
+        })
+    }
+
+    fn with(changes: &[(&str, serde_json::Value)]) -> Vec<u8> {
+        let mut v = command();
+        for (path, value) in changes {
+            let mut at = &mut v;
+            for p in path.split('.') {
+                at = match p.parse::<usize>() {
+                    Ok(i) => &mut at[i],
+                    Err(_) => &mut at[p],
+                };
+            }
+            *at = value.clone();
+        }
+        serde_json::to_vec(&v).unwrap_or_default()
     }
 
     #[test]
     fn a_good_command_decodes() {
-        let cmd = decode(
-            "saga.cmd.inventory.reserve",
-            &body("reserve", "s/reserve-inventory/forward"),
-            ACTIONS,
-        );
+        let cmd = decode("saga.cmd.inventory.reserve", &with(&[]), ACTIONS);
         assert_eq!(cmd.map(|c| c.action), Ok("reserve".to_string()));
     }
 
@@ -294,39 +346,118 @@ mod tests {
     }
 
     #[test]
-    fn malformed_commands_are_refused_with_a_reason() {
-        let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+    fn malformed_commands_get_an_error_naming_the_field() {
+        use serde_json::json;
+        let upper = SAGA.to_uppercase();
+        let cases: Vec<(&str, Vec<u8>, &str, &str)> = vec![
             (
                 "saga.cmd.inventory.reserve",
                 b"not json".to_vec(),
+                "body",
                 "malformed command",
             ),
-            ("saga.cmd.inventory.reserve", b"{}".to_vec(), "malformed command"),
             (
                 "saga.cmd.inventory.reserve",
-                body("release", "s/reserve-inventory/forward"),
+                b"{}".to_vec(),
+                "body",
+                "malformed command",
+            ),
+            (
+                "saga.cmd.inventory.reserve",
+                with(&[("action", json!("release"))]),
+                "action",
                 "does not match",
             ),
             (
                 "saga.cmd.inventory.explode",
-                body("explode", "s/reserve-inventory/forward"),
+                with(&[("action", json!("explode"))]),
+                "action",
                 "unknown action",
             ),
             (
                 "saga.cmd.inventory.reserve",
-                body("reserve", ""),
-                "idempotency_key is empty",
+                with(&[("idempotency_key", json!(""))]),
+                "idempotency_key",
+                "must be",
             ),
             (
                 "saga.cmd.inventory.reserve",
-                body("reserve", "other/key"),
-                "should be",
+                with(&[("idempotency_key", json!("other/key"))]),
+                "idempotency_key",
+                "must be",
+            ),
+            (
+                "saga.cmd.inventory.reserve",
+                with(&[
+                    ("saga_id", json!("")),
+                    ("idempotency_key", json!("/reserve-inventory/forward")),
+                ]),
+                "saga_id",
+                "canonical",
+            ),
+            (
+                "saga.cmd.inventory.reserve",
+                with(&[
+                    ("saga_id", json!("s1")),
+                    ("idempotency_key", json!("s1/reserve-inventory/forward")),
+                ]),
+                "saga_id",
+                "canonical",
+            ),
+            (
+                "saga.cmd.inventory.reserve",
+                with(&[
+                    ("saga_id", json!(upper)),
+                    (
+                        "idempotency_key",
+                        json!(format!("{upper}/reserve-inventory/forward")),
+                    ),
+                ]),
+                "saga_id",
+                "canonical",
             ),
         ];
-        for (subject, b, why) in cases {
+        for (subject, b, field, why) in cases {
             match decode(subject, &b, ACTIONS) {
                 Ok(c) => panic!("{why}: accepted {c:?}"),
-                Err(reason) => assert!(reason.contains(why), "{reason} should say {why}"),
+                Err(Refused {
+                    field: f,
+                    reply: Reply::Error { reason },
+                }) => {
+                    assert_eq!(f, field, "{reason}");
+                    assert!(reason.contains(why), "{reason} should say {why}");
+                }
+                Err(other) => panic!("{why}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn orders_no_create_order_could_make_are_rejected_naming_the_field() {
+        use serde_json::json;
+        let cases = [
+            ("payload.amount_cents", json!(-50_000)),
+            ("payload.amount_cents", json!(0)),
+            ("payload.currency", json!("eur")),
+            ("payload.customer_id", json!("")),
+            ("payload.customer_id", json!("c\u{202E}")),
+            ("payload.order_id", json!("o\u{2028}")),
+            ("payload.items", json!([])),
+            ("payload.items.0.quantity", json!(0)),
+            ("payload.items.0.sku", json!("\u{202E}1-A")),
+        ];
+        for (path, value) in cases {
+            let b = with(&[(path, value.clone())]);
+            match decode("saga.cmd.inventory.reserve", &b, ACTIONS) {
+                Err(Refused {
+                    field,
+                    reply: Reply::Rejected { reason },
+                }) => {
+                    let want = path.replace(".0.", "[0].");
+                    assert_eq!(field, want, "{value}");
+                    assert!(reason.starts_with(INVALID_PAYLOAD), "{reason}");
+                }
+                other => panic!("{path}={value}: {other:?}"),
             }
         }
     }
