@@ -276,6 +276,30 @@ impl Store {
         })
     }
 
+    /// Like [`Store::scan`], starting after the entry whose rest of key is
+    /// `after` (a page's cursor), in key order.
+    pub fn scan_after<T: DeserializeOwned>(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+    ) -> impl Iterator<Item = Result<(String, T), StoreError>> + '_ {
+        use std::ops::Bound;
+        let skip = prefix.len();
+        let start = match after {
+            Some(a) => Bound::Excluded(format!("{prefix}{a}").into_bytes()),
+            None => Bound::Included(prefix.as_bytes().to_vec()),
+        };
+        let prefix = prefix.as_bytes().to_vec();
+        self.state
+            .range::<Vec<u8>, _>((start, Bound::Unbounded))
+            .take_while(move |kv| kv.as_ref().map_or(true, |(k, _)| k.starts_with(&prefix)))
+            .map(move |kv| {
+                let (k, v) = kv?;
+                let value = decode(&k, &v)?;
+                Ok((String::from_utf8_lossy(&k[skip..]).into_owned(), value))
+            })
+    }
+
     /// The stored reply for `key`, if any: a fast path before slow work (the
     /// authoritative check is repeated inside the effect's transaction).
     /// A reply found is made durable before it is returned, since a

@@ -392,17 +392,17 @@ impl Handler for Inventory {
     }
 
     /// `{saga_id: {sku: units held}}` for every reservation not released.
-    fn effects(&self) -> serde_json::Value {
-        let mut out = serde_json::Map::new();
-        for entry in self.store.scan::<BTreeMap<String, u64>>(RESERVATION_PREFIX) {
-            match entry {
-                Ok((key, lines)) => {
-                    out.insert(saga_of_key(&key).to_string(), serde_json::json!(lines));
-                }
-                Err(e) => return serde_json::json!({"error": e.to_string()}),
-            }
-        }
-        serde_json::Value::Object(out)
+    fn effects(&self, cursor: Option<&str>) -> crate::runtime::EffectsIter<'_> {
+        Box::new(
+            self.store
+                .scan_after::<BTreeMap<String, u64>>(RESERVATION_PREFIX, cursor)
+                .map(|entry| {
+                    entry.map(|(key, lines)| {
+                        let saga = saga_of_key(&key).to_string();
+                        (key, saga, serde_json::json!(lines))
+                    })
+                }),
+        )
     }
 
     fn store(&self) -> &Store {
@@ -575,6 +575,42 @@ mod tests {
         assert_eq!(level(&inv, "A"), (6, 4));
     }
 
+    #[tokio::test]
+    async fn effects_come_a_page_at_a_time_and_the_pages_hold_every_reservation() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let inv = inventory(dir.path());
+        for i in 0..5 {
+            inv.handle(cmd(&format!("s{i}"), CommandKind::Forward, &[("A", 1)]))
+                .await;
+        }
+        let mut request = wire::EffectsRequest {
+            cursor: None,
+            limit: Some(2),
+        };
+        let mut pages = Vec::new();
+        loop {
+            let page = crate::runtime::effects_page(&inv, &request).expect("page");
+            assert!(page.effects.len() <= 2);
+            pages.push(page.effects.keys().cloned().collect::<Vec<_>>());
+            match page.next_cursor {
+                Some(c) => request.cursor = Some(c),
+                None => break,
+            }
+        }
+        assert_eq!(pages, [vec!["s0", "s1"], vec!["s2", "s3"], vec!["s4"]]);
+        let zero = wire::EffectsRequest {
+            cursor: None,
+            limit: Some(0),
+        };
+        assert_eq!(
+            crate::runtime::effects_page(&inv, &zero)
+                .expect("page")
+                .effects
+                .len(),
+            1
+        );
+    }
+
     #[test]
     fn stock_flags_parse() {
         assert_eq!(parse_stock("A-1=5"), Ok(("A-1".into(), 5)));
@@ -605,7 +641,10 @@ mod tests {
         assert!(matches!(r, Reply::Ok { .. }), "{r:?}");
         assert_eq!((level(&inv, "A"), level(&inv, "B")), ((8, 2), (1, 0)));
         assert_eq!(total(&inv), before, "available + reserved is conserved per SKU");
-        assert_eq!(inv.effects(), serde_json::json!({"s1": {"A": 2}}));
+        assert_eq!(
+            crate::runtime::all_effects(&inv),
+            serde_json::json!({"s1": {"A": 2}})
+        );
         assert_eq!(
             inv.stats()["stock"]["A"],
             serde_json::json!({"available": 8, "reserved": 2})

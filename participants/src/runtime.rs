@@ -28,6 +28,14 @@ use crate::telemetry::{self, Outcome};
 /// Longest wait on NATS during shutdown (it may be down already).
 pub const NATS_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// The effects a handler yields, lazily, for one page.
+pub type EffectsIter<'a> =
+    Box<dyn Iterator<Item = Result<(String, String, serde_json::Value), crate::dedupe::StoreError>> + 'a>;
+
+/// Admin requests answered at the same time, at most; more wait for a
+/// turn (NATS buffers them, a caller past its timeout gives up).
+pub const ADMIN_CONCURRENCY: usize = 2;
+
 /// A boxed future returned by handlers.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -40,11 +48,14 @@ pub trait Handler: Send + Sync + 'static {
     /// Applies a command (at most once per idempotency key) and returns the
     /// reply to send; must not return before the effect and stored reply are durable.
     fn handle(&self, command: Command) -> BoxFuture<'_, Reply>;
-    /// Current figures, as JSON, for `saga.admin.<participant>.stats`.
+    /// Current figures, as JSON, for `saga.admin.<participant>.stats`:
+    /// counters kept with the effects, never a scan of them (it runs on
+    /// the admin task, but a flood of requests must stay cheap).
     fn stats(&self) -> serde_json::Value;
-    /// The effects that exist now, per saga id, as JSON, for
+    /// The effects that exist now, in key order, starting after `cursor`:
+    /// `(cursor of this entry, saga id, effect as JSON)`, for the paged
     /// `saga.admin.<participant>.effects` (audits and the chaos suite).
-    fn effects(&self) -> serde_json::Value;
+    fn effects(&self, cursor: Option<&str>) -> EffectsIter<'_>;
     /// The handler's sled store (flushed at shutdown).
     fn store(&self) -> &crate::dedupe::Store;
 }
@@ -154,9 +165,16 @@ pub async fn serve(
     let mut commands = client
         .queue_subscribe(format!("{}.{name}.*", wire::COMMAND_SUBJECT_PREFIX), name.clone())
         .await?;
-    let mut admin = client
+    let admin = client
         .subscribe(format!("{}.{name}.*", wire::ADMIN_SUBJECT_PREFIX))
         .await?;
+    // Admin queries have their own task: a flood of them never delays a command.
+    let admin_task = tokio::spawn(serve_admin(
+        client.clone(),
+        handler.clone(),
+        admin,
+        shutdown.clone(),
+    ));
     info!(participant = %name, "serving commands");
     let tracker = TaskTracker::new();
     loop {
@@ -168,16 +186,11 @@ pub async fn serve(
                 }
                 None => break,
             },
-            msg = admin.next() => match msg {
-                Some(msg) => answer_admin(&client, handler.as_ref(), msg).await,
-                None => break,
-            },
         }
     }
     info!(participant = %name, in_flight = tracker.len(), "stopping: no new commands");
     // NATS may already be gone at shutdown: never wait on it for long. Commands
     // the server delivered before the UNSUB are still handled, not dropped.
-    let _ = tokio::time::timeout(NATS_GRACE, admin.unsubscribe()).await;
     let deadline = tokio::time::Instant::now() + NATS_GRACE;
     if let Ok(Ok(())) = tokio::time::timeout_at(deadline, commands.drain()).await {
         while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, commands.next()).await {
@@ -187,6 +200,7 @@ pub async fn serve(
     let _ = tokio::time::timeout(NATS_GRACE, commands.unsubscribe()).await;
     tracker.close();
     tracker.wait().await;
+    let _ = admin_task.await;
     if let Err(e) = handler.store().flush().await {
         warn!(error = %e, "flush at shutdown failed");
     }
@@ -195,17 +209,128 @@ pub async fn serve(
     Ok(())
 }
 
-/// Answers `saga.admin.<participant>.stats` and `….effects` (read-only).
-async fn answer_admin(client: &async_nats::Client, handler: &dyn Handler, msg: async_nats::Message) {
-    let Some(reply) = msg.reply else { return };
-    let answer = match msg.subject.rsplit('.').next() {
+/// Answers `saga.admin.<participant>.stats` and `….effects` until
+/// `shutdown`: at most [`ADMIN_CONCURRENCY`] at a time, each on a blocking
+/// thread (they read sled), never on the command path.
+async fn serve_admin(
+    client: async_nats::Client,
+    handler: Arc<dyn Handler>,
+    mut admin: async_nats::Subscriber,
+    shutdown: CancellationToken,
+) {
+    let turns = Arc::new(tokio::sync::Semaphore::new(ADMIN_CONCURRENCY));
+    let tracker = TaskTracker::new();
+    loop {
+        let msg = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            msg = admin.next() => match msg {
+                Some(msg) => msg,
+                None => break,
+            },
+        };
+        let Some(reply) = msg.reply.clone() else { continue };
+        let turn = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            turn = turns.clone().acquire_owned() => match turn {
+                Ok(t) => t,
+                Err(_) => break,
+            },
+        };
+        let (client, handler) = (client.clone(), handler.clone());
+        tracker.spawn(async move {
+            let answered = tokio::task::spawn_blocking(move || {
+                admin_answer(handler.as_ref(), &msg.subject, &msg.payload)
+            })
+            .await;
+            drop(turn);
+            let body = match answered {
+                Ok(body) => body,
+                Err(e) => {
+                    warn!(error = %e, "admin query failed");
+                    return;
+                }
+            };
+            if let Err(e) = client.publish(reply, body.into()).await {
+                warn!(error = %e, "admin reply failed");
+            }
+        });
+    }
+    let _ = tokio::time::timeout(NATS_GRACE, admin.unsubscribe()).await;
+    tracker.close();
+    tracker.wait().await;
+}
+
+/// The JSON answer to an admin query on `subject` with `body`.
+fn admin_answer(handler: &dyn Handler, subject: &str, body: &[u8]) -> Vec<u8> {
+    let answer = match subject.rsplit('.').next() {
         Some("stats") => handler.stats(),
-        Some("effects") => handler.effects(),
+        Some("effects") => {
+            let request = if body.iter().all(u8::is_ascii_whitespace) {
+                Ok(wire::EffectsRequest::default())
+            } else {
+                serde_json::from_slice::<wire::EffectsRequest>(body)
+            };
+            match request {
+                Err(e) => serde_json::json!({"error": format!("malformed effects request: {e}")}),
+                Ok(request) => match effects_page(handler, &request) {
+                    Ok(page) => serde_json::to_value(page).unwrap_or_default(),
+                    Err(e) => serde_json::json!({"error": e.to_string()}),
+                },
+            }
+        }
         other => serde_json::json!({"error": format!("unknown admin query {other:?}")}),
     };
-    let body = serde_json::to_vec(&answer).unwrap_or_default();
-    if let Err(e) = client.publish(reply, body.into()).await {
-        warn!(error = %e, "admin reply failed");
+    serde_json::to_vec(&answer).unwrap_or_default()
+}
+
+/// One page of `handler`'s effects: at most `limit` entries (capped at
+/// [`wire::EFFECTS_PAGE_MAX`]) and, but for a page's first entry, at most
+/// [`wire::EFFECTS_PAGE_BYTES`] of them, so a reply stays under NATS's
+/// payload limit by construction; `next_cursor` is set when more follow.
+///
+/// # Errors
+/// The handler's store failed.
+pub fn effects_page(
+    handler: &dyn Handler,
+    request: &wire::EffectsRequest,
+) -> Result<wire::EffectsPage, crate::dedupe::StoreError> {
+    let limit = request
+        .limit
+        .unwrap_or(wire::EFFECTS_PAGE_DEFAULT)
+        .clamp(1, wire::EFFECTS_PAGE_MAX) as usize;
+    let mut page = wire::EffectsPage::default();
+    let (mut bytes, mut last) = (0usize, None);
+    for entry in handler.effects(request.cursor.as_deref()) {
+        let (cursor, saga_id, effect) = entry?;
+        // The entry's share of the reply: `"<saga_id>":<effect>,`.
+        let size = serde_json::to_string(&saga_id).map_or(0, |s| s.len())
+            + serde_json::to_vec(&effect).map_or(0, |v| v.len())
+            + 2;
+        let full = page.effects.len() >= limit
+            || (!page.effects.is_empty() && bytes + size > wire::EFFECTS_PAGE_BYTES);
+        if full {
+            page.next_cursor = last;
+            return Ok(page);
+        }
+        bytes += size;
+        page.effects.insert(saga_id, effect);
+        last = Some(cursor);
+    }
+    Ok(page)
+}
+
+/// Every effect of `handler`, page after page, as one `{saga_id: effect}` map (tests).
+#[cfg(test)]
+pub(crate) fn all_effects(handler: &dyn Handler) -> serde_json::Value {
+    let mut all = serde_json::Map::new();
+    let mut request = wire::EffectsRequest::default();
+    loop {
+        let page = effects_page(handler, &request).expect("effects page");
+        all.extend(page.effects);
+        match page.next_cursor {
+            Some(c) => request.cursor = Some(c),
+            None => return serde_json::Value::Object(all),
+        }
     }
 }
 
