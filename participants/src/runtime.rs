@@ -3,11 +3,15 @@
 //!
 //! [`serve`] queue-subscribes to `saga.cmd.<participant>.*` in the queue group
 //! `<participant>` (instances share the load) and answers the read-only
-//! `saga.admin.<participant>.stats` and `….effects`. Each command runs in its
-//! own tracked task, so a slow one (gateway latency) never holds up the
-//! others, and shutdown waits for those in flight. [`decode`] turns untrusted
-//! bytes into a [`Command`] or a reason; the reason goes back as an `error`
-//! reply with a warning, never a panic.
+//! `saga.admin.<participant>.stats` and `….effects` (paged) on a task of its
+//! own, [`ADMIN_CONCURRENCY`] at a time, so admin traffic never delays a
+//! command. Each command runs in its own tracked task, so a slow one
+//! (gateway latency) never holds up the others, and shutdown waits for those
+//! in flight. [`decode`] turns untrusted bytes into a [`Command`] that keeps
+//! saga-wire's rules, or a [`Refused`] (the field at fault and the reply:
+//! `error` for a malformed envelope, `rejected: invalid_payload` for an
+//! order no `CreateOrder` could make); it goes back with a warning, never a
+//! panic, and the handler never sees it.
 //!
 //! Every command is counted in [`crate::telemetry`] by participant, action
 //! and outcome (`malformed` when it never reached the handler), and the
