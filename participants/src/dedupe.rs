@@ -107,12 +107,46 @@ pub fn tx_put<T: Serialize>(tree: &TransactionalTree, key: &str, value: &T) -> T
     Ok(())
 }
 
-fn tx_reply(replies: &TransactionalTree, key: &str) -> TxResult<Option<Reply>> {
-    tx_get(replies, key)
+/// The `replies` tree inside a transaction, with its index by the time a
+/// reply was stored (`replies-by-time`: 8 bytes of big-endian ms since the
+/// Unix epoch, then the reply's key; empty value), which pruning follows.
+struct RepliesTx<'a> {
+    replies: &'a TransactionalTree,
+    by_time: &'a TransactionalTree,
+    /// When this transaction stores its replies (read before it started:
+    /// the closure stays pure when sled retries it).
+    at_ms: u64,
 }
 
-fn tx_store_reply(replies: &TransactionalTree, key: &str, reply: &Reply) -> TxResult<()> {
-    tx_put(replies, key, reply)
+impl RepliesTx<'_> {
+    fn get(&self, key: &str) -> TxResult<Option<Reply>> {
+        tx_get(self.replies, key)
+    }
+
+    /// Stores `reply` under `key` (a key is stored once: callers look first)
+    /// and indexes it under the transaction's time.
+    fn put(&self, key: &str, reply: &Reply) -> TxResult<()> {
+        tx_put(self.replies, key, reply)?;
+        self.by_time
+            .insert(time_key(self.at_ms, key.as_bytes()), &[][..])?;
+        Ok(())
+    }
+}
+
+/// The `replies-by-time` key of the reply `key` stored at `at_ms`.
+fn time_key(at_ms: u64, key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(8 + key.len());
+    k.extend_from_slice(&at_ms.to_be_bytes());
+    k.extend_from_slice(key);
+    k
+}
+
+/// Now, in ms since the Unix epoch (0 if the clock is before it).
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }
 
 /// What a compensation finds under its forward key.
@@ -124,12 +158,14 @@ pub enum ForwardState {
     NoEffect,
 }
 
-/// The participant's sled database: a `replies` tree and a `state` tree
-/// (plus a tiny `ready-probe` tree, written only by readiness checks).
+/// The participant's sled database: a `replies` tree, its
+/// `replies-by-time` index and a `state` tree (plus a tiny `ready-probe`
+/// tree, written only by readiness checks).
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
     replies: sled::Tree,
+    by_time: sled::Tree,
     state: sled::Tree,
     probe: sled::Tree,
     flusher: std::sync::Arc<GroupFlush>,
@@ -167,13 +203,38 @@ impl GroupFlush {
 }
 
 impl Store {
-    /// Opens the trees in `db`.
+    /// Opens the trees in `db`. A database written before the
+    /// `replies-by-time` index existed (replies, no index) gets its index
+    /// here, in one atomic batch: each reply is indexed at its saga's start
+    /// when the saga id is a UUID v7 started before now (what pruning went
+    /// by until then), else at now, so it goes one retention after this
+    /// upgrade (a future-dated or non-v7 id can no longer hold pruning up).
     ///
     /// # Errors
     /// sled errors.
     pub fn new(db: sled::Db) -> Result<Self, StoreError> {
+        let replies = db.open_tree("replies")?;
+        let by_time = db.open_tree("replies-by-time")?;
+        if by_time.is_empty() && !replies.is_empty() {
+            let now = now_ms();
+            let mut batch = sled::Batch::default();
+            let mut n = 0u64;
+            for key in replies.iter().keys() {
+                let key = key?;
+                let at = saga_start_ms(&key).filter(|t| *t <= now).unwrap_or(now);
+                batch.insert(time_key(at, &key), &[][..]);
+                n += 1;
+            }
+            by_time.apply_batch(batch)?;
+            db.flush()?;
+            tracing::info!(
+                replies = n,
+                "stored replies indexed by the time they were stored (upgrade)"
+            );
+        }
         Ok(Store {
-            replies: db.open_tree("replies")?,
+            replies,
+            by_time,
             state: db.open_tree("state")?,
             probe: db.open_tree("ready-probe")?,
             flusher: std::sync::Arc::new(GroupFlush {
@@ -213,6 +274,30 @@ impl Store {
             let value = decode(&k, &v)?;
             Ok((String::from_utf8_lossy(&k[skip..]).into_owned(), value))
         })
+    }
+
+    /// Like [`Store::scan`], starting after the entry whose rest of key is
+    /// `after` (a page's cursor), in key order.
+    pub fn scan_after<T: DeserializeOwned>(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+    ) -> impl Iterator<Item = Result<(String, T), StoreError>> + '_ {
+        use std::ops::Bound;
+        let skip = prefix.len();
+        let start = match after {
+            Some(a) => Bound::Excluded(format!("{prefix}{a}").into_bytes()),
+            None => Bound::Included(prefix.as_bytes().to_vec()),
+        };
+        let prefix = prefix.as_bytes().to_vec();
+        self.state
+            .range::<Vec<u8>, _>((start, Bound::Unbounded))
+            .take_while(move |kv| kv.as_ref().map_or(true, |(k, _)| k.starts_with(&prefix)))
+            .map(move |kv| {
+                let (k, v) = kv?;
+                let value = decode(&k, &v)?;
+                Ok((String::from_utf8_lossy(&k[skip..]).into_owned(), value))
+            })
     }
 
     /// The stored reply for `key`, if any: a fast path before slow work (the
@@ -262,12 +347,12 @@ impl Store {
         F: Fn(&TransactionalTree) -> TxResult<Reply>,
     {
         self.apply(key, |state, replies| {
-            if let Some(stored) = tx_reply(replies, key)? {
+            if let Some(stored) = replies.get(key)? {
                 return Ok((stored, true));
             }
             let reply = effect(state)?;
             if !matches!(reply, Reply::Error { .. }) {
-                tx_store_reply(replies, key, &reply)?;
+                replies.put(key, &reply)?;
             }
             Ok((reply, false))
         })
@@ -288,23 +373,23 @@ impl Store {
         let forward = wire::forward_key(key)
             .ok_or_else(|| StoreError::Corrupt(format!("`{key}` is not a compensation key")))?;
         self.apply(key, |state, replies| {
-            if let Some(stored) = tx_reply(replies, key)? {
+            if let Some(stored) = replies.get(key)? {
                 return Ok((stored, true));
             }
-            let reply = match tx_reply(replies, &forward)? {
+            let reply = match replies.get(&forward)? {
                 Some(Reply::Ok { data }) => undo(state, &forward, &data)?,
                 Some(Reply::Rejected { reason }) => {
                     Reply::ok(serde_json::json!({"undone": false, "forward": format!("rejected: {reason}")}))
                 }
                 Some(Reply::Error { .. }) | None => {
-                    tx_store_reply(replies, &forward, &Reply::rejected(TOMBSTONE_REASON))?;
+                    replies.put(&forward, &Reply::rejected(TOMBSTONE_REASON))?;
                     Reply::ok(
                         serde_json::json!({"undone": false, "forward": "never seen; tombstone recorded"}),
                     )
                 }
             };
             if !matches!(reply, Reply::Error { .. }) {
-                tx_store_reply(replies, key, &reply)?;
+                replies.put(key, &reply)?;
             }
             Ok((reply, false))
         })
@@ -313,9 +398,19 @@ impl Store {
 
     async fn apply<F>(&self, key: &str, f: F) -> Result<(Reply, bool), StoreError>
     where
-        F: Fn(&TransactionalTree, &TransactionalTree) -> TxResult<(Reply, bool)>,
+        F: Fn(&TransactionalTree, &RepliesTx<'_>) -> TxResult<(Reply, bool)>,
     {
-        let result = (&self.state, &self.replies).transaction(|(state, replies)| f(state, replies));
+        let at_ms = now_ms();
+        let result = (&self.state, &self.replies, &self.by_time).transaction(|(state, replies, by_time)| {
+            f(
+                state,
+                &RepliesTx {
+                    replies,
+                    by_time,
+                    at_ms,
+                },
+            )
+        });
         let (reply, hit) = match result {
             Ok(r) => r,
             Err(TransactionError::Abort(reason)) => {
@@ -338,42 +433,48 @@ impl Store {
         self.flusher.flush().await
     }
 
-    /// Removes the stored replies (and tombstones) of sagas started before
-    /// `cutoff_ms` (ms since the Unix epoch), at most `limit` of them; returns
-    /// how many went. A key starts with its saga's id, a UUID v7 whose first
-    /// 48 bits are the saga's start time, so the `replies` tree is in start
-    /// order: the scan stops at the first key of a saga started at or after
-    /// the cutoff. Keys whose saga id is not a UUID v7 are never removed.
+    /// Removes the stored replies (and tombstones) stored before
+    /// `cutoff_ms` (ms since the Unix epoch, by this participant's clock),
+    /// oldest first, at most `limit` of them; returns how many went. It
+    /// follows the `replies-by-time` index, so no saga id, whatever it
+    /// claims, decides when a reply goes. The replies go first, then their
+    /// index entries: a crash between the two leaves index entries whose
+    /// reply is gone (removed next time), never a reply without one.
     ///
     /// Safe once no command of those sagas can come again: the coordinator
     /// re-sends a command only while its saga runs, and refuses to retry a
-    /// saga older than its `--command-horizon` (at most this retention).
+    /// saga older than its `--command-horizon` (at most this retention); a
+    /// reply is stored after its saga started, so it is kept at least that long.
     ///
     /// # Errors
     /// sled errors.
     pub fn prune_replies(&self, cutoff_ms: u64, limit: usize) -> Result<usize, StoreError> {
-        let mut batch = sled::Batch::default();
+        let (mut replies, mut index) = (sled::Batch::default(), sled::Batch::default());
         let mut n = 0;
-        for kv in self.replies.iter().keys() {
-            let key = kv?;
-            let Some(started) = saga_start_ms(&key) else {
-                continue;
-            };
-            if started >= cutoff_ms || n >= limit {
+        for entry in self.by_time.iter().keys() {
+            let entry = entry?;
+            if n >= limit {
                 break;
             }
-            batch.remove(key);
+            match entry.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()) {
+                Some(at) if u64::from_be_bytes(at) >= cutoff_ms => break,
+                Some(_) => replies.remove(&entry[8..]),
+                None => {} // not an index entry: dropped
+            }
+            index.remove(entry);
             n += 1;
         }
         if n > 0 {
-            self.replies.apply_batch(batch)?;
+            self.replies.apply_batch(replies)?;
+            self.by_time.apply_batch(index)?;
         }
         Ok(n)
     }
 }
 
 /// The start time (ms since the Unix epoch) of the saga whose UUID v7 id
-/// begins the idempotency key `key` (`<saga_id>/<step>/<kind>`).
+/// begins the idempotency key `key` (`<saga_id>/<step>/<kind>`), in any
+/// spelling the uuid crate parses: only the upgrade of an old database uses it.
 fn saga_start_ms(key: &[u8]) -> Option<u64> {
     let id = key.split(|b| *b == b'/').next()?;
     let id = uuid::Uuid::try_parse_ascii(id).ok()?;
@@ -415,39 +516,108 @@ mod tests {
         assert!(store.replies.is_empty() && store.state.is_empty());
     }
 
+    fn v7_at(ms: u64) -> String {
+        uuid::Uuid::new_v7(uuid::Timestamp::from_unix(
+            uuid::NoContext,
+            ms / 1000,
+            u32::try_from(ms % 1000).unwrap_or(0) * 1_000_000,
+        ))
+        .to_string()
+    }
+
+    const HOUR: u64 = 3_600_000;
+
     #[tokio::test]
-    async fn replies_of_sagas_started_before_the_cutoff_are_pruned() {
+    async fn replies_are_pruned_by_the_time_they_were_stored_not_by_their_saga_id() {
         let dir = tempfile::tempdir().expect("tmp");
         let store = Store::new(crate::open_db(dir.path()).expect("sled")).expect("store");
-        // UUID v7 ids started at 1,000 s, 2,000 s and 3,000 s after the epoch, and one v4.
-        let at =
-            |secs: u64| uuid::Uuid::new_v7(uuid::Timestamp::from_unix(uuid::NoContext, secs, 0)).to_string();
-        let (old, mid, new) = (at(1_000), at(2_000), at(3_000));
-        let v4 = "6f0c3e8e-3b1a-4c5d-9e2f-0a1b2c3d4e5f".to_string();
-        for id in [&old, &mid, &new, &v4] {
-            for key in [format!("{id}/s/forward"), format!("{id}/s/compensate")] {
-                store
-                    .apply_forward(&key, |_| Ok(Reply::ok(serde_json::Value::Null)))
-                    .await
-                    .expect("applies");
-            }
+        let now = now_ms();
+        // Ids claiming 1970, a day ahead (upper-case), and no time at all (v4).
+        let ids = [
+            v7_at(1_000_000),
+            v7_at(now + 24 * HOUR).to_uppercase(),
+            "6f0c3e8e-3b1a-4c5d-9e2f-0a1b2c3d4e5f".to_string(),
+        ];
+        for id in &ids {
+            store
+                .apply_forward(&format!("{id}/s/forward"), |_| {
+                    Ok(Reply::ok(serde_json::Value::Null))
+                })
+                .await
+                .expect("applies");
+            store
+                .apply_compensation(&format!("{id}/t/compensate"), |_, _, _| {
+                    Ok(Reply::ok(serde_json::Value::Null))
+                })
+                .await
+                .expect("tombstone");
         }
         assert_eq!(
-            saga_start_ms(format!("{mid}/s/forward").as_bytes()),
-            Some(2_000_000)
+            store.replies.len(),
+            9,
+            "3 forwards, 3 compensations, 3 tombstones"
         );
-        assert_eq!(saga_start_ms(format!("{v4}/s/forward").as_bytes()), None);
-        // Limited: one at a time, oldest first.
-        assert_eq!(store.prune_replies(2_500_000, 1).expect("prunes"), 1);
-        assert_eq!(store.prune_replies(2_500_000, 100).expect("prunes"), 3);
-        assert_eq!(store.prune_replies(2_500_000, 100).expect("prunes"), 0);
-        for (id, kept) in [(&old, false), (&mid, false), (&new, true), (&v4, true)] {
-            let found = store
+        assert_eq!(store.by_time.len(), 9, "each indexed");
+        assert_eq!(
+            store.prune_replies(now - HOUR, 100).expect("prunes"),
+            0,
+            "all stored just now"
+        );
+        // Limited: one at a time, oldest first; then the rest; then nothing.
+        assert_eq!(store.prune_replies(now + HOUR, 1).expect("prunes"), 1);
+        assert_eq!(store.prune_replies(now + HOUR, 100).expect("prunes"), 8);
+        assert_eq!(store.prune_replies(now + HOUR, 100).expect("prunes"), 0);
+        assert!(store.replies.is_empty() && store.by_time.is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_old_database_is_indexed_on_open_and_a_future_dated_id_does_not_stop_pruning() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let now = now_ms();
+        let expired: Vec<String> = (0..3).map(|i| v7_at(now - 2 * HOUR - i * 1000)).collect();
+        // Sorts before every real key (`A` < `a`) and claims a start a day ahead.
+        let forged = v7_at(now + 24 * HOUR).to_uppercase();
+        assert!(expired.iter().all(|e| forged < *e), "{forged} sorts first");
+        let v4 = "6f0c3e8e-3b1a-4c5d-9e2f-0a1b2c3d4e5f".to_string();
+        {
+            // The layout before the index: a `replies` tree only.
+            let db = crate::open_db(dir.path()).expect("sled");
+            let replies = db.open_tree("replies").expect("tree");
+            for id in expired.iter().chain([&forged, &v4]) {
+                let bytes = encode(&Reply::ok(serde_json::Value::Null)).expect("encodes");
+                replies.insert(format!("{id}/s/forward"), bytes).expect("insert");
+            }
+            db.flush().expect("flush");
+        }
+        let store = Store::new(crate::open_db(dir.path()).expect("sled")).expect("store");
+        assert_eq!(store.by_time.len(), 5, "every old reply indexed");
+        assert_eq!(
+            store.prune_replies(now - HOUR, 100).expect("prunes"),
+            3,
+            "the expired ones"
+        );
+        for id in &expired {
+            assert_eq!(
+                store
+                    .stored_reply(&format!("{id}/s/forward"))
+                    .await
+                    .expect("reads"),
+                None
+            );
+        }
+        for id in [&forged, &v4] {
+            let kept = store
                 .stored_reply(&format!("{id}/s/forward"))
                 .await
                 .expect("reads");
-            assert_eq!(found.is_some(), kept, "{id}");
+            assert!(kept.is_some(), "{id}: indexed at the upgrade, kept one retention");
         }
+        drop(store);
+        // Opening again does not index twice.
+        let store = Store::new(crate::open_db(dir.path()).expect("sled")).expect("store");
+        assert_eq!(store.by_time.len(), 2);
+        assert_eq!(store.prune_replies(now + HOUR, 100).expect("prunes"), 2);
+        assert!(store.replies.is_empty());
     }
 
     #[tokio::test]

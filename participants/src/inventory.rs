@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use sled::transaction::ConflictableTransactionError;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{
     dedupe::{tx_get, tx_put, Store, StoreError, TxResult},
@@ -189,6 +189,10 @@ pub struct Inventory {
 
 const ACTIONS: &[&str] = &["reserve", "release"];
 
+/// The `rejected` reason of a reserve naming a SKU without a stock row
+/// (nothing is reserved, nothing is stored).
+pub const UNKNOWN_SKU: &str = "unknown_sku";
+
 impl Inventory {
     /// Opens the inventory in `db` and applies `seed` in one flushed
     /// transaction: only to SKUs not stored yet, so a restart never re-seeds
@@ -234,11 +238,31 @@ impl Inventory {
         self.store.scan(STOCK_PREFIX).collect()
     }
 
+    /// The index of the first line whose SKU has no stock row.
+    fn first_unknown_sku(&self, items: &[Item]) -> Result<Option<usize>, StoreError> {
+        for (i, item) in items.iter().enumerate() {
+            if !self.store.state().contains_key(stock_key(&item.sku).as_bytes())? {
+                return Ok(Some(i));
+            }
+        }
+        Ok(None)
+    }
+
     async fn run(&self, cmd: Command) -> Result<Reply, StoreError> {
         let key = cmd.idempotency_key.clone();
         let (reply, hit) = match (cmd.kind, cmd.action.as_str()) {
             (CommandKind::Forward, "reserve") => {
                 let wanted = totals(&cmd.payload.items);
+                // A reserve never creates a stock row: a SKU the stock table
+                // does not hold is refused before anything is written (stock
+                // rows are never removed, so the answer cannot change under it).
+                if let Some(i) = self.first_unknown_sku(&cmd.payload.items)? {
+                    warn!(
+                        field = %format!("payload.items[{i}].sku"),
+                        "reserve of a SKU the stock table does not hold refused unapplied"
+                    );
+                    return Ok(Reply::rejected(UNKNOWN_SKU));
+                }
                 self.store
                     .apply_forward(&key, |state| reserve(state, &key, &wanted))
                     .await?
@@ -286,7 +310,9 @@ fn reserve(
 ) -> TxResult<Reply> {
     let mut levels = Vec::with_capacity(wanted.len());
     for (sku, qty) in wanted {
-        let level: Level = tx_get(state, &stock_key(sku))?.unwrap_or_default();
+        let Some(level) = tx_get::<Level>(state, &stock_key(sku))? else {
+            return Ok(Reply::rejected(UNKNOWN_SKU));
+        };
         if level.available < *qty {
             return Ok(Reply::rejected("insufficient_stock"));
         }
@@ -366,17 +392,17 @@ impl Handler for Inventory {
     }
 
     /// `{saga_id: {sku: units held}}` for every reservation not released.
-    fn effects(&self) -> serde_json::Value {
-        let mut out = serde_json::Map::new();
-        for entry in self.store.scan::<BTreeMap<String, u64>>(RESERVATION_PREFIX) {
-            match entry {
-                Ok((key, lines)) => {
-                    out.insert(saga_of_key(&key).to_string(), serde_json::json!(lines));
-                }
-                Err(e) => return serde_json::json!({"error": e.to_string()}),
-            }
-        }
-        serde_json::Value::Object(out)
+    fn effects(&self, cursor: Option<&str>) -> crate::runtime::EffectsIter<'_> {
+        Box::new(
+            self.store
+                .scan_after::<BTreeMap<String, u64>>(RESERVATION_PREFIX, cursor)
+                .map(|entry| {
+                    entry.map(|(key, lines)| {
+                        let saga = saga_of_key(&key).to_string();
+                        (key, saga, serde_json::json!(lines))
+                    })
+                }),
+        )
     }
 
     fn store(&self) -> &Store {
@@ -482,8 +508,23 @@ mod tests {
         let r = inv.handle(cmd("s2", CommandKind::Compensate, &[])).await;
         assert!(matches!(r, Reply::Ok { .. }), "{r:?}");
         assert_eq!((level(&inv, "A"), level(&inv, "B")), ((10, 0), (1, 0)));
-        let r = inv.handle(cmd("s3", CommandKind::Forward, &[("NOPE", 1)])).await;
-        assert_eq!(r, Reply::rejected("insufficient_stock"), "unknown SKU");
+        let r = inv
+            .handle(cmd("s3", CommandKind::Forward, &[("A", 1), ("NOPE\u{202E}", 1)]))
+            .await;
+        assert_eq!(r, Reply::rejected(UNKNOWN_SKU));
+        assert!(
+            !inv.levels().expect("levels").contains_key("NOPE\u{202E}"),
+            "no stock row"
+        );
+        assert_eq!(level(&inv, "A"), (10, 0));
+        assert_eq!(
+            inv.store
+                .stored_reply("s3/reserve-inventory/forward")
+                .await
+                .expect("reads"),
+            None,
+            "nothing stored: the refusal is not an effect"
+        );
     }
 
     #[tokio::test]
@@ -526,6 +567,42 @@ mod tests {
         assert_eq!(level(&inv, "A"), (6, 4));
     }
 
+    #[tokio::test]
+    async fn effects_come_a_page_at_a_time_and_the_pages_hold_every_reservation() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let inv = inventory(dir.path());
+        for i in 0..5 {
+            inv.handle(cmd(&format!("s{i}"), CommandKind::Forward, &[("A", 1)]))
+                .await;
+        }
+        let mut request = wire::EffectsRequest {
+            cursor: None,
+            limit: Some(2),
+        };
+        let mut pages = Vec::new();
+        loop {
+            let page = crate::runtime::effects_page(&inv, &request).expect("page");
+            assert!(page.effects.len() <= 2);
+            pages.push(page.effects.keys().cloned().collect::<Vec<_>>());
+            match page.next_cursor {
+                Some(c) => request.cursor = Some(c),
+                None => break,
+            }
+        }
+        assert_eq!(pages, [vec!["s0", "s1"], vec!["s2", "s3"], vec!["s4"]]);
+        let zero = wire::EffectsRequest {
+            cursor: None,
+            limit: Some(0),
+        };
+        assert_eq!(
+            crate::runtime::effects_page(&inv, &zero)
+                .expect("page")
+                .effects
+                .len(),
+            1
+        );
+    }
+
     #[test]
     fn stock_flags_parse() {
         assert_eq!(parse_stock("A-1=5"), Ok(("A-1".into(), 5)));
@@ -556,7 +633,10 @@ mod tests {
         assert!(matches!(r, Reply::Ok { .. }), "{r:?}");
         assert_eq!((level(&inv, "A"), level(&inv, "B")), ((8, 2), (1, 0)));
         assert_eq!(total(&inv), before, "available + reserved is conserved per SKU");
-        assert_eq!(inv.effects(), serde_json::json!({"s1": {"A": 2}}));
+        assert_eq!(
+            crate::runtime::all_effects(&inv),
+            serde_json::json!({"s1": {"A": 2}})
+        );
         assert_eq!(
             inv.stats()["stock"]["A"],
             serde_json::json!({"available": 8, "reserved": 2})

@@ -109,7 +109,8 @@ pub async fn connect(
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Args)]
 pub struct ReplyRetention {
     /// How long the reply stored for a command (and a tombstone) is kept,
-    /// counted from its saga's start; `0s` keeps them forever. A command
+    /// counted from when this participant stored it (its own clock, never
+    /// the saga id's timestamp); `0s` keeps them forever. A command
     /// repeated after its reply is gone would be applied again, so this must
     /// be at least the coordinator's `--command-horizon` (also 30d).
     #[arg(
@@ -311,22 +312,30 @@ mod tests {
     #[tokio::test]
     async fn the_pruner_removes_replies_past_the_retention_and_stops_on_shutdown() {
         let dir = tempfile::tempdir().expect("tmp");
-        let store = dedupe::Store::new(open_db(dir.path()).expect("sled")).expect("store");
         let hour_ago = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .expect("clock")
             .as_secs()
             - 3600;
         let old = uuid::Uuid::new_v7(uuid::Timestamp::from_unix(uuid::NoContext, hour_ago, 0));
-        let fresh = uuid::Uuid::now_v7();
-        for id in [old, fresh] {
-            store
-                .apply_forward(&format!("{id}/s/forward"), |_| {
-                    Ok(Reply::ok(serde_json::Value::Null))
-                })
-                .await
-                .expect("applies");
+        {
+            // A reply stored an hour ago by a release before the time index:
+            // the upgrade indexes it at its saga's start.
+            let db = open_db(dir.path()).expect("sled");
+            let bytes = dedupe::encode(&Reply::ok(serde_json::Value::Null)).expect("encodes");
+            db.open_tree("replies")
+                .expect("tree")
+                .insert(format!("{old}/s/forward"), bytes)
+                .expect("insert");
         }
+        let store = dedupe::Store::new(open_db(dir.path()).expect("sled")).expect("store");
+        let fresh = uuid::Uuid::now_v7();
+        store
+            .apply_forward(&format!("{fresh}/s/forward"), |_| {
+                Ok(Reply::ok(serde_json::Value::Null))
+            })
+            .await
+            .expect("applies");
         let shutdown = tokio_util::sync::CancellationToken::new();
         let task = tokio::spawn(prune_replies(
             store.clone(),

@@ -175,8 +175,9 @@ pub struct Charge {
     pub refunded: bool,
 }
 
-/// Ledger totals.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+/// Ledger totals: the figures of `saga.admin.payment.stats`, kept in the
+/// transaction of each charge and refund (never a scan of the ledger).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Totals {
     /// Sum of all charges.
     pub charged_cents: i64,
@@ -241,6 +242,8 @@ pub struct Payment {
 const ACTIONS: &[&str] = &["charge", "refund"];
 
 const LEDGER_PREFIX: &str = "charge/";
+/// Where the ledger totals live in the state tree (outside `charge/`).
+const TOTALS_KEY: &str = "meta/totals";
 
 fn ledger_key(forward_key: &str) -> String {
     format!("{LEDGER_PREFIX}{forward_key}")
@@ -261,20 +264,41 @@ impl Payment {
             .failure_policy(policy)
             .instrument(BreakerLog)
             .build();
-        Ok(Payment {
+        let payment = Payment {
             store: Store::new(db)?,
             config,
             breaker,
             commands: AtomicU64::new(0),
             dedupe_hits: AtomicU64::new(0),
-        })
+        };
+        // A ledger without totals (written by an older release) gets them
+        // here, from one scan.
+        if !payment.store.state().contains_key(TOTALS_KEY)? {
+            let totals = payment.scan_totals()?;
+            payment
+                .store
+                .update_state(|state| tx_put(state, TOTALS_KEY, &totals))?;
+        }
+        Ok(payment)
     }
 
-    /// Ledger totals, from the stored entries.
+    /// Ledger totals, as stored with the entries (O(1)).
+    ///
+    /// # Errors
+    /// sled errors; a corrupt value.
+    pub fn totals(&self) -> Result<Totals, StoreError> {
+        match self.store.state().get(TOTALS_KEY)? {
+            Some(bytes) => crate::dedupe::decode(TOTALS_KEY.as_bytes(), &bytes),
+            None => Ok(Totals::default()),
+        }
+    }
+
+    /// Ledger totals worked out from every entry (at open, and to check
+    /// [`Payment::totals`]).
     ///
     /// # Errors
     /// sled errors; corrupt entries.
-    pub fn totals(&self) -> Result<Totals, StoreError> {
+    pub fn scan_totals(&self) -> Result<Totals, StoreError> {
         let mut t = Totals::default();
         for entry in self.store.scan::<Charge>(LEDGER_PREFIX) {
             let (_, c) = entry?;
@@ -335,6 +359,10 @@ impl Payment {
                         refunded: false,
                     };
                     tx_put(state, &ledger_key(key), &entry)?;
+                    let mut totals: Totals = tx_get(state, TOTALS_KEY)?.unwrap_or_default();
+                    totals.charges += 1;
+                    totals.charged_cents += p.amount_cents;
+                    tx_put(state, TOTALS_KEY, &totals)?;
                     Ok(Reply::ok(
                         serde_json::json!({"charge_id": id, "amount_cents": p.amount_cents}),
                     ))
@@ -364,6 +392,12 @@ impl Payment {
                         };
                         if expected.as_ref().is_some_and(|id| *id != charge.charge_id) {
                             return Ok(Reply::rejected("charge_id_mismatch"));
+                        }
+                        if !charge.refunded {
+                            let mut totals: Totals = tx_get(state, TOTALS_KEY)?.unwrap_or_default();
+                            totals.refunds += 1;
+                            totals.refunded_cents += charge.amount_cents;
+                            tx_put(state, TOTALS_KEY, &totals)?;
                         }
                         charge.refunded = true;
                         tx_put(state, &key, &charge)?;
@@ -414,18 +448,19 @@ impl Handler for Payment {
     }
 
     /// `{saga_id: {"amount_cents": n, "refunded": bool}}` for every ledger entry.
-    fn effects(&self) -> serde_json::Value {
-        let mut out = serde_json::Map::new();
-        for entry in self.store.scan::<Charge>(LEDGER_PREFIX) {
-            match entry {
-                Ok((key, c)) => {
-                    let entry = serde_json::json!({"amount_cents": c.amount_cents, "refunded": c.refunded});
-                    out.insert(saga_of_key(&key).to_string(), entry);
-                }
-                Err(e) => return serde_json::json!({"error": e.to_string()}),
-            }
-        }
-        serde_json::Value::Object(out)
+    fn effects(&self, cursor: Option<&str>) -> crate::runtime::EffectsIter<'_> {
+        Box::new(
+            self.store
+                .scan_after::<Charge>(LEDGER_PREFIX, cursor)
+                .map(|entry| {
+                    entry.map(|(key, c)| {
+                        let saga = saga_of_key(&key).to_string();
+                        let effect =
+                            serde_json::json!({"amount_cents": c.amount_cents, "refunded": c.refunded});
+                        (key, saga, effect)
+                    })
+                }),
+        )
     }
 
     fn store(&self) -> &Store {
@@ -640,9 +675,55 @@ mod tests {
             (&500.into(), &200.into(), &2.into(), &1.into())
         );
         assert_eq!(
-            p.effects()["s2"],
+            crate::runtime::all_effects(p.as_ref())["s2"],
             serde_json::json!({"amount_cents": 200, "refunded": true})
         );
+        assert_eq!(p.totals().expect("totals"), p.scan_totals().expect("scan"));
+    }
+
+    #[tokio::test]
+    async fn stats_come_from_the_totals_kept_with_the_ledger_and_an_old_ledger_gets_them_on_open() {
+        let dir = tempfile::tempdir().expect("tmp");
+        {
+            let p = payment(dir.path(), Duration::ZERO, 0.0);
+            p.handle(cmd("s1", CommandKind::Forward, 300)).await;
+            p.handle(cmd("s2", CommandKind::Forward, 200)).await;
+            p.handle(cmd("s2", CommandKind::Compensate, 200)).await;
+            let want = Totals {
+                charged_cents: 500,
+                refunded_cents: 200,
+                charges: 2,
+                refunds: 1,
+            };
+            assert_eq!(p.totals().expect("totals"), want);
+            assert_eq!(p.scan_totals().expect("scan"), want);
+            // A ledger entry written behind the handler's back is not in the
+            // figures: stats read the totals, they do not scan the ledger.
+            p.store
+                .update_state(|state| {
+                    let entry = Charge {
+                        charge_id: "ch_x".into(),
+                        order_id: "o".into(),
+                        customer_id: "c".into(),
+                        amount_cents: 7,
+                        currency: "EUR".into(),
+                        refunded: false,
+                    };
+                    tx_put(state, &ledger_key("s9/charge-payment/forward"), &entry)
+                })
+                .expect("write");
+            assert_eq!(p.stats()["charged_cents"], 500);
+            // An older release's ledger had no totals: removed, they are rebuilt on open.
+            p.store
+                .update_state(|state| {
+                    state.remove(TOTALS_KEY)?;
+                    Ok(())
+                })
+                .expect("remove");
+        }
+        let p = payment(dir.path(), Duration::ZERO, 0.0);
+        assert_eq!(p.totals().expect("totals").charged_cents, 507);
+        assert_eq!(p.totals().expect("totals"), p.scan_totals().expect("scan"));
     }
 
     #[test]

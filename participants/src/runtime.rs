@@ -3,11 +3,15 @@
 //!
 //! [`serve`] queue-subscribes to `saga.cmd.<participant>.*` in the queue group
 //! `<participant>` (instances share the load) and answers the read-only
-//! `saga.admin.<participant>.stats` and `….effects`. Each command runs in its
-//! own tracked task, so a slow one (gateway latency) never holds up the
-//! others, and shutdown waits for those in flight. [`decode`] turns untrusted
-//! bytes into a [`Command`] or a reason; the reason goes back as an `error`
-//! reply with a warning, never a panic.
+//! `saga.admin.<participant>.stats` and `….effects` (paged) on a task of its
+//! own, [`ADMIN_CONCURRENCY`] at a time, so admin traffic never delays a
+//! command. Each command runs in its own tracked task, so a slow one
+//! (gateway latency) never holds up the others, and shutdown waits for those
+//! in flight. [`decode`] turns untrusted bytes into a [`Command`] that keeps
+//! saga-wire's rules, or a [`Refused`] (the field at fault and the reply:
+//! `error` for a malformed envelope, `rejected: invalid_payload` for an
+//! order no `CreateOrder` could make); it goes back with a warning, never a
+//! panic, and the handler never sees it.
 //!
 //! Every command is counted in [`crate::telemetry`] by participant, action
 //! and outcome (`malformed` when it never reached the handler), and the
@@ -28,6 +32,14 @@ use crate::telemetry::{self, Outcome};
 /// Longest wait on NATS during shutdown (it may be down already).
 pub const NATS_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// The effects a handler yields, lazily, for one page.
+pub type EffectsIter<'a> =
+    Box<dyn Iterator<Item = Result<(String, String, serde_json::Value), crate::dedupe::StoreError>> + 'a>;
+
+/// Admin requests answered at the same time, at most; more wait for a
+/// turn (NATS buffers them, a caller past its timeout gives up).
+pub const ADMIN_CONCURRENCY: usize = 2;
+
 /// A boxed future returned by handlers.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -40,11 +52,14 @@ pub trait Handler: Send + Sync + 'static {
     /// Applies a command (at most once per idempotency key) and returns the
     /// reply to send; must not return before the effect and stored reply are durable.
     fn handle(&self, command: Command) -> BoxFuture<'_, Reply>;
-    /// Current figures, as JSON, for `saga.admin.<participant>.stats`.
+    /// Current figures, as JSON, for `saga.admin.<participant>.stats`:
+    /// counters kept with the effects, never a scan of them (it runs on
+    /// the admin task, but a flood of requests must stay cheap).
     fn stats(&self) -> serde_json::Value;
-    /// The effects that exist now, per saga id, as JSON, for
+    /// The effects that exist now, in key order, starting after `cursor`:
+    /// `(cursor of this entry, saga id, effect as JSON)`, for the paged
     /// `saga.admin.<participant>.effects` (audits and the chaos suite).
-    fn effects(&self) -> serde_json::Value;
+    fn effects(&self, cursor: Option<&str>) -> EffectsIter<'_>;
     /// The handler's sled store (flushed at shutdown).
     fn store(&self) -> &crate::dedupe::Store;
 }
@@ -72,32 +87,68 @@ pub fn store_reply<E: std::fmt::Display>(participant: &str, result: Result<Reply
     })
 }
 
-/// Validates a command message: JSON envelope, action known, subject's
-/// last token equal to the envelope's action, idempotency key present.
+/// A command refused before it reached the handler: nothing was applied
+/// and nothing is stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refused {
+    /// The field at fault (`saga_id`, `payload.items[2].quantity`), or
+    /// `body`/`action` when the message is not a command of this participant.
+    pub field: String,
+    /// The reply to send: `error` for a malformed envelope (as the protocol
+    /// always answered one), `rejected: invalid_payload: …` for an order no
+    /// `CreateOrder` could have made (retrying cannot help). Either way the
+    /// coordinator knows the effect was not applied.
+    pub reply: Reply,
+}
+
+impl Refused {
+    fn malformed(field: &str, reason: String) -> Self {
+        Refused {
+            field: field.into(),
+            reply: Reply::error(reason),
+        }
+    }
+}
+
+/// The `rejected` reason prefix of a command whose order breaks a rule of
+/// [`saga_wire::OrderPayload::validate`].
+pub const INVALID_PAYLOAD: &str = "invalid_payload";
+
+/// Validates a command message: JSON envelope, the subject's last token
+/// equal to the envelope's action, an action of this participant, the
+/// envelope's rules ([`Command::validate_envelope`]: canonical saga id,
+/// names, attempt, idempotency key) and, for a forward command, the order's
+/// ([`saga_wire::OrderPayload::validate`]).
 ///
 /// # Errors
-/// A human-readable reason for the `error` reply.
-pub fn decode(subject: &str, body: &[u8], actions: &[&str]) -> Result<Command, String> {
-    let cmd: Command = serde_json::from_slice(body).map_err(|e| format!("malformed command: {e}"))?;
+/// The field at fault and the reply to send.
+pub fn decode(subject: &str, body: &[u8], actions: &[&str]) -> Result<Command, Refused> {
+    let cmd: Command = serde_json::from_slice(body)
+        .map_err(|e| Refused::malformed("body", format!("malformed command: {e}")))?;
     let token = subject.rsplit('.').next().unwrap_or_default();
     if token != cmd.action {
-        return Err(format!(
-            "subject action `{token}` does not match command action `{}`",
-            cmd.action
+        return Err(Refused::malformed(
+            "action",
+            format!(
+                "subject action `{token}` does not match command action `{}`",
+                cmd.action
+            ),
         ));
     }
     if !actions.contains(&cmd.action.as_str()) {
-        return Err(format!("unknown action `{}`", cmd.action));
-    }
-    if cmd.idempotency_key.trim().is_empty() {
-        return Err("idempotency_key is empty".into());
-    }
-    let expected = wire::idempotency_key(&cmd.saga_id, &cmd.step, cmd.kind);
-    if cmd.idempotency_key != expected {
-        return Err(format!(
-            "idempotency_key `{}` should be `{expected}`",
-            cmd.idempotency_key
+        return Err(Refused::malformed(
+            "action",
+            format!("unknown action `{}`", cmd.action),
         ));
+    }
+    if let Err(e) = cmd.validate_envelope() {
+        return Err(Refused::malformed(&e.field, format!("invalid command: {e}")));
+    }
+    if let Err(e) = cmd.validate() {
+        return Err(Refused {
+            field: e.field.clone(),
+            reply: Reply::rejected(format!("{INVALID_PAYLOAD}: {e}")),
+        });
     }
     Ok(cmd)
 }
@@ -118,9 +169,16 @@ pub async fn serve(
     let mut commands = client
         .queue_subscribe(format!("{}.{name}.*", wire::COMMAND_SUBJECT_PREFIX), name.clone())
         .await?;
-    let mut admin = client
+    let admin = client
         .subscribe(format!("{}.{name}.*", wire::ADMIN_SUBJECT_PREFIX))
         .await?;
+    // Admin queries have their own task: a flood of them never delays a command.
+    let admin_task = tokio::spawn(serve_admin(
+        client.clone(),
+        handler.clone(),
+        admin,
+        shutdown.clone(),
+    ));
     info!(participant = %name, "serving commands");
     let tracker = TaskTracker::new();
     loop {
@@ -132,16 +190,11 @@ pub async fn serve(
                 }
                 None => break,
             },
-            msg = admin.next() => match msg {
-                Some(msg) => answer_admin(&client, handler.as_ref(), msg).await,
-                None => break,
-            },
         }
     }
     info!(participant = %name, in_flight = tracker.len(), "stopping: no new commands");
     // NATS may already be gone at shutdown: never wait on it for long. Commands
     // the server delivered before the UNSUB are still handled, not dropped.
-    let _ = tokio::time::timeout(NATS_GRACE, admin.unsubscribe()).await;
     let deadline = tokio::time::Instant::now() + NATS_GRACE;
     if let Ok(Ok(())) = tokio::time::timeout_at(deadline, commands.drain()).await {
         while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, commands.next()).await {
@@ -151,6 +204,7 @@ pub async fn serve(
     let _ = tokio::time::timeout(NATS_GRACE, commands.unsubscribe()).await;
     tracker.close();
     tracker.wait().await;
+    let _ = admin_task.await;
     if let Err(e) = handler.store().flush().await {
         warn!(error = %e, "flush at shutdown failed");
     }
@@ -159,17 +213,128 @@ pub async fn serve(
     Ok(())
 }
 
-/// Answers `saga.admin.<participant>.stats` and `….effects` (read-only).
-async fn answer_admin(client: &async_nats::Client, handler: &dyn Handler, msg: async_nats::Message) {
-    let Some(reply) = msg.reply else { return };
-    let answer = match msg.subject.rsplit('.').next() {
+/// Answers `saga.admin.<participant>.stats` and `….effects` until
+/// `shutdown`: at most [`ADMIN_CONCURRENCY`] at a time, each on a blocking
+/// thread (they read sled), never on the command path.
+async fn serve_admin(
+    client: async_nats::Client,
+    handler: Arc<dyn Handler>,
+    mut admin: async_nats::Subscriber,
+    shutdown: CancellationToken,
+) {
+    let turns = Arc::new(tokio::sync::Semaphore::new(ADMIN_CONCURRENCY));
+    let tracker = TaskTracker::new();
+    loop {
+        let msg = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            msg = admin.next() => match msg {
+                Some(msg) => msg,
+                None => break,
+            },
+        };
+        let Some(reply) = msg.reply.clone() else { continue };
+        let turn = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            turn = turns.clone().acquire_owned() => match turn {
+                Ok(t) => t,
+                Err(_) => break,
+            },
+        };
+        let (client, handler) = (client.clone(), handler.clone());
+        tracker.spawn(async move {
+            let answered = tokio::task::spawn_blocking(move || {
+                admin_answer(handler.as_ref(), &msg.subject, &msg.payload)
+            })
+            .await;
+            drop(turn);
+            let body = match answered {
+                Ok(body) => body,
+                Err(e) => {
+                    warn!(error = %e, "admin query failed");
+                    return;
+                }
+            };
+            if let Err(e) = client.publish(reply, body.into()).await {
+                warn!(error = %e, "admin reply failed");
+            }
+        });
+    }
+    let _ = tokio::time::timeout(NATS_GRACE, admin.unsubscribe()).await;
+    tracker.close();
+    tracker.wait().await;
+}
+
+/// The JSON answer to an admin query on `subject` with `body`.
+fn admin_answer(handler: &dyn Handler, subject: &str, body: &[u8]) -> Vec<u8> {
+    let answer = match subject.rsplit('.').next() {
         Some("stats") => handler.stats(),
-        Some("effects") => handler.effects(),
+        Some("effects") => {
+            let request = if body.iter().all(u8::is_ascii_whitespace) {
+                Ok(wire::EffectsRequest::default())
+            } else {
+                serde_json::from_slice::<wire::EffectsRequest>(body)
+            };
+            match request {
+                Err(e) => serde_json::json!({"error": format!("malformed effects request: {e}")}),
+                Ok(request) => match effects_page(handler, &request) {
+                    Ok(page) => serde_json::to_value(page).unwrap_or_default(),
+                    Err(e) => serde_json::json!({"error": e.to_string()}),
+                },
+            }
+        }
         other => serde_json::json!({"error": format!("unknown admin query {other:?}")}),
     };
-    let body = serde_json::to_vec(&answer).unwrap_or_default();
-    if let Err(e) = client.publish(reply, body.into()).await {
-        warn!(error = %e, "admin reply failed");
+    serde_json::to_vec(&answer).unwrap_or_default()
+}
+
+/// One page of `handler`'s effects: at most `limit` entries (capped at
+/// [`wire::EFFECTS_PAGE_MAX`]) and, but for a page's first entry, at most
+/// [`wire::EFFECTS_PAGE_BYTES`] of them, so a reply stays under NATS's
+/// payload limit by construction; `next_cursor` is set when more follow.
+///
+/// # Errors
+/// The handler's store failed.
+pub fn effects_page(
+    handler: &dyn Handler,
+    request: &wire::EffectsRequest,
+) -> Result<wire::EffectsPage, crate::dedupe::StoreError> {
+    let limit = request
+        .limit
+        .unwrap_or(wire::EFFECTS_PAGE_DEFAULT)
+        .clamp(1, wire::EFFECTS_PAGE_MAX) as usize;
+    let mut page = wire::EffectsPage::default();
+    let (mut bytes, mut last) = (0usize, None);
+    for entry in handler.effects(request.cursor.as_deref()) {
+        let (cursor, saga_id, effect) = entry?;
+        // The entry's share of the reply: `"<saga_id>":<effect>,`.
+        let size = serde_json::to_string(&saga_id).map_or(0, |s| s.len())
+            + serde_json::to_vec(&effect).map_or(0, |v| v.len())
+            + 2;
+        let full = page.effects.len() >= limit
+            || (!page.effects.is_empty() && bytes + size > wire::EFFECTS_PAGE_BYTES);
+        if full {
+            page.next_cursor = last;
+            return Ok(page);
+        }
+        bytes += size;
+        page.effects.insert(saga_id, effect);
+        last = Some(cursor);
+    }
+    Ok(page)
+}
+
+/// Every effect of `handler`, page after page, as one `{saga_id: effect}` map (tests).
+#[cfg(test)]
+pub(crate) fn all_effects(handler: &dyn Handler) -> serde_json::Value {
+    let mut all = serde_json::Map::new();
+    let mut request = wire::EffectsRequest::default();
+    loop {
+        let page = effects_page(handler, &request).expect("effects page");
+        all.extend(page.effects);
+        match page.next_cursor {
+            Some(c) => request.cursor = Some(c),
+            None => return serde_json::Value::Object(all),
+        }
     }
 }
 
@@ -213,16 +378,20 @@ async fn process(client: async_nats::Client, handler: Arc<dyn Handler>, msg: asy
         return;
     };
     let reply = match decode(&msg.subject, &msg.payload, handler.actions()) {
-        Err(reason) => {
+        Err(Refused { field, reply }) => {
             let [saga_id, step, idempotency_key, attempt] = ids_of_malformed(&msg.payload);
             let action = msg.subject.rsplit('.').next().unwrap_or_default();
+            let reason = match &reply {
+                Reply::Error { reason } | Reply::Rejected { reason } => reason.as_str(),
+                Reply::Ok { .. } => "",
+            };
             warn!(
                 subject = %msg.subject, saga_id, correlation_id, step, attempt, idempotency_key, action,
-                reason, "malformed command answered with an error"
+                field, reason, "command refused unapplied"
             );
             let action = known_action(&msg.subject, handler.actions());
             telemetry::command(participant, action, Outcome::Malformed);
-            Reply::error(reason)
+            reply
         }
         Ok(cmd) => {
             let action = cmd.action.clone();
@@ -265,24 +434,36 @@ mod tests {
     use super::*;
 
     const ACTIONS: &[&str] = &["reserve", "release"];
+    const SAGA: &str = "0190b8a4-0000-7000-8000-0000000000aa";
+    const KEY: &str = "0190b8a4-0000-7000-8000-0000000000aa/reserve-inventory/forward";
 
-    fn body(action: &str, key: &str) -> Vec<u8> {
-        serde_json::to_vec(&serde_json::json!({
-            "saga_id": "s", "definition": "order@1", "step": "reserve-inventory", "action": action,
-            "kind": "forward", "attempt": 1, "idempotency_key": key,
+    fn command() -> serde_json::Value {
+        serde_json::json!({
+            "saga_id": SAGA, "definition": "order@1", "step": "reserve-inventory", "action": "reserve",
+            "kind": "forward", "attempt": 1, "idempotency_key": KEY,
             "payload": {"order_id": "o", "customer_id": "c", "items": [{"sku": "A", "quantity": 1}],
                         "amount_cents": 5, "currency": "EUR"}
-        }))
-        .unwrap_or_default()
+        })
+    }
+
+    fn with(changes: &[(&str, serde_json::Value)]) -> Vec<u8> {
+        let mut v = command();
+        for (path, value) in changes {
+            let mut at = &mut v;
+            for p in path.split('.') {
+                at = match p.parse::<usize>() {
+                    Ok(i) => &mut at[i],
+                    Err(_) => &mut at[p],
+                };
+            }
+            *at = value.clone();
+        }
+        serde_json::to_vec(&v).unwrap_or_default()
     }
 
     #[test]
     fn a_good_command_decodes() {
-        let cmd = decode(
-            "saga.cmd.inventory.reserve",
-            &body("reserve", "s/reserve-inventory/forward"),
-            ACTIONS,
-        );
+        let cmd = decode("saga.cmd.inventory.reserve", &with(&[]), ACTIONS);
         assert_eq!(cmd.map(|c| c.action), Ok("reserve".to_string()));
     }
 
@@ -294,39 +475,118 @@ mod tests {
     }
 
     #[test]
-    fn malformed_commands_are_refused_with_a_reason() {
-        let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+    fn malformed_commands_get_an_error_naming_the_field() {
+        use serde_json::json;
+        let upper = SAGA.to_uppercase();
+        let cases: Vec<(&str, Vec<u8>, &str, &str)> = vec![
             (
                 "saga.cmd.inventory.reserve",
                 b"not json".to_vec(),
+                "body",
                 "malformed command",
             ),
-            ("saga.cmd.inventory.reserve", b"{}".to_vec(), "malformed command"),
             (
                 "saga.cmd.inventory.reserve",
-                body("release", "s/reserve-inventory/forward"),
+                b"{}".to_vec(),
+                "body",
+                "malformed command",
+            ),
+            (
+                "saga.cmd.inventory.reserve",
+                with(&[("action", json!("release"))]),
+                "action",
                 "does not match",
             ),
             (
                 "saga.cmd.inventory.explode",
-                body("explode", "s/reserve-inventory/forward"),
+                with(&[("action", json!("explode"))]),
+                "action",
                 "unknown action",
             ),
             (
                 "saga.cmd.inventory.reserve",
-                body("reserve", ""),
-                "idempotency_key is empty",
+                with(&[("idempotency_key", json!(""))]),
+                "idempotency_key",
+                "must be",
             ),
             (
                 "saga.cmd.inventory.reserve",
-                body("reserve", "other/key"),
-                "should be",
+                with(&[("idempotency_key", json!("other/key"))]),
+                "idempotency_key",
+                "must be",
+            ),
+            (
+                "saga.cmd.inventory.reserve",
+                with(&[
+                    ("saga_id", json!("")),
+                    ("idempotency_key", json!("/reserve-inventory/forward")),
+                ]),
+                "saga_id",
+                "canonical",
+            ),
+            (
+                "saga.cmd.inventory.reserve",
+                with(&[
+                    ("saga_id", json!("s1")),
+                    ("idempotency_key", json!("s1/reserve-inventory/forward")),
+                ]),
+                "saga_id",
+                "canonical",
+            ),
+            (
+                "saga.cmd.inventory.reserve",
+                with(&[
+                    ("saga_id", json!(upper)),
+                    (
+                        "idempotency_key",
+                        json!(format!("{upper}/reserve-inventory/forward")),
+                    ),
+                ]),
+                "saga_id",
+                "canonical",
             ),
         ];
-        for (subject, b, why) in cases {
+        for (subject, b, field, why) in cases {
             match decode(subject, &b, ACTIONS) {
                 Ok(c) => panic!("{why}: accepted {c:?}"),
-                Err(reason) => assert!(reason.contains(why), "{reason} should say {why}"),
+                Err(Refused {
+                    field: f,
+                    reply: Reply::Error { reason },
+                }) => {
+                    assert_eq!(f, field, "{reason}");
+                    assert!(reason.contains(why), "{reason} should say {why}");
+                }
+                Err(other) => panic!("{why}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn orders_no_create_order_could_make_are_rejected_naming_the_field() {
+        use serde_json::json;
+        let cases = [
+            ("payload.amount_cents", json!(-50_000)),
+            ("payload.amount_cents", json!(0)),
+            ("payload.currency", json!("eur")),
+            ("payload.customer_id", json!("")),
+            ("payload.customer_id", json!("c\u{202E}")),
+            ("payload.order_id", json!("o\u{2028}")),
+            ("payload.items", json!([])),
+            ("payload.items.0.quantity", json!(0)),
+            ("payload.items.0.sku", json!("\u{202E}1-A")),
+        ];
+        for (path, value) in cases {
+            let b = with(&[(path, value.clone())]);
+            match decode("saga.cmd.inventory.reserve", &b, ACTIONS) {
+                Err(Refused {
+                    field,
+                    reply: Reply::Rejected { reason },
+                }) => {
+                    let want = path.replace(".0.", "[0].");
+                    assert_eq!(field, want, "{value}");
+                    assert!(reason.starts_with(INVALID_PAYLOAD), "{reason}");
+                }
+                other => panic!("{path}={value}: {other:?}"),
             }
         }
     }

@@ -112,6 +112,19 @@ impl ShippingConfig {
 const SHIPMENT_PREFIX: &str = "shipment/";
 const ACTIONS: &[&str] = &["create-shipment", "cancel-shipment"];
 
+/// Where the shipment counters live in the state tree (outside `shipment/`).
+const COUNTS_KEY: &str = "meta/counts";
+
+/// The figures of `saga.admin.shipping.stats`, kept in the transaction of
+/// each booking and cancellation (never a scan of the shipments).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShipmentCounts {
+    /// Shipments booked and not cancelled.
+    pub shipments: u64,
+    /// Shipments cancelled.
+    pub cancelled: u64,
+}
+
 fn shipment_key(forward_key: &str) -> String {
     format!("{SHIPMENT_PREFIX}{forward_key}")
 }
@@ -144,13 +157,50 @@ impl Shipping {
     ///
     /// # Errors
     /// sled errors.
+    /// A database without counters (written by an older release) gets them
+    /// here, from one scan.
     pub fn open(db: sled::Db, config: ShippingConfig) -> Result<Self, StoreError> {
-        Ok(Shipping {
+        let shipping = Shipping {
             store: Store::new(db)?,
             config,
             commands: AtomicU64::new(0),
             dedupe_hits: AtomicU64::new(0),
-        })
+        };
+        if !shipping.store.state().contains_key(COUNTS_KEY)? {
+            let counts = shipping.scan_counts()?;
+            shipping
+                .store
+                .update_state(|state| tx_put(state, COUNTS_KEY, &counts))?;
+        }
+        Ok(shipping)
+    }
+
+    /// The counters as stored.
+    ///
+    /// # Errors
+    /// sled errors; a corrupt value.
+    pub fn counts(&self) -> Result<ShipmentCounts, StoreError> {
+        match self.store.state().get(COUNTS_KEY)? {
+            Some(bytes) => crate::dedupe::decode(COUNTS_KEY.as_bytes(), &bytes),
+            None => Ok(ShipmentCounts::default()),
+        }
+    }
+
+    /// The counters worked out from every shipment (at open, and to check them).
+    ///
+    /// # Errors
+    /// sled errors; corrupt values.
+    pub fn scan_counts(&self) -> Result<ShipmentCounts, StoreError> {
+        let mut c = ShipmentCounts::default();
+        for entry in self.store.scan::<Shipment>(SHIPMENT_PREFIX) {
+            let (_, s) = entry?;
+            if s.cancelled {
+                c.cancelled += 1;
+            } else {
+                c.shipments += 1;
+            }
+        }
+        Ok(c)
     }
 
     /// Every shipment, by forward key.
@@ -189,6 +239,9 @@ impl Shipping {
                             cancelled: false,
                         };
                         tx_put(state, &shipment_key(&key), &shipment)?;
+                        let mut counts: ShipmentCounts = tx_get(state, COUNTS_KEY)?.unwrap_or_default();
+                        counts.shipments += 1;
+                        tx_put(state, COUNTS_KEY, &counts)?;
                         Ok(Reply::ok(serde_json::json!({
                             "shipment_id": shipment.shipment_id,
                             "carrier": shipment.carrier,
@@ -209,6 +262,12 @@ impl Shipping {
                         };
                         if expected.as_ref().is_some_and(|id| *id != shipment.shipment_id) {
                             return Ok(Reply::rejected("shipment_id_mismatch"));
+                        }
+                        if !shipment.cancelled {
+                            let mut counts: ShipmentCounts = tx_get(state, COUNTS_KEY)?.unwrap_or_default();
+                            counts.shipments = counts.shipments.saturating_sub(1);
+                            counts.cancelled += 1;
+                            tx_put(state, COUNTS_KEY, &counts)?;
                         }
                         shipment.cancelled = true;
                         tx_put(state, &k, &shipment)?;
@@ -245,35 +304,32 @@ impl Handler for Shipping {
     }
 
     fn stats(&self) -> serde_json::Value {
-        let (mut booked, mut cancelled) = (0u64, 0u64);
-        for entry in self.store.scan::<Shipment>(SHIPMENT_PREFIX) {
-            match entry {
-                Ok((_, s)) if s.cancelled => cancelled += 1,
-                Ok(_) => booked += 1,
-                Err(e) => return serde_json::json!({"error": e.to_string()}),
-            }
-        }
+        let counts = match self.counts() {
+            Ok(c) => c,
+            Err(e) => return serde_json::json!({"error": e.to_string()}),
+        };
         serde_json::json!({
-            "shipments": booked,
-            "cancelled": cancelled,
+            "shipments": counts.shipments,
+            "cancelled": counts.cancelled,
             "commands": self.commands.load(Ordering::Relaxed),
             "dedupe_hits": self.dedupe_hits.load(Ordering::Relaxed),
         })
     }
 
     /// `{saga_id: shipment}` for every shipment not cancelled.
-    fn effects(&self) -> serde_json::Value {
-        let mut out = serde_json::Map::new();
-        for entry in self.store.scan::<Shipment>(SHIPMENT_PREFIX) {
-            match entry {
-                Ok((key, s)) if !s.cancelled => {
-                    out.insert(saga_of_key(&key).to_string(), serde_json::json!(s));
-                }
-                Ok(_) => {}
-                Err(e) => return serde_json::json!({"error": e.to_string()}),
-            }
-        }
-        serde_json::Value::Object(out)
+    fn effects(&self, cursor: Option<&str>) -> crate::runtime::EffectsIter<'_> {
+        Box::new(
+            self.store
+                .scan_after::<Shipment>(SHIPMENT_PREFIX, cursor)
+                .filter_map(|entry| match entry {
+                    Ok((_, s)) if s.cancelled => None,
+                    Ok((key, s)) => {
+                        let saga = saga_of_key(&key).to_string();
+                        Some(Ok((key, saga, serde_json::json!(s))))
+                    }
+                    Err(e) => Some(Err(e)),
+                }),
+        )
     }
 
     fn store(&self) -> &Store {
@@ -413,8 +469,11 @@ mod tests {
             ))
             .await;
         assert!(matches!(cancelled, Reply::Ok { .. }), "{cancelled:?}");
-        let effects = s.effects();
+        let effects = crate::runtime::all_effects(&s);
         assert_eq!(effects["s1"]["shipment_id"], id.as_str());
         assert!(effects.get("s4").is_none(), "cancelled shipments hold nothing");
+        assert_eq!(s.counts().expect("counts"), s.scan_counts().expect("scan"));
+        assert_eq!(s.stats()["shipments"], 1);
+        assert_eq!(s.stats()["cancelled"], 1);
     }
 }

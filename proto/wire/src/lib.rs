@@ -10,6 +10,12 @@
 
 use serde::{Deserialize, Serialize};
 
+mod validate;
+pub use validate::{
+    check_currency, check_definition, check_id, check_name, check_saga_id, check_text, is_forbidden_char,
+    FieldError, MAX_AMOUNT_CENTS, MAX_ID_CHARS, MAX_ITEMS, MAX_NAME_CHARS, MAX_QUANTITY, MAX_SKU_CHARS,
+};
+
 /// Header carrying the saga's correlation id on every command.
 pub const CORRELATION_HEADER: &str = "X-Correlation-ID";
 /// W3C trace-context header.
@@ -39,9 +45,44 @@ pub fn stats_subject(participant: &str) -> String {
     format!("{ADMIN_SUBJECT_PREFIX}.{participant}.stats")
 }
 
-/// Subject answering the effects a participant holds, per saga id, as JSON.
+/// Subject answering the effects a participant holds, per saga id, a page
+/// at a time ([`EffectsRequest`] → [`EffectsPage`]).
 pub fn effects_subject(participant: &str) -> String {
     format!("{ADMIN_SUBJECT_PREFIX}.{participant}.effects")
+}
+
+/// Entries in an effects page when the request names no `limit`.
+pub const EFFECTS_PAGE_DEFAULT: u32 = 500;
+/// Most entries in one effects page; a larger `limit` is lowered to it.
+pub const EFFECTS_PAGE_MAX: u32 = 1000;
+/// Most bytes of entries in one effects page: a page ends before the entry
+/// that would pass it (but holds at least one entry), so a reply stays far
+/// below NATS's 1 MiB payload limit whatever the entries hold.
+pub const EFFECTS_PAGE_BYTES: usize = 512 * 1024;
+
+/// The request on [`effects_subject`]: an empty body, `{}`, asks for the
+/// first page; `cursor` is the `next_cursor` of the previous page.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EffectsRequest {
+    /// Where the page starts: after this entry (a previous page's `next_cursor`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
+    /// Most entries wanted; [`EFFECTS_PAGE_DEFAULT`] when absent, at most
+    /// [`EFFECTS_PAGE_MAX`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+}
+
+/// The reply on [`effects_subject`]: one page of the effects a participant
+/// holds, per saga id, in key order.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct EffectsPage {
+    /// `{saga_id: effect}` (the participant's own shape of an effect).
+    pub effects: serde_json::Map<String, serde_json::Value>,
+    /// The cursor of the next page; absent on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
 }
 
 /// The saga id of an idempotency key (`<saga_id>/<step>/<kind>`).
@@ -111,16 +152,18 @@ pub struct Command {
     pub input: serde_json::Value,
 }
 
-/// The business payload of an order saga.
+/// The business payload of an order saga (its rules: [`OrderPayload::validate`];
+/// like the order schema, it has no other fields).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct OrderPayload {
     /// Business order id.
     pub order_id: String,
     /// Customer the order is for.
     pub customer_id: String,
-    /// Lines of the order; never empty.
+    /// Lines of the order; 1 to [`MAX_ITEMS`].
     pub items: Vec<Item>,
-    /// Total to charge, in minor units; always > 0.
+    /// Total to charge, in minor units; 1 to [`MAX_AMOUNT_CENTS`].
     pub amount_cents: i64,
     /// ISO 4217 currency code.
     pub currency: String,
@@ -128,10 +171,11 @@ pub struct OrderPayload {
 
 /// One order line.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Item {
-    /// Stock keeping unit; non-empty.
+    /// Stock keeping unit; 1 to [`MAX_SKU_CHARS`] characters.
     pub sku: String,
-    /// Units; ≥ 1.
+    /// Units; 1 to [`MAX_QUANTITY`].
     pub quantity: u32,
 }
 

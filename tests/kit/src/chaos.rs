@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use rand::{rngs::StdRng, Rng};
 use saga_proto::pb::{self, SagaState};
 
@@ -210,17 +210,31 @@ pub async fn all_sagas(addr: SocketAddr, state: Option<SagaState>) -> Result<Vec
     }
 }
 
-/// A participant's effects per saga (`saga.admin.<participant>.effects`).
+/// A participant's effects per saga (`saga.admin.<participant>.effects`),
+/// every page of them, as one `{saga_id: effect}` map.
 ///
 /// # Errors
-/// No answer in 10 s.
+/// A page not answered in 10 s, or not an effects page.
 pub async fn effects(client: &async_nats::Client, participant: &str) -> Result<serde_json::Value> {
-    crate::admin_request(
-        client,
-        saga_wire::effects_subject(participant),
-        Duration::from_secs(10),
-    )
-    .await
+    let subject = saga_wire::effects_subject(participant);
+    let mut request = saga_wire::EffectsRequest::default();
+    let mut all = serde_json::Map::new();
+    loop {
+        let body = serde_json::to_vec(&request)?;
+        let msg = tokio::time::timeout(
+            Duration::from_secs(10),
+            client.request(subject.clone(), body.into()),
+        )
+        .await
+        .with_context(|| format!("{subject} timed out"))??;
+        let page: saga_wire::EffectsPage = serde_json::from_slice(&msg.payload)
+            .with_context(|| format!("{subject}: {}", String::from_utf8_lossy(&msg.payload)))?;
+        all.extend(page.effects);
+        match page.next_cursor {
+            Some(cursor) => request.cursor = Some(cursor),
+            None => return Ok(serde_json::Value::Object(all)),
+        }
+    }
 }
 
 /// Waits until a coordinator answers gRPC; returns how long it took.
