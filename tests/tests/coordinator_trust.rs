@@ -41,7 +41,7 @@ async fn metric(c: &RunningCoordinator, name: &str, labels: &str) -> Result<f64>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_auth_failures_are_counted_and_a_token_with_spaces_is_refused() -> Result<()> {
     let s = System::bare(None).await?;
-    let c = RunningCoordinator::start_with(&s.nats.url(), &s.path("coordinator"), &s.definitions, |c| {
+    let c = RunningCoordinator::start_with(&s.nats.access(), &s.path("coordinator"), &s.definitions, |c| {
         c.operator_token = Some(TOKEN.into());
     })
     .await?;
@@ -122,7 +122,7 @@ async fn the_events_stream_is_bounded_by_default_and_an_existing_one_is_updated(
         st.info().await.ok().map(|i| i.config.max_bytes)
     };
 
-    let c = RunningCoordinator::start(&s.nats.url(), &s.path("coordinator"), &s.definitions).await?;
+    let c = RunningCoordinator::start(&s.nats.access(), &s.path("coordinator"), &s.definitions).await?;
     c.wait_ready().await?;
     eventually(WAIT, "the stream's max_bytes set to 1 GiB", || {
         let js = js.clone();
@@ -133,7 +133,7 @@ async fn the_events_stream_is_bounded_by_default_and_an_existing_one_is_updated(
     c.stop().await?;
 
     // A changed flag reaches the existing stream on the next start.
-    let c = RunningCoordinator::start_with(&s.nats.url(), &s.path("coordinator"), &s.definitions, |c| {
+    let c = RunningCoordinator::start_with(&s.nats.access(), &s.path("coordinator"), &s.definitions, |c| {
         c.events_max_bytes = 64 << 20;
     })
     .await?;
@@ -168,7 +168,7 @@ async fn a_101_step_definition_is_refused_at_load_and_on_reload_with_its_line() 
     let file = defs.join("long.yaml");
     std::fs::write(&file, long_definition(101))?;
 
-    let c = RunningCoordinator::start(&s.nats.url(), &s.path("coordinator"), &defs).await?;
+    let c = RunningCoordinator::start(&s.nats.access(), &s.path("coordinator"), &defs).await?;
     let refused = tokio::time::timeout(WAIT, c.stop())
         .await
         .context("a coordinator with a 101-step definition must not start")?
@@ -180,7 +180,7 @@ async fn a_101_step_definition_is_refused_at_load_and_on_reload_with_its_line() 
 
     // 100 load; a reload to 101 is refused and the 100-step version stays in force.
     std::fs::write(&file, long_definition(100))?;
-    let c = RunningCoordinator::start(&s.nats.url(), &s.path("coordinator"), &defs).await?;
+    let c = RunningCoordinator::start(&s.nats.access(), &s.path("coordinator"), &defs).await?;
     c.wait_ready().await?;
     std::fs::write(&file, long_definition(101).replace("version: 1", "version: 2"))?;
     let e = c.reload().await?.expect_err("reload refused");
@@ -201,7 +201,7 @@ async fn a_101_step_definition_is_refused_at_load_and_on_reload_with_its_line() 
     c.stop().await?;
 
     // The bound is a flag: with --max-steps 150 the 101 steps load.
-    let c = RunningCoordinator::start_with(&s.nats.url(), &s.path("coordinator"), &defs, |c| {
+    let c = RunningCoordinator::start_with(&s.nats.access(), &s.path("coordinator"), &defs, |c| {
         c.max_steps = 150;
     })
     .await?;
@@ -301,7 +301,7 @@ async fn an_oversized_ok_output_is_malformed_never_stored_and_the_saga_does_not_
 {
     let s = System::bare(None).await?;
     let defs = trust_definitions(s.dir.path())?;
-    let c = RunningCoordinator::start(&s.nats.url(), &s.path("coordinator"), &defs).await?;
+    let c = RunningCoordinator::start(&s.nats.access(), &s.path("coordinator"), &defs).await?;
     c.wait_ready().await?;
     let labels = "participant=\"fake\";action=\"reserve\";outcome=\"malformed\"";
     let before = metric(&c, "saga_step_duration_seconds_count", labels).await?;
@@ -328,7 +328,7 @@ async fn an_oversized_ok_output_is_malformed_never_stored_and_the_saga_does_not_
 async fn an_output_violating_its_output_schema_is_malformed_and_never_stored() -> Result<()> {
     let s = System::bare(None).await?;
     let defs = trust_definitions(s.dir.path())?;
-    let c = RunningCoordinator::start(&s.nats.url(), &s.path("coordinator"), &defs).await?;
+    let c = RunningCoordinator::start(&s.nats.access(), &s.path("coordinator"), &defs).await?;
     c.wait_ready().await?;
     // Small, but not what the step declares.
     let forged = serde_json::json!({ "reservation_id": "forged; DROP TABLE" });

@@ -281,7 +281,7 @@ async fn effects_come_in_pages_each_far_under_the_nats_limit() -> Result<()> {
     let s = System::bare(None).await?;
     // 60,000 reservations: about 3 MB as one `{saga_id: {...}}` map.
     let ids = seed_reservations(&s.path("inventory"), 60_000)?;
-    let inventory = start_inventory(&s.nats.url(), &s.path("inventory"), STOCK).await?;
+    let inventory = start_inventory(&s.nats.access(), &s.path("inventory"), STOCK).await?;
     wait_participant(&s.client, "inventory").await?;
 
     let subject = wire::effects_subject("inventory");
@@ -345,7 +345,7 @@ async fn stats_are_counters_kept_with_the_ledger_and_answered_while_commands_run
         gateway_latency: Duration::from_millis(20),
         ..PaymentSettings::default()
     };
-    let payment = start_payment(&s.nats.url(), &s.path("payment"), &settings).await?;
+    let payment = start_payment(&s.nats.access(), &s.path("payment"), &settings).await?;
     wait_participant(&s.client, "payment").await?;
 
     // 60 charges in flight while stats are asked for over and over.
@@ -397,7 +397,7 @@ async fn stats_are_counters_kept_with_the_ledger_and_answered_while_commands_run
             .insert(key.as_bytes(), participants::dedupe::encode(&entry)?)?;
         db.flush()?;
     }
-    let payment = start_payment(&s.nats.url(), &s.path("payment"), &settings).await?;
+    let payment = start_payment(&s.nats.access(), &s.path("payment"), &settings).await?;
     wait_participant(&s.client, "payment").await?;
     let figures = stats(&s.client, "payment").await?;
     assert_eq!(
@@ -438,6 +438,7 @@ async fn a_future_dated_upper_case_saga_id_is_refused_and_cannot_stop_pruning() 
         &dir,
         STOCK.iter().map(|(k, n)| ((*k).to_string(), *n)).collect(),
     );
+    config.nats_security = s.nats.access().security(&Role::Participant("inventory".into()));
     config.retention = participants::ReplyRetention {
         reply_retention: Duration::from_secs(3600),
     };
