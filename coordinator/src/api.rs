@@ -40,7 +40,6 @@ pub(crate) const CORRELATION_METADATA: &str = "x-correlation-id";
 const DEFAULT_PAGE: u32 = 100;
 const MAX_PAGE: u32 = 1000;
 const MAX_TEXT: usize = 128;
-const MAX_ITEMS: usize = 100;
 
 /// The service implementation.
 pub(crate) struct SagaApi {
@@ -166,18 +165,16 @@ fn store_status(e: StoreError) -> Status {
     }
 }
 
-fn text(field: &str, value: &str, required: bool) -> Result<String, Status> {
+/// `value` without surrounding whitespace (what a client meant), checked
+/// with saga-wire's id rules, the ones the participants apply again.
+fn text(field: &str, value: &str) -> Result<String, Status> {
     let v = value.trim();
-    if required && v.is_empty() {
-        return Err(invalid(field, "must not be empty"));
-    }
-    if v.chars().count() > MAX_TEXT {
-        return Err(invalid(field, format!("must be at most {MAX_TEXT} characters")));
-    }
-    if v.chars().any(char::is_control) {
-        return Err(invalid(field, "must not contain control characters"));
-    }
+    saga_wire::check_id(field, v).map_err(field_status)?;
     Ok(v.to_string())
+}
+
+fn field_status(e: saga_wire::FieldError) -> Status {
+    invalid(&e.field, e.reason)
 }
 
 /// Validates a `CreateOrderRequest` into a [`NewSaga`]: the one boundary
@@ -204,52 +201,37 @@ pub(crate) fn validate_create(
         ),
         _ => invalid("definition", format!("unknown saga definition `{name}`")),
     })?;
-    let customer_id = text("customer_id", &req.customer_id, true)?;
-    if req.items.is_empty() {
-        return Err(invalid("items", "at least one item is required"));
-    }
-    if req.items.len() > MAX_ITEMS {
-        return Err(invalid("items", format!("at most {MAX_ITEMS} items")));
-    }
-    let mut items = Vec::with_capacity(req.items.len());
-    for (i, item) in req.items.iter().enumerate() {
-        let sku = text(&format!("items[{i}].sku"), &item.sku, true)?;
-        if item.quantity < 1 {
-            return Err(invalid(&format!("items[{i}].quantity"), "must be at least 1"));
-        }
-        items.push(Item {
-            sku,
-            quantity: item.quantity,
-        });
-    }
-    if req.amount_cents <= 0 {
-        return Err(invalid("amount_cents", "must be greater than 0"));
-    }
-    let currency = if req.currency.trim().is_empty() {
-        "EUR".to_string()
-    } else {
-        req.currency.trim().to_string()
-    };
-    if !(currency.len() == 3 && currency.chars().all(|c| c.is_ascii_uppercase())) {
-        return Err(invalid("currency", "must be a 3-letter upper-case ISO 4217 code"));
-    }
+    // Normalized here (surrounding whitespace, the defaults); every rule on
+    // the values is saga-wire's, the one the participants check again.
     let order_id_given = !req.order_id.trim().is_empty();
     let order_id = if order_id_given {
-        text("order_id", &req.order_id, true)?
+        req.order_id.trim().to_string()
     } else {
         Uuid::new_v4().to_string()
     };
-    let idempotency_key = match text("idempotency_key", &req.idempotency_key, false)? {
-        k if k.is_empty() => None,
-        k => Some(k),
+    let currency = match req.currency.trim() {
+        "" => "EUR".to_string(),
+        c => c.to_string(),
+    };
+    let idempotency_key = match req.idempotency_key.trim() {
+        "" => None,
+        k => Some(text("idempotency_key", k)?),
     };
     let order = OrderPayload {
         order_id,
-        customer_id,
-        items,
+        customer_id: req.customer_id.trim().to_string(),
+        items: req
+            .items
+            .iter()
+            .map(|i| Item {
+                sku: i.sku.trim().to_string(),
+                quantity: i.quantity,
+            })
+            .collect(),
         amount_cents: req.amount_cents,
         currency,
     };
+    order.validate().map_err(field_status)?;
     // The definition's own contract (its `input_schema`), after the engine's.
     let input = serde_json::to_value(&order).map_err(|e| Status::internal(e.to_string()))?;
     definitions
@@ -659,9 +641,9 @@ impl SagaService for SagaApi {
         self.authorize(&request, "AbortSaga")?;
         let req = request.into_inner();
         let id = parse_saga_id("saga_id", &req.saga_id)?;
-        let reason = match text("reason", &req.reason, false)? {
-            r if r.is_empty() => "operator abort".to_string(),
-            r => r,
+        let reason = match req.reason.trim() {
+            "" => "operator abort".to_string(),
+            r => text("reason", r)?,
         };
         // An abort compensates with the forward replies the participants stored.
         self.check_horizon(&id).await?;

@@ -336,13 +336,23 @@ async fn bad_grpc_input_is_refused_naming_the_field() -> Result<()> {
             },
             "definition",
         ),
-        // Only the definition's input_schema (schemas/order.v1.json) refuses these.
+        // The order schema's bounds, kept by saga-wire's rules too.
         (
             order("c-1", &[("A-1", 1), ("B-2", 1001)], 100),
             "items[1].quantity",
         ),
         (order("c-1", &[(&"S".repeat(65), 1)], 100), "items[0].sku"),
         (order("c-1", &[("A-1", 1)], 100_000_001), "amount_cents"),
+        // Unicode format characters and separators pass no id (issue 15, finding 6).
+        (order("c-\u{202E}1", &[("A-1", 1)], 100), "customer_id"),
+        (order("c-1", &[("A-\u{200B}1", 1)], 100), "items[0].sku"),
+        (
+            pb::CreateOrderRequest {
+                order_id: "o-\u{2028}1".into(),
+                ..order("c-1", &[("A-1", 1)], 100)
+            },
+            "order_id",
+        ),
     ];
     for (req, field) in cases {
         let err = g.create_order(req).await.expect_err("invalid");
