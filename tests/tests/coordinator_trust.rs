@@ -296,6 +296,15 @@ fn assert_not_stored(saga: &pb::Saga, released: &[serde_json::Value]) {
     assert!(text < 8 * 1024, "GetSaga carries {text} bytes of reasons");
 }
 
+/// The details of a saga's history, one per line.
+fn details(saga: &pb::Saga) -> String {
+    saga.history
+        .iter()
+        .map(|h| h.detail.as_str())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_ok_output_is_malformed_never_stored_and_the_saga_does_not_complete_on_it() -> Result<()>
 {
@@ -309,12 +318,7 @@ async fn an_oversized_ok_output_is_malformed_never_stored_and_the_saga_does_not_
     let forged = serde_json::json!({ "reservation_id": "r".repeat(900 * 1024) });
     let (saga, released) = run_with_forged_output(&s, &c, "trust", forged).await?;
     assert_not_stored(&saga, &released);
-    let history = saga
-        .history
-        .iter()
-        .map(|h| h.detail.as_str())
-        .collect::<Vec<_>>()
-        .join("\n");
+    let history = details(&saga);
     assert!(
         history.contains("a step output is at most 65536 bytes"),
         "{history}"
@@ -334,12 +338,7 @@ async fn an_output_violating_its_output_schema_is_malformed_and_never_stored() -
     let forged = serde_json::json!({ "reservation_id": "forged; DROP TABLE" });
     let (saga, released) = run_with_forged_output(&s, &c, "trust-schema", forged).await?;
     assert_not_stored(&saga, &released);
-    let history = saga
-        .history
-        .iter()
-        .map(|h| h.detail.as_str())
-        .collect::<Vec<_>>()
-        .join("\n");
+    let history = details(&saga);
     assert!(
         history.contains("output_schema") && history.contains("output.reservation_id"),
         "{history}"
