@@ -1,7 +1,10 @@
 //! `sagactl`: the operator's command line for the saga coordinator, over gRPC.
 //!
 //! Human tables by default, `--json` for scripts. `demo` places the four
-//! orders of `make demo` and checks each ends where it should.
+//! orders of `make demo` and checks each ends where it should; `conformance`
+//! drives a running participant through the protocol's rules over NATS.
+
+mod conformance;
 
 use std::time::Duration;
 
@@ -173,6 +176,11 @@ enum Cmd {
         #[arg(long)]
         mermaid: bool,
     },
+    /// Drive a running participant through the protocol's rules (a forward
+    /// and its repeat, a compensation and its repeat, a compensation before
+    /// its forward, malformed commands, an unknown action) as the coordinator
+    /// would, and print a pass/fail row per rule; exits 1 if one fails.
+    Conformance(Box<conformance::Args>),
     /// Place the demo's four orders (completes, out of stock, declined, shipped) and show how each ended.
     Demo {
         /// How long to wait for each saga to finish.
@@ -719,6 +727,7 @@ async fn main() -> anyhow::Result<()> {
             participants,
             events_stream,
         } => return nats_auth(dir, participants, events_stream, cli.json),
+        Cmd::Conformance(args) => return conformance::main(args, cli.json).await,
         _ => {}
     }
     if let Cmd::Tail {
@@ -932,7 +941,11 @@ async fn main() -> anyhow::Result<()> {
         }
         // Handled before connecting to gRPC (tail talks to NATS only; validate
         // and plan read files).
-        Cmd::Tail { .. } | Cmd::Validate { .. } | Cmd::Plan { .. } | Cmd::NatsAuth { .. } => {}
+        Cmd::Tail { .. }
+        | Cmd::Validate { .. }
+        | Cmd::Plan { .. }
+        | Cmd::NatsAuth { .. }
+        | Cmd::Conformance(_) => {}
         Cmd::Definitions => {
             let defs = client
                 .list_definitions(pb::ListDefinitionsRequest {})
