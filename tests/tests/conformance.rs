@@ -166,6 +166,30 @@ async fn an_order_the_participant_refuses_fails_the_forward_rule_and_says_why() 
     s.shutdown().await
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_that_is_not_running_fails_every_rule() -> Result<()> {
+    let s = System::bare(None).await?;
+    let run = conformance(
+        &s,
+        &[
+            "--json",
+            "--participant",
+            "ghost",
+            "--forward",
+            "do",
+            "--compensate",
+            "undo",
+        ],
+    )
+    .await?;
+    ensure!(run.code == Some(1), "exit {:?}", run.code);
+    let checks = run.checks()?;
+    ensure!(checks.values().all(|(pass, _)| !pass), "{checks:?}");
+    let (_, detail) = &checks["admin subjects answer"];
+    ensure!(detail.contains("no responders"), "{detail}");
+    s.shutdown().await
+}
+
 /// How the participant in this file breaks the protocol.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Flaw {

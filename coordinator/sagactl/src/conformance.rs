@@ -48,6 +48,22 @@ pub(crate) mod rule {
     pub(crate) const MALFORMED_SAGA_ID: &str = "malformed: bad saga id -> error";
     pub(crate) const ALIVE: &str = "answers after malformed commands";
     pub(crate) const UNKNOWN: &str = "unknown action -> error";
+    /// Every rule, in order: every run prints one row for each.
+    pub(crate) const ALL: &[&str] = &[
+        ADMIN,
+        FORWARD,
+        FORWARD_REPEAT_REPLY,
+        FORWARD_REPEAT_EFFECT,
+        COMPENSATION,
+        COMPENSATION_REPEAT_REPLY,
+        COMPENSATION_REPEAT_EFFECT,
+        EARLY_COMPENSATION,
+        LATE_FORWARD,
+        MALFORMED_JSON,
+        MALFORMED_SAGA_ID,
+        ALIVE,
+        UNKNOWN,
+    ];
 }
 
 /// `sagactl conformance` options.
@@ -431,6 +447,9 @@ async fn run_rules(probe: &Probe, plan: &Plan) -> Vec<Check> {
     // The admin subjects first: every other rule reads them.
     if let Err(e) = probe.look("").await {
         checks.push(Check::new(rule::ADMIN, false, e));
+        for r in &rule::ALL[1..] {
+            checks.push(Check::new(r, false, "not run: the admin subjects failed"));
+        }
         return checks;
     }
     checks.push(Check::new(
