@@ -616,7 +616,8 @@ async fn channel(cli: &Cli) -> anyhow::Result<Channel> {
     Ok(endpoint.connect().await?)
 }
 
-/// `sagactl validate`: every definition found, every error; exit status 1 on any error.
+/// `sagactl nats-auth`: the deployment's NATS users, made once and reused;
+/// prints where the seeds are, never the seeds.
 fn nats_auth(
     dir: &std::path::Path,
     participants: &[String],
@@ -645,6 +646,7 @@ fn nats_auth(
     Ok(())
 }
 
+/// `sagactl validate`: every definition found, every error; exit status 1 on any error.
 fn validate(paths: &[std::path::PathBuf], json_out: bool) -> anyhow::Result<()> {
     let (defs, errors) = saga_core::definition::Definitions::validate_paths(paths);
     if json_out {
