@@ -33,6 +33,12 @@ pub const SERVER_CONFIG: &str = "nats-auth.conf";
 /// The participants the shipped definitions talk to.
 pub const SHIPPED_PARTICIPANTS: [&str; 3] = ["inventory", "payment", "shipping"];
 
+/// Participants of the examples that are not shipped services: the Python
+/// `loyalty` participant (`participants/examples/python/`). The test kit's
+/// servers have users for them too; deployments add them with
+/// `sagactl nats-auth --participant NAME`.
+pub const EXAMPLE_PARTICIPANTS: [&str; 1] = ["loyalty"];
+
 /// A process's part on the bus.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Role {

@@ -92,9 +92,14 @@ impl Auth {
     /// Seeds and `server.conf` in `dir/auth`.
     fn create(dir: &Path) -> Result<Arc<Self>> {
         let auth_dir = dir.join("auth");
-        let bundle =
-            saga_auth::Bundle::create_or_load(&auth_dir, &saga_auth::SHIPPED_PARTICIPANTS, EVENTS_STREAM)
-                .context("generating the NATS users")?;
+        // The example participants (the Python `loyalty`) get users too, so tests can run them.
+        let participants = [
+            &saga_auth::SHIPPED_PARTICIPANTS[..],
+            &saga_auth::EXAMPLE_PARTICIPANTS[..],
+        ]
+        .concat();
+        let bundle = saga_auth::Bundle::create_or_load(&auth_dir, &participants, EVENTS_STREAM)
+            .context("generating the NATS users")?;
         let harness = nkeys::KeyPair::new_user();
         let harness_seed = harness.seed().context("harness seed")?;
         // No permissions block: the harness may publish and subscribe anything.
