@@ -168,6 +168,7 @@ impl InventoryConfig {
             kind: self.store,
             data_dir: self.data_dir.clone(),
             kv_replicas: self.kv_replicas,
+            root_prefixes: vec![STOCK_PREFIX.to_string()],
         }
     }
 }

@@ -207,6 +207,10 @@ pub struct StoreTarget {
     pub data_dir: std::path::PathBuf,
     /// Replicas of the KV buckets when this participant creates them (jetstream store).
     pub kv_replicas: usize,
+    /// State keys kept in the jetstream store's root document (the small
+    /// shared rows: stock table, counters); every other key is a document
+    /// of its own.
+    pub root_prefixes: Vec<String>,
 }
 
 impl StoreTarget {
@@ -270,8 +274,13 @@ where
     let store = match sled_store {
         Some(s) => s,
         None => {
-            let opened =
-                store::jetstream::JsStore::open(&client, name, target.kv_replicas, retention.reply_retention);
+            let opened = store::jetstream::JsStore::open(
+                &client,
+                name,
+                target.kv_replicas,
+                retention.reply_retention,
+                &target.root_prefixes,
+            );
             let s: store::SharedStore = tokio::select! {
                 s = opened => std::sync::Arc::new(s?),
                 _ = shutdown.cancelled() => return Err(ConnectError::ShutDown.into()),

@@ -171,6 +171,7 @@ impl PaymentConfig {
             kind: self.store,
             data_dir: self.data_dir.clone(),
             kv_replicas: self.kv_replicas,
+            root_prefixes: vec!["meta/".to_string()],
         }
     }
 }

@@ -122,6 +122,7 @@ impl ShippingConfig {
             kind: self.store,
             data_dir: self.data_dir.clone(),
             kv_replicas: self.kv_replicas,
+            root_prefixes: vec!["meta/".to_string()],
         }
     }
 }
