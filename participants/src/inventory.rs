@@ -1,4 +1,4 @@
-//! The inventory participant: stock per SKU in sled.
+//! The inventory participant: stock per SKU, on either store.
 //!
 //! `reserve` moves the order's quantities from available to reserved for
 //! every line or for none (`rejected: insufficient_stock`); the reserved
@@ -8,7 +8,7 @@
 //!
 //! It owns the `stock/<sku>` and `reservation/<forward key>` entries of its
 //! state tree and nothing else; idempotency and durability are
-//! [`crate::dedupe`]'s, NATS is [`crate::runtime`]'s, metrics and HTTP are
+//! [`crate::store`]'s, NATS is [`crate::runtime`]'s, metrics and HTTP are
 //! [`crate::telemetry`]'s.
 
 use std::{
@@ -23,14 +23,13 @@ use std::{
 
 use saga_wire::{saga_of_key, Command, CommandKind, Item, Reply};
 use serde::{Deserialize, Serialize};
-use sled::transaction::ConflictableTransactionError;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::{
-    dedupe::{tx_get, tx_put, Store, StoreError, TxResult},
     runtime::{BoxFuture, Handler},
+    store::{self, tx_get, tx_put, SharedStore, StateTx, StoreError, StoreKind, TxError, TxResult},
     telemetry, ConfigError, LogFormat,
 };
 
@@ -48,9 +47,16 @@ pub struct InventoryConfig {
     /// NATS credentials and TLS.
     #[command(flatten)]
     pub nats_security: saga_nats::NatsSecurity,
-    /// Directory of the sled database.
+    /// Directory of the sled database (sled store).
     #[arg(long, env = "INVENTORY_DATA_DIR", default_value = "./data/inventory")]
     pub data_dir: PathBuf,
+    /// Where idempotency records and stock live: `sled` (one instance) or
+    /// `jetstream` (KV buckets `PART_inventory_*`, shared by replicas).
+    #[arg(long, env = "INVENTORY_STORE", value_enum, default_value = "sled")]
+    pub store: StoreKind,
+    /// Replicas of the KV buckets when this participant creates them (jetstream store).
+    #[arg(long, env = "INVENTORY_KV_REPLICAS", default_value_t = 1)]
+    pub kv_replicas: usize,
     /// JSON file of initial stock: `{"A-1": 100, ...}`.
     #[arg(long, env = "INVENTORY_STOCK_FILE")]
     pub stock_file: Option<PathBuf>,
@@ -99,6 +105,8 @@ impl InventoryConfig {
             nats_url: nats_url.into(),
             nats_security: saga_nats::NatsSecurity::default(),
             data_dir: data_dir.into(),
+            store: StoreKind::Sled,
+            kv_replicas: 1,
             stock_file: None,
             stock,
             reset_stock: false,
@@ -150,13 +158,18 @@ impl InventoryConfig {
                 reason,
             });
         }
-        if self.data_dir.as_os_str().is_empty() {
-            return Err(ConfigError::Invalid {
-                setting: "data-dir",
-                reason: "empty".into(),
-            });
-        }
+        self.store_target().validate()?;
         self.seed().map(|_| ())
+    }
+
+    /// The store this configuration opens.
+    pub fn store_target(&self) -> crate::StoreTarget {
+        crate::StoreTarget {
+            kind: self.store,
+            data_dir: self.data_dir.clone(),
+            kv_replicas: self.kv_replicas,
+            root_prefixes: vec![STOCK_PREFIX.to_string()],
+        }
     }
 }
 
@@ -182,7 +195,7 @@ fn reservation_key(forward_key: &str) -> String {
 
 /// The inventory handler.
 pub struct Inventory {
-    store: Store,
+    store: SharedStore,
     commands: AtomicU64,
     dedupe_hits: AtomicU64,
 }
@@ -194,35 +207,40 @@ const ACTIONS: &[&str] = &["reserve", "release"];
 pub const UNKNOWN_SKU: &str = "unknown_sku";
 
 impl Inventory {
-    /// Opens the inventory in `db` and applies `seed` in one flushed
+    /// Opens the inventory in `store` and applies `seed` in one durable
     /// transaction: only to SKUs not stored yet, so a restart never re-seeds
     /// over live stock; with `reset`, a stored SKU's `available` is set to
     /// the seed and its `reserved` units (held by live reservations, which a
     /// release will return) are kept.
     ///
     /// # Errors
-    /// sled errors, corrupt stored stock.
-    pub fn open(db: sled::Db, seed: &BTreeMap<String, u64>, reset: bool) -> Result<Self, StoreError> {
-        let store = Store::new(db)?;
-        store.update_state(|state| {
-            for (sku, n) in seed {
-                let key = stock_key(sku);
-                let stored: Option<Level> = tx_get(state, &key)?;
-                let level = match stored {
-                    None => Level {
-                        available: *n,
-                        reserved: 0,
-                    },
-                    Some(level) if reset => Level {
-                        available: *n,
-                        ..level
-                    },
-                    Some(_) => continue,
-                };
-                tx_put(state, &key, &level)?;
-            }
-            Ok(())
-        })?;
+    /// The store failed, corrupt stored stock.
+    pub async fn open(
+        store: SharedStore,
+        seed: &BTreeMap<String, u64>,
+        reset: bool,
+    ) -> Result<Self, StoreError> {
+        store
+            .update_state(&|state| {
+                for (sku, n) in seed {
+                    let key = stock_key(sku);
+                    let stored: Option<Level> = tx_get(state, &key)?;
+                    let level = match stored {
+                        None => Level {
+                            available: *n,
+                            reserved: 0,
+                        },
+                        Some(level) if reset => Level {
+                            available: *n,
+                            ..level
+                        },
+                        Some(_) => continue,
+                    };
+                    tx_put(state, &key, &level)?;
+                }
+                Ok(())
+            })
+            .await?;
         Ok(Inventory {
             store,
             commands: AtomicU64::new(0),
@@ -233,15 +251,18 @@ impl Inventory {
     /// Stock levels by SKU.
     ///
     /// # Errors
-    /// sled errors; corrupt values.
-    pub fn levels(&self) -> Result<BTreeMap<String, Level>, StoreError> {
-        self.store.scan(STOCK_PREFIX).collect()
+    /// The store failed; corrupt values.
+    pub async fn levels(&self) -> Result<BTreeMap<String, Level>, StoreError> {
+        Ok(store::scan_all(self.store.as_ref(), STOCK_PREFIX)
+            .await?
+            .into_iter()
+            .collect())
     }
 
     /// The index of the first line whose SKU has no stock row.
-    fn first_unknown_sku(&self, items: &[Item]) -> Result<Option<usize>, StoreError> {
+    async fn first_unknown_sku(&self, items: &[Item]) -> Result<Option<usize>, StoreError> {
         for (i, item) in items.iter().enumerate() {
-            if !self.store.state().contains_key(stock_key(&item.sku).as_bytes())? {
+            if self.store.get(&stock_key(&item.sku)).await?.is_none() {
                 return Ok(Some(i));
             }
         }
@@ -256,7 +277,7 @@ impl Inventory {
                 // A reserve never creates a stock row: a SKU the stock table
                 // does not hold is refused before anything is written (stock
                 // rows are never removed, so the answer cannot change under it).
-                if let Some(i) = self.first_unknown_sku(&cmd.payload.items)? {
+                if let Some(i) = self.first_unknown_sku(&cmd.payload.items).await? {
                     warn!(
                         field = %format!("payload.items[{i}].sku"),
                         "reserve of a SKU the stock table does not hold refused unapplied"
@@ -264,7 +285,7 @@ impl Inventory {
                     return Ok(Reply::rejected(UNKNOWN_SKU));
                 }
                 self.store
-                    .apply_forward(&key, |state| reserve(state, &key, &wanted))
+                    .apply_forward(&key, &|state| reserve(state, &key, &wanted))
                     .await?
             }
             (CommandKind::Compensate, "release") => {
@@ -276,7 +297,7 @@ impl Inventory {
                     .and_then(|v| v.as_str())
                     .map(str::to_string);
                 self.store
-                    .apply_compensation(&key, |state, forward, data| {
+                    .apply_compensation(&key, &|state, forward, data| {
                         if expected.as_deref().is_some_and(|id| id != forward) {
                             return Ok(Reply::rejected("reservation_id_mismatch"));
                         }
@@ -303,11 +324,7 @@ fn totals(items: &[Item]) -> BTreeMap<String, u64> {
     m
 }
 
-fn reserve(
-    state: &sled::transaction::TransactionalTree,
-    key: &str,
-    wanted: &BTreeMap<String, u64>,
-) -> TxResult<Reply> {
+fn reserve(state: &mut dyn StateTx, key: &str, wanted: &BTreeMap<String, u64>) -> TxResult<Reply> {
     let mut levels = Vec::with_capacity(wanted.len());
     for (sku, qty) in wanted {
         let Some(level) = tx_get::<Level>(state, &stock_key(sku))? else {
@@ -335,21 +352,16 @@ fn reserve(
     ))
 }
 
-fn release(
-    state: &sled::transaction::TransactionalTree,
-    forward: &str,
-    _data: &serde_json::Value,
-) -> TxResult<Reply> {
+fn release(state: &mut dyn StateTx, forward: &str, _data: &serde_json::Value) -> TxResult<Reply> {
     let Some(lines) = tx_get::<BTreeMap<String, u64>>(state, &reservation_key(forward))? else {
-        return Err(ConflictableTransactionError::Abort(format!(
-            "reservation {forward} missing"
-        )));
+        return Err(TxError::Abort(format!("reservation {forward} missing")));
     };
     for (sku, qty) in &lines {
         let level: Level = tx_get(state, &stock_key(sku))?.unwrap_or_default();
-        let reserved = level.reserved.checked_sub(*qty).ok_or_else(|| {
-            ConflictableTransactionError::Abort(format!("{sku}: reserved {} < {qty}", level.reserved))
-        })?;
+        let reserved = level
+            .reserved
+            .checked_sub(*qty)
+            .ok_or_else(|| TxError::Abort(format!("{sku}: reserved {} < {qty}", level.reserved)))?;
         tx_put(
             state,
             &stock_key(sku),
@@ -359,7 +371,7 @@ fn release(
             },
         )?;
     }
-    state.remove(reservation_key(forward).as_bytes())?;
+    state.remove(&reservation_key(forward))?;
     Ok(Reply::ok(serde_json::json!({"undone": true, "released": lines})))
 }
 
@@ -379,33 +391,39 @@ impl Handler for Inventory {
         })
     }
 
-    fn stats(&self) -> serde_json::Value {
-        let stock = match self.levels() {
-            Ok(l) => serde_json::to_value(l).unwrap_or_default(),
-            Err(e) => serde_json::json!({"error": e.to_string()}),
-        };
-        serde_json::json!({
-            "stock": stock,
-            "commands": self.commands.load(Ordering::Relaxed),
-            "dedupe_hits": self.dedupe_hits.load(Ordering::Relaxed),
+    fn stats(&self) -> BoxFuture<'_, serde_json::Value> {
+        Box::pin(async move {
+            let stock = match self.levels().await {
+                Ok(l) => serde_json::to_value(l).unwrap_or_default(),
+                Err(e) => serde_json::json!({"error": e.to_string()}),
+            };
+            serde_json::json!({
+                "stock": stock,
+                "commands": self.commands.load(Ordering::Relaxed),
+                "dedupe_hits": self.dedupe_hits.load(Ordering::Relaxed),
+            })
         })
     }
 
     /// `{saga_id: {sku: units held}}` for every reservation not released.
-    fn effects(&self, cursor: Option<&str>) -> crate::runtime::EffectsIter<'_> {
-        Box::new(
-            self.store
-                .scan_after::<BTreeMap<String, u64>>(RESERVATION_PREFIX, cursor)
-                .map(|entry| {
-                    entry.map(|(key, lines)| {
-                        let saga = saga_of_key(&key).to_string();
-                        (key, saga, serde_json::json!(lines))
-                    })
-                }),
-        )
+    fn effects<'a>(
+        &'a self,
+        cursor: Option<&'a str>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<crate::runtime::Effects, StoreError>> {
+        Box::pin(async move {
+            let mut out = Vec::new();
+            for (key, bytes) in self.store.scan(RESERVATION_PREFIX, cursor, limit).await? {
+                let lines: BTreeMap<String, u64> =
+                    store::decode(format!("{RESERVATION_PREFIX}{key}").as_bytes(), &bytes)?;
+                let saga = saga_of_key(&key).to_string();
+                out.push((key, saga, serde_json::json!(lines)));
+            }
+            Ok(out)
+        })
     }
 
-    fn store(&self) -> &Store {
+    fn store(&self) -> &SharedStore {
         &self.store
     }
 }
@@ -415,7 +433,7 @@ impl Handler for Inventory {
 /// `--http-addr`; tests bind port 0).
 ///
 /// # Errors
-/// Invalid settings or stock file, sled cannot open the data dir, shutdown
+/// Invalid settings or stock file, the store cannot be opened, shutdown
 /// before NATS was reachable, NATS subscription failure.
 pub async fn run(
     config: InventoryConfig,
@@ -424,14 +442,27 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     config.validate()?;
     let seed = config.seed()?;
-    let db = crate::open_db(&config.data_dir)?;
-    let inventory = Arc::new(Inventory::open(db, &seed, config.reset_stock)?);
-    info!(data_dir = %config.data_dir.display(), skus = inventory.levels()?.len(), "inventory opened");
     let nats = crate::NatsTarget {
         url: config.nats_url.clone(),
         security: config.nats_security.clone(),
     };
-    crate::serve_participant(inventory, &nats, http, config.retention, shutdown).await
+    let reset = config.reset_stock;
+    let target = config.store_target();
+    crate::serve_participant(
+        "inventory",
+        &target,
+        &nats,
+        http,
+        config.retention,
+        shutdown,
+        |store| async move {
+            let inventory = Arc::new(Inventory::open(store, &seed, reset).await?);
+            let skus = inventory.levels().await?.len();
+            info!(skus, "inventory opened");
+            Ok(inventory as Arc<dyn Handler>)
+        },
+    )
+    .await
 }
 
 #[cfg(test)]
@@ -441,10 +472,13 @@ mod tests {
 
     use super::*;
 
-    fn inventory(dir: &Path) -> Inventory {
-        let db = crate::open_db(dir).expect("sled");
+    fn sled(dir: &Path) -> SharedStore {
+        Arc::new(crate::store::Store::new(crate::open_db(dir).expect("sled")).expect("store"))
+    }
+
+    async fn inventory(dir: &Path) -> Inventory {
         let seed = BTreeMap::from([("A".to_string(), 10), ("B".to_string(), 1)]);
-        Inventory::open(db, &seed, false).expect("open")
+        Inventory::open(sled(dir), &seed, false).await.expect("open")
     }
 
     fn cmd(saga: &str, kind: CommandKind, items: &[(&str, u32)]) -> Command {
@@ -481,9 +515,10 @@ mod tests {
         }
     }
 
-    fn level(inv: &Inventory, sku: &str) -> (u64, u64) {
+    async fn level(inv: &Inventory, sku: &str) -> (u64, u64) {
         let l = inv
             .levels()
+            .await
             .expect("levels")
             .get(sku)
             .copied()
@@ -494,29 +529,35 @@ mod tests {
     #[tokio::test]
     async fn reserve_is_all_or_nothing_and_release_restores() {
         let dir = tempfile::tempdir().expect("tmp");
-        let inv = inventory(dir.path());
+        let inv = inventory(dir.path()).await;
         let r = inv
             .handle(cmd("s1", CommandKind::Forward, &[("A", 3), ("B", 2)]))
             .await;
         assert_eq!(r, Reply::rejected("insufficient_stock"));
-        assert_eq!((level(&inv, "A"), level(&inv, "B")), ((10, 0), (1, 0)));
+        assert_eq!(
+            (level(&inv, "A").await, level(&inv, "B").await),
+            ((10, 0), (1, 0))
+        );
         let r = inv
             .handle(cmd("s2", CommandKind::Forward, &[("A", 3), ("A", 2), ("B", 1)]))
             .await;
         assert!(matches!(r, Reply::Ok { .. }), "{r:?}");
-        assert_eq!((level(&inv, "A"), level(&inv, "B")), ((5, 5), (0, 1)));
+        assert_eq!((level(&inv, "A").await, level(&inv, "B").await), ((5, 5), (0, 1)));
         let r = inv.handle(cmd("s2", CommandKind::Compensate, &[])).await;
         assert!(matches!(r, Reply::Ok { .. }), "{r:?}");
-        assert_eq!((level(&inv, "A"), level(&inv, "B")), ((10, 0), (1, 0)));
+        assert_eq!(
+            (level(&inv, "A").await, level(&inv, "B").await),
+            ((10, 0), (1, 0))
+        );
         let r = inv
             .handle(cmd("s3", CommandKind::Forward, &[("A", 1), ("NOPE\u{202E}", 1)]))
             .await;
         assert_eq!(r, Reply::rejected(UNKNOWN_SKU));
         assert!(
-            !inv.levels().expect("levels").contains_key("NOPE\u{202E}"),
+            !inv.levels().await.expect("levels").contains_key("NOPE\u{202E}"),
             "no stock row"
         );
-        assert_eq!(level(&inv, "A"), (10, 0));
+        assert_eq!(level(&inv, "A").await, (10, 0));
         assert_eq!(
             inv.store
                 .stored_reply("s3/reserve-inventory/forward")
@@ -530,47 +571,47 @@ mod tests {
     #[tokio::test]
     async fn repeats_return_the_stored_reply_without_effect() {
         let dir = tempfile::tempdir().expect("tmp");
-        let inv = inventory(dir.path());
+        let inv = inventory(dir.path()).await;
         let first = inv.handle(cmd("s1", CommandKind::Forward, &[("A", 4)])).await;
         let again = inv.handle(cmd("s1", CommandKind::Forward, &[("A", 4)])).await;
         assert_eq!(first, again);
-        assert_eq!(level(&inv, "A"), (6, 4));
+        assert_eq!(level(&inv, "A").await, (6, 4));
         let rel1 = inv.handle(cmd("s1", CommandKind::Compensate, &[])).await;
         let rel2 = inv.handle(cmd("s1", CommandKind::Compensate, &[])).await;
         assert_eq!(rel1, rel2);
-        assert_eq!(level(&inv, "A"), (10, 0));
-        assert_eq!(inv.stats()["dedupe_hits"], 2);
+        assert_eq!(level(&inv, "A").await, (10, 0));
+        assert_eq!(inv.stats().await["dedupe_hits"], 2);
     }
 
     #[tokio::test]
     async fn a_release_before_its_reserve_leaves_a_tombstone() {
         let dir = tempfile::tempdir().expect("tmp");
-        let inv = inventory(dir.path());
+        let inv = inventory(dir.path()).await;
         let r = inv.handle(cmd("s1", CommandKind::Compensate, &[])).await;
         assert!(matches!(r, Reply::Ok { .. }), "{r:?}");
         let late = inv.handle(cmd("s1", CommandKind::Forward, &[("A", 4)])).await;
-        assert_eq!(late, Reply::rejected(crate::dedupe::TOMBSTONE_REASON));
-        assert_eq!(level(&inv, "A"), (10, 0));
+        assert_eq!(late, Reply::rejected(crate::store::TOMBSTONE_REASON));
+        assert_eq!(level(&inv, "A").await, (10, 0));
     }
 
     #[tokio::test]
     async fn stock_survives_a_restart_and_is_not_reseeded() {
         let dir = tempfile::tempdir().expect("tmp");
         {
-            let inv = inventory(dir.path());
+            let inv = inventory(dir.path()).await;
             inv.handle(cmd("s1", CommandKind::Forward, &[("A", 4)])).await;
         }
-        let inv = inventory(dir.path());
-        assert_eq!(level(&inv, "A"), (6, 4));
+        let inv = inventory(dir.path()).await;
+        assert_eq!(level(&inv, "A").await, (6, 4));
         let again = inv.handle(cmd("s1", CommandKind::Forward, &[("A", 4)])).await;
         assert!(matches!(again, Reply::Ok { .. }));
-        assert_eq!(level(&inv, "A"), (6, 4));
+        assert_eq!(level(&inv, "A").await, (6, 4));
     }
 
     #[tokio::test]
     async fn effects_come_a_page_at_a_time_and_the_pages_hold_every_reservation() {
         let dir = tempfile::tempdir().expect("tmp");
-        let inv = inventory(dir.path());
+        let inv = inventory(dir.path()).await;
         for i in 0..5 {
             inv.handle(cmd(&format!("s{i}"), CommandKind::Forward, &[("A", 1)]))
                 .await;
@@ -581,7 +622,7 @@ mod tests {
         };
         let mut pages = Vec::new();
         loop {
-            let page = crate::runtime::effects_page(&inv, &request).expect("page");
+            let page = crate::runtime::effects_page(&inv, &request).await.expect("page");
             assert!(page.effects.len() <= 2);
             pages.push(page.effects.keys().cloned().collect::<Vec<_>>());
             match page.next_cursor {
@@ -596,6 +637,7 @@ mod tests {
         };
         assert_eq!(
             crate::runtime::effects_page(&inv, &zero)
+                .await
                 .expect("page")
                 .effects
                 .len(),
@@ -611,8 +653,8 @@ mod tests {
         assert!(parse_stock("A=x").is_err());
     }
 
-    fn total(inv: &Inventory) -> BTreeMap<String, u64> {
-        let levels = inv.levels().expect("levels");
+    async fn total(inv: &Inventory) -> BTreeMap<String, u64> {
+        let levels = inv.levels().await.expect("levels");
         levels
             .into_iter()
             .map(|(s, l)| (s, l.available + l.reserved))
@@ -622,8 +664,8 @@ mod tests {
     #[tokio::test]
     async fn a_release_after_a_rejected_reserve_undoes_nothing_and_stock_is_conserved() {
         let dir = tempfile::tempdir().expect("tmp");
-        let inv = inventory(dir.path());
-        let before = total(&inv);
+        let inv = inventory(dir.path()).await;
+        let before = total(&inv).await;
         inv.handle(cmd("s1", CommandKind::Forward, &[("A", 2)])).await;
         let no = inv
             .handle(cmd("s2", CommandKind::Forward, &[("A", 1), ("B", 5)]))
@@ -631,14 +673,18 @@ mod tests {
         assert_eq!(no, Reply::rejected("insufficient_stock"));
         let r = inv.handle(cmd("s2", CommandKind::Compensate, &[])).await;
         assert!(matches!(r, Reply::Ok { .. }), "{r:?}");
-        assert_eq!((level(&inv, "A"), level(&inv, "B")), ((8, 2), (1, 0)));
-        assert_eq!(total(&inv), before, "available + reserved is conserved per SKU");
+        assert_eq!((level(&inv, "A").await, level(&inv, "B").await), ((8, 2), (1, 0)));
         assert_eq!(
-            crate::runtime::all_effects(&inv),
+            total(&inv).await,
+            before,
+            "available + reserved is conserved per SKU"
+        );
+        assert_eq!(
+            crate::runtime::all_effects(&inv).await,
             serde_json::json!({"s1": {"A": 2}})
         );
         assert_eq!(
-            inv.stats()["stock"]["A"],
+            inv.stats().await["stock"]["A"],
             serde_json::json!({"available": 8, "reserved": 2})
         );
     }
@@ -647,18 +693,23 @@ mod tests {
     async fn reset_stock_sets_available_and_keeps_reservations() {
         let dir = tempfile::tempdir().expect("tmp");
         {
-            let inv = inventory(dir.path());
+            let inv = inventory(dir.path()).await;
             inv.handle(cmd("s1", CommandKind::Forward, &[("A", 4)])).await;
         }
-        let db = crate::open_db(dir.path()).expect("sled");
         let seed = BTreeMap::from([("A".to_string(), 50), ("C".to_string(), 7)]);
-        let inv = Inventory::open(db, &seed, true).expect("open");
+        let inv = Inventory::open(sled(dir.path()), &seed, true)
+            .await
+            .expect("open");
         assert_eq!(
-            (level(&inv, "A"), level(&inv, "B"), level(&inv, "C")),
+            (
+                level(&inv, "A").await,
+                level(&inv, "B").await,
+                level(&inv, "C").await
+            ),
             ((50, 4), (1, 0), (7, 0))
         );
         inv.handle(cmd("s1", CommandKind::Compensate, &[])).await;
-        assert_eq!(level(&inv, "A"), (54, 0));
+        assert_eq!(level(&inv, "A").await, (54, 0));
     }
 
     #[test]

@@ -4,9 +4,11 @@
 //! - [`runtime`]: subscribe in the participant's queue group, decode, hand
 //!   the command to a [`runtime::Handler`], reply; malformed messages get an
 //!   `error` reply and a log line, never a panic;
-//! - [`dedupe`]: the sled store shared by handlers: the effect and the reply
-//!   stored under the idempotency key in ONE transaction, flushed before the
-//!   reply leaves; tombstones for compensations that overtake their forward;
+//! - [`store`]: the [`store::ParticipantStore`] trait handlers write through
+//!   (the effect and the reply stored under the idempotency key together,
+//!   durable before the reply leaves; tombstones for compensations that
+//!   overtake their forward) and its two implementations, sled (one
+//!   instance) and JetStream KV (replicas);
 //! - [`inventory`] and [`payment`]: the handlers and their `run` functions;
 //! - [`telemetry`]: `GET /metrics`, `/health` and `/ready` on each
 //!   participant's HTTP port, and the metrics the others record.
@@ -20,12 +22,15 @@
 #![deny(unreachable_pub)]
 
 pub mod analytics;
-pub mod dedupe;
 pub mod inventory;
 pub mod payment;
 pub mod runtime;
 pub mod shipping;
+pub mod store;
 pub mod telemetry;
+
+/// The store's codec and tombstone under their former name.
+pub use store as dedupe;
 
 /// Invalid settings, found by a config's `validate()` before anything starts.
 #[derive(Debug, thiserror::Error)]
@@ -139,7 +144,7 @@ const PRUNE_BATCH: usize = 10_000;
 /// Removes stored replies past `retention` now and every [`PRUNE_EVERY`],
 /// in batches, until `shutdown`; counted in `participant_replies_pruned_total`.
 async fn prune_replies(
-    store: dedupe::Store,
+    store: store::SharedStore,
     participant: String,
     retention: std::time::Duration,
     shutdown: tokio_util::sync::CancellationToken,
@@ -154,11 +159,9 @@ async fn prune_replies(
             .unwrap_or(0);
         let cutoff = now_ms.saturating_sub(u64::try_from(retention.as_millis()).unwrap_or(u64::MAX));
         loop {
-            let store = store.clone();
-            let pruned = tokio::task::spawn_blocking(move || store.prune_replies(cutoff, PRUNE_BATCH)).await;
-            match pruned {
-                Ok(Ok(0)) => break,
-                Ok(Ok(n)) => {
+            match store.prune_replies(cutoff, PRUNE_BATCH).await {
+                Ok(0) => break,
+                Ok(n) => {
                     metrics::counter!(telemetry::REPLIES_PRUNED, "participant" => participant.clone())
                         .increment(n as u64);
                     tracing::info!(
@@ -167,12 +170,8 @@ async fn prune_replies(
                         "stored replies past their retention removed"
                     );
                 }
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "cannot prune stored replies; retried later");
-                    break;
-                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "reply pruning task failed; retried later");
+                    tracing::warn!(error = %e, "cannot prune stored replies; retried later");
                     break;
                 }
             }
@@ -199,31 +198,105 @@ pub struct NatsTarget {
     pub security: saga_nats::NatsSecurity,
 }
 
-/// Runs one participant process around an opened `handler`: its HTTP surface
-/// on `http` (up while NATS is still being reached, so `/ready` can say so),
-/// the pruning of stored replies past `retention`, the NATS connection named
-/// `client_name`, [`runtime::serve`] until `shutdown`, then a bounded NATS
+/// Which store a participant opens (`--store`, `--data-dir`, `--kv-replicas`).
+#[derive(Debug, Clone)]
+pub struct StoreTarget {
+    /// sled or jetstream.
+    pub kind: store::StoreKind,
+    /// The sled directory (sled store).
+    pub data_dir: std::path::PathBuf,
+    /// Replicas of the KV buckets when this participant creates them (jetstream store).
+    pub kv_replicas: usize,
+    /// State keys kept in the jetstream store's root document (the small
+    /// shared rows: stock table, counters); every other key is a document
+    /// of its own.
+    pub root_prefixes: Vec<String>,
+}
+
+impl StoreTarget {
+    /// Checks the settings.
+    ///
+    /// # Errors
+    /// An empty data dir (sled), replicas outside 1..=5 (jetstream).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        match self.kind {
+            store::StoreKind::Sled if self.data_dir.as_os_str().is_empty() => Err(ConfigError::Invalid {
+                setting: "data-dir",
+                reason: "empty".into(),
+            }),
+            store::StoreKind::Jetstream if !(1..=5).contains(&self.kv_replicas) => {
+                Err(ConfigError::Invalid {
+                    setting: "kv-replicas",
+                    reason: "must be within 1..=5".into(),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Runs one participant process: opens its store (sled before NATS is
+/// reached; jetstream once connected), makes its handler with `make` (which
+/// may seed the store), serves its HTTP surface on `http` (up while NATS is
+/// still being reached, so `/ready` can say so), prunes stored replies past
+/// `retention`, runs [`runtime::serve`] until `shutdown`, then a bounded NATS
 /// drain and the HTTP server's stop.
 ///
 /// # Errors
-/// Shutdown before NATS was reachable, an unusable NATS URL, a subscription
-/// failure.
-pub async fn serve_participant(
-    handler: std::sync::Arc<dyn runtime::Handler>,
+/// The store cannot be opened, `make` failed, shutdown before NATS was
+/// reachable, an unusable NATS URL, a subscription failure.
+pub async fn serve_participant<F, Fut>(
+    name: &str,
+    target: &StoreTarget,
     nats: &NatsTarget,
     http: tokio::net::TcpListener,
     retention: ReplyRetention,
     shutdown: tokio_util::sync::CancellationToken,
-) -> anyhow::Result<()> {
-    let readiness = telemetry::Readiness::new(handler.participant());
-    let http = telemetry::spawn(http, readiness.clone(), handler.store().clone(), &shutdown);
+    make: F,
+) -> anyhow::Result<()>
+where
+    F: FnOnce(store::SharedStore) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<std::sync::Arc<dyn runtime::Handler>>>,
+{
+    let readiness = telemetry::Readiness::new(name);
+    let slot = telemetry::StoreSlot::default();
+    let sled_store: Option<store::SharedStore> = match target.kind {
+        store::StoreKind::Sled => Some(std::sync::Arc::new(store::Store::new(open_db(
+            &target.data_dir,
+        )?)?)),
+        store::StoreKind::Jetstream => None,
+    };
+    if let Some(s) = &sled_store {
+        slot.set(s.clone());
+    }
+    let http = telemetry::spawn(http, readiness.clone(), slot.clone(), &shutdown);
+    let client = connect(nats, name, &readiness, &shutdown).await?;
+    let store = match sled_store {
+        Some(s) => s,
+        None => {
+            let opened = store::jetstream::JsStore::open(
+                &client,
+                name,
+                target.kv_replicas,
+                retention.reply_retention,
+                &target.root_prefixes,
+            );
+            let s: store::SharedStore = tokio::select! {
+                s = opened => std::sync::Arc::new(s?),
+                _ = shutdown.cancelled() => return Err(ConnectError::ShutDown.into()),
+            };
+            slot.set(s.clone());
+            s
+        }
+    };
+    tracing::info!(participant = name, store = store.kind(), "store opened");
+    let handler = make(store.clone()).await?;
     let pruner = tokio::spawn(prune_replies(
-        handler.store().clone(),
-        handler.participant().to_string(),
+        store.clone(),
+        name.to_string(),
         retention.reply_retention,
         shutdown.clone(),
     ));
-    let client = connect(nats, handler.participant(), &readiness, &shutdown).await?;
     runtime::serve(client.clone(), handler, shutdown).await?;
     let _ = pruner.await;
     let _ = tokio::time::timeout(runtime::NATS_GRACE, client.drain()).await;
@@ -328,10 +401,11 @@ mod tests {
                 .insert(format!("{old}/s/forward"), bytes)
                 .expect("insert");
         }
-        let store = dedupe::Store::new(open_db(dir.path()).expect("sled")).expect("store");
+        let store: store::SharedStore =
+            std::sync::Arc::new(store::Store::new(open_db(dir.path()).expect("sled")).expect("store"));
         let fresh = uuid::Uuid::now_v7();
         store
-            .apply_forward(&format!("{fresh}/s/forward"), |_| {
+            .apply_forward(&format!("{fresh}/s/forward"), &|_| {
                 Ok(Reply::ok(serde_json::Value::Null))
             })
             .await

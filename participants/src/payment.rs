@@ -1,5 +1,5 @@
-//! The payment participant: a ledger in sled and a simulated card gateway
-//! behind a failsafe circuit breaker.
+//! The payment participant: a ledger (on either store) and a simulated card
+//! gateway behind a failsafe circuit breaker (one per replica).
 //!
 //! `charge`: a stored reply (repeat or tombstone) is returned at once;
 //! deterministic declines (amount above the customer limit, or a declined
@@ -11,7 +11,7 @@
 //!
 //! It owns the `charge/<forward key>` ledger entries of its state tree; it
 //! never holds a transaction (or anything else) across the gateway call, and
-//! leaves idempotency and durability to [`crate::dedupe`], NATS to
+//! leaves idempotency and durability to [`crate::store`], NATS to
 //! [`crate::runtime`], metrics and HTTP to [`crate::telemetry`].
 
 use std::{
@@ -28,14 +28,13 @@ use failsafe::{futures::CircuitBreaker, Config as BreakerConfig, Instrument};
 use rand::Rng;
 use saga_wire::{saga_of_key, Command, CommandKind, Reply};
 use serde::{Deserialize, Serialize};
-use sled::transaction::ConflictableTransactionError;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::{
-    dedupe::{tx_get, tx_put, Store, StoreError},
     runtime::{BoxFuture, Handler},
+    store::{self, tx_get, tx_put, SharedStore, StoreError, StoreKind, TxError},
     telemetry, ConfigError, LogFormat,
 };
 
@@ -53,9 +52,16 @@ pub struct PaymentConfig {
     /// NATS credentials and TLS.
     #[command(flatten)]
     pub nats_security: saga_nats::NatsSecurity,
-    /// Directory of the sled database.
+    /// Directory of the sled database (sled store).
     #[arg(long, env = "PAYMENT_DATA_DIR", default_value = "./data/payment")]
     pub data_dir: PathBuf,
+    /// Where idempotency records and the ledger live: `sled` (one instance)
+    /// or `jetstream` (KV buckets `PART_payment_*`, shared by replicas).
+    #[arg(long, env = "PAYMENT_STORE", value_enum, default_value = "sled")]
+    pub store: StoreKind,
+    /// Replicas of the KV buckets when this participant creates them (jetstream store).
+    #[arg(long, env = "PAYMENT_KV_REPLICAS", default_value_t = 1)]
+    pub kv_replicas: usize,
     /// Charges above this amount (minor units) are declined.
     #[arg(long, env = "PAYMENT_CUSTOMER_LIMIT_CENTS", default_value_t = 100_000)]
     pub customer_limit_cents: i64,
@@ -107,6 +113,8 @@ impl PaymentConfig {
             nats_url: nats_url.into(),
             nats_security: saga_nats::NatsSecurity::default(),
             data_dir: data_dir.into(),
+            store: StoreKind::Sled,
+            kv_replicas: 1,
             customer_limit_cents,
             declined_customers: Vec::new(),
             gateway_latency,
@@ -154,7 +162,17 @@ impl PaymentConfig {
         if self.breaker_max_wait < self.breaker_wait {
             return invalid("breaker-max-wait", "must be ≥ breaker-wait");
         }
-        Ok(())
+        self.store_target().validate()
+    }
+
+    /// The store this configuration opens.
+    pub fn store_target(&self) -> crate::StoreTarget {
+        crate::StoreTarget {
+            kind: self.store,
+            data_dir: self.data_dir.clone(),
+            kv_replicas: self.kv_replicas,
+            root_prefixes: vec!["meta/".to_string()],
+        }
     }
 }
 
@@ -232,7 +250,7 @@ type Breaker = failsafe::StateMachine<failsafe::failure_policy::ConsecutiveFailu
 
 /// The payment handler.
 pub struct Payment {
-    store: Store,
+    store: SharedStore,
     config: PaymentConfig,
     breaker: Breaker,
     commands: AtomicU64,
@@ -250,11 +268,11 @@ fn ledger_key(forward_key: &str) -> String {
 }
 
 impl Payment {
-    /// Opens the ledger in `db`.
+    /// Opens the ledger in `store`.
     ///
     /// # Errors
-    /// sled errors.
-    pub fn open(db: sled::Db, config: PaymentConfig) -> Result<Self, StoreError> {
+    /// The store failed.
+    pub async fn open(store: SharedStore, config: PaymentConfig) -> Result<Self, StoreError> {
         let backoff = OpenBackoff {
             next: config.breaker_wait,
             max: config.breaker_max_wait.max(config.breaker_wait),
@@ -265,7 +283,7 @@ impl Payment {
             .instrument(BreakerLog)
             .build();
         let payment = Payment {
-            store: Store::new(db)?,
+            store,
             config,
             breaker,
             commands: AtomicU64::new(0),
@@ -273,11 +291,12 @@ impl Payment {
         };
         // A ledger without totals (written by an older release) gets them
         // here, from one scan.
-        if !payment.store.state().contains_key(TOTALS_KEY)? {
-            let totals = payment.scan_totals()?;
+        if payment.store.get(TOTALS_KEY).await?.is_none() {
+            let totals = payment.scan_totals().await?;
             payment
                 .store
-                .update_state(|state| tx_put(state, TOTALS_KEY, &totals))?;
+                .update_state(&|state| tx_put(state, TOTALS_KEY, &totals))
+                .await?;
         }
         Ok(payment)
     }
@@ -285,23 +304,21 @@ impl Payment {
     /// Ledger totals, as stored with the entries (O(1)).
     ///
     /// # Errors
-    /// sled errors; a corrupt value.
-    pub fn totals(&self) -> Result<Totals, StoreError> {
-        match self.store.state().get(TOTALS_KEY)? {
-            Some(bytes) => crate::dedupe::decode(TOTALS_KEY.as_bytes(), &bytes),
-            None => Ok(Totals::default()),
-        }
+    /// The store failed; a corrupt value.
+    pub async fn totals(&self) -> Result<Totals, StoreError> {
+        Ok(store::get_as(self.store.as_ref(), TOTALS_KEY)
+            .await?
+            .unwrap_or_default())
     }
 
     /// Ledger totals worked out from every entry (at open, and to check
     /// [`Payment::totals`]).
     ///
     /// # Errors
-    /// sled errors; corrupt entries.
-    pub fn scan_totals(&self) -> Result<Totals, StoreError> {
+    /// The store failed; corrupt entries.
+    pub async fn scan_totals(&self) -> Result<Totals, StoreError> {
         let mut t = Totals::default();
-        for entry in self.store.scan::<Charge>(LEDGER_PREFIX) {
-            let (_, c) = entry?;
+        for (_, c) in store::scan_all::<Charge>(self.store.as_ref(), LEDGER_PREFIX).await? {
             t.charged_cents += c.amount_cents;
             t.charges += 1;
             if c.refunded {
@@ -347,7 +364,7 @@ impl Payment {
             }
         };
         self.store
-            .apply_forward(key, |state| match &charge_id {
+            .apply_forward(key, &|state| match &charge_id {
                 None => Ok(Reply::rejected("card_declined")),
                 Some(id) => {
                     let entry = Charge {
@@ -383,12 +400,10 @@ impl Payment {
                     .and_then(|v| v.as_str())
                     .map(str::to_string);
                 self.store
-                    .apply_compensation(&cmd.idempotency_key, |state, forward, _| {
+                    .apply_compensation(&cmd.idempotency_key, &|state, forward, _| {
                         let key = ledger_key(forward);
                         let Some(mut charge) = tx_get::<Charge>(state, &key)? else {
-                            return Err(ConflictableTransactionError::Abort(format!(
-                                "ledger entry {key} missing"
-                            )));
+                            return Err(TxError::Abort(format!("ledger entry {key} missing")));
                         };
                         if expected.as_ref().is_some_and(|id| *id != charge.charge_id) {
                             return Ok(Reply::rejected("charge_id_mismatch"));
@@ -435,35 +450,39 @@ impl Handler for Payment {
         })
     }
 
-    fn stats(&self) -> serde_json::Value {
-        let totals = match self.totals() {
-            Ok(t) => serde_json::to_value(t).unwrap_or_default(),
-            Err(e) => serde_json::json!({"error": e.to_string()}),
-        };
-        let mut v = totals;
-        v["commands"] = self.commands.load(Ordering::Relaxed).into();
-        v["dedupe_hits"] = self.dedupe_hits.load(Ordering::Relaxed).into();
-        v["breaker_open"] = (!self.breaker.is_call_permitted()).into();
-        v
+    fn stats(&self) -> BoxFuture<'_, serde_json::Value> {
+        Box::pin(async move {
+            let totals = match self.totals().await {
+                Ok(t) => serde_json::to_value(t).unwrap_or_default(),
+                Err(e) => serde_json::json!({"error": e.to_string()}),
+            };
+            let mut v = totals;
+            v["commands"] = self.commands.load(Ordering::Relaxed).into();
+            v["dedupe_hits"] = self.dedupe_hits.load(Ordering::Relaxed).into();
+            v["breaker_open"] = (!self.breaker.is_call_permitted()).into();
+            v
+        })
     }
 
     /// `{saga_id: {"amount_cents": n, "refunded": bool}}` for every ledger entry.
-    fn effects(&self, cursor: Option<&str>) -> crate::runtime::EffectsIter<'_> {
-        Box::new(
-            self.store
-                .scan_after::<Charge>(LEDGER_PREFIX, cursor)
-                .map(|entry| {
-                    entry.map(|(key, c)| {
-                        let saga = saga_of_key(&key).to_string();
-                        let effect =
-                            serde_json::json!({"amount_cents": c.amount_cents, "refunded": c.refunded});
-                        (key, saga, effect)
-                    })
-                }),
-        )
+    fn effects<'a>(
+        &'a self,
+        cursor: Option<&'a str>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<crate::runtime::Effects, StoreError>> {
+        Box::pin(async move {
+            let mut out = Vec::new();
+            for (key, bytes) in self.store.scan(LEDGER_PREFIX, cursor, limit).await? {
+                let c: Charge = store::decode(format!("{LEDGER_PREFIX}{key}").as_bytes(), &bytes)?;
+                let saga = saga_of_key(&key).to_string();
+                let effect = serde_json::json!({"amount_cents": c.amount_cents, "refunded": c.refunded});
+                out.push((key, saga, effect));
+            }
+            Ok(out)
+        })
     }
 
-    fn store(&self) -> &Store {
+    fn store(&self) -> &SharedStore {
         &self.store
     }
 }
@@ -473,7 +492,7 @@ impl Handler for Payment {
 /// `--http-addr`; tests bind port 0).
 ///
 /// # Errors
-/// Invalid settings, sled cannot open the data dir, shutdown before NATS was
+/// Invalid settings, the store cannot be opened, shutdown before NATS was
 /// reachable, NATS subscription failure.
 pub async fn run(
     config: PaymentConfig,
@@ -481,15 +500,27 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     config.validate()?;
-    let db = crate::open_db(&config.data_dir)?;
     let nats = crate::NatsTarget {
         url: config.nats_url.clone(),
         security: config.nats_security.clone(),
     };
     let retention = config.retention;
-    let payment = Arc::new(Payment::open(db, config)?);
-    info!(totals = ?payment.totals()?, "payment ledger opened");
-    crate::serve_participant(payment, &nats, http, retention, shutdown).await
+    let target = config.store_target();
+    crate::serve_participant(
+        "payment",
+        &target,
+        &nats,
+        http,
+        retention,
+        shutdown,
+        |store| async move {
+            let payment = Arc::new(Payment::open(store, config).await?);
+            let totals = payment.totals().await?;
+            info!(?totals, "payment ledger opened");
+            Ok(payment as Arc<dyn Handler>)
+        },
+    )
+    .await
 }
 
 #[cfg(test)]
@@ -498,10 +529,13 @@ mod tests {
 
     use super::*;
 
-    fn payment(dir: &Path, latency: Duration, failure_rate: f64) -> Arc<Payment> {
-        let db = crate::open_db(dir).expect("sled");
+    fn sled(dir: &Path) -> SharedStore {
+        Arc::new(crate::store::Store::new(crate::open_db(dir).expect("sled")).expect("store"))
+    }
+
+    async fn payment(dir: &Path, latency: Duration, failure_rate: f64) -> Arc<Payment> {
         let config = PaymentConfig::for_tests("nats://unused", dir, 10_000, latency, failure_rate);
-        Arc::new(Payment::open(db, config).expect("open"))
+        Arc::new(Payment::open(sled(dir), config).await.expect("open"))
     }
 
     fn cmd(saga: &str, kind: CommandKind, amount: i64) -> Command {
@@ -535,42 +569,42 @@ mod tests {
         }
     }
 
-    fn figures(p: &Payment) -> (i64, i64) {
-        let t = p.totals().expect("totals");
+    async fn figures(p: &Payment) -> (i64, i64) {
+        let t = p.totals().await.expect("totals");
         (t.charged_cents, t.refunded_cents)
     }
 
     #[tokio::test]
     async fn charge_refund_and_repeats() {
         let dir = tempfile::tempdir().expect("tmp");
-        let p = payment(dir.path(), Duration::ZERO, 0.0);
+        let p = payment(dir.path(), Duration::ZERO, 0.0).await;
         let a = p.handle(cmd("s1", CommandKind::Forward, 500)).await;
         let b = p.handle(cmd("s1", CommandKind::Forward, 500)).await;
         assert!(matches!(a, Reply::Ok { .. }), "{a:?}");
         assert_eq!(a, b, "the stored reply, same charge id");
-        assert_eq!(figures(&p), (500, 0));
+        assert_eq!(figures(&p).await, (500, 0));
         let r1 = p.handle(cmd("s1", CommandKind::Compensate, 500)).await;
         let r2 = p.handle(cmd("s1", CommandKind::Compensate, 500)).await;
         assert_eq!(r1, r2);
-        assert_eq!(figures(&p), (500, 500));
-        assert_eq!(p.stats()["dedupe_hits"], 2);
+        assert_eq!(figures(&p).await, (500, 500));
+        assert_eq!(p.stats().await["dedupe_hits"], 2);
     }
 
     #[tokio::test]
     async fn over_the_limit_is_declined_and_stored() {
         let dir = tempfile::tempdir().expect("tmp");
-        let p = payment(dir.path(), Duration::ZERO, 0.0);
+        let p = payment(dir.path(), Duration::ZERO, 0.0).await;
         let r = p.handle(cmd("s1", CommandKind::Forward, 10_001)).await;
         assert_eq!(r, Reply::rejected("card_declined"));
         let refund = p.handle(cmd("s1", CommandKind::Compensate, 10_001)).await;
         assert!(matches!(refund, Reply::Ok { .. }));
-        assert_eq!(figures(&p), (0, 0));
+        assert_eq!(figures(&p).await, (0, 0));
     }
 
     #[tokio::test]
     async fn transient_gateway_failures_are_not_stored_and_open_the_breaker() {
         let dir = tempfile::tempdir().expect("tmp");
-        let p = payment(dir.path(), Duration::ZERO, 1.0);
+        let p = payment(dir.path(), Duration::ZERO, 1.0).await;
         for _ in 0..5 {
             assert_eq!(
                 p.handle(cmd("s1", CommandKind::Forward, 5)).await,
@@ -581,22 +615,22 @@ mod tests {
             p.handle(cmd("s1", CommandKind::Forward, 5)).await,
             Reply::error("gateway_circuit_open")
         );
-        assert_eq!(p.stats()["breaker_open"], true);
-        assert_eq!(figures(&p), (0, 0));
+        assert_eq!(p.stats().await["breaker_open"], true);
+        assert_eq!(figures(&p).await, (0, 0));
         drop(p);
         // Same data, healthy gateway: the retry succeeds because nothing was stored.
-        let p = payment(dir.path(), Duration::ZERO, 0.0);
+        let p = payment(dir.path(), Duration::ZERO, 0.0).await;
         assert!(matches!(
             p.handle(cmd("s1", CommandKind::Forward, 5)).await,
             Reply::Ok { .. }
         ));
-        assert_eq!(figures(&p), (5, 0));
+        assert_eq!(figures(&p).await, (5, 0));
     }
 
     #[tokio::test]
     async fn a_refund_that_overtakes_a_slow_charge_wins() {
         let dir = tempfile::tempdir().expect("tmp");
-        let p = payment(dir.path(), Duration::from_millis(300), 0.0);
+        let p = payment(dir.path(), Duration::from_millis(300), 0.0).await;
         let slow = {
             let p = p.clone();
             tokio::spawn(async move { p.handle(cmd("s1", CommandKind::Forward, 700)).await })
@@ -605,14 +639,14 @@ mod tests {
         let refund = p.handle(cmd("s1", CommandKind::Compensate, 700)).await;
         assert!(matches!(refund, Reply::Ok { .. }), "{refund:?}");
         let late = slow.await.expect("join");
-        assert_eq!(late, Reply::rejected(crate::dedupe::TOMBSTONE_REASON));
-        assert_eq!(figures(&p), (0, 0));
+        assert_eq!(late, Reply::rejected(crate::store::TOMBSTONE_REASON));
+        assert_eq!(figures(&p).await, (0, 0));
     }
 
     #[tokio::test]
     async fn concurrent_duplicate_charges_make_one_ledger_entry() {
         let dir = tempfile::tempdir().expect("tmp");
-        let p = payment(dir.path(), Duration::from_millis(50), 0.0);
+        let p = payment(dir.path(), Duration::from_millis(50), 0.0).await;
         let handles: Vec<_> = (0..4)
             .map(|_| {
                 let p = p.clone();
@@ -624,34 +658,33 @@ mod tests {
             replies.push(h.await.expect("join"));
         }
         assert!(replies.iter().all(|r| r == &replies[0]), "{replies:?}");
-        assert_eq!(p.totals().expect("totals").charges, 1);
-        assert_eq!(figures(&p), (900, 0));
+        assert_eq!(p.totals().await.expect("totals").charges, 1);
+        assert_eq!(figures(&p).await, (900, 0));
     }
 
     #[tokio::test]
     async fn declined_customers_are_rejected_and_the_decline_is_stored() {
         let dir = tempfile::tempdir().expect("tmp");
-        let db = crate::open_db(dir.path()).expect("sled");
         let mut config = PaymentConfig::for_tests("nats://unused", dir.path(), 10_000, Duration::ZERO, 0.0);
         config.declined_customers = vec!["c".into()];
-        let p = Payment::open(db, config).expect("open");
+        let p = Payment::open(sled(dir.path()), config).await.expect("open");
         let r = p.handle(cmd("s1", CommandKind::Forward, 5)).await;
         assert_eq!(r, Reply::rejected("card_declined"));
         assert_eq!(p.handle(cmd("s1", CommandKind::Forward, 5)).await, r);
-        assert_eq!(p.stats()["dedupe_hits"], 1);
-        assert_eq!(p.totals().expect("totals"), Totals::default());
+        assert_eq!(p.stats().await["dedupe_hits"], 1);
+        assert_eq!(p.totals().await.expect("totals"), Totals::default());
     }
 
     #[tokio::test]
     async fn the_ledger_survives_a_restart_and_refunds_once() {
         let dir = tempfile::tempdir().expect("tmp");
         let first = {
-            let p = payment(dir.path(), Duration::ZERO, 0.0);
+            let p = payment(dir.path(), Duration::ZERO, 0.0).await;
             p.handle(cmd("s1", CommandKind::Forward, 300)).await;
             p.handle(cmd("s2", CommandKind::Forward, 200)).await
         };
-        let p = payment(dir.path(), Duration::ZERO, 0.0);
-        assert_eq!(figures(&p), (500, 0));
+        let p = payment(dir.path(), Duration::ZERO, 0.0).await;
+        assert_eq!(figures(&p).await, (500, 0));
         assert_eq!(
             p.handle(cmd("s2", CommandKind::Forward, 200)).await,
             first,
@@ -662,9 +695,9 @@ mod tests {
             Reply::Ok { .. }
         ));
         drop(p);
-        let p = payment(dir.path(), Duration::ZERO, 0.0);
+        let p = payment(dir.path(), Duration::ZERO, 0.0).await;
         p.handle(cmd("s2", CommandKind::Compensate, 200)).await;
-        let stats = p.stats();
+        let stats = p.stats().await;
         assert_eq!(
             (
                 &stats["charged_cents"],
@@ -675,17 +708,20 @@ mod tests {
             (&500.into(), &200.into(), &2.into(), &1.into())
         );
         assert_eq!(
-            crate::runtime::all_effects(p.as_ref())["s2"],
+            crate::runtime::all_effects(p.as_ref()).await["s2"],
             serde_json::json!({"amount_cents": 200, "refunded": true})
         );
-        assert_eq!(p.totals().expect("totals"), p.scan_totals().expect("scan"));
+        assert_eq!(
+            p.totals().await.expect("totals"),
+            p.scan_totals().await.expect("scan")
+        );
     }
 
     #[tokio::test]
     async fn stats_come_from_the_totals_kept_with_the_ledger_and_an_old_ledger_gets_them_on_open() {
         let dir = tempfile::tempdir().expect("tmp");
         {
-            let p = payment(dir.path(), Duration::ZERO, 0.0);
+            let p = payment(dir.path(), Duration::ZERO, 0.0).await;
             p.handle(cmd("s1", CommandKind::Forward, 300)).await;
             p.handle(cmd("s2", CommandKind::Forward, 200)).await;
             p.handle(cmd("s2", CommandKind::Compensate, 200)).await;
@@ -695,12 +731,12 @@ mod tests {
                 charges: 2,
                 refunds: 1,
             };
-            assert_eq!(p.totals().expect("totals"), want);
-            assert_eq!(p.scan_totals().expect("scan"), want);
+            assert_eq!(p.totals().await.expect("totals"), want);
+            assert_eq!(p.scan_totals().await.expect("scan"), want);
             // A ledger entry written behind the handler's back is not in the
             // figures: stats read the totals, they do not scan the ledger.
             p.store
-                .update_state(|state| {
+                .update_state(&|state| {
                     let entry = Charge {
                         charge_id: "ch_x".into(),
                         order_id: "o".into(),
@@ -711,19 +747,24 @@ mod tests {
                     };
                     tx_put(state, &ledger_key("s9/charge-payment/forward"), &entry)
                 })
+                .await
                 .expect("write");
-            assert_eq!(p.stats()["charged_cents"], 500);
+            assert_eq!(p.stats().await["charged_cents"], 500);
             // An older release's ledger had no totals: removed, they are rebuilt on open.
             p.store
-                .update_state(|state| {
+                .update_state(&|state| {
                     state.remove(TOTALS_KEY)?;
                     Ok(())
                 })
+                .await
                 .expect("remove");
         }
-        let p = payment(dir.path(), Duration::ZERO, 0.0);
-        assert_eq!(p.totals().expect("totals").charged_cents, 507);
-        assert_eq!(p.totals().expect("totals"), p.scan_totals().expect("scan"));
+        let p = payment(dir.path(), Duration::ZERO, 0.0).await;
+        assert_eq!(p.totals().await.expect("totals").charged_cents, 507);
+        assert_eq!(
+            p.totals().await.expect("totals"),
+            p.scan_totals().await.expect("scan")
+        );
     }
 
     #[test]

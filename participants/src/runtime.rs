@@ -17,8 +17,9 @@
 //! and outcome (`malformed` when it never reached the handler), and the
 //! handler's time is recorded.
 //!
-//! Handlers own effects and idempotency (see [`crate::dedupe`]); this module
-//! never touches sled and never decides a business outcome.
+//! Handlers own effects and idempotency (see [`crate::store`]); this module
+//! never touches a store but to flush it at shutdown, and never decides a
+//! business outcome.
 
 use std::{future::Future, pin::Pin, sync::Arc};
 
@@ -32,9 +33,9 @@ use crate::telemetry::{self, Outcome};
 /// Longest wait on NATS during shutdown (it may be down already).
 pub const NATS_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// The effects a handler yields, lazily, for one page.
-pub type EffectsIter<'a> =
-    Box<dyn Iterator<Item = Result<(String, String, serde_json::Value), crate::dedupe::StoreError>> + 'a>;
+/// The effects a handler yields for one page: `(cursor of this entry, saga
+/// id, effect as JSON)`, in key order.
+pub type Effects = Vec<(String, String, serde_json::Value)>;
 
 /// Admin requests answered at the same time, at most; more wait for a
 /// turn (NATS buffers them, a caller past its timeout gives up).
@@ -55,13 +56,17 @@ pub trait Handler: Send + Sync + 'static {
     /// Current figures, as JSON, for `saga.admin.<participant>.stats`:
     /// counters kept with the effects, never a scan of them (it runs on
     /// the admin task, but a flood of requests must stay cheap).
-    fn stats(&self) -> serde_json::Value;
-    /// The effects that exist now, in key order, starting after `cursor`:
-    /// `(cursor of this entry, saga id, effect as JSON)`, for the paged
-    /// `saga.admin.<participant>.effects` (audits and the chaos suite).
-    fn effects(&self, cursor: Option<&str>) -> EffectsIter<'_>;
-    /// The handler's sled store (flushed at shutdown).
-    fn store(&self) -> &crate::dedupe::Store;
+    fn stats(&self) -> BoxFuture<'_, serde_json::Value>;
+    /// At most `limit` of the effects that exist now, in key order, starting
+    /// after `cursor`: `(cursor of this entry, saga id, effect as JSON)`, for
+    /// the paged `saga.admin.<participant>.effects` (audits and the chaos suite).
+    fn effects<'a>(
+        &'a self,
+        cursor: Option<&'a str>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Effects, crate::store::StoreError>>;
+    /// The handler's store (flushed at shutdown).
+    fn store(&self) -> &crate::store::SharedStore;
 }
 
 /// Failure to serve.
@@ -214,8 +219,8 @@ pub async fn serve(
 }
 
 /// Answers `saga.admin.<participant>.stats` and `….effects` until
-/// `shutdown`: at most [`ADMIN_CONCURRENCY`] at a time, each on a blocking
-/// thread (they read sled), never on the command path.
+/// `shutdown`: at most [`ADMIN_CONCURRENCY`] at a time, each on a task of
+/// its own, never on the command path.
 async fn serve_admin(
     client: async_nats::Client,
     handler: Arc<dyn Handler>,
@@ -242,18 +247,8 @@ async fn serve_admin(
         };
         let (client, handler) = (client.clone(), handler.clone());
         tracker.spawn(async move {
-            let answered = tokio::task::spawn_blocking(move || {
-                admin_answer(handler.as_ref(), &msg.subject, &msg.payload)
-            })
-            .await;
+            let body = admin_answer(handler.as_ref(), &msg.subject, &msg.payload).await;
             drop(turn);
-            let body = match answered {
-                Ok(body) => body,
-                Err(e) => {
-                    warn!(error = %e, "admin query failed");
-                    return;
-                }
-            };
             if let Err(e) = client.publish(reply, body.into()).await {
                 warn!(error = %e, "admin reply failed");
             }
@@ -265,9 +260,9 @@ async fn serve_admin(
 }
 
 /// The JSON answer to an admin query on `subject` with `body`.
-fn admin_answer(handler: &dyn Handler, subject: &str, body: &[u8]) -> Vec<u8> {
+async fn admin_answer(handler: &dyn Handler, subject: &str, body: &[u8]) -> Vec<u8> {
     let answer = match subject.rsplit('.').next() {
-        Some("stats") => handler.stats(),
+        Some("stats") => handler.stats().await,
         Some("effects") => {
             let request = if body.iter().all(u8::is_ascii_whitespace) {
                 Ok(wire::EffectsRequest::default())
@@ -276,7 +271,7 @@ fn admin_answer(handler: &dyn Handler, subject: &str, body: &[u8]) -> Vec<u8> {
             };
             match request {
                 Err(e) => serde_json::json!({"error": format!("malformed effects request: {e}")}),
-                Ok(request) => match effects_page(handler, &request) {
+                Ok(request) => match effects_page(handler, &request).await {
                     Ok(page) => serde_json::to_value(page).unwrap_or_default(),
                     Err(e) => serde_json::json!({"error": e.to_string()}),
                 },
@@ -294,18 +289,17 @@ fn admin_answer(handler: &dyn Handler, subject: &str, body: &[u8]) -> Vec<u8> {
 ///
 /// # Errors
 /// The handler's store failed.
-pub fn effects_page(
+pub async fn effects_page(
     handler: &dyn Handler,
     request: &wire::EffectsRequest,
-) -> Result<wire::EffectsPage, crate::dedupe::StoreError> {
+) -> Result<wire::EffectsPage, crate::store::StoreError> {
     let limit = request
         .limit
         .unwrap_or(wire::EFFECTS_PAGE_DEFAULT)
         .clamp(1, wire::EFFECTS_PAGE_MAX) as usize;
     let mut page = wire::EffectsPage::default();
     let (mut bytes, mut last) = (0usize, None);
-    for entry in handler.effects(request.cursor.as_deref()) {
-        let (cursor, saga_id, effect) = entry?;
+    for (cursor, saga_id, effect) in handler.effects(request.cursor.as_deref(), limit + 1).await? {
         // The entry's share of the reply: `"<saga_id>":<effect>,`.
         let size = serde_json::to_string(&saga_id).map_or(0, |s| s.len())
             + serde_json::to_vec(&effect).map_or(0, |v| v.len())
@@ -325,11 +319,11 @@ pub fn effects_page(
 
 /// Every effect of `handler`, page after page, as one `{saga_id: effect}` map (tests).
 #[cfg(test)]
-pub(crate) fn all_effects(handler: &dyn Handler) -> serde_json::Value {
+pub(crate) async fn all_effects(handler: &dyn Handler) -> serde_json::Value {
     let mut all = serde_json::Map::new();
     let mut request = wire::EffectsRequest::default();
     loop {
-        let page = effects_page(handler, &request).expect("effects page");
+        let page = effects_page(handler, &request).await.expect("effects page");
         all.extend(page.effects);
         match page.next_cursor {
             Some(c) => request.cursor = Some(c),

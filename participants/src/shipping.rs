@@ -1,4 +1,4 @@
-//! The shipping participant: shipments in sled. It exists to show that a new
+//! The shipping participant: shipments, on either store. It exists to show that a new
 //! participant is a handler and a YAML step, with no coordinator change
 //! (`saga-definitions/order-with-shipping.yaml`).
 //!
@@ -11,7 +11,7 @@
 //! under the same saga, or the cancellation is refused.
 //!
 //! It owns the `shipment/<forward key>` entries of its state tree;
-//! idempotency and durability are [`crate::dedupe`]'s, NATS is
+//! idempotency and durability are [`crate::store`]'s, NATS is
 //! [`crate::runtime`]'s.
 
 use std::{
@@ -25,14 +25,13 @@ use std::{
 
 use saga_wire::{saga_of_key, Command, CommandKind, Reply};
 use serde::{Deserialize, Serialize};
-use sled::transaction::ConflictableTransactionError;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::{
-    dedupe::{tx_get, tx_put, Store, StoreError},
     runtime::{BoxFuture, Handler},
+    store::{self, tx_get, tx_put, SharedStore, StoreError, StoreKind, TxError},
     telemetry, ConfigError, LogFormat,
 };
 
@@ -50,9 +49,16 @@ pub struct ShippingConfig {
     /// NATS credentials and TLS.
     #[command(flatten)]
     pub nats_security: saga_nats::NatsSecurity,
-    /// Directory of the sled database.
+    /// Directory of the sled database (sled store).
     #[arg(long, env = "SHIPPING_DATA_DIR", default_value = "./data/shipping")]
     pub data_dir: PathBuf,
+    /// Where idempotency records and shipments live: `sled` (one instance)
+    /// or `jetstream` (KV buckets `PART_shipping_*`, shared by replicas).
+    #[arg(long, env = "SHIPPING_STORE", value_enum, default_value = "sled")]
+    pub store: StoreKind,
+    /// Replicas of the KV buckets when this participant creates them (jetstream store).
+    #[arg(long, env = "SHIPPING_KV_REPLICAS", default_value_t = 1)]
+    pub kv_replicas: usize,
     /// Carrier named on every shipment.
     #[arg(long, env = "SHIPPING_CARRIER", default_value = "saga-express")]
     pub carrier: String,
@@ -81,6 +87,8 @@ impl ShippingConfig {
             nats_url: nats_url.into(),
             nats_security: saga_nats::NatsSecurity::default(),
             data_dir: data_dir.into(),
+            store: StoreKind::Sled,
+            kv_replicas: 1,
             carrier: "saga-express".into(),
             unreachable_customers: Vec::new(),
             http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -105,7 +113,17 @@ impl ShippingConfig {
         if let Err(reason) = self.nats_security.validate() {
             return invalid("nats-security", reason);
         }
-        Ok(())
+        self.store_target().validate()
+    }
+
+    /// The store this configuration opens.
+    pub fn store_target(&self) -> crate::StoreTarget {
+        crate::StoreTarget {
+            kind: self.store,
+            data_dir: self.data_dir.clone(),
+            kv_replicas: self.kv_replicas,
+            root_prefixes: vec!["meta/".to_string()],
+        }
     }
 }
 
@@ -146,31 +164,32 @@ pub struct Shipment {
 
 /// The shipping handler.
 pub struct Shipping {
-    store: Store,
+    store: SharedStore,
     config: ShippingConfig,
     commands: AtomicU64,
     dedupe_hits: AtomicU64,
 }
 
 impl Shipping {
-    /// Opens the shipments in `db`.
-    ///
-    /// # Errors
-    /// sled errors.
+    /// Opens the shipments in `store`.
     /// A database without counters (written by an older release) gets them
     /// here, from one scan.
-    pub fn open(db: sled::Db, config: ShippingConfig) -> Result<Self, StoreError> {
+    ///
+    /// # Errors
+    /// The store failed.
+    pub async fn open(store: SharedStore, config: ShippingConfig) -> Result<Self, StoreError> {
         let shipping = Shipping {
-            store: Store::new(db)?,
+            store,
             config,
             commands: AtomicU64::new(0),
             dedupe_hits: AtomicU64::new(0),
         };
-        if !shipping.store.state().contains_key(COUNTS_KEY)? {
-            let counts = shipping.scan_counts()?;
+        if shipping.store.get(COUNTS_KEY).await?.is_none() {
+            let counts = shipping.scan_counts().await?;
             shipping
                 .store
-                .update_state(|state| tx_put(state, COUNTS_KEY, &counts))?;
+                .update_state(&|state| tx_put(state, COUNTS_KEY, &counts))
+                .await?;
         }
         Ok(shipping)
     }
@@ -178,22 +197,20 @@ impl Shipping {
     /// The counters as stored.
     ///
     /// # Errors
-    /// sled errors; a corrupt value.
-    pub fn counts(&self) -> Result<ShipmentCounts, StoreError> {
-        match self.store.state().get(COUNTS_KEY)? {
-            Some(bytes) => crate::dedupe::decode(COUNTS_KEY.as_bytes(), &bytes),
-            None => Ok(ShipmentCounts::default()),
-        }
+    /// The store failed; a corrupt value.
+    pub async fn counts(&self) -> Result<ShipmentCounts, StoreError> {
+        Ok(store::get_as(self.store.as_ref(), COUNTS_KEY)
+            .await?
+            .unwrap_or_default())
     }
 
     /// The counters worked out from every shipment (at open, and to check them).
     ///
     /// # Errors
-    /// sled errors; corrupt values.
-    pub fn scan_counts(&self) -> Result<ShipmentCounts, StoreError> {
+    /// The store failed; corrupt values.
+    pub async fn scan_counts(&self) -> Result<ShipmentCounts, StoreError> {
         let mut c = ShipmentCounts::default();
-        for entry in self.store.scan::<Shipment>(SHIPMENT_PREFIX) {
-            let (_, s) = entry?;
+        for (_, s) in self.shipments().await? {
             if s.cancelled {
                 c.cancelled += 1;
             } else {
@@ -206,9 +223,9 @@ impl Shipping {
     /// Every shipment, by forward key.
     ///
     /// # Errors
-    /// sled errors; corrupt values.
-    pub fn shipments(&self) -> Result<Vec<(String, Shipment)>, StoreError> {
-        self.store.scan(SHIPMENT_PREFIX).collect()
+    /// The store failed; corrupt values.
+    pub async fn shipments(&self) -> Result<Vec<(String, Shipment)>, StoreError> {
+        store::scan_all(self.store.as_ref(), SHIPMENT_PREFIX).await
     }
 
     async fn run(&self, cmd: Command) -> Result<Reply, StoreError> {
@@ -224,7 +241,7 @@ impl Shipping {
                 let units: u64 = cmd.payload.items.iter().map(|i| u64::from(i.quantity)).sum();
                 let carrier = self.config.carrier.clone();
                 self.store
-                    .apply_forward(&key, |state| {
+                    .apply_forward(&key, &|state| {
                         let Some(reservation_id) = reservation.clone() else {
                             return Ok(Reply::rejected("no_reservation"));
                         };
@@ -253,12 +270,10 @@ impl Shipping {
             (CommandKind::Compensate, "cancel-shipment") => {
                 let expected = text("shipment_id");
                 self.store
-                    .apply_compensation(&key, |state, forward, _| {
+                    .apply_compensation(&key, &|state, forward, _| {
                         let k = shipment_key(forward);
                         let Some(mut shipment) = tx_get::<Shipment>(state, &k)? else {
-                            return Err(ConflictableTransactionError::Abort(format!(
-                                "shipment {k} missing"
-                            )));
+                            return Err(TxError::Abort(format!("shipment {k} missing")));
                         };
                         if expected.as_ref().is_some_and(|id| *id != shipment.shipment_id) {
                             return Ok(Reply::rejected("shipment_id_mismatch"));
@@ -303,36 +318,54 @@ impl Handler for Shipping {
         })
     }
 
-    fn stats(&self) -> serde_json::Value {
-        let counts = match self.counts() {
-            Ok(c) => c,
-            Err(e) => return serde_json::json!({"error": e.to_string()}),
-        };
-        serde_json::json!({
-            "shipments": counts.shipments,
-            "cancelled": counts.cancelled,
-            "commands": self.commands.load(Ordering::Relaxed),
-            "dedupe_hits": self.dedupe_hits.load(Ordering::Relaxed),
+    fn stats(&self) -> BoxFuture<'_, serde_json::Value> {
+        Box::pin(async move {
+            let counts = match self.counts().await {
+                Ok(c) => c,
+                Err(e) => return serde_json::json!({"error": e.to_string()}),
+            };
+            serde_json::json!({
+                "shipments": counts.shipments,
+                "cancelled": counts.cancelled,
+                "commands": self.commands.load(Ordering::Relaxed),
+                "dedupe_hits": self.dedupe_hits.load(Ordering::Relaxed),
+            })
         })
     }
 
     /// `{saga_id: shipment}` for every shipment not cancelled.
-    fn effects(&self, cursor: Option<&str>) -> crate::runtime::EffectsIter<'_> {
-        Box::new(
-            self.store
-                .scan_after::<Shipment>(SHIPMENT_PREFIX, cursor)
-                .filter_map(|entry| match entry {
-                    Ok((_, s)) if s.cancelled => None,
-                    Ok((key, s)) => {
-                        let saga = saga_of_key(&key).to_string();
-                        Some(Ok((key, saga, serde_json::json!(s))))
+    fn effects<'a>(
+        &'a self,
+        cursor: Option<&'a str>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<crate::runtime::Effects, StoreError>> {
+        Box::pin(async move {
+            let mut out = Vec::new();
+            let mut after = cursor.map(str::to_string);
+            // Cancelled shipments are skipped: read on until the page is full.
+            loop {
+                let batch = self.store.scan(SHIPMENT_PREFIX, after.as_deref(), limit).await?;
+                let last = batch.len() < limit;
+                for (key, bytes) in batch {
+                    after = Some(key.clone());
+                    let s: Shipment = store::decode(format!("{SHIPMENT_PREFIX}{key}").as_bytes(), &bytes)?;
+                    if s.cancelled {
+                        continue;
                     }
-                    Err(e) => Some(Err(e)),
-                }),
-        )
+                    let saga = saga_of_key(&key).to_string();
+                    out.push((key, saga, serde_json::json!(s)));
+                    if out.len() >= limit {
+                        return Ok(out);
+                    }
+                }
+                if last {
+                    return Ok(out);
+                }
+            }
+        })
     }
 
-    fn store(&self) -> &Store {
+    fn store(&self) -> &SharedStore {
         &self.store
     }
 }
@@ -340,7 +373,7 @@ impl Handler for Shipping {
 /// Runs the shipping service until `shutdown` fires, with its HTTP surface on `http`.
 ///
 /// # Errors
-/// Invalid settings, sled cannot open the data dir, shutdown before NATS was
+/// Invalid settings, the store cannot be opened, shutdown before NATS was
 /// reachable, NATS subscription failure.
 pub async fn run(
     config: ShippingConfig,
@@ -348,15 +381,27 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     config.validate()?;
-    let db = crate::open_db(&config.data_dir)?;
     let nats = crate::NatsTarget {
         url: config.nats_url.clone(),
         security: config.nats_security.clone(),
     };
     let retention = config.retention;
-    let shipping = Arc::new(Shipping::open(db, config)?);
-    info!(shipments = shipping.shipments()?.len(), "shipping opened");
-    crate::serve_participant(shipping, &nats, http, retention, shutdown).await
+    let target = config.store_target();
+    crate::serve_participant(
+        "shipping",
+        &target,
+        &nats,
+        http,
+        retention,
+        shutdown,
+        |store| async move {
+            let shipping = Arc::new(Shipping::open(store, config).await?);
+            let counts = shipping.counts().await?;
+            info!(?counts, "shipping opened");
+            Ok(shipping as Arc<dyn Handler>)
+        },
+    )
+    .await
 }
 
 #[cfg(test)]
@@ -365,10 +410,11 @@ mod tests {
 
     use super::*;
 
-    fn shipping(dir: &std::path::Path, unreachable: &[&str]) -> Shipping {
+    async fn shipping(dir: &std::path::Path, unreachable: &[&str]) -> Shipping {
         let mut config = ShippingConfig::for_tests("nats://unused", dir);
         config.unreachable_customers = unreachable.iter().map(|c| c.to_string()).collect();
-        Shipping::open(crate::open_db(dir).expect("sled"), config).expect("open")
+        let store = Arc::new(crate::store::Store::new(crate::open_db(dir).expect("sled")).expect("store"));
+        Shipping::open(store, config).await.expect("open")
     }
 
     fn cmd(saga: &str, kind: CommandKind, customer: &str, input: serde_json::Value) -> Command {
@@ -402,7 +448,7 @@ mod tests {
     #[tokio::test]
     async fn books_with_a_reservation_cancels_and_checks_the_shipment_id() {
         let dir = tempfile::tempdir().expect("tmp");
-        let s = shipping(dir.path(), &["far-away"]);
+        let s = shipping(dir.path(), &["far-away"]).await;
         let booked = s
             .handle(cmd(
                 "s1",
@@ -469,11 +515,14 @@ mod tests {
             ))
             .await;
         assert!(matches!(cancelled, Reply::Ok { .. }), "{cancelled:?}");
-        let effects = crate::runtime::all_effects(&s);
+        let effects = crate::runtime::all_effects(&s).await;
         assert_eq!(effects["s1"]["shipment_id"], id.as_str());
         assert!(effects.get("s4").is_none(), "cancelled shipments hold nothing");
-        assert_eq!(s.counts().expect("counts"), s.scan_counts().expect("scan"));
-        assert_eq!(s.stats()["shipments"], 1);
-        assert_eq!(s.stats()["cancelled"], 1);
+        assert_eq!(
+            s.counts().await.expect("counts"),
+            s.scan_counts().await.expect("scan")
+        );
+        assert_eq!(s.stats().await["shipments"], 1);
+        assert_eq!(s.stats().await["cancelled"], 1);
     }
 }

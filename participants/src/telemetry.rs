@@ -12,7 +12,7 @@
 //! This module owns no business state and decides nothing: it only counts
 //! what the runtime and the handlers report, and answers HTTP. It never
 //! touches NATS (the connection state comes in through [`Readiness`]) and
-//! reaches sled only through [`Store::probe_writable`].
+//! reaches the store only through [`crate::store::ParticipantStore::probe_writable`].
 
 use std::{
     net::SocketAddr,
@@ -30,7 +30,7 @@ use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{info, warn};
 
-use crate::dedupe::Store;
+use crate::store::SharedStore;
 
 /// Commands answered, by `participant`, `action` and `outcome`
 /// (`ok`, `rejected`, `error`, `malformed`).
@@ -186,10 +186,26 @@ impl Readiness {
     }
 }
 
+/// The store the readiness probe checks, set once it is open (a jetstream
+/// store opens only after NATS is reached; until then `/ready` says so).
+#[derive(Clone, Default)]
+pub struct StoreSlot(std::sync::Arc<std::sync::OnceLock<SharedStore>>);
+
+impl StoreSlot {
+    /// Sets the store (the first call wins).
+    pub fn set(&self, store: SharedStore) {
+        let _ = self.0.set(store);
+    }
+
+    fn get(&self) -> Option<&SharedStore> {
+        self.0.get()
+    }
+}
+
 #[derive(Clone)]
 struct Http {
     ready: Readiness,
-    store: Store,
+    store: StoreSlot,
     metrics: PrometheusHandle,
 }
 
@@ -218,7 +234,7 @@ impl HttpServer {
 pub fn spawn(
     listener: TcpListener,
     ready: Readiness,
-    store: Store,
+    store: StoreSlot,
     shutdown: &CancellationToken,
 ) -> HttpServer {
     let stop = shutdown.child_token();
@@ -236,7 +252,7 @@ pub fn spawn(
 pub async fn serve(
     listener: TcpListener,
     ready: Readiness,
-    store: Store,
+    store: StoreSlot,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let addr: Option<SocketAddr> = listener.local_addr().ok();
@@ -271,15 +287,22 @@ async fn metrics_text(State(s): State<Http>) -> (StatusCode, String) {
 }
 
 async fn readiness(State(s): State<Http>) -> (StatusCode, String) {
-    let sled = s.store.probe_writable();
-    match (s.ready.nats(), sled) {
+    let (kind, probe) = match s.store.get() {
+        Some(store) => (
+            store.kind(),
+            store.probe_writable().await.map_err(|e| e.to_string()),
+        ),
+        None => ("store", Err("not open yet".to_string())),
+    };
+    match (s.ready.nats(), probe) {
         (true, Ok(())) => (StatusCode::OK, "ready\n".into()),
-        (nats, sled) => (
+        (nats, probe) => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
-                "not ready: nats {}, sled {}\n",
+                "not ready: nats {}, {kind} {}\n",
                 if nats { "connected" } else { "disconnected" },
-                sled.map(|()| "writable".to_string())
+                probe
+                    .map(|()| "writable".to_string())
                     .unwrap_or_else(|e| format!("not writable ({e})"))
             ),
         ),

@@ -9,7 +9,7 @@
 //! | role | publish | subscribe |
 //! |---|---|---|
 //! | coordinator | anything (commands, events, KV, `$JS.API`) | its inbox `_INBOX_coordinator.>`, `saga.coordinator.>` |
-//! | participant `p` | only replies to requests it received (`allow_responses`) | `saga.cmd.p.*` in queue group `p`, `saga.admin.p.>` |
+//! | participant `p` | replies to requests it received (`allow_responses`), the JetStream API of its own KV buckets `PART_p_STATE`/`PART_p_REPLIES` | `saga.cmd.p.*` in queue group `p`, `saga.admin.p.>`, its inbox `_INBOX_p.>` |
 //! | events | consumer and ack API of the events stream | everything but commands, admin, coordinator traffic, inboxes of others, `$JS`/`$KV` |
 //! | admin | `saga.admin.>` | its inbox `_INBOX_admin.>` |
 //!
@@ -84,12 +84,33 @@ impl Role {
                 "publish": { "allow": [">"] },
                 "subscribe": { "allow": [inbox, "saga.coordinator.>"] },
             }),
-            Role::Participant(p) => json!({
-                // No publish at all: only a reply to a request it received.
-                "publish": { "deny": [">"] },
-                "allow_responses": { "max": 1 },
-                "subscribe": { "allow": [format!("saga.cmd.{p}.* {p}"), format!("saga.admin.{p}.>")] },
-            }),
+            Role::Participant(p) => {
+                // Publish: a reply to each request it received, and the
+                // JetStream API of its own two KV buckets (the jetstream
+                // store), named exactly: nothing of another participant's.
+                let mut publish = vec!["$JS.API.INFO".to_string()];
+                for bucket in participant_buckets(p) {
+                    let stream = format!("KV_{bucket}");
+                    publish.extend([
+                        format!("$JS.API.STREAM.INFO.{stream}"),
+                        format!("$JS.API.STREAM.CREATE.{stream}"),
+                        format!("$JS.API.STREAM.MSG.GET.{stream}"),
+                        format!("$JS.API.DIRECT.GET.{stream}"),
+                        format!("$JS.API.DIRECT.GET.{stream}.>"),
+                        format!("$JS.API.CONSUMER.CREATE.{stream}"),
+                        format!("$JS.API.CONSUMER.CREATE.{stream}.>"),
+                        format!("$JS.API.CONSUMER.INFO.{stream}.>"),
+                        format!("$JS.API.CONSUMER.DELETE.{stream}.>"),
+                        format!("$JS.FC.{stream}.>"),
+                        format!("$KV.{bucket}.>"),
+                    ]);
+                }
+                json!({
+                    "publish": { "allow": publish },
+                    "allow_responses": { "max": 1 },
+                    "subscribe": { "allow": [format!("saga.cmd.{p}.* {p}"), format!("saga.admin.{p}.>"), inbox] },
+                })
+            }
             Role::Events => {
                 let s = events_stream;
                 json!({
@@ -121,6 +142,12 @@ impl Role {
             }),
         }
     }
+}
+
+/// The JetStream KV buckets of participant `p` (its jetstream store): the
+/// only JetStream its role may use.
+pub fn participant_buckets(p: &str) -> [String; 2] {
+    [format!("PART_{p}_STATE"), format!("PART_{p}_REPLIES")]
 }
 
 impl fmt::Display for Role {
@@ -315,13 +342,60 @@ mod tests {
     #[test]
     fn a_participant_may_only_answer_and_hear_its_own_commands() {
         let p = Role::Participant("payment".into()).permissions("SAGA_EVENTS");
-        assert_eq!(p["publish"]["deny"], json!([">"]));
+        let allowed: Vec<&str> = p["publish"]["allow"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        let may = |subject: &str| allowed.iter().any(|pattern| matches(pattern, subject));
+        for own in [
+            "$KV.PART_payment_STATE.root",
+            "$KV.PART_payment_REPLIES.k.s/charge-payment/forward",
+            "$JS.API.STREAM.MSG.GET.KV_PART_payment_STATE",
+            "$JS.API.STREAM.CREATE.KV_PART_payment_REPLIES",
+            "$JS.API.CONSUMER.CREATE.KV_PART_payment_STATE.c1.$KV.PART_payment_STATE.>",
+        ] {
+            assert!(may(own), "its own bucket: {own}");
+        }
+        for refused in [
+            "saga.cmd.payment.charge",
+            "saga.cmd.inventory.reserve",
+            "saga.events.order.completed",
+            "_INBOX_coordinator.x",
+            "$KV.PART_inventory_STATE.root",
+            "$KV.PART_payment_x_STATE.root",
+            "$KV.SAGA_RECORDS.s1",
+            "$JS.API.STREAM.MSG.GET.KV_PART_inventory_STATE",
+            "$JS.API.DIRECT.GET.KV_PART_shipping_REPLIES.$KV.PART_shipping_REPLIES.k",
+            "$JS.API.STREAM.CREATE.KV_SAGA_RECORDS",
+            "$JS.API.STREAM.DELETE.KV_PART_payment_STATE",
+            "$JS.API.STREAM.PURGE.KV_PART_payment_STATE",
+            "$JS.API.CONSUMER.CREATE.SAGA_EVENTS",
+        ] {
+            assert!(!may(refused), "refused: {refused}");
+        }
         assert_eq!(p["allow_responses"]["max"], 1);
+        assert!(p["subscribe"]["allow"]
+            .as_array()
+            .is_some_and(|s| s.contains(&json!("_INBOX_payment.>"))));
         assert_eq!(p["subscribe"]["allow"][0], "saga.cmd.payment.* payment");
         let e = Role::Events.permissions("SAGA_EVENTS");
         assert!(e["subscribe"]["deny"]
             .as_array()
             .is_some_and(|d| d.contains(&json!("saga.cmd.>"))));
+    }
+
+    /// NATS subject matching: `*` one token, `>` the rest.
+    fn matches(pattern: &str, subject: &str) -> bool {
+        let (mut p, mut s) = (pattern.split('.'), subject.split('.'));
+        loop {
+            match (p.next(), s.next()) {
+                (Some(">"), Some(_)) => return true,
+                (Some("*"), Some(_)) => {}
+                (Some(a), Some(b)) if a == b => {}
+                (None, None) => return true,
+                _ => return false,
+            }
+        }
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! A participant's sled store: its business `state` tree and the `replies`
 //! tree that makes commands idempotent (the reusable dedupe helper).
 //!
-//! [`Store::apply_forward`] and [`Store::apply_compensation`] run an effect and
+//! It implements [`ParticipantStore`]: `apply_forward` and `apply_compensation` run an effect and
 //! store its reply under the command's idempotency key in ONE sled
 //! transaction, then flush, then return: a participant never replies before
 //! both the effect and the stored reply are durable, and a repeated command
@@ -20,75 +20,23 @@
 //!
 //! This module knows nothing of stock or money, and nothing of NATS.
 
+use futures::future::BoxFuture;
 use saga_wire::{self as wire, Reply};
-use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde::de::DeserializeOwned;
 use sled::{
     transaction::{ConflictableTransactionError, TransactionError, TransactionalTree},
     Transactional,
 };
 
-/// Reason stored under a forward key whose compensation came first.
-pub const TOMBSTONE_REASON: &str = "compensated_before_forward";
+use super::{
+    decode, encode, now_ms, Change, Effect, ParticipantStore, Scanned, StateTx, StoreError, TxError, Undo,
+    TOMBSTONE_REASON,
+};
 
-/// A failure of the participant's store.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// sled I/O or internal error.
-    #[error("sled: {0}")]
-    Sled(#[from] sled::Error),
-    /// A stored value cannot be read.
-    #[error("stored data is corrupt: {0}")]
-    Corrupt(String),
-}
+/// Result type of closures run inside a sled transaction.
+type SledTxResult<T> = Result<T, ConflictableTransactionError<String>>;
 
-/// Result type of effects run inside a transaction.
-pub type TxResult<T> = Result<T, ConflictableTransactionError<String>>;
-
-/// Format version of every stored value (style item 4): values are stored as
-/// `{"v": 1, "data": …}`, never as the bare serde form of a struct.
-pub const FORMAT_VERSION: u32 = 1;
-
-#[derive(Serialize, Deserialize)]
-struct Versioned<T> {
-    v: u32,
-    data: T,
-}
-
-/// Encodes a value in the versioned stored form.
-///
-/// # Errors
-/// The value cannot be encoded as JSON.
-pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
-    serde_json::to_vec(&Versioned {
-        v: FORMAT_VERSION,
-        data: value,
-    })
-    .map_err(|e| StoreError::Corrupt(format!("cannot encode: {e}")))
-}
-
-/// Decodes a value stored under `key` by [`encode`].
-///
-/// # Errors
-/// The bytes are not that JSON, or carry an unknown format version: the
-/// stored data is corrupt (or from a newer release).
-pub fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
-    let key = String::from_utf8_lossy(key);
-    let stored: Versioned<T> =
-        serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("{key}: {e}")))?;
-    if stored.v != FORMAT_VERSION {
-        return Err(StoreError::Corrupt(format!(
-            "{key}: unknown format version {}",
-            stored.v
-        )));
-    }
-    Ok(stored.data)
-}
-
-/// Reads a stored value from a transactional tree.
-///
-/// # Errors
-/// Aborts the transaction when the value cannot be decoded (corrupt data).
-pub fn tx_get<T: DeserializeOwned>(tree: &TransactionalTree, key: &str) -> TxResult<Option<T>> {
+fn tx_get<T: DeserializeOwned>(tree: &TransactionalTree, key: &str) -> SledTxResult<Option<T>> {
     match tree.get(key.as_bytes())? {
         Some(bytes) => decode(key.as_bytes(), &bytes)
             .map(Some)
@@ -97,14 +45,41 @@ pub fn tx_get<T: DeserializeOwned>(tree: &TransactionalTree, key: &str) -> TxRes
     }
 }
 
-/// Writes a value, in the versioned stored form, in a transactional tree.
-///
-/// # Errors
-/// Aborts when the value cannot be encoded.
-pub fn tx_put<T: Serialize>(tree: &TransactionalTree, key: &str, value: &T) -> TxResult<()> {
+fn tx_put<T: serde::Serialize>(tree: &TransactionalTree, key: &str, value: &T) -> SledTxResult<()> {
     let bytes = encode(value).map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
     tree.insert(key.as_bytes(), bytes)?;
     Ok(())
+}
+
+/// The state tree as an effect sees it ([`StateTx`]) inside a sled transaction.
+struct SledTx<'a>(&'a TransactionalTree);
+
+impl StateTx for SledTx<'_> {
+    fn get(&mut self, key: &str) -> super::TxResult<Option<Vec<u8>>> {
+        Ok(self.0.get(key.as_bytes())?.map(|v| v.to_vec()))
+    }
+    fn put(&mut self, key: &str, bytes: Vec<u8>) -> super::TxResult<()> {
+        self.0.insert(key.as_bytes(), bytes)?;
+        Ok(())
+    }
+    fn remove(&mut self, key: &str) -> super::TxResult<()> {
+        self.0.remove(key.as_bytes())?;
+        Ok(())
+    }
+}
+
+/// Runs an effect on the state tree, its errors as sled's.
+fn run_tx<T>(
+    state: &TransactionalTree,
+    f: impl FnOnce(&mut dyn StateTx) -> super::TxResult<T>,
+) -> SledTxResult<T> {
+    f(&mut SledTx(state)).map_err(|e| match e {
+        TxError::Abort(reason) => ConflictableTransactionError::Abort(reason),
+        TxError::Sled(e) => e.into(),
+        TxError::Fetch(key) => {
+            ConflictableTransactionError::Abort(format!("{key}: not fetched (jetstream only)"))
+        }
+    })
 }
 
 /// The `replies` tree inside a transaction, with its index by the time a
@@ -119,13 +94,13 @@ struct RepliesTx<'a> {
 }
 
 impl RepliesTx<'_> {
-    fn get(&self, key: &str) -> TxResult<Option<Reply>> {
+    fn get(&self, key: &str) -> SledTxResult<Option<Reply>> {
         tx_get(self.replies, key)
     }
 
     /// Stores `reply` under `key` (a key is stored once: callers look first)
     /// and indexes it under the transaction's time.
-    fn put(&self, key: &str, reply: &Reply) -> TxResult<()> {
+    fn put(&self, key: &str, reply: &Reply) -> SledTxResult<()> {
         tx_put(self.replies, key, reply)?;
         self.by_time
             .insert(time_key(self.at_ms, key.as_bytes()), &[][..])?;
@@ -139,23 +114,6 @@ fn time_key(at_ms: u64, key: &[u8]) -> Vec<u8> {
     k.extend_from_slice(&at_ms.to_be_bytes());
     k.extend_from_slice(key);
     k
-}
-
-/// Now, in ms since the Unix epoch (0 if the clock is before it).
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
-/// What a compensation finds under its forward key.
-#[derive(Debug, Clone, PartialEq)]
-pub enum ForwardState {
-    /// The forward effect exists (its `ok` reply): undo it.
-    Applied(serde_json::Value),
-    /// The forward was rejected or tombstoned: nothing to undo.
-    NoEffect,
 }
 
 /// The participant's sled database: a `replies` tree, its
@@ -246,111 +204,19 @@ impl Store {
         })
     }
 
-    /// The business state tree (read side; writes go through a transaction).
+    /// The business state tree (read side, and tests that write behind a
+    /// handler's back; commands write through a transaction).
     pub fn state(&self) -> &sled::Tree {
         &self.state
     }
 
-    /// Whether the database takes writes (readiness): writes a probe key to
-    /// its own tree and removes it again; business trees are untouched.
-    ///
-    /// # Errors
-    /// sled errors.
-    pub fn probe_writable(&self) -> Result<(), StoreError> {
-        self.probe.insert(b"probe", &b"1"[..])?;
-        self.probe.remove(b"probe")?;
-        Ok(())
-    }
-
-    /// Decoded values of the state tree whose keys start with `prefix`,
-    /// with the rest of the key (read side: stats, effects, totals).
-    pub fn scan<T: DeserializeOwned>(
-        &self,
-        prefix: &str,
-    ) -> impl Iterator<Item = Result<(String, T), StoreError>> + '_ {
-        let skip = prefix.len();
-        self.state.scan_prefix(prefix.as_bytes()).map(move |kv| {
-            let (k, v) = kv?;
-            let value = decode(&k, &v)?;
-            Ok((String::from_utf8_lossy(&k[skip..]).into_owned(), value))
-        })
-    }
-
-    /// Like [`Store::scan`], starting after the entry whose rest of key is
-    /// `after` (a page's cursor), in key order.
-    pub fn scan_after<T: DeserializeOwned>(
-        &self,
-        prefix: &str,
-        after: Option<&str>,
-    ) -> impl Iterator<Item = Result<(String, T), StoreError>> + '_ {
-        use std::ops::Bound;
-        let skip = prefix.len();
-        let start = match after {
-            Some(a) => Bound::Excluded(format!("{prefix}{a}").into_bytes()),
-            None => Bound::Included(prefix.as_bytes().to_vec()),
-        };
-        let prefix = prefix.as_bytes().to_vec();
-        self.state
-            .range::<Vec<u8>, _>((start, Bound::Unbounded))
-            .take_while(move |kv| kv.as_ref().map_or(true, |(k, _)| k.starts_with(&prefix)))
-            .map(move |kv| {
-                let (k, v) = kv?;
-                let value = decode(&k, &v)?;
-                Ok((String::from_utf8_lossy(&k[skip..]).into_owned(), value))
-            })
-    }
-
-    /// The stored reply for `key`, if any: a fast path before slow work (the
-    /// authoritative check is repeated inside the effect's transaction).
-    /// A reply found is made durable before it is returned, since a
-    /// concurrent duplicate may have committed it without flushing yet.
-    ///
-    /// # Errors
-    /// sled errors, corrupt value.
-    pub async fn stored_reply(&self, key: &str) -> Result<Option<Reply>, StoreError> {
-        let Some(bytes) = self.replies.get(key.as_bytes())? else {
-            return Ok(None);
-        };
-        let reply = decode(key.as_bytes(), &bytes)?;
-        self.flusher.flush().await?;
-        Ok(Some(reply))
-    }
-
-    /// Runs `change` on the state tree in one transaction, then flushes
-    /// (set-up writes such as seeding, which answer no command).
-    ///
-    /// # Errors
-    /// sled errors, corrupt data (the change aborted).
-    pub fn update_state<F>(&self, change: F) -> Result<(), StoreError>
-    where
-        F: Fn(&TransactionalTree) -> TxResult<()>,
-    {
-        self.state
-            .transaction(|state| change(state))
-            .map_err(|e| match e {
-                TransactionError::Abort(reason) => StoreError::Corrupt(reason),
-                TransactionError::Storage(e) => StoreError::Sled(e),
-            })?;
-        self.db.flush()?;
-        Ok(())
-    }
-
-    /// Runs a forward `effect` once per `key`: returns `(reply, true)` with
-    /// the stored reply if `key` was seen (a repeat, or a tombstone), else
-    /// runs `effect` on the state tree and stores its reply with it in one
-    /// transaction (unless it is an `error`), then flushes.
-    ///
-    /// # Errors
-    /// sled errors, corrupt data (the effect aborted).
-    pub async fn apply_forward<F>(&self, key: &str, effect: F) -> Result<(Reply, bool), StoreError>
-    where
-        F: Fn(&TransactionalTree) -> TxResult<Reply>,
-    {
+    /// Runs a forward `effect` once per `key` (see [`ParticipantStore::apply_forward`]).
+    async fn forward(&self, key: &str, effect: Effect<'_>) -> Result<(Reply, bool), StoreError> {
         self.apply(key, |state, replies| {
             if let Some(stored) = replies.get(key)? {
                 return Ok((stored, true));
             }
-            let reply = effect(state)?;
+            let reply = run_tx(state, |tx| effect(tx))?;
             if !matches!(reply, Reply::Error { .. }) {
                 replies.put(key, &reply)?;
             }
@@ -359,17 +225,8 @@ impl Store {
         .await
     }
 
-    /// Runs a compensation once per `key` (a `…/compensate` key). `undo`
-    /// gets the forward's `ok` data when the forward effect exists; when the
-    /// forward was never seen a tombstone is written under its key and `undo`
-    /// is not called; when it was rejected there is nothing to undo.
-    ///
-    /// # Errors
-    /// sled errors, corrupt data, a key that is not a compensation key.
-    pub async fn apply_compensation<F>(&self, key: &str, undo: F) -> Result<(Reply, bool), StoreError>
-    where
-        F: Fn(&TransactionalTree, &str, &serde_json::Value) -> TxResult<Reply>,
-    {
+    /// Runs a compensation once per `key` (see [`ParticipantStore::apply_compensation`]).
+    async fn compensation(&self, key: &str, undo: Undo<'_>) -> Result<(Reply, bool), StoreError> {
         let forward = wire::forward_key(key)
             .ok_or_else(|| StoreError::Corrupt(format!("`{key}` is not a compensation key")))?;
         self.apply(key, |state, replies| {
@@ -377,7 +234,7 @@ impl Store {
                 return Ok((stored, true));
             }
             let reply = match replies.get(&forward)? {
-                Some(Reply::Ok { data }) => undo(state, &forward, &data)?,
+                Some(Reply::Ok { data }) => run_tx(state, |tx| undo(tx, &forward, &data))?,
                 Some(Reply::Rejected { reason }) => {
                     Reply::ok(serde_json::json!({"undone": false, "forward": format!("rejected: {reason}")}))
                 }
@@ -398,7 +255,7 @@ impl Store {
 
     async fn apply<F>(&self, key: &str, f: F) -> Result<(Reply, bool), StoreError>
     where
-        F: Fn(&TransactionalTree, &RepliesTx<'_>) -> TxResult<(Reply, bool)>,
+        F: Fn(&TransactionalTree, &RepliesTx<'_>) -> SledTxResult<(Reply, bool)>,
     {
         let at_ms = now_ms();
         let result = (&self.state, &self.replies, &self.by_time).transaction(|(state, replies, by_time)| {
@@ -425,12 +282,58 @@ impl Store {
         Ok((reply, hit))
     }
 
-    /// Flushes everything (shutdown).
-    ///
-    /// # Errors
-    /// sled errors.
-    pub async fn flush(&self) -> Result<(), StoreError> {
-        self.flusher.flush().await
+    /// The stored reply for `key`, made durable before it is returned, since
+    /// a concurrent duplicate may have committed it without flushing yet.
+    async fn stored(&self, key: &str) -> Result<Option<Reply>, StoreError> {
+        let Some(bytes) = self.replies.get(key.as_bytes())? else {
+            return Ok(None);
+        };
+        let reply = decode(key.as_bytes(), &bytes)?;
+        self.flusher.flush().await?;
+        Ok(Some(reply))
+    }
+
+    /// Runs `change` on the state tree in one transaction, then flushes.
+    fn change(&self, change: Change<'_>) -> Result<(), StoreError> {
+        self.state
+            .transaction(|state| run_tx(state, |tx| change(tx)))
+            .map_err(|e| match e {
+                TransactionError::Abort(reason) => StoreError::Corrupt(reason),
+                TransactionError::Storage(e) => StoreError::Sled(e),
+            })?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Writes a probe key to its own tree and removes it again.
+    fn probe(&self) -> Result<(), StoreError> {
+        self.probe.insert(b"probe", &b"1"[..])?;
+        self.probe.remove(b"probe")?;
+        Ok(())
+    }
+
+    /// Up to `limit` raw values of the state tree under `prefix` after `after`.
+    fn scan_raw(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        use std::ops::Bound;
+        let skip = prefix.len();
+        let start = match after {
+            Some(a) => Bound::Excluded(format!("{prefix}{a}").into_bytes()),
+            None => Bound::Included(prefix.as_bytes().to_vec()),
+        };
+        let mut out = Vec::new();
+        for kv in self.state.range::<Vec<u8>, _>((start, Bound::Unbounded)) {
+            let (k, v) = kv?;
+            if !k.starts_with(prefix.as_bytes()) || out.len() >= limit {
+                break;
+            }
+            out.push((String::from_utf8_lossy(&k[skip..]).into_owned(), v.to_vec()));
+        }
+        Ok(out)
     }
 
     /// Removes the stored replies (and tombstones) stored before
@@ -448,7 +351,7 @@ impl Store {
     ///
     /// # Errors
     /// sled errors.
-    pub fn prune_replies(&self, cutoff_ms: u64, limit: usize) -> Result<usize, StoreError> {
+    pub fn prune(&self, cutoff_ms: u64, limit: usize) -> Result<usize, StoreError> {
         let (mut replies, mut index) = (sled::Batch::default(), sled::Batch::default());
         let mut n = 0;
         for entry in self.by_time.iter().keys() {
@@ -469,6 +372,66 @@ impl Store {
             self.by_time.apply_batch(index)?;
         }
         Ok(n)
+    }
+}
+
+impl ParticipantStore for Store {
+    fn apply_forward<'a>(
+        &'a self,
+        key: &'a str,
+        effect: Effect<'a>,
+    ) -> BoxFuture<'a, Result<(Reply, bool), StoreError>> {
+        Box::pin(self.forward(key, effect))
+    }
+
+    fn apply_compensation<'a>(
+        &'a self,
+        key: &'a str,
+        undo: Undo<'a>,
+    ) -> BoxFuture<'a, Result<(Reply, bool), StoreError>> {
+        Box::pin(self.compensation(key, undo))
+    }
+
+    fn stored_reply<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Reply>, StoreError>> {
+        Box::pin(self.stored(key))
+    }
+
+    fn update_state<'a>(&'a self, change: Change<'a>) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move { self.change(change) })
+    }
+
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Vec<u8>>, StoreError>> {
+        Box::pin(async move { Ok(self.state.get(key.as_bytes())?.map(|v| v.to_vec())) })
+    }
+
+    fn scan<'a>(
+        &'a self,
+        prefix: &'a str,
+        after: Option<&'a str>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Scanned, StoreError>> {
+        Box::pin(async move { self.scan_raw(prefix, after, limit) })
+    }
+
+    fn probe_writable(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move { self.probe() })
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(self.flusher.flush())
+    }
+
+    fn prune_replies(&self, cutoff_ms: u64, limit: usize) -> BoxFuture<'_, Result<usize, StoreError>> {
+        let store = self.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || store.prune(cutoff_ms, limit))
+                .await
+                .map_err(|e| StoreError::Corrupt(format!("pruning task failed: {e}")))?
+        })
+    }
+
+    fn kind(&self) -> &'static str {
+        "sled"
     }
 }
 
@@ -510,8 +473,8 @@ mod tests {
     fn the_readiness_probe_leaves_nothing_behind() {
         let dir = tempfile::tempdir().expect("tmp");
         let store = Store::new(crate::open_db(dir.path()).expect("sled")).expect("store");
-        store.probe_writable().expect("writable");
-        store.probe_writable().expect("writable again");
+        store.probe().expect("writable");
+        store.probe().expect("writable again");
         assert!(store.probe.is_empty());
         assert!(store.replies.is_empty() && store.state.is_empty());
     }
@@ -540,13 +503,13 @@ mod tests {
         ];
         for id in &ids {
             store
-                .apply_forward(&format!("{id}/s/forward"), |_| {
+                .apply_forward(&format!("{id}/s/forward"), &|_| {
                     Ok(Reply::ok(serde_json::Value::Null))
                 })
                 .await
                 .expect("applies");
             store
-                .apply_compensation(&format!("{id}/t/compensate"), |_, _, _| {
+                .apply_compensation(&format!("{id}/t/compensate"), &|_, _, _| {
                     Ok(Reply::ok(serde_json::Value::Null))
                 })
                 .await
@@ -559,14 +522,14 @@ mod tests {
         );
         assert_eq!(store.by_time.len(), 9, "each indexed");
         assert_eq!(
-            store.prune_replies(now - HOUR, 100).expect("prunes"),
+            store.prune(now - HOUR, 100).expect("prunes"),
             0,
             "all stored just now"
         );
         // Limited: one at a time, oldest first; then the rest; then nothing.
-        assert_eq!(store.prune_replies(now + HOUR, 1).expect("prunes"), 1);
-        assert_eq!(store.prune_replies(now + HOUR, 100).expect("prunes"), 8);
-        assert_eq!(store.prune_replies(now + HOUR, 100).expect("prunes"), 0);
+        assert_eq!(store.prune(now + HOUR, 1).expect("prunes"), 1);
+        assert_eq!(store.prune(now + HOUR, 100).expect("prunes"), 8);
+        assert_eq!(store.prune(now + HOUR, 100).expect("prunes"), 0);
         assert!(store.replies.is_empty() && store.by_time.is_empty());
     }
 
@@ -592,7 +555,7 @@ mod tests {
         let store = Store::new(crate::open_db(dir.path()).expect("sled")).expect("store");
         assert_eq!(store.by_time.len(), 5, "every old reply indexed");
         assert_eq!(
-            store.prune_replies(now - HOUR, 100).expect("prunes"),
+            store.prune(now - HOUR, 100).expect("prunes"),
             3,
             "the expired ones"
         );
@@ -616,7 +579,7 @@ mod tests {
         // Opening again does not index twice.
         let store = Store::new(crate::open_db(dir.path()).expect("sled")).expect("store");
         assert_eq!(store.by_time.len(), 2);
-        assert_eq!(store.prune_replies(now + HOUR, 100).expect("prunes"), 2);
+        assert_eq!(store.prune(now + HOUR, 100).expect("prunes"), 2);
         assert!(store.replies.is_empty());
     }
 
@@ -624,7 +587,9 @@ mod tests {
     async fn a_compensation_key_is_required() {
         let dir = tempfile::tempdir().expect("tmp");
         let store = Store::new(crate::open_db(dir.path()).expect("sled")).expect("store");
-        let r = store.apply_compensation("s/step/forward", |_, _, _| Ok(Reply::ok(serde_json::Value::Null)));
+        let r = store.apply_compensation("s/step/forward", &|_, _, _| {
+            Ok(Reply::ok(serde_json::Value::Null))
+        });
         assert!(r.await.is_err());
         assert_eq!(store.stored_reply("s/step/forward").await.expect("reads"), None);
     }
