@@ -3,9 +3,10 @@
 # nats-server on a loopback port of its choosing, inventory, payment, shipping and the coordinator.
 #   deploy/local.sh demo   place the four demo orders, print how each ended, stop everything
 #   deploy/local.sh up     keep it running (gRPC on 127.0.0.1:50051) until Ctrl-C
-#   deploy/local.sh cluster  a 3-node NATS cluster and three coordinators on the jetstream
-#                          store (gRPC on 127.0.0.1:50051-50053), the demo orders placed
-#                          once, then kept running until Ctrl-C
+#   deploy/local.sh cluster  a 3-node NATS cluster, three coordinators and three replicas of
+#                          each participant, all on the jetstream store (gRPC on
+#                          127.0.0.1:50051-50053), the demo orders placed once, then kept
+#                          running until Ctrl-C
 # Data and logs go to ./data/<mode>-<timestamp>/ (ignored by git). NATS runs with one user per
 # process and the permissions of its role (see docs/security.md): the nkey seeds are made on the
 # first run into ./data/nats-auth/ (SAGA_NATS_AUTH_DIR) and reused after.
@@ -107,15 +108,29 @@ else
   INVENTORY_HTTP="127.0.0.1:0"; PAYMENT_HTTP="127.0.0.1:0"; SHIPPING_HTTP="127.0.0.1:0"
 fi
 
-NATS_NKEY=$(nkey participant-inventory) "$BIN/inventory" --data-dir "$RUN_DIR/inventory" --stock-file "$ROOT/deploy/stock.json" \
-  --http-addr "$INVENTORY_HTTP" --ports-file "$RUN_DIR/inventory.ports" >"$RUN_DIR/inventory.log" 2>&1 &
-PIDS+=($!)
-NATS_NKEY=$(nkey participant-payment) "$BIN/payment" --data-dir "$RUN_DIR/payment" --customer-limit-cents 50000 \
-  --http-addr "$PAYMENT_HTTP" --ports-file "$RUN_DIR/payment.ports" >"$RUN_DIR/payment.log" 2>&1 &
-PIDS+=($!)
-NATS_NKEY=$(nkey participant-shipping) "$BIN/shipping" --data-dir "$RUN_DIR/shipping" --http-addr "$SHIPPING_HTTP" \
-  --ports-file "$RUN_DIR/shipping.ports" >"$RUN_DIR/shipping.log" 2>&1 &
-PIDS+=($!)
+# One instance of each participant on sled; in a cluster, three replicas of each on the
+# jetstream store (shared, replicated KV buckets): the first on the fixed HTTP port, the others on
+# ports of their own choosing (their ports files).
+if [[ "$MODE" == cluster ]]; then
+  REPLICAS=(1 2 3); PART_STORE=(--store jetstream --kv-replicas 3)
+else
+  REPLICAS=(1); PART_STORE=()
+fi
+for r in "${REPLICAS[@]}"; do
+  sfx=""; [[ $r == 1 ]] || sfx="-$r"
+  http() { if [[ $r == 1 ]]; then echo "$1"; else echo "127.0.0.1:0"; fi; }
+  NATS_NKEY=$(nkey participant-inventory) "$BIN/inventory" "${PART_STORE[@]}" --data-dir "$RUN_DIR/inventory$sfx" \
+    --stock-file "$ROOT/deploy/stock.json" --http-addr "$(http "$INVENTORY_HTTP")" \
+    --ports-file "$RUN_DIR/inventory$sfx.ports" >"$RUN_DIR/inventory$sfx.log" 2>&1 &
+  PIDS+=($!)
+  NATS_NKEY=$(nkey participant-payment) "$BIN/payment" "${PART_STORE[@]}" --data-dir "$RUN_DIR/payment$sfx" \
+    --customer-limit-cents 50000 --http-addr "$(http "$PAYMENT_HTTP")" \
+    --ports-file "$RUN_DIR/payment$sfx.ports" >"$RUN_DIR/payment$sfx.log" 2>&1 &
+  PIDS+=($!)
+  NATS_NKEY=$(nkey participant-shipping) "$BIN/shipping" "${PART_STORE[@]}" --data-dir "$RUN_DIR/shipping$sfx" \
+    --http-addr "$(http "$SHIPPING_HTTP")" --ports-file "$RUN_DIR/shipping$sfx.ports" >"$RUN_DIR/shipping$sfx.log" 2>&1 &
+  PIDS+=($!)
+done
 if [[ "$MODE" == cluster ]]; then
   GRPC_ADDRS=("$GRPC_ADDR" "127.0.0.1:50052" "127.0.0.1:50053"); HTTP_ADDRS=("$HTTP_ADDR" "127.0.0.1:9474" "127.0.0.1:9484")
   for i in 0 1 2; do
@@ -206,6 +221,7 @@ PY
 
 A cluster is up: kill one coordinator (kill -9 <pid>, see ps) and watch another take its
 partitions over within the lease TTL (3 s): target/debug/sagactl --addr http://${GRPC_ADDRS[2]} list
+Each participant runs three replicas in its queue group: kill any two, orders still complete.
 Press Ctrl-C to stop.
 MSG
   wait "${PIDS[-1]}"

@@ -2,7 +2,10 @@
 //! JetStream with replicas 3), three coordinators on the `jetstream` store
 //! and the participants, all as separate OS processes on loopback. Orders go
 //! to the coordinators in turn; mid-run one coordinator is kill -9'd for good
-//! and one NATS node is kill -9'd (and restarted a few seconds later). Then
+//! and one NATS node is kill -9'd (and restarted a few seconds later); the
+//! participants run three replicas each on the jetstream store, two of which
+//! are kill -9'd (and restarted) and one paused with SIGSTOP for longer than
+//! a step's timeout (then SIGCONT). Then
 //! the chaos suite's invariants: every saga terminal in the state its order
 //! implies, stock and money conserved, nothing applied twice, every event
 //! once. It prints the failover time: from the kill to the first transition,
@@ -25,6 +28,33 @@ use tokio::sync::Semaphore;
 
 const PARTITIONS: u32 = 12;
 const LEASE_TTL: &str = "2s";
+/// Replicas of each participant (jetstream store).
+const REPLICAS: usize = 3;
+
+/// A fault of a participant replica, at an order's index.
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    /// kill -9.
+    Kill(usize),
+    /// Started again.
+    Start(usize),
+    /// SIGSTOP: alive to NATS, answering nothing.
+    Pause(usize),
+    /// SIGCONT.
+    Resume(usize),
+}
+
+/// Sends `signal` (`-STOP`, `-CONT`) to `p`.
+fn signal(p: &Proc, signal: &str) -> Result<()> {
+    let pid = p
+        .pid()
+        .ok_or_else(|| anyhow::anyhow!("{} is not running", p.name))?;
+    let status = std::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()?;
+    ensure!(status.success(), "kill {signal} {pid} failed");
+    Ok(())
+}
 
 fn ms(t: &Option<prost_types::Timestamp>) -> u64 {
     t.as_ref()
@@ -69,41 +99,51 @@ async fn a_coordinator_and_a_nats_node_die_and_every_saga_still_ends_once() -> R
         .map(|(s, n)| format!("{s}={n}"))
         .collect::<Vec<_>>()
         .join(",");
-    let mut inventory = Proc::new(
-        "inventory",
-        bin.join("inventory"),
-        arg(&[
+    // Three replicas of each participant in its queue group, on the jetstream
+    // store (state and stored replies in R3 KV buckets shared by the replicas).
+    let replica = |name: &str, r: usize, extra: &[&str]| {
+        let mut args = arg(&[
+            "--store",
+            "jetstream",
+            "--kv-replicas",
+            "3",
             "--nats-url",
             &urls,
+            "--http-addr",
+            "127.0.0.1:0",
             "--data-dir",
-            &path("inventory"),
-            "--stock",
-            &stock,
-        ]),
-        dir.as_path().join("inventory.log"),
-    )
-    .envs(access.env(&Role::Participant("inventory".into())));
-    let mut payment = Proc::new(
-        "payment",
-        bin.join("payment"),
-        arg(&[
-            "--nats-url",
-            &urls,
-            "--data-dir",
-            &path("payment"),
-            "--customer-limit-cents",
-            &LIMIT_CENTS.to_string(),
-            // Slow enough that sagas are in flight when the coordinator dies.
-            "--gateway-latency",
-            "300ms",
-            "--gateway-failure-rate",
-            "0.05",
-        ]),
-        dir.as_path().join("payment.log"),
-    )
-    .envs(access.env(&Role::Participant("payment".into())));
-    inventory.start()?;
-    payment.start()?;
+            &path(&format!("{name}-{r}")),
+        ]);
+        args.extend(arg(extra));
+        Proc::new(
+            &format!("{name}-{r}"),
+            bin.join(name),
+            args,
+            dir.as_path().join(format!("{name}-{r}.log")),
+        )
+        .envs(access.env(&Role::Participant(name.into())))
+    };
+    let limit = LIMIT_CENTS.to_string();
+    let mut replicas: Vec<Proc> = Vec::new();
+    for r in 0..REPLICAS {
+        replicas.push(replica("inventory", r, &["--stock", &stock]));
+        replicas.push(replica(
+            "payment",
+            r,
+            &[
+                "--customer-limit-cents",
+                &limit,
+                // Slow enough that sagas are in flight when the coordinator dies.
+                "--gateway-latency",
+                "300ms",
+                "--gateway-failure-rate",
+                "0.05",
+            ],
+        ));
+    }
+    for p in &mut replicas {
+        p.start()?;
+    }
     let mut coordinators = Vec::new();
     let mut addrs = Vec::new();
     for i in 0..3 {
@@ -170,7 +210,44 @@ async fn a_coordinator_and_a_nats_node_die_and_every_saga_still_ends_once() -> R
     let mut tasks = Vec::new();
     let (mut victim_partitions, mut kill_ms) = (BTreeSet::new(), 0u64);
     let mut restart = None;
+    // Replicas (inventory-0 0, payment-0 1, inventory-1 2, payment-1 3, …):
+    // inventory-0 killed at 20% and back 2 s later; payment-1 paused at 30%
+    // for 2.5 s (longer than a step's 1 s timeout: its commands time out and
+    // are retried on the others); payment-2 killed at 50% and back 2 s later.
+    let steps = |d: Duration| {
+        usize::try_from(d.as_nanos() / pace.as_nanos().max(1))
+            .unwrap_or(usize::MAX)
+            .max(1)
+    };
+    let mut faults = vec![
+        (orders / 5, Fault::Kill(0)),
+        (orders / 5 + steps(Duration::from_secs(2)), Fault::Start(0)),
+        (orders * 3 / 10, Fault::Pause(3)),
+        (
+            orders * 3 / 10 + steps(Duration::from_millis(2500)),
+            Fault::Resume(3),
+        ),
+        (orders / 2, Fault::Kill(5)),
+        (orders / 2 + steps(Duration::from_secs(2)), Fault::Start(5)),
+    ];
+    faults.sort_by_key(|(at, _)| *at);
+    let (mut pauses, mut faults) = (0u32, faults.into_iter().peekable());
     for (i, (req, expect)) in plan.into_iter().enumerate() {
+        while let Some((_, fault)) = faults.next_if(|(at, _)| *at <= i) {
+            match fault {
+                Fault::Kill(r) => replicas[r].kill(),
+                Fault::Start(r) => replicas[r].start()?,
+                Fault::Pause(r) => {
+                    signal(&replicas[r], "-STOP")?;
+                    pauses += 1;
+                }
+                Fault::Resume(r) => signal(&replicas[r], "-CONT")?,
+            }
+            println!(
+                "cluster chaos: {fault:?} ({})",
+                replicas[fault_target(fault)].name
+            );
+        }
         // At 40% of the orders the first coordinator dies for good; at 60% a NATS node.
         if i == orders * 2 / 5 {
             victim_partitions = cluster::holders(&nats)
@@ -200,6 +277,14 @@ async fn a_coordinator_and_a_nats_node_die_and_every_saga_still_ends_once() -> R
         let first = if kill_ms == 0 { i % 3 } else { 1 + i % 2 };
         tasks.push(spawn_place(addrs.clone(), first, req, expect, permit));
         tokio::time::sleep(pace).await;
+    }
+    // Whatever was not reached (few orders): every replica running again.
+    for (_, fault) in faults {
+        match fault {
+            Fault::Start(r) => replicas[r].start()?,
+            Fault::Resume(r) => signal(&replicas[r], "-CONT")?,
+            Fault::Kill(_) | Fault::Pause(_) => {}
+        }
     }
     let mut placed = Vec::with_capacity(orders);
     for t in tasks {
@@ -288,6 +373,13 @@ async fn a_coordinator_and_a_nats_node_die_and_every_saga_still_ends_once() -> R
             format!("3 / {PARTITIONS} / {LEASE_TTL}"),
         ),
         (
+            "participant replicas / kill -9 / SIGSTOP > timeout".to_string(),
+            format!(
+                "{REPLICAS} each (jetstream) / {} / {pauses}",
+                replicas.iter().map(|p| p.kills).sum::<u32>()
+            ),
+        ),
+        (
             "coord-0 killed holding partitions".to_string(),
             format!("{}", victim_partitions.len()),
         ),
@@ -321,8 +413,9 @@ async fn a_coordinator_and_a_nats_node_die_and_every_saga_still_ends_once() -> R
     for c in &mut coordinators {
         c.stop();
     }
-    payment.stop();
-    inventory.stop();
+    for p in &mut replicas {
+        p.stop();
+    }
     for n in &nodes {
         lock(n).kill();
     }
@@ -332,6 +425,12 @@ async fn a_coordinator_and_a_nats_node_die_and_every_saga_still_ends_once() -> R
 
 fn lock(node: &std::sync::Mutex<NatsServer>) -> std::sync::MutexGuard<'_, NatsServer> {
     node.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn fault_target(f: Fault) -> usize {
+    match f {
+        Fault::Kill(r) | Fault::Start(r) | Fault::Pause(r) | Fault::Resume(r) => r,
+    }
 }
 
 fn now_ms() -> u64 {
