@@ -274,15 +274,33 @@ where
     let store = match sled_store {
         Some(s) => s,
         None => {
-            let opened = store::jetstream::JsStore::open(
-                &client,
-                name,
-                target.kv_replicas,
-                retention.reply_retention,
-                &target.root_prefixes,
-            );
+            // JetStream may not be ready yet (a cluster still electing its
+            // meta leader): retried with backoff, not-ready meanwhile, as the
+            // coordinator's jetstream store is.
+            let opened = async {
+                let mut wait = std::time::Duration::from_millis(200);
+                loop {
+                    match store::jetstream::JsStore::open(
+                        &client,
+                        name,
+                        target.kv_replicas,
+                        retention.reply_retention,
+                        &target.root_prefixes,
+                    )
+                    .await
+                    {
+                        Ok(s) => break s,
+                        Err(e) => {
+                            tracing::warn!(participant = name, error = %e, retry_in = ?wait,
+                                "cannot open the jetstream store yet; retrying");
+                            tokio::time::sleep(wait).await;
+                            wait = (wait * 2).min(std::time::Duration::from_secs(5));
+                        }
+                    }
+                }
+            };
             let s: store::SharedStore = tokio::select! {
-                s = opened => std::sync::Arc::new(s?),
+                s = opened => std::sync::Arc::new(s),
                 _ = shutdown.cancelled() => return Err(ConnectError::ShutDown.into()),
             };
             slot.set(s.clone());
