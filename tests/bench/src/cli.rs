@@ -122,6 +122,14 @@ pub(crate) struct Args {
     /// that created it.
     #[arg(long, default_value_t = 1, conflicts_with = "target")]
     pub(crate) coordinators: usize,
+    /// Where the started inventory and payment services keep their state
+    /// and stored replies (their `--store`).
+    #[arg(long, value_enum, default_value = "sled", conflicts_with = "target")]
+    pub(crate) participant_store: Store,
+    /// Replicas of each participant in its queue group (more than one needs
+    /// --participant-store jetstream).
+    #[arg(long, default_value_t = 1, conflicts_with = "target")]
+    pub(crate) participant_replicas: usize,
     /// nats-server processes: 1 is a single server, 3 a cluster (default:
     /// 3 with --store jetstream, else 1). The jetstream store replicates its
     /// buckets on min(nodes, 3) of them.
@@ -271,6 +279,12 @@ impl Args {
         }
         if self.coordinators > 1 && self.store == Store::Sled {
             bail!("--coordinators above 1 needs --store jetstream (sled serves one coordinator)");
+        }
+        if !(1..=9).contains(&self.participant_replicas) {
+            bail!("--participant-replicas must be 1 to 9");
+        }
+        if self.participant_replicas > 1 && self.participant_store == Store::Sled {
+            bail!("--participant-replicas above 1 needs --participant-store jetstream (a sled participant is one process)");
         }
         if self.nats_nodes.is_some_and(|n| !(1..=5).contains(&n)) {
             bail!("--nats-nodes must be 1 to 5");

@@ -136,8 +136,10 @@ impl Ctx<'_> {
             return Ok(None);
         }
         phase(&format!(
-            "starting inventory, payment and coordinators ({name}: {})",
-            self.setup.label()
+            "starting inventory, payment and coordinators ({name}: {}; participants: {} × {})",
+            self.setup.label(),
+            self.args.participant_replicas,
+            self.args.participant_store.name()
         ));
         let spec = ClusterSpec {
             bin_dir: &self.bin_dir,
@@ -150,6 +152,8 @@ impl Ctx<'_> {
             charge_timeout,
             log_level: &self.args.log_level,
             coordinator_args: &self.args.coordinator_arg,
+            participant_store: self.args.participant_store,
+            participant_replicas: self.args.participant_replicas,
         };
         Ok(Some(Cluster::start(&spec, &self.nats_client).await?))
     }
@@ -510,13 +514,9 @@ pub(crate) async fn recovery(ctx: &Ctx<'_>) -> Result<RecoveryReport> {
         }
         StopSignal::Term => cluster.coordinators[0].terminate(Duration::from_secs(10)),
     };
-    // The slow charges die with the payment; it comes back with the normal gateway.
-    cluster.payment.kill();
-    cluster.payment.set_arg(
-        "--gateway-latency",
-        &humantime::format_duration(args.gateway_latency).to_string(),
-    );
-    cluster.payment.start()?;
+    // The slow charges die with the payment (every replica); it comes back
+    // with the normal gateway.
+    cluster.restart_payments(args.gateway_latency)?;
     cluster.wait_participants(&ctx.nats_client).await?;
     phase("recovery: restarting the coordinator");
     let t0 = Instant::now();

@@ -158,6 +158,9 @@ pub(crate) struct ClusterSpec<'a> {
     pub(crate) log_level: &'a str,
     /// Extra arguments for the coordinators.
     pub(crate) coordinator_args: &'a [String],
+    /// The participants' store and how many replicas of each.
+    pub(crate) participant_store: Store,
+    pub(crate) participant_replicas: usize,
 }
 
 impl ClusterSpec<'_> {
@@ -220,6 +223,8 @@ pub(crate) struct Cluster {
     pub(crate) coordinators: Vec<Proc>,
     pub(crate) inventory: Proc,
     pub(crate) payment: Proc,
+    /// The other replicas of both (`--participant-replicas`).
+    replicas: Vec<Proc>,
     /// gRPC address of each coordinator, in the same order.
     pub(crate) grpc: Vec<SocketAddr>,
     /// HTTP address (`/metrics`, `/ready`) of each coordinator.
@@ -242,7 +247,7 @@ impl Cluster {
         )?;
         std::fs::create_dir_all(&spec.dir)?;
         let defs = write_definitions(&spec.dir.join("defs"), spec.charge_timeout)?;
-        let (inventory, payment) = participants(spec);
+        let (inventory, payment, replicas) = participants(spec);
         let n = spec.setup.coordinators.max(1);
         let (mut grpc, mut http, mut coordinators) = (Vec::new(), Vec::new(), Vec::new());
         for i in 0..n {
@@ -270,15 +275,19 @@ impl Cluster {
             coordinators,
             inventory,
             payment,
+            replicas,
             grpc,
             http,
             setup: spec.setup,
         };
-        if spec.setup.store == Store::Jetstream {
+        if spec.setup.store == Store::Jetstream || spec.participant_store == Store::Jetstream {
             reset_jetstream(nats).await?;
         }
         c.inventory.start()?;
         c.payment.start()?;
+        for r in &mut c.replicas {
+            r.start()?;
+        }
         c.wait_participants(nats).await?;
         for i in 0..n {
             c.start_coordinator(i)?;
@@ -397,8 +406,26 @@ impl Cluster {
         for c in &mut self.coordinators {
             c.check_alive()?;
         }
+        for r in &mut self.replicas {
+            r.check_alive()?;
+        }
         self.inventory.check_alive()?;
         self.payment.check_alive()
+    }
+
+    /// Kills every payment replica and starts each again with `gateway_latency`.
+    ///
+    /// # Errors
+    /// One did not start.
+    pub(crate) fn restart_payments(&mut self, gateway_latency: Duration) -> Result<()> {
+        let latency = humantime::format_duration(gateway_latency).to_string();
+        let replicas = self.replicas.iter_mut().filter(|p| p.name.starts_with("payment"));
+        for p in std::iter::once(&mut self.payment).chain(replicas) {
+            p.kill();
+            p.set_arg("--gateway-latency", &latency);
+            p.start()?;
+        }
+        Ok(())
     }
 
     /// `(name, pid)` of its processes.
@@ -406,6 +433,7 @@ impl Cluster {
         self.coordinators
             .iter()
             .chain([&self.inventory, &self.payment])
+            .chain(&self.replicas)
             .filter_map(|s| s.pid().map(|p| (s.name.clone(), p)))
             .collect()
     }
@@ -415,53 +443,71 @@ impl Cluster {
         for c in &mut self.coordinators {
             c.terminate(Duration::from_secs(10));
         }
+        for r in &mut self.replicas {
+            r.terminate(Duration::from_secs(10));
+        }
         self.payment.terminate(Duration::from_secs(10));
         self.inventory.terminate(Duration::from_secs(10));
     }
 }
 
-/// The inventory and payment services of `spec` (not started).
-fn participants(spec: &ClusterSpec<'_>) -> (Proc, Proc) {
-    let path = |p: &str| spec.dir.join(p).display().to_string();
+/// The inventory and payment services of `spec` (not started): the first
+/// replica of each, and the others (`--participant-replicas`).
+fn participants(spec: &ClusterSpec<'_>) -> (Proc, Proc, Vec<Proc>) {
     let mut stock: Vec<String> = SKUS.iter().map(|s| format!("{s}={PLENTY}")).collect();
     stock.push(format!("{RARE}=1"));
-    let inventory = Proc::new(
-        "inventory",
-        spec.bin_dir.join("inventory"),
-        strings(&[
+    let stock = stock.join(",");
+    let limit = spec.customer_limit_cents.to_string();
+    let latency = humantime::format_duration(spec.gateway_latency).to_string();
+    let replica = |name: &str, r: usize, extra: &[&str]| {
+        let label = if r == 0 {
+            name.to_string()
+        } else {
+            format!("{name}-{r}")
+        };
+        let mut args = strings(&[
             "--nats-url",
             spec.nats_url,
             "--data-dir",
-            &path("inventory"),
+            &spec.dir.join(&label).display().to_string(),
             "--http-addr",
             "127.0.0.1:0",
-            "--stock",
-            &stock.join(","),
-        ]),
-        spec.dir.join("inventory.log"),
+        ]);
+        if spec.participant_store == Store::Jetstream {
+            args.extend(strings(&[
+                "--store",
+                "jetstream",
+                "--kv-replicas",
+                &spec.setup.replicas().to_string(),
+            ]));
+        }
+        args.extend(strings(extra));
+        Proc::new(
+            &label,
+            spec.bin_dir.join(name),
+            args,
+            spec.dir.join(format!("{label}.log")),
+        )
+        .envs(spec.nats_env(&Role::Participant(name.into())))
+        .env("RUST_LOG", spec.log_level)
+    };
+    let inventory_args = ["--stock", stock.as_str()];
+    let payment_args = [
+        "--customer-limit-cents",
+        limit.as_str(),
+        "--gateway-latency",
+        latency.as_str(),
+    ];
+    let mut others = Vec::new();
+    for r in 1..spec.participant_replicas.max(1) {
+        others.push(replica("inventory", r, &inventory_args));
+        others.push(replica("payment", r, &payment_args));
+    }
+    (
+        replica("inventory", 0, &inventory_args),
+        replica("payment", 0, &payment_args),
+        others,
     )
-    .envs(spec.nats_env(&Role::Participant("inventory".into())))
-    .env("RUST_LOG", spec.log_level);
-    let payment = Proc::new(
-        "payment",
-        spec.bin_dir.join("payment"),
-        strings(&[
-            "--nats-url",
-            spec.nats_url,
-            "--data-dir",
-            &path("payment"),
-            "--http-addr",
-            "127.0.0.1:0",
-            "--customer-limit-cents",
-            &spec.customer_limit_cents.to_string(),
-            "--gateway-latency",
-            &humantime::format_duration(spec.gateway_latency).to_string(),
-        ]),
-        spec.dir.join("payment.log"),
-    )
-    .envs(spec.nats_env(&Role::Participant("payment".into())))
-    .env("RUST_LOG", spec.log_level);
-    (inventory, payment)
 }
 
 /// Deletes the jetstream store's KV buckets, so that a cluster starts as
@@ -479,7 +525,16 @@ async fn reset_jetstream(nats: &async_nats::Client) -> Result<()> {
         coordinator::kv::ACTIVE_BUCKET,
         coordinator::kv::KEYS_BUCKET,
         coordinator::kv::LEASES_BUCKET,
-    ] {
+    ]
+    .map(String::from)
+    .into_iter()
+    .chain(["inventory", "payment"].into_iter().flat_map(|p| {
+        [
+            participants::store::jetstream::state_bucket(p),
+            participants::store::jetstream::replies_bucket(p),
+        ]
+    })) {
+        let bucket = bucket.as_str();
         if js.get_key_value(bucket).await.is_ok() {
             js.delete_key_value(bucket)
                 .await
