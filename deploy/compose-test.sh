@@ -155,12 +155,17 @@ meta_leader() {
   echo nats-1
 }
 
-# Places $IN_FLIGHT orders through coordinator $1 without waiting; prints their saga ids.
+# Places $IN_FLIGHT orders through coordinator $1 at once (so that all of them are running a
+# moment later) without waiting for them; prints their saga ids.
 place_orders() {
-  local via="$1" tag="$2"
+  local via="$1" tag="$2" pids=()
   for i in $(seq "$IN_FLIGHT"); do
-    ctl "$via" create --customer "c-$tag-$i" --item A-1:1 --amount-cents 1000 |
-      python3 -c 'import json,sys; print(json.load(sys.stdin)["saga_id"])'
+    ctl "$via" create --customer "c-$tag-$i" --item A-1:1 --amount-cents 1000 >"$OUT/$PROFILE-order-$tag-$i.json" &
+    pids+=($!)
+  done
+  for p in "${pids[@]}"; do wait "$p" || true; done
+  for i in $(seq "$IN_FLIGHT"); do
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["saga_id"])' <"$OUT/$PROFILE-order-$tag-$i.json" || true
   done
 }
 # Waits until every saga in $2.. is terminal (read through coordinator $1); fails unless COMPLETED.
