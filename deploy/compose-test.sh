@@ -200,7 +200,23 @@ first_order() {
   done
   return 1
 }
-running_count() { ctl "$1" list --state running --limit 500 | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["sagas"]))'; }
+# How many of the sagas $3.. (terminal by now) finished after the moment $2 (epoch seconds),
+# i.e. were in flight across the kill; read through coordinator $1.
+finished_after() {
+  local via="$1" since="$2"; shift 2
+  for id in "$@"; do ctl "$via" get "$id"; done | python3 -c '
+import json, sys
+from datetime import datetime
+since, n, dec = float(sys.argv[1]), 0, json.JSONDecoder()
+text, i = sys.stdin.read(), 0
+while i < len(text):
+    while i < len(text) and text[i].isspace(): i += 1
+    if i >= len(text): break
+    saga, i = dec.raw_decode(text, i)
+    at = datetime.fromisoformat(saga["updated_at"].replace("Z", "+00:00")).timestamp()
+    n += at > since
+print(n)' "$since"
+}
 
 run_profile() {
   PROFILE="$1"
@@ -235,26 +251,27 @@ run_profile() {
   if [[ "$PROFILE" == sled ]]; then
     mapfile -t ids < <(place_orders coordinator "$PROFILE-crash")
     ((${#ids[@]} == IN_FLIGHT)) || fail "orders placed" "${#ids[@]} of $IN_FLIGHT"
-    local running; running=$(running_count coordinator)
     local tk; tk=$(now); docker kill "$(cid coordinator)" >/dev/null
     dc start coordinator >/dev/null 2>&1
     wait_service_healthy coordinator || fail "coordinator restart" "not healthy again"
     local th; th=$(now)
     wait_completed coordinator "${ids[@]}" || fail "in-flight after coordinator kill" "see $OUT/$PROFILE.log"
-    row "coordinator killed, restarted" ok "$running of $IN_FLIGHT running at the kill; healthy again $(secs "$tk" "$th"), all COMPLETED $(secs "$tk" "$(now)") after the kill"
+    local tc; tc=$(now)
+    local running; running=$(finished_after coordinator "$tk" "${ids[@]}")
+    row "coordinator killed, restarted" ok "$IN_FLIGHT orders placed, killed at once: $running of them finished after the kill; healthy again $(secs "$tk" "$th"), all COMPLETED $(secs "$tk" "$tc") after the kill"
   else
     # Orders through coordinator-2; coordinator(-1) killed and left down: the others take its partitions.
     mapfile -t ids < <(place_orders coordinator-2 "$PROFILE-crash")
     ((${#ids[@]} == IN_FLIGHT)) || fail "orders placed" "${#ids[@]} of $IN_FLIGHT"
-    local running; running=$(running_count coordinator-2)
     local tk; tk=$(now); docker kill "$(cid coordinator)" >/dev/null
     wait_completed coordinator-2 "${ids[@]}" || fail "in-flight after coordinator kill" "see $OUT/$PROFILE.log"
     local td; td=$(now)
+    local running; running=$(finished_after coordinator-2 "$tk" "${ids[@]}")
     local taken=0 since; since=$(date -u -d "@${tk%.*}" +%Y-%m-%dT%H:%M:%SZ)
     for c in coordinator-2 coordinator-3; do
       taken=$((taken + $(docker logs --since "$since" "$(cid "$c")" 2>&1 | grep -c '"partition taken"' || true)))
     done
-    row "coordinator-1 killed, left down" ok "$running of $IN_FLIGHT running at the kill; all COMPLETED on the others $(secs "$tk" "$td") after the kill; partitions taken over by coordinator-2/3: $taken"
+    row "coordinator-1 killed, left down" ok "$IN_FLIGHT orders placed, killed at once: $running of them finished after the kill, all COMPLETED on the others $(secs "$tk" "$td") after the kill; partitions taken over by coordinator-2/3: $taken"
     dc start coordinator >/dev/null 2>&1
     wait_service_healthy coordinator || fail "coordinator restart" "not healthy again"
     row "coordinator-1 started again" ok "healthy $(secs "$td" "$(now)") after start"
