@@ -117,7 +117,7 @@ clippy:
 COMPOSE = $(shell if docker compose version >/dev/null 2>&1; then echo "docker compose"; elif command -v docker-compose >/dev/null; then echo docker-compose; fi)
 COMPOSE_FILE := deploy/docker-compose.yml
 
-# The compose demo needs a Docker engine (not available on the development machines).
+# The compose targets need a Docker engine (docs/docker.md).
 compose-up:
 	@test -n "$(COMPOSE)" || { echo "docker compose is not installed"; exit 1; }
 	$(COMPOSE) -f $(COMPOSE_FILE) up -d --build
@@ -134,6 +134,14 @@ compose-cluster:
 compose-down:
 	@test -n "$(COMPOSE)" || { echo "docker compose is not installed"; exit 1; }
 	$(COMPOSE) -f $(COMPOSE_FILE) --profile demo --profile cluster down
+
+# The compose deployment run for real (needs a Docker engine): build, up, health, the demo orders,
+# a NATS node and a coordinator killed, `down -v`; for the sled and the cluster profile
+# (COMPOSE_TEST_PROFILES="sled" for one). Prints a table; logs in data/compose-test-*/.
+.PHONY: compose-test
+COMPOSE_TEST_PROFILES ?= sled cluster
+compose-test:
+	deploy/compose-test.sh $(COMPOSE_TEST_PROFILES)
 
 compose-config:
 	@if docker compose version >/dev/null 2>&1; then docker compose -f deploy/docker-compose.yml config -q && echo "compose file valid";\
