@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use futures::StreamExt;
 use participants::store::StoreKind;
-use saga_testkit::{chaos::effects, stats, NatsAccess, NatsServer, Role};
-use saga_wire::{self as wire, CommandKind, Item, OrderPayload, Reply};
+use saga_testkit::{chaos::effects, order_command, stats, NatsAccess, NatsServer, Role};
+use saga_wire::{self as wire, Item, OrderPayload, Reply};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -113,35 +113,20 @@ async fn wait_replicas(client: &async_nats::Client, participant: &str, n: usize)
 }
 
 fn command(saga_id: &str, action: &str, items: &[(&str, u32)], amount: i64) -> wire::Command {
-    let (step, kind) = match action {
-        "reserve" => ("reserve-inventory", CommandKind::Forward),
-        "release" => ("reserve-inventory", CommandKind::Compensate),
-        "charge" => ("charge-payment", CommandKind::Forward),
-        _ => ("charge-payment", CommandKind::Compensate),
+    let payload = OrderPayload {
+        order_id: format!("o-{saga_id}"),
+        customer_id: "c-1".into(),
+        items: items
+            .iter()
+            .map(|(s, q)| Item {
+                sku: (*s).into(),
+                quantity: *q,
+            })
+            .collect(),
+        amount_cents: amount,
+        currency: "EUR".into(),
     };
-    wire::Command {
-        saga_id: saga_id.into(),
-        definition: "order@1".into(),
-        step: step.into(),
-        action: action.into(),
-        kind,
-        attempt: 1,
-        idempotency_key: wire::idempotency_key(saga_id, step, kind),
-        payload: OrderPayload {
-            order_id: format!("o-{saga_id}"),
-            customer_id: "c-1".into(),
-            items: items
-                .iter()
-                .map(|(s, q)| Item {
-                    sku: (*s).into(),
-                    quantity: *q,
-                })
-                .collect(),
-            amount_cents: amount,
-            currency: "EUR".into(),
-        },
-        input: serde_json::Value::Null,
-    }
+    order_command(saga_id, action, payload)
 }
 
 /// Sends `cmd` on its subject; the reply.

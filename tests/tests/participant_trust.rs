@@ -56,23 +56,7 @@ fn order() -> OrderPayload {
 
 /// A well-formed command of `saga_id` for `action` (the order saga's steps).
 fn command(saga_id: &str, action: &str) -> wire::Command {
-    let (step, kind) = match action {
-        "reserve" => ("reserve-inventory", CommandKind::Forward),
-        "release" => ("reserve-inventory", CommandKind::Compensate),
-        "charge" => ("charge-payment", CommandKind::Forward),
-        _ => ("charge-payment", CommandKind::Compensate),
-    };
-    wire::Command {
-        saga_id: saga_id.into(),
-        definition: "order@1".into(),
-        step: step.into(),
-        action: action.into(),
-        kind,
-        attempt: 1,
-        idempotency_key: wire::idempotency_key(saga_id, step, kind),
-        payload: order(),
-        input: serde_json::Value::Null,
-    }
+    order_command(saga_id, action, order())
 }
 
 fn participant_of(action: &str) -> &'static str {

@@ -394,6 +394,30 @@ pub async fn ledger(nats: &async_nats::Client) -> Result<(i64, i64)> {
     }
 }
 
+/// A well-formed command of the shipped order saga for `saga_id`, as the
+/// coordinator sends it at attempt 1: `reserve`/`release` (step
+/// `reserve-inventory`) or `charge`/`refund` (step `charge-payment`).
+pub fn order_command(saga_id: &str, action: &str, payload: saga_wire::OrderPayload) -> saga_wire::Command {
+    use saga_wire::CommandKind;
+    let (step, kind) = match action {
+        "reserve" => ("reserve-inventory", CommandKind::Forward),
+        "release" => ("reserve-inventory", CommandKind::Compensate),
+        "charge" => ("charge-payment", CommandKind::Forward),
+        _ => ("charge-payment", CommandKind::Compensate),
+    };
+    saga_wire::Command {
+        saga_id: saga_id.into(),
+        definition: "order@1".into(),
+        step: step.into(),
+        action: action.into(),
+        kind,
+        attempt: 1,
+        idempotency_key: saga_wire::idempotency_key(saga_id, step, kind),
+        payload,
+        input: serde_json::Value::Null,
+    }
+}
+
 /// An order request.
 pub fn order(customer: &str, items: &[(&str, u32)], amount_cents: i64) -> pb::CreateOrderRequest {
     pb::CreateOrderRequest {
