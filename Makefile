@@ -129,7 +129,7 @@ compose-demo: compose-up
 # Three coordinators on the jetstream store (the `cluster` profile) instead of one on sled.
 compose-cluster:
 	@test -n "$(COMPOSE)" || { echo "docker compose is not installed"; exit 1; }
-	COORDINATOR_STORE=jetstream $(COMPOSE) -f $(COMPOSE_FILE) --profile cluster up -d --build
+	COORDINATOR_STORE=jetstream PARTICIPANT_STORE=jetstream $(COMPOSE) -f $(COMPOSE_FILE) --profile cluster up -d --build
 
 compose-down:
 	@test -n "$(COMPOSE)" || { echo "docker compose is not installed"; exit 1; }

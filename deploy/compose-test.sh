@@ -222,8 +222,8 @@ run_profile() {
   PROFILE="$1"
   PROJECT="saga-ct-$PROFILE-$$"
   case "$PROFILE" in
-    sled) PROFILE_ARGS=(); export COORDINATOR_STORE=sled ;;
-    cluster) PROFILE_ARGS=(--profile cluster); export COORDINATOR_STORE=jetstream ;;
+    sled) PROFILE_ARGS=(); export COORDINATOR_STORE=sled PARTICIPANT_STORE=sled ;;
+    cluster) PROFILE_ARGS=(--profile cluster); export COORDINATOR_STORE=jetstream PARTICIPANT_STORE=jetstream ;;
     *) echo "unknown profile $PROFILE (sled or cluster)" >&2; exit 2 ;;
   esac
   echo; echo "=== compose-test: profile $PROFILE (project $PROJECT) ==="
