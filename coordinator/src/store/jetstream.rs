@@ -80,20 +80,10 @@ fn client_key(key: &str) -> String {
 /// # Errors
 /// JetStream failed or timed out.
 pub(crate) async fn leader_get(kv: &kv::Store, key: &str) -> Result<Option<(bytes::Bytes, u64)>, StoreError> {
-    use async_nats::jetstream::stream::LastRawMessageErrorKind;
-    let subject = format!("{}{}", kv.prefix, key);
-    match kv.stream.get_last_raw_message_by_subject(&subject).await {
-        Ok(m) => {
-            let removed = m
-                .headers
-                .get("KV-Operation")
-                .is_some_and(|op| matches!(op.as_str(), "DEL" | "PURGE"))
-                || m.headers.get("Nats-Marker-Reason").is_some();
-            Ok((!removed).then_some((m.payload, m.sequence)))
-        }
-        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
-        Err(e) => Err(js_err("get", e)),
-    }
+    let m = saga_nats::leader_get(kv, key)
+        .await
+        .map_err(|e| js_err("get", e))?;
+    Ok(m.map(|m| (m.payload, m.sequence)))
 }
 
 fn js_err(what: &str, e: impl std::fmt::Display) -> StoreError {

@@ -214,20 +214,10 @@ fn js_err(what: &str, e: impl std::fmt::Display) -> StoreError {
 /// leader (a direct get may be answered by a replica that has not applied
 /// the latest write; the argument in the module docs needs the latest).
 async fn leader_get(store: &kv::Store, key: &str) -> Result<Option<(Bytes, u64)>, StoreError> {
-    use async_nats::jetstream::stream::LastRawMessageErrorKind;
-    let subject = format!("{}{}", store.prefix, key);
-    match store.stream.get_last_raw_message_by_subject(&subject).await {
-        Ok(m) => {
-            let removed = m
-                .headers
-                .get("KV-Operation")
-                .is_some_and(|op| matches!(op.as_str(), "DEL" | "PURGE"))
-                || m.headers.get("Nats-Marker-Reason").is_some();
-            Ok((!removed).then_some((m.payload, m.sequence)))
-        }
-        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
-        Err(e) => Err(js_err("get", e)),
-    }
+    let m = saga_nats::leader_get(store, key)
+        .await
+        .map_err(|e| js_err("get", e))?;
+    Ok(m.map(|m| (m.payload, m.sequence)))
 }
 
 /// How a command is decided.

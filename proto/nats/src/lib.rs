@@ -157,6 +157,38 @@ impl NatsSecurity {
     }
 }
 
+/// The latest value of `key` in the KV bucket `kv` and its revision, read
+/// through the bucket's stream leader: a direct get may be answered by a
+/// replica that has not applied the latest write, and a compare-and-set
+/// decided on that would be decided on stale data. `None` when the key is
+/// absent, deleted or purged (or expired by a TTL marker).
+///
+/// # Errors
+/// JetStream failed or timed out.
+pub async fn leader_get(
+    kv: &async_nats::jetstream::kv::Store,
+    key: &str,
+) -> Result<
+    Option<async_nats::jetstream::message::StreamMessage>,
+    async_nats::jetstream::stream::LastRawMessageError,
+> {
+    use async_nats::jetstream::stream::LastRawMessageErrorKind;
+    let subject = format!("{}{}", kv.prefix, key);
+    match kv.stream.get_last_raw_message_by_subject(&subject).await {
+        Ok(m) => {
+            let removed = m
+                .headers
+                .get("KV-Operation")
+                .is_some_and(|op| matches!(op.as_str(), "DEL" | "PURGE"))
+                || m.headers.get("Nats-Marker-Reason").is_some();
+            // Its stream sequence is the key's revision.
+            Ok((!removed).then_some(m))
+        }
+        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// Messages a subscription buffers before async-nats drops them (see [`connect`]).
 pub const SUBSCRIPTION_CAPACITY: usize = 1 << 21;
 
