@@ -7,13 +7,17 @@
 //! - [`store`]: the [`store::ParticipantStore`] trait handlers write through
 //!   (the effect and the reply stored under the idempotency key together,
 //!   durable before the reply leaves; tombstones for compensations that
-//!   overtake their forward) and its two implementations, sled (one
-//!   instance) and JetStream KV (replicas);
+//!   overtake their forward) and its two implementations, sled (embedded,
+//!   one process) and JetStream KV (shared by replicas);
 //! - [`inventory`] and [`payment`]: the handlers and their `run` functions;
 //! - [`telemetry`]: `GET /metrics`, `/health` and `/ready` on each
 //!   participant's HTTP port, and the metrics the others record.
 //!
-//! A third participant is a new [`runtime::Handler`] plus a YAML step.
+//! - [`kit`]: a participant written as its actions alone (the settings,
+//!   protocol, store and admin subjects done for it).
+//!
+//! A new participant is a [`kit::Participant`] (or, for one that calls out,
+//! a [`runtime::Handler`] of its own) plus a YAML step.
 //!
 //! This root holds only process plumbing shared by the binaries (config
 //! errors, tracing set-up, NATS connection, signals, opening sled, the
@@ -23,6 +27,7 @@
 
 pub mod analytics;
 pub mod inventory;
+pub mod kit;
 pub mod payment;
 pub mod runtime;
 pub mod shipping;

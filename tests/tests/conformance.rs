@@ -2,8 +2,9 @@
 //! nats-server per test, with the roles' permissions; the participants run
 //! in this process; the built `sagactl` binary connects as the coordinator.
 //!
-//! - inventory, payment and shipping pass every rule, and a run leaves the
-//!   inventory's stock as it found it (so the check can be re-run);
+//! - inventory, payment and shipping pass every rule, on sled and on the
+//!   jetstream store, and a run leaves the inventory's stock as it found it
+//!   (so the check can be re-run);
 //! - a participant in this file, on the harness client, passes when it keeps
 //!   the rules and fails, naming exactly the rules it breaks, when it applies
 //!   every command again or stores no tombstone.
@@ -149,6 +150,64 @@ async fn shipping_passes() -> Result<()> {
     let figures = stats(&s.client, "shipping").await?;
     ensure!(figures["shipments"] == json!(0), "{figures}");
     shipping.stop().await?;
+    s.shutdown().await
+}
+
+/// Serves `run(config, http, shutdown)` in this process until the returned token is cancelled.
+async fn serve<F>(
+    run: F,
+) -> Result<(
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+)>
+where
+    F: FnOnce(
+        tokio::net::TcpListener,
+        tokio_util::sync::CancellationToken,
+    ) -> tokio::task::JoinHandle<anyhow::Result<()>>,
+{
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    Ok((shutdown.clone(), run(http, shutdown)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_participants_pass_on_the_jetstream_store_too() -> Result<()> {
+    use participants::{inventory, payment, shipping, store::StoreKind};
+    let s = System::bare(None).await?;
+    let access = s.nats.access();
+    let role = |p: &str| access.security(&Role::Participant(p.into()));
+    let dir = s.path("unused-by-jetstream");
+    let mut inv = inventory::InventoryConfig::for_tests(
+        access.url(),
+        &dir,
+        STOCK.iter().map(|(k, n)| ((*k).to_string(), *n)).collect(),
+    );
+    inv.store = StoreKind::Jetstream;
+    inv.nats_security = role("inventory");
+    let mut pay =
+        payment::PaymentConfig::for_tests(access.url(), &dir, 50_000, std::time::Duration::ZERO, 0.0);
+    pay.store = StoreKind::Jetstream;
+    pay.nats_security = role("payment");
+    let mut ship = shipping::ShippingConfig::for_tests(access.url(), &dir);
+    ship.store = StoreKind::Jetstream;
+    ship.nats_security = role("shipping");
+    let running = vec![
+        serve(|h, t| tokio::spawn(inventory::run(inv, h, t))).await?,
+        serve(|h, t| tokio::spawn(payment::run(pay, h, t))).await?,
+        serve(|h, t| tokio::spawn(shipping::run(ship, h, t))).await?,
+    ];
+    for p in ["inventory", "payment", "shipping"] {
+        wait_participant(&s.client, p).await?;
+        let run = conformance(&s, &["--json", "--participant", p]).await?;
+        assert_passes(&run).with_context(|| format!("{p} on jetstream"))?;
+    }
+    let (charged, refunded) = ledger(&s.client).await?;
+    ensure!(charged == refunded, "charged {charged}, refunded {refunded}");
+    for (shutdown, task) in running {
+        shutdown.cancel();
+        task.await??;
+    }
     s.shutdown().await
 }
 

@@ -4,7 +4,7 @@
 //! `participant-loyalty` with its nkey seed, its data in the test's temp dir.
 //!
 //! - `sagactl conformance` finds every rule of docs/protocol.md kept;
-//! - real sagas of `order-with-loyalty.yaml` (inventory, payment and the
+//! - real sagas of the shipped `order-with-loyalty.yaml` (inventory, payment and the
 //!   coordinator in this process): one completes and grants its points, which
 //!   survive a kill -9 of the Python process; a customer the participant
 //!   refuses compensates the saga and refunds the charge.
@@ -148,12 +148,7 @@ async fn the_python_participant_passes_every_conformance_rule() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sagas_through_the_python_participant_complete_and_compensate() -> Result<()> {
-    let defs = tempfile::tempdir()?;
-    std::fs::copy(
-        example_dir().join("order-with-loyalty.yaml"),
-        defs.path().join("order-with-loyalty.yaml"),
-    )?;
-    let mut s = System::bare(Some(defs.path().to_path_buf())).await?;
+    let mut s = System::bare(None).await?;
     s.start_inventory().await?;
     s.start_payment(&PaymentSettings::default()).await?;
     let mut loyalty = loyalty_proc(&s)?;

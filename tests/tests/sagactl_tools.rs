@@ -30,11 +30,12 @@ fn validate_accepts_the_shipped_definitions() -> Result<()> {
     let stdout = text(&out.stdout);
     ensure!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
     assert!(stdout.contains("order@1"), "{stdout}");
+    assert!(stdout.contains("order-with-loyalty@1"), "{stdout}");
     assert!(
         stdout.contains("order-with-shipping@1  (3 steps in 2 groups)"),
         "{stdout}"
     );
-    assert!(stdout.contains("2 definition(s) valid, 0 error(s)"), "{stdout}");
+    assert!(stdout.contains("3 definition(s) valid, 0 error(s)"), "{stdout}");
     Ok(())
 }
 
