@@ -32,8 +32,9 @@ $(VENV)/.python-example-deps: participants/examples/python/requirements.txt $(NA
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r $<
 	@touch $@
 
+# The examples too: `make up` runs the participant-kit example `loyalty`.
 build:
-	$(CARGO) build --workspace --bins
+	$(CARGO) build --workspace --bins --examples
 
 demo: tools build
 	deploy/local.sh demo

@@ -38,13 +38,16 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 [[ -x "$NATS_SERVER" ]] || { echo "nats-server not found at $NATS_SERVER: run 'make tools'"; exit 1; }
-for b in coordinator inventory payment shipping sagactl; do
+for b in coordinator inventory payment shipping sagactl examples/loyalty; do
   [[ -x "$BIN/$b" ]] || { echo "$BIN/$b missing: run 'make build'"; exit 1; }
 done
 
 # One NATS user per role; each process gets only its own seed file (NATS_NKEY).
 AUTH_DIR="${SAGA_NATS_AUTH_DIR:-$ROOT/data/nats-auth}"
-"$BIN/sagactl" nats-auth --dir "$AUTH_DIR" >/dev/null
+# loyalty is the participant-kit example (participants/examples/loyalty.rs) that serves the
+# last step of saga-definitions/order-with-loyalty.yaml.
+"$BIN/sagactl" nats-auth --dir "$AUTH_DIR" --participant inventory --participant payment \
+  --participant shipping --participant loyalty >/dev/null
 NATS_AUTH=(-c "$AUTH_DIR/nats-auth.conf")
 nkey() { echo "$AUTH_DIR/$1.nk"; }
 
@@ -108,8 +111,8 @@ else
   INVENTORY_HTTP="127.0.0.1:0"; PAYMENT_HTTP="127.0.0.1:0"; SHIPPING_HTTP="127.0.0.1:0"
 fi
 
-# One instance of each participant on sled; in a cluster, three replicas of each on the
-# jetstream store (shared, replicated KV buckets): the first on the fixed HTTP port, the others on
+# Each participant (and the loyalty example) on sled, one process each; in a cluster, three
+# replicas of each on the jetstream store (shared, replicated KV buckets): the first on the fixed HTTP port, the others on
 # ports of their own choosing (their ports files).
 if [[ "$MODE" == cluster ]]; then
   REPLICAS=(1 2 3); PART_STORE=(--store jetstream --kv-replicas 3)
@@ -129,6 +132,9 @@ for r in "${REPLICAS[@]}"; do
   PIDS+=($!)
   NATS_NKEY=$(nkey participant-shipping) "$BIN/shipping" "${PART_STORE[@]}" --data-dir "$RUN_DIR/shipping$sfx" \
     --http-addr "$(http "$SHIPPING_HTTP")" --ports-file "$RUN_DIR/shipping$sfx.ports" >"$RUN_DIR/shipping$sfx.log" 2>&1 &
+  PIDS+=($!)
+  NATS_NKEY=$(nkey participant-loyalty) "$BIN/examples/loyalty" "${PART_STORE[@]}" --data-dir "$RUN_DIR/loyalty$sfx" \
+    --http-addr 127.0.0.1:0 --ports-file "$RUN_DIR/loyalty$sfx.ports" >"$RUN_DIR/loyalty$sfx.log" 2>&1 &
   PIDS+=($!)
 done
 if [[ "$MODE" == cluster ]]; then

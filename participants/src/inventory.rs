@@ -50,7 +50,7 @@ pub struct InventoryConfig {
     /// Directory of the sled database (sled store).
     #[arg(long, env = "INVENTORY_DATA_DIR", default_value = "./data/inventory")]
     pub data_dir: PathBuf,
-    /// Where idempotency records and stock live: `sled` (one instance) or
+    /// Where idempotency records and stock live: `sled` (embedded, this process only) or
     /// `jetstream` (KV buckets `PART_inventory_*`, shared by replicas).
     #[arg(long, env = "INVENTORY_STORE", value_enum, default_value = "sled")]
     pub store: StoreKind,

@@ -55,7 +55,7 @@ pub struct PaymentConfig {
     /// Directory of the sled database (sled store).
     #[arg(long, env = "PAYMENT_DATA_DIR", default_value = "./data/payment")]
     pub data_dir: PathBuf,
-    /// Where idempotency records and the ledger live: `sled` (one instance)
+    /// Where idempotency records and the ledger live: `sled` (embedded, this process only)
     /// or `jetstream` (KV buckets `PART_payment_*`, shared by replicas).
     #[arg(long, env = "PAYMENT_STORE", value_enum, default_value = "sled")]
     pub store: StoreKind,

@@ -52,7 +52,7 @@ pub struct ShippingConfig {
     /// Directory of the sled database (sled store).
     #[arg(long, env = "SHIPPING_DATA_DIR", default_value = "./data/shipping")]
     pub data_dir: PathBuf,
-    /// Where idempotency records and shipments live: `sled` (one instance)
+    /// Where idempotency records and shipments live: `sled` (embedded, this process only)
     /// or `jetstream` (KV buckets `PART_shipping_*`, shared by replicas).
     #[arg(long, env = "SHIPPING_STORE", value_enum, default_value = "sled")]
     pub store: StoreKind,

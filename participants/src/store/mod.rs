@@ -1,6 +1,6 @@
 //! A participant's store: the [`ParticipantStore`] trait its handler and the
-//! runtime use, and its implementations — [`sled::Store`] (embedded, one
-//! instance, the default and the fastest) and [`jetstream::JsStore`]
+//! runtime use, and its implementations — [`sled::Store`] (embedded, used by
+//! one process, the default and the fastest) and [`jetstream::JsStore`]
 //! (replicated JetStream KV buckets, several replicas in one queue group).
 //!
 //! The contract every implementation keeps (a handler never asks which one it
@@ -284,7 +284,7 @@ pub(crate) fn now_ms() -> u64 {
 /// Which store a participant runs on (`--store`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum StoreKind {
-    /// Embedded sled in `--data-dir`: one instance, the fastest.
+    /// Embedded sled in `--data-dir`, used by this process only: the fastest.
     #[default]
     Sled,
     /// Replicated JetStream KV buckets on the NATS in use: several replicas.
