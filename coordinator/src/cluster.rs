@@ -355,7 +355,7 @@ impl<R: SagaHost> Manager<R> {
                     h.revision = rev;
                     h.renewed = Instant::now();
                 }
-                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                Err(e) if saga_nats::is_wrong_revision(&e) => {
                     warn!(partition = p, "lease taken by another coordinator");
                     lost.push(p);
                 }

@@ -343,7 +343,7 @@ impl JsStore {
                     {
                         Ok(_) => {}
                         // Reserved by an earlier attempt for this very saga (see the runner).
-                        Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                        Err(e) if saga_nats::is_already_exists(&e) => {
                             let held = leader_get(&self.buckets.keys, &client_key(k)).await?;
                             if held.as_ref().map(|(v, _)| v.as_ref()) != Some(id.as_bytes()) {
                                 return Err(js_err("idempotency key", "taken by another saga"));

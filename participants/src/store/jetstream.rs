@@ -293,7 +293,7 @@ impl JsStore {
         let empty = encode(&Root::default())?;
         match state.create(ROOT, empty.into()).await {
             Ok(_) => {}
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+            Err(e) if saga_nats::is_already_exists(&e) => {}
             Err(e) => return Err(js_err("create root", e)),
         }
         Ok(JsStore {
@@ -341,7 +341,7 @@ impl JsStore {
         let bytes = encode(&recent.reply)?;
         match self.replies.create(kv_key("k", key), bytes.into()).await {
             Ok(_) => {}
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+            Err(e) if saga_nats::is_already_exists(&e) => {}
             Err(e) => return Err(js_err("store reply", e)),
         }
         for (ekey, value) in &recent.entities {
@@ -469,7 +469,7 @@ impl JsStore {
                         .map(|r| (r, false))
                         .ok_or_else(|| StoreError::Corrupt("a commit without its reply".into()));
                 }
-                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                Err(e) if saga_nats::is_wrong_revision(&e) => {
                     if attempt >= MAX_ATTEMPTS || started.elapsed() >= MAX_CONTENTION {
                         return Err(StoreError::Contended(format!(
                             "{key}: {attempt} attempts in {:?}",
@@ -583,7 +583,7 @@ impl JsStore {
                     *writer = Some((next, new_rev));
                     return Ok(());
                 }
-                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
+                Err(e) if saga_nats::is_wrong_revision(&e) => continue,
                 Err(e) => return Err(js_err("write root", e)),
             }
         }

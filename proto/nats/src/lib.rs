@@ -189,6 +189,36 @@ pub async fn leader_get(
     }
 }
 
+/// Whether a KV compare-and-set (`update` with a revision) lost: the key's
+/// revision moved. async-nats maps only JetStream's error 10071 to
+/// `WrongLastRevision`; nats-server 2.12+ also answers 10164 ("wrong last
+/// sequence") for the same conflict on a clustered stream, which async-nats
+/// reports as `Other` (seen: three participant replicas seeding at once).
+pub fn is_wrong_revision(e: &async_nats::jetstream::kv::UpdateError) -> bool {
+    e.kind() == async_nats::jetstream::kv::UpdateErrorKind::WrongLastRevision || has_wrong_sequence(e)
+}
+
+/// Whether a KV `create` failed because the key exists (see
+/// [`is_wrong_revision`] for the error code async-nats does not map).
+pub fn is_already_exists(e: &async_nats::jetstream::kv::CreateError) -> bool {
+    e.kind() == async_nats::jetstream::kv::CreateErrorKind::AlreadyExists || has_wrong_sequence(e)
+}
+
+/// Whether JetStream's own error in `e`'s source chain is a wrong last sequence.
+fn has_wrong_sequence(e: &(dyn std::error::Error + 'static)) -> bool {
+    use async_nats::jetstream::{Error as JsError, ErrorCode};
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = next {
+        if let Some(js) = err.downcast_ref::<JsError>() {
+            let code = js.error_code();
+            return code == ErrorCode::STREAM_WRONG_LAST_SEQUENCE
+                || code == ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT;
+        }
+        next = err.source();
+    }
+    false
+}
+
 /// Messages a subscription buffers before async-nats drops them (see [`connect`]).
 pub const SUBSCRIPTION_CAPACITY: usize = 1 << 21;
 
@@ -291,6 +321,35 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The update error async-nats makes of JetStream's answer `code`.
+    fn update_error(code: u64) -> async_nats::jetstream::kv::UpdateError {
+        use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+        let js: async_nats::jetstream::Error = serde_json::from_value(serde_json::json!({
+            "code": 400, "err_code": code, "description": "wrong last sequence"
+        }))
+        .expect("a JetStream error");
+        let kind = if code == 10071 {
+            PublishErrorKind::WrongLastSequence
+        } else {
+            PublishErrorKind::Other
+        };
+        PublishError::with_source(kind, js).into()
+    }
+
+    #[test]
+    fn both_wrong_last_sequence_codes_are_a_lost_compare_and_set() {
+        assert!(is_wrong_revision(&update_error(10071)));
+        assert!(is_wrong_revision(&update_error(10164)));
+        assert!(
+            !is_wrong_revision(&update_error(10059)),
+            "stream not found is not a conflict"
+        );
+        let create: async_nats::jetstream::kv::CreateError = update_error(10164).into();
+        assert!(is_already_exists(&create));
+        let create: async_nats::jetstream::kv::CreateError = update_error(10059).into();
+        assert!(!is_already_exists(&create));
+    }
 
     #[test]
     fn secrets_are_redacted_and_mixed_methods_refused() {
