@@ -49,6 +49,8 @@ pub(crate) const DEFINITION_RELOADS: &str = "saga_definition_reloads_total";
 pub(crate) const OPERATOR_AUTH_FAILURES: &str = "saga_operator_auth_failures_total";
 /// Group-commit flushes and the transitions they covered.
 pub(crate) const FLUSHES: &str = "saga_store_flushes_total";
+/// sled inserts and removes the group commits wrote (saga-bench divides them by sagas).
+pub(crate) const STORE_WRITES: &str = "saga_store_writes_total";
 /// How long one group-commit flush took (the store's write latency on the hot path).
 pub(crate) const FLUSH_SECONDS: &str = "saga_store_flush_duration_seconds";
 

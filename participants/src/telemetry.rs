@@ -44,6 +44,9 @@ pub const COMMAND_SECONDS: &str = "participant_command_duration_seconds";
 pub const NATS_CONNECTED: &str = "participant_nats_connected";
 /// Counter: stored replies removed past their retention, by participant.
 pub const REPLIES_PRUNED: &str = "participant_replies_pruned_total";
+/// Counter: writes the store committed (sled: inserts and removes;
+/// jetstream: KV writes), by `participant` and `store`.
+pub const STORE_WRITES: &str = "participant_store_writes_total";
 
 /// Bucket bounds (seconds) of [`COMMAND_SECONDS`]: from a flush on a fast
 /// disk to a gateway call near the coordinator's timeout.
@@ -283,6 +286,13 @@ pub async fn serve(
 }
 
 async fn metrics_text(State(s): State<Http>) -> (StatusCode, String) {
+    if let Some(store) = s.store.get() {
+        // The store counts its own writes; the counter shows them as of this scrape.
+        record(|| {
+            metrics::counter!(STORE_WRITES, "participant" => s.ready.participant.clone(), "store" => store.kind())
+                .absolute(store.writes());
+        });
+    }
     (StatusCode::OK, s.metrics.render())
 }
 

@@ -33,6 +33,17 @@ fn the_demo_runs_and_its_metrics_move() -> Result<()> {
         moved("saga_started_total{definition=\"order@1\"}", "3"),
         "{stdout}"
     );
+    // The stores' write counters (what saga-bench divides by sagas) move too.
+    let moved_any = |metric: &str| {
+        stdout
+            .lines()
+            .any(|l| l.trim_start().starts_with(metric) && l.contains(" -> "))
+    };
+    ensure!(moved_any("saga_store_writes_total"), "{stdout}");
+    ensure!(
+        moved_any("participant_store_writes_total{participant=\"inventory\",store=\"sled\"}"),
+        "{stdout}"
+    );
     ensure!(
         moved(
             "saga_finished_total{definition=\"order@1\",state=\"COMPLETED\"}",

@@ -415,8 +415,9 @@ impl Store {
                     Ok::<(), ConflictableTransactionError<()>>(())
                 },
             )
-            .map_err(transaction_error("transaction aborted"))
-            .map(|()| *generation)
+            .map_err(transaction_error("transaction aborted"))?;
+        metrics::counter!(crate::telemetry::STORE_WRITES).increment((records.len() + ops.len()) as u64);
+        Ok(*generation)
     }
 
     /// Applies what is staged, then makes every write so far durable (one

@@ -247,6 +247,8 @@ pub struct JsStore {
     /// One write of `root` at a time from this replica, with the root it
     /// last wrote or read (`None`: read it again).
     writer: tokio::sync::Mutex<Option<(Root, u64)>>,
+    /// KV writes acknowledged since open.
+    writes: std::sync::atomic::AtomicU64,
 }
 
 impl JsStore {
@@ -301,7 +303,13 @@ impl JsStore {
             replies,
             root_prefixes: root_prefixes.to_vec(),
             writer: tokio::sync::Mutex::new(None),
+            writes: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// Counts one acknowledged KV write.
+    fn wrote(&self) {
+        self.writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     async fn read_root(&self) -> Result<(Root, u64), StoreError> {
@@ -340,7 +348,7 @@ impl JsStore {
     async fn materialise(&self, key: &str, recent: &Recent) -> Result<(), StoreError> {
         let bytes = encode(&recent.reply)?;
         match self.replies.create(kv_key("k", key), bytes.into()).await {
-            Ok(_) => {}
+            Ok(_) => self.wrote(),
             Err(e) if saga_nats::is_already_exists(&e) => {}
             Err(e) => return Err(js_err("store reply", e)),
         }
@@ -369,7 +377,10 @@ impl JsStore {
                         .map_err(|e| js_err("write entity", e)),
                 };
                 match written {
-                    Ok(()) => break,
+                    Ok(()) => {
+                        self.wrote();
+                        break;
+                    }
                     Err(e) if attempts >= MAX_ATTEMPTS => return Err(e),
                     Err(_) => continue,
                 }
@@ -456,6 +467,7 @@ impl JsStore {
             let bytes = encode(&next)?;
             match self.state.update(ROOT, bytes.into(), rev).await {
                 Ok(new_rev) => {
+                    self.wrote();
                     *writer = Some((next, new_rev));
                     drop(writer);
                     // Best effort: what fails here is done by a later write.
@@ -580,6 +592,7 @@ impl JsStore {
             }
             match self.state.update(ROOT, encode(&next)?.into(), rev).await {
                 Ok(new_rev) => {
+                    self.wrote();
                     *writer = Some((next, new_rev));
                     return Ok(());
                 }
@@ -726,6 +739,10 @@ impl ParticipantStore for JsStore {
 
     fn kind(&self) -> &'static str {
         "jetstream"
+    }
+
+    fn writes(&self) -> u64 {
+        self.writes.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 

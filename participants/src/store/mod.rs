@@ -167,6 +167,11 @@ pub trait ParticipantStore: Send + Sync + 'static {
 
     /// `sled` or `jetstream` (logs, readiness text).
     fn kind(&self) -> &'static str;
+
+    /// Writes committed since the store was opened — sled: inserts and
+    /// removes; jetstream: KV writes — for `participant_store_writes_total`
+    /// (what a command costs the store, the figure saga-bench divides by sagas).
+    fn writes(&self) -> u64;
 }
 
 /// A store shared by a handler, the runtime, the pruner and the HTTP probe.

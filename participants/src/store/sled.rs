@@ -20,6 +20,11 @@
 //!
 //! This module knows nothing of stock or money, and nothing of NATS.
 
+use std::{
+    cell::Cell,
+    sync::atomic::{AtomicU64, Ordering},
+};
+
 use futures::future::BoxFuture;
 use saga_wire::{self as wire, Reply};
 use serde::de::DeserializeOwned;
@@ -51,19 +56,25 @@ fn tx_put<T: serde::Serialize>(tree: &TransactionalTree, key: &str, value: &T) -
     Ok(())
 }
 
-/// The state tree as an effect sees it ([`StateTx`]) inside a sled transaction.
-struct SledTx<'a>(&'a TransactionalTree);
+/// The state tree as an effect sees it ([`StateTx`]) inside a sled
+/// transaction, counting its writes (`writes`: this run's, reset by the caller).
+struct SledTx<'a> {
+    tree: &'a TransactionalTree,
+    writes: &'a Cell<u64>,
+}
 
 impl StateTx for SledTx<'_> {
     fn get(&mut self, key: &str) -> super::TxResult<Option<Vec<u8>>> {
-        Ok(self.0.get(key.as_bytes())?.map(|v| v.to_vec()))
+        Ok(self.tree.get(key.as_bytes())?.map(|v| v.to_vec()))
     }
     fn put(&mut self, key: &str, bytes: Vec<u8>) -> super::TxResult<()> {
-        self.0.insert(key.as_bytes(), bytes)?;
+        self.tree.insert(key.as_bytes(), bytes)?;
+        self.writes.set(self.writes.get() + 1);
         Ok(())
     }
     fn remove(&mut self, key: &str) -> super::TxResult<()> {
-        self.0.remove(key.as_bytes())?;
+        self.tree.remove(key.as_bytes())?;
+        self.writes.set(self.writes.get() + 1);
         Ok(())
     }
 }
@@ -71,9 +82,10 @@ impl StateTx for SledTx<'_> {
 /// Runs an effect on the state tree, its errors as sled's.
 fn run_tx<T>(
     state: &TransactionalTree,
+    writes: &Cell<u64>,
     f: impl FnOnce(&mut dyn StateTx) -> super::TxResult<T>,
 ) -> SledTxResult<T> {
-    f(&mut SledTx(state)).map_err(|e| match e {
+    f(&mut SledTx { tree: state, writes }).map_err(|e| match e {
         TxError::Abort(reason) => ConflictableTransactionError::Abort(reason),
         TxError::Sled(e) => e.into(),
         TxError::Fetch(key) => {
@@ -91,6 +103,8 @@ struct RepliesTx<'a> {
     /// When this transaction stores its replies (read before it started:
     /// the closure stays pure when sled retries it).
     at_ms: u64,
+    /// Writes of this run of the transaction (replies and state).
+    writes: &'a Cell<u64>,
 }
 
 impl RepliesTx<'_> {
@@ -104,6 +118,7 @@ impl RepliesTx<'_> {
         tx_put(self.replies, key, reply)?;
         self.by_time
             .insert(time_key(self.at_ms, key.as_bytes()), &[][..])?;
+        self.writes.set(self.writes.get() + 2);
         Ok(())
     }
 }
@@ -127,6 +142,8 @@ pub struct Store {
     state: sled::Tree,
     probe: sled::Tree,
     flusher: std::sync::Arc<GroupFlush>,
+    /// Inserts and removes committed since open (commands, seeding, pruning).
+    writes: std::sync::Arc<AtomicU64>,
 }
 
 /// Group commit: one sled flush at a time, covering every write committed
@@ -200,6 +217,7 @@ impl Store {
                 committed: std::sync::atomic::AtomicU64::new(0),
                 flushed: tokio::sync::Mutex::new(0),
             }),
+            writes: std::sync::Arc::default(),
             db,
         })
     }
@@ -216,7 +234,7 @@ impl Store {
             if let Some(stored) = replies.get(key)? {
                 return Ok((stored, true));
             }
-            let reply = run_tx(state, |tx| effect(tx))?;
+            let reply = run_tx(state, replies.writes, |tx| effect(tx))?;
             if !matches!(reply, Reply::Error { .. }) {
                 replies.put(key, &reply)?;
             }
@@ -234,7 +252,7 @@ impl Store {
                 return Ok((stored, true));
             }
             let reply = match replies.get(&forward)? {
-                Some(Reply::Ok { data }) => run_tx(state, |tx| undo(tx, &forward, &data))?,
+                Some(Reply::Ok { data }) => run_tx(state, replies.writes, |tx| undo(tx, &forward, &data))?,
                 Some(Reply::Rejected { reason }) => {
                     Reply::ok(serde_json::json!({"undone": false, "forward": format!("rejected: {reason}")}))
                 }
@@ -258,13 +276,16 @@ impl Store {
         F: Fn(&TransactionalTree, &RepliesTx<'_>) -> SledTxResult<(Reply, bool)>,
     {
         let at_ms = now_ms();
+        let writes = Cell::new(0);
         let result = (&self.state, &self.replies, &self.by_time).transaction(|(state, replies, by_time)| {
+            writes.set(0);
             f(
                 state,
                 &RepliesTx {
                     replies,
                     by_time,
                     at_ms,
+                    writes: &writes,
                 },
             )
         });
@@ -275,6 +296,7 @@ impl Store {
             }
             Err(TransactionError::Storage(e)) => return Err(StoreError::Sled(e)),
         };
+        self.writes.fetch_add(writes.get(), Ordering::Relaxed);
         // Write-ahead: the effect and its stored reply are durable before anyone
         // hears of them. Also on a hit: the stored reply may come from a
         // concurrent duplicate whose own flush has not finished yet.
@@ -295,12 +317,17 @@ impl Store {
 
     /// Runs `change` on the state tree in one transaction, then flushes.
     fn change(&self, change: Change<'_>) -> Result<(), StoreError> {
+        let writes = Cell::new(0);
         self.state
-            .transaction(|state| run_tx(state, |tx| change(tx)))
+            .transaction(|state| {
+                writes.set(0);
+                run_tx(state, &writes, |tx| change(tx))
+            })
             .map_err(|e| match e {
                 TransactionError::Abort(reason) => StoreError::Corrupt(reason),
                 TransactionError::Storage(e) => StoreError::Sled(e),
             })?;
+        self.writes.fetch_add(writes.get(), Ordering::Relaxed);
         self.db.flush()?;
         Ok(())
     }
@@ -370,6 +397,7 @@ impl Store {
         if n > 0 {
             self.replies.apply_batch(replies)?;
             self.by_time.apply_batch(index)?;
+            self.writes.fetch_add(2 * n as u64, Ordering::Relaxed);
         }
         Ok(n)
     }
@@ -432,6 +460,10 @@ impl ParticipantStore for Store {
 
     fn kind(&self) -> &'static str {
         "sled"
+    }
+
+    fn writes(&self) -> u64 {
+        self.writes.load(Ordering::Relaxed)
     }
 }
 
@@ -581,6 +613,32 @@ mod tests {
         assert_eq!(store.by_time.len(), 2);
         assert_eq!(store.prune(now + HOUR, 100).expect("prunes"), 2);
         assert!(store.replies.is_empty());
+    }
+
+    #[tokio::test]
+    async fn writes_are_counted_once_per_committed_command_and_not_for_a_repeat() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = Store::new(crate::open_db(dir.path()).expect("sled")).expect("store");
+        let effect = |tx: &mut dyn StateTx| {
+            tx.put("thing", b"1".to_vec())?;
+            Ok(Reply::ok(serde_json::Value::Null))
+        };
+        store
+            .apply_forward("s/a/forward", &effect)
+            .await
+            .expect("applies");
+        // The effect's row, the reply and its time index.
+        assert_eq!(store.writes(), 3);
+        store
+            .apply_forward("s/a/forward", &effect)
+            .await
+            .expect("a repeat");
+        assert_eq!(store.writes(), 3, "a repeat writes nothing");
+        store
+            .apply_forward("s/b/forward", &|_| Ok(Reply::error("later")))
+            .await
+            .expect("an error reply");
+        assert_eq!(store.writes(), 3, "an error reply commits nothing");
     }
 
     #[tokio::test]

@@ -110,6 +110,8 @@ impl Report {
             "sagas_per_s_over_sled_flushed_writes_per_s":
                 self.sled.as_ref().map(|s| r.sagas_per_s() / s.per_write_per_s),
             "sagas_per_flush": r.sagas_per_flush(),
+            "coordinator_writes_per_saga": r.per_saga(r.coordinator_writes),
+            "participant_writes_per_saga": r.per_saga(r.participant_writes),
             "flushes_per_s": flushes_per_s,
             // Share of the run's wall time the flushes would take at the floor's flush cost.
             "flush_time_share": flushes_per_s
@@ -365,6 +367,8 @@ impl Report {
                 "sagas/s ÷ sled flushed writes/s",
                 "flushes/s",
                 "sagas per flush",
+                "coordinator writes/saga",
+                "participant writes/saga",
                 "flush time share",
                 "coordinator CPU µs/saga",
                 "system CPU µs/saga",
@@ -379,6 +383,8 @@ impl Report {
                     f("sagas_per_s_over_sled_flushed_writes_per_s", 2),
                     f("flushes_per_s", 0),
                     f("sagas_per_flush", 2),
+                    f("coordinator_writes_per_saga", 1),
+                    f("participant_writes_per_saga", 1),
                     f("flush_time_share", 2),
                     f("coordinator_cpu_us_per_saga", 0),
                     f("system_cpu_us_per_saga", 0),

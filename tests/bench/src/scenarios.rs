@@ -194,6 +194,10 @@ pub(crate) struct RunReport {
     pub(crate) procs: Vec<ProcFigures>,
     /// Coordinator group-commit flushes during the run.
     pub(crate) flushes: Option<f64>,
+    /// Store writes during the run: the coordinators' (sled inserts and
+    /// removes), the participants' (sled, or jetstream KV writes).
+    pub(crate) coordinator_writes: Option<f64>,
+    pub(crate) participant_writes: Option<f64>,
 }
 
 impl RunReport {
@@ -203,6 +207,13 @@ impl RunReport {
 
     pub(crate) fn completed_per_s(&self) -> f64 {
         self.tally.completed as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// Store writes per saga placed, of `writes`.
+    pub(crate) fn per_saga(&self, writes: Option<f64>) -> Option<f64> {
+        writes
+            .filter(|_| self.tally.placed > 0)
+            .map(|w| w / self.tally.placed as f64)
     }
 
     pub(crate) fn sagas_per_flush(&self) -> Option<f64> {
@@ -264,7 +275,15 @@ async fn sweep_into(ctx: &Ctx<'_>, runs: &mut Vec<RunReport>) -> Result<()> {
             ctx.setup.label()
         ));
         let b = bar(args.orders as u64, format!("C={c}"));
+        let parts = cluster
+            .as_ref()
+            .map(|c| c.participant_http.clone())
+            .unwrap_or_default();
         let flushes_before = sys::flushes(&metrics).await;
+        let writes_before = (
+            sys::counter(&metrics, "saga_store_writes_total").await,
+            sys::counter(&parts, "participant_store_writes_total").await,
+        );
         let before = probes.snapshot();
         let (tally, elapsed) = Closed {
             driver: &driver,
@@ -280,6 +299,10 @@ async fn sweep_into(ctx: &Ctx<'_>, runs: &mut Vec<RunReport>) -> Result<()> {
         .await?;
         let after = probes.snapshot();
         let flushes_after = sys::flushes(&metrics).await;
+        let writes_after = (
+            sys::counter(&metrics, "saga_store_writes_total").await,
+            sys::counter(&parts, "participant_store_writes_total").await,
+        );
         b.finish_and_clear();
         let run = RunReport {
             concurrency: c,
@@ -287,6 +310,8 @@ async fn sweep_into(ctx: &Ctx<'_>, runs: &mut Vec<RunReport>) -> Result<()> {
             elapsed,
             procs: Probes::figures(&before, &after, elapsed),
             flushes: flushes_before.zip(flushes_after).map(|(b, a)| a - b),
+            coordinator_writes: writes_before.0.zip(writes_after.0).map(|(b, a)| a - b),
+            participant_writes: writes_before.1.zip(writes_after.1).map(|(b, a)| a - b),
             tally,
         };
         phase(&format!(

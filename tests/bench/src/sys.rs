@@ -229,6 +229,8 @@ pub(crate) struct Cluster {
     pub(crate) grpc: Vec<SocketAddr>,
     /// HTTP address (`/metrics`, `/ready`) of each coordinator.
     pub(crate) http: Vec<SocketAddr>,
+    /// HTTP address (`/metrics`) of every participant process, once started.
+    pub(crate) participant_http: Vec<SocketAddr>,
     setup: Setup,
 }
 
@@ -278,6 +280,7 @@ impl Cluster {
             replicas,
             grpc,
             http,
+            participant_http: Vec::new(),
             setup: spec.setup,
         };
         if spec.setup.store == Store::Jetstream || spec.participant_store == Store::Jetstream {
@@ -289,6 +292,14 @@ impl Cluster {
             r.start()?;
         }
         c.wait_participants(nats).await?;
+        let mut participant_http = Vec::new();
+        for p in [&mut c.inventory, &mut c.payment]
+            .into_iter()
+            .chain(c.replicas.iter_mut())
+        {
+            participant_http.push(p.ports(Duration::from_secs(30))?.get("http")?);
+        }
+        c.participant_http = participant_http;
         for i in 0..n {
             c.start_coordinator(i)?;
         }
@@ -490,6 +501,7 @@ fn participants(spec: &ClusterSpec<'_>) -> (Proc, Proc, Vec<Proc>) {
         )
         .envs(spec.nats_env(&Role::Participant(name.into())))
         .env("RUST_LOG", spec.log_level)
+        .ports_file(spec.dir.join(format!("{label}.ports")))
     };
     let inventory_args = ["--stock", stock.as_str()];
     let payment_args = [
@@ -658,17 +670,22 @@ pub(crate) fn metric_sum(text: &str, name: &str) -> Option<f64> {
 
 /// The coordinators' group-commit flush count, summed, when every `/metrics` answers.
 pub(crate) async fn flushes(metrics: &[SocketAddr]) -> Option<f64> {
-    if metrics.is_empty() {
+    counter(metrics, "saga_store_flushes_total").await
+}
+
+/// Counter `name` summed over the `/metrics` of `addrs`, when every one answers.
+pub(crate) async fn counter(addrs: &[SocketAddr], name: &str) -> Option<f64> {
+    if addrs.is_empty() {
         return None;
     }
     let mut sum = 0.0;
-    for m in metrics {
+    for m in addrs {
         let (status, body) = http_get(*m, "/metrics").await.ok()?;
         if status != 200 {
             return None;
         }
         // The exporter shows a counter only after its first increment.
-        sum += metric_sum(&body, "saga_store_flushes_total").unwrap_or(0.0);
+        sum += metric_sum(&body, name).unwrap_or(0.0);
     }
     Some(sum)
 }

@@ -347,6 +347,7 @@ impl Store {
         }
         // One publisher: nothing moves the cursor between the check and here.
         self.meta.insert(EVENTS_CURSOR, max.as_slice())?;
+        metrics::counter!(crate::telemetry::STORE_WRITES).increment(1);
         *lock(&self.events_cursor) = Some(at);
         let (generation, seq) = at;
         {
