@@ -396,11 +396,24 @@ impl JsStore {
         let mut writer = self.writer.lock().await;
         loop {
             attempt += 1;
-            let (root, rev) = match writer.take() {
-                Some(cached) => cached,
-                None => self.read_root().await?,
+            let (root, rev, cached) = match writer.take() {
+                Some((root, rev)) => (root, rev, true),
+                None => {
+                    let (root, rev) = self.read_root().await?;
+                    (root, rev, false)
+                }
             };
             let decided = self.decide(&root, key, &mode).await;
+            // The root this replica cached may be older than what another
+            // replica committed since, while the entities and stored replies
+            // the decision read are fresh: an effect can then see a
+            // reservation without the stock it holds and refuse it. A commit
+            // decided on a stale root is caught by the compare-and-set below;
+            // an error or an `error` reply is not, so it is decided again on
+            // a fresh root before it is answered.
+            if cached && matches!(decided, Err(_) | Ok(Decided::Transient(_))) {
+                continue;
+            }
             let decided = match decided {
                 Ok(d) => d,
                 Err(e) => {
