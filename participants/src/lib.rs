@@ -11,7 +11,9 @@
 //!   instance) and JetStream KV (replicas);
 //! - [`inventory`] and [`payment`]: the handlers and their `run` functions;
 //! - [`telemetry`]: `GET /metrics`, `/health` and `/ready` on each
-//!   participant's HTTP port, and the metrics the others record.
+//!   participant's HTTP port, and the metrics the others record;
+//! - [`cli`]: the three processes (config, tracing, signals), for their
+//!   binaries and the multi-call `saga` binary.
 //!
 //! A third participant is a new [`runtime::Handler`] plus a YAML step.
 //!
@@ -22,6 +24,7 @@
 #![deny(unreachable_pub)]
 
 pub mod analytics;
+pub mod cli;
 pub mod inventory;
 pub mod payment;
 pub mod runtime;
