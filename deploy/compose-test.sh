@@ -200,6 +200,19 @@ first_order() {
   done
   return 1
 }
+# The refusals first_order saw in this profile, counted by message ("none" when the first try went through).
+refusals() {
+  [[ -s "$OUT/$PROFILE-probe.txt" ]] || { echo "no refusal"; return; }
+  python3 - "$OUT/$PROFILE-probe.txt" <<'PY'
+import collections, re, sys
+seen = collections.Counter()
+for line in open(sys.argv[1]):
+    msg = line.split(" ", 1)[1].strip() if " " in line else line.strip()
+    m = re.search(r'message: "([^"]*)"', msg)
+    seen[(m.group(1) if m else msg)[:90]] += 1
+print(f"{sum(seen.values())} refused: " + "; ".join(f"{n}x {m}" for m, n in seen.most_common(3)))
+PY
+}
 # How many of the sagas $3.. (terminal by now) finished after the moment $2 (epoch seconds),
 # i.e. were in flight across the kill; read through coordinator $1.
 finished_after() {
@@ -240,10 +253,10 @@ run_profile() {
   t1=$(now); docker kill "$(cid "$node")" >/dev/null
   # Until the remaining nodes have a new leader for each stream/bucket, a write can be refused
   # (UNAVAILABLE: "retry with the same idempotency key"); a client retries, and so does this probe.
-  local probe t2; probe=$(first_order "$PROFILE-after-kill") || fail "first order after $node killed" "none accepted in 90 s (see $OUT/$PROFILE-probe.txt)"
+  local probe t2; probe=$(first_order "$PROFILE-after-kill") || fail "first order after $node killed" "none accepted in 90 s: $(refusals) (see $OUT/$PROFILE-probe.txt)"
   t2=$(now)
   wait_completed coordinator "$probe" || fail "first order after $node killed" "not COMPLETED"
-  row "$node (meta leader) killed" ok "first order accepted $(secs "$t1" "$t2") after the kill, COMPLETED $(secs "$t1" "$(now)") after"
+  row "$node (meta leader) killed" ok "first order accepted $(secs "$t1" "$t2") after the kill ($(refusals)), COMPLETED $(secs "$t1" "$(now)") after"
   run_demo "demo, $node down"
 
   # In-flight sagas, then the coordinator killed.

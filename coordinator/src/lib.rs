@@ -19,7 +19,8 @@
 //!   runner through `cluster::SagaHost`);
 //! - `api`: the gRPC service.
 //!
-//! [`run`] wires them; `main.rs` only parses config and handles signals, and
+//! [`run`] wires them; [`cli::main`] is the process (config, tracing,
+//! signals) for the `coordinator` binary and the multi-call `saga` binary, and
 //! tests call the same `run` on an ephemeral port.
 //!
 //! # Why no command can leave before its state is durable
@@ -54,6 +55,7 @@ use store::jetstream;
 
 mod api;
 mod backend;
+pub mod cli;
 mod clock;
 mod cluster;
 mod dispatch;

@@ -1,12 +1,5 @@
-//! `coordinator` binary: parse config, set up tracing, bind, wire signals, run.
-//!
-//! SIGINT / SIGTERM stop it gracefully; SIGHUP re-reads the definitions
-//! directory (a bad file leaves the old set in force; the log says why).
-
-use clap::Parser;
-use coordinator::{init_tracing, run_with_reload, Config, Listeners, ReloadRequest};
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
+//! `coordinator` binary: the process is [`coordinator::cli::main`] (shared
+//! with the multi-call `saga` binary); this file only picks the allocator.
 
 /// mimalloc: the engine allocates and frees many small buffers across threads
 /// (JSON, sled nodes, NATS messages); glibc's malloc showed up as ~20% of the
@@ -14,71 +7,6 @@ use tokio_util::sync::CancellationToken;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let config = Config::parse();
-    init_tracing(config.log_format);
-    config.validate()?;
-    let listeners = Listeners::bind(&config).await?;
-    if let Some(path) = &config.ports_file {
-        let (grpc, http) = listeners.local_addrs()?;
-        let ports = serde_json::json!({ "grpc": grpc.to_string(), "http": http.to_string() });
-        write_ports_file(path, &ports.to_string())?;
-    }
-    let shutdown = CancellationToken::new();
-    tokio::spawn(shutdown_on_signal(shutdown.clone()));
-    let (reload_tx, reloads) = mpsc::channel(4);
-    tokio::spawn(reload_on_sighup(reload_tx));
-    if let Err(e) = run_with_reload(config, listeners, shutdown, reloads).await {
-        tracing::error!(error = %e, "coordinator failed");
-        return Err(e.into());
-    }
-    Ok(())
-}
-
-/// Writes `text` to `path` whole (a temp file renamed over it), so a reader
-/// polling for the file never sees half of it.
-fn write_ports_file(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text)
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|e| anyhow::anyhow!("ports file {}: {e}", path.display()))
-}
-
-/// Cancels `token` on SIGINT or SIGTERM.
-async fn shutdown_on_signal(token: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let ctrl_c = tokio::signal::ctrl_c();
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = ctrl_c => {},
-                _ = term.recv() => {},
-            }
-        }
-        Err(_) => {
-            let _ = ctrl_c.await;
-        }
-    }
-    tracing::info!("signal received; shutting down");
-    token.cancel();
-}
-
-/// Asks for a definitions reload on every SIGHUP (the coordinator logs the result).
-async fn reload_on_sighup(reloads: mpsc::Sender<ReloadRequest>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut hup = match signal(SignalKind::hangup()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "SIGHUP handler not installed: definitions cannot be reloaded");
-            return;
-        }
-    };
-    while hup.recv().await.is_some() {
-        tracing::info!("SIGHUP: reloading saga definitions");
-        let (answer, _result) = tokio::sync::oneshot::channel();
-        if reloads.send(answer).await.is_err() {
-            return;
-        }
-    }
+fn main() -> std::process::ExitCode {
+    coordinator::cli::main(std::env::args_os())
 }

@@ -11,7 +11,9 @@
 //!   one process) and JetStream KV (shared by replicas);
 //! - [`inventory`] and [`payment`]: the handlers and their `run` functions;
 //! - [`telemetry`]: `GET /metrics`, `/health` and `/ready` on each
-//!   participant's HTTP port, and the metrics the others record.
+//!   participant's HTTP port, and the metrics the others record;
+//! - [`cli`]: the three processes (config, tracing, signals), for their
+//!   binaries and the multi-call `saga` binary.
 //!
 //! - [`kit`]: a participant written as its actions alone (the settings,
 //!   protocol, store and admin subjects done for it).
@@ -26,6 +28,7 @@
 #![deny(unreachable_pub)]
 
 pub mod analytics;
+pub mod cli;
 pub mod inventory;
 pub mod kit;
 pub mod payment;

@@ -1,11 +1,5 @@
-//! `inventory` binary: parse config, set up tracing, bind `--http-addr`, wire
-//! SIGINT/SIGTERM to the shutdown token, run; a failure exits non-zero with the error.
-
-use std::process::ExitCode;
-
-use clap::Parser;
-use participants::{bind_http, init_tracing, inventory, shutdown_on_signal};
-use tokio_util::sync::CancellationToken;
+//! `inventory` binary: the process is [`participants::cli::inventory`] (shared with the
+//! multi-call `saga` binary); this file only picks the allocator.
 
 /// mimalloc: the engine allocates and frees many small buffers across threads
 /// (JSON, sled nodes, NATS messages); glibc's malloc showed up as ~20% of the
@@ -13,26 +7,6 @@ use tokio_util::sync::CancellationToken;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    let config = inventory::InventoryConfig::parse();
-    init_tracing(config.log_format);
-    let http = match bind_http(config.http_addr, config.ports_file.as_deref()).await {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "inventory failed");
-            eprintln!("inventory: {e:#}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let shutdown = CancellationToken::new();
-    tokio::spawn(shutdown_on_signal(shutdown.clone()));
-    match inventory::run(config, http, shutdown).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "inventory failed");
-            eprintln!("inventory: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+fn main() -> std::process::ExitCode {
+    participants::cli::inventory(std::env::args_os())
 }

@@ -1,11 +1,5 @@
-//! `payment` binary: parse config, set up tracing, bind `--http-addr`, wire
-//! SIGINT/SIGTERM to the shutdown token, run; a failure exits non-zero with the error.
-
-use std::process::ExitCode;
-
-use clap::Parser;
-use participants::{bind_http, init_tracing, payment, shutdown_on_signal};
-use tokio_util::sync::CancellationToken;
+//! `payment` binary: the process is [`participants::cli::payment`] (shared with the
+//! multi-call `saga` binary); this file only picks the allocator.
 
 /// mimalloc: the engine allocates and frees many small buffers across threads
 /// (JSON, sled nodes, NATS messages); glibc's malloc showed up as ~20% of the
@@ -13,26 +7,6 @@ use tokio_util::sync::CancellationToken;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    let config = payment::PaymentConfig::parse();
-    init_tracing(config.log_format);
-    let http = match bind_http(config.http_addr, config.ports_file.as_deref()).await {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "payment failed");
-            eprintln!("payment: {e:#}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let shutdown = CancellationToken::new();
-    tokio::spawn(shutdown_on_signal(shutdown.clone()));
-    match payment::run(config, http, shutdown).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "payment failed");
-            eprintln!("payment: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+fn main() -> std::process::ExitCode {
+    participants::cli::payment(std::env::args_os())
 }

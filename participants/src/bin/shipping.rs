@@ -1,11 +1,5 @@
-//! `shipping` binary: parse config, set up tracing, bind `--http-addr`, wire
-//! SIGINT/SIGTERM to the shutdown token, run; a failure exits non-zero with the error.
-
-use std::process::ExitCode;
-
-use clap::Parser;
-use participants::{bind_http, init_tracing, shipping, shutdown_on_signal};
-use tokio_util::sync::CancellationToken;
+//! `shipping` binary: the process is [`participants::cli::shipping`] (shared with the
+//! multi-call `saga` binary); this file only picks the allocator.
 
 /// mimalloc: the engine allocates and frees many small buffers across threads
 /// (JSON, sled nodes, NATS messages); glibc's malloc showed up as ~20% of the
@@ -13,26 +7,6 @@ use tokio_util::sync::CancellationToken;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    let config = shipping::ShippingConfig::parse();
-    init_tracing(config.log_format);
-    let http = match bind_http(config.http_addr, config.ports_file.as_deref()).await {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "shipping failed");
-            eprintln!("shipping: {e:#}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let shutdown = CancellationToken::new();
-    tokio::spawn(shutdown_on_signal(shutdown.clone()));
-    match shipping::run(config, http, shutdown).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "shipping failed");
-            eprintln!("shipping: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+fn main() -> std::process::ExitCode {
+    participants::cli::shipping(std::env::args_os())
 }
