@@ -97,11 +97,13 @@ fn get_status(url: &str, timeout: Duration) -> Result<u16, String> {
     stream
         .set_write_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.0\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| format!("{addr}: {e}"))?;
+    // One write: `write!` on an unbuffered stream sends each piece of the
+    // format on its own, and a server that answers after the first piece and
+    // closes would fail the rest with EPIPE.
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|e| format!("{addr}: {e}"))?;
     // The status line is all we need: read until its end (or 1 KiB).
     let mut head = Vec::with_capacity(128);
     let mut buf = [0u8; 256];
@@ -175,8 +177,14 @@ mod tests {
             let port = listener.local_addr().expect("addr").port();
             std::thread::spawn(move || {
                 if let Ok((mut s, _)) = listener.accept() {
-                    let mut req = [0u8; 512];
-                    let _ = s.read(&mut req);
+                    // The whole request head, as an HTTP server reads it.
+                    let (mut req, mut buf) = (Vec::new(), [0u8; 512]);
+                    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => req.extend_from_slice(&buf[..n]),
+                        }
+                    }
                     let _ = s.write_all(reply.as_bytes());
                 }
             });
