@@ -49,8 +49,9 @@ pub fn shipping(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     })
 }
 
-/// The sequence every participant process shares, on a new multi-threaded runtime.
-fn process<F, Fut>(
+/// The sequence every participant process shares (the kit's too), on a new
+/// multi-threaded runtime.
+pub(crate) fn process<F, Fut>(
     name: &str,
     log_format: LogFormat,
     http_addr: SocketAddr,

@@ -174,22 +174,9 @@ impl Participant {
             Ok(c) => c,
             Err(e) => e.exit(),
         };
-        crate::init_tracing(config.log_format);
-        let runtime = match tokio::runtime::Runtime::new() {
-            Ok(r) => r,
-            Err(e) => return fail(&name, &e.into()),
-        };
-        runtime.block_on(async move {
-            let http = match crate::bind_http(config.http_addr, config.ports_file.as_deref()).await {
-                Ok(l) => l,
-                Err(e) => return fail(&name, &e),
-            };
-            let shutdown = CancellationToken::new();
-            tokio::spawn(crate::shutdown_on_signal(shutdown.clone()));
-            match self.run(config, http, shutdown).await {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => fail(&name, &e),
-            }
+        let (log, addr, ports) = (config.log_format, config.http_addr, config.ports_file.clone());
+        crate::cli::process(&name, log, addr, ports, |http, shutdown| {
+            self.run(config, http, shutdown)
         })
     }
 
@@ -263,12 +250,6 @@ impl Participant {
         }
         Ok(())
     }
-}
-
-fn fail(name: &str, e: &anyhow::Error) -> ExitCode {
-    tracing::error!(error = format!("{e:#}"), "{name} failed");
-    eprintln!("{name}: {e:#}");
-    ExitCode::FAILURE
 }
 
 /// The settings every kit participant takes (flags and environment).
