@@ -69,6 +69,9 @@ const COUNTS_KEY: &str = "meta/kit-counts";
 /// read and written inside the command's transaction.
 pub struct Tx<'a> {
     inner: &'a mut dyn StateTx,
+    /// Whether the action wrote anything (an `error` answered after a write
+    /// must not commit it).
+    wrote: bool,
 }
 
 impl Tx<'_> {
@@ -86,6 +89,7 @@ impl Tx<'_> {
     /// # Errors
     /// Pass them on with `?`.
     pub fn put<T: Serialize>(&mut self, key: &str, value: &T) -> TxResult<()> {
+        self.wrote = true;
         tx_put(self.inner, &format!("{STATE_PREFIX}{key}"), value)
     }
 
@@ -94,8 +98,32 @@ impl Tx<'_> {
     /// # Errors
     /// Pass them on with `?`.
     pub fn remove(&mut self, key: &str) -> TxResult<()> {
+        self.wrote = true;
         self.inner.remove(&format!("{STATE_PREFIX}{key}"))
     }
+}
+
+/// Runs an action; an `error` it answers after writing aborts the
+/// transaction (a store commits the writes of an effect whose reply it does
+/// not store, and the retry would apply them again), the reply kept in
+/// `refused` for the caller to answer.
+fn run_action(
+    state: &mut dyn StateTx,
+    refused: &std::sync::Mutex<Option<Reply>>,
+    action: impl FnOnce(&mut Tx<'_>) -> TxResult<Reply>,
+) -> TxResult<Reply> {
+    let mut tx = Tx {
+        inner: state,
+        wrote: false,
+    };
+    let reply = action(&mut tx)?;
+    if tx.wrote && matches!(reply, Reply::Error { .. }) {
+        if let Ok(mut slot) = refused.lock() {
+            *slot = Some(reply);
+        }
+        return Err(TxError::Abort("the action answered `error` after writing".into()));
+    }
+    Ok(reply)
 }
 
 /// A forward action: the command, the state; the reply (only `ok` and
@@ -359,11 +387,12 @@ impl KitHandler {
             .actions
             .iter()
             .find(|a| a.compensation == cmd.action);
-        let (reply, hit) = match (cmd.kind, forward, compensation) {
+        let refused = std::sync::Mutex::new(None);
+        let applied = match (cmd.kind, forward, compensation) {
             (CommandKind::Forward, Some(a), _) => {
                 self.store
                     .apply_forward(&key, &|state| {
-                        let reply = (a.apply)(&mut Tx { inner: &mut *state }, &cmd)?;
+                        let reply = run_action(&mut *state, &refused, |tx| (a.apply)(tx, &cmd))?;
                         let mut counts: Counts = tx_get(state, COUNTS_KEY)?.unwrap_or_default();
                         match &reply {
                             Reply::Ok { data } => {
@@ -382,12 +411,12 @@ impl KitHandler {
                         tx_put(state, COUNTS_KEY, &counts)?;
                         Ok(reply)
                     })
-                    .await?
+                    .await
             }
             (CommandKind::Compensate, _, Some(a)) => {
                 self.store
                     .apply_compensation(&key, &|state, forward_key, data| {
-                        let reply = (a.undo)(&mut Tx { inner: &mut *state }, &cmd, data)?;
+                        let reply = run_action(&mut *state, &refused, |tx| (a.undo)(tx, &cmd, data))?;
                         if matches!(reply, Reply::Ok { .. }) {
                             state.remove(&format!("{EFFECT_PREFIX}{forward_key}"))?;
                             let mut counts: Counts = tx_get(state, COUNTS_KEY)?.unwrap_or_default();
@@ -397,9 +426,17 @@ impl KitHandler {
                         }
                         Ok(reply)
                     })
-                    .await?
+                    .await
             }
             (kind, _, _) => return Ok(crate::runtime::wrong_direction(kind, &cmd.action)),
+        };
+        let (reply, hit) = match applied {
+            Ok(done) => done,
+            // Aborted by `run_action`: nothing committed, the action's own `error` answered.
+            Err(e) => match refused.lock().ok().and_then(|mut r| r.take()) {
+                Some(reply) => return Ok(reply),
+                None => return Err(e),
+            },
         };
         if hit {
             self.dedupe_hits.fetch_add(1, Ordering::Relaxed);
@@ -596,6 +633,35 @@ mod tests {
         backwards.action = "subtract".into();
         assert!(matches!(h.handle(backwards).await, Reply::Error { .. }));
         assert_eq!(h.stats().await["applied"], 0);
+    }
+
+    #[tokio::test]
+    async fn an_error_answered_after_writing_commits_nothing() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut h = handler(dir.path());
+        h.participant = Participant::new("counter").action(
+            "add",
+            "subtract",
+            |tx: &mut Tx<'_>, cmd: &Command| {
+                let n: i64 = tx.get("n")?.unwrap_or(0) + cmd.payload.amount_cents;
+                tx.put("n", &n)?;
+                if cmd.payload.customer_id == "flaky" {
+                    return Ok(Reply::error("the ledger is busy"));
+                }
+                Ok(Reply::ok(serde_json::json!({ "n": n })))
+            },
+            |_: &mut Tx<'_>, _: &Command, _: &serde_json::Value| Ok(Reply::ok(serde_json::Value::Null)),
+        );
+        let flaky = h.handle(cmd("s1", CommandKind::Forward, "flaky", 5)).await;
+        assert_eq!(
+            flaky,
+            Reply::error("the ledger is busy"),
+            "the action's own error"
+        );
+        // The retry finds nothing applied: n counts the 5 once, not twice.
+        let mut retry = cmd("s1", CommandKind::Forward, "c", 5);
+        retry.attempt = 2;
+        assert_eq!(h.handle(retry).await, Reply::ok(serde_json::json!({ "n": 5 })));
     }
 
     #[test]
