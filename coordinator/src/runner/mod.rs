@@ -753,7 +753,7 @@ impl Runner {
                 t.history = history;
                 None
             }
-            None => Some(previous),
+            None => Some(saga),
         };
         self.store.stage(&t, written_from)?;
         self.batch.wrote();

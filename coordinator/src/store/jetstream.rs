@@ -684,8 +684,8 @@ impl SagaStore for JsStore {
         }
     }
 
-    fn stage(&self, t: &Transition, previous: Option<StateTag>) -> Result<(), StoreError> {
-        self.write(t, previous)
+    fn stage(&self, t: &Transition, previous: Option<&Saga>) -> Result<(), StoreError> {
+        self.write(t, previous.map(|p| p.state.tag()))
     }
 
     fn begin_commit(&self) -> CommitTask {

@@ -2,7 +2,6 @@
 //! uses for its in-memory queues): fixed-width big-endian so key order is
 //! the order that matters. Pure functions; no I/O here.
 
-use saga_wire::CommandKind;
 use uuid::Uuid;
 
 use super::StoreError;
@@ -28,13 +27,15 @@ pub(crate) fn history_key(id: &[u8; 16], seq: u64) -> Vec<u8> {
     k
 }
 
-pub(crate) fn outbox_key(id: &[u8; 16], step: usize, kind: CommandKind) -> Vec<u8> {
+/// The key of the `outbox` tree earlier versions wrote (tests build such stores).
+#[cfg(test)]
+pub(crate) fn outbox_key(id: &[u8; 16], step: usize, kind: saga_wire::CommandKind) -> Vec<u8> {
     let mut k = Vec::with_capacity(21);
     k.extend_from_slice(id);
     k.extend_from_slice(&u32::try_from(step).unwrap_or(u32::MAX).to_be_bytes());
     k.push(match kind {
-        CommandKind::Forward => 0,
-        CommandKind::Compensate => 1,
+        saga_wire::CommandKind::Forward => 0,
+        saga_wire::CommandKind::Compensate => 1,
     });
     k
 }

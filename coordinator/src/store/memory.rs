@@ -210,8 +210,10 @@ impl SagaStore for MemoryStore {
         self.caps
     }
 
-    fn stage(&self, t: &Transition, previous: Option<StateTag>) -> Result<(), StoreError> {
-        self.lock().staged.push((t.clone(), previous));
+    fn stage(&self, t: &Transition, previous: Option<&Saga>) -> Result<(), StoreError> {
+        self.lock()
+            .staged
+            .push((t.clone(), previous.map(|p| p.state.tag())));
         Ok(())
     }
 

@@ -140,12 +140,12 @@ pub(crate) trait SagaStore: Send + Sync + std::fmt::Debug + 'static {
     /// How this store differs from the others.
     fn capabilities(&self) -> Capabilities;
 
-    /// Stages one transition (`previous`: the state it was written from;
+    /// Stages one transition (`previous`: the saga it was written from;
     /// `None` for a new saga); the next commit writes it.
     ///
     /// # Errors
     /// An unencodable value.
-    fn stage(&self, t: &Transition, previous: Option<StateTag>) -> Result<(), StoreError>;
+    fn stage(&self, t: &Transition, previous: Option<&Saga>) -> Result<(), StoreError>;
 
     /// Starts the commit of everything staged so far, in a task.
     fn begin_commit(&self) -> CommitTask;

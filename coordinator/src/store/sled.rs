@@ -2,14 +2,24 @@
 //!
 //! Trees:
 //! - `sagas`: saga id (16 UUID bytes; v7, so key order is creation order) →
-//!   `{"v":1,"saga":{…}}` (the record; its definition by `definition_ref`,
-//!   or inline in records written by earlier versions);
+//!   `{"v":1,"saga":{…}}`, the saga's last snapshot (its definition by
+//!   `definition_ref`, or inline in records written by earlier versions):
+//!   written when the saga is created, when it ends, and when its history
+//!   passes a multiple of `journal::SNAPSHOT_EVERY` entries — not at every
+//!   transition;
+//! - `journal`: saga id ++ the sequence of the transition's last history
+//!   entry (u64 BE) → what one transition changed (`journal`: state, the
+//!   steps it touched, its history entries, the commands it sent and
+//!   settled). A saga is its snapshot with the later entries folded in; its
+//!   history and its commands in flight (the outbox) are folded from all
+//!   its entries, so neither is written anywhere else;
 //! - `definitions`: `name@version#n` → the definition snapshot records refer
 //!   to (stored once per distinct content, kept);
-//! - `history`: saga id ++ seq (u64 BE) → one [`HistoryEntry`] (`{"v":1,…}`);
+//! - `history`: saga id ++ seq (u64 BE) → one [`HistoryEntry`], as earlier
+//!   versions wrote it (read, never written: the journal holds new history);
 //! - `by_state`: state tag (1 byte) ++ saga id → `[]`, the state index;
-//! - `outbox`: saga id ++ step (u32 BE) ++ kind (1 byte) → the command to send
-//!   (`{"v":1,…}`), removed when its outcome is recorded;
+//! - `outbox`: the commands in flight as earlier versions kept them; moved
+//!   into the journal on open (`legacy`);
 //! - `idempotency`: client `CreateOrder` key → saga id;
 //! - `dead_letters`: saga id ++ seq → [`DeadLetter`], one per entry into FAILED (kept);
 //! - `dlq_outbox`: the same keys, for dead letters not yet published on `saga.dlq`;
@@ -29,8 +39,8 @@
 //!   earlier version (`events_outbox`: one event copy per history entry,
 //!   removed one by one) is converted on open.
 //!
-//! [`Store::write`] stages one transition (record, history, index, outbox,
-//! idempotency key). The caller groups many writes and then calls
+//! [`Store::write`] stages one transition (journal entry, snapshot when
+//! due, index, idempotency key). The caller groups many writes and then calls
 //! [`Store::flush_writes`] once (group commit): every staged transition is
 //! applied in ONE sled transaction (together or not at all), then flushed;
 //! the caller sends no command before that returns.
@@ -43,6 +53,7 @@
 //! anything or decide anything: it stores what the engine decided.
 
 mod events_log;
+mod journal;
 mod legacy;
 mod prune;
 mod record;
@@ -65,7 +76,7 @@ use crate::{
     engine::{HistoryEntry, Saga, StateTag, Transition},
     store::{
         codec::{decode, encode},
-        keys::{history_key, outbox_key, saga_key, state_key},
+        keys::{history_key, saga_key, state_key},
         DeadLetter, EventRecord, Loaded, OutboxEntry, Page, StoreError, WithHistory,
     },
 };
@@ -120,9 +131,10 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub(crate) struct Store {
     db: sled::Db,
     sagas: sled::Tree,
+    journal: sled::Tree,
+    /// History as earlier versions wrote it (read and pruned only).
     history: sled::Tree,
     by_state: sled::Tree,
-    outbox: sled::Tree,
     idempotency: sled::Tree,
     dead_letters: sled::Tree,
     dlq_outbox: sled::Tree,
@@ -153,13 +165,13 @@ pub(crate) struct Store {
     refs: Arc<Mutex<DefinitionRefs>>,
 }
 
-/// The trees a staged write goes to (besides `sagas`).
+/// The trees a staged write goes to.
 #[derive(Debug, Clone, Copy)]
 enum Tree {
-    History,
+    Sagas,
+    Journal,
     Events,
     ByState,
-    Outbox,
     Idempotency,
     DeadLetters,
     DlqOutbox,
@@ -173,8 +185,8 @@ type Op = (Tree, Vec<u8>, Option<Vec<u8>>);
 struct Staged {
     /// Inserts (`Some`) and removals (`None`), in order.
     ops: Vec<Op>,
-    /// Each staged saga's latest record.
-    records: HashMap<[u8; 16], Vec<u8>>,
+    /// Each staged saga as its latest transition left it.
+    latest: HashMap<[u8; 16], Saga>,
     /// Sequence of the next events-log pointer.
     next_event: u64,
     /// The events of the staged pointers, by sequence, for `Store::events_ready`.
@@ -182,7 +194,7 @@ struct Staged {
     /// The records of the transaction being applied now: the runner stages
     /// its next batch while the previous one is committed, and
     /// [`Store::get_latest`] must see them until sled does.
-    applying: Option<Arc<HashMap<[u8; 16], Vec<u8>>>>,
+    applying: Option<Arc<HashMap<[u8; 16], Saga>>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -228,9 +240,9 @@ impl Store {
         };
         Store {
             sagas: db.open_tree("sagas")?,
+            journal: db.open_tree("journal")?,
             history: db.open_tree("history")?,
             by_state: db.open_tree("by_state")?,
-            outbox: db.open_tree("outbox")?,
             idempotency: db.open_tree("idempotency")?,
             dead_letters: db.open_tree("dead_letters")?,
             dlq_outbox: db.open_tree("dlq_outbox")?,
@@ -247,7 +259,8 @@ impl Store {
             refs: Default::default(),
             db,
         }
-        .with_events_log()
+        .with_events_log()?
+        .with_legacy_outbox_converted()
     }
 
     /// This store without saga events (`--no-events`): transitions write no
@@ -259,11 +272,12 @@ impl Store {
         self
     }
 
-    /// Stages one transition: the saga record, its new history entries and
-    /// their events, the state index (moving from `previous` when it
-    /// changed), the settled command's outbox entry removed and the new
-    /// commands added, the client idempotency key of a new saga and a dead
-    /// letter on entering FAILED. Nothing reaches sled yet: the next
+    /// Stages one transition written from `previous` (`None` for a new
+    /// saga): its journal entry (what it changed, its history, the commands
+    /// it sent and settled), a snapshot of the saga when one is due, the
+    /// state index (moving from `previous`'s state when it changed), the
+    /// client idempotency key of a new saga, a dead letter on entering FAILED
+    /// and the events-log pointer. Nothing reaches sled yet: the next
     /// [`Store::flush_writes`] applies every staged transition in ONE sled
     /// transaction (all of them or none), then flushes. One transaction per
     /// group commit instead of one per transition halves the store's CPU
@@ -274,38 +288,47 @@ impl Store {
     /// [`Store::get_latest`].
     ///
     /// # Errors
-    /// An unencodable value.
-    pub(crate) fn write(&self, t: &Transition, previous: Option<StateTag>) -> Result<(), StoreError> {
+    /// An unencodable value; a transition without a history entry (the
+    /// engine logs one for every change: its journal key is the entry's).
+    pub(crate) fn write(&self, t: &Transition, previous: Option<&Saga>) -> Result<(), StoreError> {
         let saga = &t.saga;
         let id = saga_key(&saga.id)?;
-        let record = self.encode_record(saga)?;
-        let mut ops = Vec::with_capacity(5 + t.history.len() + t.settled.len() + t.commands.len());
-        for h in &t.history {
-            ops.push((Tree::History, history_key(&id, h.seq), Some(encode(h)?)));
+        if t.history.is_empty() {
+            return Err(StoreError::Corrupt(format!(
+                "saga {}: a transition without a history entry cannot be journaled",
+                saga.id
+            )));
         }
+        let mut ops = Vec::with_capacity(6);
+        let entry = previous
+            .filter(|_| !journal::snapshot_due(previous, t))
+            .and_then(|p| journal::entry(p, t));
+        let journal_key = history_key(&id, saga.seq);
+        match entry {
+            Some(e) => ops.push((Tree::Journal, journal_key, Some(encode(&e)?))),
+            None => {
+                ops.push((Tree::Sagas, id.to_vec(), Some(self.encode_record(saga)?)));
+                ops.push((
+                    Tree::Journal,
+                    journal_key,
+                    Some(encode(&journal::beside_snapshot(t))?),
+                ));
+            }
+        }
+        let previous_tag = previous.map(|p| p.state.tag());
         let new_tag = saga.state.tag();
-        if previous != Some(new_tag) {
-            if let Some(prev) = previous {
+        if previous_tag != Some(new_tag) {
+            if let Some(prev) = previous_tag {
                 ops.push((Tree::ByState, state_key(prev, &id), None));
             }
             ops.push((Tree::ByState, state_key(new_tag, &id), Some(Vec::new())));
-        }
-        for (step, kind) in &t.settled {
-            ops.push((Tree::Outbox, outbox_key(&id, *step, *kind), None));
-        }
-        for c in &t.commands {
-            ops.push((
-                Tree::Outbox,
-                outbox_key(&id, c.step, c.kind),
-                Some(encode(&OutboxEntry::new(saga, c))?),
-            ));
         }
         if previous.is_none() {
             if let Some(key) = saga.idempotency_key.as_deref() {
                 ops.push((Tree::Idempotency, key.as_bytes().to_vec(), Some(id.to_vec())));
             }
         }
-        if let Some(d) = DeadLetter::on_entering(saga, previous) {
+        if let Some(d) = DeadLetter::on_entering(saga, previous_tag) {
             let (k, v) = (history_key(&id, saga.seq), encode(&d)?);
             ops.push((Tree::DeadLetters, k.clone(), Some(v.clone())));
             ops.push((Tree::DlqOutbox, k, Some(v)));
@@ -325,7 +348,7 @@ impl Store {
             ));
             staged.events.push((seq, events));
         }
-        staged.records.insert(id, record);
+        staged.latest.insert(id, saga.clone());
         staged.ops.extend(ops);
         Ok(())
     }
@@ -336,23 +359,23 @@ impl Store {
 
     /// Applies every staged transition in one sled transaction (unflushed).
     fn apply_staged(&self) -> Result<(), StoreError> {
-        let (ops, records, events) = {
+        let (ops, events) = {
             let mut staged = self.staged();
             let ops = std::mem::take(&mut staged.ops);
-            let records = Arc::new(std::mem::take(&mut staged.records));
-            staged.applying = Some(records.clone());
-            (ops, records, std::mem::take(&mut staged.events))
+            let latest = Arc::new(std::mem::take(&mut staged.latest));
+            staged.applying = Some(latest);
+            (ops, std::mem::take(&mut staged.events))
         };
-        let result = self.commit_staged(&ops, &records);
+        let result = self.commit_staged(&ops);
         let mut staged = self.staged();
-        // Committed, or failed: sled answers for these records now.
+        // Committed, or failed: sled answers for these sagas now.
         staged.applying = None;
         if result.is_err() {
             // What was staged meanwhile follows from the failed writes: it must
             // not be committed without them (the runner stops; a restart
             // resumes from what is durable).
             staged.ops.clear();
-            staged.records.clear();
+            staged.latest.clear();
             staged.events.clear();
         }
         drop(staged);
@@ -368,15 +391,15 @@ impl Store {
         Ok(())
     }
 
-    /// Commits `ops` and `records` in one transaction; returns the events
-    /// log generation it wrote to.
-    fn commit_staged(&self, ops: &[Op], records: &HashMap<[u8; 16], Vec<u8>>) -> Result<u64, StoreError> {
+    /// Commits `ops` in one transaction; returns the events log generation
+    /// it wrote to.
+    fn commit_staged(&self, ops: &[Op]) -> Result<u64, StoreError> {
         // The generation written to stays while the transaction commits.
         let events = read_lock(&self.events);
         let Some((generation, events_log)) = events.last() else {
             return Err(StoreError::Corrupt("the events log has no generation".into()));
         };
-        if ops.is_empty() && records.is_empty() {
+        if ops.is_empty() {
             return Ok(*generation);
         }
         // Before the commit: whoever sees this data and then finds the flag
@@ -384,25 +407,21 @@ impl Store {
         self.unflushed.store(true, std::sync::atomic::Ordering::SeqCst);
         (
             &self.sagas,
-            &self.history,
+            &self.journal,
             &self.by_state,
-            &self.outbox,
             &self.idempotency,
             &self.dead_letters,
             &self.dlq_outbox,
             events_log,
         )
             .transaction(
-                |(sagas, hist, by_state, outbox, idempotency, dead_letters, dlq_outbox, events_log)| {
-                    for (id, record) in records {
-                        sagas.insert(&id[..], record.as_slice())?;
-                    }
+                |(sagas, journal, by_state, idempotency, dead_letters, dlq_outbox, events_log)| {
                     for (tree, k, v) in ops {
                         let tree = match tree {
-                            Tree::History => hist,
+                            Tree::Sagas => sagas,
+                            Tree::Journal => journal,
                             Tree::Events => events_log,
                             Tree::ByState => by_state,
-                            Tree::Outbox => outbox,
                             Tree::Idempotency => idempotency,
                             Tree::DeadLetters => dead_letters,
                             Tree::DlqOutbox => dlq_outbox,
@@ -416,7 +435,7 @@ impl Store {
                 },
             )
             .map_err(transaction_error("transaction aborted"))?;
-        metrics::counter!(crate::telemetry::STORE_WRITES).increment((records.len() + ops.len()) as u64);
+        metrics::counter!(crate::telemetry::STORE_WRITES).increment(ops.len() as u64);
         Ok(*generation)
     }
 
@@ -482,35 +501,93 @@ impl Store {
             let staged = self.staged();
             let key = id.as_bytes();
             staged
-                .records
+                .latest
                 .get(key)
                 .or_else(|| staged.applying.as_ref().and_then(|a| a.get(key)))
                 .cloned()
         };
         match latest {
-            Some(bytes) => Ok(Some(self.decode_record(&bytes)?)),
+            Some(saga) => Ok(Some(saga)),
             None => self.get(id),
         }
     }
 
-    /// The saga `id`, if stored.
+    /// The saga `id`, if stored: its snapshot with the journal entries after
+    /// it folded in.
     ///
     /// # Errors
-    /// sled errors; a corrupt record.
+    /// sled errors; a corrupt record or entry.
     pub(crate) fn get(&self, id: &Uuid) -> Result<Option<Saga>, StoreError> {
-        match self.sagas.get(id.as_bytes())? {
-            Some(bytes) => Ok(Some(self.decode_record(&bytes)?)),
-            None => Ok(None),
+        let Some(bytes) = self.sagas.get(id.as_bytes())? else {
+            return Ok(None);
+        };
+        let mut saga = self.decode_record(&bytes)?;
+        let key = id.as_bytes();
+        let after = history_key(key, saga.seq.saturating_add(1))..=history_key(key, u64::MAX);
+        for kv in self.journal.range(after) {
+            let (_, v) = kv?;
+            journal::fold(&mut saga, decode(&v, "journal entry")?)?;
         }
+        Ok(Some(saga))
     }
 
-    /// The saga's history, in order.
+    /// The commands saga `id` has in flight, folded from its journal (sent,
+    /// or to be sent, and not yet settled).
+    ///
+    /// # Errors
+    /// sled errors; a corrupt entry.
+    pub(crate) fn in_flight(&self, id: &Uuid) -> Result<Vec<OutboxEntry>, StoreError> {
+        let mut in_flight = Vec::new();
+        for kv in self.journal.scan_prefix(id.as_bytes()) {
+            let (_, v) = kv?;
+            journal::fold_commands(&mut in_flight, decode(&v, "journal entry")?);
+        }
+        Ok(in_flight)
+    }
+
+    /// The saga's history, in order: what earlier versions wrote to the
+    /// `history` tree, then the journal's.
     ///
     /// # Errors
     /// sled errors; a corrupt entry.
     pub(crate) fn history(&self, id: &Uuid) -> Result<Vec<HistoryEntry>, StoreError> {
-        self.history
+        let mut out: Vec<HistoryEntry> = self
+            .history
             .scan_prefix(id.as_bytes())
+            .map(|kv| {
+                let (_, v) = kv?;
+                decode(&v, "history entry")
+            })
+            .collect::<Result<_, StoreError>>()?;
+        for kv in self.journal.scan_prefix(id.as_bytes()) {
+            let (_, v) = kv?;
+            out.extend(decode::<journal::HistoryIn>(&v, "journal entry")?.history);
+        }
+        Ok(out)
+    }
+
+    /// History entries `first..=last` of saga `id` (an events-log pointer):
+    /// from the journal entry of the transition that wrote them, or from the
+    /// `history` tree when an earlier version wrote them.
+    ///
+    /// # Errors
+    /// sled errors; a corrupt entry.
+    pub(super) fn history_between(
+        &self,
+        id: &[u8; 16],
+        first: u64,
+        last: u64,
+    ) -> Result<Vec<HistoryEntry>, StoreError> {
+        if let Some(v) = self.journal.get(history_key(id, last))? {
+            let mut h = decode::<journal::HistoryIn>(&v, "journal entry")?.history;
+            h.retain(|h| (first..=last).contains(&h.seq));
+            // Empty: the entry an upgrade made of the old outbox; the history is older.
+            if !h.is_empty() {
+                return Ok(h);
+            }
+        }
+        self.history
+            .range(history_key(id, first)..=history_key(id, last))
             .map(|kv| {
                 let (_, v) = kv?;
                 decode(&v, "history entry")
@@ -624,12 +701,26 @@ impl Store {
     ///
     /// # Errors
     /// sled errors; a corrupt entry.
+    #[cfg(test)]
     pub(crate) fn outbox(&self) -> Result<Vec<OutboxEntry>, StoreError> {
-        self.outbox
-            .iter()
-            .map(|kv| {
-                let (_, v) = kv?;
-                decode(&v, "outbox entry")
+        let mut out = Vec::new();
+        for (_, in_flight) in self.active_with_commands()? {
+            out.extend(in_flight);
+        }
+        Ok(out)
+    }
+
+    /// Every saga not in a terminal state with its commands in flight.
+    ///
+    /// # Errors
+    /// sled errors; a corrupt record or entry.
+    fn active_with_commands(&self) -> Result<Vec<Loaded>, StoreError> {
+        self.active()?
+            .into_iter()
+            .map(|saga| {
+                let id = Uuid::from_bytes(saga_key(&saga.id)?);
+                let in_flight = self.in_flight(&id)?;
+                Ok((saga, in_flight))
             })
             .collect()
     }
@@ -698,7 +789,7 @@ impl crate::store::SagaStore for Store {
         }
     }
 
-    fn stage(&self, t: &Transition, previous: Option<StateTag>) -> Result<(), StoreError> {
+    fn stage(&self, t: &Transition, previous: Option<&Saga>) -> Result<(), StoreError> {
         self.write(t, previous)
     }
 
@@ -759,19 +850,7 @@ impl crate::store::SagaStore for Store {
     }
 
     fn resume_at_start(&self) -> Result<Vec<Loaded>, StoreError> {
-        let mut outbox: HashMap<String, Vec<OutboxEntry>> = HashMap::new();
-        for entry in self.outbox()? {
-            outbox.entry(entry.saga_id.clone()).or_default().push(entry);
-        }
-        let mut out = Vec::new();
-        for saga in self.active()? {
-            let mine = outbox.remove(&saga.id).unwrap_or_default();
-            out.push((saga, mine));
-        }
-        for orphan in outbox.keys() {
-            tracing::warn!(saga_id = %orphan, "outbox entry of a saga that is not active; ignored");
-        }
-        Ok(out)
+        self.active_with_commands()
     }
 
     fn forget(&self, _ids: &[String]) {}

@@ -12,11 +12,7 @@ use super::{lock, read_lock, write_lock, Store};
 use crate::{
     definition::SagaDefinition,
     engine::HistoryEntry,
-    store::{
-        codec::decode,
-        keys::{be_u64, history_key},
-        EventRecord, StoreError,
-    },
+    store::{codec::decode, keys::be_u64, EventRecord, StoreError},
 };
 
 /// Published events-log pointers after which a new generation is started.
@@ -264,12 +260,7 @@ impl Store {
                 }
                 break;
             };
-            for kv in self
-                .history
-                .range(history_key(&p.id, p.first)..=history_key(&p.id, p.last))
-            {
-                let (_, v) = kv?;
-                let h: HistoryEntry = decode(&v, "history entry")?;
+            for h in self.history_between(&p.id, p.first, p.last)? {
                 out.push((key.clone(), event_of(&source, &h)));
             }
         }

@@ -13,7 +13,7 @@ use crate::{
 
 impl Store {
     /// Removes up to `limit` terminal sagas (COMPLETED, COMPENSATED) whose
-    /// last transition is older than `cutoff_ms`: record, history, state
+    /// last transition is older than `cutoff_ms`: record, journal, history, state
     /// index, dead letters and client idempotency key, one transaction per
     /// saga. FAILED sagas (an operator must act) and sagas whose events are
     /// not yet published are kept. Returns how many were removed.
@@ -61,6 +61,11 @@ impl Store {
                     .scan_prefix(id.as_bytes())
                     .keys()
                     .collect::<Result<_, _>>()?;
+                let entries: Vec<sled::IVec> = self
+                    .journal
+                    .scan_prefix(id.as_bytes())
+                    .keys()
+                    .collect::<Result<_, _>>()?;
                 let letters: Vec<sled::IVec> = self
                     .dead_letters
                     .scan_prefix(id.as_bytes())
@@ -69,14 +74,18 @@ impl Store {
                 let bytes = *id.as_bytes();
                 (
                     &self.sagas,
+                    &self.journal,
                     &self.history,
                     &self.by_state,
                     &self.idempotency,
                     &self.dead_letters,
                 )
-                    .transaction(|(sagas, hist, by_state, idempotency, dead_letters)| {
+                    .transaction(|(sagas, journal, hist, by_state, idempotency, dead_letters)| {
                         sagas.remove(&bytes[..])?;
                         by_state.remove(state_key(tag, &bytes))?;
+                        for k in &entries {
+                            journal.remove(k)?;
+                        }
                         for k in &history {
                             hist.remove(k)?;
                         }

@@ -45,9 +45,7 @@ async fn transitions_round_trip_with_index_history_and_outbox() {
     let started = engine::transition(&created.saga, &Event::Start, 2)
         .expect("ok")
         .expect("changes");
-    store
-        .write(&started, Some(StateTag::Pending))
-        .expect("write started");
+    store.write(&started, Some(&created.saga)).expect("write started");
     store.flush().await.expect("flush");
     let id = Uuid::parse_str(&created.saga.id).expect("uuid");
 
@@ -68,7 +66,7 @@ async fn transitions_round_trip_with_index_history_and_outbox() {
     let done = engine::transition(&started.saga, &reply, 3)
         .expect("ok")
         .expect("changes");
-    store.write(&done, Some(StateTag::Running)).expect("write done");
+    store.write(&done, Some(&started.saga)).expect("write done");
     store.flush().await.expect("flush");
     assert!(
         store.outbox().expect("outbox").is_empty(),
@@ -91,7 +89,7 @@ async fn staged_writes_reach_readers_only_through_a_flush() {
     let started = engine::transition(&created.saga, &Event::Start, 2)
         .expect("ok")
         .expect("changes");
-    store.write(&started, Some(StateTag::Pending)).expect("write");
+    store.write(&started, Some(&created.saga)).expect("write");
     // Readers see nothing yet; the runner sees its latest write.
     assert_eq!(store.get(&id).expect("get"), None);
     assert!(store.outbox().expect("outbox").is_empty());
@@ -172,7 +170,7 @@ async fn list_pages_in_creation_order_and_filters_by_state() {
             let s = engine::transition(&t.saga, &Event::Start, 2)
                 .expect("ok")
                 .expect("changes");
-            store.write(&s, Some(StateTag::Pending)).expect("write");
+            store.write(&s, Some(&t.saga)).expect("write");
         }
         ids.push(t.saga.id.clone());
     }
@@ -256,13 +254,13 @@ async fn events_are_pending_in_commit_order_until_published_also_after_reopening
         let a1 = engine::transition(&a.saga, &Event::Start, 2)
             .expect("ok")
             .expect("changes");
-        store.write(&a1, Some(StateTag::Pending)).expect("write");
+        store.write(&a1, Some(&a.saga)).expect("write");
         store.flush_writes().await.expect("flush");
         // Staged events are not pending; committed ones are, in commit order.
         let b1 = engine::transition(&b.saga, &Event::Start, 3)
             .expect("ok")
             .expect("changes");
-        store.write(&b1, Some(StateTag::Pending)).expect("write");
+        store.write(&b1, Some(&b.saga)).expect("write");
         let pending = store.events_pending(100).expect("pending");
         assert_eq!(sequences(&pending, &a), vec![1, 2]);
         assert_eq!(sequences(&pending, &b), vec![1]);
@@ -289,11 +287,12 @@ async fn events_are_pending_in_commit_order_until_published_also_after_reopening
     assert!(store.events_pending(100).expect("pending").is_empty());
     assert_eq!(store.events_backlog(), 0);
     // New events continue after the published ones.
+    let a1 = store
+        .get(&Uuid::parse_str(&a.saga.id).expect("uuid"))
+        .expect("get")
+        .expect("saga");
     let a2 = engine::transition(
-        &store
-            .get(&Uuid::parse_str(&a.saga.id).expect("uuid"))
-            .expect("get")
-            .expect("saga"),
+        &a1,
         &Event::Abort {
             reason: "test".into(),
         },
@@ -301,7 +300,7 @@ async fn events_are_pending_in_commit_order_until_published_also_after_reopening
     )
     .expect("ok")
     .expect("changes");
-    store.write(&a2, Some(StateTag::Running)).expect("write");
+    store.write(&a2, Some(&a1)).expect("write");
     store.flush_writes().await.expect("flush");
     let pending = store.events_pending(100).expect("pending");
     assert_eq!(sequences(&pending, &a), (3..=a2.saga.seq).collect::<Vec<_>>());
@@ -428,15 +427,15 @@ async fn prune_removes_old_terminal_sagas_only() {
     store.write(&recent, None).expect("write");
     store.write(&running, None).expect("write");
     let (s1, d1) = rejected(&old, 10);
-    store.write(&s1, Some(StateTag::Pending)).expect("write");
-    store.write(&d1, Some(StateTag::Running)).expect("write");
+    store.write(&s1, Some(&old.saga)).expect("write");
+    store.write(&d1, Some(&s1.saga)).expect("write");
     let (s2, d2) = rejected(&recent, u64::MAX / 2);
-    store.write(&s2, Some(StateTag::Pending)).expect("write");
-    store.write(&d2, Some(StateTag::Running)).expect("write");
+    store.write(&s2, Some(&recent.saga)).expect("write");
+    store.write(&d2, Some(&s2.saga)).expect("write");
     let s3 = engine::transition(&running.saga, &Event::Start, 10)
         .expect("ok")
         .expect("changes");
-    store.write(&s3, Some(StateTag::Pending)).expect("write");
+    store.write(&s3, Some(&running.saga)).expect("write");
     store.flush().await.expect("flush");
     let id = |t: &Transition| Uuid::parse_str(&t.saga.id).expect("uuid");
     let cutoff = crate::clock::now_ms() + 60_000;
@@ -470,4 +469,232 @@ async fn prune_removes_old_terminal_sagas_only() {
 fn unknown_format_versions_are_reported_as_corrupt() {
     let e = decode::<SagaRecordIn>(br#"{"v":9,"saga":{}}"#, "saga record").expect_err("refused");
     assert!(e.to_string().contains("stored data is corrupt"), "{e}");
+}
+
+/// Applies `event` to `saga`, writes the transition (from `saga`) and
+/// returns it with the number of sled writes it staged.
+fn step(store: &Store, saga: &engine::Saga, event: Event, now: u64) -> (Transition, usize) {
+    let t = engine::transition(saga, &event, now)
+        .expect("ok")
+        .expect("changes");
+    let before = store.staged().ops.len();
+    store.write(&t, Some(saga)).expect("write");
+    let writes = store.staged().ops.len() - before;
+    (t, writes)
+}
+
+fn reply(step: usize, attempt: u32, outcome: Outcome) -> Event {
+    Event::Reply {
+        step,
+        kind: CommandKind::Forward,
+        attempt,
+        outcome,
+    }
+}
+
+#[tokio::test]
+async fn a_two_step_saga_costs_twelve_writes_and_reads_back_at_every_step() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("open");
+    let created = new_saga(Some("twelve"));
+    let id = Uuid::parse_str(&created.saga.id).expect("uuid");
+    // Created and started in one transition, as the runner writes a new saga.
+    let mut first = engine::transition(&created.saga, &Event::Start, 2)
+        .expect("ok")
+        .expect("changes");
+    first.history.splice(0..0, created.history.clone());
+    store.write(&first, None).expect("write");
+    // snapshot, journal entry, state index, idempotency key, events pointer
+    assert_eq!(store.staged().ops.len(), 5);
+    store.flush_writes().await.expect("flush");
+    assert_eq!(store.get(&id).expect("get"), Some(first.saga.clone()));
+
+    let (reserved, writes) = step(
+        &store,
+        &first.saga,
+        reply(0, 1, Outcome::Ok(serde_json::json!({"r": 1}))),
+        3,
+    );
+    assert_eq!(writes, 2, "journal entry and events pointer");
+    store.flush_writes().await.expect("flush");
+    assert_eq!(store.get(&id).expect("get"), Some(reserved.saga.clone()));
+    let in_flight = store.in_flight(&id).expect("in flight");
+    assert_eq!(
+        in_flight.iter().map(|e| e.subject.as_str()).collect::<Vec<_>>(),
+        ["saga.cmd.payment.charge"]
+    );
+
+    let (done, writes) = step(
+        &store,
+        &reserved.saga,
+        reply(1, 1, Outcome::Ok(serde_json::json!({"ok": true}))),
+        4,
+    );
+    // snapshot, journal entry, state index out and in, events pointer
+    assert_eq!(writes, 5);
+    store.flush_writes().await.expect("flush");
+    assert_eq!(done.saga.state, engine::SagaState::Completed);
+    assert_eq!(store.get(&id).expect("get"), Some(done.saga.clone()));
+    assert!(store.in_flight(&id).expect("in flight").is_empty());
+    let seqs: Vec<u64> = store
+        .history(&id)
+        .expect("history")
+        .iter()
+        .map(|h| h.seq)
+        .collect();
+    assert_eq!(seqs, (1..=done.saga.seq).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn a_long_journal_folds_to_the_saga_through_snapshots_and_a_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut d = def();
+    for s in &mut d.steps {
+        s.retry.max_attempts = 50;
+    }
+    let mut created = new_saga(None);
+    created.saga.definition = std::sync::Arc::new(d);
+    let id = Uuid::parse_str(&created.saga.id).expect("uuid");
+    let mut history = created.history.clone();
+    let saga = {
+        let store = Store::open(dir.path()).expect("open");
+        store.write(&created, None).expect("write");
+        let (mut t, _) = step(&store, &created.saga, Event::Start, 2);
+        history.extend(t.history.clone());
+        // 30 transient failures: the history passes the snapshot bound twice.
+        for attempt in 1..=30 {
+            let (next, _) = step(
+                &store,
+                &t.saga,
+                reply(0, attempt, Outcome::Transient("timeout".into())),
+                3,
+            );
+            history.extend(next.history.clone());
+            t = next;
+            if attempt % 7 == 0 {
+                store.flush_writes().await.expect("flush");
+                assert_eq!(store.get(&id).expect("get"), Some(t.saga.clone()));
+            }
+        }
+        store.flush_writes().await.expect("flush");
+        assert_eq!(store.get(&id).expect("get"), Some(t.saga.clone()));
+        let snapshot = store
+            .decode_record(&store.sagas.get(id.as_bytes()).expect("get").expect("record"))
+            .expect("decode");
+        assert!(
+            snapshot.seq > journal::SNAPSHOT_EVERY,
+            "a snapshot was written on the way"
+        );
+        assert!(t.saga.seq - snapshot.seq <= journal::SNAPSHOT_EVERY);
+        t.saga
+    };
+    let store = Store::open(dir.path()).expect("reopen");
+    assert_eq!(store.get(&id).expect("get"), Some(saga.clone()));
+    assert_eq!(store.history(&id).expect("history"), history);
+    let loaded = crate::store::SagaStore::resume_at_start(&store).expect("resume");
+    assert_eq!(loaded.len(), 1);
+    let (resumed, in_flight) = &loaded[0];
+    assert_eq!(resumed, &saga);
+    assert_eq!(in_flight.len(), 1, "one command in flight: {in_flight:?}");
+    assert_eq!(
+        (in_flight[0].step, in_flight[0].message.attempt),
+        (0, 31),
+        "the last attempt's command"
+    );
+}
+
+#[tokio::test]
+async fn a_store_of_the_layout_before_the_journal_upgrades_on_open_with_nothing_lost() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let created = new_saga(Some("before-journal"));
+    let started = engine::transition(&created.saga, &Event::Start, 2)
+        .expect("ok")
+        .expect("changes");
+    let id = saga_key(&started.saga.id).expect("key");
+    let uuid = Uuid::from_bytes(id);
+    let history: Vec<_> = created.history.iter().chain(&started.history).cloned().collect();
+    let outbox: Vec<OutboxEntry> = started
+        .commands
+        .iter()
+        .map(|c| OutboxEntry::new(&started.saga, c))
+        .collect();
+    {
+        // What the previous version wrote: a record per transition, one
+        // history row per entry, the outbox row, the index and a pointer.
+        let store = Store::open(dir.path()).expect("open");
+        let db = &store.db;
+        store
+            .sagas
+            .insert(&id[..], store.encode_record(&started.saga).expect("record"))
+            .expect("insert");
+        for h in &history {
+            store
+                .history
+                .insert(history_key(&id, h.seq), encode(h).expect("encode"))
+                .expect("insert");
+        }
+        let old_outbox = db.open_tree(legacy::LEGACY_OUTBOX_TREE).expect("tree");
+        for e in &outbox {
+            old_outbox
+                .insert(
+                    crate::store::keys::outbox_key(&id, e.step, e.kind),
+                    encode(e).expect("encode"),
+                )
+                .expect("insert");
+        }
+        store
+            .by_state
+            .insert(state_key(StateTag::Running, &id), &[][..])
+            .expect("insert");
+        store
+            .idempotency
+            .insert("before-journal", &id[..])
+            .expect("insert");
+        let log = read_lock(&store.events).last().expect("generation").1.clone();
+        log.insert(0u64.to_be_bytes(), events_log::event_pointer(&id, 1, 2, 2))
+            .expect("insert");
+        db.flush().expect("flush");
+    }
+    let store = Store::open(dir.path()).expect("reopen");
+    assert_eq!(store.get(&uuid).expect("get"), Some(started.saga.clone()));
+    assert_eq!(store.history(&uuid).expect("history"), history);
+    assert_eq!(store.saga_for_key("before-journal").expect("key"), Some(uuid));
+    let loaded = crate::store::SagaStore::resume_at_start(&store).expect("resume");
+    assert_eq!(loaded, vec![(started.saga.clone(), outbox.clone())]);
+    assert!(
+        store
+            .db
+            .open_tree(legacy::LEGACY_OUTBOX_TREE)
+            .expect("tree")
+            .is_empty(),
+        "the old outbox moved into the journal"
+    );
+    let pending = store.events_pending(10).expect("pending");
+    assert_eq!(
+        sequences(&pending, &created),
+        vec![1, 2],
+        "the old pointer's events"
+    );
+
+    // The saga goes on in the new layout: the reply settles the old command.
+    let (reserved, _) = step(
+        &store,
+        &started.saga,
+        reply(0, 1, Outcome::Ok(serde_json::json!({"ok": true}))),
+        3,
+    );
+    store.flush_writes().await.expect("flush");
+    assert_eq!(store.get(&uuid).expect("get"), Some(reserved.saga.clone()));
+    let in_flight = store.in_flight(&uuid).expect("in flight");
+    assert_eq!(
+        in_flight.iter().map(|e| e.subject.as_str()).collect::<Vec<_>>(),
+        ["saga.cmd.payment.charge"]
+    );
+    let all: Vec<_> = history.iter().chain(&reserved.history).cloned().collect();
+    assert_eq!(store.history(&uuid).expect("history"), all);
+    drop(store);
+    // Opening again converts nothing more and loses nothing.
+    let store = Store::open(dir.path()).expect("reopen");
+    assert_eq!(store.get(&uuid).expect("get"), Some(reserved.saga));
+    assert_eq!(store.in_flight(&uuid).expect("in flight").len(), 1);
 }

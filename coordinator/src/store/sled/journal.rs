@@ -1,0 +1,185 @@
+//! The sled store's journal: one entry per transition, keyed by saga id ++
+//! the sequence of the transition's last history entry (u64 BE), holding
+//! what the transition changed — state, reason, time, the steps it touched,
+//! its history entries, the commands it put in flight and those it settled.
+//! A saga is its last snapshot (the `sagas` record, written when the saga is
+//! created, ends, or its journal passes [`SNAPSHOT_EVERY`] entries) with the
+//! entries after it folded in; its history and its commands in flight are
+//! folded from all its entries. Pure encoding and folding; the reads and
+//! writes are the store's.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    engine::{HistoryEntry, Saga, SagaState, StepProgress, Transition},
+    store::{OutboxEntry, StoreError},
+};
+use saga_wire::CommandKind;
+
+/// A snapshot is written when a saga's history sequence crosses a multiple
+/// of this, so reading a saga folds at most this many history entries' worth
+/// of journal (a bound without a per-saga counter in memory).
+pub(super) const SNAPSHOT_EVERY: u64 = 16;
+
+/// A journal entry as written (borrowing the transition).
+#[derive(Serialize)]
+pub(super) struct EntryOut<'a> {
+    state: &'a SagaState,
+    reason: &'a Option<String>,
+    updated_at_ms: u64,
+    seq: u64,
+    /// The steps the transition changed, by index.
+    steps: Vec<(usize, &'a StepProgress)>,
+    history: &'a [HistoryEntry],
+    commands: Vec<OutboxEntry>,
+    settled: &'a [(usize, CommandKind)],
+}
+
+/// A journal entry read to be folded into its saga (its history and
+/// commands are skipped, not built).
+#[derive(Debug, Deserialize)]
+pub(super) struct EntryIn {
+    state: SagaState,
+    reason: Option<String>,
+    updated_at_ms: u64,
+    seq: u64,
+    steps: Vec<(usize, StepProgress)>,
+}
+
+/// A journal entry read for its history only (the rest is skipped, not built).
+#[derive(Deserialize)]
+pub(super) struct HistoryIn {
+    #[serde(default)]
+    pub(super) history: Vec<HistoryEntry>,
+}
+
+/// A journal entry read for its commands only.
+#[derive(Deserialize)]
+pub(super) struct CommandsIn {
+    #[serde(default)]
+    commands: Vec<OutboxEntry>,
+    #[serde(default)]
+    settled: Vec<(usize, CommandKind)>,
+}
+
+/// What changed from `previous` to `t.saga`, or `None` when the change is not
+/// one an entry can carry (a field fixed at creation moved, the steps
+/// changed in number): the store writes a snapshot instead.
+pub(super) fn entry<'a>(previous: &Saga, t: &'a Transition) -> Option<EntryOut<'a>> {
+    // Every field by name: a field added to `Saga` must be placed here.
+    let Saga {
+        id,
+        definition,
+        order,
+        correlation_id,
+        idempotency_key,
+        state,
+        steps,
+        reason,
+        created_at_ms,
+        updated_at_ms,
+        seq,
+    } = &t.saga;
+    let fixed = *id == previous.id
+        && std::sync::Arc::ptr_eq(definition, &previous.definition)
+        && *order == previous.order
+        && *correlation_id == previous.correlation_id
+        && *idempotency_key == previous.idempotency_key
+        && *created_at_ms == previous.created_at_ms
+        && steps.len() == previous.steps.len();
+    fixed.then(|| EntryOut {
+        state,
+        reason,
+        updated_at_ms: *updated_at_ms,
+        seq: *seq,
+        steps: steps
+            .iter()
+            .enumerate()
+            .filter(|(i, s)| previous.steps.get(*i) != Some(*s))
+            .collect(),
+        history: &t.history,
+        commands: commands(t),
+        settled: &t.settled,
+    })
+}
+
+/// The entry of `t` when a snapshot of the saga is written beside it: its
+/// history and commands; no steps (what it changed is in the snapshot, and
+/// a fold starts after the snapshot's sequence).
+pub(super) fn beside_snapshot(t: &Transition) -> EntryOut<'_> {
+    EntryOut {
+        state: &t.saga.state,
+        reason: &t.saga.reason,
+        updated_at_ms: t.saga.updated_at_ms,
+        seq: t.saga.seq,
+        steps: Vec::new(),
+        history: &t.history,
+        commands: commands(t),
+        settled: &t.settled,
+    }
+}
+
+fn commands(t: &Transition) -> Vec<OutboxEntry> {
+    t.commands.iter().map(|c| OutboxEntry::new(&t.saga, c)).collect()
+}
+
+/// Whether `t` (written from `previous`) ends with a snapshot of the saga:
+/// its first transition, its last, or one whose history crosses a multiple of
+/// [`SNAPSHOT_EVERY`].
+pub(super) fn snapshot_due(previous: Option<&Saga>, t: &Transition) -> bool {
+    match previous {
+        None => true,
+        Some(p) => t.saga.state.is_terminal() || p.seq / SNAPSHOT_EVERY != t.saga.seq / SNAPSHOT_EVERY,
+    }
+}
+
+/// Folds `entry` into `saga` (a snapshot or an earlier fold).
+///
+/// # Errors
+/// An entry that names a step the saga does not have, or goes back in sequence.
+pub(super) fn fold(saga: &mut Saga, entry: EntryIn) -> Result<(), StoreError> {
+    if entry.seq < saga.seq {
+        return Err(StoreError::Corrupt(format!(
+            "saga {}: journal entry {} after {}",
+            saga.id, entry.seq, saga.seq
+        )));
+    }
+    for (i, step) in entry.steps {
+        let len = saga.steps.len();
+        let slot = saga.steps.get_mut(i).ok_or_else(|| {
+            StoreError::Corrupt(format!("saga {}: journal names step {i} of {len}", saga.id))
+        })?;
+        *slot = step;
+    }
+    saga.state = entry.state;
+    saga.reason = entry.reason;
+    saga.updated_at_ms = entry.updated_at_ms;
+    saga.seq = entry.seq;
+    Ok(())
+}
+
+/// Folds an entry's commands into the commands in flight: the settled ones
+/// leave, the new ones come (replacing one of the same step and kind).
+pub(super) fn fold_commands(in_flight: &mut Vec<OutboxEntry>, entry: CommandsIn) {
+    in_flight.retain(|e| !entry.settled.contains(&(e.step, e.kind)));
+    for c in entry.commands {
+        in_flight.retain(|e| !(e.step == c.step && e.kind == c.kind));
+        in_flight.push(c);
+    }
+}
+
+/// The entry that carries commands an earlier version kept in its `outbox`
+/// tree (converted on open), at the saga's current sequence: folded for the
+/// commands in flight, never for the saga (its snapshot is at that sequence).
+pub(super) fn legacy_outbox_entry<'a>(saga: &'a Saga, commands: Vec<OutboxEntry>) -> EntryOut<'a> {
+    EntryOut {
+        state: &saga.state,
+        reason: &saga.reason,
+        updated_at_ms: saga.updated_at_ms,
+        seq: saga.seq,
+        steps: Vec::new(),
+        history: &[],
+        commands,
+        settled: &[],
+    }
+}
