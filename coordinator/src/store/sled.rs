@@ -76,7 +76,7 @@ use crate::{
     engine::{HistoryEntry, Saga, StateTag, Transition},
     store::{
         codec::{decode, encode},
-        keys::{history_key, saga_key, state_key},
+        keys::{be_u64, history_key, saga_key, state_key},
         DeadLetter, EventRecord, Loaded, OutboxEntry, Page, StoreError, WithHistory,
     },
 };
@@ -536,6 +536,7 @@ impl Store {
     ///
     /// # Errors
     /// sled errors; a corrupt entry.
+    #[cfg(test)]
     pub(crate) fn in_flight(&self, id: &Uuid) -> Result<Vec<OutboxEntry>, StoreError> {
         let mut in_flight = Vec::new();
         for kv in self.journal.scan_prefix(id.as_bytes()) {
@@ -681,20 +682,9 @@ impl Store {
     ///
     /// # Errors
     /// sled errors; a corrupt record.
+    #[cfg(test)]
     pub(crate) fn active(&self) -> Result<Vec<Saga>, StoreError> {
-        let mut out = Vec::new();
-        for tag in [StateTag::Pending, StateTag::Running, StateTag::Compensating] {
-            let mut after = None;
-            loop {
-                let page = self.list(Some(tag), after, 1024)?;
-                out.extend(page.sagas);
-                match page.next {
-                    Some(n) => after = Some(n),
-                    None => break,
-                }
-            }
-        }
-        Ok(out)
+        Ok(self.active_with_commands()?.into_iter().map(|(s, _)| s).collect())
     }
 
     /// Every command in the outbox (sent or not yet acknowledged).
@@ -715,14 +705,48 @@ impl Store {
     /// # Errors
     /// sled errors; a corrupt record or entry.
     fn active_with_commands(&self) -> Result<Vec<Loaded>, StoreError> {
-        self.active()?
-            .into_iter()
-            .map(|saga| {
-                let id = Uuid::from_bytes(saga_key(&saga.id)?);
-                let in_flight = self.in_flight(&id)?;
-                Ok((saga, in_flight))
-            })
-            .collect()
+        let mut out = Vec::new();
+        for tag in [StateTag::Pending, StateTag::Running, StateTag::Compensating] {
+            for kv in self.by_state.scan_prefix([tag as u8]) {
+                let (k, _) = kv?;
+                let id: [u8; 16] = k
+                    .get(1..)
+                    .and_then(|b| b.try_into().ok())
+                    .ok_or_else(|| StoreError::Corrupt("state index key".into()))?;
+                // A saga can move out of the index between the scan and the read.
+                if let Some(loaded) = self.load(&id)? {
+                    out.push(loaded);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The saga `id` with its commands in flight, in one pass over its
+    /// journal: the entries after the snapshot folded into the saga, all of
+    /// them into the commands.
+    ///
+    /// # Errors
+    /// sled errors; a corrupt record or entry.
+    fn load(&self, id: &[u8; 16]) -> Result<Option<Loaded>, StoreError> {
+        let Some(bytes) = self.sagas.get(id)? else {
+            return Ok(None);
+        };
+        let mut saga = self.decode_record(&bytes)?;
+        let snapshot_seq = saga.seq;
+        let mut in_flight = Vec::new();
+        for kv in self.journal.scan_prefix(id) {
+            let (k, v) = kv?;
+            let seq = k.get(16..).map_or(Ok(0), |b| be_u64(b, "journal key"))?;
+            if seq > snapshot_seq {
+                let (entry, commands) = journal::split(decode(&v, "journal entry")?);
+                journal::fold(&mut saga, entry)?;
+                journal::fold_commands(&mut in_flight, commands);
+            } else {
+                journal::fold_commands(&mut in_flight, decode(&v, "journal entry")?);
+            }
+        }
+        Ok(Some((saga, in_flight)))
     }
 
     /// Dead letters not yet published, with their keys.

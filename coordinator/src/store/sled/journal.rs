@@ -62,6 +62,43 @@ pub(super) struct CommandsIn {
     settled: Vec<(usize, CommandKind)>,
 }
 
+/// A journal entry read to be folded into its saga and its commands.
+#[derive(Deserialize)]
+pub(super) struct BothIn {
+    state: SagaState,
+    reason: Option<String>,
+    updated_at_ms: u64,
+    seq: u64,
+    steps: Vec<(usize, StepProgress)>,
+    #[serde(default)]
+    commands: Vec<OutboxEntry>,
+    #[serde(default)]
+    settled: Vec<(usize, CommandKind)>,
+}
+
+/// A [`BothIn`] as what [`fold`] and [`fold_commands`] take.
+pub(super) fn split(b: BothIn) -> (EntryIn, CommandsIn) {
+    let BothIn {
+        state,
+        reason,
+        updated_at_ms,
+        seq,
+        steps,
+        commands,
+        settled,
+    } = b;
+    (
+        EntryIn {
+            state,
+            reason,
+            updated_at_ms,
+            seq,
+            steps,
+        },
+        CommandsIn { commands, settled },
+    )
+}
+
 /// What changed from `previous` to `t.saga`, or `None` when the change is not
 /// one an entry can carry (a field fixed at creation moved, the steps
 /// changed in number): the store writes a snapshot instead.
