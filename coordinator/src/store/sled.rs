@@ -77,7 +77,7 @@ use crate::{
     store::{
         codec::{decode, encode},
         keys::{be_u64, history_key, saga_key, state_key},
-        DeadLetter, EventRecord, Loaded, OutboxEntry, Page, StoreError, WithHistory,
+        DeadLetter, EventRecord, Loaded, Page, StoreError, WithHistory,
     },
 };
 
@@ -537,7 +537,7 @@ impl Store {
     /// # Errors
     /// sled errors; a corrupt entry.
     #[cfg(test)]
-    pub(crate) fn in_flight(&self, id: &Uuid) -> Result<Vec<OutboxEntry>, StoreError> {
+    pub(crate) fn in_flight(&self, id: &Uuid) -> Result<Vec<crate::store::OutboxEntry>, StoreError> {
         let mut in_flight = Vec::new();
         for kv in self.journal.scan_prefix(id.as_bytes()) {
             let (_, v) = kv?;
@@ -692,7 +692,7 @@ impl Store {
     /// # Errors
     /// sled errors; a corrupt entry.
     #[cfg(test)]
-    pub(crate) fn outbox(&self) -> Result<Vec<OutboxEntry>, StoreError> {
+    pub(crate) fn outbox(&self) -> Result<Vec<crate::store::OutboxEntry>, StoreError> {
         let mut out = Vec::new();
         for (_, in_flight) in self.active_with_commands()? {
             out.extend(in_flight);
