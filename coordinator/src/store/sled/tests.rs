@@ -8,7 +8,10 @@ use super::{events_log::events_tree_name, legacy::LEGACY_EVENTS_TREE, record::Sa
 use crate::{
     definition::SagaDefinition,
     engine::{self, Event, Outcome},
-    store::keys::{history_key, saga_key},
+    store::{
+        keys::{history_key, saga_key},
+        OutboxEntry,
+    },
 };
 
 fn def() -> SagaDefinition {
