@@ -1,5 +1,6 @@
-//! A participant's sled store: its business `state` tree and the `replies`
-//! tree that makes commands idempotent (the reusable dedupe helper).
+//! A participant's sled store: its business `state` tree and the stored
+//! replies that make commands idempotent (the reusable dedupe helper), in
+//! time windows `replies.<start ms>.<end ms>` that pruning drops whole.
 //!
 //! It implements [`ParticipantStore`]: `apply_forward` and `apply_compensation` run an effect and
 //! store its reply under the command's idempotency key in ONE sled
