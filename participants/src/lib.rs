@@ -269,9 +269,10 @@ where
     let readiness = telemetry::Readiness::new(name);
     let slot = telemetry::StoreSlot::default();
     let sled_store: Option<store::SharedStore> = match target.kind {
-        store::StoreKind::Sled => Some(std::sync::Arc::new(store::Store::new(open_db(
-            &target.data_dir,
-        )?)?)),
+        store::StoreKind::Sled => Some(std::sync::Arc::new(store::Store::with_retention(
+            open_db(&target.data_dir)?,
+            retention.reply_retention,
+        )?)),
         store::StoreKind::Jetstream => None,
     };
     if let Some(s) = &sled_store {

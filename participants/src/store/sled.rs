@@ -1,5 +1,6 @@
-//! A participant's sled store: its business `state` tree and the `replies`
-//! tree that makes commands idempotent (the reusable dedupe helper).
+//! A participant's sled store: its business `state` tree and the stored
+//! replies that make commands idempotent (the reusable dedupe helper), in
+//! time windows `replies.<start ms>.<end ms>` that pruning drops whole.
 //!
 //! It implements [`ParticipantStore`]: `apply_forward` and `apply_compensation` run an effect and
 //! store its reply under the command's idempotency key in ONE sled
@@ -94,36 +95,58 @@ fn run_tx<T>(
     })
 }
 
-/// The `replies` tree inside a transaction, with its index by the time a
-/// reply was stored (`replies-by-time`: 8 bytes of big-endian ms since the
-/// Unix epoch, then the reply's key; empty value), which pruning follows.
+/// Prefix of the time-windowed reply trees: `replies.<start ms>.<end ms>`
+/// (20 digits each, so names sort by start). A reply is stored in the
+/// window that holds the time it was stored; pruning drops a whole window
+/// once its end is past the retention, so a stored reply costs one write and
+/// its pruning none per key (the per-reply `replies-by-time` index of earlier
+/// releases cost a second write per reply and a removal per key).
+const WINDOW_PREFIX: &str = "replies.";
+/// Windows per retention: a lookup of a new key reads at most this many
+/// windows (plus the one being filled); a reply is kept between the
+/// retention and 1 + 1/8 of it.
+const WINDOWS_PER_RETENTION: u64 = 8;
+/// The shortest window (a retention under 8 s still gets 1 s windows).
+const MIN_WINDOW_MS: u64 = 1000;
+/// The retention `Store::new` assumes (the participants' default).
+const DEFAULT_RETENTION: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+
+/// The reply trees a lookup reads, newest first, inside a transaction.
 struct RepliesTx<'a> {
-    replies: &'a TransactionalTree,
-    by_time: &'a TransactionalTree,
-    /// When this transaction stores its replies (read before it started:
-    /// the closure stays pure when sled retries it).
-    at_ms: u64,
+    /// The windows, newest (the one written) first, then the legacy
+    /// `replies` tree of an older release, if it still holds replies.
+    trees: &'a [TransactionalTree],
     /// Writes of this run of the transaction (replies and state).
     writes: &'a Cell<u64>,
 }
 
 impl RepliesTx<'_> {
     fn get(&self, key: &str) -> SledTxResult<Option<Reply>> {
-        tx_get(self.replies, key)
+        for tree in self.trees {
+            if let Some(reply) = tx_get(tree, key)? {
+                return Ok(Some(reply));
+            }
+        }
+        Ok(None)
     }
 
-    /// Stores `reply` under `key` (a key is stored once: callers look first)
-    /// and indexes it under the transaction's time.
+    /// Stores `reply` under `key` in the newest window (a key is stored
+    /// once: callers look first).
     fn put(&self, key: &str, reply: &Reply) -> SledTxResult<()> {
-        tx_put(self.replies, key, reply)?;
-        self.by_time
-            .insert(time_key(self.at_ms, key.as_bytes()), &[][..])?;
-        self.writes.set(self.writes.get() + 2);
+        let Some(newest) = self.trees.first() else {
+            return Err(ConflictableTransactionError::Abort(
+                "no reply window to store in".into(),
+            ));
+        };
+        tx_put(newest, key, reply)?;
+        self.writes.set(self.writes.get() + 1);
         Ok(())
     }
 }
 
-/// The `replies-by-time` key of the reply `key` stored at `at_ms`.
+/// The `replies-by-time` key of the reply `key` stored at `at_ms` (the
+/// legacy layout: 8 bytes of big-endian ms since the Unix epoch, then the
+/// reply's key; empty value).
 fn time_key(at_ms: u64, key: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(8 + key.len());
     k.extend_from_slice(&at_ms.to_be_bytes());
@@ -131,18 +154,69 @@ fn time_key(at_ms: u64, key: &[u8]) -> Vec<u8> {
     k
 }
 
-/// The participant's sled database: a `replies` tree, its
-/// `replies-by-time` index and a `state` tree (plus a tiny `ready-probe`
-/// tree, written only by readiness checks).
+/// One reply window: the replies stored in `[start, end)` ms.
+struct Window {
+    start: u64,
+    end: u64,
+    tree: sled::Tree,
+}
+
+fn window_name(start: u64, end: u64) -> String {
+    format!("{WINDOW_PREFIX}{start:020}.{end:020}")
+}
+
+/// `(start, end)` of a window tree's name, `None` for any other tree.
+fn parse_window_name(name: &[u8]) -> Option<(u64, u64)> {
+    let rest = std::str::from_utf8(name).ok()?.strip_prefix(WINDOW_PREFIX)?;
+    let (start, end) = rest.split_once('.')?;
+    Some((start.parse().ok()?, end.parse().ok()?))
+}
+
+/// The layout of releases before the windows: one `replies` tree and its
+/// `replies-by-time` index. Read (after the windows) and pruned by its
+/// index until it is empty, then dropped; never written again.
+struct Legacy {
+    replies: sled::Tree,
+    by_time: sled::Tree,
+}
+
+/// The reply trees: windows by start, oldest first, and the legacy trees.
+struct Replies {
+    windows: Vec<Window>,
+    legacy: Option<Legacy>,
+    /// `state`, then the windows newest first, then legacy `replies`: the
+    /// trees of a command's transaction (rebuilt when the set changes).
+    txn_trees: Vec<sled::Tree>,
+}
+
+impl Replies {
+    fn rebuild(&mut self, state: &sled::Tree) {
+        let mut trees = Vec::with_capacity(self.windows.len() + 2);
+        trees.push(state.clone());
+        trees.extend(self.windows.iter().rev().map(|w| w.tree.clone()));
+        trees.extend(self.legacy.as_ref().map(|l| l.replies.clone()));
+        self.txn_trees = trees;
+    }
+}
+
+/// The participant's sled database: a `state` tree, the reply windows
+/// `replies.<start>.<end>` (plus, from an older release, `replies` and
+/// `replies-by-time` until pruned), and a tiny `ready-probe` tree, written
+/// only by readiness checks.
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
-    replies: sled::Tree,
-    by_time: sled::Tree,
+    replies: std::sync::Arc<std::sync::RwLock<Replies>>,
+    /// Length of a new window (ms).
+    window_ms: u64,
+    /// When a reply is stored (ms since the Unix epoch): [`now_ms`], or a
+    /// test's clock.
+    clock: std::sync::Arc<dyn Fn() -> u64 + Send + Sync>,
     state: sled::Tree,
     probe: sled::Tree,
     flusher: std::sync::Arc<GroupFlush>,
-    /// Inserts and removes committed since open (commands, seeding, pruning).
+    /// Inserts and removes committed since open (commands, seeding, pruning;
+    /// a dropped window counts one).
     writes: std::sync::Arc<AtomicU64>,
 }
 
@@ -177,40 +251,87 @@ impl GroupFlush {
     }
 }
 
+fn poisoned<T>(_: T) -> StoreError {
+    StoreError::Corrupt("reply windows lock poisoned (a thread panicked)".into())
+}
+
 impl Store {
-    /// Opens the trees in `db`. A database written before the
-    /// `replies-by-time` index existed (replies, no index) gets its index
-    /// here, in one atomic batch: each reply is indexed at its saga's start
-    /// when the saga id is a UUID v7 started before now (what pruning went
-    /// by until then), else at now, so it goes one retention after this
-    /// upgrade (a future-dated or non-v7 id can no longer hold pruning up).
+    /// Opens the trees in `db` for the default retention (30 days).
     ///
     /// # Errors
     /// sled errors.
     pub fn new(db: sled::Db) -> Result<Self, StoreError> {
-        let replies = db.open_tree("replies")?;
-        let by_time = db.open_tree("replies-by-time")?;
-        if by_time.is_empty() && !replies.is_empty() {
-            let now = now_ms();
-            let mut batch = sled::Batch::default();
-            let mut n = 0u64;
-            for key in replies.iter().keys() {
-                let key = key?;
-                let at = saga_start_ms(&key).filter(|t| *t <= now).unwrap_or(now);
-                batch.insert(time_key(at, &key), &[][..]);
-                n += 1;
+        Self::with_retention(db, DEFAULT_RETENTION)
+    }
+
+    /// Opens the trees in `db`; new reply windows are an eighth of
+    /// `retention` long (at least 1 s; one window for ever when it is 0).
+    ///
+    /// A database of an older release keeps its `replies` tree, read after
+    /// the windows and pruned by its `replies-by-time` index. One written
+    /// before that index existed (replies, no index) gets its index here,
+    /// in one atomic batch: each reply is indexed at its saga's start when
+    /// the saga id is a UUID v7 started before now (what pruning went by
+    /// until then), else at now, so it goes one retention after this upgrade
+    /// (a future-dated or non-v7 id can no longer hold pruning up).
+    ///
+    /// # Errors
+    /// sled errors.
+    pub fn with_retention(db: sled::Db, retention: std::time::Duration) -> Result<Self, StoreError> {
+        let retention_ms = u64::try_from(retention.as_millis()).unwrap_or(u64::MAX);
+        let window_ms = if retention_ms == 0 {
+            u64::MAX
+        } else {
+            (retention_ms / WINDOWS_PER_RETENTION).max(MIN_WINDOW_MS)
+        };
+        let names = db.tree_names();
+        let mut windows = Vec::new();
+        for name in &names {
+            if let Some((start, end)) = parse_window_name(name) {
+                windows.push(Window {
+                    start,
+                    end,
+                    tree: db.open_tree(name)?,
+                });
             }
-            by_time.apply_batch(batch)?;
-            db.flush()?;
-            tracing::info!(
-                replies = n,
-                "stored replies indexed by the time they were stored (upgrade)"
-            );
         }
+        windows.sort_by_key(|w| w.start);
+        let legacy = if names.iter().any(|n| &n[..] == b"replies") {
+            let replies = db.open_tree("replies")?;
+            let by_time = db.open_tree("replies-by-time")?;
+            if by_time.is_empty() && !replies.is_empty() {
+                let now = now_ms();
+                let mut batch = sled::Batch::default();
+                let mut n = 0u64;
+                for key in replies.iter().keys() {
+                    let key = key?;
+                    let at = saga_start_ms(&key).filter(|t| *t <= now).unwrap_or(now);
+                    batch.insert(time_key(at, &key), &[][..]);
+                    n += 1;
+                }
+                by_time.apply_batch(batch)?;
+                db.flush()?;
+                tracing::info!(
+                    replies = n,
+                    "stored replies indexed by the time they were stored (upgrade)"
+                );
+            }
+            Some(Legacy { replies, by_time })
+        } else {
+            None
+        };
+        let state = db.open_tree("state")?;
+        let mut replies = Replies {
+            windows,
+            legacy,
+            txn_trees: Vec::new(),
+        };
+        replies.rebuild(&state);
         Ok(Store {
-            replies,
-            by_time,
-            state: db.open_tree("state")?,
+            replies: std::sync::Arc::new(std::sync::RwLock::new(replies)),
+            window_ms,
+            clock: std::sync::Arc::new(now_ms),
+            state,
             probe: db.open_tree("ready-probe")?,
             flusher: std::sync::Arc::new(GroupFlush {
                 db: db.clone(),
@@ -226,6 +347,26 @@ impl Store {
     /// handler's back; commands write through a transaction).
     pub fn state(&self) -> &sled::Tree {
         &self.state
+    }
+
+    /// Makes sure the newest window holds `at_ms` (or starts after it, when
+    /// the clock went back): opens the next one when `at_ms` is past its end.
+    fn ensure_window(&self, at_ms: u64) -> Result<(), StoreError> {
+        let fits = |r: &Replies| r.windows.last().is_some_and(|w| at_ms < w.end);
+        if fits(&*self.replies.read().map_err(poisoned)?) {
+            return Ok(());
+        }
+        let mut replies = self.replies.write().map_err(poisoned)?;
+        if fits(&replies) {
+            return Ok(());
+        }
+        let aligned = at_ms - at_ms % self.window_ms;
+        let start = replies.windows.last().map_or(aligned, |w| aligned.max(w.end));
+        let end = start.saturating_add(self.window_ms).max(at_ms.saturating_add(1));
+        let tree = self.db.open_tree(window_name(start, end))?;
+        replies.windows.push(Window { start, end, tree });
+        replies.rebuild(&self.state);
+        Ok(())
     }
 
     /// Runs a forward `effect` once per `key` (see [`ParticipantStore::apply_forward`]).
@@ -275,20 +416,28 @@ impl Store {
     where
         F: Fn(&TransactionalTree, &RepliesTx<'_>) -> SledTxResult<(Reply, bool)>,
     {
-        let at_ms = now_ms();
+        // Read before the transaction: the closure stays pure when sled retries it.
+        let at_ms = (self.clock)();
+        self.ensure_window(at_ms)?;
         let writes = Cell::new(0);
-        let result = (&self.state, &self.replies, &self.by_time).transaction(|(state, replies, by_time)| {
-            writes.set(0);
-            f(
-                state,
-                &RepliesTx {
-                    replies,
-                    by_time,
-                    at_ms,
-                    writes: &writes,
-                },
-            )
-        });
+        let result = {
+            // Held for the transaction only (no await inside): the pruner
+            // drops a window under the write lock, never under a transaction.
+            let replies = self.replies.read().map_err(poisoned)?;
+            replies.txn_trees.as_slice().transaction(|trees| {
+                writes.set(0);
+                let Some((state, windows)) = trees.split_first() else {
+                    return Err(ConflictableTransactionError::Abort("no state tree".into()));
+                };
+                f(
+                    state,
+                    &RepliesTx {
+                        trees: windows,
+                        writes: &writes,
+                    },
+                )
+            })
+        };
         let (reply, hit) = match result {
             Ok(r) => r,
             Err(TransactionError::Abort(reason)) => {
@@ -304,10 +453,22 @@ impl Store {
         Ok((reply, hit))
     }
 
+    /// The stored reply for `key` (windows newest first, then the legacy
+    /// tree), undecoded.
+    fn stored_bytes(&self, key: &str) -> Result<Option<sled::IVec>, StoreError> {
+        let replies = self.replies.read().map_err(poisoned)?;
+        for tree in replies.txn_trees.iter().skip(1) {
+            if let Some(bytes) = tree.get(key.as_bytes())? {
+                return Ok(Some(bytes));
+            }
+        }
+        Ok(None)
+    }
+
     /// The stored reply for `key`, made durable before it is returned, since
     /// a concurrent duplicate may have committed it without flushing yet.
     async fn stored(&self, key: &str) -> Result<Option<Reply>, StoreError> {
-        let Some(bytes) = self.replies.get(key.as_bytes())? else {
+        let Some(bytes) = self.stored_bytes(key)? else {
             return Ok(None);
         };
         let reply = decode(key.as_bytes(), &bytes)?;
@@ -364,12 +525,15 @@ impl Store {
     }
 
     /// Removes the stored replies (and tombstones) stored before
-    /// `cutoff_ms` (ms since the Unix epoch, by this participant's clock),
-    /// oldest first, at most `limit` of them; returns how many went. It
-    /// follows the `replies-by-time` index, so no saga id, whatever it
-    /// claims, decides when a reply goes. The replies go first, then their
-    /// index entries: a crash between the two leaves index entries whose
-    /// reply is gone (removed next time), never a reply without one.
+    /// `cutoff_ms` (ms since the Unix epoch, by this participant's clock);
+    /// returns how many went. First those of an older release's `replies`
+    /// tree, oldest first by its `replies-by-time` index, at most `limit`
+    /// (the replies go first, then their index entries: a crash between the
+    /// two leaves index entries whose reply is gone, never a reply without
+    /// one), and the two trees once empty. Then every window whose end is
+    /// at or before `cutoff_ms` (so all it holds was stored before it),
+    /// dropped whole whatever `limit` — except the newest, which commands
+    /// write to. No saga id, whatever it claims, decides when a reply goes.
     ///
     /// Safe once no command of those sagas can come again: the coordinator
     /// re-sends a command only while its saga runs, and refuses to retry a
@@ -379,28 +543,77 @@ impl Store {
     /// # Errors
     /// sled errors.
     pub fn prune(&self, cutoff_ms: u64, limit: usize) -> Result<usize, StoreError> {
-        let (mut replies, mut index) = (sled::Batch::default(), sled::Batch::default());
-        let mut n = 0;
-        for entry in self.by_time.iter().keys() {
-            let entry = entry?;
-            if n >= limit {
-                break;
-            }
-            match entry.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()) {
-                Some(at) if u64::from_be_bytes(at) >= cutoff_ms => break,
-                Some(_) => replies.remove(&entry[8..]),
-                None => {} // not an index entry: dropped
-            }
-            index.remove(entry);
-            n += 1;
-        }
-        if n > 0 {
-            self.replies.apply_batch(replies)?;
-            self.by_time.apply_batch(index)?;
+        let legacy = {
+            let replies = self.replies.read().map_err(poisoned)?;
+            replies
+                .legacy
+                .as_ref()
+                .map(|l| (l.replies.clone(), l.by_time.clone()))
+        };
+        if let Some((replies, by_time)) = legacy {
+            let n = prune_legacy(&replies, &by_time, cutoff_ms, limit)?;
             self.writes.fetch_add(2 * n as u64, Ordering::Relaxed);
+            if n > 0 {
+                return Ok(n);
+            }
+            if replies.is_empty() && by_time.is_empty() {
+                let mut all = self.replies.write().map_err(poisoned)?;
+                all.legacy = None;
+                all.rebuild(&self.state);
+                self.db.drop_tree("replies")?;
+                self.db.drop_tree("replies-by-time")?;
+                self.writes.fetch_add(2, Ordering::Relaxed);
+                tracing::info!("the stored replies of an older release are all pruned; its trees dropped");
+            }
         }
+        let mut all = self.replies.write().map_err(poisoned)?;
+        let keep_from = all.windows.len().saturating_sub(1);
+        let expired: Vec<usize> = (0..keep_from)
+            .filter(|i| all.windows[*i].end <= cutoff_ms)
+            .collect();
+        if expired.is_empty() {
+            return Ok(0);
+        }
+        let mut n = 0;
+        for i in expired.iter().rev() {
+            let w = all.windows.remove(*i);
+            n += w.tree.len();
+            self.db.drop_tree(window_name(w.start, w.end))?;
+            self.writes.fetch_add(1, Ordering::Relaxed);
+        }
+        all.rebuild(&self.state);
         Ok(n)
     }
+}
+
+/// Prunes up to `limit` entries of an older release's `replies` tree by its
+/// `replies-by-time` index: those stored before `cutoff_ms`.
+fn prune_legacy(
+    replies_tree: &sled::Tree,
+    by_time: &sled::Tree,
+    cutoff_ms: u64,
+    limit: usize,
+) -> Result<usize, StoreError> {
+    let (mut replies, mut index) = (sled::Batch::default(), sled::Batch::default());
+    let mut n = 0;
+    for entry in by_time.iter().keys() {
+        let entry = entry?;
+        if n >= limit {
+            break;
+        }
+        match entry.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()) {
+            Some(at) if u64::from_be_bytes(at) >= cutoff_ms => break,
+            Some(_) => replies.remove(&entry[8..]),
+            None => {} // not an index entry: dropped
+        }
+        index.remove(entry);
+        n += 1;
+    }
+    if n > 0 {
+        replies_tree.apply_batch(replies)?;
+        by_time.apply_batch(index)?;
+    }
+    Ok(n)
 }
 
 impl ParticipantStore for Store {
@@ -482,6 +695,8 @@ fn saga_start_ms(key: &[u8]) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     #[test]
@@ -501,6 +716,32 @@ mod tests {
         ));
     }
 
+    /// The store over `dir` with `retention`, its clock set by the returned cell.
+    fn clocked(dir: &std::path::Path, retention_ms: u64, now: u64) -> (Store, Arc<AtomicU64>) {
+        let clock = Arc::new(AtomicU64::new(now));
+        let mut store = Store::with_retention(
+            crate::open_db(dir).expect("sled"),
+            std::time::Duration::from_millis(retention_ms),
+        )
+        .expect("store");
+        let c = clock.clone();
+        store.clock = Arc::new(move || c.load(Ordering::SeqCst));
+        (store, clock)
+    }
+
+    fn windows(store: &Store) -> Vec<(u64, u64, usize)> {
+        let replies = store.replies.read().expect("lock");
+        replies
+            .windows
+            .iter()
+            .map(|w| (w.start, w.end, w.tree.len()))
+            .collect()
+    }
+
+    fn ok() -> Reply {
+        Reply::ok(serde_json::Value::Null)
+    }
+
     #[test]
     fn the_readiness_probe_leaves_nothing_behind() {
         let dir = tempfile::tempdir().expect("tmp");
@@ -508,7 +749,7 @@ mod tests {
         store.probe().expect("writable");
         store.probe().expect("writable again");
         assert!(store.probe.is_empty());
-        assert!(store.replies.is_empty() && store.state.is_empty());
+        assert!(windows(&store).is_empty() && store.state.is_empty());
     }
 
     fn v7_at(ms: u64) -> String {
@@ -523,50 +764,244 @@ mod tests {
     const HOUR: u64 = 3_600_000;
 
     #[tokio::test]
-    async fn replies_are_pruned_by_the_time_they_were_stored_not_by_their_saga_id() {
+    async fn replies_go_into_windows_by_the_time_they_were_stored_and_whole_windows_are_pruned() {
         let dir = tempfile::tempdir().expect("tmp");
-        let store = Store::new(crate::open_db(dir.path()).expect("sled")).expect("store");
-        let now = now_ms();
-        // Ids claiming 1970, a day ahead (upper-case), and no time at all (v4).
+        // Retention 8 h: windows of 1 h.
+        let t0 = 1_000 * HOUR;
+        let (store, clock) = clocked(dir.path(), 8 * HOUR, t0 + 10);
+        // Ids claiming 1970, a day ahead (upper-case), and no time at all (v4):
+        // none of them decides where a reply goes.
         let ids = [
             v7_at(1_000_000),
-            v7_at(now + 24 * HOUR).to_uppercase(),
+            v7_at(t0 + 24 * HOUR).to_uppercase(),
             "6f0c3e8e-3b1a-4c5d-9e2f-0a1b2c3d4e5f".to_string(),
         ];
         for id in &ids {
             store
-                .apply_forward(&format!("{id}/s/forward"), &|_| {
-                    Ok(Reply::ok(serde_json::Value::Null))
-                })
+                .apply_forward(&format!("{id}/s/forward"), &|_| Ok(ok()))
                 .await
                 .expect("applies");
             store
-                .apply_compensation(&format!("{id}/t/compensate"), &|_, _, _| {
-                    Ok(Reply::ok(serde_json::Value::Null))
-                })
+                .apply_compensation(&format!("{id}/t/compensate"), &|_, _, _| Ok(ok()))
                 .await
                 .expect("tombstone");
         }
         assert_eq!(
-            store.replies.len(),
-            9,
-            "3 forwards, 3 compensations, 3 tombstones"
+            windows(&store),
+            [(t0, t0 + HOUR, 9)],
+            "3 forwards, 3 compensations, 3 tombstones, in one window"
         );
-        assert_eq!(store.by_time.len(), 9, "each indexed");
+        assert_eq!(store.writes(), 9, "one write per stored reply");
+        clock.store(t0 + HOUR + 5, Ordering::SeqCst);
+        store
+            .apply_forward("later/s/forward", &|_| Ok(ok()))
+            .await
+            .expect("applies");
         assert_eq!(
-            store.prune(now - HOUR, 100).expect("prunes"),
-            0,
-            "all stored just now"
+            windows(&store),
+            [(t0, t0 + HOUR, 9), (t0 + HOUR, t0 + 2 * HOUR, 1)]
         );
-        // Limited: one at a time, oldest first; then the rest; then nothing.
-        assert_eq!(store.prune(now + HOUR, 1).expect("prunes"), 1);
-        assert_eq!(store.prune(now + HOUR, 100).expect("prunes"), 8);
-        assert_eq!(store.prune(now + HOUR, 100).expect("prunes"), 0);
-        assert!(store.replies.is_empty() && store.by_time.is_empty());
+        // Looked up in every window, newest first.
+        for id in &ids {
+            let (reply, hit) = store
+                .apply_forward(&format!("{id}/t/forward"), &|_| Ok(Reply::error("applied again")))
+                .await
+                .expect("a late forward");
+            assert_eq!((reply, hit), (Reply::rejected(TOMBSTONE_REASON), true));
+        }
+        assert_eq!(
+            store.prune(t0 + HOUR - 1, 1).expect("prunes"),
+            0,
+            "not all past the retention"
+        );
+        assert_eq!(
+            store.prune(t0 + HOUR, 1).expect("prunes"),
+            9,
+            "a whole window, whatever the limit"
+        );
+        assert_eq!(windows(&store), [(t0 + HOUR, t0 + 2 * HOUR, 1)]);
+        assert_eq!(store.writes(), 11, "a dropped window counts one");
+        assert_eq!(
+            store
+                .stored_reply(&format!("{}/s/forward", ids[0]))
+                .await
+                .expect("reads"),
+            None
+        );
+        // The newest window, which commands write to, stays even when past.
+        assert_eq!(store.prune(t0 + 10 * HOUR, 100).expect("prunes"), 0);
+        assert!(store
+            .stored_reply("later/s/forward")
+            .await
+            .expect("reads")
+            .is_some());
+        drop(store);
+        // The windows are found again on open.
+        let (store, _) = clocked(dir.path(), 8 * HOUR, t0 + HOUR + 6);
+        assert_eq!(windows(&store), [(t0 + HOUR, t0 + 2 * HOUR, 1)]);
+        let (reply, hit) = store
+            .apply_forward("later/s/forward", &|_| Ok(Reply::error("applied again")))
+            .await
+            .expect("a repeat");
+        assert_eq!((reply, hit), (ok(), true));
     }
 
     #[tokio::test]
-    async fn an_old_database_is_indexed_on_open_and_a_future_dated_id_does_not_stop_pruning() {
+    async fn a_clock_gone_back_and_a_changed_retention_keep_one_window_to_write() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let t0 = 1_000 * HOUR;
+        {
+            let (store, clock) = clocked(dir.path(), 8 * HOUR, t0);
+            store
+                .apply_forward("a/s/forward", &|_| Ok(ok()))
+                .await
+                .expect("applies");
+            clock.store(t0 - 5 * HOUR, Ordering::SeqCst);
+            store
+                .apply_forward("b/s/forward", &|_| Ok(ok()))
+                .await
+                .expect("applies");
+            assert_eq!(
+                windows(&store),
+                [(t0, t0 + HOUR, 2)],
+                "the newest window, kept longer"
+            );
+        }
+        // Reopened with windows of 2 h: the next starts where the last ended.
+        let (store, _) = clocked(dir.path(), 16 * HOUR, t0 + HOUR);
+        store
+            .apply_forward("c/s/forward", &|_| Ok(ok()))
+            .await
+            .expect("applies");
+        assert_eq!(
+            windows(&store),
+            [(t0, t0 + HOUR, 2), (t0 + HOUR, t0 + 3 * HOUR, 1)]
+        );
+        let forever = Store::with_retention(
+            crate::open_db(tempfile::tempdir().expect("tmp").path()).expect("sled"),
+            std::time::Duration::ZERO,
+        )
+        .expect("store");
+        assert_eq!(
+            forever.window_ms,
+            u64::MAX,
+            "a retention of 0 keeps one window for ever"
+        );
+    }
+
+    /// The layout of the previous release: `replies` and its
+    /// `replies-by-time` index (8 bytes of big-endian ms, then the key).
+    fn old_layout(dir: &std::path::Path, replies: &[(&str, u64, Reply)]) {
+        let db = crate::open_db(dir).expect("sled");
+        let tree = db.open_tree("replies").expect("tree");
+        let index = db.open_tree("replies-by-time").expect("tree");
+        for (key, at, reply) in replies {
+            tree.insert(key.as_bytes(), encode(reply).expect("encodes"))
+                .expect("insert");
+            index
+                .insert(time_key(*at, key.as_bytes()), &[][..])
+                .expect("insert");
+        }
+        db.flush().expect("flush");
+    }
+
+    #[tokio::test]
+    async fn a_database_of_the_previous_release_is_read_and_pruned_then_its_trees_dropped() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let now = now_ms();
+        let data = serde_json::json!({"reservation_id": "x"});
+        old_layout(
+            dir.path(),
+            &[
+                ("old/s/forward", now - 3 * HOUR, Reply::ok(data.clone())),
+                ("old/t/forward", now - 3 * HOUR, Reply::rejected(TOMBSTONE_REASON)),
+                ("old/t/compensate", now - 3 * HOUR, ok()),
+                ("fresh/s/forward", now - 1000, Reply::ok(data.clone())),
+                ("fresh/t/forward", now - 1000, Reply::rejected(TOMBSTONE_REASON)),
+            ],
+        );
+        let store = Store::with_retention(
+            crate::open_db(dir.path()).expect("sled"),
+            std::time::Duration::from_millis(2 * HOUR),
+        )
+        .expect("store");
+        // Every old reply answers as before: a repeat, a tombstone, the
+        // compensation of an old forward (it gets the forward's data).
+        let (reply, hit) = store
+            .apply_forward("fresh/s/forward", &|_| Ok(Reply::error("applied again")))
+            .await
+            .expect("a repeat");
+        assert_eq!((reply, hit), (Reply::ok(data.clone()), true));
+        let (reply, hit) = store
+            .apply_forward("fresh/t/forward", &|_| Ok(Reply::error("applied again")))
+            .await
+            .expect("a late forward");
+        assert_eq!((reply, hit), (Reply::rejected(TOMBSTONE_REASON), true));
+        let undone = store
+            .apply_compensation("fresh/s/compensate", &|_, forward, got| {
+                Ok(Reply::ok(serde_json::json!({"forward": forward, "got": got})))
+            })
+            .await
+            .expect("compensates");
+        assert_eq!(
+            undone,
+            (
+                Reply::ok(serde_json::json!({"forward": "fresh/s/forward", "got": data})),
+                false
+            )
+        );
+        assert_eq!(store.writes(), 1, "the new reply only, in a window");
+        assert_eq!(windows(&store).len(), 1);
+        // Pruning follows the old index for the old replies.
+        assert_eq!(
+            store.prune(now - HOUR, 100).expect("prunes"),
+            3,
+            "the expired old ones"
+        );
+        for key in ["old/s/forward", "old/t/forward", "old/t/compensate"] {
+            assert_eq!(store.stored_reply(key).await.expect("reads"), None, "{key}");
+        }
+        for key in ["fresh/s/forward", "fresh/t/forward", "fresh/s/compensate"] {
+            assert!(
+                store.stored_reply(key).await.expect("reads").is_some(),
+                "{key} kept"
+            );
+        }
+        assert_eq!(store.prune(now - HOUR, 100).expect("prunes"), 0);
+        assert!(
+            store.db.tree_names().iter().any(|n| &n[..] == b"replies"),
+            "not empty yet"
+        );
+        drop(store);
+        // Opened again (the old trees still there), then all of it past.
+        let store = Store::new(crate::open_db(dir.path()).expect("sled")).expect("store");
+        assert!(store
+            .stored_reply("fresh/t/forward")
+            .await
+            .expect("reads")
+            .is_some());
+        assert_eq!(store.prune(now + HOUR, 100).expect("prunes"), 2);
+        assert_eq!(
+            store.prune(now + HOUR, 100).expect("prunes"),
+            0,
+            "the new window is the newest"
+        );
+        let names = store.db.tree_names();
+        assert!(
+            !names
+                .iter()
+                .any(|n| &n[..] == b"replies" || &n[..] == b"replies-by-time"),
+            "the old trees are dropped once empty"
+        );
+        assert!(store
+            .stored_reply("fresh/s/compensate")
+            .await
+            .expect("reads")
+            .is_some());
+    }
+
+    #[tokio::test]
+    async fn an_older_database_is_indexed_on_open_and_a_future_dated_id_does_not_stop_pruning() {
         let dir = tempfile::tempdir().expect("tmp");
         let now = now_ms();
         let expired: Vec<String> = (0..3).map(|i| v7_at(now - 2 * HOUR - i * 1000)).collect();
@@ -579,13 +1014,17 @@ mod tests {
             let db = crate::open_db(dir.path()).expect("sled");
             let replies = db.open_tree("replies").expect("tree");
             for id in expired.iter().chain([&forged, &v4]) {
-                let bytes = encode(&Reply::ok(serde_json::Value::Null)).expect("encodes");
+                let bytes = encode(&ok()).expect("encodes");
                 replies.insert(format!("{id}/s/forward"), bytes).expect("insert");
             }
             db.flush().expect("flush");
         }
         let store = Store::new(crate::open_db(dir.path()).expect("sled")).expect("store");
-        assert_eq!(store.by_time.len(), 5, "every old reply indexed");
+        let index_len = |store: &Store| {
+            let replies = store.replies.read().expect("lock");
+            replies.legacy.as_ref().map_or(0, |l| l.by_time.len())
+        };
+        assert_eq!(index_len(&store), 5, "every old reply indexed");
         assert_eq!(
             store.prune(now - HOUR, 100).expect("prunes"),
             3,
@@ -610,9 +1049,13 @@ mod tests {
         drop(store);
         // Opening again does not index twice.
         let store = Store::new(crate::open_db(dir.path()).expect("sled")).expect("store");
-        assert_eq!(store.by_time.len(), 2);
+        assert_eq!(index_len(&store), 2);
         assert_eq!(store.prune(now + HOUR, 100).expect("prunes"), 2);
-        assert!(store.replies.is_empty());
+        assert_eq!(store.prune(now + HOUR, 100).expect("prunes"), 0);
+        assert!(
+            store.replies.read().expect("lock").legacy.is_none(),
+            "dropped once empty"
+        );
     }
 
     #[tokio::test]
@@ -621,33 +1064,31 @@ mod tests {
         let store = Store::new(crate::open_db(dir.path()).expect("sled")).expect("store");
         let effect = |tx: &mut dyn StateTx| {
             tx.put("thing", b"1".to_vec())?;
-            Ok(Reply::ok(serde_json::Value::Null))
+            Ok(ok())
         };
         store
             .apply_forward("s/a/forward", &effect)
             .await
             .expect("applies");
-        // The effect's row, the reply and its time index.
-        assert_eq!(store.writes(), 3);
+        // The effect's row and the reply.
+        assert_eq!(store.writes(), 2);
         store
             .apply_forward("s/a/forward", &effect)
             .await
             .expect("a repeat");
-        assert_eq!(store.writes(), 3, "a repeat writes nothing");
+        assert_eq!(store.writes(), 2, "a repeat writes nothing");
         store
             .apply_forward("s/b/forward", &|_| Ok(Reply::error("later")))
             .await
             .expect("an error reply");
-        assert_eq!(store.writes(), 3, "an error reply commits nothing");
+        assert_eq!(store.writes(), 2, "an error reply commits nothing");
     }
 
     #[tokio::test]
     async fn a_compensation_key_is_required() {
         let dir = tempfile::tempdir().expect("tmp");
         let store = Store::new(crate::open_db(dir.path()).expect("sled")).expect("store");
-        let r = store.apply_compensation("s/step/forward", &|_, _, _| {
-            Ok(Reply::ok(serde_json::Value::Null))
-        });
+        let r = store.apply_compensation("s/step/forward", &|_, _, _| Ok(ok()));
         assert!(r.await.is_err());
         assert_eq!(store.stored_reply("s/step/forward").await.expect("reads"), None);
     }
