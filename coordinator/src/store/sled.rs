@@ -144,6 +144,9 @@ pub(crate) struct Store {
     events: Arc<std::sync::RwLock<Vec<(u64, sled::Tree)>>>,
     /// How far the events publisher got: `(generation, sequence)`.
     events_cursor: Arc<Mutex<Option<(u64, u64)>>>,
+    /// When the cursor was last stored in `meta` (it is stored at most every
+    /// `EVENTS_CURSOR_SAVE_EVERY`, see `events_log`).
+    cursor_saved_at: Arc<Mutex<Option<std::time::Instant>>>,
     /// Events of committed transitions handed to the publisher in memory,
     /// `(generation, sequence, events)` in sequence order, so it need not
     /// read them back from the log (which it does when this falls behind:
@@ -154,6 +157,8 @@ pub(crate) struct Store {
     event_sources: Arc<Mutex<EventSources>>,
     /// Published pointers after which a new generation starts.
     events_rotate: u64,
+    /// How often at most the events cursor is stored (`EVENTS_CURSOR_SAVE_EVERY`).
+    cursor_save_every: std::time::Duration,
     meta: sled::Tree,
     /// Set before staged writes are applied, cleared by
     /// [`Store::flush_writes`] once the writer's flush returned.
@@ -248,10 +253,12 @@ impl Store {
             dlq_outbox: db.open_tree("dlq_outbox")?,
             events: Default::default(),
             events_cursor: Default::default(),
+            cursor_saved_at: Default::default(),
             events_ready: Default::default(),
             events_on: true,
             event_sources: Default::default(),
             events_rotate: EVENTS_ROTATE,
+            cursor_save_every: events_log::EVENTS_CURSOR_SAVE_EVERY,
             meta: db.open_tree("meta")?,
             unflushed: Default::default(),
             staged: Default::default(),
@@ -448,6 +455,7 @@ impl Store {
         let this = self.clone();
         blocking(move || {
             this.apply_staged()?;
+            this.save_events_cursor()?;
             this.db.flush()?;
             Ok(())
         })

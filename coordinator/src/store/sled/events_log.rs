@@ -19,6 +19,12 @@ use crate::{
 pub(super) const EVENTS_ROTATE: u64 = 50_000;
 /// `meta` key of the events publisher's cursor.
 pub(super) const EVENTS_CURSOR: &[u8] = b"events-cursor";
+/// The stored cursor is rewritten at most this often (and at a rotation or
+/// a drop of a generation, and at the final flush): at low load every
+/// transition is a publish of its own, and a write per publish was a fifth
+/// of the store's writes. After a crash the events of the last interval
+/// are published again, which JetStream drops as duplicates.
+pub(super) const EVENTS_CURSOR_SAVE_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 /// Name prefix of the events log's generations.
 pub(super) const EVENTS_TREE: &str = "events.";
 
@@ -337,8 +343,6 @@ impl Store {
             return Ok(());
         }
         // One publisher: nothing moves the cursor between the check and here.
-        self.meta.insert(EVENTS_CURSOR, max.as_slice())?;
-        metrics::counter!(crate::telemetry::STORE_WRITES).increment(1);
         *lock(&self.events_cursor) = Some(at);
         let (generation, seq) = at;
         {
@@ -360,6 +364,11 @@ impl Store {
             };
             (dropped, rotate)
         };
+        let save_due = lock(&self.cursor_saved_at).is_none_or(|t| t.elapsed() >= self.cursor_save_every);
+        if dropped || rotate || save_due {
+            // Before a generation goes: a stored cursor must never point before a dropped one.
+            self.save_events_cursor()?;
+        }
         if !dropped && !rotate {
             return Ok(());
         }
@@ -382,6 +391,28 @@ impl Store {
         for g in gone {
             self.db.drop_tree(events_tree_name(g))?;
         }
+        Ok(())
+    }
+}
+
+impl Store {
+    /// Stores the publisher's cursor as it is in memory (not flushed: the
+    /// next flush covers it), if it moved since it was last stored.
+    ///
+    /// # Errors
+    /// sled errors.
+    pub(super) fn save_events_cursor(&self) -> Result<(), StoreError> {
+        let mut saved_at = lock(&self.cursor_saved_at);
+        let cursor = *lock(&self.events_cursor);
+        let Some((generation, seq)) = cursor else {
+            return Ok(());
+        };
+        let key = events_log_key(generation, seq);
+        if self.meta.get(EVENTS_CURSOR)?.as_deref() != Some(key.as_slice()) {
+            self.meta.insert(EVENTS_CURSOR, key)?;
+            metrics::counter!(crate::telemetry::STORE_WRITES).increment(1);
+        }
+        *saved_at = Some(std::time::Instant::now());
         Ok(())
     }
 }

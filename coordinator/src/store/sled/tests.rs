@@ -701,3 +701,42 @@ async fn a_store_of_the_layout_before_the_journal_upgrades_on_open_with_nothing_
     assert_eq!(store.get(&uuid).expect("get"), Some(reserved.saga));
     assert_eq!(store.in_flight(&uuid).expect("in flight").len(), 1);
 }
+
+#[tokio::test]
+async fn the_events_cursor_is_stored_at_most_every_interval_and_at_the_final_flush() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (new_saga(None), new_saga(None));
+    {
+        let mut store = Store::open(dir.path()).expect("open");
+        // Longer than the test: the second publish falls within the interval however slow the host.
+        store.cursor_save_every = Duration::from_secs(3600);
+        store.write(&a, None).expect("write");
+        store.flush_writes().await.expect("flush");
+        store
+            .events_published(&keys(&store.events_pending(10).expect("pending")))
+            .expect("published");
+        store.write(&b, None).expect("write");
+        store.flush_writes().await.expect("flush");
+        // Within the interval: the cursor moves in memory only.
+        store
+            .events_published(&keys(&store.events_pending(10).expect("pending")))
+            .expect("published");
+        assert!(store.events_pending(10).expect("pending").is_empty());
+        store.db.flush().expect("sled flush");
+    }
+    // A crash at this point publishes b's event again (JetStream drops the copy); never loses one.
+    let store = Store::open(dir.path()).expect("reopen");
+    let pending = store.events_pending(10).expect("pending");
+    assert_eq!(
+        (sequences(&pending, &a), sequences(&pending, &b)),
+        (vec![], vec![1])
+    );
+    store.events_published(&keys(&pending)).expect("published");
+    store.flush().await.expect("final flush");
+    drop(store);
+    let store = Store::open(dir.path()).expect("reopen");
+    assert!(
+        store.events_pending(10).expect("pending").is_empty(),
+        "the final flush stored the cursor"
+    );
+}
