@@ -31,8 +31,9 @@
 //!   publisher (see `events`) builds each event from the history entry and
 //!   the saga record (every field it copies from the record is fixed at
 //!   creation) and records how far it got in `meta` (`events-cursor`:
-//!   generation ++ sequence, not flushed: after a crash the last batches are
-//!   re-published and JetStream drops the copies by `Nats-Msg-Id`). Nothing
+//!   generation ++ sequence, stored at most every 100 ms and not flushed:
+//!   after a crash the last interval's events are re-published and
+//!   JetStream drops the copies by `Nats-Msg-Id`). Nothing
 //!   is removed key by key: once the log holds `EVENTS_ROTATE` published
 //!   pointers a new generation is started, and a generation entirely
 //!   published is dropped whole (sled frees its pages). A log written by an
