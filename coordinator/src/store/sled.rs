@@ -145,9 +145,9 @@ pub(crate) struct Store {
     events: Arc<std::sync::RwLock<Vec<(u64, sled::Tree)>>>,
     /// How far the events publisher got: `(generation, sequence)`.
     events_cursor: Arc<Mutex<Option<(u64, u64)>>>,
-    /// When the cursor was last stored in `meta` (it is stored at most every
-    /// `EVENTS_CURSOR_SAVE_EVERY`, see `events_log`).
-    cursor_saved_at: Arc<Mutex<Option<std::time::Instant>>>,
+    /// When the cursor was last stored in `meta`, and what was stored (it is
+    /// stored at most every `EVENTS_CURSOR_SAVE_EVERY`, see `events_log`).
+    cursor_saved: Arc<Mutex<Option<SavedCursor>>>,
     /// Events of committed transitions handed to the publisher in memory,
     /// `(generation, sequence, events)` in sequence order, so it need not
     /// read them back from the log (which it does when this falls behind:
@@ -170,6 +170,9 @@ pub(crate) struct Store {
     definitions: sled::Tree,
     refs: Arc<Mutex<DefinitionRefs>>,
 }
+
+/// When the events cursor was stored, and the `(generation, sequence)` stored.
+type SavedCursor = (std::time::Instant, (u64, u64));
 
 /// The trees a staged write goes to.
 #[derive(Debug, Clone, Copy)]
@@ -254,7 +257,7 @@ impl Store {
             dlq_outbox: db.open_tree("dlq_outbox")?,
             events: Default::default(),
             events_cursor: Default::default(),
-            cursor_saved_at: Default::default(),
+            cursor_saved: Default::default(),
             events_ready: Default::default(),
             events_on: true,
             event_sources: Default::default(),

@@ -364,7 +364,7 @@ impl Store {
             };
             (dropped, rotate)
         };
-        let save_due = lock(&self.cursor_saved_at).is_none_or(|t| t.elapsed() >= self.cursor_save_every);
+        let save_due = lock(&self.cursor_saved).is_none_or(|(t, _)| t.elapsed() >= self.cursor_save_every);
         if dropped || rotate || save_due {
             // Before a generation goes: a stored cursor must never point before a dropped one.
             self.save_events_cursor()?;
@@ -402,17 +402,16 @@ impl Store {
     /// # Errors
     /// sled errors.
     pub(super) fn save_events_cursor(&self) -> Result<(), StoreError> {
-        let mut saved_at = lock(&self.cursor_saved_at);
-        let cursor = *lock(&self.events_cursor);
-        let Some((generation, seq)) = cursor else {
+        let mut saved = lock(&self.cursor_saved);
+        let Some(cursor) = *lock(&self.events_cursor) else {
             return Ok(());
         };
-        let key = events_log_key(generation, seq);
-        if self.meta.get(EVENTS_CURSOR)?.as_deref() != Some(key.as_slice()) {
-            self.meta.insert(EVENTS_CURSOR, key)?;
+        if saved.is_none_or(|(_, stored)| stored != cursor) {
+            self.meta
+                .insert(EVENTS_CURSOR, events_log_key(cursor.0, cursor.1))?;
             metrics::counter!(crate::telemetry::STORE_WRITES).increment(1);
         }
-        *saved_at = Some(std::time::Instant::now());
+        *saved = Some((std::time::Instant::now(), cursor));
         Ok(())
     }
 }
