@@ -86,6 +86,11 @@ use crate::{
 #[cfg(test)]
 pub(crate) const DEFAULT_CACHE_BYTES: u64 = 128 * 1024 * 1024;
 
+/// How often a read of one saga starts again when its snapshot moved under
+/// it; a saga writes a snapshot at most every [`journal::SNAPSHOT_EVERY`]
+/// transitions, so a second read all but always holds.
+const READ_RETRIES: usize = 8;
+
 /// Runs sled's blocking work (a transaction, a flush) on the blocking pool.
 /// Not sled's `flush_async`: that goes through sled's own I/O thread pool,
 /// one more thread hand-off per flush.
@@ -530,15 +535,30 @@ impl Store {
     /// # Errors
     /// sled errors; a corrupt record or entry.
     pub(crate) fn get(&self, id: &Uuid) -> Result<Option<Saga>, StoreError> {
-        let Some(bytes) = self.sagas.get(id.as_bytes())? else {
-            return Ok(None);
-        };
-        let mut saga = self.decode_record(&bytes)?;
-        let key = id.as_bytes();
+        // The record and the journal are two reads: a transaction can write a
+        // newer snapshot between them. Each retry starts from a newer one.
+        for _ in 0..READ_RETRIES {
+            let Some(bytes) = self.sagas.get(id.as_bytes())? else {
+                return Ok(None);
+            };
+            if let Some(saga) = self.fold_after(id.as_bytes(), self.decode_record(&bytes)?)? {
+                return Ok(Some(saga));
+            }
+        }
+        Err(StoreError::Corrupt(format!(
+            "saga {id}: its snapshot moved at each of {READ_RETRIES} reads"
+        )))
+    }
+
+    /// `saga` (a snapshot) with the journal entries after it folded in, or
+    /// `None` when a newer snapshot was written meanwhile.
+    fn fold_after(&self, key: &[u8; 16], mut saga: Saga) -> Result<Option<Saga>, StoreError> {
         let after = history_key(key, saga.seq.saturating_add(1))..=history_key(key, u64::MAX);
         for kv in self.journal.range(after) {
             let (_, v) = kv?;
-            journal::fold(&mut saga, decode(&v, "journal entry")?)?;
+            if journal::fold(&mut saga, decode(&v, "journal entry")?)? == journal::Folded::SnapshotMoved {
+                return Ok(None);
+            }
         }
         Ok(Some(saga))
     }
@@ -741,24 +761,33 @@ impl Store {
     /// # Errors
     /// sled errors; a corrupt record or entry.
     fn load(&self, id: &[u8; 16]) -> Result<Option<Loaded>, StoreError> {
-        let Some(bytes) = self.sagas.get(id)? else {
-            return Ok(None);
-        };
-        let mut saga = self.decode_record(&bytes)?;
-        let snapshot_seq = saga.seq;
-        let mut in_flight = Vec::new();
-        for kv in self.journal.scan_prefix(id) {
-            let (k, v) = kv?;
-            let seq = k.get(16..).map_or(Ok(0), |b| be_u64(b, "journal key"))?;
-            if seq > snapshot_seq {
-                let (entry, commands) = journal::split(decode(&v, "journal entry")?);
-                journal::fold(&mut saga, entry)?;
-                journal::fold_commands(&mut in_flight, commands);
-            } else {
-                journal::fold_commands(&mut in_flight, decode(&v, "journal entry")?);
+        // As in `get`: a snapshot written between the two reads means again.
+        'read: for _ in 0..READ_RETRIES {
+            let Some(bytes) = self.sagas.get(id)? else {
+                return Ok(None);
+            };
+            let mut saga = self.decode_record(&bytes)?;
+            let snapshot_seq = saga.seq;
+            let mut in_flight = Vec::new();
+            for kv in self.journal.scan_prefix(id) {
+                let (k, v) = kv?;
+                let seq = k.get(16..).map_or(Ok(0), |b| be_u64(b, "journal key"))?;
+                if seq > snapshot_seq {
+                    let (entry, commands) = journal::split(decode(&v, "journal entry")?);
+                    if journal::fold(&mut saga, entry)? == journal::Folded::SnapshotMoved {
+                        continue 'read;
+                    }
+                    journal::fold_commands(&mut in_flight, commands);
+                } else {
+                    journal::fold_commands(&mut in_flight, decode(&v, "journal entry")?);
+                }
             }
+            return Ok(Some((saga, in_flight)));
         }
-        Ok(Some((saga, in_flight)))
+        Err(StoreError::Corrupt(format!(
+            "saga {}: its snapshot moved at each of {READ_RETRIES} reads",
+            Uuid::from_bytes(*id)
+        )))
     }
 
     /// Dead letters not yet published, with their keys.

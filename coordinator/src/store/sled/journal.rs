@@ -33,6 +33,9 @@ pub(super) struct EntryOut<'a> {
     history: &'a [HistoryEntry],
     commands: Vec<OutboxEntry>,
     settled: &'a [(usize, CommandKind)],
+    /// Written beside a snapshot at its sequence (and so carrying no steps).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    snapshot: bool,
 }
 
 /// A journal entry read to be folded into its saga (its history and
@@ -44,6 +47,8 @@ pub(super) struct EntryIn {
     updated_at_ms: u64,
     seq: u64,
     steps: Vec<(usize, StepProgress)>,
+    #[serde(default)]
+    snapshot: bool,
 }
 
 /// A journal entry read for its history only (the rest is skipped, not built).
@@ -71,6 +76,8 @@ pub(super) struct BothIn {
     seq: u64,
     steps: Vec<(usize, StepProgress)>,
     #[serde(default)]
+    snapshot: bool,
+    #[serde(default)]
     commands: Vec<OutboxEntry>,
     #[serde(default)]
     settled: Vec<(usize, CommandKind)>,
@@ -84,6 +91,7 @@ pub(super) fn split(b: BothIn) -> (EntryIn, CommandsIn) {
         updated_at_ms,
         seq,
         steps,
+        snapshot,
         commands,
         settled,
     } = b;
@@ -94,6 +102,7 @@ pub(super) fn split(b: BothIn) -> (EntryIn, CommandsIn) {
             updated_at_ms,
             seq,
             steps,
+            snapshot,
         },
         CommandsIn { commands, settled },
     )
@@ -137,6 +146,7 @@ pub(super) fn entry<'a>(previous: &Saga, t: &'a Transition) -> Option<EntryOut<'
         history: &t.history,
         commands: commands(t),
         settled: &t.settled,
+        snapshot: false,
     })
 }
 
@@ -153,6 +163,7 @@ pub(super) fn beside_snapshot(t: &Transition) -> EntryOut<'_> {
         history: &t.history,
         commands: commands(t),
         settled: &t.settled,
+        snapshot: true,
     }
 }
 
@@ -170,11 +181,26 @@ pub(super) fn snapshot_due(previous: Option<&Saga>, t: &Transition) -> bool {
     }
 }
 
+/// What [`fold`] did with an entry.
+#[derive(Debug, PartialEq, Eq)]
+#[must_use]
+pub(super) enum Folded {
+    Yes,
+    /// The entry was written beside a newer snapshot than the one folded
+    /// into (a reader read the `sagas` record just before a transaction
+    /// replaced it): it carries no steps, so the reader must start again
+    /// from the newer snapshot.
+    SnapshotMoved,
+}
+
 /// Folds `entry` into `saga` (a snapshot or an earlier fold).
 ///
 /// # Errors
 /// An entry that names a step the saga does not have, or goes back in sequence.
-pub(super) fn fold(saga: &mut Saga, entry: EntryIn) -> Result<(), StoreError> {
+pub(super) fn fold(saga: &mut Saga, entry: EntryIn) -> Result<Folded, StoreError> {
+    if entry.snapshot && entry.seq > saga.seq {
+        return Ok(Folded::SnapshotMoved);
+    }
     if entry.seq < saga.seq {
         return Err(StoreError::Corrupt(format!(
             "saga {}: journal entry {} after {}",
@@ -192,7 +218,7 @@ pub(super) fn fold(saga: &mut Saga, entry: EntryIn) -> Result<(), StoreError> {
     saga.reason = entry.reason;
     saga.updated_at_ms = entry.updated_at_ms;
     saga.seq = entry.seq;
-    Ok(())
+    Ok(Folded::Yes)
 }
 
 /// Folds an entry's commands into the commands in flight: the settled ones
@@ -218,5 +244,6 @@ pub(super) fn legacy_outbox_entry<'a>(saga: &'a Saga, commands: Vec<OutboxEntry>
         history: &[],
         commands,
         settled: &[],
+        snapshot: true,
     }
 }

@@ -549,6 +549,43 @@ async fn a_two_step_saga_costs_twelve_writes_and_reads_back_at_every_step() {
 }
 
 #[tokio::test]
+async fn a_reader_holding_the_snapshot_a_transaction_replaced_reads_again() {
+    // CI once saw a COMPENSATED saga with its first step still RUNNING: GetSaga
+    // read the record, a terminal transition committed its snapshot and an
+    // entry without steps, and the read folded that entry into the old record.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("open");
+    let created = new_saga(None);
+    let id = Uuid::parse_str(&created.saga.id).expect("uuid");
+    let mut first = engine::transition(&created.saga, &Event::Start, 2)
+        .expect("ok")
+        .expect("changes");
+    first.history.splice(0..0, created.history.clone());
+    store.write(&first, None).expect("write");
+    store.flush_writes().await.expect("flush");
+    let old = store.get(&id).expect("get").expect("stored");
+
+    let (rejected, _) = step(
+        &store,
+        &first.saga,
+        reply(0, 1, Outcome::Rejected("no".into())),
+        3,
+    );
+    assert_eq!(rejected.saga.state, engine::SagaState::Compensated);
+    store.flush_writes().await.expect("flush");
+
+    assert_eq!(
+        store.fold_after(id.as_bytes(), old).expect("fold"),
+        None,
+        "told to read again"
+    );
+    assert_eq!(store.get(&id).expect("get"), Some(rejected.saga.clone()));
+    let (loaded, in_flight) = store.load(id.as_bytes()).expect("load").expect("stored");
+    assert_eq!(loaded, rejected.saga);
+    assert!(in_flight.is_empty());
+}
+
+#[tokio::test]
 async fn a_long_journal_folds_to_the_saga_through_snapshots_and_a_reopen() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut d = def();
