@@ -4,9 +4,9 @@
 //! - `sagas`: saga id (16 UUID bytes; v7, so key order is creation order) →
 //!   `{"v":1,"saga":{…}}`, the saga's last snapshot (its definition by
 //!   `definition_ref`, or inline in records written by earlier versions):
-//!   written when the saga is created, when it ends, and when its history
-//!   passes a multiple of `journal::SNAPSHOT_EVERY` entries — not at every
-//!   transition;
+//!   written when the saga is created and when its history passes a
+//!   multiple of `journal::SNAPSHOT_EVERY` entries — not at every
+//!   transition, not when it ends;
 //! - `journal`: saga id ++ the sequence of the transition's last history
 //!   entry (u64 BE) → what one transition changed (`journal`: state, the
 //!   steps it touched, its history entries, the commands it sent and
@@ -71,7 +71,9 @@ use futures::future::BoxFuture;
 use sled::{transaction::ConflictableTransactionError, Transactional};
 use uuid::Uuid;
 
-use self::events_log::{event_pointer, EventSources, EventsReady, EVENTS_READY, EVENTS_ROTATE};
+use self::events_log::{
+    event_pointers, EventPointer, EventSources, EventsReady, EVENTS_READY, EVENTS_ROTATE,
+};
 use self::record::DefinitionRefs;
 use crate::{
     engine::{HistoryEntry, Saga, StateTag, Transition},
@@ -201,10 +203,13 @@ struct Staged {
     ops: Vec<Op>,
     /// Each staged saga as its latest transition left it.
     latest: HashMap<[u8; 16], Saga>,
-    /// Sequence of the next events-log pointer.
+    /// Sequence of the next events-log entry.
     next_event: u64,
-    /// The events of the staged pointers, by sequence, for `Store::events_ready`.
-    events: Vec<(u64, Vec<EventRecord>)>,
+    /// The staged transitions' events-log pointers, written as ONE entry by
+    /// the commit (a write per group commit, not per transition).
+    pointers: Vec<EventPointer>,
+    /// Their events, for `Store::events_ready`.
+    events: Vec<EventRecord>,
     /// The records of the transaction being applied now: the runner stages
     /// its next batch while the previous one is committed, and
     /// [`Store::get_latest`] must see them until sled does.
@@ -355,14 +360,13 @@ impl Store {
         };
         let mut staged = self.staged();
         if let (Some(first), Some(last)) = (t.history.first().filter(|_| self.events_on), t.history.last()) {
-            let seq = staged.next_event;
-            staged.next_event += 1;
-            ops.push((
-                Tree::Events,
-                seq.to_be_bytes().to_vec(),
-                Some(event_pointer(&id, first.seq, last.seq, last.at_ms)),
-            ));
-            staged.events.push((seq, events));
+            staged.pointers.push(EventPointer {
+                id,
+                first: first.seq,
+                last: last.seq,
+                at_ms: last.at_ms,
+            });
+            staged.events.extend(events);
         }
         staged.latest.insert(id, saga.clone());
         staged.ops.extend(ops);
@@ -377,10 +381,23 @@ impl Store {
     fn apply_staged(&self) -> Result<(), StoreError> {
         let (ops, events) = {
             let mut staged = self.staged();
-            let ops = std::mem::take(&mut staged.ops);
+            let mut ops = std::mem::take(&mut staged.ops);
             let latest = Arc::new(std::mem::take(&mut staged.latest));
             staged.applying = Some(latest);
-            (ops, std::mem::take(&mut staged.events))
+            let mut events = None;
+            if !staged.pointers.is_empty() {
+                // The sequence is taken with the ops: entries stay in commit order.
+                let seq = staged.next_event;
+                staged.next_event += 1;
+                let pointers = std::mem::take(&mut staged.pointers);
+                ops.push((
+                    Tree::Events,
+                    seq.to_be_bytes().to_vec(),
+                    Some(event_pointers(&pointers)),
+                ));
+                events = Some((seq, std::mem::take(&mut staged.events)));
+            }
+            (ops, events)
         };
         let result = self.commit_staged(&ops);
         let mut staged = self.staged();
@@ -392,17 +409,18 @@ impl Store {
             // resumes from what is durable).
             staged.ops.clear();
             staged.latest.clear();
+            staged.pointers.clear();
             staged.events.clear();
         }
         drop(staged);
         let generation = result?;
-        if !events.is_empty() {
+        if let Some((seq, events)) = events {
             let mut ready = lock(&self.events_ready);
-            let room = EVENTS_READY.saturating_sub(ready.queue.len());
             // Past the bound the publisher reads the log instead.
-            ready
-                .queue
-                .extend(events.into_iter().take(room).map(|(seq, e)| (generation, seq, e)));
+            if ready.held + events.len() <= EVENTS_READY {
+                ready.held += events.len();
+                ready.queue.push_back((generation, seq, events));
+            }
         }
         Ok(())
     }

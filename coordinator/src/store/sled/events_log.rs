@@ -1,6 +1,7 @@
-//! The sled store's events log: per transition, a pointer to the history
-//! entries it wrote, in commit order, published by the events publisher and
-//! dropped a whole generation at a time. It must not decide anything: it
+//! The sled store's events log: per group commit, one entry pointing to the
+//! history entries its transitions wrote, in commit order, published by the
+//! events publisher and dropped a whole generation at a time. It must not
+//! decide anything: it
 //! records what the runner's transitions wrote.
 
 use std::{collections::HashMap, sync::Arc};
@@ -32,19 +33,36 @@ pub(super) fn events_tree_name(generation: u64) -> String {
     format!("{EVENTS_TREE}{generation:016x}")
 }
 
-/// An events-log pointer: the history entries `first..=last` of saga `id`,
-/// written at `at_ms`.
+/// An events-log entry of one pointer (format 1, as earlier versions wrote
+/// one per transition, and as the conversion of an older log still does).
 pub(super) fn event_pointer(id: &[u8; 16], first: u64, last: u64, at_ms: u64) -> Vec<u8> {
-    let mut v = Vec::with_capacity(41);
+    let mut v = Vec::with_capacity(1 + POINTER_LEN);
     v.push(1);
+    push_pointer(&mut v, id, first, last, at_ms);
+    v
+}
+
+/// An events-log entry of the pointers of one group commit (format 2).
+pub(super) fn event_pointers(pointers: &[EventPointer]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(1 + POINTER_LEN * pointers.len());
+    v.push(2);
+    for p in pointers {
+        push_pointer(&mut v, &p.id, p.first, p.last, p.at_ms);
+    }
+    v
+}
+
+const POINTER_LEN: usize = 40;
+
+fn push_pointer(v: &mut Vec<u8>, id: &[u8; 16], first: u64, last: u64, at_ms: u64) {
     v.extend_from_slice(id);
     v.extend_from_slice(&first.to_be_bytes());
     v.extend_from_slice(&last.to_be_bytes());
     v.extend_from_slice(&at_ms.to_be_bytes());
-    v
 }
 
-/// A decoded [`event_pointer`].
+/// The history entries `first..=last` of saga `id`, written at `at_ms`.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct EventPointer {
     pub(super) id: [u8; 16],
     pub(super) first: u64,
@@ -52,27 +70,36 @@ pub(super) struct EventPointer {
     pub(super) at_ms: u64,
 }
 
-pub(super) fn parse_event_pointer(v: &[u8]) -> Result<EventPointer, StoreError> {
-    match v {
-        [1, rest @ ..] if rest.len() == 40 => {
+/// The pointers of an events-log entry of either format.
+pub(super) fn parse_event_pointers(v: &[u8]) -> Result<Vec<EventPointer>, StoreError> {
+    let body = match v {
+        [1, rest @ ..] if rest.len() == POINTER_LEN => rest,
+        [2, rest @ ..] if !rest.is_empty() && rest.len() % POINTER_LEN == 0 => rest,
+        [1 | 2, ..] => {
+            return Err(StoreError::Corrupt(format!(
+                "events log: entry of {} bytes",
+                v.len()
+            )))
+        }
+        [version, ..] => {
+            return Err(StoreError::Corrupt(format!(
+                "events log: unsupported format version {version}"
+            )))
+        }
+        [] => return Err(StoreError::Corrupt("events log: empty entry".into())),
+    };
+    body.chunks_exact(POINTER_LEN)
+        .map(|p| {
             let mut id = [0; 16];
-            id.copy_from_slice(&rest[..16]);
+            id.copy_from_slice(&p[..16]);
             Ok(EventPointer {
                 id,
-                first: be_u64(&rest[16..24], "events log")?,
-                last: be_u64(&rest[24..32], "events log")?,
-                at_ms: be_u64(&rest[32..40], "events log")?,
+                first: be_u64(&p[16..24], "events log")?,
+                last: be_u64(&p[24..32], "events log")?,
+                at_ms: be_u64(&p[32..40], "events log")?,
             })
-        }
-        [1, ..] => Err(StoreError::Corrupt(format!(
-            "events log: pointer of {} bytes",
-            v.len()
-        ))),
-        [version, ..] => Err(StoreError::Corrupt(format!(
-            "events log: unsupported format version {version}"
-        ))),
-        [] => Err(StoreError::Corrupt("events log: empty pointer".into())),
-    }
+        })
+        .collect()
 }
 
 /// A key handed to the events publisher: generation ++ sequence.
@@ -111,15 +138,18 @@ pub(super) struct EventSourceIn {
     pub(super) created_at_ms: u64,
 }
 
-/// Most transitions whose events wait in memory for the publisher.
-pub(super) const EVENTS_READY: usize = 4096;
+/// Most events that wait in memory for the publisher.
+pub(super) const EVENTS_READY: usize = 16_384;
 
 /// See `Store::events_ready`.
 #[derive(Default)]
 pub(super) struct EventsReady {
     /// Sequence of the first pointer not yet published.
     pub(super) next: u64,
+    /// `(generation, sequence, the events of its entry)`.
     pub(super) queue: std::collections::VecDeque<(u64, u64, Vec<EventRecord>)>,
+    /// Events in `queue`.
+    pub(super) held: usize,
 }
 
 /// Most sagas whose [`EventSource`] the events publisher keeps: a saga's
@@ -204,11 +234,11 @@ impl Store {
         Ok(self)
     }
 
-    /// The events log's pointers after the publisher's cursor, oldest
+    /// The events log's entries after the publisher's cursor, oldest
     /// generation first, each with its log key (generation ++ sequence).
     pub(super) fn events_after_cursor(
         &self,
-    ) -> impl Iterator<Item = Result<(Vec<u8>, EventPointer), StoreError>> {
+    ) -> impl Iterator<Item = Result<(Vec<u8>, Vec<EventPointer>), StoreError>> {
         let cursor = *lock(&self.events_cursor);
         let generations = read_lock(&self.events).clone();
         generations.into_iter().flat_map(move |(g, tree)| {
@@ -221,18 +251,18 @@ impl Store {
                 let (k, v) = kv?;
                 Ok((
                     events_log_key(g, be_u64(&k, "events log key")?),
-                    parse_event_pointer(&v)?,
+                    parse_event_pointers(&v)?,
                 ))
             })
         })
     }
 
-    /// The events of up to `limit` transitions not yet acknowledged by
-    /// JetStream, in commit order, each with its log key (the same for the
-    /// events of one transition). Each event is built from its history entry
-    /// and the saga record. A transition whose saga is gone (pruned by an
-    /// operator's retention shorter than the publisher's delay) is skipped
-    /// with a warning.
+    /// The events of up to `limit` events-log entries (group commits) not
+    /// yet acknowledged by JetStream, in commit order, each with its log key
+    /// (the same for the events of one entry). Each event is built from its
+    /// history entry and the saga record. A transition whose saga is gone
+    /// (pruned by an operator's retention shorter than the publisher's
+    /// delay) is skipped with a warning.
     ///
     /// # Errors
     /// sled errors; a corrupt entry.
@@ -240,11 +270,11 @@ impl Store {
         let mut out = Vec::new();
         {
             // Handed over in memory: the unpublished run that starts at the
-            // next pointer, if it does.
+            // next entry, if it does.
             let ready = lock(&self.events_ready);
             let run = ready.queue.iter().skip_while(|(_, seq, _)| *seq < ready.next);
-            for (expected, (generation, seq, events)) in (ready.next..).zip(run) {
-                if *seq != expected || out.len() >= limit {
+            for (expected, (generation, seq, events)) in (ready.next..).zip(run).take(limit) {
+                if *seq != expected {
                     break;
                 }
                 let key = events_log_key(*generation, *seq);
@@ -255,19 +285,21 @@ impl Store {
             return Ok(out);
         }
         for entry in self.events_after_cursor().take(limit) {
-            let (key, p) = entry?;
-            let id = Uuid::from_bytes(p.id);
-            let Some(source) = self.event_source(&p.id)? else {
-                tracing::warn!(saga_id = %id, first = p.first, last = p.last,
-                               "saga events skipped: the saga is no longer stored");
-                if out.is_empty() {
-                    self.events_published(&[key])?;
+            let (key, pointers) = entry?;
+            for p in pointers {
+                let Some(source) = self.event_source(&p.id)? else {
+                    tracing::warn!(saga_id = %Uuid::from_bytes(p.id), first = p.first, last = p.last,
+                                   "saga events skipped: the saga is no longer stored");
                     continue;
+                };
+                for h in self.history_between(&p.id, p.first, p.last)? {
+                    out.push((key.clone(), event_of(&source, &h)));
                 }
-                break;
-            };
-            for h in self.history_between(&p.id, p.first, p.last)? {
-                out.push((key.clone(), event_of(&source, &h)));
+            }
+            if out.is_empty() {
+                // Nothing of it to publish: acknowledged now (a later key's
+                // acknowledgement covers one after events).
+                self.events_published(&[key])?;
             }
         }
         Ok(out)
@@ -305,7 +337,8 @@ impl Store {
     pub(crate) fn events_backlog(&self) -> usize {
         self.events_after_cursor()
             .filter_map(Result::ok)
-            .map(|(_, p)| usize::try_from(p.last.saturating_sub(p.first) + 1).unwrap_or(usize::MAX))
+            .flat_map(|(_, pointers)| pointers)
+            .map(|p| usize::try_from(p.last.saturating_sub(p.first) + 1).unwrap_or(usize::MAX))
             .fold(0, usize::saturating_add)
     }
 
@@ -314,7 +347,7 @@ impl Store {
         self.events_after_cursor()
             .next()
             .transpose()
-            .map(|p| p.map(|(_, p)| p.at_ms))
+            .map(|e| e.and_then(|(_, pointers)| pointers.iter().map(|p| p.at_ms).min()))
     }
 
     /// Records that JetStream acknowledged the events up to the largest of
@@ -349,7 +382,9 @@ impl Store {
             let mut ready = lock(&self.events_ready);
             ready.next = seq + 1;
             while ready.queue.front().is_some_and(|(_, s, _)| *s <= seq) {
-                ready.queue.pop_front();
+                if let Some((_, _, events)) = ready.queue.pop_front() {
+                    ready.held = ready.held.saturating_sub(events.len());
+                }
             }
         }
         let (dropped, rotate) = {
