@@ -247,8 +247,10 @@ pub const FORMAT_VERSION: u32 = 1;
 /// Format version of a state row that also carries stored replies (the sled
 /// store's reply rows: `{"v": 2, "data": …, "r": <forward reply>, "u":
 /// <compensation reply>}`). [`decode`] reads its `data` as a version 1
-/// value; a release that predates it refuses the row as corrupt instead of
-/// missing the replies it carries (and applying a command again).
+/// value. A release that predates it refuses such a row where it reads one
+/// (a release, a refund), but does not look for replies in rows: a repeated
+/// forward would be applied again there, so going back to it is not
+/// supported (as it was not across the reply windows).
 pub const REPLY_ROW_VERSION: u32 = 2;
 
 #[derive(Serialize, Deserialize)]
