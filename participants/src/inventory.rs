@@ -3,11 +3,14 @@
 //! `reserve` moves the order's quantities from available to reserved for
 //! every line or for none (`rejected: insufficient_stock`); the reserved
 //! lines are kept under the forward idempotency key so `release` puts back
-//! exactly what was taken, whatever its payload says. Invariant: per SKU,
+//! exactly what was taken, whatever its payload says, and leaves the
+//! reservation empty (not removed: on sled the row carries the stored
+//! replies of the reserve and the release). Invariant: per SKU,
 //! available + reserved only changes by seeding.
 //!
 //! It owns the `stock/<sku>` and `reservation/<forward key>` entries of its
-//! state tree and nothing else; idempotency and durability are
+//! state tree (the latter its reply rows, [`InventoryConfig::store_target`])
+//! and nothing else; idempotency and durability are
 //! [`crate::store`]'s, NATS is [`crate::runtime`]'s, metrics and HTTP are
 //! [`crate::telemetry`]'s.
 
@@ -169,6 +172,7 @@ impl InventoryConfig {
             data_dir: self.data_dir.clone(),
             kv_replicas: self.kv_replicas,
             root_prefixes: vec![STOCK_PREFIX.to_string()],
+            reply_rows: Some(RESERVATION_PREFIX.to_string()),
         }
     }
 }
@@ -371,7 +375,9 @@ fn release(state: &mut dyn StateTx, forward: &str, _data: &serde_json::Value) ->
             },
         )?;
     }
-    state.remove(&reservation_key(forward))?;
+    // Emptied, not removed: the row is the reserve's reply row (one write
+    // either way; see `Store::with_reply_rows`).
+    tx_put(state, &reservation_key(forward), &BTreeMap::<String, u64>::new())?;
     Ok(Reply::ok(serde_json::json!({"undone": true, "released": lines})))
 }
 
@@ -405,7 +411,8 @@ impl Handler for Inventory {
         })
     }
 
-    /// `{saga_id: {sku: units held}}` for every reservation not released.
+    /// `{saga_id: {sku: units held}}` for every reservation not released
+    /// (a released one is kept empty, and skipped).
     fn effects<'a>(
         &'a self,
         cursor: Option<&'a str>,
@@ -413,13 +420,30 @@ impl Handler for Inventory {
     ) -> BoxFuture<'a, Result<crate::runtime::Effects, StoreError>> {
         Box::pin(async move {
             let mut out = Vec::new();
-            for (key, bytes) in self.store.scan(RESERVATION_PREFIX, cursor, limit).await? {
-                let lines: BTreeMap<String, u64> =
-                    store::decode(format!("{RESERVATION_PREFIX}{key}").as_bytes(), &bytes)?;
-                let saga = saga_of_key(&key).to_string();
-                out.push((key, saga, serde_json::json!(lines)));
+            let mut after = cursor.map(str::to_string);
+            loop {
+                let page = self
+                    .store
+                    .scan(RESERVATION_PREFIX, after.as_deref(), limit)
+                    .await?;
+                let last_page = page.len() < limit;
+                for (key, bytes) in page {
+                    after = Some(key.clone());
+                    let lines: BTreeMap<String, u64> =
+                        store::decode(format!("{RESERVATION_PREFIX}{key}").as_bytes(), &bytes)?;
+                    if lines.is_empty() {
+                        continue;
+                    }
+                    let saga = saga_of_key(&key).to_string();
+                    out.push((key, saga, serde_json::json!(lines)));
+                    if out.len() >= limit {
+                        return Ok(out);
+                    }
+                }
+                if last_page || limit == 0 {
+                    return Ok(out);
+                }
             }
-            Ok(out)
         })
     }
 
@@ -472,8 +496,14 @@ mod tests {
 
     use super::*;
 
+    /// The sled store as the inventory opens it (its reply rows).
     fn sled(dir: &Path) -> SharedStore {
-        Arc::new(crate::store::Store::new(crate::open_db(dir).expect("sled")).expect("store"))
+        let target = InventoryConfig::for_tests("nats://unused", dir, Vec::new()).store_target();
+        Arc::new(
+            target
+                .open_sled(crate::ReplyRetention::default().reply_retention)
+                .expect("store"),
+        )
     }
 
     async fn inventory(dir: &Path) -> Inventory {
@@ -642,6 +672,123 @@ mod tests {
                 .effects
                 .len(),
             1
+        );
+    }
+
+    async fn writes_of(inv: &Inventory, cmd: Command) -> (Reply, u64) {
+        let before = inv.store.writes();
+        let reply = inv.handle(cmd).await;
+        (reply, inv.store.writes() - before)
+    }
+
+    /// The writes of each command, as `participant_store_writes_total`
+    /// counts them: a reserve writes its stock rows and its reservation,
+    /// which carries the stored reply; a release the same rows; a repeat
+    /// nothing. A write added back fails here.
+    #[tokio::test]
+    async fn a_reserve_and_its_release_write_each_stock_row_and_the_reservation_once() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let inv = inventory(dir.path()).await;
+        let ok = |r: &Reply| matches!(r, Reply::Ok { .. });
+        let (r, n) = writes_of(&inv, cmd("s1", CommandKind::Forward, &[("A", 1), ("A", 2)])).await;
+        assert!(ok(&r), "{r:?}");
+        assert_eq!(n, 2, "reserve of one SKU: its stock row and the reservation");
+        let (again, n) = writes_of(&inv, cmd("s1", CommandKind::Forward, &[("A", 1)])).await;
+        assert_eq!((again, n), (r, 0), "a repeat");
+        let (r, n) = writes_of(&inv, cmd("s1", CommandKind::Compensate, &[])).await;
+        assert!(ok(&r), "{r:?}");
+        assert_eq!(n, 2, "release: the stock row and the reservation");
+        assert_eq!(
+            writes_of(&inv, cmd("s1", CommandKind::Compensate, &[])).await,
+            (r, 0)
+        );
+        let (r, n) = writes_of(&inv, cmd("s2", CommandKind::Forward, &[("A", 1), ("B", 1)])).await;
+        assert!(ok(&r), "{r:?}");
+        assert_eq!(n, 3, "two SKUs: two stock rows and the reservation");
+        let (r, n) = writes_of(&inv, cmd("s2", CommandKind::Compensate, &[])).await;
+        assert!(ok(&r), "{r:?}");
+        assert_eq!(n, 3);
+        let (r, n) = writes_of(&inv, cmd("s3", CommandKind::Forward, &[("B", 5)])).await;
+        assert_eq!(
+            (r, n),
+            (Reply::rejected("insufficient_stock"), 1),
+            "the refusal's reply only"
+        );
+        let (r, n) = writes_of(&inv, cmd("s3", CommandKind::Compensate, &[])).await;
+        assert!(ok(&r) && n == 1, "{r:?}: the reply only ({n})");
+        let (r, n) = writes_of(&inv, cmd("s4", CommandKind::Compensate, &[])).await;
+        assert!(ok(&r) && n == 2, "{r:?}: the tombstone and the reply ({n})");
+        assert_eq!(
+            (level(&inv, "A").await, level(&inv, "B").await),
+            ((10, 0), (1, 0))
+        );
+        assert_eq!(
+            crate::runtime::all_effects(&inv).await,
+            serde_json::json!({}),
+            "released reservations are kept empty and not listed"
+        );
+    }
+
+    #[tokio::test]
+    async fn reservations_and_replies_of_the_layout_before_reply_rows_are_read_and_released() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let seed = BTreeMap::from([("A".to_string(), 10), ("B".to_string(), 1)]);
+        let (first, kept) = {
+            // The previous release: replies in windows, reservations plain.
+            let old =
+                Arc::new(crate::store::Store::new(crate::open_db(dir.path()).expect("sled")).expect("store"));
+            let inv = Inventory::open(old, &seed, false).await.expect("open");
+            let first = inv.handle(cmd("s1", CommandKind::Forward, &[("A", 4)])).await;
+            let kept = inv.handle(cmd("s2", CommandKind::Forward, &[("B", 1)])).await;
+            (first, kept)
+        };
+        let inv = inventory(dir.path()).await;
+        assert_eq!(level(&inv, "A").await, (6, 4));
+        assert_eq!(
+            writes_of(&inv, cmd("s1", CommandKind::Forward, &[("A", 4)])).await,
+            (first, 0),
+            "the stored reply of the old layout"
+        );
+        let (released, n) = writes_of(&inv, cmd("s1", CommandKind::Compensate, &[])).await;
+        assert!(matches!(released, Reply::Ok { .. }), "{released:?}");
+        assert_eq!(n, 2);
+        assert_eq!(level(&inv, "A").await, (10, 0));
+        assert_eq!(
+            writes_of(&inv, cmd("s1", CommandKind::Compensate, &[])).await,
+            (released, 0)
+        );
+        assert_eq!(
+            writes_of(&inv, cmd("s2", CommandKind::Forward, &[("B", 1)])).await,
+            (kept, 0)
+        );
+        assert_eq!(
+            crate::runtime::all_effects(&inv).await,
+            serde_json::json!({"s2": {"B": 1}})
+        );
+    }
+
+    #[tokio::test]
+    async fn an_effects_page_skips_released_reservations_and_still_fills_up() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let inv = inventory(dir.path()).await;
+        for i in 0..6 {
+            inv.handle(cmd(&format!("s{i}"), CommandKind::Forward, &[("A", 1)]))
+                .await;
+        }
+        for i in [0, 1, 2, 4] {
+            inv.handle(cmd(&format!("s{i}"), CommandKind::Compensate, &[]))
+                .await;
+        }
+        let request = wire::EffectsRequest {
+            cursor: None,
+            limit: Some(1),
+        };
+        let page = crate::runtime::effects_page(&inv, &request).await.expect("page");
+        assert_eq!(page.effects.keys().collect::<Vec<_>>(), ["s3"]);
+        assert!(page.next_cursor.is_some(), "s5 follows");
+        assert_eq!(
+            crate::runtime::all_effects(&inv).await,
+            serde_json::json!({"s3": {"A": 1}, "s5": {"A": 1}})
         );
     }
 

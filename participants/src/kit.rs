@@ -233,6 +233,9 @@ impl Participant {
                 .unwrap_or_else(|| PathBuf::from("./data").join(&self.name)),
             kv_replicas: config.kv_replicas,
             root_prefixes: vec!["meta/".to_string()],
+            // Its compensation removes the effect row: a reply row would
+            // save nothing there.
+            reply_rows: None,
         };
         target.validate()?;
         let name = self.name.clone();

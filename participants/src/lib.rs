@@ -219,6 +219,12 @@ pub struct StoreTarget {
     /// shared rows: stock table, counters); every other key is a document
     /// of its own.
     pub root_prefixes: Vec<String>,
+    /// The prefix of the handler's per-command rows keyed by the forward
+    /// idempotency key (`reservation/`, `charge/`, `shipment/`), which the
+    /// sled store makes carry the stored replies of the commands that write
+    /// them ([`store::Store::with_reply_rows`]); fixed per participant, never
+    /// a setting (a database read without it would miss those replies).
+    pub reply_rows: Option<String>,
 }
 
 impl StoreTarget {
@@ -240,6 +246,15 @@ impl StoreTarget {
             }
             _ => Ok(()),
         }
+    }
+
+    /// Opens the sled store in `data_dir`, with this participant's reply rows.
+    ///
+    /// # Errors
+    /// The database cannot be opened; sled errors.
+    pub fn open_sled(&self, retention: std::time::Duration) -> anyhow::Result<store::Store> {
+        let store = store::Store::with_retention(open_db(&self.data_dir)?, retention)?;
+        Ok(store.with_reply_rows(self.reply_rows.as_deref().unwrap_or_default()))
     }
 }
 
@@ -269,10 +284,7 @@ where
     let readiness = telemetry::Readiness::new(name);
     let slot = telemetry::StoreSlot::default();
     let sled_store: Option<store::SharedStore> = match target.kind {
-        store::StoreKind::Sled => Some(std::sync::Arc::new(store::Store::with_retention(
-            open_db(&target.data_dir)?,
-            retention.reply_retention,
-        )?)),
+        store::StoreKind::Sled => Some(std::sync::Arc::new(target.open_sled(retention.reply_retention)?)),
         store::StoreKind::Jetstream => None,
     };
     if let Some(s) = &sled_store {

@@ -172,6 +172,7 @@ impl PaymentConfig {
             data_dir: self.data_dir.clone(),
             kv_replicas: self.kv_replicas,
             root_prefixes: vec!["meta/".to_string()],
+            reply_rows: Some(LEDGER_PREFIX.to_string()),
         }
     }
 }
@@ -529,8 +530,14 @@ mod tests {
 
     use super::*;
 
+    /// The sled store as the payment opens it (its reply rows).
     fn sled(dir: &Path) -> SharedStore {
-        Arc::new(crate::store::Store::new(crate::open_db(dir).expect("sled")).expect("store"))
+        let target = PaymentConfig::for_tests("nats://unused", dir, 1, Duration::ZERO, 0.0).store_target();
+        Arc::new(
+            target
+                .open_sled(crate::ReplyRetention::default().reply_retention)
+                .expect("store"),
+        )
     }
 
     async fn payment(dir: &Path, latency: Duration, failure_rate: f64) -> Arc<Payment> {
@@ -765,6 +772,56 @@ mod tests {
             p.totals().await.expect("totals"),
             p.scan_totals().await.expect("scan")
         );
+    }
+
+    async fn writes_of(p: &Payment, cmd: Command) -> (Reply, u64) {
+        let before = p.store.writes();
+        let reply = p.handle(cmd).await;
+        (reply, p.store.writes() - before)
+    }
+
+    /// The writes of each command, as `participant_store_writes_total`
+    /// counts them: a charge writes its ledger entry, which carries the
+    /// stored reply, and the totals; a refund the same two; a decline its
+    /// reply; a repeat nothing. A write added back fails here.
+    #[tokio::test]
+    async fn a_charge_and_its_refund_write_the_ledger_entry_and_the_totals_once() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = payment(dir.path(), Duration::ZERO, 0.0).await;
+        let (charged, n) = writes_of(&p, cmd("s1", CommandKind::Forward, 500)).await;
+        assert!(matches!(charged, Reply::Ok { .. }), "{charged:?}");
+        assert_eq!(n, 2, "charge: the ledger entry and the totals");
+        assert_eq!(
+            writes_of(&p, cmd("s1", CommandKind::Forward, 500)).await,
+            (charged, 0)
+        );
+        let (refunded, n) = writes_of(&p, cmd("s1", CommandKind::Compensate, 500)).await;
+        assert!(matches!(refunded, Reply::Ok { .. }), "{refunded:?}");
+        assert_eq!(n, 2, "refund: the ledger entry and the totals");
+        assert_eq!(
+            writes_of(&p, cmd("s1", CommandKind::Compensate, 500)).await,
+            (refunded, 0)
+        );
+        let (r, n) = writes_of(&p, cmd("s2", CommandKind::Forward, 10_001)).await;
+        assert_eq!(
+            (r, n),
+            (Reply::rejected("card_declined"), 1),
+            "the decline's reply only"
+        );
+        let (r, n) = writes_of(&p, cmd("s2", CommandKind::Compensate, 10_001)).await;
+        assert!(
+            matches!(r, Reply::Ok { .. }) && n == 1,
+            "{r:?}: the reply only ({n})"
+        );
+        drop(p);
+        // After a restart the ledger entries still answer.
+        let p = payment(dir.path(), Duration::ZERO, 1.0).await;
+        let (r, n) = writes_of(&p, cmd("s1", CommandKind::Forward, 500)).await;
+        assert!(
+            matches!(r, Reply::Ok { .. }) && n == 0,
+            "{r:?}: the stored reply, no gateway call"
+        );
+        assert_eq!(figures(&p).await, (500, 500));
     }
 
     #[test]

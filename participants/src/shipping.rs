@@ -123,6 +123,7 @@ impl ShippingConfig {
             data_dir: self.data_dir.clone(),
             kv_replicas: self.kv_replicas,
             root_prefixes: vec!["meta/".to_string()],
+            reply_rows: Some(SHIPMENT_PREFIX.to_string()),
         }
     }
 }
@@ -413,7 +414,12 @@ mod tests {
     async fn shipping(dir: &std::path::Path, unreachable: &[&str]) -> Shipping {
         let mut config = ShippingConfig::for_tests("nats://unused", dir);
         config.unreachable_customers = unreachable.iter().map(|c| c.to_string()).collect();
-        let store = Arc::new(crate::store::Store::new(crate::open_db(dir).expect("sled")).expect("store"));
+        let store = Arc::new(
+            config
+                .store_target()
+                .open_sled(crate::ReplyRetention::default().reply_retention)
+                .expect("store"),
+        );
         Shipping::open(store, config).await.expect("open")
     }
 

@@ -27,7 +27,9 @@
 //! - Stored replies are kept at least `--reply-retention` after they were
 //!   stored ([`ParticipantStore::prune_replies`]).
 //!
-//! Values are stored in the versioned envelope of [`encode`] (`{"v":1,…}`).
+//! Values are stored in the versioned envelope of [`encode`] (`{"v":1,…}`);
+//! the sled store's reply rows add the replies they carry (`{"v":2,…}`,
+//! [`REPLY_ROW_VERSION`]).
 //! This module knows nothing of stock or money, and nothing of NATS.
 
 pub mod jetstream;
@@ -242,6 +244,15 @@ pub fn tx_put<T: Serialize>(tx: &mut dyn StateTx, key: &str, value: &T) -> TxRes
 /// `{"v": 1, "data": …}`, never as the bare serde form of a struct.
 pub const FORMAT_VERSION: u32 = 1;
 
+/// Format version of a state row that also carries stored replies (the sled
+/// store's reply rows: `{"v": 2, "data": …, "r": <forward reply>, "u":
+/// <compensation reply>}`). [`decode`] reads its `data` as a version 1
+/// value. A release that predates it refuses such a row where it reads one
+/// (a release, a refund), but does not look for replies in rows: a repeated
+/// forward would be applied again there, so going back to it is not
+/// supported (as it was not across the reply windows).
+pub const REPLY_ROW_VERSION: u32 = 2;
+
 #[derive(Serialize, Deserialize)]
 struct Versioned<T> {
     v: u32,
@@ -260,7 +271,8 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
     .map_err(|e| StoreError::Corrupt(format!("cannot encode: {e}")))
 }
 
-/// Decodes a value stored under `key` by [`encode`].
+/// Decodes a value stored under `key` by [`encode`] (or the `data` of a
+/// reply row, [`REPLY_ROW_VERSION`]).
 ///
 /// # Errors
 /// The bytes are not that JSON, or carry an unknown format version: the
@@ -269,7 +281,7 @@ pub fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreE
     let key = String::from_utf8_lossy(key);
     let stored: Versioned<T> =
         serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("{key}: {e}")))?;
-    if stored.v != FORMAT_VERSION {
+    if stored.v != FORMAT_VERSION && stored.v != REPLY_ROW_VERSION {
         return Err(StoreError::Corrupt(format!(
             "{key}: unknown format version {}",
             stored.v

@@ -10,6 +10,14 @@
 //! are stored; an `error` reply (transient) records nothing, so a retry may
 //! succeed.
 //!
+//! Reply rows ([`Store::with_reply_rows`]): a handler whose command writes a
+//! row of its own keyed by the forward key (`reservation/<key>`,
+//! `charge/<key>`) has the stored reply kept in that row instead of in a
+//! window, in the same write: the row carries the forward's reply and its
+//! compensation's (`{"v":2,"data":…,"r":…,"u":…}`). A reply whose effect
+//! wrote no such row (a refusal, a tombstone) goes to a window. Lookups read
+//! the windows first, then the row.
+//!
 //! Tombstones: a compensation whose forward key has no stored reply writes a
 //! `rejected: compensated_before_forward` reply under the forward key, so a
 //! forward that arrives late is answered with it and does nothing.
@@ -22,13 +30,14 @@
 //! This module knows nothing of stock or money, and nothing of NATS.
 
 use std::{
-    cell::Cell,
+    cell::{Cell, RefCell},
+    collections::HashSet,
     sync::atomic::{AtomicU64, Ordering},
 };
 
 use futures::future::BoxFuture;
 use saga_wire::{self as wire, Reply};
-use serde::de::DeserializeOwned;
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use sled::{
     transaction::{ConflictableTransactionError, TransactionError, TransactionalTree},
     Transactional,
@@ -36,7 +45,7 @@ use sled::{
 
 use super::{
     decode, encode, now_ms, Change, Effect, ParticipantStore, Scanned, StateTx, StoreError, TxError, Undo,
-    TOMBSTONE_REASON,
+    FORMAT_VERSION, REPLY_ROW_VERSION, TOMBSTONE_REASON,
 };
 
 /// Result type of closures run inside a sled transaction.
@@ -57,11 +66,44 @@ fn tx_put<T: serde::Serialize>(tree: &TransactionalTree, key: &str, value: &T) -
     Ok(())
 }
 
+/// The writes of one run of a transaction (reset by the caller when sled
+/// runs it again): replies put in a window (each key once: callers look
+/// first) and the distinct state keys written — a row put twice in one
+/// transaction is one sled write at commit, and counts one.
+#[derive(Default)]
+struct Writes {
+    replies: Cell<u64>,
+    state: RefCell<HashSet<Vec<u8>>>,
+}
+
+impl Writes {
+    fn reset(&self) {
+        self.replies.set(0);
+        self.state.borrow_mut().clear();
+    }
+
+    fn state_key(&self, key: &[u8]) {
+        self.state.borrow_mut().insert(key.to_vec());
+    }
+
+    fn total(&self) -> u64 {
+        let state = u64::try_from(self.state.borrow().len()).unwrap_or(u64::MAX);
+        self.replies.get().saturating_add(state)
+    }
+}
+
+/// What an effect last did to the command's reply row: `Some(bytes)` put,
+/// `None` removed.
+type RowWrite = Option<Vec<u8>>;
+
 /// The state tree as an effect sees it ([`StateTx`]) inside a sled
-/// transaction, counting its writes (`writes`: this run's, reset by the caller).
+/// transaction, counting its writes and noting what it does to `row` (the
+/// command's reply row, when the store keeps replies in rows).
 struct SledTx<'a> {
     tree: &'a TransactionalTree,
-    writes: &'a Cell<u64>,
+    writes: &'a Writes,
+    row: Option<&'a str>,
+    row_write: Option<RowWrite>,
 }
 
 impl StateTx for SledTx<'_> {
@@ -69,30 +111,118 @@ impl StateTx for SledTx<'_> {
         Ok(self.tree.get(key.as_bytes())?.map(|v| v.to_vec()))
     }
     fn put(&mut self, key: &str, bytes: Vec<u8>) -> super::TxResult<()> {
+        if self.row == Some(key) {
+            self.row_write = Some(Some(bytes.clone()));
+        }
         self.tree.insert(key.as_bytes(), bytes)?;
-        self.writes.set(self.writes.get() + 1);
+        self.writes.state_key(key.as_bytes());
         Ok(())
     }
     fn remove(&mut self, key: &str) -> super::TxResult<()> {
+        if self.row == Some(key) {
+            self.row_write = Some(None);
+        }
         self.tree.remove(key.as_bytes())?;
-        self.writes.set(self.writes.get() + 1);
+        self.writes.state_key(key.as_bytes());
         Ok(())
     }
 }
 
-/// Runs an effect on the state tree, its errors as sled's.
+/// Runs an effect on the state tree, its errors as sled's; with what it
+/// last did to `row`, if anything.
 fn run_tx<T>(
     state: &TransactionalTree,
-    writes: &Cell<u64>,
+    writes: &Writes,
+    row: Option<&str>,
     f: impl FnOnce(&mut dyn StateTx) -> super::TxResult<T>,
-) -> SledTxResult<T> {
-    f(&mut SledTx { tree: state, writes }).map_err(|e| match e {
+) -> SledTxResult<(T, Option<RowWrite>)> {
+    let mut tx = SledTx {
+        tree: state,
+        writes,
+        row,
+        row_write: None,
+    };
+    let out = f(&mut tx).map_err(|e| match e {
         TxError::Abort(reason) => ConflictableTransactionError::Abort(reason),
         TxError::Sled(e) => e.into(),
         TxError::Fetch(key) => {
             ConflictableTransactionError::Abort(format!("{key}: not fetched (jetstream only)"))
         }
+    })?;
+    Ok((out, tx.row_write))
+}
+
+/// The replies a reply row carries: `r` the forward's, `u` its
+/// compensation's (a row of version 1 carries none).
+#[derive(Debug, Default, Deserialize)]
+struct Carried {
+    #[serde(default)]
+    r: Option<Reply>,
+    #[serde(default)]
+    u: Option<Reply>,
+}
+
+/// A reply row as stored ([`REPLY_ROW_VERSION`]).
+#[derive(Serialize)]
+struct ReplyRow<'a> {
+    v: u32,
+    data: serde_json::Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    r: Option<&'a Reply>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    u: Option<&'a Reply>,
+}
+
+/// A state value as an effect writes it ([`encode`]).
+#[derive(Deserialize)]
+struct RowData {
+    v: u32,
+    data: serde_json::Value,
+}
+
+/// The replies the stored row `row` carries.
+fn carried(row: &str, bytes: &[u8]) -> Result<Carried, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("{row}: {e}")))
+}
+
+/// `bytes` (a row as an effect wrote it) as a reply row carrying `r` and
+/// `u`; `None` when they are not an encoded value (they stay as written and
+/// the replies go to a window).
+fn with_replies(bytes: &[u8], r: Option<&Reply>, u: Option<&Reply>) -> Option<Vec<u8>> {
+    let row: RowData = serde_json::from_slice(bytes).ok()?;
+    if row.v != FORMAT_VERSION && row.v != REPLY_ROW_VERSION {
+        return None;
+    }
+    serde_json::to_vec(&ReplyRow {
+        v: REPLY_ROW_VERSION,
+        data: row.data,
+        r,
+        u,
     })
+    .ok()
+}
+
+/// The reply row under `prefix` of the idempotency key `key`: the row of
+/// its forward key, and whether `key` is the compensation's.
+fn reply_row(prefix: &str, key: &str) -> (String, bool) {
+    match wire::forward_key(key) {
+        Some(forward) => (format!("{prefix}{forward}"), true),
+        None => (format!("{prefix}{key}"), false),
+    }
+}
+
+/// The compensation key of a forward key (`…/forward` → `…/compensate`).
+fn compensation_key(forward: &str) -> Option<String> {
+    forward
+        .strip_suffix("/forward")
+        .map(|base| format!("{base}/compensate"))
+}
+
+/// A command's reply row as its transaction found it.
+struct RowBefore {
+    key: String,
+    compensation: bool,
+    carried: Carried,
 }
 
 /// Prefix of the time-windowed reply trees: `replies.<start ms>.<end ms>`
@@ -111,13 +241,18 @@ const MIN_WINDOW_MS: u64 = 1000;
 /// The retention `Store::new` assumes (the participants' default).
 const DEFAULT_RETENTION: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
 
-/// The reply trees a lookup reads, newest first, inside a transaction.
+/// Where a lookup finds stored replies inside a transaction: the windows
+/// newest first, then the legacy tree, then the command's reply row.
 struct RepliesTx<'a> {
     /// The windows, newest (the one written) first, then the legacy
     /// `replies` tree of an older release, if it still holds replies.
     trees: &'a [TransactionalTree],
+    /// The state tree (reply rows).
+    state: &'a TransactionalTree,
+    /// The prefix of the reply rows, when the store keeps replies in rows.
+    rows: Option<&'a str>,
     /// Writes of this run of the transaction (replies and state).
-    writes: &'a Cell<u64>,
+    writes: &'a Writes,
 }
 
 impl RepliesTx<'_> {
@@ -127,7 +262,70 @@ impl RepliesTx<'_> {
                 return Ok(Some(reply));
             }
         }
-        Ok(None)
+        Ok(self.row(key)?.and_then(|row| {
+            let Carried { r, u } = row.carried;
+            if row.compensation {
+                u
+            } else {
+                r
+            }
+        }))
+    }
+
+    /// The reply row of `key` and the replies it carries now (`None`: the
+    /// store keeps no replies in rows).
+    fn row(&self, key: &str) -> SledTxResult<Option<RowBefore>> {
+        let Some(prefix) = self.rows else {
+            return Ok(None);
+        };
+        let (row, compensation) = reply_row(prefix, key);
+        let carried = match self.state.get(row.as_bytes())? {
+            Some(bytes) => {
+                carried(&row, &bytes).map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?
+            }
+            None => Carried::default(),
+        };
+        Ok(Some(RowBefore {
+            key: row,
+            compensation,
+            carried,
+        }))
+    }
+
+    /// Stores `reply`, the reply of `key` whose effect ran: in its reply
+    /// row when the effect wrote that row (one write serves both), else in
+    /// the newest window. `before` is the row as the transaction found it:
+    /// the other reply it carried stays in it, or, when the effect's write
+    /// cannot carry it (the row removed), moves to the window.
+    fn store(
+        &self,
+        key: &str,
+        reply: &Reply,
+        before: Option<&RowBefore>,
+        row_write: Option<RowWrite>,
+    ) -> SledTxResult<()> {
+        let (Some(before), Some(written)) = (before, row_write) else {
+            return self.put(key, reply);
+        };
+        let (r, u) = if before.compensation {
+            (before.carried.r.as_ref(), Some(reply))
+        } else {
+            (Some(reply), before.carried.u.as_ref())
+        };
+        if let Some(bytes) = written.and_then(|w| with_replies(&w, r, u)) {
+            self.state.insert(before.key.as_bytes(), bytes)?;
+            self.writes.state_key(before.key.as_bytes());
+            return Ok(());
+        }
+        self.put(key, reply)?;
+        if before.compensation {
+            if let (Some(r), Some(forward)) = (&before.carried.r, wire::forward_key(key)) {
+                self.put(&forward, r)?;
+            }
+        } else if let (Some(u), Some(compensation)) = (&before.carried.u, compensation_key(key)) {
+            self.put(&compensation, u)?;
+        }
+        Ok(())
     }
 
     /// Stores `reply` under `key` in the newest window (a key is stored
@@ -139,7 +337,7 @@ impl RepliesTx<'_> {
             ));
         };
         tx_put(newest, key, reply)?;
-        self.writes.set(self.writes.get() + 1);
+        self.writes.replies.set(self.writes.replies.get() + 1);
         Ok(())
     }
 }
@@ -218,6 +416,8 @@ pub struct Store {
     /// Inserts and removes committed since open (commands, seeding, pruning;
     /// a dropped window counts one).
     writes: std::sync::Arc<AtomicU64>,
+    /// The prefix of the reply rows ([`Store::with_reply_rows`]), if any.
+    rows: Option<std::sync::Arc<str>>,
 }
 
 /// Group commit: one sled flush at a time, covering every write committed
@@ -339,8 +539,29 @@ impl Store {
                 flushed: tokio::sync::Mutex::new(0),
             }),
             writes: std::sync::Arc::default(),
+            rows: None,
             db,
         })
+    }
+
+    /// Keeps a command's stored reply in its business row instead of a
+    /// window, when its effect writes that row: the state row
+    /// `<prefix><forward key>` (a reservation, a ledger entry, keyed by the
+    /// command's forward key) then carries the forward's reply and its
+    /// compensation's ([`REPLY_ROW_VERSION`]), so the effect and its reply
+    /// are one write, in the same transaction. A command whose effect does
+    /// not write its row (a refusal, a tombstone) stores its reply in a
+    /// window as before; a row's replies live as long as the row. Lookups
+    /// read the windows first, so the replies a database of an earlier
+    /// layout holds in windows still answer. An empty `prefix` keeps every
+    /// reply in windows.
+    ///
+    /// The prefix must stay the same for a database: a store opened
+    /// without it would not see the replies rows carry.
+    #[must_use]
+    pub fn with_reply_rows(mut self, prefix: &str) -> Self {
+        self.rows = (!prefix.is_empty()).then(|| prefix.into());
+        self
     }
 
     /// The business state tree (read side, and tests that write behind a
@@ -369,15 +590,22 @@ impl Store {
         Ok(())
     }
 
+    /// The reply row of `key`, when the store keeps replies in rows.
+    fn row_of(&self, key: &str) -> Option<String> {
+        self.rows.as_deref().map(|prefix| reply_row(prefix, key).0)
+    }
+
     /// Runs a forward `effect` once per `key` (see [`ParticipantStore::apply_forward`]).
     async fn forward(&self, key: &str, effect: Effect<'_>) -> Result<(Reply, bool), StoreError> {
+        let row = self.row_of(key);
         self.apply(key, |state, replies| {
             if let Some(stored) = replies.get(key)? {
                 return Ok((stored, true));
             }
-            let reply = run_tx(state, replies.writes, |tx| effect(tx))?;
+            let before = replies.row(key)?;
+            let (reply, row_write) = run_tx(state, replies.writes, row.as_deref(), |tx| effect(tx))?;
             if !matches!(reply, Reply::Error { .. }) {
-                replies.put(key, &reply)?;
+                replies.store(key, &reply, before.as_ref(), row_write)?;
             }
             Ok((reply, false))
         })
@@ -388,12 +616,22 @@ impl Store {
     async fn compensation(&self, key: &str, undo: Undo<'_>) -> Result<(Reply, bool), StoreError> {
         let forward = wire::forward_key(key)
             .ok_or_else(|| StoreError::Corrupt(format!("`{key}` is not a compensation key")))?;
+        let row = self.row_of(key);
         self.apply(key, |state, replies| {
             if let Some(stored) = replies.get(key)? {
                 return Ok((stored, true));
             }
             let reply = match replies.get(&forward)? {
-                Some(Reply::Ok { data }) => run_tx(state, replies.writes, |tx| undo(tx, &forward, &data))?,
+                Some(Reply::Ok { data }) => {
+                    let before = replies.row(key)?;
+                    let (reply, row_write) = run_tx(state, replies.writes, row.as_deref(), |tx| {
+                        undo(tx, &forward, &data)
+                    })?;
+                    if !matches!(reply, Reply::Error { .. }) {
+                        replies.store(key, &reply, before.as_ref(), row_write)?;
+                    }
+                    return Ok((reply, false));
+                }
                 Some(Reply::Rejected { reason }) => {
                     Reply::ok(serde_json::json!({"undone": false, "forward": format!("rejected: {reason}")}))
                 }
@@ -419,13 +657,13 @@ impl Store {
         // Read before the transaction: the closure stays pure when sled retries it.
         let at_ms = (self.clock)();
         self.ensure_window(at_ms)?;
-        let writes = Cell::new(0);
+        let writes = Writes::default();
         let result = {
             // Held for the transaction only (no await inside): the pruner
             // drops a window under the write lock, never under a transaction.
             let replies = self.replies.read().map_err(poisoned)?;
             replies.txn_trees.as_slice().transaction(|trees| {
-                writes.set(0);
+                writes.reset();
                 let Some((state, windows)) = trees.split_first() else {
                     return Err(ConflictableTransactionError::Abort("no state tree".into()));
                 };
@@ -433,6 +671,8 @@ impl Store {
                     state,
                     &RepliesTx {
                         trees: windows,
+                        state,
+                        rows: self.rows.as_deref(),
                         writes: &writes,
                     },
                 )
@@ -445,7 +685,7 @@ impl Store {
             }
             Err(TransactionError::Storage(e)) => return Err(StoreError::Sled(e)),
         };
-        self.writes.fetch_add(writes.get(), Ordering::Relaxed);
+        self.writes.fetch_add(writes.total(), Ordering::Relaxed);
         // Write-ahead: the effect and its stored reply are durable before anyone
         // hears of them. Also on a hit: the stored reply may come from a
         // concurrent duplicate whose own flush has not finished yet.
@@ -465,30 +705,47 @@ impl Store {
         Ok(None)
     }
 
-    /// The stored reply for `key`, made durable before it is returned, since
-    /// a concurrent duplicate may have committed it without flushing yet.
-    async fn stored(&self, key: &str) -> Result<Option<Reply>, StoreError> {
-        let Some(bytes) = self.stored_bytes(key)? else {
+    /// The reply the reply row of `key` carries for it, if any.
+    fn row_reply(&self, key: &str) -> Result<Option<Reply>, StoreError> {
+        let Some(prefix) = self.rows.as_deref() else {
             return Ok(None);
         };
-        let reply = decode(key.as_bytes(), &bytes)?;
+        let (row, compensation) = reply_row(prefix, key);
+        let Some(bytes) = self.state.get(row.as_bytes())? else {
+            return Ok(None);
+        };
+        let Carried { r, u } = carried(&row, &bytes)?;
+        Ok(if compensation { u } else { r })
+    }
+
+    /// The stored reply for `key` (windows, legacy tree, reply row), made
+    /// durable before it is returned, since a concurrent duplicate may have
+    /// committed it without flushing yet.
+    async fn stored(&self, key: &str) -> Result<Option<Reply>, StoreError> {
+        let reply = match self.stored_bytes(key)? {
+            Some(bytes) => decode(key.as_bytes(), &bytes)?,
+            None => match self.row_reply(key)? {
+                Some(reply) => reply,
+                None => return Ok(None),
+            },
+        };
         self.flusher.flush().await?;
         Ok(Some(reply))
     }
 
     /// Runs `change` on the state tree in one transaction, then flushes.
     fn change(&self, change: Change<'_>) -> Result<(), StoreError> {
-        let writes = Cell::new(0);
+        let writes = Writes::default();
         self.state
             .transaction(|state| {
-                writes.set(0);
-                run_tx(state, &writes, |tx| change(tx))
+                writes.reset();
+                run_tx(state, &writes, None, |tx| change(tx)).map(|((), _)| ())
             })
             .map_err(|e| match e {
                 TransactionError::Abort(reason) => StoreError::Corrupt(reason),
                 TransactionError::Storage(e) => StoreError::Sled(e),
             })?;
-        self.writes.fetch_add(writes.get(), Ordering::Relaxed);
+        self.writes.fetch_add(writes.total(), Ordering::Relaxed);
         self.db.flush()?;
         Ok(())
     }
@@ -708,7 +965,7 @@ mod tests {
             decode::<Reply>(b"k", &bytes).expect("decodes"),
             Reply::rejected("x")
         );
-        let newer = br#"{"v":2,"data":{"outcome":"ok"}}"#;
+        let newer = br#"{"v":3,"data":{"outcome":"ok"}}"#;
         assert!(matches!(decode::<Reply>(b"k", newer), Err(StoreError::Corrupt(m)) if m.contains("version")));
         assert!(matches!(
             decode::<Reply>(b"k", b"{}"),
@@ -1082,6 +1339,208 @@ mod tests {
             .await
             .expect("an error reply");
         assert_eq!(store.writes(), 2, "an error reply commits nothing");
+    }
+
+    /// A store keeping replies in `row/<forward key>` rows, its clock set
+    /// by the returned cell.
+    fn with_rows(dir: &std::path::Path, retention_ms: u64, now: u64) -> (Store, Arc<AtomicU64>) {
+        let (store, clock) = clocked(dir, retention_ms, now);
+        (store.with_reply_rows("row/"), clock)
+    }
+
+    /// A forward that takes one unit from the shared `hot` counter and
+    /// writes its own row (the counter put twice: one sled write).
+    fn take_one(
+        key: &'static str,
+    ) -> impl Fn(&mut dyn StateTx) -> super::super::TxResult<Reply> + Send + Sync {
+        move |tx: &mut dyn StateTx| {
+            let hot: u64 = super::super::tx_get(tx, "hot")?.unwrap_or(0);
+            super::super::tx_put(tx, "hot", &(hot + 1))?;
+            super::super::tx_put(tx, "hot", &(hot + 2))?;
+            super::super::tx_put(tx, &format!("row/{key}"), &serde_json::json!({"held": 1}))?;
+            Ok(Reply::ok(serde_json::json!({"taken": key})))
+        }
+    }
+
+    /// The compensation of [`take_one`]: rewrites the row (or removes it).
+    fn give_back(
+        remove: bool,
+    ) -> impl Fn(&mut dyn StateTx, &str, &serde_json::Value) -> super::super::TxResult<Reply> + Send + Sync
+    {
+        move |tx: &mut dyn StateTx, forward: &str, _: &serde_json::Value| {
+            let hot: u64 = super::super::tx_get(tx, "hot")?.unwrap_or(0);
+            super::super::tx_put(tx, "hot", &(hot - 2))?;
+            let row = format!("row/{forward}");
+            if remove {
+                tx.remove(&row)?;
+            } else {
+                super::super::tx_put(tx, &row, &serde_json::json!({"held": 0}))?;
+            }
+            Ok(Reply::ok(serde_json::json!({"given_back": forward})))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reply_row_carries_the_replies_of_the_forward_and_its_compensation_in_the_effects_writes() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let t0 = 1_000 * HOUR;
+        let (store, clock) = with_rows(dir.path(), 8 * HOUR, t0);
+        let (reply, hit) = store
+            .apply_forward("a/s/forward", &take_one("a/s/forward"))
+            .await
+            .expect("applies");
+        assert_eq!(
+            (reply.clone(), hit),
+            (Reply::ok(serde_json::json!({"taken": "a/s/forward"})), false)
+        );
+        assert_eq!(
+            store.writes(),
+            2,
+            "the counter (put twice, written once) and the row: no reply of its own"
+        );
+        assert_eq!(windows(&store), [(t0, t0 + HOUR, 0)], "no reply in a window");
+        let row: serde_json::Value =
+            serde_json::from_slice(&store.state.get("row/a/s/forward").expect("reads").expect("row"))
+                .expect("json");
+        assert_eq!(row, serde_json::json!({"v": 2, "data": {"held": 1}, "r": reply}));
+        // The row's data reads as any value; repeats are answered from the row.
+        assert_eq!(
+            decode::<serde_json::Value>(b"row", &serde_json::to_vec(&row).expect("json")).expect("decodes"),
+            serde_json::json!({"held": 1})
+        );
+        let again = store
+            .apply_forward("a/s/forward", &|_| Ok(Reply::error("applied again")))
+            .await
+            .expect("a repeat");
+        assert_eq!(again, (reply.clone(), true));
+        assert_eq!(
+            store.stored_reply("a/s/forward").await.expect("reads"),
+            Some(reply.clone())
+        );
+        assert_eq!(store.writes(), 2, "a repeat writes nothing");
+        // A refusal writes no row: its reply goes to a window, as a tombstone does.
+        store
+            .apply_forward("b/s/forward", &|_| Ok(Reply::rejected("no")))
+            .await
+            .expect("applies");
+        store
+            .apply_compensation("c/s/compensate", &give_back(false))
+            .await
+            .expect("tombstone");
+        assert_eq!(store.writes(), 5);
+        assert_eq!(windows(&store), [(t0, t0 + HOUR, 3)]);
+        // The compensation rewrites the row: it carries both replies.
+        let (undone, hit) = store
+            .apply_compensation("a/s/compensate", &give_back(false))
+            .await
+            .expect("compensates");
+        assert!(!hit);
+        assert_eq!(store.writes(), 7, "the counter and the row");
+        assert_eq!(windows(&store), [(t0, t0 + HOUR, 3)], "no window written");
+        // Past every window, through a restart: the row still answers both keys.
+        clock.store(t0 + 20 * HOUR, Ordering::SeqCst);
+        store
+            .apply_forward("d/s/forward", &|_| Ok(Reply::rejected("no")))
+            .await
+            .expect("applies");
+        assert_eq!(store.prune(t0 + 20 * HOUR, 100).expect("prunes"), 3);
+        drop(store);
+        let (store, _) = with_rows(dir.path(), 8 * HOUR, t0 + 20 * HOUR);
+        let fail = |_: &mut dyn StateTx, _: &str, _: &serde_json::Value| Ok(Reply::error("undone again"));
+        assert_eq!(
+            store
+                .apply_compensation("a/s/compensate", &fail)
+                .await
+                .expect("a repeat"),
+            (undone, true)
+        );
+        assert_eq!(
+            store
+                .apply_forward("a/s/forward", &|_| Ok(Reply::error("applied again")))
+                .await
+                .expect("a repeat"),
+            (reply, true)
+        );
+        let hot: u64 =
+            decode(b"hot", &store.state.get("hot").expect("reads").expect("hot")).expect("decodes");
+        assert_eq!(hot, 0, "applied once, undone once");
+    }
+
+    #[tokio::test]
+    async fn a_compensation_that_removes_its_reply_row_moves_the_forward_reply_to_a_window() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (store, _) = with_rows(dir.path(), 8 * HOUR, 1_000 * HOUR);
+        let (reply, _) = store
+            .apply_forward("a/s/forward", &take_one("a/s/forward"))
+            .await
+            .expect("applies");
+        store
+            .apply_compensation("a/s/compensate", &give_back(true))
+            .await
+            .expect("compensates");
+        assert_eq!(
+            store.writes(),
+            2 + 4,
+            "the counter, the removal, both replies in the window"
+        );
+        assert_eq!(windows(&store)[0].2, 2);
+        assert_eq!(
+            store
+                .apply_forward("a/s/forward", &|_| Ok(Reply::error("applied again")))
+                .await
+                .expect("a repeat"),
+            (reply, true)
+        );
+    }
+
+    #[tokio::test]
+    async fn replies_stored_in_windows_before_reply_rows_still_answer_and_rows_take_the_next_ones() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let t0 = 1_000 * HOUR;
+        let reply = {
+            // The layout before reply rows: the row written plain, the reply in a window.
+            let (store, _) = clocked(dir.path(), 8 * HOUR, t0);
+            let (reply, _) = store
+                .apply_forward("a/s/forward", &take_one("a/s/forward"))
+                .await
+                .expect("applies");
+            assert_eq!(store.writes(), 3, "counter, row, reply");
+            reply
+        };
+        let (store, _) = with_rows(dir.path(), 8 * HOUR, t0 + 1);
+        assert_eq!(
+            store
+                .apply_forward("a/s/forward", &|_| Ok(Reply::error("applied again")))
+                .await
+                .expect("a repeat"),
+            (reply.clone(), true)
+        );
+        let (undone, _) = store
+            .apply_compensation("a/s/compensate", &give_back(false))
+            .await
+            .expect("compensates");
+        assert_eq!(
+            store.writes(),
+            2,
+            "the counter and the row, which carries the compensation's reply"
+        );
+        let row: serde_json::Value =
+            serde_json::from_slice(&store.state.get("row/a/s/forward").expect("reads").expect("row"))
+                .expect("json");
+        assert_eq!(row, serde_json::json!({"v": 2, "data": {"held": 0}, "u": undone}));
+        let fail = |_: &mut dyn StateTx, _: &str, _: &serde_json::Value| Ok(Reply::error("undone again"));
+        assert_eq!(
+            store
+                .apply_compensation("a/s/compensate", &fail)
+                .await
+                .expect("a repeat"),
+            (undone, true)
+        );
+        assert_eq!(
+            store.stored_reply("a/s/forward").await.expect("reads"),
+            Some(reply),
+            "still from its window"
+        );
     }
 
     #[tokio::test]
