@@ -201,6 +201,7 @@ async fn run(args: Args) -> Result<bool> {
         nats: None,
         sled: None,
         setup: args.target.is_none().then_some(setup),
+        participant_store: args.participant_store,
         runs: Vec::new(),
         stores: Vec::new(),
         recovery: None,

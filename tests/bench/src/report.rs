@@ -14,6 +14,78 @@ use super::{
     scenarios::{ProcFigures, RecoveryReport, RunReport, SoakReport, StoredReport, Sweep},
 };
 
+/// Steps of a completed saga of the mix: reserve at inventory, then charge
+/// at payment.
+const CHAIN_STEPS: u32 = 2;
+/// Coordinator flushes on a completed saga's path: the create+start
+/// transition is durable before the first command is sent, and the
+/// transition after each step's reply is durable before the next command
+/// is sent (after the last reply, the terminal transition, before the
+/// client sees COMPLETED): one plus one per step.
+const CHAIN_COORDINATOR_FLUSHES: u32 = 1 + CHAIN_STEPS;
+/// Each participant flushes its effect and its stored reply before
+/// replying: one per step.
+const CHAIN_PARTICIPANT_FLUSHES: u32 = CHAIN_STEPS;
+/// One NATS request-reply per step: the command out, its reply back.
+const CHAIN_ROUND_TRIPS: u32 = CHAIN_STEPS;
+
+/// The floor chain: the floors a completed saga cannot avoid at C=1, in
+/// sequence on its critical path (its sled flushes and its NATS round
+/// trips), each at the floor's p50 measured in the same run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct FloorChain {
+    flushes: u32,
+    round_trips: u32,
+    /// A flushed sled write, p50 µs.
+    flush_us: f64,
+    /// A sequential NATS round trip, p50 µs.
+    round_trip_us: f64,
+}
+
+impl FloorChain {
+    /// The chain of a completed two-step saga at these floors.
+    fn of(flush_us: f64, round_trip_us: f64) -> Self {
+        FloorChain {
+            flushes: CHAIN_COORDINATOR_FLUSHES + CHAIN_PARTICIPANT_FLUSHES,
+            round_trips: CHAIN_ROUND_TRIPS,
+            flush_us,
+            round_trip_us,
+        }
+    }
+
+    /// Its sum, µs.
+    fn us(&self) -> f64 {
+        f64::from(self.flushes) * self.flush_us + f64::from(self.round_trips) * self.round_trip_us
+    }
+
+    /// `p50_us` as a multiple of the chain.
+    fn ratio(&self, p50_us: f64) -> f64 {
+        p50_us / self.us().max(1.0)
+    }
+}
+
+/// The floor chain and the C=1 p50 (`c1_p50_us`, µs) as a multiple of it,
+/// when the chain applies: both floors measured, the coordinator and the
+/// participants on sled (`on_sled`: the chain counts sled flushes, which a
+/// jetstream store does not make) and a C=1 run with sagas.
+fn floor_chain(
+    nats: Option<&NatsFloor>,
+    sled: Option<&SledFloor>,
+    on_sled: bool,
+    c1_p50_us: Option<f64>,
+) -> Option<(FloorChain, f64)> {
+    let chain = FloorChain::of(sled?.flush_p50_us, nats?.rtt_p50_us);
+    let p50_us = c1_p50_us.filter(|_| on_sled)?;
+    Some((chain, chain.ratio(p50_us)))
+}
+
+/// The p50 in µs of the C=1 run of `runs`, when it placed sagas.
+fn c1_p50_us(runs: &[RunReport]) -> Option<f64> {
+    runs.iter()
+        .find(|r| r.concurrency == 1 && !r.tally.latency.is_empty())
+        .map(|r| ms(&r.tally.latency, 0.5) * 1000.0)
+}
+
 /// Everything one invocation measured.
 pub(crate) struct Report {
     pub(crate) seed: u64,
@@ -22,6 +94,8 @@ pub(crate) struct Report {
     pub(crate) sled: Option<SledFloor>,
     /// The configuration of `runs` and the other scenarios (none with --target).
     pub(crate) setup: Option<Setup>,
+    /// The started participants' store (their `--store`).
+    pub(crate) participant_store: Store,
     /// The sweep of `setup`.
     pub(crate) runs: Vec<RunReport>,
     /// With several configurations (--compare-stores, --smoke): each one's
@@ -87,6 +161,13 @@ struct Target {
 }
 
 impl Report {
+    /// The floor chain of a sweep on `setup` (none with --target: its
+    /// stores are unknown) and its C=1 p50 over it, when it applies.
+    fn chain_of(&self, setup: Option<&Setup>, runs: &[RunReport]) -> Option<(FloorChain, f64)> {
+        let on_sled = setup.is_some_and(|s| s.store == Store::Sled) && self.participant_store == Store::Sled;
+        floor_chain(self.nats.as_ref(), self.sled.as_ref(), on_sled, c1_p50_us(runs))
+    }
+
     /// The engine's figures over the floors, per run.
     fn ratios(&self, r: &RunReport) -> Value {
         let p50_us = ms(&r.tally.latency, 0.5) * 1000.0;
@@ -252,8 +333,16 @@ impl Report {
         println!("{t}");
     }
 
-    /// One run of a sweep, as JSON.
-    fn run_json(&self, r: &RunReport) -> Value {
+    /// One run of a sweep, as JSON; the C=1 run's ratios with the floor
+    /// chain of its sweep, when there is one.
+    fn run_json(&self, r: &RunReport, chain: Option<(FloorChain, f64)>) -> Value {
+        let mut ratios = self.ratios(r);
+        if let (Some((c, over)), Value::Object(m)) = (chain.filter(|_| r.concurrency == 1), &mut ratios) {
+            m.insert("floor_chain_us".into(), json!(c.us()));
+            m.insert("floor_chain_flushes".into(), json!(c.flushes));
+            m.insert("floor_chain_round_trips".into(), json!(c.round_trips));
+            m.insert("p50_over_floor_chain".into(), json!(over));
+        }
         json!({
             "concurrency": r.concurrency,
             "connections": r.connections,
@@ -272,7 +361,7 @@ impl Report {
             "examples": r.tally.examples,
             "flushes": r.flushes,
             "processes": procs(&r.procs),
-            "ratios": self.ratios(r),
+            "ratios": ratios,
         })
     }
 
@@ -344,6 +433,17 @@ impl Report {
                 ]);
             }
             println!("{t}");
+            if let Some((c, over)) = self.chain_of(self.setup.as_ref(), &self.runs) {
+                println!(
+                    "floor chain {:.2} ms ({} flushes × {:.0} µs + {} round trips × {:.0} µs); \
+                     C=1 p50 = {over:.2}× the chain",
+                    c.us() / 1000.0,
+                    c.flushes,
+                    c.flush_us,
+                    c.round_trips,
+                    c.round_trip_us
+                );
+            }
 
             println!("\nCPU seconds (cores busy) and peak RSS per process, per run");
             let names: Vec<&str> = self.runs[0].procs.iter().map(|p| p.name.as_str()).collect();
@@ -591,7 +691,8 @@ impl Report {
 
     /// The JSON report.
     pub(crate) fn json(&self, args: &Args) -> Value {
-        let runs: Vec<Value> = self.runs.iter().map(|r| self.run_json(r)).collect();
+        let chain = self.chain_of(self.setup.as_ref(), &self.runs);
+        let runs: Vec<Value> = self.runs.iter().map(|r| self.run_json(r, chain)).collect();
         let stores: Vec<Value> = self
             .stores
             .iter()
@@ -599,7 +700,9 @@ impl Report {
                 json!({
                     "label": w.setup.label(),
                     "setup": setup_json(&w.setup),
-                    "runs": w.runs.iter().map(|r| self.run_json(r)).collect::<Vec<_>>(),
+                    "runs": w.runs.iter()
+                        .map(|r| self.run_json(r, self.chain_of(Some(&w.setup), &w.runs)))
+                        .collect::<Vec<_>>(),
                     "error": w.error,
                 })
             })
@@ -743,4 +846,46 @@ fn procs(p: &[ProcFigures]) -> Value {
         );
     }
     Value::Object(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nats(rtt_p50_us: f64) -> NatsFloor {
+        NatsFloor {
+            rtt_p50_us,
+            rtt_p99_us: rtt_p50_us * 2.0,
+            throughput: Vec::new(),
+        }
+    }
+
+    fn sled(flush_p50_us: f64) -> SledFloor {
+        SledFloor {
+            flush_p50_us,
+            per_write_per_s: 1e6 / flush_p50_us,
+            batched_per_s: 0.0,
+        }
+    }
+
+    #[test]
+    fn the_floor_chain_is_five_flushes_and_two_round_trips() {
+        // Different floors so that swapped counts or a swapped pair would show.
+        let (chain, over) =
+            floor_chain(Some(&nats(200.0)), Some(&sled(300.0)), true, Some(3_400.0)).expect("a chain");
+        assert_eq!((chain.flushes, chain.round_trips), (5, 2));
+        assert_eq!((chain.flush_us, chain.round_trip_us), (300.0, 200.0));
+        // 3 coordinator + 2 participant flushes × 300 µs + 2 round trips × 200 µs.
+        assert!((chain.us() - 1_900.0).abs() < 1e-9, "{}", chain.us());
+        assert!((over - 3_400.0 / 1_900.0).abs() < 1e-9, "{over}");
+    }
+
+    #[test]
+    fn no_floor_chain_without_both_floors_sled_stores_and_a_c1_run() {
+        let (n, s) = (nats(200.0), sled(300.0));
+        assert!(floor_chain(None, Some(&s), true, Some(1_000.0)).is_none());
+        assert!(floor_chain(Some(&n), None, true, Some(1_000.0)).is_none());
+        assert!(floor_chain(Some(&n), Some(&s), false, Some(1_000.0)).is_none());
+        assert!(floor_chain(Some(&n), Some(&s), true, None).is_none());
+    }
 }
