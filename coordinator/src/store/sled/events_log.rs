@@ -257,8 +257,9 @@ impl Store {
         })
     }
 
-    /// The events of up to `limit` events-log entries (group commits) not
-    /// yet acknowledged by JetStream, in commit order, each with its log key
+    /// Events not yet acknowledged by JetStream, whole events-log entries
+    /// (group commits) until there are `limit` or more, in commit order,
+    /// each with its log key
     /// (the same for the events of one entry). Each event is built from its
     /// history entry and the saga record. A transition whose saga is gone
     /// (pruned by an operator's retention shorter than the publisher's
@@ -273,8 +274,8 @@ impl Store {
             // next entry, if it does.
             let ready = lock(&self.events_ready);
             let run = ready.queue.iter().skip_while(|(_, seq, _)| *seq < ready.next);
-            for (expected, (generation, seq, events)) in (ready.next..).zip(run).take(limit) {
-                if *seq != expected {
+            for (expected, (generation, seq, events)) in (ready.next..).zip(run) {
+                if *seq != expected || out.len() >= limit {
                     break;
                 }
                 let key = events_log_key(*generation, *seq);
@@ -284,7 +285,10 @@ impl Store {
         if !out.is_empty() {
             return Ok(out);
         }
-        for entry in self.events_after_cursor().take(limit) {
+        for entry in self.events_after_cursor() {
+            if out.len() >= limit {
+                break;
+            }
             let (key, pointers) = entry?;
             for p in pointers {
                 let Some(source) = self.event_source(&p.id)? else {
