@@ -38,9 +38,20 @@
 //! breaker waits out the rest of that `wait` before it is sent (so sagas do
 //! not burn their attempts hammering a dead service), and one still refused
 //! fails fast as a transient "circuit open" outcome. Each change is logged.
+//!
+//! A participant may have a limit on its commands in flight
+//! (`--max-in-flight`): a command due past it waits in a queue of its
+//! participant, its attempt not spent and no deadline running, and leaves
+//! in turn when one of the participant's commands is answered or times out
+//! (`saga_dispatch_queued` counts the queue). So a restart with 100,000
+//! sagas in flight sends each participant at most its limit at once.
+
+mod limits;
+
+pub use limits::InFlightLimits;
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -199,6 +210,7 @@ impl Dispatcher {
     pub(crate) fn new(
         client: async_nats::Client,
         breaker_settings: BreakerSettings,
+        limits: InFlightLimits,
         max_output_bytes: usize,
         outcomes: mpsc::UnboundedSender<Reported>,
         tracker: TaskTracker,
@@ -214,6 +226,8 @@ impl Dispatcher {
             rows: HashMap::new(),
             timers: DelayQueue::new(),
             parked: Vec::new(),
+            limits,
+            lanes: HashMap::new(),
             max_output_bytes,
             outcomes,
         };
@@ -267,6 +281,16 @@ struct Route {
     participant: String,
     action: String,
     breaker: Breaker,
+    /// The participant's `--max-in-flight`, if any.
+    limit: Option<usize>,
+}
+
+/// A participant's commands under its limit: how many are sent and not
+/// finished, and the tokens of those due that wait for room, oldest first.
+#[derive(Default)]
+struct Lane {
+    sent: usize,
+    queued: VecDeque<u64>,
 }
 
 /// A command in flight: waiting out its backoff (with the whole entry, to
@@ -306,6 +330,9 @@ struct Driver {
     /// Rows due while NATS was disconnected: sent once it is back (one
     /// connection check every [`PARKED_RECHECK`] for all of them).
     parked: Vec<u64>,
+    limits: InFlightLimits,
+    /// Per limited participant.
+    lanes: HashMap<String, Lane>,
     /// Largest output (`data` of an `ok` reply, as compact JSON) a step may return.
     max_output_bytes: usize,
     outcomes: mpsc::UnboundedSender<Reported>,
@@ -322,6 +349,13 @@ impl Driver {
         let recheck = tokio::time::sleep(PARKED_RECHECK);
         tokio::pin!(recheck);
         loop {
+            if !self.limits.is_empty() {
+                tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => break,
+                    () = self.release_queued() => {}
+                }
+            }
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break,
@@ -411,6 +445,7 @@ impl Driver {
         let route = Arc::new(Route {
             subject: subject.to_string(),
             action: wire_part(subject, 3).to_string(),
+            limit: self.limits.of(&participant),
             participant,
             breaker,
         });
@@ -456,6 +491,15 @@ impl Driver {
         }
     }
 
+    /// A sent command of `route`'s participant finished: room for the next.
+    fn lane_done(&mut self, route: &Route) {
+        if route.limit.is_some() {
+            if let Some(lane) = self.lanes.get_mut(&route.participant) {
+                lane.sent = lane.sent.saturating_sub(1);
+            }
+        }
+    }
+
     fn withdraw(&mut self, saga_id: &str, step: usize, kind: CommandKind) {
         // Only an operator abort withdraws: a scan is cheap enough for it.
         let tokens: Vec<u64> = self
@@ -468,6 +512,14 @@ impl Driver {
             if let Some(row) = self.rows.remove(&token) {
                 if let Some(key) = row.timer {
                     self.timers.try_remove(&key);
+                }
+                match row.stage {
+                    Stage::Sent { .. } => self.lane_done(&row.route),
+                    Stage::Waiting(_) => {
+                        if let Some(lane) = self.lanes.get_mut(&row.route.participant) {
+                            lane.queued.retain(|t| *t != token);
+                        }
+                    }
                 }
                 debug!(saga_id, correlation_id = %row.correlation_id, step, attempt = row.attempt,
                        "command withdrawn");
@@ -492,6 +544,9 @@ impl Driver {
             self.parked.push(token);
             return;
         }
+        if self.held_back(token) {
+            return;
+        }
         let Some((subject, reply, headers, body)) = self.request_parts(token) else {
             return;
         };
@@ -500,6 +555,68 @@ impl Driver {
             .publish_with_reply_and_headers(subject, reply, headers, body)
             .await;
         self.sent(token, result);
+    }
+
+    /// Queues `token` when its participant has no room under its limit (or
+    /// older commands wait for it); returns whether it did.
+    fn held_back(&mut self, token: u64) -> bool {
+        let Some(route) = self.rows.get(&token).map(|r| r.route.clone()) else {
+            return false;
+        };
+        let Some(limit) = route.limit else {
+            return false;
+        };
+        let lane = self.lanes.entry(route.participant.clone()).or_default();
+        if lane.sent < limit && lane.queued.is_empty() {
+            return false;
+        }
+        lane.queued.push_back(token);
+        metrics::gauge!(telemetry::DISPATCH_QUEUED, "participant" => route.participant.clone())
+            .set(lane.queued.len() as f64);
+        true
+    }
+
+    /// Sends the queued commands of limited participants while they have
+    /// room (after commands finished).
+    async fn release_queued(&mut self) {
+        let participants: Vec<String> = self
+            .lanes
+            .iter()
+            .filter(|(_, l)| !l.queued.is_empty())
+            .map(|(p, _)| p.clone())
+            .collect();
+        for participant in participants {
+            let limit = self.limits.of(&participant).unwrap_or(usize::MAX);
+            loop {
+                if self.client.connection_state() != NatsState::Connected {
+                    return;
+                }
+                let Some(lane) = self.lanes.get_mut(&participant) else {
+                    break;
+                };
+                if lane.sent >= limit {
+                    break;
+                }
+                let Some(token) = lane.queued.pop_front() else {
+                    break;
+                };
+                let left = lane.queued.len();
+                metrics::gauge!(telemetry::DISPATCH_QUEUED, "participant" => participant.clone())
+                    .set(left as f64);
+                // Withdrawn meanwhile: nothing to send.
+                if !matches!(self.rows.get(&token), Some(r) if matches!(r.stage, Stage::Waiting(_))) {
+                    continue;
+                }
+                let Some((subject, reply, headers, body)) = self.request_parts(token) else {
+                    continue;
+                };
+                let result = self
+                    .client
+                    .publish_with_reply_and_headers(subject, reply, headers, body)
+                    .await;
+                self.sent(token, result);
+            }
+        }
     }
 
     /// The request of a waiting row, or its failure reported (an open
@@ -548,6 +665,9 @@ impl Driver {
             started: Instant::now(),
             timeout,
         };
+        if row.route.limit.is_some() {
+            self.lanes.entry(row.route.participant.clone()).or_default().sent += 1;
+        }
     }
 
     fn on_reply(&mut self, message: async_nats::Message) {
@@ -630,6 +750,9 @@ impl Driver {
             Stage::Sent { started, .. } => Some(started),
             Stage::Waiting(_) => None,
         };
+        if sent.is_some() {
+            self.lane_done(route);
+        }
         // A command refused before it left (open breaker) is not a call.
         match &result {
             Ok(_) => route.breaker.machine.on_success(),

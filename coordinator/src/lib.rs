@@ -71,6 +71,7 @@ mod telemetry;
 // The public surface: what `main.rs`, the test kit, saga-bench and the fuzz
 // targets need, and nothing else.
 pub use backend::StoreKind;
+pub use dispatch::InFlightLimits;
 pub use saga_core::definition::DefinitionError;
 
 /// Checks a `CreateOrderRequest` exactly as `CreateOrder` does, storing
@@ -187,6 +188,13 @@ pub struct Config {
     /// unknown, retried), never stored.
     #[arg(long, env = "COORDINATOR_MAX_OUTPUT_BYTES", default_value_t = 64 * 1024)]
     pub max_output_bytes: usize,
+    /// Most commands in flight at once per participant, e.g.
+    /// `inventory=200,payment=100` (a participant not named has no limit):
+    /// the commands past a limit wait in the dispatcher, spending no attempt
+    /// and running no deadline, until one of that participant's commands is
+    /// answered or times out.
+    #[arg(long, env = "COORDINATOR_MAX_IN_FLIGHT", default_value = "")]
+    pub max_in_flight: InFlightLimits,
     /// How long an open breaker holds commands back.
     #[arg(long, env = "COORDINATOR_BREAKER_WAIT", default_value = "1s", value_parser = humantime::parse_duration)]
     pub breaker_wait: Duration,
@@ -290,6 +298,7 @@ impl Config {
             breaker_failures: 5,
             max_output_bytes: 64 * 1024,
             breaker_wait: Duration::from_secs(1),
+            max_in_flight: InFlightLimits::default(),
             tls_cert: None,
             tls_key: None,
             tls_client_ca: None,
@@ -682,6 +691,7 @@ pub async fn run_with_reload(
     let dispatcher = Dispatcher::new(
         nats.clone(),
         breakers,
+        config.max_in_flight.clone(),
         config.max_output_bytes,
         outcomes,
         tracker.clone(),

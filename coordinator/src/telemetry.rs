@@ -35,6 +35,8 @@ pub(crate) const STEP_SECONDS: &str = "saga_step_duration_seconds";
 pub(crate) const STEP_RETRIES: &str = "saga_step_retries_total";
 /// 1 while a participant's circuit breaker is open.
 pub(crate) const BREAKER_OPEN: &str = "saga_breaker_open";
+/// Commands due that wait for room under their participant's `--max-in-flight`.
+pub(crate) const DISPATCH_QUEUED: &str = "saga_dispatch_queued";
 /// 1 while NATS is connected.
 pub(crate) const NATS_CONNECTED: &str = "saga_nats_connected";
 /// Finished sagas removed after the retention.
