@@ -588,12 +588,17 @@ impl Driver {
         for participant in participants {
             let limit = self.limits.of(&participant).unwrap_or(usize::MAX);
             loop {
-                if self.client.connection_state() != NatsState::Connected {
-                    return;
-                }
                 let Some(lane) = self.lanes.get_mut(&participant) else {
                     break;
                 };
+                if self.client.connection_state() != NatsState::Connected {
+                    // Parked, they leave when NATS is back (nothing else may
+                    // wake this task then), through `send` and the queue again.
+                    self.parked.extend(lane.queued.drain(..));
+                    metrics::gauge!(telemetry::DISPATCH_QUEUED, "participant" => participant.clone())
+                        .set(0.0);
+                    break;
+                }
                 if lane.sent >= limit {
                     break;
                 }

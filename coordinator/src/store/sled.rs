@@ -4,9 +4,9 @@
 //! - `sagas`: saga id (16 UUID bytes; v7, so key order is creation order) →
 //!   `{"v":1,"saga":{…}}`, the saga's last snapshot (its definition by
 //!   `definition_ref`, or inline in records written by earlier versions):
-//!   written when the saga is created and when its history passes a
-//!   multiple of `journal::SNAPSHOT_EVERY` entries — not at every
-//!   transition, not when it ends;
+//!   written when the saga is created, when it ends, and when its history
+//!   passes a multiple of `journal::SNAPSHOT_EVERY` entries — not at every
+//!   transition;
 //! - `journal`: saga id ++ the sequence of the transition's last history
 //!   entry (u64 BE) → what one transition changed (`journal`: state, the
 //!   steps it touched, its history entries, the commands it sent and

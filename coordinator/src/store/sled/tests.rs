@@ -510,10 +510,10 @@ async fn flushed_writes(store: &Store) -> usize {
 }
 
 #[tokio::test]
-async fn a_two_step_saga_costs_eleven_writes_and_reads_back_at_every_step() {
+async fn a_two_step_saga_costs_twelve_writes_and_reads_back_at_every_step() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open(dir.path()).expect("open");
-    let created = new_saga(Some("eleven"));
+    let created = new_saga(Some("twelve"));
     let id = Uuid::parse_str(&created.saga.id).expect("uuid");
     // Created and started in one transition, as the runner writes a new saga.
     let mut first = engine::transition(&created.saga, &Event::Start, 2)
@@ -545,9 +545,8 @@ async fn a_two_step_saga_costs_eleven_writes_and_reads_back_at_every_step() {
         reply(1, 1, Outcome::Ok(serde_json::json!({"ok": true}))),
         4,
     );
-    // journal entry, state index out and in, events entry: no snapshot at
-    // the end (the journal since the last one is short by construction)
-    assert_eq!(flushed_writes(&store).await, 4);
+    // snapshot, journal entry, state index out and in, events entry
+    assert_eq!(flushed_writes(&store).await, 5);
     assert_eq!(done.saga.state, engine::SagaState::Completed);
     assert_eq!(store.get(&id).expect("get"), Some(done.saga.clone()));
     assert!(store.in_flight(&id).expect("in flight").is_empty());
