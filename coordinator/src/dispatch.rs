@@ -587,10 +587,7 @@ impl Driver {
             .collect();
         for participant in participants {
             let limit = self.limits.of(&participant).unwrap_or(usize::MAX);
-            loop {
-                let Some(lane) = self.lanes.get_mut(&participant) else {
-                    break;
-                };
+            while let Some(lane) = self.lanes.get_mut(&participant) {
                 if self.client.connection_state() != NatsState::Connected {
                     // Parked, they leave when NATS is back (nothing else may
                     // wake this task then), through `send` and the queue again.
