@@ -547,6 +547,12 @@ impl Driver {
         if self.held_back(token) {
             return;
         }
+        self.publish(token).await;
+    }
+
+    /// Publishes a waiting row's request (the publish only queues on the
+    /// connection, waiting for room in it when NATS stalls).
+    async fn publish(&mut self, token: u64) {
         let Some((subject, reply, headers, body)) = self.request_parts(token) else {
             return;
         };
@@ -606,17 +612,8 @@ impl Driver {
                 metrics::gauge!(telemetry::DISPATCH_QUEUED, "participant" => participant.clone())
                     .set(left as f64);
                 // Withdrawn meanwhile: nothing to send.
-                if !matches!(self.rows.get(&token), Some(r) if matches!(r.stage, Stage::Waiting(_))) {
-                    continue;
-                }
-                let Some((subject, reply, headers, body)) = self.request_parts(token) else {
-                    continue;
-                };
-                let result = self
-                    .client
-                    .publish_with_reply_and_headers(subject, reply, headers, body)
-                    .await;
-                self.sent(token, result);
+                // A withdrawn row is gone: `request_parts` finds nothing to send.
+                self.publish(token).await;
             }
         }
     }
