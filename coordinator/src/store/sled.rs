@@ -93,6 +93,29 @@ pub(crate) const DEFAULT_CACHE_BYTES: u64 = 128 * 1024 * 1024;
 /// transitions, so a second read all but always holds.
 const READ_RETRIES: usize = 8;
 
+/// Opens the sled database in `dir`. sled releases its file lock from a
+/// background thread a moment after the last handle is dropped (an in-process
+/// restart, or a previous process still exiting): a lock conflict is retried
+/// for up to 3 s.
+fn open_db(dir: &Path, cache_bytes: u64) -> Result<sled::Db, StoreError> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        match sled::Config::new()
+            .path(dir)
+            .mode(sled::Mode::HighThroughput)
+            .cache_capacity(cache_bytes)
+            .open()
+        {
+            Err(sled::Error::Io(e))
+                if std::time::Instant::now() < deadline && e.to_string().contains("lock") =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
 /// Runs sled's blocking work (a transaction, a flush) on the blocking pool.
 /// Not sled's `flush_async`: that goes through sled's own I/O thread pool,
 /// one more thread hand-off per flush.
@@ -238,25 +261,7 @@ impl Store {
     /// # Errors
     /// As [`Store::open`].
     pub(crate) fn open_with_cache(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
-        // sled releases its file lock from a background thread a moment after the
-        // last handle is dropped (an in-process restart, or a previous process still
-        // exiting): retry a lock conflict for up to 3 s.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
-        let db = loop {
-            match sled::Config::new()
-                .path(dir)
-                .mode(sled::Mode::HighThroughput)
-                .cache_capacity(cache_bytes)
-                .open()
-            {
-                Err(sled::Error::Io(e))
-                    if std::time::Instant::now() < deadline && e.to_string().contains("lock") =>
-                {
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                other => break other?,
-            }
-        };
+        let db = open_db(dir, cache_bytes)?;
         Store {
             sagas: db.open_tree("sagas")?,
             journal: db.open_tree("journal")?,

@@ -235,7 +235,7 @@ fn keys(pending: &[(Vec<u8>, EventRecord)]) -> Vec<Vec<u8>> {
 }
 
 fn generations(dir: &Path) -> Vec<String> {
-    let db = sled::open(dir).expect("open");
+    let db = open_db(dir, DEFAULT_CACHE_BYTES).expect("open");
     let mut names: Vec<String> = db
         .tree_names()
         .iter()
