@@ -24,8 +24,9 @@ use tracing::warn;
 use uuid::Uuid;
 
 use crate::{
+    cluster::Router,
     definition::{Catalog, Definitions},
-    engine::{Event, HistoryEntry, Saga, SagaState, StateTag, StepStatus},
+    engine::{Event, HistoryEntry, Saga, SagaState, SignalRefused, StateTag, StepStatus},
     partition::Ownership,
     runner::{CreateError, Created, NewSaga, OperateError, Operated, RunnerHandle},
     store::{SharedStore, StoreError},
@@ -47,8 +48,8 @@ pub(crate) struct SagaApi {
     definitions: Catalog,
     runner: RunnerHandle,
     operator_token: Option<String>,
-    /// jetstream store: operator events for sagas held elsewhere go to their holder.
-    forward: Option<(async_nats::Client, Ownership)>,
+    /// Where operator events and signals go (jetstream store: sagas held elsewhere to their holder).
+    router: Router<RunnerHandle>,
     /// Oldest saga `RetrySaga` may resume (zero: no limit), see `Config::command_horizon`.
     command_horizon: std::time::Duration,
 }
@@ -65,10 +66,10 @@ impl SagaApi {
         SagaApi {
             store,
             definitions,
+            router: Router::local(runner.clone()),
             runner,
             // An empty token means none: it must never match an empty bearer.
             operator_token: operator_token.filter(|t| !t.is_empty()),
-            forward: None,
             command_horizon: std::time::Duration::ZERO,
         }
     }
@@ -76,8 +77,13 @@ impl SagaApi {
     /// jetstream store: operator events for sagas whose partition is not
     /// held here are forwarded over `nats` to the coordinator holding it.
     pub(crate) fn with_forwarding(mut self, nats: async_nats::Client, ownership: Ownership) -> Self {
-        self.forward = Some((nats, ownership));
+        self.router = self.router.forwarding(nats, ownership);
         self
+    }
+
+    /// Where operator events and signals go.
+    pub(crate) fn router(&self) -> Router<RunnerHandle> {
+        self.router.clone()
     }
 
     /// `RetrySaga` and `AbortSaga` refuse sagas started longer than `horizon`
@@ -120,26 +126,34 @@ impl SagaApi {
     }
 
     async fn operate(&self, saga_id: Uuid, event: Event, verb: &str) -> Result<pb::OperatorResponse, Status> {
-        let result = match &self.forward {
-            Some((nats, ownership)) if !ownership.owns(&saga_id.to_string()) => {
-                crate::cluster::forward_operate(nats, ownership.partitions(), saga_id, &event).await
-            }
-            _ => self.runner.operate(saga_id, event).await,
-        };
-        match result {
+        match self.router.operate(saga_id, event).await {
             Ok(Operated::Changed(state)) => Ok(pb::OperatorResponse {
                 saga_id: saga_id.to_string(),
                 state: state_to_pb(state) as i32,
             }),
-            Ok(Operated::Unchanged(state)) => Err(Status::failed_precondition(format!(
-                "saga {saga_id} is {}: nothing to {verb}",
-                state.as_str()
-            ))),
-            Err(OperateError::NotFound(id)) => Err(Status::not_found(format!("saga {id} not found"))),
-            Err(OperateError::Store(e)) => Err(store_status(e)),
-            Err(e @ (OperateError::Stopped | OperateError::NotStarted | OperateError::Elsewhere(_))) => {
-                Err(Status::unavailable(e.to_string()))
+            Ok(Operated::Unchanged(state) | Operated::Signalled(_, state)) => {
+                Err(Status::failed_precondition(format!(
+                    "saga {saga_id} is {}: nothing to {verb}",
+                    state.as_str()
+                )))
             }
+            Err(e) => Err(operate_status(e)),
+        }
+    }
+}
+
+/// The status of an operator event or a signal that could not be applied.
+pub(crate) fn operate_status(e: OperateError) -> Status {
+    match e {
+        OperateError::NotFound(id) => Status::not_found(format!("saga {id} not found")),
+        OperateError::Store(e) => store_status(e),
+        OperateError::Refused(why @ SignalRefused::UnknownName { .. }) => invalid("name", why),
+        OperateError::Refused(why @ SignalRefused::Payload { .. }) => {
+            Status::invalid_argument(why.to_string())
+        }
+        OperateError::Refused(why) => Status::failed_precondition(why.to_string()),
+        e @ (OperateError::Stopped | OperateError::NotStarted | OperateError::Elsewhere(_)) => {
+            Status::unavailable(e.to_string())
         }
     }
 }
@@ -386,23 +400,26 @@ fn step_status(s: StepStatus) -> pb::StepStatus {
         StepStatus::Compensated => pb::StepStatus::Compensated,
         StepStatus::CompensationFailed => pb::StepStatus::CompensationFailed,
         StepStatus::Failed => pb::StepStatus::Failed,
+        StepStatus::Waiting => pb::StepStatus::Waiting,
+        StepStatus::Sleeping => pb::StepStatus::Sleeping,
+        StepStatus::Skipped => pb::StepStatus::Skipped,
     }
 }
 
 /// The step(s) in flight: one name, or a group's names joined by `,`.
 fn current_step(saga: &Saga) -> String {
-    let busy = match saga.state {
-        SagaState::Running { .. } => StepStatus::Running,
-        SagaState::Compensating { .. } => StepStatus::Compensating,
+    let busy = |status: StepStatus| match saga.state {
+        SagaState::Running { .. } => status.in_flight(),
+        SagaState::Compensating { .. } => status == StepStatus::Compensating,
         SagaState::Pending | SagaState::Completed | SagaState::Compensated | SagaState::Failed { .. } => {
-            return String::new()
+            false
         }
     };
     saga.definition
         .steps
         .iter()
         .zip(&saga.steps)
-        .filter(|(_, p)| p.status == busy)
+        .filter(|(_, p)| busy(p.status))
         .map(|(d, _)| d.name.as_str())
         .collect::<Vec<_>>()
         .join(",")
@@ -443,6 +460,11 @@ pub(crate) fn saga_to_pb(saga: &Saga, history: &[HistoryEntry]) -> pb::Saga {
             },
             group: u32::try_from(saga.definition.group_of(i)).unwrap_or(u32::MAX),
             on_failure: d.on_failure.as_str().to_string(),
+            kind: d.kind.as_str().to_string(),
+            signal: d.awaits().unwrap_or_default().to_string(),
+            due_at: p.due_at_ms.map(timestamp),
+            signal_id: p.signal_id.clone().unwrap_or_default(),
+            output_json: p.output.as_ref().map(|o| o.to_string()).unwrap_or_default(),
         })
         .collect();
     let history = history
@@ -474,6 +496,8 @@ pub(crate) fn saga_to_pb(saga: &Saga, history: &[HistoryEntry]) -> pb::Saga {
         reason: saga.reason.clone().unwrap_or_default(),
         correlation_id: saga.correlation_id.clone(),
         idempotency_key: saga.idempotency_key.clone().unwrap_or_default(),
+        deadline_at: saga.deadline_at_ms.map(timestamp),
+        kept_signals: saga.signals.iter().map(|s| s.name.clone()).collect(),
     }
 }
 
@@ -667,6 +691,37 @@ impl SagaService for SagaApi {
         ))
     }
 
+    async fn signal_saga(
+        &self,
+        request: Request<pb::SignalSagaRequest>,
+    ) -> Result<Response<pb::SignalSagaResponse>, Status> {
+        self.authorize(&request, "SignalSaga")?;
+        let req = request.into_inner();
+        let payload_bytes = req.payload_json.len();
+        let payload = match req.payload_json.trim() {
+            "" => serde_json::Value::Null,
+            json => {
+                serde_json::from_str(json).map_err(|e| invalid("payload_json", format!("not JSON: {e}")))?
+            }
+        };
+        let signal = saga_wire::SignalRequest {
+            saga_id: req.saga_id,
+            name: req.name,
+            signal_id: req.signal_id,
+            payload,
+        };
+        signal.check(payload_bytes).map_err(field_status)?;
+        let (id, event) = crate::signals::event(signal).map_err(field_status)?;
+        let (fate, state) = crate::signals::deliver(&self.router, id, event)
+            .await
+            .map_err(operate_status)?;
+        Ok(Response::new(pb::SignalSagaResponse {
+            saga_id: id.to_string(),
+            outcome: fate.as_str().to_string(),
+            state: state_to_pb(state) as i32,
+        }))
+    }
+
     async fn list_definitions(
         &self,
         _request: Request<pb::ListDefinitionsRequest>,
@@ -689,8 +744,13 @@ impl SagaService for SagaApi {
                         compensation: s.compensation.clone().unwrap_or_default(),
                         timeout_ms: u64::try_from(s.timeout.as_millis()).unwrap_or(u64::MAX),
                         max_attempts: s.retry.max_attempts,
+                        kind: s.kind.as_str().to_string(),
+                        signal: s.awaits().unwrap_or_default().to_string(),
                     })
                     .collect(),
+                deadline_ms: d
+                    .deadline
+                    .map_or(0, |t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
             })
             .collect();
         Ok(Response::new(pb::ListDefinitionsResponse { definitions }))

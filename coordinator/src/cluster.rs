@@ -54,7 +54,7 @@ use uuid::Uuid;
 pub(crate) use crate::partition::Ownership;
 use crate::{
     clock::now_ms,
-    engine::{Event, StateTag},
+    engine::{Event, SignalFate, SignalRefused, StateTag},
     ops::{OperateError, Operated},
     partition::partition_of,
     store::{Loaded, PartitionedStore, StoreError},
@@ -89,6 +89,43 @@ pub(crate) trait SagaHost: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<Operated, OperateError>> + Send;
 }
 
+/// Where an operator event or a signal goes: to this coordinator's runner,
+/// or (jetstream store) forwarded to the coordinator holding the saga's partition.
+#[derive(Clone)]
+pub(crate) struct Router<R> {
+    runner: R,
+    forward: Option<(async_nats::Client, Ownership)>,
+}
+
+impl<R: SagaHost> Router<R> {
+    /// Everything to `runner`.
+    pub(crate) fn local(runner: R) -> Self {
+        Router {
+            runner,
+            forward: None,
+        }
+    }
+
+    /// Sagas of partitions not held here go over `nats` to their holder.
+    pub(crate) fn forwarding(mut self, nats: async_nats::Client, ownership: Ownership) -> Self {
+        self.forward = Some((nats, ownership));
+        self
+    }
+
+    /// Applies `event` where the saga runs; answers once its result is durable.
+    ///
+    /// # Errors
+    /// As [`SagaHost::operate`], or the forwarding's failure.
+    pub(crate) async fn operate(&self, saga_id: Uuid, event: Event) -> Result<Operated, OperateError> {
+        match &self.forward {
+            Some((nats, ownership)) if !ownership.owns(&saga_id.to_string()) => {
+                forward_operate(nats, ownership.partitions(), saga_id, &event).await
+            }
+            _ => self.runner.operate(saga_id, event).await,
+        }
+    }
+}
+
 /// Cluster settings (`--partitions`, `--lease-ttl`, `--instance-id`, `--kv-replicas`).
 #[derive(Debug, Clone)]
 pub(crate) struct ClusterSettings {
@@ -116,8 +153,18 @@ fn member_key(instance: &str) -> String {
 #[derive(Debug, Serialize, Deserialize)]
 struct Forwarded {
     saga_id: String,
-    /// `Some(reason)`: abort; `None`: retry.
+    /// `Some(reason)`: abort; `None`: retry (or the signal).
     abort: Option<String>,
+    /// A signal (coordinators of earlier versions never forward one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    signal: Option<ForwardedSignal>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct ForwardedSignal {
+    name: String,
+    id: String,
+    payload: serde_json::Value,
 }
 
 /// The holder's answer.
@@ -126,6 +173,8 @@ struct Forwarded {
 enum ForwardReply {
     Changed { state: String },
     Unchanged { state: String },
+    Signalled { fate: SignalFate, state: String },
+    Refused { why: SignalRefused },
     NotFound,
     Error { message: String },
 }
@@ -135,19 +184,28 @@ enum ForwardReply {
 ///
 /// # Errors
 /// No holder answered in 5 s (a hand-over in progress), or its error.
-pub(crate) async fn forward_operate(
+async fn forward_operate(
     nats: &async_nats::Client,
     partitions: u32,
     saga_id: Uuid,
     event: &Event,
 ) -> Result<Operated, OperateError> {
-    let abort = match event {
-        Event::Abort { reason } => Some(reason.clone()),
-        _ => None,
+    let (abort, signal) = match event {
+        Event::Abort { reason } => (Some(reason.clone()), None),
+        Event::Signal { name, id, payload } => (
+            None,
+            Some(ForwardedSignal {
+                name: name.clone(),
+                id: id.clone(),
+                payload: payload.clone(),
+            }),
+        ),
+        _ => (None, None),
     };
     let body = serde_json::to_vec(&Forwarded {
         saga_id: saga_id.to_string(),
         abort,
+        signal,
     })
     .map_err(|e| OperateError::Elsewhere(e.to_string()))?;
     let subject = format!(
@@ -169,6 +227,8 @@ pub(crate) async fn forward_operate(
     match serde_json::from_slice::<ForwardReply>(&reply.payload) {
         Ok(ForwardReply::Changed { state: s }) => Ok(Operated::Changed(state(&s)?)),
         Ok(ForwardReply::Unchanged { state: s }) => Ok(Operated::Unchanged(state(&s)?)),
+        Ok(ForwardReply::Signalled { fate, state: s }) => Ok(Operated::Signalled(fate, state(&s)?)),
+        Ok(ForwardReply::Refused { why }) => Err(OperateError::Refused(why)),
         Ok(ForwardReply::NotFound) => Err(OperateError::NotFound(saga_id)),
         Ok(ForwardReply::Error { message }) => Err(OperateError::Elsewhere(message)),
         Err(e) => Err(OperateError::Elsewhere(format!(
@@ -211,9 +271,12 @@ async fn serve_forwarded<R: SagaHost>(
                 let Ok(id) = Uuid::parse_str(&f.saga_id) else {
                     continue;
                 };
-                let event = match f.abort {
-                    Some(reason) => Event::Abort { reason },
-                    None => Event::Retry,
+                let event = match (f.abort, f.signal) {
+                    (Some(reason), _) => Event::Abort { reason },
+                    (None, Some(ForwardedSignal { name, id, payload })) => {
+                        Event::Signal { name, id, payload }
+                    }
+                    (None, None) => Event::Retry,
                 };
                 match runner.operate(id, event).await {
                     Ok(Operated::Changed(s)) => ForwardReply::Changed {
@@ -222,6 +285,11 @@ async fn serve_forwarded<R: SagaHost>(
                     Ok(Operated::Unchanged(s)) => ForwardReply::Unchanged {
                         state: s.as_str().into(),
                     },
+                    Ok(Operated::Signalled(fate, s)) => ForwardReply::Signalled {
+                        fate,
+                        state: s.as_str().into(),
+                    },
+                    Err(OperateError::Refused(why)) => ForwardReply::Refused { why },
                     Err(OperateError::NotFound(_)) => ForwardReply::NotFound,
                     Err(e) => ForwardReply::Error {
                         message: e.to_string(),

@@ -64,6 +64,7 @@ mod events;
 mod ops;
 mod partition;
 mod runner;
+mod signals;
 mod sink;
 mod store;
 mod telemetry;
@@ -629,6 +630,7 @@ pub async fn run_with_reload(
     if let (Some(nats), Some((ownership, _, _))) = (&early_nats, &cluster) {
         api = api.with_forwarding(nats.clone(), ownership.clone());
     }
+    let router = api.router();
     // Readiness follows the runner: SERVING once it takes requests.
     let runner_watch = {
         let (handle, ready) = (handle.clone(), ready.clone());
@@ -727,6 +729,7 @@ pub async fn run_with_reload(
         }
         _ => (None, None),
     };
+    let signals_task = tokio::spawn(signals::serve(nats.clone(), router, stop_work.clone()));
     let events_wake = events::EventsWake::default();
     let events_config = config.events();
     let events_task = events_config.enabled.then(|| {
@@ -774,6 +777,7 @@ pub async fn run_with_reload(
     if let Some(task) = events_task {
         let _ = task.await;
     }
+    let _ = signals_task.await;
     if let Some(task) = pruner {
         let _ = task.await;
     }

@@ -4,7 +4,10 @@
 
 use uuid::Uuid;
 
-use crate::{engine::StateTag, store::StoreError};
+use crate::{
+    engine::{SignalFate, SignalRefused, StateTag},
+    store::StoreError,
+};
 
 /// What `create` did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,6 +62,8 @@ pub(crate) enum Operated {
     Changed(StateTag),
     /// The event does not apply in the saga's state (e.g. abort of a completed saga).
     Unchanged(StateTag),
+    /// A signal was taken, kept, or was a repeat; the saga's state now.
+    Signalled(SignalFate, StateTag),
 }
 
 /// Why an operator event could not be applied.
@@ -79,4 +84,7 @@ pub(crate) enum OperateError {
     /// jetstream store: the saga's partition is owned by no reachable coordinator now.
     #[error("{0}")]
     Elsewhere(String),
+    /// A signal the saga does not take (nothing changed).
+    #[error(transparent)]
+    Refused(#[from] SignalRefused),
 }

@@ -29,6 +29,8 @@ pub(crate) const SAGAS_STARTED: &str = "saga_started_total";
 pub(crate) const SAGAS_FINISHED: &str = "saga_finished_total";
 /// Sagas not terminal, in this coordinator's memory.
 pub(crate) const SAGAS_IN_FLIGHT: &str = "saga_in_flight";
+/// Durable timers armed: awaits' timeouts, sleeps, deadlines.
+pub(crate) const TIMERS_PENDING: &str = "saga_timers_pending";
 /// One command's round trip, by `participant`, `action`, `outcome`.
 pub(crate) const STEP_SECONDS: &str = "saga_step_duration_seconds";
 /// Attempts after the first, by `participant`.

@@ -112,6 +112,7 @@ async fn forged_commands_replies_events_and_admin_requests_are_refused_by_the_se
     let mut replies = harness.subscribe("_INBOX_coordinator.>").await?;
     let mut events = harness.subscribe("saga.events.>").await?;
     let mut admin = harness.subscribe("saga.admin.>").await?;
+    let mut signals = harness.subscribe("saga.signal").await?;
     harness.flush().await?;
 
     // A participant's user: a forged charge (amount -50,000), a forged `ok`
@@ -138,6 +139,11 @@ async fn forged_commands_replies_events_and_admin_requests_are_refused_by_the_se
     refused(&mut errors, "saga.cmd.inventory.release").await?;
     reader.publish("saga.admin.payment.effects", "{}".into()).await?;
     refused(&mut errors, "saga.admin.payment.effects").await?;
+    // Nor read the signals (their payloads are a provider's confirmations) or send one.
+    let _eavesdrop = reader.subscribe("saga.signal").await?;
+    refused(&mut errors, "saga.signal").await?;
+    reader.publish("saga.signal", "{}".into()).await?;
+    refused(&mut errors, "saga.signal").await?;
 
     // The admin user asks admin subjects and nothing else.
     let (operator, mut errors) = as_role(&access, &Role::Admin).await?;
@@ -148,12 +154,26 @@ async fn forged_commands_replies_events_and_admin_requests_are_refused_by_the_se
     let asked = tokio::time::timeout(Duration::from_secs(5), admin.next()).await?;
     ensure!(asked.is_some_and(|m| m.subject.as_str() == "saga.admin.payment.stats"));
 
-    for c in [&inventory, &reader, &operator] {
+    // The signals user sends signals and nothing else; a participant sends none.
+    let (webhooks, mut errors) = as_role(&access, &Role::Signals).await?;
+    webhooks.publish("saga.cmd.payment.refund", "{}".into()).await?;
+    refused(&mut errors, "saga.cmd.payment.refund").await?;
+    let _spy = webhooks.subscribe("saga.signal").await?;
+    refused(&mut errors, "saga.signal").await?;
+    webhooks.publish("saga.signal", "{}".into()).await?;
+    webhooks.flush().await?;
+    let sent = tokio::time::timeout(Duration::from_secs(5), signals.next()).await?;
+    ensure!(sent.is_some_and(|m| m.subject.as_str() == "saga.signal"));
+    let (payment, mut errors) = as_role(&access, &Role::Participant("payment".into())).await?;
+    payment.publish("saga.signal", "{}".into()).await?;
+    refused(&mut errors, "saga.signal").await?;
+
+    for c in [&inventory, &reader, &operator, &webhooks, &payment] {
         c.flush().await?;
     }
     let leaked = tokio::time::timeout(
         Duration::from_millis(300),
-        futures::future::select_all([commands.next(), replies.next(), events.next()]),
+        futures::future::select_all([commands.next(), replies.next(), events.next(), signals.next()]),
     )
     .await;
     ensure!(

@@ -19,6 +19,9 @@ use serde_saphyr::{Location, Spanned};
 
 /// Longest step timeout a definition may declare.
 const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Longest wait a definition may declare: an `await`'s timeout, a `sleep`,
+/// the saga's `deadline`.
+pub const MAX_WAIT: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Most attempts a retry policy may declare.
 const MAX_ATTEMPTS: u32 = 1000;
 /// Largest definition file, in bytes.
@@ -195,6 +198,57 @@ pub struct StepDefinition {
     /// malformed (outcome unknown). `None`: any output (within the size bound).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_schema: Option<OutputSchema>,
+    /// What the step does; a command unless it waits for a signal or sleeps.
+    #[serde(default, skip_serializing_if = "StepKind::is_command")]
+    pub kind: StepKind,
+}
+
+impl StepDefinition {
+    /// The signal an `await` step waits for.
+    pub fn awaits(&self) -> Option<&str> {
+        match &self.kind {
+            StepKind::Await { signal } => Some(signal),
+            StepKind::Command | StepKind::Sleep { .. } => None,
+        }
+    }
+}
+
+/// What a step does. `await` and `sleep` steps send nothing, have nothing to
+/// undo and are never retried: they end by a signal, a timer or the saga's end.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum StepKind {
+    /// Sends `action` to `participant` (and `compensation` to undo it).
+    #[default]
+    Command,
+    /// Waits for the signal `signal` for at most the step's `timeout`; the
+    /// signal's payload is the step's output.
+    Await {
+        /// Signal name, unique within the definition.
+        signal: String,
+    },
+    /// Waits `duration` (a durable timer), then succeeds.
+    Sleep {
+        /// How long.
+        #[serde(with = "duration_ms")]
+        duration: Duration,
+    },
+}
+
+impl StepKind {
+    /// Whether the step sends a command.
+    pub fn is_command(&self) -> bool {
+        matches!(self, StepKind::Command)
+    }
+
+    /// `command`, `await` or `sleep`, as shown to operators.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            StepKind::Command => "command",
+            StepKind::Await { .. } => "await",
+            StepKind::Sleep { .. } => "sleep",
+        }
+    }
 }
 
 /// A step's `output_schema:`: the schema as JSON (what saga snapshots store)
@@ -407,6 +461,10 @@ pub struct SagaDefinition {
     /// business subject (`orders.completed`).
     #[serde(default)]
     pub events: BTreeMap<String, String>,
+    /// How long a saga may take from its creation: past it, a saga that is
+    /// still running compensates (`deadline:`).
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "opt_duration_ms")]
+    pub deadline: Option<Duration>,
     /// File the definition came from.
     #[serde(default)]
     pub source: PathBuf,
@@ -447,6 +505,11 @@ impl SagaDefinition {
             Some(schema) => schema.check(output),
             None => Ok(()),
         }
+    }
+
+    /// The `await` step waiting for `signal`, if any.
+    pub fn await_step(&self, signal: &str) -> Option<usize> {
+        self.steps.iter().position(|s| s.awaits() == Some(signal))
     }
 
     /// The groups, in order, as step-index ranges.
@@ -839,7 +902,9 @@ fn validate(path: &Path, raw: RawDefinition, limits: &Limits) -> Result<SagaDefi
                     || r.on_failure.is_some()
                     || r.input.is_some()
                     || r.compensation_input.is_some()
-                    || r.output_schema.is_some();
+                    || r.output_schema.is_some()
+                    || r.await_signal.is_some()
+                    || r.sleep.is_some();
                 if extra {
                     return Err(DefinitionError::at(
                         path,
@@ -909,6 +974,20 @@ fn validate(path: &Path, raw: RawDefinition, limits: &Limits) -> Result<SagaDefi
                 raw_name.referenced,
                 format!("duplicate step name `{step_name}`"),
             ));
+        }
+        if step.await_signal.is_some() || step.sleep.is_some() {
+            let wait = wait_step(path, item, step_name, *group)?;
+            if let (Some(signal), Some(raw)) = (wait.awaits(), &step.await_signal) {
+                if let Some(other) = steps.iter().find(|s| s.awaits() == Some(signal)) {
+                    return Err(DefinitionError::at(
+                        path,
+                        raw.referenced,
+                        format!("signal `{signal}` is already awaited by step `{}`", other.name),
+                    ));
+                }
+            }
+            steps.push(wait);
+            continue;
         }
         let participant = ident(path, &required(&step.participant, "participant")?, "participant")?;
         let action = ident(path, &required(&step.action, "action")?, "action")?;
@@ -980,8 +1059,13 @@ fn validate(path: &Path, raw: RawDefinition, limits: &Limits) -> Result<SagaDefi
             input,
             compensation_input,
             output_schema,
+            kind: StepKind::Command,
         });
     }
+    let deadline = match &raw.deadline {
+        Some(d) => Some(wait_duration(path, d, "deadline")?),
+        None => None,
+    };
     let input_schema = match &raw.input_schema {
         None => None,
         Some(s) => {
@@ -1031,8 +1115,128 @@ fn validate(path: &Path, raw: RawDefinition, limits: &Limits) -> Result<SagaDefi
         steps,
         input_schema,
         events,
+        deadline,
         source: path.to_path_buf(),
     })
+}
+
+/// An `await:` or `sleep:` step: it sends nothing, so it takes none of a
+/// command's keys; an await needs its `timeout` (a wait without an end would
+/// hold the saga, and what it reserved, forever).
+fn wait_step(
+    path: &Path,
+    item: &Spanned<RawStep>,
+    name: String,
+    group: usize,
+) -> Result<StepDefinition, DefinitionError> {
+    let step = &item.value;
+    let what = if step.await_signal.is_some() {
+        "await"
+    } else {
+        "sleep"
+    };
+    let at = |reason: String| DefinitionError::at(path, item.referenced, reason);
+    if step.await_signal.is_some() && step.sleep.is_some() {
+        return Err(at(format!(
+            "step `{name}` both awaits and sleeps; make them two steps"
+        )));
+    }
+    let command_keys = [
+        ("participant", step.participant.is_some()),
+        ("action", step.action.is_some()),
+        ("compensation", step.compensation.is_some()),
+        ("retry", step.retry.is_some()),
+        ("input", step.input.is_some()),
+        ("compensation_input", step.compensation_input.is_some()),
+    ];
+    let sleep_keys = [
+        ("timeout", step.timeout.is_some()),
+        ("on_failure", step.on_failure.is_some()),
+        ("output_schema", step.output_schema.is_some()),
+    ];
+    let refused = command_keys
+        .iter()
+        .chain(sleep_keys.iter().filter(|_| step.sleep.is_some()))
+        .find(|(_, given)| *given);
+    if let Some((key, _)) = refused {
+        return Err(at(format!(
+            "`{what}` step `{name}` takes no `{key}` (it sends no command{})",
+            if step.sleep.is_some() {
+                " and cannot fail"
+            } else {
+                ""
+            }
+        )));
+    }
+    let no_retry = RetryPolicy {
+        max_attempts: 1,
+        ..RetryPolicy::default()
+    };
+    let (kind, timeout, on_failure) = match (&step.await_signal, &step.sleep) {
+        (Some(signal), _) => {
+            let signal = ident(path, signal, "await")?;
+            let Some(t) = &step.timeout else {
+                return Err(at(format!(
+                    "`await` step `{name}` needs a `timeout` (how long to wait for `{signal}`, up to 30 days)"
+                )));
+            };
+            let on_failure = match step.on_failure.as_ref().map(|v| (v, v.value.as_str())) {
+                None | Some((_, "compensate")) => OnFailure::Compensate,
+                Some((_, "continue")) => OnFailure::Continue,
+                Some((v, other)) => {
+                    return Err(DefinitionError::at(
+                        path,
+                        v.referenced,
+                        format!("on_failure `{other}`: an await is not retried; use compensate or continue"),
+                    ))
+                }
+            };
+            (
+                StepKind::Await { signal },
+                wait_duration(path, t, "timeout")?,
+                on_failure,
+            )
+        }
+        (None, Some(d)) => {
+            let duration = wait_duration(path, d, "sleep")?;
+            (StepKind::Sleep { duration }, duration, OnFailure::Compensate)
+        }
+        (None, None) => return Err(at(format!("step `{name}` is neither an await nor a sleep"))),
+    };
+    let output_schema = match &step.output_schema {
+        None => None,
+        Some(raw) => Some(
+            OutputSchema::new(raw.value.clone())
+                .map_err(|reason| DefinitionError::at(path, raw.referenced, reason))?,
+        ),
+    };
+    Ok(StepDefinition {
+        name,
+        participant: String::new(),
+        action: String::new(),
+        compensation: None,
+        timeout,
+        retry: no_retry,
+        group: Some(group),
+        on_failure,
+        input: BTreeMap::new(),
+        compensation_input: BTreeMap::new(),
+        output_schema,
+        kind,
+    })
+}
+
+/// A wait (await timeout, sleep, deadline): > 0 and ≤ [`MAX_WAIT`].
+fn wait_duration(path: &Path, value: &Spanned<String>, what: &str) -> Result<Duration, DefinitionError> {
+    let d = duration(path, value, what)?;
+    if d.is_zero() || d > MAX_WAIT {
+        return Err(DefinitionError::at(
+            path,
+            value.referenced,
+            format!("{what} must be > 0 and ≤ 30 days"),
+        ));
+    }
+    Ok(d)
 }
 
 /// A saga event: the kind of a history entry, which a definition may alias
@@ -1074,11 +1278,21 @@ pub enum EventKind {
     Aborted,
     /// `retried`.
     Retried,
+    /// `step_waiting`: an await step began waiting for its signal.
+    StepWaiting,
+    /// `step_sleeping`: a sleep step began.
+    StepSleeping,
+    /// `step_skipped`: a step's `when:` was false.
+    StepSkipped,
+    /// `signal_received`: a signal came before its step waits, and is kept.
+    SignalReceived,
+    /// `deadline_passed`: the saga's deadline passed while it ran.
+    DeadlinePassed,
 }
 
 impl EventKind {
     /// Every saga event.
-    pub const ALL: [EventKind; 16] = [
+    pub const ALL: [EventKind; 21] = [
         EventKind::Created,
         EventKind::Started,
         EventKind::StepSucceeded,
@@ -1095,6 +1309,11 @@ impl EventKind {
         EventKind::Failed,
         EventKind::Aborted,
         EventKind::Retried,
+        EventKind::StepWaiting,
+        EventKind::StepSleeping,
+        EventKind::StepSkipped,
+        EventKind::SignalReceived,
+        EventKind::DeadlinePassed,
     ];
 
     /// The event's name, as stored, published and written in definitions.
@@ -1116,6 +1335,11 @@ impl EventKind {
             EventKind::Failed => "failed",
             EventKind::Aborted => "aborted",
             EventKind::Retried => "retried",
+            EventKind::StepWaiting => "step_waiting",
+            EventKind::StepSleeping => "step_sleeping",
+            EventKind::StepSkipped => "step_skipped",
+            EventKind::SignalReceived => "signal_received",
+            EventKind::DeadlinePassed => "deadline_passed",
         }
     }
 
@@ -1339,6 +1563,8 @@ struct RawDefinition {
     steps: Spanned<Vec<Spanned<RawStep>>>,
     #[serde(default)]
     events: Option<Spanned<BTreeMap<String, Spanned<String>>>>,
+    #[serde(default)]
+    deadline: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1391,6 +1617,28 @@ struct RawStep {
     output_schema: Option<Spanned<serde_json::Value>>,
     #[serde(default)]
     parallel: Option<Vec<Spanned<RawStep>>>,
+    #[serde(default, rename = "await")]
+    await_signal: Option<Spanned<String>>,
+    #[serde(default)]
+    sleep: Option<Spanned<String>>,
+}
+
+mod opt_duration_ms {
+    //! Optional durations stored as whole milliseconds.
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_some(&u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        Option::<u64>::deserialize(d).map(|ms| ms.map(Duration::from_millis))
+    }
 }
 
 mod duration_ms {

@@ -17,7 +17,7 @@ use saga_wire::{self as wire, CommandKind, OrderPayload};
 use serde::{Deserialize, Serialize};
 
 pub use crate::definition::EventKind;
-use crate::definition::{InputValue, OnFailure, RetryPolicy, SagaDefinition};
+use crate::definition::{InputValue, OnFailure, RetryPolicy, SagaDefinition, StepKind};
 
 /// Where a saga is in its life cycle. Indices point into the definition's steps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -156,7 +156,24 @@ pub enum StepStatus {
     CompensationFailed,
     /// Retries exhausted, and no attempt can have had an effect (none was
     /// delivered, or the participant answered `error`): nothing to undo.
+    /// Also an `await` that timed out or was cut short.
     Failed,
+    /// An `await` step waiting for its signal.
+    Waiting,
+    /// A `sleep` step waiting for its timer.
+    Sleeping,
+    /// Not run: its `when:` condition was false.
+    Skipped,
+}
+
+impl StepStatus {
+    /// Whether the step has not ended yet (a command, a wait or a sleep in flight).
+    pub fn in_flight(self) -> bool {
+        matches!(
+            self,
+            StepStatus::Running | StepStatus::Waiting | StepStatus::Sleeping
+        )
+    }
 }
 
 /// What is known of one step of one saga.
@@ -180,6 +197,12 @@ pub struct StepProgress {
     pub started_at_ms: Option<u64>,
     /// When the step reached its last status.
     pub finished_at_ms: Option<u64>,
+    /// When a waiting or sleeping step's timer fires (its timeout, its wake-up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub due_at_ms: Option<u64>,
+    /// The id of the signal an `await` step consumed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal_id: Option<String>,
 }
 
 impl StepProgress {
@@ -193,8 +216,23 @@ impl StepProgress {
             output: None,
             started_at_ms: None,
             finished_at_ms: None,
+            due_at_ms: None,
+            signal_id: None,
         }
     }
+}
+
+/// A signal that arrived before its `await` step was reached, kept until it is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReceivedSignal {
+    /// Signal name.
+    pub name: String,
+    /// The sender's id for it (a repeat with the same id is a no-op).
+    pub id: String,
+    /// Its payload, the await step's output once consumed.
+    pub payload: serde_json::Value,
+    /// When it arrived.
+    pub at_ms: u64,
 }
 
 /// One saga: its definition snapshot, its order and its progress.
@@ -226,6 +264,12 @@ pub struct Saga {
     pub updated_at_ms: u64,
     /// Sequence number of the last history entry.
     pub seq: u64,
+    /// When the definition's `deadline` passes (ms since the Unix epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_at_ms: Option<u64>,
+    /// Signals received before their step waits (one per name at most).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub signals: Vec<ReceivedSignal>,
 }
 
 /// Something that happened to a saga.
@@ -254,6 +298,176 @@ pub enum Event {
     /// Operator: resume the compensation of a FAILED saga, from the step
     /// that failed, with fresh attempts (FAILED → COMPENSATING).
     Retry,
+    /// A signal for an `await` step ([`check_signal`] says what it will do).
+    Signal {
+        /// Signal name.
+        name: String,
+        /// Sender's id for idempotency.
+        id: String,
+        /// Payload (the await step's output).
+        payload: serde_json::Value,
+    },
+    /// A durable timer of the saga came due ([`timers`]).
+    Timer(Timer),
+}
+
+/// A timer a saga has pending, derived from its state: the runner arms what
+/// [`timers`] lists after every transition and at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Timer {
+    /// The definition's `deadline`.
+    Deadline,
+    /// Step `step`'s: an await's timeout or a sleep's wake-up.
+    Step {
+        /// Step index.
+        step: usize,
+    },
+}
+
+/// The saga's pending timers with their due times (ms since the Unix epoch).
+pub fn timers(saga: &Saga) -> Vec<(u64, Timer)> {
+    let mut out = Vec::new();
+    if let (Some(due), SagaState::Pending | SagaState::Running { .. }) = (saga.deadline_at_ms, saga.state) {
+        out.push((due, Timer::Deadline));
+    }
+    if let SagaState::Running { step: g } = saga.state {
+        for k in saga.definition.group(g) {
+            let p = &saga.steps[k];
+            if let (Some(due), StepStatus::Waiting | StepStatus::Sleeping) = (p.due_at_ms, p.status) {
+                out.push((due, Timer::Step { step: k }));
+            }
+        }
+    }
+    out
+}
+
+/// What a signal will do to a saga.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SignalFate {
+    /// Its step waits: the step succeeds with the payload.
+    Consumed,
+    /// Its step is not reached yet: kept until it is.
+    Kept,
+    /// The same signal id was already taken: nothing changes.
+    Duplicate,
+}
+
+/// Why a signal is refused (nothing changes).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+#[serde(tag = "refused", rename_all = "snake_case")]
+pub enum SignalRefused {
+    /// The saga has ended.
+    #[error("saga is {}; it takes no signal", .state.as_str())]
+    Finished {
+        /// Its state.
+        state: StateTag,
+    },
+    /// No `await` step of the definition waits for this name.
+    #[error("no step of {definition} awaits signal `{name}` (awaited: {awaited})")]
+    UnknownName {
+        /// The signal name given.
+        name: String,
+        /// `name@version`.
+        definition: String,
+        /// The names it awaits, comma-separated (or "none").
+        awaited: String,
+    },
+    /// The step already took, or holds, another signal of this name.
+    #[error("signal `{name}` was already received with id `{id}`")]
+    AlreadyReceived {
+        /// Signal name.
+        name: String,
+        /// Id of the signal taken.
+        id: String,
+    },
+    /// The await is over (timed out, cut short) or the saga is undoing its steps.
+    #[error("step `{step}` no longer waits for `{name}` (it is {status})")]
+    NotWaiting {
+        /// Signal name.
+        name: String,
+        /// Step name.
+        step: String,
+        /// Its status, or the saga's state.
+        status: String,
+    },
+    /// The payload does not match the step's `output_schema`.
+    #[error("payload: {reason}")]
+    Payload {
+        /// What does not match.
+        reason: String,
+    },
+}
+
+impl SignalFate {
+    /// `consumed`, `kept` or `duplicate`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SignalFate::Consumed => "consumed",
+            SignalFate::Kept => "kept",
+            SignalFate::Duplicate => "duplicate",
+        }
+    }
+}
+
+/// What a signal `name`/`id` with `payload` would do to `saga`, or why it is refused.
+///
+/// # Errors
+/// [`SignalRefused`] for a signal that must change nothing.
+pub fn check_signal(
+    saga: &Saga,
+    name: &str,
+    id: &str,
+    payload: &serde_json::Value,
+) -> Result<SignalFate, SignalRefused> {
+    let def = &saga.definition;
+    let Some(k) = def.await_step(name) else {
+        let awaited: Vec<&str> = def.steps.iter().filter_map(|s| s.awaits()).collect();
+        return Err(SignalRefused::UnknownName {
+            name: name.to_string(),
+            definition: def.id(),
+            awaited: if awaited.is_empty() {
+                "none".into()
+            } else {
+                awaited.join(", ")
+            },
+        });
+    };
+    let p = &saga.steps[k];
+    let held = saga
+        .signals
+        .iter()
+        .find(|s| s.name == name)
+        .map(|s| s.id.as_str());
+    if let Some(taken) = p.signal_id.as_deref().or(held) {
+        return if taken == id {
+            Ok(SignalFate::Duplicate)
+        } else {
+            Err(SignalRefused::AlreadyReceived {
+                name: name.to_string(),
+                id: taken.to_string(),
+            })
+        };
+    }
+    if saga.state.is_terminal() {
+        return Err(SignalRefused::Finished {
+            state: saga.state.tag(),
+        });
+    }
+    let not_waiting = |status: String| SignalRefused::NotWaiting {
+        name: name.to_string(),
+        step: def.steps[k].name.clone(),
+        status,
+    };
+    let fate = match (saga.state, p.status) {
+        (SagaState::Running { .. }, StepStatus::Waiting) => SignalFate::Consumed,
+        (SagaState::Pending | SagaState::Running { .. }, StepStatus::Pending) => SignalFate::Kept,
+        (SagaState::Compensating { .. }, _) => return Err(not_waiting("compensating".into())),
+        (_, status) => return Err(not_waiting(format!("{status:?}").to_lowercase())),
+    };
+    def.check_output(k, payload)
+        .map_err(|reason| SignalRefused::Payload { reason })?;
+    Ok(fate)
 }
 
 /// A command's outcome as the engine sees it.
@@ -356,6 +570,9 @@ pub fn create(
     now_ms: u64,
 ) -> Transition {
     let steps = vec![StepProgress::new(); definition.steps.len()];
+    let deadline_at_ms = definition
+        .deadline
+        .map(|d| now_ms.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)));
     let mut saga = Saga {
         id,
         definition,
@@ -368,6 +585,8 @@ pub fn create(
         created_at_ms: now_ms,
         updated_at_ms: now_ms,
         seq: 0,
+        deadline_at_ms,
+        signals: Vec::new(),
     };
     let mut b = Builder::new(now_ms);
     let detail = format!("definition {}", saga.definition.id());
@@ -385,7 +604,7 @@ pub fn create(
 /// [`TransitionError`] for an event that cannot happen in this state or names
 /// a step that does not exist: a bug or corrupt data.
 pub fn transition(saga: &Saga, event: &Event, now_ms: u64) -> Result<Option<Transition>, TransitionError> {
-    if let Event::Reply { step, .. } = event {
+    if let Event::Reply { step, .. } | Event::Timer(Timer::Step { step }) = event {
         if *step >= saga.steps.len() || *step >= saga.definition.steps.len() {
             return Err(TransitionError::NoSuchStep {
                 saga_id: saga.id.clone(),
@@ -460,31 +679,12 @@ pub fn transition(saga: &Saga, event: &Event, now_ms: u64) -> Result<Option<Tran
         (SagaState::Completed | SagaState::Compensated | SagaState::Failed { .. }, Event::Reply { .. }) => {
             Ok(None)
         }
-        (SagaState::Pending, Event::Abort { reason }) => {
-            s.reason = Some(format!("aborted: {reason}"));
-            b.log(&mut s, EventKind::Aborted, None, None, Some(reason.clone()));
-            b.compensate_from(&mut s, None);
-            Ok(Some(b.finish(s, Vec::new())))
-        }
-        (SagaState::Running { step: group }, Event::Abort { reason }) => {
-            // The forward commands in flight may or may not have been applied.
-            let mut settled = Vec::new();
-            let members = def.group(group);
-            for k in members.clone() {
-                let p = &mut s.steps[k];
-                if p.status == StepStatus::Running {
-                    p.status = StepStatus::Unknown;
-                    p.finished_at_ms = Some(now_ms);
-                    p.last_outcome = Some("aborted while in flight".into());
-                    settled.push((k, CommandKind::Forward));
-                }
-            }
-            s.reason = Some(format!("aborted: {reason}"));
-            let about = (settled.len() == 1).then(|| settled[0].0);
-            b.log(&mut s, EventKind::Aborted, about, None, Some(reason.clone()));
-            b.begin_compensation(&mut s, members.end.checked_sub(1));
-            Ok(Some(b.finish(s, settled)))
-        }
+        (SagaState::Pending | SagaState::Running { .. }, Event::Abort { reason }) => Ok(Some(b.stop(
+            s,
+            EventKind::Aborted,
+            format!("aborted: {reason}"),
+            reason.clone(),
+        ))),
         (
             SagaState::Compensating { .. }
             | SagaState::Completed
@@ -516,6 +716,82 @@ pub fn transition(saga: &Saga, event: &Event, now_ms: u64) -> Result<Option<Tran
             | SagaState::Compensated,
             Event::Retry,
         ) => Ok(None),
+        (_, Event::Signal { name, id, payload }) => {
+            match check_signal(saga, name, id, payload) {
+                Ok(SignalFate::Consumed) => {
+                    let Some(k) = def.await_step(name) else {
+                        return Ok(None);
+                    };
+                    b.signal_consumed(&mut s, k, id, payload.clone(), None);
+                    b.settle_group(&mut s, def.group_of(k));
+                }
+                Ok(SignalFate::Kept) => {
+                    s.signals.push(ReceivedSignal {
+                        name: name.clone(),
+                        id: id.clone(),
+                        payload: payload.clone(),
+                        at_ms: now_ms,
+                    });
+                    let step = def.await_step(name);
+                    b.log(
+                        &mut s,
+                        EventKind::SignalReceived,
+                        step,
+                        None,
+                        Some(format!("signal {name} (id {id}), kept until the step waits")),
+                    );
+                }
+                Ok(SignalFate::Duplicate) | Err(_) => return Ok(None),
+            }
+            Ok(Some(b.finish(s, Vec::new())))
+        }
+        (SagaState::Pending | SagaState::Running { .. }, Event::Timer(Timer::Deadline)) => {
+            match saga.deadline_at_ms {
+                Some(due) if now_ms >= due => {}
+                _ => return Ok(None),
+            }
+            let after = def
+                .deadline
+                .map(|d| humantime::format_duration(d).to_string())
+                .unwrap_or_default();
+            let reason = format!("deadline passed ({after} after creation)");
+            Ok(Some(b.stop(s, EventKind::DeadlinePassed, reason.clone(), reason)))
+        }
+        (SagaState::Running { step: group }, Event::Timer(Timer::Step { step })) => {
+            let k = *step;
+            let p = &saga.steps[k];
+            let due = p.due_at_ms.is_some_and(|due| now_ms >= due);
+            if def.group_of(k) != group || !due {
+                return Ok(None);
+            }
+            match p.status {
+                StepStatus::Sleeping => {
+                    let p = &mut s.steps[k];
+                    p.status = StepStatus::Succeeded;
+                    p.last_outcome = Some("slept".into());
+                    p.finished_at_ms = Some(now_ms);
+                    p.due_at_ms = None;
+                    let slept = humantime::format_duration(def.steps[k].timeout).to_string();
+                    b.log(
+                        &mut s,
+                        EventKind::StepSucceeded,
+                        Some(k),
+                        None,
+                        Some(format!("slept {slept}")),
+                    );
+                }
+                StepStatus::Waiting => {
+                    let waited = humantime::format_duration(def.steps[k].timeout).to_string();
+                    let signal = def.steps[k].awaits().unwrap_or_default().to_string();
+                    let why = format!("no signal {signal} within {waited}");
+                    b.wait_failed(&mut s, k, why);
+                }
+                _ => return Ok(None),
+            }
+            b.settle_group(&mut s, group);
+            Ok(Some(b.finish(s, Vec::new())))
+        }
+        (_, Event::Timer(_)) => Ok(None),
     }
 }
 
@@ -580,6 +856,88 @@ impl Builder {
         }
     }
 
+    /// An abort or the deadline: a PENDING saga ends COMPENSATED; a RUNNING
+    /// one compensates, its commands in flight counted as unknown (they may
+    /// have been applied) and its waits and sleeps cut short (nothing to undo).
+    fn stop(mut self, mut saga: Saga, kind: EventKind, reason: String, detail: String) -> Transition {
+        saga.reason = Some(reason);
+        let SagaState::Running { step: group } = saga.state else {
+            self.log(&mut saga, kind, None, None, Some(detail));
+            self.compensate_from(&mut saga, None);
+            return self.finish(saga, Vec::new());
+        };
+        let mut settled = Vec::new();
+        let members = saga.definition.group(group);
+        for k in members.clone() {
+            let p = &mut saga.steps[k];
+            match p.status {
+                StepStatus::Running => {
+                    p.status = StepStatus::Unknown;
+                    p.last_outcome = Some(match kind {
+                        EventKind::DeadlinePassed => "deadline passed while in flight".into(),
+                        _ => "aborted while in flight".into(),
+                    });
+                    settled.push((k, CommandKind::Forward));
+                }
+                StepStatus::Waiting | StepStatus::Sleeping => {
+                    p.status = StepStatus::Failed;
+                    p.last_outcome = Some("cut short".into());
+                    p.due_at_ms = None;
+                }
+                _ => continue,
+            }
+            p.finished_at_ms = Some(self.now_ms);
+        }
+        let about = (settled.len() == 1).then(|| settled[0].0);
+        self.log(&mut saga, kind, about, None, Some(detail));
+        self.begin_compensation(&mut saga, members.end.checked_sub(1));
+        self.finish(saga, settled)
+    }
+
+    /// Await step `k` takes its signal: it succeeds with the payload as output.
+    fn signal_consumed(
+        &mut self,
+        saga: &mut Saga,
+        k: usize,
+        id: &str,
+        payload: serde_json::Value,
+        received_at: Option<u64>,
+    ) {
+        let name = saga.definition.steps[k].awaits().unwrap_or_default().to_string();
+        let p = &mut saga.steps[k];
+        p.status = StepStatus::Succeeded;
+        p.last_outcome = Some("signalled".into());
+        p.output = Some(payload);
+        p.signal_id = Some(id.to_string());
+        p.due_at_ms = None;
+        p.started_at_ms.get_or_insert(self.now_ms);
+        p.finished_at_ms = Some(self.now_ms);
+        let detail = match received_at {
+            Some(_) => format!("signal {name} (id {id}), received before the step"),
+            None => format!("signal {name} (id {id})"),
+        };
+        self.log(saga, EventKind::StepSucceeded, Some(k), None, Some(detail));
+    }
+
+    /// Await step `k` ends without its signal (timed out): nothing to undo;
+    /// the saga goes on or compensates as its `on_failure` says.
+    fn wait_failed(&mut self, saga: &mut Saga, k: usize, why: String) {
+        let continuing = saga.definition.steps[k].on_failure == OnFailure::Continue;
+        let name = saga.definition.steps[k].name.clone();
+        let p = &mut saga.steps[k];
+        p.status = StepStatus::Failed;
+        p.last_outcome = Some(why.clone());
+        p.due_at_ms = None;
+        p.finished_at_ms = Some(self.now_ms);
+        let detail = if continuing {
+            format!("{why} (on_failure: continue)")
+        } else {
+            Self::set_reason(saga, format!("step {name}: {why}"));
+            why
+        };
+        self.log(saga, EventKind::StepFailed, Some(k), None, Some(detail));
+    }
+
     fn finish(self, mut saga: Saga, settled: Vec<(usize, CommandKind)>) -> Transition {
         saga.updated_at_ms = self.now_ms;
         Transition {
@@ -612,15 +970,47 @@ impl Builder {
         });
     }
 
-    /// RUNNING(g): the first attempt of every step of the group starting at `g`.
+    /// RUNNING(g): the first attempt of every command step of the group
+    /// starting at `g`, its waits and sleeps begun (an await whose signal came
+    /// early takes it at once); a group with nothing left in flight settles.
     fn run_group(&mut self, saga: &mut Saga, g: usize) {
         saga.state = SagaState::Running { step: g };
-        for i in saga.definition.group(g) {
+        let def = saga.definition.clone();
+        for i in def.group(g) {
+            let step = &def.steps[i];
+            let wait = u64::try_from(step.timeout.as_millis()).unwrap_or(u64::MAX);
             let p = &mut saga.steps[i];
-            p.status = StepStatus::Running;
-            p.attempts = 1;
             p.started_at_ms = Some(self.now_ms);
-            self.send(saga, i, CommandKind::Forward, 1);
+            match &step.kind {
+                StepKind::Command => {
+                    p.status = StepStatus::Running;
+                    p.attempts = 1;
+                    self.send(saga, i, CommandKind::Forward, 1);
+                }
+                StepKind::Await { signal } => {
+                    if let Some(at) = saga.signals.iter().position(|s| &s.name == signal) {
+                        let early = saga.signals.remove(at);
+                        self.signal_consumed(saga, i, &early.id, early.payload, Some(early.at_ms));
+                        continue;
+                    }
+                    p.status = StepStatus::Waiting;
+                    p.due_at_ms = Some(self.now_ms.saturating_add(wait));
+                    let detail = format!(
+                        "signal {signal}, timeout {}",
+                        humantime::format_duration(step.timeout)
+                    );
+                    self.log(saga, EventKind::StepWaiting, Some(i), None, Some(detail));
+                }
+                StepKind::Sleep { duration } => {
+                    p.status = StepStatus::Sleeping;
+                    p.due_at_ms = Some(self.now_ms.saturating_add(wait));
+                    let detail = format!("for {}", humantime::format_duration(*duration));
+                    self.log(saga, EventKind::StepSleeping, Some(i), None, Some(detail));
+                }
+            }
+        }
+        if !def.group(g).any(|k| saga.steps[k].status.in_flight()) {
+            self.settle_group(saga, g);
         }
     }
 
@@ -758,13 +1148,31 @@ impl Builder {
     /// compensation of everything done so far (this group included).
     fn settle_group(&mut self, saga: &mut Saga, g: usize) {
         let members = saga.definition.group(g);
-        if members
-            .clone()
-            .any(|k| saga.steps[k].status == StepStatus::Running)
-        {
+        let failing = members.clone().any(|k| Self::stops(saga, k));
+        if failing {
+            // Waits and sleeps of a failing group are cut short (they have no
+            // effect): only its commands in flight are worth waiting for.
+            for k in members.clone() {
+                if matches!(saga.steps[k].status, StepStatus::Waiting | StepStatus::Sleeping) {
+                    let p = &mut saga.steps[k];
+                    p.status = StepStatus::Failed;
+                    p.last_outcome = Some("cut short: a sibling failed".into());
+                    p.due_at_ms = None;
+                    p.finished_at_ms = Some(self.now_ms);
+                    self.log(
+                        saga,
+                        EventKind::StepFailed,
+                        Some(k),
+                        None,
+                        Some("cut short: a sibling failed".into()),
+                    );
+                }
+            }
+        }
+        if members.clone().any(|k| saga.steps[k].status.in_flight()) {
             return;
         }
-        if members.clone().any(|k| Self::stops(saga, k)) {
+        if failing {
             self.begin_compensation(saga, members.end.checked_sub(1));
             return;
         }
@@ -982,6 +1390,7 @@ mod tests {
             input: Default::default(),
             compensation_input: Default::default(),
             output_schema: None,
+            kind: Default::default(),
         }
     }
 
@@ -992,6 +1401,7 @@ mod tests {
             steps,
             input_schema: None,
             events: Default::default(),
+            deadline: None,
             source: PathBuf::new(),
         }
     }

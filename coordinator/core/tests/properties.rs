@@ -1,23 +1,38 @@
 //! Property tests of the untrusted-input boundaries and the pure engine:
 //! arbitrary event sequences (duplicates, reordering, late replies for old
-//! attempts, operator events) never panic and never break the saga
-//! invariants; the YAML loader never panics on arbitrary text.
+//! attempts, operator events, signals early, late and repeated, timers firing
+//! early, late and stale, restarts through the stored JSON) never panic and
+//! never break the saga invariants; the YAML loader never panics on arbitrary text.
 
 use std::{path::PathBuf, time::Duration};
 
 use proptest::prelude::*;
 use saga_core::{
-    definition::{self, OnFailure, RetryPolicy, SagaDefinition, StepDefinition},
-    engine::{self, Command, Event, Outcome, Saga, SagaState, StepStatus, TransitionError},
+    definition::{self, OnFailure, RetryPolicy, SagaDefinition, StepDefinition, StepKind},
+    engine::{self, Command, Event, Outcome, Saga, SagaState, StepStatus, Timer, TransitionError},
 };
 use saga_wire::{CommandKind, Item, OrderPayload};
 
+/// Steps of a shape whose kind byte is 3 await `sig{i}`, 4 sleep; others are commands.
+fn kind_of(i: usize, kind: u8) -> StepKind {
+    match kind {
+        3 => StepKind::Await {
+            signal: format!("sig{i}"),
+        },
+        4 => StepKind::Sleep {
+            duration: Duration::from_secs(5),
+        },
+        _ => StepKind::Command,
+    }
+}
+
 /// A definition from a shape: per step, whether it has a compensation, its
-/// attempts, whether it joins the previous step's parallel group, and its
-/// `on_failure` (0 compensate, 1 continue, 2 retry forever).
-fn definition(steps: &[(bool, u32, bool, u8)]) -> SagaDefinition {
+/// attempts, whether it joins the previous step's parallel group, its
+/// `on_failure` (0 compensate, 1 continue, 2 retry forever) and its kind
+/// ([`kind_of`]); with a deadline when `deadline`.
+fn definition(steps: &[(bool, u32, bool, u8, u8)], deadline: bool) -> SagaDefinition {
     let mut groups = Vec::with_capacity(steps.len());
-    for (i, (_, _, joins, _)) in steps.iter().enumerate() {
+    for (i, (_, _, joins, _, _)) in steps.iter().enumerate() {
         let g = if *joins && i > 0 { groups[i - 1] } else { i };
         groups.push(g);
     }
@@ -27,29 +42,35 @@ fn definition(steps: &[(bool, u32, bool, u8)]) -> SagaDefinition {
         steps: steps
             .iter()
             .enumerate()
-            .map(|(i, (has_comp, attempts, _, on_failure))| StepDefinition {
-                name: format!("s{i}"),
-                participant: format!("p{i}"),
-                action: "do".into(),
-                compensation: has_comp.then(|| "undo".to_string()),
-                timeout: Duration::from_secs(1),
-                retry: RetryPolicy {
-                    max_attempts: *attempts,
-                    ..RetryPolicy::default()
-                },
-                group: Some(groups[i]),
-                on_failure: match on_failure % 3 {
-                    0 => OnFailure::Compensate,
-                    1 => OnFailure::Continue,
-                    _ => OnFailure::RetryForever,
-                },
-                input: Default::default(),
-                compensation_input: Default::default(),
-                output_schema: None,
+            .map(|(i, (has_comp, attempts, _, on_failure, kind))| {
+                let kind = kind_of(i, *kind);
+                let command = kind.is_command();
+                StepDefinition {
+                    name: format!("s{i}"),
+                    participant: if command { format!("p{i}") } else { String::new() },
+                    action: if command { "do".into() } else { String::new() },
+                    compensation: (*has_comp && command).then(|| "undo".to_string()),
+                    timeout: Duration::from_secs(if command { 1 } else { 5 }),
+                    retry: RetryPolicy {
+                        max_attempts: if command { *attempts } else { 1 },
+                        ..RetryPolicy::default()
+                    },
+                    group: Some(groups[i]),
+                    on_failure: match (on_failure % 3, command) {
+                        (0, _) | (2, false) => OnFailure::Compensate,
+                        (1, _) => OnFailure::Continue,
+                        _ => OnFailure::RetryForever,
+                    },
+                    input: Default::default(),
+                    compensation_input: Default::default(),
+                    output_schema: None,
+                    kind,
+                }
             })
             .collect(),
         input_schema: None,
         events: Default::default(),
+        deadline: deadline.then(|| Duration::from_secs(60)),
         source: PathBuf::new(),
     }
 }
@@ -96,7 +117,21 @@ fn event(steps: usize) -> impl Strategy<Value = Event> {
         1 => Just(Event::Start),
         1 => Just(Event::Abort { reason: "prop".into() }),
         1 => Just(Event::Retry),
+        3 => (0..steps + 1, 0u8..3, 0u8..3).prop_map(|(step, id, payload)| Event::Signal {
+            name: format!("sig{step}"),
+            id: format!("id{id}"),
+            payload: serde_json::json!({ "p": payload }),
+        }),
+        2 => (0..steps + 2).prop_map(|step| Event::Timer(Timer::Step { step })),
+        1 => Just(Event::Timer(Timer::Deadline)),
     ]
+}
+
+/// What happens between two events: time passes (by up to 40 s, so timers
+/// come due or not) and, sometimes, a restart (the saga read back from the
+/// JSON the stores keep).
+fn pause() -> impl Strategy<Value = (u64, bool)> {
+    (0u64..40_000, prop::bool::weighted(0.1))
 }
 
 /// Checks what must hold after every transition.
@@ -114,6 +149,11 @@ fn check(
     let mut seen = std::collections::HashSet::new();
     for c in commands {
         prop_assert!(seen.insert((c.step, c.kind)), "two commands for step {}", c.step);
+        prop_assert!(
+            def.steps[c.step].kind.is_command(),
+            "a command for a wait step {}",
+            c.step
+        );
         match saga.state {
             SagaState::Running { step: g } => {
                 prop_assert_eq!(def.group_of(c.step), g);
@@ -152,11 +192,11 @@ fn check(
     };
     match saga.state {
         SagaState::Running { step: g } => {
-            prop_assert!(busy(StepStatus::Running).all(|k| def.group_of(k) == g));
-            prop_assert!(
-                busy(StepStatus::Running).count() > 0,
-                "running with nothing in flight"
-            );
+            let in_flight: Vec<usize> = (0..saga.steps.len())
+                .filter(|&k| saga.steps[k].status.in_flight())
+                .collect();
+            prop_assert!(in_flight.iter().all(|&k| def.group_of(k) == g));
+            prop_assert!(!in_flight.is_empty(), "running with nothing in flight");
             prop_assert_eq!(busy(StepStatus::Compensating).count(), 0);
         }
         SagaState::Compensating { step: g } => {
@@ -171,6 +211,60 @@ fn check(
             prop_assert_eq!(busy(StepStatus::Running).count(), 0);
             prop_assert_eq!(busy(StepStatus::Compensating).count(), 0);
         }
+    }
+    // Waits and sleeps: only their own kind of step, with a timer, in the
+    // group running; a signal kept is for an await not reached yet, once.
+    for (k, (p, d)) in saga.steps.iter().zip(&def.steps).enumerate() {
+        match p.status {
+            StepStatus::Waiting => {
+                prop_assert!(
+                    d.awaits().is_some() && p.due_at_ms.is_some(),
+                    "waiting step {} without a timer",
+                    k
+                )
+            }
+            StepStatus::Sleeping => {
+                let sleeps = matches!(d.kind, StepKind::Sleep { .. });
+                prop_assert!(
+                    sleeps && p.due_at_ms.is_some(),
+                    "sleeping step {} without a timer",
+                    k
+                )
+            }
+            _ => prop_assert!(p.due_at_ms.is_none(), "step {} ended with a timer", k),
+        }
+        if p.status.in_flight()
+            && !matches!(saga.state, SagaState::Running { step: g } if g == def.group_of(k))
+        {
+            prop_assert!(false, "step {} in flight outside its group's run", k);
+        }
+        if !d.kind.is_command() {
+            prop_assert_eq!(p.attempts, 0);
+            prop_assert!(!matches!(
+                p.status,
+                StepStatus::Unknown | StepStatus::Compensating
+            ));
+        }
+    }
+    let mut names = std::collections::HashSet::new();
+    for signal in &saga.signals {
+        prop_assert!(
+            names.insert(signal.name.clone()),
+            "signal {} kept twice",
+            signal.name
+        );
+        let k = def.await_step(&signal.name);
+        prop_assert!(k.is_some_and(|k| saga.steps[k].status == StepStatus::Pending));
+    }
+    // A step's signal, once taken, is never replaced.
+    for (b, a) in before.steps.iter().zip(&saga.steps) {
+        if b.signal_id.is_some() {
+            prop_assert_eq!(&b.signal_id, &a.signal_id);
+            prop_assert_eq!(&b.output, &a.output);
+        }
+    }
+    if saga.state.is_terminal() {
+        prop_assert!(engine::timers(saga).is_empty(), "a finished saga keeps timers");
     }
     match saga.state {
         SagaState::Completed => {
@@ -190,8 +284,12 @@ fn check(
                 let undone = match p.status {
                     // `compensation: none` declares there is nothing to undo.
                     StepStatus::Succeeded | StepStatus::Unknown => d.compensation.is_none(),
-                    StepStatus::Running | StepStatus::Compensating => false,
-                    StepStatus::Pending
+                    StepStatus::Running
+                    | StepStatus::Compensating
+                    | StepStatus::Waiting
+                    | StepStatus::Sleeping => false,
+                    StepStatus::Skipped
+                    | StepStatus::Pending
                     | StepStatus::Rejected
                     | StepStatus::Failed
                     | StepStatus::Compensated
@@ -213,15 +311,37 @@ proptest! {
 
     #[test]
     fn arbitrary_event_sequences_keep_the_invariants(
-        shape in prop::collection::vec((any::<bool>(), 1u32..4, any::<bool>(), 0u8..3), 1..6),
-        events in prop::collection::vec(event(6), 0..80),
+        shape in prop::collection::vec((any::<bool>(), 1u32..4, any::<bool>(), 0u8..3, 0u8..5), 1..6),
+        deadline in any::<bool>(),
+        events in prop::collection::vec((event(6), pause()), 0..80),
     ) {
-        let def = definition(&shape);
+        let def = definition(&shape, deadline);
         let n = def.steps.len();
         let mut saga = engine::create("s".into(), def.into(), order(), "c".into(), None, 0).saga;
         let mut now = 1;
-        for e in std::iter::once(Event::Start).chain(events) {
-            now += 1;
+        for (e, (pause, restart)) in std::iter::once((Event::Start, (1, false))).chain(events) {
+            now += pause;
+            if restart {
+                let json = serde_json::to_string(&saga).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let back: Saga = serde_json::from_str(&json).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                prop_assert_eq!(&back, &saga);
+                saga = back;
+            }
+            // A timer fires only when due, as the runner fires them.
+            if let Event::Timer(timer) = &e {
+                let due = engine::timers(&saga).iter().any(|(at, t)| t == timer && *at <= now);
+                if !due && now % 2 == 0 {
+                    continue;
+                }
+            }
+            if let Event::Signal { name, id, payload } = &e {
+                // What `check_signal` promised is what the transition does.
+                let promised = engine::check_signal(&saga, name, id, payload);
+                let t = engine::transition(&saga, &e, now);
+                let moved = matches!(t, Ok(Some(_)));
+                let expected = matches!(promised, Ok(engine::SignalFate::Consumed | engine::SignalFate::Kept));
+                prop_assert_eq!(moved, expected, "check_signal said {:?}", promised);
+            }
             match engine::transition(&saga, &e, now) {
                 Ok(Some(t)) => {
                     let seqs: Vec<u64> = t.history.iter().map(|h| h.seq).collect();

@@ -60,6 +60,8 @@ use crate::{
     telemetry,
 };
 
+mod timers;
+
 /// Most events applied under one flush.
 const BATCH: usize = 512;
 
@@ -354,6 +356,8 @@ struct Runner {
     /// The flush under way (at most one), with what it releases when done.
     flushing: Option<Flushing>,
     watchers: Watchers,
+    /// The in-flight sagas' timers (awaits, sleeps, deadlines), evicted ones' included.
+    timers: timers::Timers,
 }
 
 /// A flush running in its own task while the runner decides the next batch.
@@ -369,6 +373,14 @@ impl Flushing {
             Ok(result) => result,
             Err(e) => Err(StoreError::Corrupt(format!("flush task failed: {e}"))),
         }
+    }
+}
+
+/// Waits until `at` (ms since the Unix epoch), if given (else never returns).
+async fn due(at: Option<u64>) {
+    match at {
+        Some(at) => tokio::time::sleep(Duration::from_millis(at.saturating_sub(now_ms()))).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -412,6 +424,7 @@ pub(crate) async fn run(
         batch: Pending::resuming(),
         flushing: None,
         watchers: inputs.watchers.clone(),
+        timers: timers::Timers::default(),
     };
     let resume = r.store.resume_at_start()?;
     info!(active = resume.len(), "resuming sagas found in the store");
@@ -474,6 +487,7 @@ async fn serve_batches(
             // bounded transactions, not one that grows while the flush runs.
             n = inputs.outcomes.recv_many(&mut outcomes, BATCH), if r.batch.inputs() < BATCH => if n == 0 { break },
             n = inputs.requests.recv_many(&mut requests, BATCH), if r.batch.inputs() < BATCH => if n == 0 { break },
+            () = due(r.timers.next_due()), if r.batch.inputs() < BATCH => {}
         }
         // Take whatever else is already waiting so it shares this flush.
         while outcomes.len() < BATCH {
@@ -489,9 +503,15 @@ async fn serve_batches(
             }
         }
         let now = now_ms();
-        r.batch.took(outcomes.len() + requests.len());
+        let fired = r
+            .timers
+            .take_due(now, BATCH.saturating_sub(outcomes.len() + requests.len()).max(1));
+        r.batch.took(outcomes.len() + requests.len() + fired.len());
         for Reported { saga_id, event } in outcomes.drain(..) {
             r.apply(&saga_id, &event, now)?;
+        }
+        for (saga_id, timer) in fired {
+            r.apply(&saga_id.to_string(), &Event::Timer(timer), now)?;
         }
         for request in requests.drain(..) {
             match request {
@@ -525,7 +545,8 @@ async fn serve_batches(
                         .cloned()
                         .collect();
                     for id in &ids {
-                        r.active.remove(id);
+                        let gone = r.active.remove(id);
+                        r.timers.rearm(gone.as_ref(), None);
                     }
                     r.store.forget(&ids);
                     info!(partition, sagas = ids.len(), "partition released");
@@ -558,6 +579,7 @@ impl Runner {
             fresh += 1;
             let id = saga.id.clone();
             let pending = saga.state == engine::SagaState::Pending;
+            self.timers.rearm(None, Some(&saga));
             self.active.insert(id.clone(), saga);
             if pending {
                 self.apply(&id, &Event::Start, now)?;
@@ -690,6 +712,14 @@ impl Runner {
                 .ok_or(OperateError::NotFound(id))?;
             self.active.insert(key.clone(), saga);
         }
+        if let Event::Signal {
+            name,
+            id: signal_id,
+            payload,
+        } = event
+        {
+            return self.signal(&key, event, (name, signal_id, payload), now);
+        }
         match self.apply(&key, event, now)? {
             Some(tag) => Ok(Operated::Changed(tag)),
             None => {
@@ -704,6 +734,36 @@ impl Runner {
                 Ok(Operated::Unchanged(tag))
             }
         }
+    }
+
+    /// A signal for the active saga `key`: refused, a repeat, or applied.
+    fn signal(
+        &mut self,
+        key: &str,
+        event: &Event,
+        (name, signal_id, payload): (&str, &str, &serde_json::Value),
+        now: u64,
+    ) -> Result<Operated, OperateError> {
+        let Some(saga) = self.active.get(key) else {
+            return Err(OperateError::Store(StoreError::Corrupt(format!(
+                "saga {key} vanished"
+            ))));
+        };
+        let tag = saga.state.tag();
+        let checked = engine::check_signal(saga, name, signal_id, payload);
+        if tag.is_terminal() {
+            // Loaded only to answer; the runner keeps no finished saga.
+            self.active.remove(key);
+        }
+        let fate = checked.inspect_err(|e| {
+            info!(saga_id = key, signal = name, signal_id, reason = %e, "signal refused");
+        })?;
+        if fate == engine::SignalFate::Duplicate {
+            return Ok(Operated::Signalled(fate, tag));
+        }
+        let tag = self.apply(key, event, now)?.unwrap_or(tag);
+        info!(saga_id = key, signal = name, signal_id, fate = ?fate, "signal received");
+        Ok(Operated::Signalled(fate, tag))
     }
 
     /// Applies one event to an active saga and writes the transition
@@ -742,6 +802,7 @@ impl Runner {
         let Some(mut t) = t else {
             if let Some(created) = creation {
                 self.store.stage(&created, None)?;
+                self.timers.rearm(None, Some(&created.saga));
                 self.batch.wrote();
             }
             return Ok(None);
@@ -757,7 +818,10 @@ impl Runner {
         };
         self.store.stage(&t, written_from)?;
         self.batch.wrote();
-        if let Event::Abort { .. } = event {
+        // A new saga's timers were never armed; a finished one's all go.
+        self.timers
+            .rearm(written_from, Some(&t.saga).filter(|s| !s.state.is_terminal()));
+        if let Event::Abort { .. } | Event::Timer(engine::Timer::Deadline) = event {
             // The commands in flight are moot: stop them if they have not left
             // yet, in the dispatcher or still waiting for a flush here.
             for (step, kind) in &t.settled {
@@ -941,6 +1005,7 @@ impl Runner {
     fn release(&mut self, released: Released) -> Result<(), StoreError> {
         self.evict();
         metrics::gauge!(telemetry::SAGAS_IN_FLIGHT).set((self.active.len() + self.evicted.len()) as f64);
+        metrics::gauge!(telemetry::TIMERS_PENDING).set(self.timers.len() as f64);
         let delivery = released.into_delivery();
         for (reply, result) in delivery.acks {
             let _ = reply.send(result);
@@ -971,7 +1036,8 @@ impl Runner {
     /// batch — and handed to the partition owner to reload from what is durable.
     fn forget_lost(&mut self, lost: &[String]) {
         for id in lost {
-            self.active.remove(id);
+            let gone = self.active.remove(id);
+            self.timers.rearm(gone.as_ref(), None);
         }
         if let Some(tx) = &self.lost {
             for id in lost {

@@ -26,6 +26,7 @@ fn started_saga(key: &str) -> Transition {
         input: Default::default(),
         compensation_input: Default::default(),
         output_schema: None,
+        kind: Default::default(),
     };
     let definition = Arc::new(SagaDefinition {
         name: "order".into(),
@@ -33,6 +34,7 @@ fn started_saga(key: &str) -> Transition {
         steps: vec![step],
         input_schema: None,
         events: Default::default(),
+        deadline: None,
         source: PathBuf::new(),
     });
     let order = OrderPayload {

@@ -19,6 +19,7 @@ pub(crate) fn two_step_order() -> SagaDefinition {
         input: Default::default(),
         compensation_input: Default::default(),
         output_schema: None,
+        kind: Default::default(),
     };
     SagaDefinition {
         name: "order".into(),
@@ -29,6 +30,7 @@ pub(crate) fn two_step_order() -> SagaDefinition {
         ],
         input_schema: None,
         events: Default::default(),
+        deadline: None,
         source: PathBuf::new(),
     }
 }

@@ -8,10 +8,11 @@
 //!
 //! | role | publish | subscribe |
 //! |---|---|---|
-//! | coordinator | anything (commands, events, KV, `$JS.API`) | its inbox `_INBOX_coordinator.>`, `saga.coordinator.>` |
+//! | coordinator | anything (commands, events, KV, `$JS.API`) | its inbox `_INBOX_coordinator.>`, `saga.coordinator.>`, `saga.signal` in queue group `coordinator` |
 //! | participant `p` | replies to requests it received (`allow_responses`), the JetStream API of its own KV buckets `PART_p_STATE`/`PART_p_REPLIES` | `saga.cmd.p.*` in queue group `p`, `saga.admin.p.>`, its inbox `_INBOX_p.>` |
 //! | events | consumer and ack API of the events stream | everything but commands, admin, coordinator traffic, inboxes of others, `$JS`/`$KV` |
 //! | admin | `saga.admin.>` | its inbox `_INBOX_admin.>` |
+//! | signals | `saga.signal` (requests for `await` steps: a webhook gateway) | its inbox `_INBOX_signals.>` |
 //!
 //! [`Bundle::create_or_load`] writes one seed file per role (mode 0600) the
 //! first time and reuses them afterwards, and renders the `authorization`
@@ -50,6 +51,9 @@ pub enum Role {
     Events,
     /// An operator's tool asking `saga.admin.>` (stats, effects).
     Admin,
+    /// A sender of signals for `await` steps (`saga.signal`), e.g. the
+    /// service receiving a payment provider's webhooks.
+    Signals,
 }
 
 impl Role {
@@ -60,6 +64,7 @@ impl Role {
             Role::Participant(p) => format!("participant-{p}"),
             Role::Events => "events".into(),
             Role::Admin => "admin".into(),
+            Role::Signals => "signals".into(),
         }
     }
 
@@ -82,7 +87,7 @@ impl Role {
             // nothing it publishes is taken on trust by another coordinator.
             Role::Coordinator => json!({
                 "publish": { "allow": [">"] },
-                "subscribe": { "allow": [inbox, "saga.coordinator.>"] },
+                "subscribe": { "allow": [inbox, "saga.coordinator.>", "saga.signal coordinator"] },
             }),
             Role::Participant(p) => {
                 // Publish: a reply to each request it received, and the
@@ -129,7 +134,7 @@ impl Role {
                     "subscribe": {
                         "allow": [">"],
                         "deny": [
-                            "saga.cmd.>", "saga.admin.>", "saga.coordinator.>",
+                            "saga.cmd.>", "saga.admin.>", "saga.coordinator.>", "saga.signal",
                             "_INBOX_coordinator.>", "_INBOX_admin.>", "_INBOX.>",
                             "$JS.>", "$KV.>",
                         ],
@@ -138,6 +143,10 @@ impl Role {
             }
             Role::Admin => json!({
                 "publish": { "allow": ["saga.admin.>"] },
+                "subscribe": { "allow": [inbox] },
+            }),
+            Role::Signals => json!({
+                "publish": { "allow": ["saga.signal"] },
                 "subscribe": { "allow": [inbox] },
             }),
         }
@@ -191,7 +200,7 @@ pub struct Bundle {
 impl Bundle {
     /// The roles of a deployment with these participants.
     pub fn roles(participants: &[&str]) -> Vec<Role> {
-        let mut roles = vec![Role::Coordinator, Role::Events, Role::Admin];
+        let mut roles = vec![Role::Coordinator, Role::Events, Role::Admin, Role::Signals];
         roles.extend(participants.iter().map(|p| Role::Participant((*p).to_string())));
         roles
     }
@@ -336,7 +345,7 @@ mod tests {
             "the server config holds public keys only"
         );
         let v: Value = serde_json::from_str(&conf).expect("json");
-        assert_eq!(v["authorization"]["users"].as_array().map(Vec::len), Some(6));
+        assert_eq!(v["authorization"]["users"].as_array().map(Vec::len), Some(7));
     }
 
     #[test]

@@ -125,13 +125,18 @@ pub(super) fn entry<'a>(previous: &Saga, t: &'a Transition) -> Option<EntryOut<'
         created_at_ms,
         updated_at_ms,
         seq,
+        deadline_at_ms,
+        signals,
     } = &t.saga;
+    // Signals kept or taken change rarely (a snapshot then costs little).
     let fixed = *id == previous.id
         && std::sync::Arc::ptr_eq(definition, &previous.definition)
         && *order == previous.order
         && *correlation_id == previous.correlation_id
         && *idempotency_key == previous.idempotency_key
         && *created_at_ms == previous.created_at_ms
+        && *deadline_at_ms == previous.deadline_at_ms
+        && *signals == previous.signals
         && steps.len() == previous.steps.len();
     fixed.then(|| EntryOut {
         state,

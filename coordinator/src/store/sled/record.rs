@@ -39,6 +39,10 @@ pub(super) struct SagaOut<'a> {
     pub(super) created_at_ms: u64,
     pub(super) updated_at_ms: u64,
     pub(super) seq: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) deadline_at_ms: Option<u64>,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    pub(super) signals: &'a [crate::engine::ReceivedSignal],
 }
 
 /// A saga record as read: the definition by reference, or inline (records
@@ -64,6 +68,10 @@ pub(super) struct SagaIn {
     pub(super) created_at_ms: u64,
     pub(super) updated_at_ms: u64,
     pub(super) seq: u64,
+    #[serde(default)]
+    pub(super) deadline_at_ms: Option<u64>,
+    #[serde(default)]
+    pub(super) signals: Vec<crate::engine::ReceivedSignal>,
 }
 
 /// The definitions saga records refer to, in memory: by the `Arc` the
@@ -146,6 +154,8 @@ impl Store {
             created_at_ms,
             updated_at_ms,
             seq,
+            deadline_at_ms,
+            signals,
         } = saga;
         let definition_ref = self.definition_ref(definition)?;
         encode(&SagaRecordOut {
@@ -161,6 +171,8 @@ impl Store {
                 created_at_ms: *created_at_ms,
                 updated_at_ms: *updated_at_ms,
                 seq: *seq,
+                deadline_at_ms: *deadline_at_ms,
+                signals,
             },
         })
     }
@@ -193,6 +205,8 @@ impl Store {
             created_at_ms,
             updated_at_ms,
             seq,
+            deadline_at_ms,
+            signals,
         } = decode::<SagaRecordIn>(bytes, "saga record")?.saga;
         let definition = self.record_definition(&id, definition, definition_ref)?;
         Ok(Saga {
@@ -207,6 +221,8 @@ impl Store {
             created_at_ms,
             updated_at_ms,
             seq,
+            deadline_at_ms,
+            signals,
         })
     }
 }
