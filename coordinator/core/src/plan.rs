@@ -13,11 +13,15 @@
 //!   was rejected;
 //! - `on_failure: continue` goes on with the next group instead;
 //!   `on_failure: retry_forever` retries a transient failure until it answers,
-//!   so only a rejection compensates.
+//!   so only a rejection compensates;
+//! - an `await` step fails by timing out (nothing to undo for it); a `sleep`
+//!   step cannot fail; a failing sibling cuts both short;
+//! - the saga's `deadline`, passing while it runs, undoes everything done
+//!   so far, the commands in flight counted as unknown.
 
 use serde::Serialize;
 
-use crate::definition::{InputValue, OnFailure, SagaDefinition};
+use crate::definition::{InputValue, OnFailure, SagaDefinition, StepKind};
 
 /// The plan of one definition.
 #[derive(Debug, Clone, Serialize)]
@@ -28,8 +32,10 @@ pub struct Plan {
     pub source: String,
     /// The groups in execution order.
     pub groups: Vec<PlanGroup>,
-    /// One entry per step, in order: what its failure does.
+    /// One entry per step that can fail, in order: what its failure does.
     pub failures: Vec<FailurePlan>,
+    /// The definition's `deadline` (e.g. `15m`), if any.
+    pub deadline: Option<String>,
 }
 
 /// A group of steps run at the same time (one step when sequential).
@@ -48,13 +54,18 @@ pub struct PlanGroup {
 pub struct PlanStep {
     /// Step name.
     pub name: String,
+    /// `command`, `await` or `sleep`.
+    pub kind: &'static str,
+    /// An await step's signal.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signal: Option<String>,
     /// Participant.
     pub participant: String,
     /// Forward action.
     pub action: String,
     /// Compensating action (`None`: `compensation: none`).
     pub compensation: Option<String>,
-    /// Per-attempt timeout, e.g. `2s`.
+    /// Per-attempt timeout, e.g. `2s` (an await: how long it waits; a sleep: how long it sleeps).
     pub timeout: String,
     /// Attempts of the action (and of its compensation).
     pub max_attempts: u32,
@@ -71,7 +82,8 @@ pub struct FailurePlan {
     pub step: String,
     /// Its group's number.
     pub group: usize,
-    /// How it can fail: `rejected`, and `out of attempts` unless it retries forever.
+    /// How it can fail: `rejected`, and `out of attempts` unless it retries
+    /// forever; an await: `timed out`.
     pub failures: Vec<&'static str>,
     /// `on_failure: continue`: the saga goes on (with this group, if any, next).
     pub continues_with: Option<usize>,
@@ -122,6 +134,7 @@ impl Plan {
             })
             .collect();
         let failures = (0..def.steps.len())
+            .filter(|&i| !matches!(def.steps[i].kind, StepKind::Sleep { .. }))
             .map(|i| failure_plan(def, &ranges, i, number_of(i)))
             .collect();
         Plan {
@@ -129,6 +142,7 @@ impl Plan {
             source: def.source.display().to_string(),
             groups,
             failures,
+            deadline: def.deadline.map(|d| humantime::format_duration(d).to_string()),
         }
     }
 
@@ -158,13 +172,28 @@ impl Plan {
                 } else {
                     format!(" · uses output of {}", s.uses_output_of.join(", "))
                 };
-                out.push_str(&format!(
-                    "{lead} {}  {}.{}  ({undo}; timeout {} × {} attempts; on_failure {}{uses})\n",
-                    s.name, s.participant, s.action, s.timeout, s.max_attempts, s.on_failure
-                ));
+                let line = match (s.kind, &s.signal) {
+                    ("await", Some(signal)) => format!(
+                        "{lead} {}  await signal {signal}  (nothing to undo; timeout {}; on_failure {}{uses})\n",
+                        s.name, s.timeout, s.on_failure
+                    ),
+                    ("sleep", _) => format!("{lead} {}  sleep {}  (a durable timer)\n", s.name, s.timeout),
+                    _ => format!(
+                        "{lead} {}  {}.{}  ({undo}; timeout {} × {} attempts; on_failure {}{uses})\n",
+                        s.name, s.participant, s.action, s.timeout, s.max_attempts, s.on_failure
+                    ),
+                };
+                out.push_str(&line);
             }
         }
-        out.push_str("  → COMPLETED\n\nCompensation plans\n");
+        out.push_str("  → COMPLETED\n");
+        if let Some(d) = &self.deadline {
+            out.push_str(&format!(
+                "\nDeadline {d} after creation: a saga still running then undoes everything done so far \
+                 (the commands in flight counted as unknown), as an abort would\n"
+            ));
+        }
+        out.push_str("\nCompensation plans\n");
         for f in &self.failures {
             out.push_str(&format!("  {} fails ({}):\n", f.step, f.failures.join(" or ")));
             if f.continues_with.is_some() || f.continues_to_completion {
@@ -224,12 +253,21 @@ impl Plan {
             };
             out.push_str(&format!("  subgraph {gid} [\"{title}\"]\n"));
             for s in &g.steps {
+                let what = match (s.kind, &s.signal) {
+                    ("await", Some(signal)) => format!("await {signal}<br/>timeout {}", s.timeout),
+                    ("sleep", _) => format!("sleep {}", s.timeout),
+                    _ => format!("{}.{}", s.participant, s.action),
+                };
+                // Awaits and sleeps are drawn as rounded nodes: nothing is sent.
+                let (open, close) = if s.kind == "command" {
+                    ("[", "]")
+                } else {
+                    ("(", ")")
+                };
                 out.push_str(&format!(
-                    "    s_{}[\"{}<br/>{}.{}\"]\n",
+                    "    s_{}{open}\"{}<br/>{what}\"{close}\n",
                     id(&s.name),
-                    s.name,
-                    s.participant,
-                    s.action
+                    s.name
                 ));
             }
             out.push_str("  end\n");
@@ -309,6 +347,8 @@ fn plan_step(def: &SagaDefinition, i: usize) -> PlanStep {
     uses.dedup();
     PlanStep {
         name: s.name.clone(),
+        kind: s.kind.as_str(),
+        signal: s.awaits().map(str::to_string),
         participant: s.participant.clone(),
         action: s.action.clone(),
         compensation: s.compensation.clone(),
@@ -326,8 +366,9 @@ fn failure_plan(
     group: usize,
 ) -> FailurePlan {
     let step = &def.steps[i];
-    let failures = match step.on_failure {
-        OnFailure::RetryForever => vec!["rejected"],
+    let failures = match (&step.kind, step.on_failure) {
+        (StepKind::Await { .. }, _) => vec!["timed out"],
+        (_, OnFailure::RetryForever) => vec!["rejected"],
         _ => vec!["rejected", "out of attempts"],
     };
     let members = ranges.get(group.saturating_sub(1)).cloned().unwrap_or(i..i + 1);
@@ -339,7 +380,8 @@ fn failure_plan(
         continues_to_completion: false,
         awaits: members
             .clone()
-            .filter(|&k| k != i)
+            // Waits and sleeps of the group are cut short, not awaited.
+            .filter(|&k| k != i && def.steps[k].kind.is_command())
             .map(|k| def.steps[k].name.clone())
             .collect(),
         undo: Vec::new(),

@@ -115,6 +115,23 @@ enum Cmd {
         #[arg(long, env = "SAGA_OPERATOR_TOKEN", hide_env_values = true)]
         token: String,
     },
+    /// Deliver a signal to a saga's `await` step of that name (taken at once
+    /// when the step waits, kept until it does when the step is not reached yet).
+    Signal {
+        /// Saga id.
+        saga_id: String,
+        /// Signal name (what the definition's `await:` names).
+        name: String,
+        /// The signal's payload, JSON (the await step's output).
+        #[arg(long, default_value = "")]
+        payload: String,
+        /// Id for idempotency: the same id again changes nothing (default: a new one).
+        #[arg(long)]
+        signal_id: Option<String>,
+        /// Operator token (sent as `authorization: Bearer <token>`).
+        #[arg(long, env = "SAGA_OPERATOR_TOKEN", hide_env_values = true)]
+        token: String,
+    },
     /// List sagas, oldest first.
     List {
         /// Only this state: pending, running, compensating, completed, compensated, failed.
@@ -257,7 +274,10 @@ fn saga_json(s: &pb::Saga) -> Value {
             "compensation_attempts": p.compensation_attempts, "last_outcome": p.last_outcome,
             "group": p.group, "on_failure": p.on_failure, "started_at": ts(&p.started_at),
             "finished_at": ts(&p.finished_at), "duration_ms": p.duration_ms,
+            "kind": p.kind, "signal": p.signal, "due_at": ts(&p.due_at), "signal_id": p.signal_id,
+            "output": serde_json::from_str::<Value>(&p.output_json).unwrap_or(Value::Null),
         })).collect::<Vec<_>>(),
+        "deadline_at": ts(&s.deadline_at), "kept_signals": s.kept_signals,
         "history": s.history.iter().map(|h| json!({
             "seq": h.seq, "at": ts(&h.at), "kind": h.kind, "step": h.step, "attempt": h.attempt,
             "detail": h.detail, "state": state_name(h.state),
@@ -290,6 +310,12 @@ fn print_saga(s: &pb::Saga) {
         s.reason.clone(),
     ]);
     println!("{t}");
+    if s.deadline_at.is_some() {
+        println!("deadline: {}", ts(&s.deadline_at));
+    }
+    if !s.kept_signals.is_empty() {
+        println!("signals kept for a later step: {}", s.kept_signals.join(", "));
+    }
     let mut t = table(&[
         "group",
         "step",
@@ -340,19 +366,32 @@ fn print_saga(s: &pb::Saga) {
             }
             None => (String::new(), String::new()),
         };
+        // Awaits and sleeps send nothing: what they wait for, and until when.
+        let (who, what) = match p.kind.as_str() {
+            "await" => ("await".to_string(), format!("signal {}", p.signal)),
+            "sleep" => ("sleep".to_string(), "timer".to_string()),
+            _ => (
+                p.participant.clone(),
+                format!(
+                    "{} / {}",
+                    p.action,
+                    if p.compensation.is_empty() {
+                        "none"
+                    } else {
+                        &p.compensation
+                    }
+                ),
+            ),
+        };
+        let what = match &p.due_at {
+            Some(_) => format!("{what} (until {})", ts(&p.due_at)),
+            None => what,
+        };
         t.add_row(vec![
             group_no.to_string(),
             p.name.clone(),
-            p.participant.clone(),
-            format!(
-                "{} / {}",
-                p.action,
-                if p.compensation.is_empty() {
-                    "none"
-                } else {
-                    &p.compensation
-                }
-            ),
+            who,
+            what,
             step_status_name(p.status).to_string(),
             format!("{} / {}", p.attempts, p.compensation_attempts),
             p.last_outcome.clone(),
@@ -924,6 +963,39 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let request = authorized(pb::RetrySagaRequest { saga_id }, &token)?;
             let r = client.retry_saga(request).await?.into_inner();
             print_operated(&r, cli.json, "retried");
+        }
+        Cmd::Signal {
+            saga_id,
+            name,
+            payload,
+            signal_id,
+            token,
+        } => {
+            let signal_id = signal_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+            let request = authorized(
+                pb::SignalSagaRequest {
+                    saga_id,
+                    name,
+                    signal_id: signal_id.clone(),
+                    payload_json: payload,
+                },
+                &token,
+            )?;
+            let r = client.signal_saga(request).await?.into_inner();
+            if cli.json {
+                println!(
+                    "{}",
+                    json!({"saga_id": r.saga_id, "signal_id": signal_id, "outcome": r.outcome,
+                           "state": state_name(r.state)})
+                );
+            } else {
+                println!(
+                    "saga {}: signal {signal_id} {}, now {}",
+                    r.saga_id,
+                    r.outcome,
+                    state_name(r.state)
+                );
+            }
         }
         Cmd::List {
             state,
