@@ -49,6 +49,11 @@ AUTH_DIR="${SAGA_NATS_AUTH_DIR:-$ROOT/data/nats-auth}"
 "$BIN/sagactl" nats-auth --dir "$AUTH_DIR" --participant inventory --participant payment \
   --participant shipping --participant loyalty >/dev/null
 NATS_AUTH=(-c "$AUTH_DIR/nats-auth.conf")
+# The operator token (AbortSaga, RetrySaga, SignalSaga): the one given, else a fresh one for
+# this run, in the environment of the coordinator and sagactl only (never an argument or a log).
+if [[ -z "${SAGA_OPERATOR_TOKEN:-}" ]]; then
+  SAGA_OPERATOR_TOKEN=$(python3 -c 'import secrets; print(secrets.token_hex(16))')
+fi
 nkey() { echo "$AUTH_DIR/$1.nk"; }
 
 # A process started on port 0 writes the addresses it bound to a ports file; this
@@ -140,13 +145,13 @@ done
 if [[ "$MODE" == cluster ]]; then
   GRPC_ADDRS=("$GRPC_ADDR" "127.0.0.1:50052" "127.0.0.1:50053"); HTTP_ADDRS=("$HTTP_ADDR" "127.0.0.1:9474" "127.0.0.1:9484")
   for i in 0 1 2; do
-    NATS_NKEY=$(nkey coordinator) "$BIN/coordinator" --store jetstream --kv-replicas 3 --events-replicas 3 --instance-id "coord-$i" \
+    NATS_NKEY=$(nkey coordinator) SAGA_OPERATOR_TOKEN="$SAGA_OPERATOR_TOKEN" "$BIN/coordinator" --store jetstream --kv-replicas 3 --events-replicas 3 --instance-id "coord-$i" \
       --grpc-addr "${GRPC_ADDRS[i]}" --http-addr "${HTTP_ADDRS[i]}" --data-dir "$RUN_DIR/coordinator-$i" \
       --definitions-dir "$ROOT/saga-definitions" >"$RUN_DIR/coordinator-$i.log" 2>&1 &
     PIDS+=($!)
   done
 else
-  NATS_NKEY=$(nkey coordinator) "$BIN/coordinator" --grpc-addr "$GRPC_ADDR" --http-addr "$HTTP_ADDR" --data-dir "$RUN_DIR/coordinator" \
+  NATS_NKEY=$(nkey coordinator) SAGA_OPERATOR_TOKEN="$SAGA_OPERATOR_TOKEN" "$BIN/coordinator" --grpc-addr "$GRPC_ADDR" --http-addr "$HTTP_ADDR" --data-dir "$RUN_DIR/coordinator" \
     --ports-file "$RUN_DIR/coordinator.ports" --definitions-dir "$ROOT/saga-definitions" \
     >"$RUN_DIR/coordinator.log" 2>&1 &
   PIDS+=($!)
@@ -185,7 +190,7 @@ if [[ "$MODE" == demo ]]; then
   before="$RUN_DIR/metrics-before.txt"; after="$RUN_DIR/metrics-after.txt"
   scrape >"$before"
   status=0
-  "$BIN/sagactl" --addr "http://$GRPC_ADDR" demo || status=$?
+  SAGA_OPERATOR_TOKEN="$SAGA_OPERATOR_TOKEN" "$BIN/sagactl" --addr "http://$GRPC_ADDR" demo || status=$?
   scrape >"$after"
   echo
   echo "=== metrics that moved during the demo (GET /metrics of the coordinator and the participants) ==="
@@ -222,7 +227,7 @@ PY
   sleep 3
   echo "coordinators (jetstream store): gRPC ${GRPC_ADDRS[*]}   metrics ${HTTP_ADDRS[*]}"
   echo "the demo orders, placed through the second coordinator (any coordinator takes any order):"
-  "$BIN/sagactl" --addr "http://${GRPC_ADDRS[1]}" demo || true
+  SAGA_OPERATOR_TOKEN="$SAGA_OPERATOR_TOKEN" "$BIN/sagactl" --addr "http://${GRPC_ADDRS[1]}" demo || true
   cat <<MSG
 
 A cluster is up: kill one coordinator (kill -9 <pid>, see ps) and watch another take its

@@ -465,6 +465,11 @@ pub(crate) fn saga_to_pb(saga: &Saga, history: &[HistoryEntry]) -> pb::Saga {
             due_at: p.due_at_ms.map(timestamp),
             signal_id: p.signal_id.clone().unwrap_or_default(),
             output_json: p.output.as_ref().map(|o| o.to_string()).unwrap_or_default(),
+            when: d
+                .when
+                .as_ref()
+                .map(|w| w.source().to_string())
+                .unwrap_or_default(),
         })
         .collect();
     let history = history
@@ -746,6 +751,11 @@ impl SagaService for SagaApi {
                         max_attempts: s.retry.max_attempts,
                         kind: s.kind.as_str().to_string(),
                         signal: s.awaits().unwrap_or_default().to_string(),
+                        when: s
+                            .when
+                            .as_ref()
+                            .map(|w| w.source().to_string())
+                            .unwrap_or_default(),
                     })
                     .collect(),
                 deadline_ms: d

@@ -201,6 +201,10 @@ pub struct StepDefinition {
     /// What the step does; a command unless it waits for a signal or sleeps.
     #[serde(default, skip_serializing_if = "StepKind::is_command")]
     pub kind: StepKind,
+    /// `when:` (the step's own, or its `parallel:` group's): evaluated when the
+    /// step's group starts; false, the step is SKIPPED (never run, never undone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when: Option<crate::condition::Condition>,
 }
 
 impl StepDefinition {
@@ -889,6 +893,8 @@ fn validate(path: &Path, raw: RawDefinition, limits: &Limits) -> Result<SagaDefi
     }
     // Flatten the list: a `parallel:` item becomes one group of several steps.
     let mut flat: Vec<(&Spanned<RawStep>, usize)> = Vec::new();
+    // A `parallel:` item's `when:`, by the group's first step.
+    let mut group_when: BTreeMap<usize, &Spanned<String>> = BTreeMap::new();
     for item in &raw.steps.value {
         match &item.value.parallel {
             Some(inner) => {
@@ -930,6 +936,9 @@ fn validate(path: &Path, raw: RawDefinition, limits: &Limits) -> Result<SagaDefi
                     ));
                 }
                 let group = flat.len();
+                if let Some(w) = &r.when {
+                    group_when.insert(group, w);
+                }
                 for s in inner {
                     if s.value.parallel.is_some() {
                         return Err(DefinitionError::at(
@@ -962,6 +971,29 @@ fn validate(path: &Path, raw: RawDefinition, limits: &Limits) -> Result<SagaDefi
     let mut steps: Vec<StepDefinition> = Vec::with_capacity(flat.len());
     for (index, (item, group)) in flat.iter().enumerate() {
         let step = &item.value;
+        // Earlier groups' steps only: a condition is evaluated when its group starts.
+        let earlier: Vec<&str> = flat
+            .iter()
+            .take_while(|(_, g)| g < group)
+            .filter_map(|(s, _)| s.value.name.as_ref().map(|n| n.value.as_str()))
+            .collect();
+        let when_src = match (step.when.as_ref(), group_when.get(group)) {
+            (Some(own), Some(_)) => {
+                return Err(DefinitionError::at(
+                    path,
+                    own.referenced,
+                    "a step of a `parallel:` group with a `when:` has none of its own",
+                ))
+            }
+            (own, of_group) => own.or(of_group.copied()),
+        };
+        let when = match when_src {
+            None => None,
+            Some(w) => Some(
+                crate::condition::Condition::parse(&w.value, &earlier)
+                    .map_err(|e| DefinitionError::at(path, w.referenced, format!("when: {e}")))?,
+            ),
+        };
         let required = |v: &Option<Spanned<String>>, key: &str| {
             v.clone()
                 .ok_or_else(|| DefinitionError::at(path, item.referenced, format!("step is missing `{key}`")))
@@ -976,7 +1008,8 @@ fn validate(path: &Path, raw: RawDefinition, limits: &Limits) -> Result<SagaDefi
             ));
         }
         if step.await_signal.is_some() || step.sleep.is_some() {
-            let wait = wait_step(path, item, step_name, *group)?;
+            let mut wait = wait_step(path, item, step_name, *group)?;
+            wait.when = when;
             if let (Some(signal), Some(raw)) = (wait.awaits(), &step.await_signal) {
                 if let Some(other) = steps.iter().find(|s| s.awaits() == Some(signal)) {
                     return Err(DefinitionError::at(
@@ -1060,6 +1093,7 @@ fn validate(path: &Path, raw: RawDefinition, limits: &Limits) -> Result<SagaDefi
             compensation_input,
             output_schema,
             kind: StepKind::Command,
+            when,
         });
     }
     let deadline = match &raw.deadline {
@@ -1223,6 +1257,7 @@ fn wait_step(
         compensation_input: BTreeMap::new(),
         output_schema,
         kind,
+        when: None,
     })
 }
 
@@ -1619,6 +1654,8 @@ struct RawStep {
     parallel: Option<Vec<Spanned<RawStep>>>,
     #[serde(default, rename = "await")]
     await_signal: Option<Spanned<String>>,
+    #[serde(default)]
+    when: Option<Spanned<String>>,
     #[serde(default)]
     sleep: Option<Spanned<String>>,
 }

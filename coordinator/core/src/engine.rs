@@ -894,6 +894,45 @@ impl Builder {
         self.finish(saga, settled)
     }
 
+    /// Evaluates step `i`'s `when:`. False: the step is SKIPPED (a signal
+    /// kept for it is dropped); an evaluation error: the step FAILED without
+    /// effect, its `on_failure` deciding what follows. Either way it is not run.
+    fn condition_holds(&mut self, saga: &mut Saga, i: usize, when: &crate::condition::Condition) -> bool {
+        let order = serde_json::to_value(&saga.order).unwrap_or_default();
+        let outputs: std::collections::BTreeMap<String, serde_json::Value> = saga
+            .definition
+            .steps
+            .iter()
+            .zip(&saga.steps)
+            .filter_map(|(d, p)| p.output.clone().map(|o| (d.name.clone(), o)))
+            .collect();
+        let now = self.now_ms;
+        match when.eval(&order, &outputs) {
+            Ok(true) => true,
+            Ok(false) => {
+                let p = &mut saga.steps[i];
+                p.status = StepStatus::Skipped;
+                p.last_outcome = Some("skipped".into());
+                p.finished_at_ms = Some(now);
+                if let Some(signal) = saga.definition.steps[i].awaits() {
+                    saga.signals.retain(|s| s.name != signal);
+                }
+                let detail = format!("when: {} is false", when.source());
+                self.log(saga, EventKind::StepSkipped, Some(i), None, Some(detail));
+                false
+            }
+            Err(e) => {
+                let why = format!("when: {} cannot be evaluated: {e}", when.source());
+                if let Some(signal) = saga.definition.steps[i].awaits() {
+                    saga.signals.retain(|s| s.name != signal);
+                }
+                saga.steps[i].started_at_ms = Some(now);
+                self.wait_failed(saga, i, why);
+                false
+            }
+        }
+    }
+
     /// Await step `k` takes its signal: it succeeds with the payload as output.
     fn signal_consumed(
         &mut self,
@@ -919,8 +958,9 @@ impl Builder {
         self.log(saga, EventKind::StepSucceeded, Some(k), None, Some(detail));
     }
 
-    /// Await step `k` ends without its signal (timed out): nothing to undo;
-    /// the saga goes on or compensates as its `on_failure` says.
+    /// Step `k` ends without effect before sending anything (an await timed
+    /// out, a `when:` that cannot be evaluated): nothing to undo; the saga
+    /// goes on or compensates as its `on_failure` says.
     fn wait_failed(&mut self, saga: &mut Saga, k: usize, why: String) {
         let continuing = saga.definition.steps[k].on_failure == OnFailure::Continue;
         let name = saga.definition.steps[k].name.clone();
@@ -978,6 +1018,11 @@ impl Builder {
         let def = saga.definition.clone();
         for i in def.group(g) {
             let step = &def.steps[i];
+            if let Some(when) = &step.when {
+                if !self.condition_holds(saga, i, when) {
+                    continue;
+                }
+            }
             let wait = u64::try_from(step.timeout.as_millis()).unwrap_or(u64::MAX);
             let p = &mut saga.steps[i];
             p.started_at_ms = Some(self.now_ms);
@@ -1391,6 +1436,7 @@ mod tests {
             compensation_input: Default::default(),
             output_schema: None,
             kind: Default::default(),
+            when: None,
         }
     }
 

@@ -73,6 +73,9 @@ pub struct PlanStep {
     pub on_failure: &'static str,
     /// Steps whose output the step or its compensation uses.
     pub uses_output_of: Vec<String>,
+    /// Its `when:`, if any: false, the step is skipped (and never undone).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub when: Option<String>,
 }
 
 /// What happens when one step fails.
@@ -183,7 +186,10 @@ impl Plan {
                         s.name, s.participant, s.action, s.timeout, s.max_attempts, s.on_failure
                     ),
                 };
-                out.push_str(&line);
+                match &s.when {
+                    Some(w) => out.push_str(&format!("{}     only when: {w}\n", line.trim_end())),
+                    None => out.push_str(&line),
+                }
             }
         }
         out.push_str("  → COMPLETED\n");
@@ -264,8 +270,14 @@ impl Plan {
                 } else {
                     ("(", ")")
                 };
+                // A condition is shown as written, its quotes made safe for the label.
+                let when = s
+                    .when
+                    .as_ref()
+                    .map(|w| format!("<br/>when {}", w.replace('"', "#quot;")))
+                    .unwrap_or_default();
                 out.push_str(&format!(
-                    "    s_{}{open}\"{}<br/>{what}\"{close}\n",
+                    "    s_{}{open}\"{}<br/>{what}{when}\"{close}\n",
                     id(&s.name),
                     s.name
                 ));
@@ -356,6 +368,7 @@ fn plan_step(def: &SagaDefinition, i: usize) -> PlanStep {
         max_attempts: s.retry.max_attempts,
         on_failure: s.on_failure.as_str(),
         uses_output_of: uses,
+        when: s.when.as_ref().map(|w| w.source().to_string()),
     }
 }
 

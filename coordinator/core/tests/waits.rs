@@ -414,3 +414,153 @@ fn wait_steps_round_trip_through_the_stored_definition() {
     // A command step's snapshot is as earlier versions wrote it (no `kind`).
     assert!(!json.contains(r#""kind":{"type":"command""#), "{json}");
 }
+
+const WHEN: &str = r#"name: w
+version: 1
+steps:
+  - name: reserve
+    participant: inventory
+    action: reserve
+    compensation: release
+  - name: ship
+    when: 'order.items.exists(i, !i.sku.startsWith("DIGITAL-"))'
+    participant: shipping
+    action: create-shipment
+    compensation: cancel-shipment
+  - parallel:
+      - name: gift
+        participant: loyalty
+        action: wrap
+        compensation: unwrap
+      - name: confirm
+        await: gift-ok
+        timeout: 1m
+    when: order.amount_cents > 5000
+  - name: charge
+    participant: payment
+    action: charge
+    compensation: refund
+"#;
+
+fn created_with(text: &str, sku: &str, amount_cents: i64) -> Saga {
+    let order = OrderPayload {
+        items: vec![Item {
+            sku: sku.into(),
+            quantity: 1,
+        }],
+        amount_cents,
+        ..order()
+    };
+    let saga = engine::create("s".into(), def(text), order, "corr".into(), None, 0).saga;
+    apply(&saga, Event::Start, 1).saga
+}
+
+#[test]
+fn a_false_when_skips_the_step_and_a_skipped_step_is_never_undone() {
+    // A digital order of 1.00: no shipment, no gift group.
+    let s = created_with(WHEN, "DIGITAL-1", 100);
+    let t = apply(&s, ok(0, CommandKind::Forward), 2);
+    assert_eq!(
+        kinds(&t),
+        [
+            EventKind::StepSucceeded,
+            EventKind::StepSkipped,
+            EventKind::StepSkipped,
+            EventKind::StepSkipped
+        ]
+    );
+    assert_eq!(t.saga.steps[1].status, StepStatus::Skipped);
+    assert_eq!(
+        t.history[1].detail.as_deref(),
+        Some(r#"when: order.items.exists(i, !i.sku.startsWith("DIGITAL-")) is false"#)
+    );
+    assert_eq!(t.saga.state, SagaState::Running { step: 4 });
+    assert_eq!(t.commands.len(), 1, "straight on to the charge");
+    // A signal for the skipped await is refused.
+    assert!(matches!(
+        engine::check_signal(&t.saga, "gift-ok", "x", &serde_json::Value::Null),
+        Err(SignalRefused::NotWaiting { .. })
+    ));
+    // The charge declined: only the reservation is released.
+    let declined = Event::Reply {
+        step: 4,
+        kind: CommandKind::Forward,
+        attempt: 1,
+        outcome: Outcome::Rejected("declined".into()),
+    };
+    let t = apply(&t.saga, declined, 3);
+    assert_eq!(t.commands.len(), 1);
+    assert_eq!(
+        (t.commands[0].step, t.commands[0].kind),
+        (0, CommandKind::Compensate)
+    );
+    let done = apply(&t.saga, ok(0, CommandKind::Compensate), 4).saga;
+    assert_eq!(done.state, SagaState::Compensated);
+    assert_eq!(done.steps[1].status, StepStatus::Skipped);
+}
+
+#[test]
+fn a_true_when_runs_the_step_and_a_groups_when_covers_its_steps() {
+    let s = created_with(WHEN, "A-1", 9_000);
+    let t = apply(&s, ok(0, CommandKind::Forward), 2);
+    assert_eq!(t.commands.len(), 1, "the shipment");
+    let t = apply(&t.saga, ok(1, CommandKind::Forward), 3);
+    assert_eq!(t.saga.state, SagaState::Running { step: 2 });
+    assert_eq!(t.saga.steps[2].status, StepStatus::Running);
+    assert_eq!(t.saga.steps[3].status, StepStatus::Waiting);
+}
+
+#[test]
+fn a_when_that_cannot_be_evaluated_fails_its_step_without_sending_it() {
+    let text = r#"name: e
+version: 1
+steps:
+  - name: reserve
+    participant: inventory
+    action: reserve
+    compensation: release
+  - name: ship
+    when: steps.reserve.output.physical == true
+    participant: shipping
+    action: create-shipment
+    compensation: cancel-shipment
+"#;
+    let s = started(text);
+    // The reservation's output has no `physical`.
+    let t = apply(&s, ok(0, CommandKind::Forward), 2);
+    assert_eq!(t.saga.steps[1].status, StepStatus::Failed);
+    assert_eq!(t.saga.state, SagaState::Compensating { step: 0 });
+    assert!(
+        t.saga
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("cannot be evaluated")),
+        "{:?}",
+        t.saga.reason
+    );
+    assert_eq!(
+        (t.commands[0].step, t.commands[0].kind),
+        (0, CommandKind::Compensate)
+    );
+}
+
+#[test]
+fn conditions_are_checked_at_load_with_file_line_and_column() {
+    let head = "name: w\nversion: 1\nsteps:\n  - name: a\n    participant: p\n    action: x\n    compensation: none\n";
+    let cases = [
+        ("  - name: b\n    when: ordr.amount_cents > 1\n    sleep: 1s\n", "w.yaml:9:11: when: unknown name `ordr`"),
+        (
+            "  - name: b\n    when: steps.c.output.x == 1\n    sleep: 1s\n  - name: c\n    sleep: 1s\n",
+            "w.yaml:9:11: when: `steps.c` is not a step that runs before this one",
+        ),
+        (
+            "  - parallel:\n      - name: b\n        sleep: 1s\n        when: order.amount_cents > 1\n      - name: c\n        sleep: 1s\n    when: order.amount_cents > 2\n",
+            "w.yaml:11:15: a step of a `parallel:` group with a `when:` has none of its own",
+        ),
+        ("  - name: b\n    when: 'order.amount_cents >'\n    sleep: 1s\n", "w.yaml:9:11: when: invalid CEL"),
+    ];
+    for (steps, expected) in cases {
+        let e = refused(&format!("{head}{steps}"));
+        assert!(e.starts_with(expected), "{steps}\n got: {e}\nwant: {expected}");
+    }
+}

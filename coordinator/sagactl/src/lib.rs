@@ -206,11 +206,16 @@ enum Cmd {
     /// its forward, malformed commands, an unknown action) as the coordinator
     /// would, and print a pass/fail row per rule; exits 1 if one fails.
     Conformance(Box<conformance::Args>),
-    /// Place the demo's four orders (completes, out of stock, declined, shipped) and show how each ended.
+    /// Place the demo's orders (completes, out of stock, declined, shipped; with the operator
+    /// token also three `order-3ds` orders: confirmed by a signal, confirmed before the wait
+    /// with shipping skipped, never confirmed) and show how each ended.
     Demo {
         /// How long to wait for each saga to finish.
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         timeout: Duration,
+        /// Operator token, to send the 3-D Secure orders' signals (without it they are skipped).
+        #[arg(long, env = "SAGA_OPERATOR_TOKEN", hide_env_values = true)]
+        token: Option<String>,
     },
 }
 
@@ -275,7 +280,7 @@ fn saga_json(s: &pb::Saga) -> Value {
             "group": p.group, "on_failure": p.on_failure, "started_at": ts(&p.started_at),
             "finished_at": ts(&p.finished_at), "duration_ms": p.duration_ms,
             "kind": p.kind, "signal": p.signal, "due_at": ts(&p.due_at), "signal_id": p.signal_id,
-            "output": serde_json::from_str::<Value>(&p.output_json).unwrap_or(Value::Null),
+            "output": serde_json::from_str::<Value>(&p.output_json).unwrap_or(Value::Null), "when": p.when,
         })).collect::<Vec<_>>(),
         "deadline_at": ts(&s.deadline_at), "kept_signals": s.kept_signals,
         "history": s.history.iter().map(|h| json!({
@@ -443,6 +448,37 @@ fn is_terminal(state: i32) -> bool {
     )
 }
 
+/// Waits until one of the saga's steps waits for a signal.
+async fn wait_waiting(
+    client: &mut SagaServiceClient<Channel>,
+    saga_id: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let saga = client
+            .get_saga(pb::GetSagaRequest {
+                saga_id: saga_id.into(),
+            })
+            .await?
+            .into_inner();
+        if saga
+            .steps
+            .iter()
+            .any(|s| s.status == pb::StepStatus::Waiting as i32)
+        {
+            return Ok(());
+        }
+        if is_terminal(saga.state) || tokio::time::Instant::now() >= deadline {
+            bail!(
+                "saga {saga_id} never waited for a signal (now {})",
+                state_name(saga.state)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn wait_terminal(
     client: &mut SagaServiceClient<Channel>,
     saga_id: &str,
@@ -470,12 +506,25 @@ async fn wait_terminal(
     }
 }
 
+/// When a demo order gets its `payment-confirmed` signal.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum DemoSignal {
+    /// Never (a plain order, or the 3-D Secure challenge left unanswered).
+    None,
+    /// Once its await step waits.
+    WhenWaiting,
+    /// Right after creation, before the step is reached (kept until it is).
+    AtOnce,
+}
+
 async fn demo(
     client: &mut SagaServiceClient<Channel>,
     json_out: bool,
     timeout: Duration,
+    token: Option<&str>,
 ) -> anyhow::Result<bool> {
-    let orders = [
+    use DemoSignal::{AtOnce, WhenWaiting};
+    let mut orders = vec![
         (
             "completes",
             "order",
@@ -483,6 +532,7 @@ async fn demo(
             vec![("A-1", 2)],
             1999,
             pb::SagaState::Completed,
+            DemoSignal::None,
         ),
         (
             "out of stock",
@@ -491,6 +541,7 @@ async fn demo(
             vec![("A-1", 1), ("RARE-1", 5)],
             4500,
             pb::SagaState::Compensated,
+            DemoSignal::None,
         ),
         (
             "declined by payment",
@@ -499,6 +550,7 @@ async fn demo(
             vec![("B-2", 1)],
             250_000,
             pb::SagaState::Compensated,
+            DemoSignal::None,
         ),
         (
             "shipped (reserve ∥ charge, then ship)",
@@ -507,12 +559,46 @@ async fn demo(
             vec![("A-1", 1), ("B-2", 1)],
             3499,
             pb::SagaState::Completed,
+            DemoSignal::None,
         ),
     ];
+    if token.is_some() {
+        orders.extend([
+            (
+                "3-D Secure confirmed by a signal, then shipped",
+                "order-3ds",
+                "c-erin",
+                vec![("A-1", 1)],
+                2599,
+                pb::SagaState::Completed,
+                WhenWaiting,
+            ),
+            (
+                "digital, confirmed before the wait (shipping skipped)",
+                "order-3ds",
+                "c-grace",
+                vec![("DIGITAL-1", 1)],
+                999,
+                pb::SagaState::Completed,
+                AtOnce,
+            ),
+            (
+                "3-D Secure never confirmed (await timed out)",
+                "order-3ds",
+                "c-frank",
+                vec![("B-2", 1)],
+                1500,
+                pb::SagaState::Compensated,
+                DemoSignal::None,
+            ),
+        ]);
+    } else if !json_out {
+        println!("(the order-3ds orders need the operator token to signal them: set SAGA_OPERATOR_TOKEN)");
+    }
     let mut all_ok = true;
     let mut out = Vec::new();
     let mut summary = table(&["order", "saga", "expected", "final state", "reason"]);
-    for (label, definition, customer, items, amount, expected) in orders {
+    for (label, definition, customer, items, amount, expected, signal) in orders {
         let created = client
             .create_order(pb::CreateOrderRequest {
                 definition: definition.into(),
@@ -531,6 +617,24 @@ async fn demo(
             .await
             .with_context(|| format!("CreateOrder ({label})"))?
             .into_inner();
+        if let (Some(token), true) = (token, signal != DemoSignal::None) {
+            if signal == WhenWaiting {
+                wait_waiting(client, &created.saga_id, timeout).await?;
+            }
+            let request = authorized(
+                pb::SignalSagaRequest {
+                    saga_id: created.saga_id.clone(),
+                    name: "payment-confirmed".into(),
+                    signal_id: format!("demo-{}", created.saga_id),
+                    payload_json: json!({"authorization": format!("3ds-{customer}")}).to_string(),
+                },
+                token,
+            )?;
+            let r = client.signal_saga(request).await?.into_inner();
+            if !json_out {
+                println!("signal payment-confirmed for saga {}: {}", r.saga_id, r.outcome);
+            }
+        }
         let saga = wait_terminal(client, &created.saga_id, timeout).await?;
         let ok = saga.state == expected as i32;
         all_ok &= ok;
@@ -1096,8 +1200,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{t}");
             }
         }
-        Cmd::Demo { timeout } => {
-            if !demo(&mut client, cli.json, timeout).await? {
+        Cmd::Demo { timeout, token } => {
+            let token = token.filter(|t| !t.trim().is_empty());
+            if !demo(&mut client, cli.json, timeout, token.as_deref()).await? {
                 bail!("a demo saga did not end in its expected state");
             }
         }

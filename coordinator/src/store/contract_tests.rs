@@ -27,6 +27,7 @@ fn started_saga(key: &str) -> Transition {
         compensation_input: Default::default(),
         output_schema: None,
         kind: Default::default(),
+        when: None,
     };
     let definition = Arc::new(SagaDefinition {
         name: "order".into(),

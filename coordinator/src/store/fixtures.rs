@@ -20,6 +20,7 @@ pub(crate) fn two_step_order() -> SagaDefinition {
         compensation_input: Default::default(),
         output_schema: None,
         kind: Default::default(),
+        when: None,
     };
     SagaDefinition {
         name: "order".into(),
