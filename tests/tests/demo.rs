@@ -61,7 +61,7 @@ fn the_demo_runs_and_its_metrics_move() -> Result<()> {
     ensure!(
         moved(
             "participant_commands_total{participant=\"payment\",action=\"charge\",outcome=\"ok\"}",
-            "2"
+            "5"
         ),
         "{stdout}"
     );
@@ -75,15 +75,35 @@ fn the_demo_runs_and_its_metrics_move() -> Result<()> {
     ensure!(
         moved(
             "participant_commands_total{participant=\"shipping\",action=\"create-shipment\",outcome=\"ok\"}",
-            "1"
+            "2"
         ),
         "{stdout}"
     );
     ensure!(
         moved(
             "participant_commands_total{participant=\"inventory\",action=\"release\",outcome=\"ok\"}",
+            "2"
+        ),
+        "{stdout}"
+    );
+    // The 3-D Secure orders: one signalled while it waited, one before (its
+    // digital order's shipment skipped), one left to time out.
+    ensure!(
+        moved(
+            "saga_finished_total{definition=\"order-3ds@1\",state=\"COMPLETED\"}",
+            "2"
+        ),
+        "{stdout}"
+    );
+    ensure!(
+        moved(
+            "saga_finished_total{definition=\"order-3ds@1\",state=\"COMPENSATED\"}",
             "1"
         ),
+        "{stdout}"
+    );
+    ensure!(
+        stdout.contains("step_skipped") && stdout.contains(": kept"),
         "{stdout}"
     );
     Ok(())

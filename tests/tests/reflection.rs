@@ -153,7 +153,7 @@ async fn a_coordinator_started_before_nats_serves_reads_and_becomes_ready() -> R
         .list_definitions(saga_proto::pb::ListDefinitionsRequest {})
         .await?
         .into_inner();
-    assert_eq!(defs.definitions.len(), 3, "reads work before NATS is reachable");
+    assert_eq!(defs.definitions.len(), 4, "reads work before NATS is reachable");
     // Writes are refused at once (not queued until NATS comes), so clients retry.
     let refused = tokio::time::timeout(
         Duration::from_secs(5),

@@ -35,7 +35,8 @@ fn validate_accepts_the_shipped_definitions() -> Result<()> {
         stdout.contains("order-with-shipping@1  (3 steps in 2 groups)"),
         "{stdout}"
     );
-    assert!(stdout.contains("3 definition(s) valid, 0 error(s)"), "{stdout}");
+    assert!(stdout.contains("order-3ds@1  (5 steps in 5 groups)"), "{stdout}");
+    assert!(stdout.contains("4 definition(s) valid, 0 error(s)"), "{stdout}");
     Ok(())
 }
 
