@@ -94,6 +94,7 @@ impl Cluster {
             dir.join("coordinator.log"),
         )
         .envs(access.env(&Role::Coordinator))
+        .env("SAGA_OPERATOR_TOKEN", OPERATOR_TOKEN)
         .ports_file(dir.join("coordinator.ports"));
         inventory.start()?;
         payment.start()?;

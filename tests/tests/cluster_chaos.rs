@@ -177,6 +177,7 @@ async fn a_coordinator_and_a_nats_node_die_and_every_saga_still_ends_once() -> R
             dir.as_path().join(format!("coord-{i}.log")),
         )
         .envs(access.env(&Role::Coordinator))
+        .env("SAGA_OPERATOR_TOKEN", OPERATOR_TOKEN)
         .ports_file(dir.as_path().join(format!("coord-{i}.ports")));
         c.start()?;
         addrs.push(c.ports(Duration::from_secs(60))?.get("grpc")?);

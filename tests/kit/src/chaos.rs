@@ -20,6 +20,10 @@ pub const SKUS: &[(&str, u64)] = &[("A-1", 1_000_000), ("B-2", 1_000_000), ("RAR
 /// Amounts above this are declined by the payment service.
 pub const LIMIT_CENTS: i64 = 10_000;
 
+/// The operator token the chaos coordinators run with (`SAGA_OPERATOR_TOKEN`): the drivers
+/// signal the `order-wait` sagas with it.
+pub const OPERATOR_TOKEN: &str = "chaos-operator-token-for-signals";
+
 /// What must become of an order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Expect {
@@ -29,6 +33,11 @@ pub enum Expect {
     OutOfStock,
     /// Declined by the payment, COMPENSATED.
     Declined,
+    /// `order-wait`: signalled by the driver; COMPLETED when the coordinator took the signal
+    /// (consumed, kept or duplicate), COMPENSATED when it answered that the await was over.
+    Signalled,
+    /// `order-wait` never signalled: the await times out, COMPENSATED, nothing held.
+    TimedOut,
 }
 
 /// An order placed, with what must become of it.
@@ -42,6 +51,8 @@ pub struct Placed {
     pub items: Vec<(String, u32)>,
     /// Its amount.
     pub amount: i64,
+    /// Whether it ran `order-wait` (an await and a sleep on the way).
+    pub waits: bool,
 }
 
 /// An environment variable parsed, or `default`.
@@ -55,7 +66,7 @@ pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 /// The order for index `i`: its request and what must become of it.
 pub fn order_for(rng: &mut StdRng, i: usize, seed: u64) -> (pb::CreateOrderRequest, Expect) {
     let roll: f64 = rng.random();
-    let (items, amount, expect) = if roll < 0.15 {
+    let (items, amount, mut expect) = if roll < 0.15 {
         (
             vec![("A-1".to_string(), 1), ("RARE-1".to_string(), 1000)],
             500,
@@ -74,7 +85,19 @@ pub fn order_for(rng: &mut StdRng, i: usize, seed: u64) -> (pb::CreateOrderReque
         }
         (items, rng.random_range(100..LIMIT_CENTS), Expect::Completed)
     };
+    // A quarter of the orders that would complete wait for a signal (and sleep) on the way;
+    // one in five of those never gets it.
+    let mut definition = String::new();
+    if expect == Expect::Completed && rng.random_bool(0.25) {
+        definition = "order-wait".into();
+        expect = if rng.random_bool(0.2) {
+            Expect::TimedOut
+        } else {
+            Expect::Signalled
+        };
+    }
     let req = pb::CreateOrderRequest {
+        definition,
         customer_id: format!("c-{}", i % 37),
         items: items
             .iter()
@@ -106,6 +129,17 @@ pub fn write_definitions(dir: &std::path::Path) -> Result<()> {
          participant: inventory\n    action: reserve\n    compensation: release\n  - name: charge-payment\n    \
          participant: payment\n    action: charge\n    compensation: refund\nevents:\n  started: orders.created\n  \
          completed: orders.completed\n  compensated: orders.cancelled\n",
+    )?;
+    // The order saga with an await (timeout 4 s, past any outage here but the
+    // longest), a durable sleep and a deadline that never passes in a run.
+    std::fs::write(
+        dir.join("order-wait.yaml"),
+        "name: order-wait\nversion: 1\ndeadline: 10m\ndefaults:\n  timeout: 1s\n  retry: { max_attempts: 300, \
+         initial_backoff: 20ms, max_backoff: 500ms, multiplier: 2.0, jitter: true }\nsteps:\n  \
+         - name: reserve-inventory\n    participant: inventory\n    action: reserve\n    compensation: release\n  \
+         - name: confirm\n    await: go\n    timeout: 4s\n  - name: settle\n    sleep: 300ms\n  \
+         - name: charge-payment\n    participant: payment\n    action: charge\n    compensation: refund\n\
+         events:\n  started: orders.created\n  completed: orders.completed\n  compensated: orders.cancelled\n",
     )?;
     Ok(())
 }
@@ -175,14 +209,69 @@ pub fn spawn_place(
     let amount = req.amount_cents;
     tokio::spawn(async move {
         let id = place(&addrs, first, req).await;
+        let waits = matches!(expect, Expect::Signalled | Expect::TimedOut);
+        let expect = match (&id, expect) {
+            (Ok(saga_id), Expect::Signalled) => signal(&addrs, first, saga_id).await?,
+            _ => expect,
+        };
         drop(permit);
         id.map(|saga_id| Placed {
             saga_id,
             expect,
             items,
             amount,
+            waits,
         })
     })
+}
+
+/// Sends the `go` signal of an `order-wait` saga, retried (same signal id) through restarts
+/// until a coordinator answers: taken (the saga must complete) or refused because the await
+/// is over (it must compensate).
+///
+/// # Errors
+/// Still failing after 120 s, or refused for another reason.
+pub async fn signal(addrs: &Addrs, first: usize, saga_id: &str) -> Result<Expect> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut k = first;
+    loop {
+        let addr = addrs.get(k);
+        let attempt = async {
+            let mut g = tokio::time::timeout(Duration::from_secs(3), connect(addr)).await??;
+            let mut request = tonic::Request::new(pb::SignalSagaRequest {
+                saga_id: saga_id.into(),
+                name: "go".into(),
+                signal_id: format!("go-{saga_id}"),
+                payload_json: "{}".into(),
+            });
+            request
+                .metadata_mut()
+                .insert("authorization", format!("Bearer {OPERATOR_TOKEN}").parse()?);
+            anyhow::Ok(tokio::time::timeout(Duration::from_secs(5), g.signal_saga(request)).await?)
+        };
+        match attempt.await {
+            Ok(Ok(_)) => return Ok(Expect::Completed),
+            Ok(Err(status)) if status.code() == tonic::Code::FailedPrecondition => {
+                return Ok(Expect::TimedOut)
+            }
+            Ok(Err(status))
+                if !matches!(
+                    status.code(),
+                    tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal
+                ) =>
+            {
+                anyhow::bail!("signal for {saga_id} refused: {status}")
+            }
+            Err(e) if Instant::now() > deadline => return Err(e.context("SignalSaga kept failing")),
+            Ok(Err(status)) if Instant::now() > deadline => {
+                anyhow::bail!("SignalSaga kept failing: {status}")
+            }
+            _ => {
+                k += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
 }
 
 /// Every saga, by paging `ListSagas` (retrying through restarts).
@@ -294,6 +383,8 @@ pub struct Verdict {
     pub events_ok: bool,
     /// The participants' figures.
     pub pay_stats: serde_json::Value,
+    /// `order-wait` sagas: (completed after their signal, compensated after their await timed out).
+    pub waited: (usize, usize),
     /// The participants' figures.
     pub inv_stats: serde_json::Value,
 }
@@ -316,6 +407,10 @@ impl Verdict {
             (
                 "saga events / alias copies / each once, in order".to_string(),
                 format!("{} / {} / {}", self.events, self.alias_copies, self.events_ok),
+            ),
+            (
+                "with await + sleep: signalled / timed out".to_string(),
+                format!("{} / {}", self.waited.0, self.waited.1),
             ),
             ("stock conserved per SKU".to_string(), self.stock_ok.to_string()),
             (
@@ -394,7 +489,9 @@ pub async fn verify(
         };
         let want = match p.expect {
             Expect::Completed => SagaState::Completed,
-            Expect::OutOfStock | Expect::Declined => SagaState::Compensated,
+            Expect::OutOfStock | Expect::Declined | Expect::TimedOut => SagaState::Compensated,
+            // Resolved by the driver from the coordinator's answer.
+            Expect::Signalled => SagaState::Unspecified,
         };
         if s.state != want as i32 {
             wrong.push(format!(
@@ -525,5 +622,15 @@ pub async fn verify(
         events_ok,
         pay_stats,
         inv_stats,
+        waited: (
+            placed
+                .iter()
+                .filter(|p| p.waits && p.expect == Expect::Completed)
+                .count(),
+            placed
+                .iter()
+                .filter(|p| p.waits && p.expect == Expect::TimedOut)
+                .count(),
+        ),
     })
 }
