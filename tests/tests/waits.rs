@@ -501,3 +501,83 @@ async fn timers_pending_at_a_kill_9_fire_once_after_the_restart_and_signals_stil
     coordinator.stop();
     Ok(())
 }
+
+/// The cost of sagas parked on a timer: `N` sagas each waiting on a one-hour
+/// await, created through one coordinator process, its resident memory read
+/// from /proc before and after (`cargo test -p saga-tests --test waits --
+/// --ignored --nocapture`; docs/benchmarks.md has the figures). Run by hand:
+/// a measurement, with the gauge checked, not a bound asserted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement; run by hand"]
+async fn memory_per_pending_timer() -> Result<()> {
+    init_logs();
+    let n: usize = std::env::var("TIMERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
+    let resident = std::env::var("RESIDENT").unwrap_or_else(|_| "100000".into());
+    let dir = tempfile::tempdir()?;
+    let defs = dir.path().join("mem-defs");
+    std::fs::create_dir_all(&defs)?;
+    std::fs::write(
+        defs.join("parked.yaml"),
+        "name: parked\nversion: 1\ndeadline: 2h\nsteps:\n  - name: confirm\n    await: go\n    timeout: 1h\n",
+    )?;
+    let nats = NatsServer::start()?;
+    let mut c = coordinator_proc(dir.path(), &defs, &nats)?;
+    c.set_arg("--resident-sagas", &resident);
+    c.start()?;
+    let g = ready(&mut c).await?;
+    let http = c.ports(WAIT)?.get("http")?;
+    let rss = |pid: u32| -> Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let kib = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .context("VmRSS")?;
+        Ok(kib * 1024)
+    };
+    let create = |count: usize| {
+        let g = g.clone();
+        async move {
+            let mut tasks = tokio::task::JoinSet::new();
+            for k in 0..32 {
+                let mut g = g.clone();
+                tasks.spawn(async move {
+                    for i in (k..count).step_by(32) {
+                        g.create_order(create("parked", &format!("c-{i}"))).await?;
+                    }
+                    anyhow::Ok(())
+                });
+            }
+            while let Some(r) = tasks.join_next().await {
+                r??;
+            }
+            anyhow::Ok(())
+        }
+    };
+    let pid = c.pid().context("pid")?;
+    create(2_000).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = rss(pid)?;
+    create(n).await?;
+    let want = format!("saga_timers_pending {}", 2 * (n + 2_000));
+    eventually(WAIT, "the timers armed", || async {
+        http_get(http, "/metrics")
+            .await
+            .is_ok_and(|(_, body)| body.lines().any(|l| l == want))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = rss(pid)?;
+    println!(
+        "{n} sagas parked (2 timers each: await timeout, deadline), --resident-sagas {resident}: \
+         RSS {} -> {} MiB, {} bytes per parked saga",
+        before >> 20,
+        after >> 20,
+        after.saturating_sub(before) / n as u64
+    );
+    c.stop();
+    Ok(())
+}
