@@ -12,10 +12,7 @@ use serde::{Deserialize, Serialize};
 
 mod signal;
 mod validate;
-pub use signal::{
-    check_signal_name, SignalReply, SignalRequest, MAX_SIGNAL_NAME_CHARS, MAX_SIGNAL_PAYLOAD_BYTES,
-    SIGNAL_SUBJECT,
-};
+pub use signal::{SignalReply, SignalRequest, MAX_SIGNAL_PAYLOAD_BYTES, SIGNAL_SUBJECT};
 pub use validate::{
     check_currency, check_definition, check_id, check_name, check_saga_id, check_text, is_forbidden_char,
     FieldError, MAX_AMOUNT_CENTS, MAX_ID_CHARS, MAX_ITEMS, MAX_NAME_CHARS, MAX_QUANTITY, MAX_SKU_CHARS,

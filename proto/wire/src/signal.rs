@@ -4,14 +4,12 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{check_saga_id, check_text, FieldError, MAX_ID_CHARS};
+use crate::{check_name, check_saga_id, check_text, FieldError, MAX_ID_CHARS};
 
 /// Subject the coordinators answer signals on (queue group `coordinator`).
 pub const SIGNAL_SUBJECT: &str = "saga.signal";
 /// Largest signal payload, as JSON, in bytes.
 pub const MAX_SIGNAL_PAYLOAD_BYTES: usize = 64 * 1024;
-/// Longest signal name (what an `await:` step names).
-pub const MAX_SIGNAL_NAME_CHARS: usize = 64;
 
 /// A signal for the `await` step of saga `saga_id` that waits for `name`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -36,7 +34,8 @@ impl SignalRequest {
     /// The first bad field.
     pub fn check(&self, payload_bytes: usize) -> Result<(), FieldError> {
         check_saga_id("saga_id", &self.saga_id)?;
-        check_signal_name("name", &self.name)?;
+        // What a definition's `await:` may name.
+        check_name("name", &self.name)?;
         check_text("signal_id", &self.signal_id, MAX_ID_CHARS)?;
         if payload_bytes > MAX_SIGNAL_PAYLOAD_BYTES {
             return Err(FieldError::new(
@@ -45,28 +44,6 @@ impl SignalRequest {
             ));
         }
         Ok(())
-    }
-}
-
-/// Checks a signal name: 1-64 lowercase letters, digits, `-` or `_`,
-/// starting with a letter (what a definition's `await:` may name).
-///
-/// # Errors
-/// `value` is not such a name, naming `field`.
-pub fn check_signal_name(field: &str, value: &str) -> Result<(), FieldError> {
-    let ok = !value.is_empty()
-        && value.len() <= MAX_SIGNAL_NAME_CHARS
-        && value.starts_with(|c: char| c.is_ascii_lowercase())
-        && value
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
-    if ok {
-        Ok(())
-    } else {
-        Err(FieldError::new(
-            field,
-            "must be 1-64 lowercase letters, digits, `-` or `_`, starting with a letter",
-        ))
     }
 }
 
