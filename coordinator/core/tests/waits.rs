@@ -564,3 +564,17 @@ fn conditions_are_checked_at_load_with_file_line_and_column() {
         assert!(e.starts_with(expected), "{steps}\n got: {e}\nwant: {expected}");
     }
 }
+
+#[test]
+fn the_published_event_schema_names_every_event_kind() {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../saga-definitions/schemas/saga-event.v1.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let schema: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}"));
+    let listed: Vec<&str> = schema["properties"]["event"]["enum"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+        .unwrap_or_default();
+    let kinds: Vec<&str> = EventKind::ALL.iter().map(|k| k.as_str()).collect();
+    assert_eq!(listed, kinds, "saga-event.v1.json and EventKind::ALL");
+}
