@@ -750,19 +750,27 @@ impl Runner {
             ))));
         };
         let tag = saga.state.tag();
+        let correlation_id = saga.correlation_id.clone();
         let checked = engine::check_signal(saga, name, signal_id, payload);
         if tag.is_terminal() {
             // Loaded only to answer; the runner keeps no finished saga.
             self.active.remove(key);
         }
         let fate = checked.inspect_err(|e| {
-            info!(saga_id = key, signal = name, signal_id, reason = %e, "signal refused");
+            info!(saga_id = key, correlation_id, signal = name, signal_id, reason = %e, "signal refused");
         })?;
         if fate == engine::SignalFate::Duplicate {
             return Ok(Operated::Signalled(fate, tag));
         }
         let tag = self.apply(key, event, now)?.unwrap_or(tag);
-        info!(saga_id = key, signal = name, signal_id, fate = ?fate, "signal received");
+        info!(
+            saga_id = key,
+            correlation_id,
+            signal = name,
+            signal_id,
+            fate = fate.as_str(),
+            "signal received"
+        );
         Ok(Operated::Signalled(fate, tag))
     }
 
