@@ -311,6 +311,10 @@ pub enum Event {
     Timer(Timer),
 }
 
+/// Most bytes (as JSON) of the payloads a saga keeps for steps not reached
+/// yet: each kept signal rewrites the saga's record whole.
+pub const MAX_KEPT_SIGNAL_BYTES: usize = 64 * 1024;
+
 /// A timer a saga has pending, derived from its state: the runner arms what
 /// [`timers`] lists after every transition and at start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -391,6 +395,14 @@ pub enum SignalRefused {
         /// Its status, or the saga's state.
         status: String,
     },
+    /// Keeping it would pass [`MAX_KEPT_SIGNAL_BYTES`] for the saga.
+    #[error("the saga already keeps {kept} bytes of signals for steps not reached; at most {limit}")]
+    TooMuchKept {
+        /// Bytes kept now.
+        kept: usize,
+        /// The bound.
+        limit: usize,
+    },
     /// The payload does not match the step's `output_schema`.
     #[error("payload: {reason}")]
     Payload {
@@ -467,6 +479,16 @@ pub fn check_signal(
     };
     def.check_output(k, payload)
         .map_err(|reason| SignalRefused::Payload { reason })?;
+    if fate == SignalFate::Kept {
+        let size = |v: &serde_json::Value| serde_json::to_vec(v).map_or(usize::MAX, |b| b.len());
+        let kept: usize = saga.signals.iter().map(|s| size(&s.payload)).sum();
+        if kept.saturating_add(size(payload)) > MAX_KEPT_SIGNAL_BYTES {
+            return Err(SignalRefused::TooMuchKept {
+                kept,
+                limit: MAX_KEPT_SIGNAL_BYTES,
+            });
+        }
+    }
     Ok(fate)
 }
 

@@ -578,3 +578,48 @@ fn the_published_event_schema_names_every_event_kind() {
     let kinds: Vec<&str> = EventKind::ALL.iter().map(|k| k.as_str()).collect();
     assert_eq!(listed, kinds, "saga-event.v1.json and EventKind::ALL");
 }
+
+#[test]
+fn signals_kept_for_later_steps_are_bounded_in_bytes() {
+    let text = r#"name: k
+version: 1
+steps:
+  - name: reserve
+    participant: inventory
+    action: reserve
+    compensation: release
+  - name: a
+    await: first
+    timeout: 1m
+  - name: b
+    await: second
+    timeout: 1m
+"#;
+    let s = started(text);
+    let big = serde_json::json!({ "blob": "x".repeat(40 * 1024) });
+    let first = Event::Signal {
+        name: "first".into(),
+        id: "1".into(),
+        payload: big.clone(),
+    };
+    let s = apply(&s, first, 2).saga;
+    // A second 40 KiB payload would keep more than 64 KiB: refused, nothing changes.
+    assert!(matches!(
+        engine::check_signal(&s, "second", "2", &big),
+        Err(SignalRefused::TooMuchKept { .. })
+    ));
+    no_op(
+        &s,
+        Event::Signal {
+            name: "second".into(),
+            id: "2".into(),
+            payload: big,
+        },
+        3,
+    );
+    // A small one still fits.
+    assert_eq!(
+        engine::check_signal(&s, "second", "2", &serde_json::json!({"ok": true})),
+        Ok(SignalFate::Kept)
+    );
+}
