@@ -449,6 +449,40 @@ fn is_terminal(state: i32) -> bool {
 }
 
 /// Waits until one of the saga's steps waits for a signal.
+/// Calls `call` again while the coordinator answers UNAVAILABLE ("retry shortly": a
+/// partition changing hands, NATS reconnecting), for up to `timeout`.
+async fn retry_unavailable<T, F, Fut>(timeout: Duration, mut call: F) -> Result<T, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match call().await {
+            Err(s) if s.code() == tonic::Code::Unavailable && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn get_saga(
+    client: &SagaServiceClient<Channel>,
+    saga_id: &str,
+    timeout: Duration,
+) -> Result<pb::Saga, tonic::Status> {
+    let request = pb::GetSagaRequest {
+        saga_id: saga_id.into(),
+    };
+    retry_unavailable(timeout, || {
+        let (mut c, r) = (client.clone(), request.clone());
+        async move { c.get_saga(r).await }
+    })
+    .await
+    .map(tonic::Response::into_inner)
+}
+
 async fn wait_waiting(
     client: &mut SagaServiceClient<Channel>,
     saga_id: &str,
@@ -456,12 +490,7 @@ async fn wait_waiting(
 ) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        let saga = client
-            .get_saga(pb::GetSagaRequest {
-                saga_id: saga_id.into(),
-            })
-            .await?
-            .into_inner();
+        let saga = get_saga(client, saga_id, timeout).await?;
         if saga
             .steps
             .iter()
@@ -486,13 +515,9 @@ async fn wait_terminal(
 ) -> anyhow::Result<pb::Saga> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        let saga = client
-            .get_saga(pb::GetSagaRequest {
-                saga_id: saga_id.to_string(),
-            })
+        let saga = get_saga(client, saga_id, timeout)
             .await
-            .with_context(|| format!("GetSaga {saga_id}"))?
-            .into_inner();
+            .with_context(|| format!("GetSaga {saga_id}"))?;
         if is_terminal(saga.state) {
             return Ok(saga);
         }
@@ -595,28 +620,34 @@ async fn demo(
     } else if !json_out {
         println!("(the order-3ds orders need the operator token to signal them: set SAGA_OPERATOR_TOKEN)");
     }
+    let run = uuid::Uuid::new_v4().simple().to_string();
     let mut all_ok = true;
     let mut out = Vec::new();
     let mut summary = table(&["order", "saga", "expected", "final state", "reason"]);
     for (label, definition, customer, items, amount, expected, signal) in orders {
-        let created = client
-            .create_order(pb::CreateOrderRequest {
-                definition: definition.into(),
-                customer_id: customer.into(),
-                items: items
-                    .iter()
-                    .map(|(s, q)| pb::OrderItem {
-                        sku: (*s).into(),
-                        quantity: *q,
-                    })
-                    .collect(),
-                amount_cents: amount,
-                currency: "EUR".into(),
-                ..Default::default()
-            })
-            .await
-            .with_context(|| format!("CreateOrder ({label})"))?
-            .into_inner();
+        let request = pb::CreateOrderRequest {
+            definition: definition.into(),
+            customer_id: customer.into(),
+            items: items
+                .iter()
+                .map(|(s, q)| pb::OrderItem {
+                    sku: (*s).into(),
+                    quantity: *q,
+                })
+                .collect(),
+            amount_cents: amount,
+            currency: "EUR".into(),
+            // Retried below: the key makes a repeat return the same saga.
+            idempotency_key: format!("demo-{run}-{customer}"),
+            ..Default::default()
+        };
+        let created = retry_unavailable(timeout, || {
+            let (mut c, r) = (client.clone(), request.clone());
+            async move { c.create_order(r).await }
+        })
+        .await
+        .with_context(|| format!("CreateOrder ({label})"))?
+        .into_inner();
         if let (Some(token), true) = (token, signal != DemoSignal::None) {
             if signal == WhenWaiting {
                 wait_waiting(client, &created.saga_id, timeout).await?;
@@ -630,7 +661,14 @@ async fn demo(
                 },
                 token,
             )?;
-            let r = client.signal_saga(request).await?.into_inner();
+            let r = retry_unavailable(timeout, || {
+                let mut c = client.clone();
+                let mut r = tonic::Request::new(request.get_ref().clone());
+                *r.metadata_mut() = request.metadata().clone();
+                async move { c.signal_saga(r).await }
+            })
+            .await?
+            .into_inner();
             if !json_out {
                 println!("signal payment-confirmed for saga {}: {}", r.saga_id, r.outcome);
             }
