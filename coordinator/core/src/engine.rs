@@ -902,9 +902,8 @@ impl Builder {
                     settled.push((k, CommandKind::Forward));
                 }
                 StepStatus::Waiting | StepStatus::Sleeping => {
-                    p.status = StepStatus::Failed;
-                    p.last_outcome = Some("cut short".into());
-                    p.due_at_ms = None;
+                    cut_short(p, "cut short", self.now_ms);
+                    continue;
                 }
                 _ => continue,
             }
@@ -929,25 +928,26 @@ impl Builder {
             .filter_map(|(d, p)| p.output.clone().map(|o| (d.name.clone(), o)))
             .collect();
         let now = self.now_ms;
-        match when.eval(&order, &outputs) {
+        let verdict = when.eval(&order, &outputs);
+        if verdict != Ok(true) {
+            // Not run: a signal kept for it would never be taken.
+            if let Some(signal) = saga.definition.steps[i].awaits() {
+                saga.signals.retain(|s| s.name != signal);
+            }
+        }
+        match verdict {
             Ok(true) => true,
             Ok(false) => {
                 let p = &mut saga.steps[i];
                 p.status = StepStatus::Skipped;
                 p.last_outcome = Some("skipped".into());
                 p.finished_at_ms = Some(now);
-                if let Some(signal) = saga.definition.steps[i].awaits() {
-                    saga.signals.retain(|s| s.name != signal);
-                }
                 let detail = format!("when: {} is false", when.source());
                 self.log(saga, EventKind::StepSkipped, Some(i), None, Some(detail));
                 false
             }
             Err(e) => {
                 let why = format!("when: {} cannot be evaluated: {e}", when.source());
-                if let Some(signal) = saga.definition.steps[i].awaits() {
-                    saga.signals.retain(|s| s.name != signal);
-                }
                 saga.steps[i].started_at_ms = Some(now);
                 self.wait_failed(saga, i, why);
                 false
@@ -1221,11 +1221,7 @@ impl Builder {
             // effect): only its commands in flight are worth waiting for.
             for k in members.clone() {
                 if matches!(saga.steps[k].status, StepStatus::Waiting | StepStatus::Sleeping) {
-                    let p = &mut saga.steps[k];
-                    p.status = StepStatus::Failed;
-                    p.last_outcome = Some("cut short: a sibling failed".into());
-                    p.due_at_ms = None;
-                    p.finished_at_ms = Some(self.now_ms);
+                    cut_short(&mut saga.steps[k], "cut short: a sibling failed", self.now_ms);
                     self.log(
                         saga,
                         EventKind::StepFailed,
@@ -1385,6 +1381,14 @@ impl Builder {
             }
         }
     }
+}
+
+/// A wait or sleep ends without effect (the saga stops, a sibling failed): nothing to undo.
+fn cut_short(p: &mut StepProgress, why: &str, now_ms: u64) {
+    p.status = StepStatus::Failed;
+    p.last_outcome = Some(why.into());
+    p.due_at_ms = None;
+    p.finished_at_ms = Some(now_ms);
 }
 
 /// Whether a transition written from `previous` (`None`: a new saga) puts
