@@ -186,12 +186,13 @@ pub async fn serve(
     ));
     info!(participant = %name, "serving commands");
     let tracker = TaskTracker::new();
+    let counted = telemetry::InFlight::new(&name);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             msg = commands.next() => match msg {
                 Some(msg) => {
-                    tracker.spawn(process(client.clone(), handler.clone(), msg));
+                    tracker.spawn(process(client.clone(), handler.clone(), msg, counted.enter()));
                 }
                 None => break,
             },
@@ -203,7 +204,7 @@ pub async fn serve(
     let deadline = tokio::time::Instant::now() + NATS_GRACE;
     if let Ok(Ok(())) = tokio::time::timeout_at(deadline, commands.drain()).await {
         while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, commands.next()).await {
-            tracker.spawn(process(client.clone(), handler.clone(), msg));
+            tracker.spawn(process(client.clone(), handler.clone(), msg, counted.enter()));
         }
     }
     let _ = tokio::time::timeout(NATS_GRACE, commands.unsubscribe()).await;
@@ -353,7 +354,13 @@ fn known_action<'a>(subject: &str, actions: &[&'a str]) -> &'a str {
         .unwrap_or("unknown")
 }
 
-async fn process(client: async_nats::Client, handler: Arc<dyn Handler>, msg: async_nats::Message) {
+/// Handles one delivered command; `_held` counts it in flight until it is answered.
+async fn process(
+    client: async_nats::Client,
+    handler: Arc<dyn Handler>,
+    msg: async_nats::Message,
+    _held: telemetry::Held,
+) {
     let correlation_id = msg
         .headers
         .as_ref()

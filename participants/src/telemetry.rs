@@ -17,7 +17,7 @@
 use std::{
     net::SocketAddr,
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc, OnceLock,
     },
     time::Duration,
@@ -42,6 +42,11 @@ pub const DEDUPE_HITS: &str = "participant_dedupe_hits_total";
 pub const COMMAND_SECONDS: &str = "participant_command_duration_seconds";
 /// 1 while the participant's NATS connection is up, else 0, by `participant`.
 pub const NATS_CONNECTED: &str = "participant_nats_connected";
+/// Gauge: commands being handled right now (received, not yet answered), by `participant`.
+pub const IN_FLIGHT: &str = "participant_commands_in_flight";
+/// Gauge: the most commands this process handled at once since it started,
+/// by `participant`: what a coordinator's `--max-in-flight` is meant to bound.
+pub const IN_FLIGHT_MAX: &str = "participant_commands_in_flight_max";
 /// Counter: stored replies removed past their retention, by participant.
 pub const REPLIES_PRUNED: &str = "participant_replies_pruned_total";
 /// Counter: writes the store committed (sled: inserts and removes;
@@ -150,6 +155,68 @@ pub fn dedupe_hit(participant: &str) {
     record(|| {
         metrics::counter!(DEDUPE_HITS, "participant" => participant.to_string()).increment(1);
     });
+}
+
+/// Counts the commands a participant handles at once ([`IN_FLIGHT`]) and
+/// the most it ever did ([`IN_FLIGHT_MAX`]); shared by its command tasks.
+#[derive(Clone)]
+pub struct InFlight(Arc<Counts>);
+
+struct Counts {
+    now: AtomicUsize,
+    most: AtomicUsize,
+    now_gauge: metrics::Gauge,
+    most_gauge: metrics::Gauge,
+}
+
+impl InFlight {
+    /// None in flight yet (both gauges read 0).
+    pub fn new(participant: &str) -> Self {
+        let (mut now_gauge, mut most_gauge) = (None, None);
+        record(|| {
+            now_gauge = Some(metrics::gauge!(IN_FLIGHT, "participant" => participant.to_string()));
+            most_gauge = Some(metrics::gauge!(IN_FLIGHT_MAX, "participant" => participant.to_string()));
+        });
+        let counts = Counts {
+            now: AtomicUsize::new(0),
+            most: AtomicUsize::new(0),
+            now_gauge: now_gauge.unwrap_or_else(metrics::Gauge::noop),
+            most_gauge: most_gauge.unwrap_or_else(metrics::Gauge::noop),
+        };
+        counts.now_gauge.set(0.0);
+        counts.most_gauge.set(0.0);
+        InFlight(Arc::new(counts))
+    }
+
+    /// One more command in flight until the returned guard is dropped.
+    pub fn enter(&self) -> Held {
+        let now = self.0.now.fetch_add(1, Ordering::SeqCst) + 1;
+        let most = self.0.most.fetch_max(now, Ordering::SeqCst).max(now);
+        self.0.now_gauge.set(now as f64);
+        self.0.most_gauge.set(most as f64);
+        Held(self.clone())
+    }
+
+    /// Commands in flight now.
+    pub fn now(&self) -> usize {
+        self.0.now.load(Ordering::SeqCst)
+    }
+
+    /// The most in flight at once so far.
+    pub fn most(&self) -> usize {
+        self.0.most.load(Ordering::SeqCst)
+    }
+}
+
+/// A command in flight, counted until dropped.
+#[must_use = "the command counts as in flight only while this is held"]
+pub struct Held(InFlight);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let now = self.0 .0.now.fetch_sub(1, Ordering::SeqCst).saturating_sub(1);
+        self.0 .0.now_gauge.set(now as f64);
+    }
 }
 
 /// The NATS side of readiness, set from the connection's events; shared by
@@ -340,14 +407,21 @@ mod tests {
         dedupe_hit("unit-test");
         command_duration("unit-test", "reserve", Duration::from_millis(3));
         Readiness::new("unit-test").set_nats(true);
+        let counted = InFlight::new("unit-test");
+        let (a, b) = (counted.enter(), counted.enter());
+        drop(a);
         let text = prometheus().render();
         for needle in [
             "participant_commands_total{participant=\"unit-test\",action=\"reserve\",outcome=\"ok\"} 2",
             "participant_dedupe_hits_total{participant=\"unit-test\"} 1",
             "participant_command_duration_seconds_bucket{participant=\"unit-test\",action=\"reserve\",le=\"0.005\"} 1",
             "participant_nats_connected{participant=\"unit-test\"} 1",
+            "participant_commands_in_flight{participant=\"unit-test\"} 1",
+            "participant_commands_in_flight_max{participant=\"unit-test\"} 2",
         ] {
             assert!(text.contains(needle), "{needle} missing from:\n{text}");
         }
+        drop(b);
+        assert_eq!((counted.now(), counted.most()), (0, 2));
     }
 }

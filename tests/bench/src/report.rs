@@ -509,6 +509,12 @@ impl Report {
                 "in flight at the stop".to_string(),
                 r.in_flight_at_stop.to_string(),
             ]);
+            for (name, most) in &r.payment_most_in_flight {
+                t.add_row(vec![
+                    format!("{name}: most charges at once after the restart"),
+                    most.map_or_else(|| "no /metrics".to_string(), |m| format!("{m:.0}")),
+                ]);
+            }
             if let (Some(idle), Some(loaded), Some(b)) =
                 (r.rss_idle_kib, r.rss_in_flight_kib, r.rss_bytes_per_saga())
             {
@@ -763,6 +769,9 @@ impl Report {
                 "coordinator_rss_in_flight_kib": r.rss_in_flight_kib,
                 "coordinator_rss_marginal_bytes_per_saga_in_flight": r.rss_marginal_bytes_per_saga(),
                 "coordinator_rss_bytes_per_saga_in_flight": r.rss_bytes_per_saga(),
+                "payment_most_in_flight_after_restart": r.payment_most_in_flight.iter()
+                    .map(|(name, most)| json!({"replica": name, "most": most}))
+                    .collect::<Vec<_>>(),
             })),
             "soak": self.soak.as_ref().map(|s| json!({
                 "seconds": s.duration.as_secs_f64(),

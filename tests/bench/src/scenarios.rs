@@ -385,6 +385,10 @@ pub(crate) struct RecoveryReport {
     pub(crate) rss_idle_kib: Option<u64>,
     pub(crate) rss_half_kib: Option<u64>,
     pub(crate) rss_in_flight_kib: Option<u64>,
+    /// The most charges each payment replica handled at once after the
+    /// restart (they restart just before the coordinator, so this is the
+    /// burst of resumed commands alone): `(replica, most)`.
+    pub(crate) payment_most_in_flight: Vec<(String, Option<f64>)>,
 }
 
 impl RecoveryReport {
@@ -548,6 +552,8 @@ pub(crate) async fn recovery(ctx: &Ctx<'_>) -> Result<RecoveryReport> {
     cluster.start_coordinator(0)?;
     let grpc = cluster.grpc[0];
     let mut to_grpc = None;
+    // Draining K resumed sagas runs at the engine's usual rate.
+    let drain_limit = Duration::from_secs(120.max(k as u64 / 250));
     let to_all_terminal = loop {
         let mut probe = async {
             let ch = tonic::transport::Channel::from_shared(format!("http://{grpc}"))?
@@ -565,9 +571,9 @@ pub(crate) async fn recovery(ctx: &Ctx<'_>) -> Result<RecoveryReport> {
             }
         }
         cluster.coordinators[0].check_alive()?;
-        if t0.elapsed() > Duration::from_secs(120) {
+        if t0.elapsed() > drain_limit {
             bail!(
-                "recovery: sagas still in flight 120 s after the restart; coordinator log tail:\n{}",
+                "recovery: sagas still in flight {drain_limit:?} after the restart; coordinator log tail:\n{}",
                 cluster.coordinators[0].log_tail(20)
             );
         }
@@ -577,6 +583,11 @@ pub(crate) async fn recovery(ctx: &Ctx<'_>) -> Result<RecoveryReport> {
         .pid()
         .and_then(|p| sys::sample(p, ctx.ticks).ok());
     let completed = count_state(grpc, SagaState::Completed, None).await?;
+    let mut payment_most_in_flight = Vec::new();
+    for (name, addr) in cluster.payment_metrics()? {
+        let most = sys::gauge(addr, "participant_commands_in_flight_max").await;
+        payment_most_in_flight.push((name, most));
+    }
     cluster.stop();
     ensure!(
         completed == k,
@@ -596,6 +607,7 @@ pub(crate) async fn recovery(ctx: &Ctx<'_>) -> Result<RecoveryReport> {
         rss_idle_kib,
         rss_half_kib,
         rss_in_flight_kib,
+        payment_most_in_flight,
     })
 }
 

@@ -439,6 +439,19 @@ impl Cluster {
         Ok(())
     }
 
+    /// `(name, /metrics address)` of each payment replica as it runs now (a
+    /// restarted one bound a new port).
+    ///
+    /// # Errors
+    /// One has not reported its ports within 30 s.
+    pub(crate) fn payment_metrics(&mut self) -> Result<Vec<(String, SocketAddr)>> {
+        let replicas = self.replicas.iter_mut().filter(|p| p.name.starts_with("payment"));
+        std::iter::once(&mut self.payment)
+            .chain(replicas)
+            .map(|p| Ok((p.name.clone(), p.ports(Duration::from_secs(30))?.get("http")?)))
+            .collect()
+    }
+
     /// `(name, pid)` of its processes.
     pub(crate) fn pids(&self) -> Vec<(String, u32)> {
         self.coordinators
@@ -671,6 +684,12 @@ pub(crate) fn metric_sum(text: &str, name: &str) -> Option<f64> {
 /// The coordinators' group-commit flush count, summed, when every `/metrics` answers.
 pub(crate) async fn flushes(metrics: &[SocketAddr]) -> Option<f64> {
     counter(metrics, "saga_store_flushes_total").await
+}
+
+/// Gauge (or counter) `name` at one `/metrics`, summed over its label sets.
+pub(crate) async fn gauge(addr: SocketAddr, name: &str) -> Option<f64> {
+    let (status, body) = http_get(addr, "/metrics").await.ok()?;
+    (status == 200).then(|| metric_sum(&body, name)).flatten()
 }
 
 /// Counter `name` summed over the `/metrics` of `addrs`, when every one answers.
