@@ -29,7 +29,7 @@ use crate::{
     engine::{Event, HistoryEntry, Saga, SagaState, SignalRefused, StateTag, StepStatus},
     partition::Ownership,
     runner::{CreateError, Created, NewSaga, OperateError, Operated, RunnerHandle},
-    store::{SharedStore, StoreError},
+    store::{ListQuery, SharedStore, StoreError},
 };
 
 /// Largest accepted gRPC request, in bytes.
@@ -352,6 +352,70 @@ fn correlation_id<T>(req: &Request<T>) -> String {
         .unwrap_or_else(|| Uuid::new_v4().to_string())
 }
 
+/// Validates a `ListSagasRequest` into the store's [`ListQuery`].
+///
+/// # Errors
+/// `INVALID_ARGUMENT` naming the first bad field.
+pub(crate) fn list_query(req: &pb::ListSagasRequest) -> Result<ListQuery, Status> {
+    let limit = match req.page_size {
+        0 => DEFAULT_PAGE,
+        n if n > MAX_PAGE => return Err(invalid("page_size", format!("must be at most {MAX_PAGE}"))),
+        n => n,
+    };
+    let optional = |field: &str, v: &str| match v.trim() {
+        "" => Ok(None),
+        v => text(field, v).map(Some),
+    };
+    let definition = match req.definition.trim() {
+        "" => None,
+        d if d.contains('@') => Some(saga_wire::check_definition("definition", d).map(|()| d.to_string())),
+        d => Some(saga_wire::check_name("definition", d).map(|()| d.to_string())),
+    }
+    .transpose()
+    .map_err(field_status)?;
+    let query = ListQuery {
+        state: state_from_pb(req.state)?,
+        definition,
+        customer_id: optional("customer_id", &req.customer_id)?,
+        order_id: optional("order_id", &req.order_id)?,
+        created_from_ms: req
+            .created_after
+            .as_ref()
+            .map(|t| millis("created_after", t))
+            .transpose()?,
+        created_before_ms: req
+            .created_before
+            .as_ref()
+            .map(|t| millis("created_before", t))
+            .transpose()?,
+        newest_first: req.newest_first,
+        after: match req.page_token.trim() {
+            "" => None,
+            t => Some(parse_saga_id("page_token", t)?),
+        },
+        limit: limit as usize,
+    };
+    if let (Some(from), Some(before)) = (query.created_from_ms, query.created_before_ms) {
+        if from >= before {
+            return Err(invalid("created_before", "must be later than created_after"));
+        }
+    }
+    Ok(query)
+}
+
+/// A timestamp as ms since the epoch; before 1970 or malformed is refused.
+fn millis(field: &str, t: &Timestamp) -> Result<u64, Status> {
+    let seconds = u64::try_from(t.seconds).map_err(|_| invalid(field, "must not be before 1970"))?;
+    let nanos = u32::try_from(t.nanos)
+        .ok()
+        .filter(|n| *n < 1_000_000_000)
+        .ok_or_else(|| invalid(field, "nanos must be 0 to 999,999,999"))?;
+    seconds
+        .checked_mul(1000)
+        .and_then(|ms| ms.checked_add(u64::from(nanos / 1_000_000)))
+        .ok_or_else(|| invalid(field, "too far in the future"))
+}
+
 fn parse_saga_id(field: &str, id: &str) -> Result<Uuid, Status> {
     Uuid::parse_str(id.trim()).map_err(|_| invalid(field, format!("`{id}` is not a saga id (UUID)")))
 }
@@ -629,18 +693,8 @@ impl SagaService for SagaApi {
         &self,
         request: Request<pb::ListSagasRequest>,
     ) -> Result<Response<pb::ListSagasResponse>, Status> {
-        let req = request.into_inner();
-        let state = state_from_pb(req.state)?;
-        let size = match req.page_size {
-            0 => DEFAULT_PAGE,
-            n if n > MAX_PAGE => return Err(invalid("page_size", format!("must be at most {MAX_PAGE}"))),
-            n => n,
-        };
-        let after = match req.page_token.trim() {
-            "" => None,
-            t => Some(parse_saga_id("page_token", t)?),
-        };
-        let page = self.store.list(state, after, size as usize).await.map_err(|e| {
+        let query = list_query(&request.into_inner())?;
+        let page = self.store.list(&query).await.map_err(|e| {
             warn!(error = %e, "list failed");
             store_status(e)
         })?;
@@ -655,6 +709,7 @@ impl SagaService for SagaApi {
                 order_id: s.order.order_id.clone(),
                 created_at: Some(timestamp(s.created_at_ms)),
                 updated_at: Some(timestamp(s.updated_at_ms)),
+                customer_id: s.order.customer_id.clone(),
             })
             .collect();
         Ok(Response::new(pb::ListSagasResponse {

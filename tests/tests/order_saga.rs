@@ -420,6 +420,136 @@ async fn bad_grpc_input_is_refused_naming_the_field() -> Result<()> {
     s.shutdown().await
 }
 
+/// Every id of `req`'s pages, following the tokens to the end.
+async fn listed(
+    g: &mut pb::saga_service_client::SagaServiceClient<tonic::transport::Channel>,
+    mut req: pb::ListSagasRequest,
+) -> Result<Vec<String>> {
+    let mut ids = Vec::new();
+    loop {
+        let page = g.list_sagas(req.clone()).await?.into_inner();
+        ids.extend(page.sagas.into_iter().map(|x| x.saga_id));
+        if page.next_page_token.is_empty() {
+            return Ok(ids);
+        }
+        req.page_token = page.next_page_token;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_sagas_finds_sagas_by_customer_order_definition_and_time() -> Result<()> {
+    let s = System::up().await?;
+    let mut ids = Vec::new();
+    let mut created = Vec::new();
+    for (i, customer) in ["c-1", "c-2", "c-1"].into_iter().enumerate() {
+        let mut req = order(customer, &[("A-1", 1)], 100);
+        req.order_id = format!("ord-{i}");
+        let saga = s.run_order(req).await?;
+        ids.push(saga.saga_id.clone());
+        created.push(saga.created_at);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut g = s.grpc().await?;
+    let q = |f: fn(&mut pb::ListSagasRequest)| {
+        let mut r = pb::ListSagasRequest {
+            page_size: 1,
+            ..Default::default()
+        };
+        f(&mut r);
+        r
+    };
+    let pick = |which: &[usize]| which.iter().map(|&i| ids[i].clone()).collect::<Vec<_>>();
+    assert_eq!(
+        listed(&mut g, q(|r| r.customer_id = "c-1".into())).await?,
+        pick(&[0, 2])
+    );
+    let newest = q(|r| {
+        r.customer_id = "c-1".into();
+        r.newest_first = true;
+    });
+    assert_eq!(listed(&mut g, newest).await?, pick(&[2, 0]));
+    assert_eq!(
+        listed(&mut g, q(|r| r.order_id = "ord-1".into())).await?,
+        pick(&[1])
+    );
+    assert_eq!(
+        listed(&mut g, q(|r| r.definition = "order".into())).await?,
+        pick(&[0, 1, 2])
+    );
+    assert_eq!(
+        listed(&mut g, q(|r| r.definition = "order@1".into())).await?,
+        pick(&[0, 1, 2])
+    );
+    assert!(listed(&mut g, q(|r| r.definition = "order@9".into()))
+        .await?
+        .is_empty());
+    assert!(listed(&mut g, q(|r| r.definition = "order-with-shipping".into()))
+        .await?
+        .is_empty());
+    let both = q(|r| {
+        r.customer_id = "c-1".into();
+        r.state = SagaState::Completed as i32;
+    });
+    assert_eq!(listed(&mut g, both).await?, pick(&[0, 2]));
+    let since_second = pb::ListSagasRequest {
+        created_after: created[1],
+        ..q(|_| {})
+    };
+    assert_eq!(listed(&mut g, since_second).await?, pick(&[1, 2]));
+    let before_second = pb::ListSagasRequest {
+        created_before: created[1],
+        ..q(|_| {})
+    };
+    assert_eq!(listed(&mut g, before_second).await?, pick(&[0]));
+    let summary = g
+        .list_sagas(q(|r| r.order_id = "ord-1".into()))
+        .await?
+        .into_inner();
+    assert_eq!(summary.sagas[0].customer_id, "c-2");
+
+    // Each bad filter is refused naming its field.
+    let ts = |seconds, nanos| Some(prost_types::Timestamp { seconds, nanos });
+    let refused = [
+        ("customer_id", q(|r| r.customer_id = "c-\u{7}".into())),
+        ("order_id", q(|r| r.order_id = "o".repeat(129))),
+        ("definition", q(|r| r.definition = "Order Flow".into())),
+        ("definition", q(|r| r.definition = "order@x".into())),
+        ("page_token", q(|r| r.page_token = "nope".into())),
+        (
+            "created_after",
+            pb::ListSagasRequest {
+                created_after: ts(-1, 0),
+                ..Default::default()
+            },
+        ),
+        (
+            "created_after",
+            pb::ListSagasRequest {
+                created_after: ts(1, -5),
+                ..Default::default()
+            },
+        ),
+        (
+            "created_before",
+            pb::ListSagasRequest {
+                created_after: ts(100, 0),
+                created_before: ts(100, 0),
+                ..Default::default()
+            },
+        ),
+    ];
+    for (field, req) in refused {
+        let err = g.list_sagas(req).await.expect_err(field);
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{field}");
+        assert!(
+            err.message().starts_with(&format!("{field}:")),
+            "{field}: {}",
+            err.message()
+        );
+    }
+    s.shutdown().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_sagas_filters_by_state_and_pages() -> Result<()> {
     let s = System::up().await?;

@@ -137,6 +137,24 @@ enum Cmd {
         /// Only this state: pending, running, compensating, completed, compensated, failed.
         #[arg(long, value_parser = parse_state)]
         state: Option<pb::SagaState>,
+        /// Only this definition: a name (any version) or `name@version`.
+        #[arg(long)]
+        definition: Option<String>,
+        /// Only this customer id.
+        #[arg(long)]
+        customer: Option<String>,
+        /// Only this business order id.
+        #[arg(long)]
+        order: Option<String>,
+        /// Created at or after: RFC 3339 (`2026-12-01T10:00:00Z`) or a time ago (`15m`).
+        #[arg(long, value_parser = parse_when)]
+        since: Option<prost_types::Timestamp>,
+        /// Created before: RFC 3339 or a time ago.
+        #[arg(long, value_parser = parse_when)]
+        until: Option<prost_types::Timestamp>,
+        /// Newest first (default: oldest first).
+        #[arg(long)]
+        newest: bool,
         /// Page size.
         #[arg(long, default_value_t = 50)]
         limit: u32,
@@ -235,6 +253,21 @@ fn parse_item(s: &str) -> Result<pb::OrderItem, String> {
 fn parse_state(s: &str) -> Result<pb::SagaState, String> {
     let name = format!("SAGA_STATE_{}", s.trim().to_ascii_uppercase());
     pb::SagaState::from_str_name(&name).ok_or_else(|| format!("unknown state `{s}`"))
+}
+
+/// An RFC 3339 time, or a duration before now (`15m`, `2h`).
+fn parse_when(s: &str) -> Result<prost_types::Timestamp, String> {
+    let at = match humantime::parse_rfc3339_weak(s.trim()) {
+        Ok(t) => t,
+        Err(_) => {
+            let ago = humantime::parse_duration(s.trim())
+                .map_err(|_| format!("`{s}` is neither an RFC 3339 time nor a duration such as 15m"))?;
+            std::time::SystemTime::now()
+                .checked_sub(ago)
+                .ok_or_else(|| format!("`{s}` ago is before 1970"))?
+        }
+    };
+    Ok(prost_types::Timestamp::from(at))
 }
 
 fn state_name(v: i32) -> &'static str {
@@ -1141,6 +1174,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::List {
             state,
+            definition,
+            customer,
+            order,
+            since,
+            until,
+            newest,
             limit,
             page_token,
         } => {
@@ -1149,6 +1188,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     state: state.map(|s| s as i32).unwrap_or(0),
                     page_size: limit,
                     page_token: page_token.unwrap_or_default(),
+                    definition: definition.unwrap_or_default(),
+                    customer_id: customer.unwrap_or_default(),
+                    order_id: order.unwrap_or_default(),
+                    created_after: since,
+                    created_before: until,
+                    newest_first: newest,
                 })
                 .await?
                 .into_inner();
@@ -1159,6 +1204,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .map(|s| {
                         json!({"saga_id": s.saga_id, "definition": s.definition, "state": state_name(s.state),
                                     "current_step": s.current_step, "order_id": s.order_id,
+                                    "customer_id": s.customer_id,
                                     "created_at": ts(&s.created_at), "updated_at": ts(&s.updated_at)})
                     })
                     .collect();
@@ -1167,7 +1213,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     json!({"sagas": sagas, "next_page_token": page.next_page_token})
                 );
             } else {
-                let mut t = table(&["saga", "definition", "state", "current step", "order", "updated"]);
+                let mut t = table(&[
+                    "saga",
+                    "definition",
+                    "state",
+                    "current step",
+                    "order",
+                    "customer",
+                    "updated",
+                ]);
                 for s in &page.sagas {
                     t.add_row(vec![
                         s.saga_id.clone(),
@@ -1175,12 +1229,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         state_name(s.state).to_string(),
                         s.current_step.clone(),
                         s.order_id.clone(),
+                        s.customer_id.clone(),
                         ts(&s.updated_at),
                     ]);
                 }
                 println!("{t}");
                 if !page.next_page_token.is_empty() {
-                    println!("more: --page-token {}", page.next_page_token);
+                    println!("more (same filters): --page-token {}", page.next_page_token);
                 }
             }
         }

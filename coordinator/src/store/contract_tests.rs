@@ -7,13 +7,13 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 use saga_wire::{Item, OrderPayload};
 use uuid::Uuid;
 
-use super::{memory::MemoryStore, SagaStore, Store};
+use super::{memory::MemoryStore, ListQuery, SagaStore, Store};
 use crate::{
     definition::{RetryPolicy, SagaDefinition, StepDefinition},
-    engine::{self, Event, Transition},
+    engine::{self, Event, StateTag, Transition},
 };
 
-fn started_saga(key: &str) -> Transition {
+fn definition(name: &str) -> Arc<SagaDefinition> {
     let step = StepDefinition {
         name: "reserve-inventory".into(),
         participant: "inventory".into(),
@@ -29,18 +29,28 @@ fn started_saga(key: &str) -> Transition {
         kind: Default::default(),
         when: None,
     };
-    let definition = Arc::new(SagaDefinition {
-        name: "order".into(),
+    Arc::new(SagaDefinition {
+        name: name.into(),
         version: 1,
         steps: vec![step],
         input_schema: None,
         events: Default::default(),
         deadline: None,
         source: PathBuf::new(),
-    });
+    })
+}
+
+/// A new saga of `def`, created at `at_ms` and started 1 ms later, as the runner writes it.
+fn started(
+    def: Arc<SagaDefinition>,
+    customer: &str,
+    order_id: &str,
+    at_ms: u64,
+    key: Option<&str>,
+) -> Transition {
     let order = OrderPayload {
-        order_id: "o".into(),
-        customer_id: "c".into(),
+        order_id: order_id.into(),
+        customer_id: customer.into(),
         items: vec![Item {
             sku: "A".into(),
             quantity: 1,
@@ -50,14 +60,14 @@ fn started_saga(key: &str) -> Transition {
     };
     let mut created = engine::create(
         Uuid::now_v7().to_string(),
-        definition,
+        def,
         order,
         "corr".into(),
-        Some(key.into()),
-        1,
+        key.map(str::to_string),
+        at_ms,
     );
     // Written with its start, as the runner does.
-    let started = match engine::transition(&created.saga, &Event::Start, 2) {
+    let started = match engine::transition(&created.saga, &Event::Start, at_ms + 1) {
         Ok(Some(t)) => t,
         other => panic!("start: {other:?}"),
     };
@@ -68,6 +78,10 @@ fn started_saga(key: &str) -> Transition {
         commands: started.commands,
         settled: started.settled,
     }
+}
+
+fn started_saga(key: &str) -> Transition {
+    started(definition("order"), "c", "o", 1, Some(key))
 }
 
 async fn check_contract(store: &dyn SagaStore) {
@@ -102,7 +116,10 @@ async fn check_contract(store: &dyn SagaStore) {
     let resumed = store.resume_at_start().unwrap_or_default();
     assert_eq!(resumed.len(), 1, "{}", store.name());
     assert_eq!(resumed[0].1.len(), t.commands.len());
-    let page = store.list(None, None, 10).await.map(|p| p.sagas.len());
+    let page = store
+        .list(&ListQuery::page(None, None, 10))
+        .await
+        .map(|p| p.sagas.len());
     assert_eq!(page.ok(), Some(1));
 
     // Its events wait until published.
@@ -129,4 +146,144 @@ async fn the_sled_store_keeps_the_contract() {
 async fn the_memory_store_keeps_the_contract() {
     check_contract(&MemoryStore::like_sled()).await;
     check_contract(&MemoryStore::like_jetstream()).await;
+}
+
+/// Every id `q` lists, page after page until the token is empty.
+async fn listed(store: &dyn SagaStore, q: ListQuery) -> Vec<String> {
+    let mut q = q;
+    let mut ids = Vec::new();
+    for _ in 0..100 {
+        let page = match store.list(&q).await {
+            Ok(page) => page,
+            Err(e) => panic!("{}: list {q:?}: {e}", store.name()),
+        };
+        assert!(page.sagas.len() <= q.limit);
+        ids.extend(page.sagas.into_iter().map(|s| s.id));
+        match page.next {
+            Some(next) => q.after = Some(next),
+            None => return ids,
+        }
+    }
+    panic!("{}: {q:?} never ended", store.name());
+}
+
+/// The `ListSagas` filters: each alone and together, both directions, paged.
+async fn check_list_filters(store: &dyn SagaStore) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let (order, three_ds) = (definition("order"), definition("order-3ds"));
+    let sagas = [
+        (&order, "c1", "o1"),
+        (&order, "c2", "o2"),
+        (&three_ds, "c1", "o3"),
+        (&order, "c1", "o4"),
+        (&three_ds, "c2", "o5"),
+    ];
+    let mut ids = Vec::new();
+    for (i, (def, customer, order_id)) in sagas.into_iter().enumerate() {
+        let t = started(def.clone(), customer, order_id, now + 1000 * i as u64, None);
+        assert!(store.stage(&t, None).is_ok());
+        assert!(matches!(store.begin_commit().await, Ok(Ok(_))));
+        ids.push(t.saga.id.clone());
+        // Ids made in one millisecond need not sort in creation order.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let pick = |which: &[usize]| which.iter().map(|&i| ids[i].clone()).collect::<Vec<_>>();
+    let q = |limit: usize| ListQuery {
+        limit,
+        ..Default::default()
+    };
+    let name = store.name();
+    let customer = |c: &str, limit| ListQuery {
+        customer_id: Some(c.into()),
+        ..q(limit)
+    };
+    assert_eq!(
+        listed(store, customer("c1", 10)).await,
+        pick(&[0, 2, 3]),
+        "{name}"
+    );
+    assert_eq!(
+        listed(store, customer("c1", 1)).await,
+        pick(&[0, 2, 3]),
+        "{name}: paged"
+    );
+    let newest = ListQuery {
+        newest_first: true,
+        ..customer("c1", 1)
+    };
+    assert_eq!(
+        listed(store, newest).await,
+        pick(&[3, 2, 0]),
+        "{name}: newest first"
+    );
+    let one = ListQuery {
+        order_id: Some("o4".into()),
+        ..q(10)
+    };
+    assert_eq!(listed(store, one).await, pick(&[3]), "{name}");
+    let none = ListQuery {
+        order_id: Some("o".into()),
+        ..q(10)
+    };
+    assert!(
+        listed(store, none).await.is_empty(),
+        "{name}: an order id is matched whole"
+    );
+    let def = |d: &str| ListQuery {
+        definition: Some(d.into()),
+        ..q(10)
+    };
+    assert_eq!(listed(store, def("order-3ds")).await, pick(&[2, 4]), "{name}");
+    assert_eq!(listed(store, def("order-3ds@1")).await, pick(&[2, 4]), "{name}");
+    assert!(listed(store, def("order-3ds@2")).await.is_empty(), "{name}");
+    assert_eq!(
+        listed(store, def("order")).await,
+        pick(&[0, 1, 3]),
+        "{name}: not order-3ds"
+    );
+    let both = ListQuery {
+        definition: Some("order".into()),
+        ..customer("c1", 10)
+    };
+    assert_eq!(listed(store, both).await, pick(&[0, 3]), "{name}");
+    let window = ListQuery {
+        created_from_ms: Some(now + 1000),
+        created_before_ms: Some(now + 4000),
+        ..q(2)
+    };
+    assert_eq!(
+        listed(store, window).await,
+        pick(&[1, 2, 3]),
+        "{name}: time range"
+    );
+    let running = ListQuery {
+        state: Some(StateTag::Running),
+        ..customer("c2", 10)
+    };
+    assert_eq!(listed(store, running).await, pick(&[1, 4]), "{name}");
+    let done = ListQuery {
+        state: Some(StateTag::Completed),
+        ..customer("c2", 10)
+    };
+    assert!(listed(store, done).await.is_empty(), "{name}");
+    let all = ListQuery {
+        newest_first: true,
+        ..q(2)
+    };
+    assert_eq!(listed(store, all).await, pick(&[4, 3, 2, 1, 0]), "{name}");
+}
+
+#[tokio::test]
+async fn every_store_lists_by_the_same_filters() {
+    let dir = tempfile::tempdir();
+    let Ok(dir) = dir else {
+        panic!("temp dir: {dir:?}");
+    };
+    match Store::open(dir.path()) {
+        Ok(store) => check_list_filters(&store).await,
+        Err(e) => panic!("open: {e}"),
+    }
+    check_list_filters(&MemoryStore::like_sled()).await;
 }

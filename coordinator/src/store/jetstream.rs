@@ -47,7 +47,7 @@ use crate::{
     store::{
         codec::{decode, encode},
         keys::{history_key, saga_key},
-        Capabilities, CommitTask, Committed, DeadLetter, EventRecord, Loaded, OutboxEntry, Page,
+        Capabilities, CommitTask, Committed, DeadLetter, EventRecord, ListQuery, Loaded, OutboxEntry, Page,
         PartitionedStore, SagaStore, StoreError, WithHistory,
     },
 };
@@ -430,17 +430,16 @@ impl JsStore {
         }
     }
 
-    /// A page of sagas, oldest first. Reads every record key: O(stored sagas)
-    /// per page (the `sled` store has a state index; this store does not yet).
+    /// A page of the sagas `q` accepts, in its direction. Lists every record
+    /// key and reads records until the page is full: O(stored sagas) keys
+    /// per page and, for a rare filter, that many record reads (the sled
+    /// store has indexes; KV has none).
     ///
     /// # Errors
     /// As [`JsStore::get`].
-    pub(crate) async fn list(
-        &self,
-        state: Option<StateTag>,
-        after: Option<Uuid>,
-        limit: usize,
-    ) -> Result<Page, StoreError> {
+    pub(crate) async fn list(&self, q: &ListQuery) -> Result<Page, StoreError> {
+        // No secondary index in KV: the keys, then every record past the
+        // cursor until the page is full (docs/operations.md has the cost).
         let mut ids: Vec<Uuid> = self
             .buckets
             .records
@@ -451,17 +450,22 @@ impl JsStore {
             .try_collect()
             .await
             .map_err(|e| js_err("keys", e))?;
+        let (lo, hi) = q.id_bounds();
+        ids.retain(|id| (lo..=hi).contains(id.as_bytes()) && q.past_cursor(id));
         ids.sort();
+        if q.newest_first {
+            ids.reverse();
+        }
         let mut sagas = Vec::new();
         let mut next = None;
-        for id in ids.into_iter().filter(|id| after.is_none_or(|a| *id > a)) {
+        for id in ids {
             let Some(saga) = self.get(&id).await? else {
                 continue;
             };
-            if state.is_some_and(|s| saga.state.tag() != s) {
+            if !q.matches(&saga) {
                 continue;
             }
-            if sagas.len() == limit {
+            if sagas.len() == q.limit {
                 next = sagas.last().and_then(|s: &Saga| Uuid::parse_str(&s.id).ok());
                 break;
             }
@@ -726,13 +730,8 @@ impl SagaStore for JsStore {
         Box::pin(JsStore::saga_for_key(self, key))
     }
 
-    fn list(
-        &self,
-        state: Option<StateTag>,
-        after: Option<Uuid>,
-        limit: usize,
-    ) -> BoxFuture<'_, Result<Page, StoreError>> {
-        Box::pin(JsStore::list(self, state, after, limit))
+    fn list<'a>(&'a self, q: &'a ListQuery) -> BoxFuture<'a, Result<Page, StoreError>> {
+        Box::pin(JsStore::list(self, q))
     }
 
     fn resume_at_start(&self) -> Result<Vec<Loaded>, StoreError> {

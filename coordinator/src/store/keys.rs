@@ -46,3 +46,30 @@ pub(crate) fn be_u64(bytes: &[u8], what: &str) -> Result<u64, StoreError> {
         .map(u64::from_be_bytes)
         .map_err(|_| StoreError::Corrupt(format!("{what}: {} bytes, not 8", bytes.len())))
 }
+
+/// What an attribute index entry of the sled store's `by_attr` tree names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Attr {
+    Customer = 1,
+    Order = 2,
+    Definition = 3,
+}
+
+/// `by_attr` key prefix for `value` of `attr`: the attribute's byte ++ the
+/// value's length (u16 BE) ++ its bytes, so no value's prefix is another's.
+pub(crate) fn attr_prefix(attr: Attr, value: &str) -> Vec<u8> {
+    let bytes = value.as_bytes();
+    let len = u16::try_from(bytes.len()).unwrap_or(u16::MAX);
+    let mut k = Vec::with_capacity(3 + bytes.len() + 16);
+    k.push(attr as u8);
+    k.extend_from_slice(&len.to_be_bytes());
+    k.extend_from_slice(&bytes[..usize::from(len)]);
+    k
+}
+
+/// `by_attr` key of saga `id` under `value` of `attr` (the prefix ++ the id).
+pub(crate) fn attr_key(attr: Attr, value: &str, id: &[u8; 16]) -> Vec<u8> {
+    let mut k = attr_prefix(attr, value);
+    k.extend_from_slice(id);
+    k
+}

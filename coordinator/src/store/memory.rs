@@ -15,8 +15,8 @@ use uuid::Uuid;
 
 use super::{
     keys::{history_key, saga_key},
-    Capabilities, CommitTask, Committed, DeadLetter, EventRecord, Loaded, OutboxEntry, Page, SagaStore,
-    StoreError, WithHistory,
+    Capabilities, CommitTask, Committed, DeadLetter, EventRecord, ListQuery, Loaded, OutboxEntry, Page,
+    SagaStore, StoreError, WithHistory,
 };
 use crate::engine::{HistoryEntry, Saga, StateTag, Transition};
 
@@ -296,21 +296,18 @@ impl SagaStore for MemoryStore {
         Box::pin(std::future::ready(Ok(found)))
     }
 
-    fn list(
-        &self,
-        state: Option<StateTag>,
-        after: Option<Uuid>,
-        limit: usize,
-    ) -> BoxFuture<'_, Result<Page, StoreError>> {
+    fn list<'a>(&'a self, q: &'a ListQuery) -> BoxFuture<'a, Result<Page, StoreError>> {
         let inner = self.lock();
-        let mut matching = inner
-            .durable
-            .iter()
-            .filter(|(id, _)| after.is_none_or(|a| **id > a))
-            .filter(|(_, d)| state.is_none_or(|s| d.saga.state.tag() == s));
+        let sagas: Box<dyn Iterator<Item = (&Uuid, &Durable)>> = match q.newest_first {
+            true => Box::new(inner.durable.iter().rev()),
+            false => Box::new(inner.durable.iter()),
+        };
+        let mut matching = sagas
+            .filter(|(id, _)| q.past_cursor(id))
+            .filter(|(_, d)| q.matches(&d.saga));
         let sagas: Vec<Saga> = matching
             .by_ref()
-            .take(limit)
+            .take(q.limit)
             .map(|(_, d)| d.saga.clone())
             .collect();
         let next = match matching.next() {

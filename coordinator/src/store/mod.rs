@@ -20,17 +20,19 @@ pub(crate) mod jetstream;
 pub(crate) mod keys;
 #[cfg(test)]
 pub(crate) mod memory;
+pub(crate) mod query;
 pub(crate) mod records;
 mod sled;
 
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
+pub(crate) use query::ListQuery;
 pub(crate) use records::{DeadLetter, EventRecord, OutboxEntry};
 use uuid::Uuid;
 
 pub(crate) use self::sled::Store;
-use crate::engine::{HistoryEntry, Saga, StateTag, Transition};
+use crate::engine::{HistoryEntry, Saga, Transition};
 
 /// A failure of the coordinator's storage.
 #[derive(Debug, thiserror::Error)]
@@ -59,9 +61,11 @@ pub(crate) type Loaded = (Saga, Vec<OutboxEntry>);
 /// One page of a store's `list`.
 #[derive(Debug)]
 pub(crate) struct Page {
-    /// Sagas, oldest first.
+    /// Sagas, in the query's direction.
     pub sagas: Vec<Saga>,
-    /// Last id of the page when more may follow.
+    /// When more may follow: the last id examined, where the next page
+    /// starts (a page that ran out of its scan budget can be short, or
+    /// empty, and still have one).
     pub next: Option<Uuid>,
 }
 
@@ -185,13 +189,10 @@ pub(crate) trait SagaStore: Send + Sync + std::fmt::Debug + 'static {
     /// The saga of a client idempotency key.
     fn saga_for_key<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Uuid>, StoreError>>;
 
-    /// Up to `limit` sagas after `after`, oldest first, only in `state` when given.
-    fn list(
-        &self,
-        state: Option<StateTag>,
-        after: Option<Uuid>,
-        limit: usize,
-    ) -> BoxFuture<'_, Result<Page, StoreError>>;
+    /// Up to `q.limit` sagas past `q.after` that pass `q`'s filters, in its
+    /// direction; at most [`query::SCAN_BUDGET`] candidates examined where the
+    /// store has indexes to narrow by.
+    fn list<'a>(&'a self, q: &'a ListQuery) -> BoxFuture<'a, Result<Page, StoreError>>;
 
     /// What to resume at start: the non-terminal sagas with their in-flight
     /// commands (empty for a store whose sagas are loaded by partition).

@@ -18,6 +18,9 @@
 //! - `history`: saga id ++ seq (u64 BE) → one [`HistoryEntry`], as earlier
 //!   versions wrote it (read, never written: the journal holds new history);
 //! - `by_state`: state tag (1 byte) ++ saga id → `[]`, the state index;
+//! - `by_attr`: attribute (1 byte: customer, order id, definition name) ++
+//!   the value's length (u16 BE) ++ the value ++ saga id → `[]`, written
+//!   with the saga's creation: what `ListSagas`' filters scan (`listing`);
 //! - `outbox`: the commands in flight as earlier versions kept them; moved
 //!   into the journal on open (`legacy`);
 //! - `idempotency`: client `CreateOrder` key → saga id;
@@ -56,6 +59,7 @@
 mod events_log;
 mod journal;
 mod legacy;
+mod listing;
 mod prune;
 mod record;
 #[cfg(test)]
@@ -80,7 +84,7 @@ use crate::{
     store::{
         codec::{decode, encode},
         keys::{be_u64, history_key, saga_key, state_key},
-        DeadLetter, EventRecord, Loaded, Page, StoreError, WithHistory,
+        DeadLetter, EventRecord, ListQuery, Loaded, Page, StoreError, WithHistory,
     },
 };
 
@@ -166,6 +170,8 @@ pub(crate) struct Store {
     /// History as earlier versions wrote it (read and pruned only).
     history: sled::Tree,
     by_state: sled::Tree,
+    /// Customer, order id and definition name → saga ids (`listing`).
+    by_attr: sled::Tree,
     idempotency: sled::Tree,
     dead_letters: sled::Tree,
     dlq_outbox: sled::Tree,
@@ -211,6 +217,7 @@ enum Tree {
     Journal,
     Events,
     ByState,
+    ByAttr,
     Idempotency,
     DeadLetters,
     DlqOutbox,
@@ -267,6 +274,7 @@ impl Store {
             journal: db.open_tree("journal")?,
             history: db.open_tree("history")?,
             by_state: db.open_tree("by_state")?,
+            by_attr: db.open_tree("by_attr")?,
             idempotency: db.open_tree("idempotency")?,
             dead_letters: db.open_tree("dead_letters")?,
             dlq_outbox: db.open_tree("dlq_outbox")?,
@@ -286,7 +294,8 @@ impl Store {
             db,
         }
         .with_events_log()?
-        .with_legacy_outbox_converted()
+        .with_legacy_outbox_converted()?
+        .with_attr_index()
     }
 
     /// This store without saga events (`--no-events`): transitions write no
@@ -352,6 +361,9 @@ impl Store {
         if previous.is_none() {
             if let Some(key) = saga.idempotency_key.as_deref() {
                 ops.push((Tree::Idempotency, key.as_bytes().to_vec(), Some(id.to_vec())));
+            }
+            for k in listing::attr_keys(saga)? {
+                ops.push((Tree::ByAttr, k, Some(Vec::new())));
             }
         }
         if let Some(d) = DeadLetter::on_entering(saga, previous_tag) {
@@ -448,19 +460,21 @@ impl Store {
             &self.sagas,
             &self.journal,
             &self.by_state,
+            &self.by_attr,
             &self.idempotency,
             &self.dead_letters,
             &self.dlq_outbox,
             events_log,
         )
             .transaction(
-                |(sagas, journal, by_state, idempotency, dead_letters, dlq_outbox, events_log)| {
+                |(sagas, journal, by_state, by_attr, idempotency, dead_letters, dlq_outbox, events_log)| {
                     for (tree, k, v) in ops {
                         let tree = match tree {
                             Tree::Sagas => sagas,
                             Tree::Journal => journal,
                             Tree::Events => events_log,
                             Tree::ByState => by_state,
+                            Tree::ByAttr => by_attr,
                             Tree::Idempotency => idempotency,
                             Tree::DeadLetters => dead_letters,
                             Tree::DlqOutbox => dlq_outbox,
@@ -664,75 +678,6 @@ impl Store {
         }
     }
 
-    /// Up to `limit` sagas after `after` (exclusive), oldest first, only those
-    /// in `state` when given.
-    ///
-    /// # Errors
-    /// sled errors; a corrupt record.
-    pub(crate) fn list(
-        &self,
-        state: Option<StateTag>,
-        after: Option<Uuid>,
-        limit: usize,
-    ) -> Result<Page, StoreError> {
-        let mut ids: Vec<Uuid> = Vec::with_capacity(limit.min(1024));
-        let mut more = false;
-        match state {
-            Some(tag) => {
-                let start = match after {
-                    Some(a) => {
-                        let mut k = state_key(tag, a.as_bytes());
-                        k.push(0); // first key strictly after `a`
-                        k
-                    }
-                    None => vec![tag as u8],
-                };
-                for kv in self.by_state.range(start..) {
-                    let (k, _) = kv?;
-                    if k.first() != Some(&(tag as u8)) {
-                        break;
-                    }
-                    if ids.len() == limit {
-                        more = true;
-                        break;
-                    }
-                    let id = Uuid::from_slice(&k[1..])
-                        .map_err(|e| StoreError::Corrupt(format!("state index: {e}")))?;
-                    ids.push(id);
-                }
-            }
-            None => {
-                let iter = match after {
-                    Some(a) => {
-                        let mut k = a.as_bytes().to_vec();
-                        k.push(0);
-                        self.sagas.range(k..)
-                    }
-                    None => self.sagas.iter(),
-                };
-                for kv in iter {
-                    let (k, _) = kv?;
-                    if ids.len() == limit {
-                        more = true;
-                        break;
-                    }
-                    ids.push(
-                        Uuid::from_slice(&k).map_err(|e| StoreError::Corrupt(format!("saga key: {e}")))?,
-                    );
-                }
-            }
-        }
-        let next = if more { ids.last().copied() } else { None };
-        let mut sagas = Vec::with_capacity(ids.len());
-        for id in &ids {
-            // A saga can move out of the index between the scan and the read; skip it then.
-            if let Some(s) = self.get(id)? {
-                sagas.push(s);
-            }
-        }
-        Ok(Page { sagas, next })
-    }
-
     /// Every saga not in a terminal state, oldest first.
     ///
     /// # Errors
@@ -928,13 +873,8 @@ impl crate::store::SagaStore for Store {
         Box::pin(std::future::ready(Store::saga_for_key(self, key)))
     }
 
-    fn list(
-        &self,
-        state: Option<StateTag>,
-        after: Option<Uuid>,
-        limit: usize,
-    ) -> BoxFuture<'_, Result<Page, StoreError>> {
-        Box::pin(std::future::ready(Store::list(self, state, after, limit)))
+    fn list<'a>(&'a self, q: &'a ListQuery) -> BoxFuture<'a, Result<Page, StoreError>> {
+        Box::pin(std::future::ready(Store::list(self, q)))
     }
 
     fn resume_at_start(&self) -> Result<Vec<Loaded>, StoreError> {

@@ -417,6 +417,7 @@ async fn count_state(grpc: SocketAddr, state: SagaState, step: Option<&str>) -> 
                 state: state as i32,
                 page_size: 1000,
                 page_token: token,
+                ..Default::default()
             })
             .await?
             .into_inner();
@@ -442,6 +443,7 @@ async fn quiescent(
                 state: state as i32,
                 page_size: 1,
                 page_token: String::new(),
+                ..Default::default()
             })
             .await?
             .into_inner();
@@ -777,6 +779,7 @@ pub(crate) async fn stored(ctx: &Ctx<'_>) -> Result<StoredReport> {
                 state: SagaState::Completed as i32,
                 page_size: args.page_size,
                 page_token: token.clone(),
+                ..Default::default()
             })
             .await?
             .into_inner();

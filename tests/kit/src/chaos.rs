@@ -288,6 +288,7 @@ pub async fn all_sagas(addr: SocketAddr, state: Option<SagaState>) -> Result<Vec
                 state: state.map(|s| s as i32).unwrap_or(0),
                 page_size: 1000,
                 page_token: token.clone(),
+                ..Default::default()
             })
             .await?
             .into_inner();

@@ -14,7 +14,7 @@ use crate::{
 impl Store {
     /// Removes up to `limit` terminal sagas (COMPLETED, COMPENSATED) whose
     /// last transition is older than `cutoff_ms`: record, journal, history, state
-    /// index, dead letters and client idempotency key, one transaction per
+    /// and attribute index entries, dead letters and client idempotency key, one transaction per
     /// saga. FAILED sagas (an operator must act) and sagas whose events are
     /// not yet published are kept. Returns how many were removed.
     ///
@@ -53,9 +53,10 @@ impl Store {
                 if saga.updated_at_ms > cutoff_ms || held_from.is_some_and(|t| saga.updated_at_ms >= t) {
                     continue;
                 }
-                doomed.push((id, saga.idempotency_key));
+                let attrs = super::listing::attr_keys(&saga)?;
+                doomed.push((id, saga.idempotency_key, attrs));
             }
-            for (id, key) in doomed {
+            for (id, key, attrs) in doomed {
                 let history: Vec<sled::IVec> = self
                     .history
                     .scan_prefix(id.as_bytes())
@@ -77,29 +78,35 @@ impl Store {
                     &self.journal,
                     &self.history,
                     &self.by_state,
+                    &self.by_attr,
                     &self.idempotency,
                     &self.dead_letters,
                 )
-                    .transaction(|(sagas, journal, hist, by_state, idempotency, dead_letters)| {
-                        sagas.remove(&bytes[..])?;
-                        by_state.remove(state_key(tag, &bytes))?;
-                        for k in &entries {
-                            journal.remove(k)?;
-                        }
-                        for k in &history {
-                            hist.remove(k)?;
-                        }
-                        for k in &letters {
-                            dead_letters.remove(k)?;
-                        }
-                        if let Some(key) = &key {
-                            // Only if the key still names this saga.
-                            if idempotency.get(key.as_bytes())?.as_deref() == Some(&bytes[..]) {
-                                idempotency.remove(key.as_bytes())?;
+                    .transaction(
+                        |(sagas, journal, hist, by_state, by_attr, idempotency, dead_letters)| {
+                            sagas.remove(&bytes[..])?;
+                            by_state.remove(state_key(tag, &bytes))?;
+                            for k in &attrs {
+                                by_attr.remove(k.as_slice())?;
                             }
-                        }
-                        Ok::<(), ConflictableTransactionError<()>>(())
-                    })
+                            for k in &entries {
+                                journal.remove(k)?;
+                            }
+                            for k in &history {
+                                hist.remove(k)?;
+                            }
+                            for k in &letters {
+                                dead_letters.remove(k)?;
+                            }
+                            if let Some(key) = &key {
+                                // Only if the key still names this saga.
+                                if idempotency.get(key.as_bytes())?.as_deref() == Some(&bytes[..]) {
+                                    idempotency.remove(key.as_bytes())?;
+                                }
+                            }
+                            Ok::<(), ConflictableTransactionError<()>>(())
+                        },
+                    )
                     .map_err(transaction_error("prune transaction aborted"))?;
                 removed += 1;
             }

@@ -107,7 +107,7 @@ async fn staged_writes_reach_readers_only_through_a_flush() {
     // Two transitions of one saga in one batch: the index holds the last state only.
     assert_eq!(
         store
-            .list(Some(StateTag::Pending), None, 10)
+            .list(&ListQuery::page(Some(StateTag::Pending), None, 10))
             .expect("list")
             .sagas
             .len(),
@@ -178,25 +178,27 @@ async fn list_pages_in_creation_order_and_filters_by_state() {
         ids.push(t.saga.id.clone());
     }
     store.flush().await.expect("flush");
-    let p1 = store.list(None, None, 2).expect("list");
+    let p1 = store.list(&ListQuery::page(None, None, 2)).expect("list");
     assert_eq!(
         p1.sagas.iter().map(|s| s.id.clone()).collect::<Vec<_>>(),
         ids[..2]
     );
-    let p2 = store.list(None, p1.next, 2).expect("list");
-    let p3 = store.list(None, p2.next, 2).expect("list");
+    let p2 = store.list(&ListQuery::page(None, p1.next, 2)).expect("list");
+    let p3 = store.list(&ListQuery::page(None, p2.next, 2)).expect("list");
     assert_eq!(p3.sagas.len(), 1);
     assert!(p3.next.is_none());
-    let running = store.list(Some(StateTag::Running), None, 2).expect("list");
+    let running = store
+        .list(&ListQuery::page(Some(StateTag::Running), None, 2))
+        .expect("list");
     assert_eq!(running.sagas.len(), 2);
     let rest = store
-        .list(Some(StateTag::Running), running.next, 2)
+        .list(&ListQuery::page(Some(StateTag::Running), running.next, 2))
         .expect("list");
     assert_eq!(rest.sagas.len(), 1);
     assert!(rest.next.is_none());
     assert_eq!(
         store
-            .list(Some(StateTag::Pending), None, 10)
+            .list(&ListQuery::page(Some(StateTag::Pending), None, 10))
             .expect("list")
             .sagas
             .len(),
@@ -458,6 +460,11 @@ async fn prune_removes_old_terminal_sagas_only() {
     assert_eq!(store.get(&id(&old)).expect("get"), None);
     assert!(store.history(&id(&old)).expect("history").is_empty());
     assert_eq!(store.saga_for_key("old-key").expect("key"), None);
+    assert_eq!(
+        store.by_attr.len(),
+        6,
+        "the pruned saga's customer, order and definition entries go"
+    );
     assert!(store.get(&id(&recent)).expect("get").is_some());
     assert!(store.get(&id(&running)).expect("get").is_some());
     let counts = store.count_by_state().expect("counts");
@@ -510,10 +517,10 @@ async fn flushed_writes(store: &Store) -> usize {
 }
 
 #[tokio::test]
-async fn a_two_step_saga_costs_twelve_writes_and_reads_back_at_every_step() {
+async fn a_two_step_saga_costs_fifteen_writes_and_reads_back_at_every_step() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open(dir.path()).expect("open");
-    let created = new_saga(Some("twelve"));
+    let created = new_saga(Some("fifteen"));
     let id = Uuid::parse_str(&created.saga.id).expect("uuid");
     // Created and started in one transition, as the runner writes a new saga.
     let mut first = engine::transition(&created.saga, &Event::Start, 2)
@@ -521,8 +528,9 @@ async fn a_two_step_saga_costs_twelve_writes_and_reads_back_at_every_step() {
         .expect("changes");
     first.history.splice(0..0, created.history.clone());
     store.write(&first, None).expect("write");
-    // snapshot, journal entry, state index, idempotency key, events entry
-    assert_eq!(flushed_writes(&store).await, 5);
+    // snapshot, journal entry, state index, idempotency key, events entry,
+    // and the customer, order and definition entries ListSagas filters read
+    assert_eq!(flushed_writes(&store).await, 8);
     assert_eq!(store.get(&id).expect("get"), Some(first.saga.clone()));
 
     let (reserved, _) = step(
@@ -567,8 +575,8 @@ async fn a_group_commit_writes_one_events_entry_for_all_its_transitions() {
     for t in &sagas {
         store.write(t, None).expect("write");
     }
-    // 3 × (snapshot, journal entry, state index) and one events entry
-    assert_eq!(flushed_writes(&store).await, 10);
+    // 3 × (snapshot, journal entry, state index, 3 attribute entries) and one events entry
+    assert_eq!(flushed_writes(&store).await, 19);
     let pending = store.events_pending(100).expect("pending");
     let ids: Vec<&str> = pending.iter().map(|(_, r)| r.event.saga_id.as_str()).collect();
     assert_eq!(ids, sagas.iter().map(|t| t.saga.id.as_str()).collect::<Vec<_>>());
@@ -816,4 +824,72 @@ async fn the_events_cursor_is_stored_at_most_every_interval_and_at_the_final_flu
         store.events_pending(10).expect("pending").is_empty(),
         "the final flush stored the cursor"
     );
+}
+
+#[tokio::test]
+async fn a_store_of_an_earlier_version_is_indexed_for_the_list_filters_on_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ids: Vec<String> = {
+        let store = Store::open(dir.path()).expect("open");
+        let sagas: Vec<Transition> = (0..3).map(|_| new_saga(None)).collect();
+        for t in &sagas {
+            store.write(t, None).expect("write");
+        }
+        store.flush().await.expect("flush");
+        // What an earlier version left: no attribute index, no mark.
+        store.by_attr.clear().expect("clear");
+        store.meta.remove(listing::ATTR_INDEX_BUILT).expect("unmark");
+        store.db.flush().expect("flush");
+        sagas.iter().map(|t| t.saga.id.clone()).collect()
+    };
+    let store = Store::open(dir.path()).expect("reopen");
+    assert_eq!(store.by_attr.len(), 9);
+    let q = ListQuery {
+        customer_id: Some("c".into()),
+        limit: 10,
+        ..Default::default()
+    };
+    let page = store.list(&q).expect("list");
+    assert_eq!(page.sagas.iter().map(|s| s.id.clone()).collect::<Vec<_>>(), ids);
+    let q = ListQuery {
+        order_id: Some("o".into()),
+        newest_first: true,
+        ..q
+    };
+    assert_eq!(store.list(&q).expect("list").sagas.len(), 3);
+}
+
+#[tokio::test]
+async fn a_page_out_of_scan_budget_ends_short_with_a_token_to_go_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("open");
+    let sagas: Vec<Transition> = (0..5).map(|_| new_saga(None)).collect();
+    for t in &sagas {
+        store.write(t, None).expect("write");
+    }
+    let last = &sagas[4];
+    let started = engine::transition(&last.saga, &Event::Start, 2)
+        .expect("ok")
+        .expect("changes");
+    store.write(&started, Some(&last.saga)).expect("write");
+    store.flush().await.expect("flush");
+    // Only the last of the customer's five sagas is RUNNING; two examined a page.
+    let mut q = ListQuery {
+        customer_id: Some("c".into()),
+        state: Some(StateTag::Running),
+        limit: 10,
+        ..Default::default()
+    };
+    let (mut found, mut pages) = (Vec::new(), 0);
+    loop {
+        let page = store.list_within(&q, 2).expect("list");
+        pages += 1;
+        found.extend(page.sagas.into_iter().map(|s| s.id));
+        match page.next {
+            Some(next) => q.after = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(found, std::slice::from_ref(&last.saga.id));
+    assert_eq!(pages, 3, "2 + 2 + 1 candidates");
 }
