@@ -125,6 +125,15 @@ impl SagaApi {
         authorize(self.operator_token.as_deref(), request, method)
     }
 
+    /// The operator-token check of the operator RPCs, for an action made of
+    /// several of them (the console's bulk actions check before counting).
+    ///
+    /// # Errors
+    /// As the operator RPCs: `UNAUTHENTICATED`, `PERMISSION_DENIED`.
+    pub(crate) fn authorize_operator<T>(&self, request: &Request<T>, method: &str) -> Result<(), Status> {
+        self.authorize(request, method)
+    }
+
     async fn operate(&self, saga_id: Uuid, event: Event, verb: &str) -> Result<pb::OperatorResponse, Status> {
         match self.router.operate(saga_id, event).await {
             Ok(Operated::Changed(state)) => Ok(pb::OperatorResponse {

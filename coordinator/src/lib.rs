@@ -58,6 +58,7 @@ mod backend;
 pub mod cli;
 mod clock;
 mod cluster;
+mod console;
 mod dispatch;
 mod effects;
 mod events;
@@ -181,6 +182,14 @@ pub struct Config {
     /// RPCs are refused when none is set. Never logged.
     #[arg(long, env = "SAGA_OPERATOR_TOKEN", hide_env_values = true)]
     pub operator_token: Option<String>,
+    /// Do not serve the web console (`/console` on the HTTP port; on by default).
+    #[arg(long, env = "COORDINATOR_NO_CONSOLE")]
+    pub no_console: bool,
+    /// When set, the console's pages need it as well (HTTP Basic: any user
+    /// name, this as the password); actions still need the operator token.
+    /// Never logged.
+    #[arg(long, env = "SAGA_CONSOLE_TOKEN", hide_env_values = true)]
+    pub console_token: Option<String>,
     /// Consecutive failures that open a participant's circuit breaker.
     #[arg(long, env = "COORDINATOR_BREAKER_FAILURES", default_value_t = 5)]
     pub breaker_failures: u32,
@@ -296,6 +305,8 @@ impl Config {
             max_group_steps: saga_core::definition::Limits::DEFAULT_MAX_GROUP_STEPS,
             log_format: LogFormat::Pretty,
             operator_token: None,
+            no_console: false,
+            console_token: None,
             breaker_failures: 5,
             max_output_bytes: 64 * 1024,
             breaker_wait: Duration::from_secs(1),
@@ -397,11 +408,16 @@ impl Config {
             ));
         }
         // An empty token (an unset variable passed through by compose) means none.
-        if let Some(t) = self.operator_token.as_ref().filter(|t| !t.is_empty()) {
-            if t.len() < 16 || t.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                return Err(RunError::Config(
-                    "operator_token must be at least 16 characters without whitespace".into(),
-                ));
+        for (name, token) in [
+            ("operator_token", &self.operator_token),
+            ("console_token", &self.console_token),
+        ] {
+            if let Some(t) = token.as_ref().filter(|t| !t.is_empty()) {
+                if t.len() < 16 || t.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                    return Err(RunError::Config(format!(
+                        "{name} must be at least 16 characters without whitespace"
+                    )));
+                }
             }
         }
         Ok(())
@@ -605,12 +621,6 @@ pub async fn run_with_reload(
         (partition::Ownership::new(config.partitions), lost_tx, lost_rx)
     });
     let Listeners { grpc: listener, http } = listeners;
-    let http_task = tokio::spawn(telemetry::serve(
-        http,
-        ready.readiness.clone(),
-        store.clone(),
-        shutdown.clone(),
-    ));
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(saga_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -622,7 +632,7 @@ pub async fn run_with_reload(
     let (handle, outcomes, inputs) = runner::channel(config.resident_sagas);
     let api = SagaApi::new(
         store.clone(),
-        definitions,
+        definitions.clone(),
         handle.clone(),
         config.operator_token.clone(),
     );
@@ -631,6 +641,18 @@ pub async fn run_with_reload(
         api = api.with_forwarding(nats.clone(), ownership.clone());
     }
     let router = api.router();
+    let api = std::sync::Arc::new(api);
+    let console = (!config.no_console).then(|| {
+        let token = config.console_token.clone().filter(|t| !t.is_empty());
+        console::Console::new(api.clone(), store.clone(), definitions.clone(), token).router()
+    });
+    let http_task = tokio::spawn(telemetry::serve(
+        http,
+        ready.readiness.clone(),
+        store.clone(),
+        console,
+        shutdown.clone(),
+    ));
     // Readiness follows the runner: SERVING once it takes requests.
     let runner_watch = {
         let (handle, ready) = (handle.clone(), ready.clone());
@@ -662,7 +684,7 @@ pub async fn run_with_reload(
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(SagaServiceServer::new(api).max_decoding_message_size(api::MAX_REQUEST_BYTES))
+            .add_service(SagaServiceServer::from_arc(api).max_decoding_message_size(api::MAX_REQUEST_BYTES))
             .serve_with_incoming_shutdown(
                 // Nagle off: a small reply must not wait ~40 ms for the client's delayed ACK.
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),

@@ -51,6 +51,10 @@ pub(crate) const EVENTS_BACKLOG: &str = "saga_events_backlog";
 pub(crate) const DEFINITION_RELOADS: &str = "saga_definition_reloads_total";
 /// Operator RPCs refused, by `reason` (`disabled`, `missing`, `malformed`, `wrong`).
 pub(crate) const OPERATOR_AUTH_FAILURES: &str = "saga_operator_auth_failures_total";
+/// Console requests refused before any page or action ran, by `reason`
+/// (`read_token`, `cross_site`, `csrf`); operator-token refusals of its
+/// actions count in [`OPERATOR_AUTH_FAILURES`].
+pub(crate) const CONSOLE_REFUSED: &str = "saga_console_refused_total";
 /// Group-commit flushes and the transitions they covered.
 pub(crate) const FLUSHES: &str = "saga_store_flushes_total";
 /// sled inserts and removes the group commits wrote (saga-bench divides them by sagas).
@@ -124,6 +128,7 @@ pub(crate) async fn serve(
     listener: TcpListener,
     ready: Readiness,
     store: SharedStore,
+    console: Option<Router>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let addr: Option<SocketAddr> = listener.local_addr().ok();
@@ -137,6 +142,13 @@ pub(crate) async fn serve(
         .route("/health", get(|| async { "ok\n" }))
         .route("/ready", get(readiness))
         .with_state(state);
+    let app = match console {
+        Some(console) => {
+            info!(?addr, "web console on HTTP at /console");
+            app.merge(console)
+        }
+        None => app,
+    };
     info!(?addr, "metrics and health on HTTP");
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
@@ -170,4 +182,9 @@ async fn readiness(State(s): State<Http>) -> (StatusCode, String) {
             ),
         ),
     }
+}
+
+/// Counts a console request refused by its guard.
+pub(crate) fn console_refused(reason: &'static str) {
+    metrics::counter!(CONSOLE_REFUSED, "reason" => reason).increment(1);
 }

@@ -122,6 +122,14 @@ pub struct Undo {
     pub when: &'static str,
 }
 
+/// The name a step's nodes carry in [`Plan::render_mermaid`] (`s_<this>`
+/// for the step, `u_<this>` for its compensation), so a caller can style them.
+pub fn mermaid_id(step: &str) -> String {
+    step.chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect()
+}
+
 impl Plan {
     /// Works out the plan of `def`.
     pub fn of(def: &SagaDefinition) -> Plan {
@@ -242,11 +250,7 @@ impl Plan {
     /// each step's failure as a dashed edge into the compensation chain it
     /// starts, compensations walking back to COMPENSATED.
     pub fn render_mermaid(&self) -> String {
-        let id = |s: &str| {
-            s.chars()
-                .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-                .collect::<String>()
-        };
+        let id = mermaid_id;
         let mut out = String::from("flowchart TD\n");
         out.push_str(&format!("  start([\"{} start\"])\n", self.definition));
         let mut prev = "start".to_string();

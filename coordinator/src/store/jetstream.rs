@@ -768,6 +768,11 @@ impl SagaStore for JsStore {
     fn probe(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(JsStore::probe(self))
     }
+
+    /// No state index in KV: counting would read every record.
+    fn count_by_state(&self) -> BoxFuture<'_, Result<Option<crate::store::StateCounts>, StoreError>> {
+        Box::pin(std::future::ready(Ok(None)))
+    }
 }
 
 impl PartitionedStore for JsStore {

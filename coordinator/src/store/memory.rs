@@ -368,4 +368,16 @@ impl SagaStore for MemoryStore {
     fn probe(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(std::future::ready(Ok(())))
     }
+
+    fn count_by_state(&self) -> BoxFuture<'_, Result<Option<crate::store::StateCounts>, StoreError>> {
+        let mut counts: Vec<(StateTag, usize)> = Vec::new();
+        for d in self.lock().durable.values() {
+            let tag = d.saga.state.tag();
+            match counts.iter_mut().find(|(t, _)| *t == tag) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((tag, 1)),
+            }
+        }
+        Box::pin(std::future::ready(Ok(Some(counts))))
+    }
 }

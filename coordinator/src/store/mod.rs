@@ -32,7 +32,7 @@ pub(crate) use records::{DeadLetter, EventRecord, OutboxEntry};
 use uuid::Uuid;
 
 pub(crate) use self::sled::Store;
-use crate::engine::{HistoryEntry, Saga, Transition};
+use crate::engine::{HistoryEntry, Saga, StateTag, Transition};
 
 /// A failure of the coordinator's storage.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +54,9 @@ pub enum StoreError {
 
 /// A saga and its history, as `GetSaga` shows it.
 pub(crate) type WithHistory = (Saga, Vec<HistoryEntry>);
+
+/// Sagas per state, as a store's index counts them.
+pub(crate) type StateCounts = Vec<(StateTag, usize)>;
 
 /// A saga loaded for running: the record and the commands it has in flight.
 pub(crate) type Loaded = (Saga, Vec<OutboxEntry>);
@@ -233,6 +236,10 @@ pub(crate) trait SagaStore: Send + Sync + std::fmt::Debug + 'static {
 
     /// Whether the store accepts writes (readiness).
     fn probe(&self) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// How many sagas are in each state, from an index (the console's
+    /// counts); `None` for a store that has none to count from.
+    fn count_by_state(&self) -> BoxFuture<'_, Result<Option<StateCounts>, StoreError>>;
 
     /// Removes up to `limit` finished sagas last moved before `cutoff_ms`
     /// (blocking; see [`Capabilities::retention`]); returns how many.

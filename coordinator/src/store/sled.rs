@@ -907,6 +907,10 @@ impl crate::store::SagaStore for Store {
         Box::pin(std::future::ready(self.probe_writable()))
     }
 
+    fn count_by_state(&self) -> BoxFuture<'_, Result<Option<crate::store::StateCounts>, StoreError>> {
+        Box::pin(std::future::ready(Store::count_by_state(self).map(Some)))
+    }
+
     fn prune(&self, cutoff_ms: u64, limit: usize) -> Result<usize, StoreError> {
         Store::prune(self, cutoff_ms, limit)
     }
