@@ -104,31 +104,15 @@ fn answer(r: &pb::OperatorResponse) -> Response {
 #[serde(deny_unknown_fields)]
 pub(super) struct BulkBody {
     action: String,
+    /// The list page's filters (`page` and `fragment` are ignored).
     #[serde(default)]
-    filters: BulkFilters,
+    filters: ListParams,
     #[serde(default)]
     confirm: bool,
     #[serde(default)]
     expected: Option<usize>,
     #[serde(default)]
     reason: String,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct BulkFilters {
-    #[serde(default)]
-    state: String,
-    #[serde(default)]
-    definition: String,
-    #[serde(default)]
-    customer: String,
-    #[serde(default)]
-    order: String,
-    #[serde(default)]
-    from: String,
-    #[serde(default)]
-    to: String,
 }
 
 /// `POST /console/api/bulk`: retry the FAILED sagas, or abort the running
@@ -163,14 +147,11 @@ pub(super) async fn bulk(
     }
     let mut ids = Vec::new();
     for state in states {
-        let params = ListParams::for_bulk(
-            state,
-            &b.filters.definition,
-            &b.filters.customer,
-            &b.filters.order,
-            &b.filters.from,
-            &b.filters.to,
-        );
+        let params = ListParams {
+            state: (*state).into(),
+            page: String::new(),
+            ..b.filters.clone()
+        };
         let mut req = match params.request(1000) {
             Ok(r) => r,
             Err(e) => return refused(StatusCode::BAD_REQUEST, e),

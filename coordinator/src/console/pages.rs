@@ -48,49 +48,29 @@ pub(super) async fn home() -> Redirect {
 
 /// The list's query string: the filters, the page token, and whether only
 /// the rows are wanted (the script's refresh).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 pub(super) struct ListParams {
     #[serde(default)]
-    state: String,
+    pub(super) state: String,
     #[serde(default)]
-    definition: String,
+    pub(super) definition: String,
     #[serde(default)]
-    customer: String,
+    pub(super) customer: String,
     #[serde(default)]
-    order: String,
+    pub(super) order: String,
     /// Created at or after (`datetime-local`, UTC, or RFC 3339).
     #[serde(default)]
-    from: String,
+    pub(super) from: String,
     /// Created before.
     #[serde(default)]
-    to: String,
+    pub(super) to: String,
     #[serde(default)]
-    page: String,
+    pub(super) page: String,
     #[serde(default)]
-    fragment: String,
+    pub(super) fragment: String,
 }
 
 impl ListParams {
-    /// The filters of a bulk action, for one state.
-    pub(super) fn for_bulk(
-        state: &str,
-        definition: &str,
-        customer: &str,
-        order: &str,
-        from: &str,
-        to: &str,
-    ) -> Self {
-        ListParams {
-            state: state.into(),
-            definition: definition.into(),
-            customer: customer.into(),
-            order: order.into(),
-            from: from.into(),
-            to: to.into(),
-            ..Default::default()
-        }
-    }
-
     /// The `ListSagas` request these filters make, newest first.
     ///
     /// # Errors
