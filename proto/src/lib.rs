@@ -16,4 +16,4 @@ pub mod pb {
 }
 
 /// Encoded `FileDescriptorSet` of `saga.v1` (with its imports), for gRPC reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/saga_descriptor.bin"));
+pub static FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/saga_descriptor.bin"));
