@@ -27,7 +27,8 @@ function token(ask) {
 async function act(url, body) {
   const t = token(true);
   const headers = { "Content-Type": "application/json", "X-Saga-Console": csrf };
-  if (t) headers["Authorization"] = "Bearer " + t;
+  // Not `Authorization`: with --console-token the browser sends its Basic credentials there.
+  if (t) headers["X-Saga-Operator-Token"] = t;
   const res = await fetch(url, { method: "POST", headers, body: JSON.stringify(body), credentials: "same-origin" });
   let answer = {};
   try { answer = await res.json(); } catch (_) { /* not JSON: the status says it */ }

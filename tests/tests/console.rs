@@ -174,25 +174,25 @@ async fn the_console_guards_its_actions_and_serves_its_assets_embedded() -> Resu
     );
     let csrf = csrf_of(&page)?;
     let abort = format!("/console/api/sagas/{id}/abort");
-    let bearer = format!("Bearer {TOKEN}");
+    let bearer = TOKEN.to_string();
     let json = ("Content-Type", "application/json");
     // No CSRF token; a stale one; another site's page: refused before the token is looked at.
     for headers in [
-        vec![json, ("Authorization", bearer.as_str())],
+        vec![json, ("X-Saga-Operator-Token", bearer.as_str())],
         vec![
             json,
-            ("Authorization", bearer.as_str()),
+            ("X-Saga-Operator-Token", bearer.as_str()),
             ("X-Saga-Console", "stale"),
         ],
         vec![
             json,
-            ("Authorization", bearer.as_str()),
+            ("X-Saga-Operator-Token", bearer.as_str()),
             ("X-Saga-Console", csrf.as_str()),
             ("Origin", "https://evil.example"),
         ],
         vec![
             json,
-            ("Authorization", bearer.as_str()),
+            ("X-Saga-Operator-Token", bearer.as_str()),
             ("X-Saga-Console", csrf.as_str()),
             ("Sec-Fetch-Site", "cross-site"),
         ],
@@ -204,12 +204,12 @@ async fn the_console_guards_its_actions_and_serves_its_assets_embedded() -> Resu
     let (code, _, body) = http(s.http, "POST", &abort, &[json, ("X-Saga-Console", &csrf)], "{}").await?;
     assert_eq!(code, 401, "{}", String::from_utf8_lossy(&body));
     assert!(String::from_utf8_lossy(&body).contains("operator token"));
-    let wrong = "Bearer wrong-token-0123456789";
+    let wrong = "wrong-token-0123456789";
     let (code, _, _) = http(
         s.http,
         "POST",
         &abort,
-        &[json, ("X-Saga-Console", &csrf), ("Authorization", wrong)],
+        &[json, ("X-Saga-Console", &csrf), ("X-Saga-Operator-Token", wrong)],
         "{}",
     )
     .await?;
@@ -232,7 +232,7 @@ async fn the_console_guards_its_actions_and_serves_its_assets_embedded() -> Resu
     let ok_headers = [
         json,
         ("X-Saga-Console", csrf.as_str()),
-        ("Authorization", bearer.as_str()),
+        ("X-Saga-Operator-Token", bearer.as_str()),
     ];
     let (code, _, _) = http(s.http, "POST", &abort, &ok_headers, r#"{"reason":"x","extra":1}"#).await?;
     assert_eq!(code, 422);
@@ -322,6 +322,24 @@ async fn a_console_token_closes_every_page_and_no_console_serves_none() -> Resul
     assert_eq!(code, 401);
     let (code, _, _) = http(s.http, "GET", "/metrics", &[], "").await?;
     assert_eq!(code, 200, "the console token guards the console only");
+    // An action carries both: the browser's Basic credentials and the operator token.
+    s.script.hold.store(true, Ordering::SeqCst);
+    let id = place(&s.system, "c-1", &[("A-1", 1)]).await?;
+    let (_, _, page) = http(s.http, "GET", "/console/sagas", &[("Authorization", good)], "").await?;
+    let csrf = csrf_of(&page)?;
+    let abort = format!("/console/api/sagas/{id}/abort");
+    let headers = [
+        ("Content-Type", "application/json"),
+        ("Authorization", good),
+        ("X-Saga-Console", csrf.as_str()),
+        ("X-Saga-Operator-Token", TOKEN),
+    ];
+    let (code, _, _) = http(s.http, "POST", &abort, &headers[..3], "{}").await?;
+    assert_eq!(code, 401, "without the operator token");
+    let (code, _, body) = http(s.http, "POST", &abort, &headers, r#"{"reason":"test"}"#).await?;
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    s.script.hold.store(false, Ordering::SeqCst);
+    wait_state(&s.system, &id, SagaState::Compensated).await?;
     s.system.shutdown().await?;
     let s = setup(|c| c.no_console = true).await?;
     let (code, _, _) = http(s.http, "GET", "/console/sagas", &[], "").await?;

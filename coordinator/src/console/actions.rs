@@ -1,12 +1,12 @@
 //! The console's write actions: abort, retry, and both in bulk over a
-//! filtered selection. Each goes through `SagaService` with the caller's
-//! `Authorization` header, so the operator token is checked (and a refusal
-//! logged and counted) exactly as for gRPC; the token itself is never
-//! logged, stored or echoed.
+//! filtered selection. Each goes through `SagaService` with the operator
+//! token the page sent (`X-Saga-Operator-Token`), so it is checked (and a
+//! refusal logged and counted) exactly as for gRPC; the token itself is
+//! never logged, stored or echoed.
 
 use axum::{
     extract::{Path, State},
-    http::{header, HeaderMap, StatusCode},
+    http::{HeaderMap, StatusCode},
     response::{IntoResponse, Response},
     Json,
 };
@@ -47,13 +47,18 @@ fn from_status(s: &tonic::Status) -> Response {
     refused(status_code(s), why)
 }
 
-/// `message` as a tonic request carrying the caller's `Authorization`.
+/// The header the page sends the operator token in (`Authorization` may
+/// hold the browser's Basic credentials for `--console-token`).
+const OPERATOR_TOKEN_HEADER: &str = "x-saga-operator-token";
+
+/// `message` as a tonic request carrying the caller's operator token as
+/// `authorization: Bearer`, the way the operator RPCs take it.
 fn authorized<T>(headers: &HeaderMap, message: T) -> Request<T> {
     let mut req = Request::new(message);
     if let Some(v) = headers
-        .get(header::AUTHORIZATION)
+        .get(OPERATOR_TOKEN_HEADER)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| MetadataValue::try_from(v).ok())
+        .and_then(|t| MetadataValue::try_from(format!("Bearer {}", t.trim())).ok())
     {
         req.metadata_mut().insert("authorization", v);
     }

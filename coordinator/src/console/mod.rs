@@ -5,7 +5,7 @@
 //!
 //! Trust: read pages need nothing unless `--console-token` is set (then
 //! HTTP Basic with that token as the password, on every route). Write
-//! actions need the operator token in `Authorization: Bearer`, sent by the
+//! actions need the operator token in `X-Saga-Operator-Token`, sent by the
 //! page's script from the tab's session storage (never a URL or a cookie),
 //! and the page's CSRF token in `X-Saga-Console`; a cross-site request is
 //! refused before either is looked at.
