@@ -307,7 +307,6 @@ pub(super) async fn saga(State(c): State<Console>, Path(id): Path<String>) -> Re
     };
     let terminal = is_terminal(saga.state);
     let body = html! {
-        div #flash {}
         div #saga data-live-saga=[(!terminal).then_some(saga.saga_id.as_str())] { (saga_body(&saga)) }
         h2 { "Raw record (as the page was loaded)" }
         pre.mono #raw { (raw) }
