@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use prost_types::Timestamp;
 use saga_proto::pb::{self, saga_service_server::SagaService};
-use saga_wire::{Item, OrderPayload};
+use saga_wire::{CommandKind, Item, OrderPayload};
 use tonic::{Request, Response, Status};
 use tracing::warn;
 use uuid::Uuid;
@@ -26,7 +26,7 @@ use uuid::Uuid;
 use crate::{
     cluster::Router,
     definition::{Catalog, Definitions},
-    engine::{Event, HistoryEntry, Saga, SagaState, SignalRefused, StateTag, StepStatus},
+    engine::{self, Event, HistoryEntry, Saga, SagaState, SignalRefused, StateTag, StepStatus},
     partition::Ownership,
     runner::{CreateError, Created, NewSaga, OperateError, Operated, RunnerHandle},
     store::{ListQuery, SharedStore, StoreError},
@@ -508,6 +508,15 @@ fn items_to_pb(items: &[Item]) -> Vec<pb::OrderItem> {
         .collect()
 }
 
+/// The input step `k`'s command of `kind` was sent with, as JSON: empty before its
+/// first attempt and when the step declares none.
+fn sent_input(saga: &Saga, k: usize, kind: CommandKind, attempts: u32) -> String {
+    match engine::step_input(saga, k, kind) {
+        Some(v) if attempts > 0 && !v.is_null() => v.to_string(),
+        _ => String::new(),
+    }
+}
+
 /// The full protobuf view of a saga and its history.
 pub(crate) fn saga_to_pb(saga: &Saga, history: &[HistoryEntry]) -> pb::Saga {
     let steps = saga
@@ -543,6 +552,8 @@ pub(crate) fn saga_to_pb(saga: &Saga, history: &[HistoryEntry]) -> pb::Saga {
                 .as_ref()
                 .map(|w| w.source().to_string())
                 .unwrap_or_default(),
+            input_json: sent_input(saga, i, CommandKind::Forward, p.attempts),
+            compensation_input_json: sent_input(saga, i, CommandKind::Compensate, p.compensation_attempts),
         })
         .collect();
     let history = history

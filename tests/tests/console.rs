@@ -31,7 +31,8 @@ fn definitions(dir: &std::path::Path) -> Result<PathBuf> {
         defs.join("fake.yaml"),
         "name: fake\nversion: 1\ndefaults:\n  timeout: 300ms\n  retry: { max_attempts: 1000, initial_backoff: 10ms, \
          max_backoff: 50ms, multiplier: 2.0, jitter: false }\nsteps:\n  - name: fake-step\n    participant: fake\n    \
-         action: do\n    compensation: undo\n  - name: reserve-inventory\n    participant: inventory\n    \
+         action: do\n    compensation: undo\n    input: { channel: console }\n    compensation_input: { why: aborted }\n  \
+         - name: reserve-inventory\n    participant: inventory\n    \
          action: reserve\n    compensation: release\n    timeout: 5s\n",
     )?;
     Ok(defs)
@@ -269,6 +270,12 @@ async fn the_console_guards_its_actions_and_serves_its_assets_embedded() -> Resu
             "{head}"
         );
         assert!(String::from_utf8_lossy(&body).contains("fake@1"), "{path}");
+    }
+    // The saga's page shows the input the step was sent with, and its compensation's.
+    let (_, _, body) = http(s.http, "GET", &format!("/console/sagas/{id}"), &[], "").await?;
+    let body = String::from_utf8_lossy(&body);
+    for want in ["channel&quot;:&quot;console", "why&quot;:&quot;aborted"] {
+        assert!(body.contains(want), "{want} in the step's page");
     }
     let (code, head, body) = http(s.http, "GET", "/console/assets/mermaid.min.js", &[], "").await?;
     assert_eq!(code, 200);

@@ -836,6 +836,18 @@ fn lookup(value: &serde_json::Value, path: &[String]) -> serde_json::Value {
     v.clone()
 }
 
+/// The `input` that step `k`'s command of `kind` carries, `null` when the step
+/// declares none (`None`: no such step). It is resolved from the order and the
+/// outputs of earlier steps, which never change once recorded, so a view computes
+/// the same value the command was sent with.
+pub fn step_input(saga: &Saga, k: usize, kind: CommandKind) -> Option<serde_json::Value> {
+    let def = saga.definition.steps.get(k)?;
+    Some(match kind {
+        CommandKind::Forward => resolve_input(saga, &def.input),
+        CommandKind::Compensate => resolve_input(saga, &def.compensation_input),
+    })
+}
+
 /// A step's `input` / `compensation_input` with its references resolved
 /// against the saga (`null` when there is none).
 fn resolve_input(saga: &Saga, input: &std::collections::BTreeMap<String, InputValue>) -> serde_json::Value {
@@ -1083,13 +1095,10 @@ impl Builder {
 
     fn send(&mut self, saga: &Saga, i: usize, kind: CommandKind, attempt: u32) {
         let def = &saga.definition.steps[i];
-        let (action, input) = match kind {
-            CommandKind::Forward => (def.action.clone(), &def.input),
+        let action = match kind {
+            CommandKind::Forward => def.action.clone(),
             // Only reached for steps that have a compensation (see `compensate_from`).
-            CommandKind::Compensate => (
-                def.compensation.clone().unwrap_or_default(),
-                &def.compensation_input,
-            ),
+            CommandKind::Compensate => def.compensation.clone().unwrap_or_default(),
         };
         self.commands.push(Command {
             step: i,
@@ -1104,7 +1113,7 @@ impl Builder {
                 attempt,
                 idempotency_key: wire::idempotency_key(&saga.id, &def.name, kind),
                 payload: saga.order.clone(),
-                input: resolve_input(saga, input),
+                input: step_input(saga, i, kind).unwrap_or_default(),
             },
             timeout_ms: u64::try_from(def.timeout.as_millis()).unwrap_or(u64::MAX),
             retry: def.retry,
@@ -1665,6 +1674,12 @@ steps:
         let t = apply(&t.saga, reply(0, CommandKind::Compensate, 1, ok()));
         assert_eq!(t.saga.state, SagaState::Compensated);
         assert!(t.commands.is_empty(), "the rejected charge has nothing to refund");
+        // A view of the ended saga recomputes the input the release was sent with.
+        assert_eq!(
+            step_input(&t.saga, 0, CommandKind::Compensate),
+            Some(serde_json::json!({"reservation_id": "r_1"}))
+        );
+        assert_eq!(step_input(&t.saga, 9, CommandKind::Forward), None);
     }
 
     #[test]

@@ -313,7 +313,9 @@ fn saga_json(s: &pb::Saga) -> Value {
             "group": p.group, "on_failure": p.on_failure, "started_at": ts(&p.started_at),
             "finished_at": ts(&p.finished_at), "duration_ms": p.duration_ms,
             "kind": p.kind, "signal": p.signal, "due_at": ts(&p.due_at), "signal_id": p.signal_id,
+            "input": serde_json::from_str::<Value>(&p.input_json).unwrap_or(Value::Null),
             "output": serde_json::from_str::<Value>(&p.output_json).unwrap_or(Value::Null), "when": p.when,
+            "compensation_input": serde_json::from_str::<Value>(&p.compensation_input_json).unwrap_or(Value::Null),
         })).collect::<Vec<_>>(),
         "deadline_at": ts(&s.deadline_at), "kept_signals": s.kept_signals,
         "history": s.history.iter().map(|h| json!({

@@ -364,16 +364,16 @@ fn saga_body(s: &pb::Saga) -> Markup {
                 }
             }
         }
-        h2 { "Step outputs" }
-        table {
-            thead { tr { th { "step" } th { "output (JSON)" } } }
+        h2 { "Step inputs and outputs" }
+        table #io {
+            thead { tr { th { "step" } th { "input (JSON)" } th { "output (JSON)" } th { "compensation input (JSON)" } } }
             tbody {
-                @for st in s.steps.iter().filter(|st| !st.output_json.is_empty()) {
-                    tr { td { (st.name) } td.mono { (st.output_json) } }
+                @for st in s.steps.iter().filter(|st| !(st.input_json.is_empty() && st.output_json.is_empty() && st.compensation_input_json.is_empty())) {
+                    tr { td { (st.name) } td.mono { (st.input_json) } td.mono { (st.output_json) } td.mono { (st.compensation_input_json) } }
                 }
             }
         }
-        p.muted { "Each step's input is its definition's `input:` mapping over the order above and these outputs." }
+        p.muted { "Every command also carries the order above; the inputs are each step's `input:` mapping over it and the outputs before it." }
         h2 { "History" }
         table #history {
             thead { tr { th { "#" } th { "at" } th { "event" } th { "step" } th { "attempt" } th { "detail" } th { "state" } } }
