@@ -19,6 +19,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
+use saga_proto::names::{is_terminal, state as state_name, step_status as step_status_name};
 use saga_proto::pb::{self, saga_service_client::SagaServiceClient};
 use serde_json::{json, Value};
 use tonic::transport::Channel;
@@ -270,20 +271,6 @@ fn parse_when(s: &str) -> Result<prost_types::Timestamp, String> {
     Ok(prost_types::Timestamp::from(at))
 }
 
-fn state_name(v: i32) -> &'static str {
-    pb::SagaState::try_from(v)
-        .map(|s| s.as_str_name())
-        .unwrap_or("UNKNOWN")
-        .trim_start_matches("SAGA_STATE_")
-}
-
-fn step_status_name(v: i32) -> &'static str {
-    pb::StepStatus::try_from(v)
-        .map(|s| s.as_str_name())
-        .unwrap_or("UNKNOWN")
-        .trim_start_matches("STEP_STATUS_")
-}
-
 fn ts(t: &Option<prost_types::Timestamp>) -> String {
     t.as_ref()
         .and_then(|t| {
@@ -474,13 +461,6 @@ fn print_operated(r: &pb::OperatorResponse, json_out: bool, what: &str) {
     } else {
         println!("saga {} {what}: now {}", r.saga_id, state_name(r.state));
     }
-}
-
-fn is_terminal(state: i32) -> bool {
-    matches!(
-        pb::SagaState::try_from(state),
-        Ok(pb::SagaState::Completed | pb::SagaState::Compensated | pb::SagaState::Failed)
-    )
 }
 
 /// Waits until one of the saga's steps waits for a signal.

@@ -10,12 +10,13 @@ use axum::{
     response::{IntoResponse, Response},
     Json,
 };
+use saga_proto::names::state as state_name;
 use saga_proto::pb::{self, saga_service_server::SagaService};
 use serde::Deserialize;
 use serde_json::json;
 use tonic::{metadata::MetadataValue, Request};
 
-use super::{pages::state_name, pages::ListParams, Console};
+use super::{pages::ListParams, Console};
 
 /// At most this many sagas per bulk action (the count is shown first).
 const BULK_MAX: usize = 1000;

@@ -18,6 +18,7 @@ use axum::{
 use futures::{Stream, StreamExt};
 use maud::{html, Markup, DOCTYPE};
 use saga_core::plan::{mermaid_id, Plan};
+use saga_proto::names::{is_terminal, state as state_name, step_status as step_status_name};
 use saga_proto::pb::{self, saga_service_server::SagaService};
 use serde::Deserialize;
 use tonic::Request;
@@ -104,13 +105,12 @@ impl ListParams {
             ("from", &self.from),
             ("to", &self.to),
         ];
-        let mut q: Vec<String> = pairs
-            .iter()
-            .filter(|(_, v)| !v.trim().is_empty())
-            .map(|(k, v)| format!("{k}={}", url_encode(v.trim())))
-            .collect();
-        q.push(format!("page={}", url_encode(token)));
-        format!("/console/sagas?{}", q.join("&"))
+        let mut q = form_urlencoded::Serializer::new(String::new());
+        for (k, v) in pairs.iter().filter(|(_, v)| !v.trim().is_empty()) {
+            q.append_pair(k, v.trim());
+        }
+        q.append_pair("page", token);
+        format!("/console/sagas?{}", q.finish())
     }
 }
 
@@ -129,15 +129,6 @@ fn time_param(field: &str, value: &str) -> Result<Option<prost_types::Timestamp>
     humantime::parse_rfc3339_weak(&with_seconds)
         .map(|t| Some(prost_types::Timestamp::from(t)))
         .map_err(|_| format!("{field}: `{v}` is not a time (2026-12-03T10:15 or RFC 3339)"))
-}
-
-fn url_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 /// `GET /console/sagas`: counts, filters, the newest sagas first, paged.
@@ -563,27 +554,6 @@ fn layout(title: &str, c: &Console, body: Markup) -> Html<String> {
     Html(page.into_string())
 }
 
-pub(super) fn state_name(v: i32) -> &'static str {
-    pb::SagaState::try_from(v)
-        .map(|s| s.as_str_name())
-        .unwrap_or("UNKNOWN")
-        .trim_start_matches("SAGA_STATE_")
-}
-
-fn step_status_name(v: i32) -> &'static str {
-    pb::StepStatus::try_from(v)
-        .map(|s| s.as_str_name())
-        .unwrap_or("UNKNOWN")
-        .trim_start_matches("STEP_STATUS_")
-}
-
-fn is_terminal(state: i32) -> bool {
-    matches!(
-        pb::SagaState::try_from(state),
-        Ok(pb::SagaState::Completed | pb::SagaState::Compensated | pb::SagaState::Failed)
-    )
-}
-
 fn ts(t: Option<&prost_types::Timestamp>) -> String {
     let Some(t) = t else { return String::new() };
     let (Ok(secs), Ok(nanos)) = (u64::try_from(t.seconds), u32::try_from(t.nanos)) else {
@@ -595,4 +565,31 @@ fn ts(t: Option<&prost_types::Timestamp>) -> String {
 
 fn money(cents: i64, currency: &str) -> String {
     format!("{}.{:02} {currency}", cents / 100, (cents % 100).abs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_next_page_link_keeps_the_filters_encoded_and_reads_back() {
+        let p = ListParams {
+            state: "failed".into(),
+            customer: " a&b=c d ".into(),
+            order: "ö/1".into(),
+            ..ListParams::default()
+        };
+        let link = p.with_page("tok+/=");
+        assert_eq!(
+            link,
+            "/console/sagas?state=failed&customer=a%26b%3Dc+d&order=%C3%B6%2F1&page=tok%2B%2F%3D"
+        );
+        let query = link.split_once('?').map(|(_, q)| q).unwrap_or_default();
+        let back: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes()).into_owned().collect();
+        let get = |k: &str| back.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        assert_eq!(
+            (get("customer"), get("order"), get("page")),
+            (Some("a&b=c d"), Some("ö/1"), Some("tok+/="))
+        );
+    }
 }

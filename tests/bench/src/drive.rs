@@ -408,9 +408,7 @@ impl Tally {
             }
             return;
         };
-        let name = SagaState::try_from(state)
-            .map(|s| s.as_str_name().trim_start_matches("SAGA_STATE_"))
-            .unwrap_or("UNKNOWN");
+        let name = saga_proto::names::state(state);
         *self.states.entry(name).or_default() += 1;
         if state == SagaState::Completed as i32 {
             self.completed += 1;

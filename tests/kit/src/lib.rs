@@ -435,13 +435,7 @@ pub fn order(customer: &str, items: &[(&str, u32)], amount_cents: i64) -> pb::Cr
     }
 }
 
-/// Whether a saga state is terminal.
-pub fn is_terminal(state: i32) -> bool {
-    matches!(
-        pb::SagaState::try_from(state),
-        Ok(pb::SagaState::Completed | pb::SagaState::Compensated | pb::SagaState::Failed)
-    )
-}
+pub use saga_proto::names::is_terminal;
 
 /// Polls `GetSaga` until the saga is terminal.
 ///
