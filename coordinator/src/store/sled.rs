@@ -56,6 +56,7 @@
 //! guarantee of `fsync` on every file system. This module must not send
 //! anything or decide anything: it stores what the engine decided.
 
+mod counts;
 mod events_log;
 mod journal;
 mod legacy;
@@ -205,6 +206,8 @@ pub(crate) struct Store {
     /// `definitions`: `name@version#n` → a definition snapshot sagas refer to.
     definitions: sled::Tree,
     refs: Arc<Mutex<DefinitionRefs>>,
+    /// Sagas per state, moved with every change to `by_state` (`counts`).
+    counts: Arc<counts::StateCounts>,
 }
 
 /// When the events cursor was stored, and the `(generation, sequence)` stored.
@@ -269,11 +272,13 @@ impl Store {
     /// As [`Store::open`].
     pub(crate) fn open_with_cache(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
         let db = open_db(dir, cache_bytes)?;
+        let by_state = db.open_tree("by_state")?;
         Store {
+            counts: Arc::new(counts::StateCounts::scanned(&by_state)?),
+            by_state,
             sagas: db.open_tree("sagas")?,
             journal: db.open_tree("journal")?,
             history: db.open_tree("history")?,
-            by_state: db.open_tree("by_state")?,
             by_attr: db.open_tree("by_attr")?,
             idempotency: db.open_tree("idempotency")?,
             dead_letters: db.open_tree("dead_letters")?,
@@ -456,7 +461,7 @@ impl Store {
         // Before the commit: whoever sees this data and then finds the flag
         // clear knows a flush covered it.
         self.unflushed.store(true, std::sync::atomic::Ordering::SeqCst);
-        (
+        let deltas = (
             &self.sagas,
             &self.journal,
             &self.by_state,
@@ -468,7 +473,17 @@ impl Store {
         )
             .transaction(
                 |(sagas, journal, by_state, by_attr, idempotency, dead_letters, dlq_outbox, events_log)| {
+                    let mut deltas = counts::Deltas::default();
                     for (tree, k, v) in ops {
+                        if let Tree::ByState = tree {
+                            match v {
+                                Some(v) => {
+                                    deltas.inserted(k, by_state.insert(k.as_slice(), v.as_slice())?.as_ref())
+                                }
+                                None => deltas.removed(k, by_state.remove(k.as_slice())?.as_ref()),
+                            }
+                            continue;
+                        }
                         let tree = match tree {
                             Tree::Sagas => sagas,
                             Tree::Journal => journal,
@@ -484,10 +499,11 @@ impl Store {
                             None => tree.remove(k.as_slice())?,
                         };
                     }
-                    Ok::<(), ConflictableTransactionError<()>>(())
+                    Ok::<_, ConflictableTransactionError<()>>(deltas)
                 },
             )
             .map_err(transaction_error("transaction aborted"))?;
+        self.counts.apply(&deltas);
         metrics::counter!(crate::telemetry::STORE_WRITES).increment(ops.len() as u64);
         Ok(*generation)
     }
@@ -790,21 +806,12 @@ impl Store {
         Ok(())
     }
 
-    /// Number of sagas per state (for logs at start-up and for tests).
+    /// Number of sagas per state: kept in memory, O(states) (`counts`).
     ///
     /// # Errors
     /// sled errors.
     pub(crate) fn count_by_state(&self) -> Result<Vec<(StateTag, usize)>, StoreError> {
-        let mut out = Vec::new();
-        for tag in StateTag::ALL {
-            let mut n = 0;
-            for kv in self.by_state.scan_prefix([tag as u8]) {
-                kv?;
-                n += 1;
-            }
-            out.push((tag, n));
-        }
-        Ok(out)
+        Ok(self.counts.get())
     }
 }
 

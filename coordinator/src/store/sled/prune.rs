@@ -73,7 +73,7 @@ impl Store {
                     .keys()
                     .collect::<Result<_, _>>()?;
                 let bytes = *id.as_bytes();
-                (
+                let deltas = (
                     &self.sagas,
                     &self.journal,
                     &self.history,
@@ -85,7 +85,9 @@ impl Store {
                     .transaction(
                         |(sagas, journal, hist, by_state, by_attr, idempotency, dead_letters)| {
                             sagas.remove(&bytes[..])?;
-                            by_state.remove(state_key(tag, &bytes))?;
+                            let mut deltas = super::counts::Deltas::default();
+                            let index_key = state_key(tag, &bytes);
+                            deltas.removed(&index_key, by_state.remove(index_key.as_slice())?.as_ref());
                             for k in &attrs {
                                 by_attr.remove(k.as_slice())?;
                             }
@@ -104,10 +106,11 @@ impl Store {
                                     idempotency.remove(key.as_bytes())?;
                                 }
                             }
-                            Ok::<(), ConflictableTransactionError<()>>(())
+                            Ok::<_, ConflictableTransactionError<()>>(deltas)
                         },
                     )
                     .map_err(transaction_error("prune transaction aborted"))?;
+                self.counts.apply(&deltas);
                 removed += 1;
             }
         }

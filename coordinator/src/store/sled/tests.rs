@@ -893,3 +893,51 @@ async fn a_page_out_of_scan_budget_ends_short_with_a_token_to_go_on() {
     assert_eq!(found, std::slice::from_ref(&last.saga.id));
     assert_eq!(pages, 3, "2 + 2 + 1 candidates");
 }
+
+/// What a scan of the state index counts, to check the kept counts against.
+fn scanned_counts(store: &Store) -> Vec<(StateTag, usize)> {
+    StateTag::ALL
+        .iter()
+        .map(|t| (*t, store.by_state.scan_prefix([*t as u8]).count()))
+        .collect()
+}
+
+#[tokio::test]
+async fn the_kept_counts_match_a_scan_of_the_index_through_writes_and_a_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let store = Store::open(dir.path()).expect("open");
+        let rejected = Event::Reply {
+            step: 0,
+            kind: CommandKind::Forward,
+            attempt: 1,
+            outcome: Outcome::Rejected("insufficient_stock".into()),
+        };
+        for i in 0..5 {
+            let created = new_saga(None);
+            store.write(&created, None).expect("write created");
+            let started = engine::transition(&created.saga, &Event::Start, 2)
+                .expect("ok")
+                .expect("changes");
+            store.write(&started, Some(&created.saga)).expect("write started");
+            if i % 2 == 0 {
+                // Staged in the same group commit as the start: one transaction moves the key twice.
+                let done = engine::transition(&started.saga, &rejected, 3)
+                    .expect("ok")
+                    .expect("changes");
+                store.write(&done, Some(&started.saga)).expect("write done");
+            }
+            store.flush().await.expect("flush");
+        }
+        let counts = store.count_by_state().expect("counts");
+        assert_eq!(counts, scanned_counts(&store));
+        assert!(counts.contains(&(StateTag::Running, 2)) && counts.contains(&(StateTag::Compensated, 3)));
+        store.flush().await.expect("flush");
+    }
+    let store = Store::open(dir.path()).expect("reopen");
+    assert_eq!(store.count_by_state().expect("counts"), scanned_counts(&store));
+    assert!(store
+        .count_by_state()
+        .expect("counts")
+        .contains(&(StateTag::Compensated, 3)));
+}
