@@ -215,6 +215,13 @@ pub(crate) struct Args {
     /// Skip the floors.
     #[arg(long)]
     pub(crate) no_floors: bool,
+    /// Keep a console sagas list open during each sweep run (the page, then
+    /// its rows every 2 s, as in a browser tab) and report what it fetched.
+    #[arg(long, conflicts_with = "target")]
+    pub(crate) console_tab: bool,
+    /// Fetches of each console page timed in the stored scenario (0: none).
+    #[arg(long, default_value_t = 200, value_name = "N")]
+    pub(crate) stored_console_pages: usize,
     /// Duration of each NATS throughput floor measurement (one per concurrency).
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub(crate) floor_time: Duration,
@@ -272,6 +279,7 @@ impl Args {
             self.stored_concurrency = 8;
             self.stored_samples = 20;
             self.stored_pages = 3;
+            self.stored_console_pages = 3;
             self.page_size = 10;
         }
         if self.coordinators == 0 {

@@ -27,6 +27,7 @@
 //! and an operator would (gRPC, `/metrics`, signals).
 
 mod cli;
+mod console;
 mod drive;
 mod floors;
 mod report;

@@ -362,6 +362,9 @@ impl Report {
             "flushes": r.flushes,
             "processes": procs(&r.procs),
             "ratios": ratios,
+            "console_tab": r.console_tab.as_ref().map(|t| json!({
+                "fetches": t.fetches, "failures": t.failures, "latency_ms": latency(&t.latency),
+            })),
         })
     }
 
@@ -634,6 +637,17 @@ impl Report {
                     opt(s.store_bytes.map(|b| b as f64 / 1048576.0), 1)
                 ),
             ]);
+            for p in &s.console {
+                t.add_row(vec![
+                    format!("console: {} ({} B), p50 / p99", p.name, p.bytes),
+                    format!(
+                        "{:.3} / {:.3} ms, coordinator CPU {} µs per page",
+                        ms(&p.latency, 0.5),
+                        ms(&p.latency, 0.99),
+                        opt(p.cpu_us, 0)
+                    ),
+                ]);
+            }
             println!("{t}");
         }
         let targets = self.targets();
@@ -800,6 +814,10 @@ impl Report {
                 "page_size": s.page_size,
                 "coordinator_rss_kib": s.coordinator_rss_kib,
                 "store_bytes": s.store_bytes,
+                "console_pages": s.console.iter().map(|p| json!({
+                    "page": p.name, "latency_ms": latency(&p.latency),
+                    "coordinator_cpu_us_per_page": p.cpu_us, "bytes": p.bytes,
+                })).collect::<Vec<_>>(),
             })),
             "targets": self.targets().into_iter()
                 .map(|t| json!({"target": t.what, "measured": t.measured, "met": t.met}))

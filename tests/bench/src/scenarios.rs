@@ -198,6 +198,8 @@ pub(crate) struct RunReport {
     /// removes), the participants' (sled, or jetstream KV writes).
     pub(crate) coordinator_writes: Option<f64>,
     pub(crate) participant_writes: Option<f64>,
+    /// What a console tab open during the run fetched (`--console-tab`).
+    pub(crate) console_tab: Option<crate::console::TabFigures>,
 }
 
 impl RunReport {
@@ -285,6 +287,10 @@ async fn sweep_into(ctx: &Ctx<'_>, runs: &mut Vec<RunReport>) -> Result<()> {
             sys::counter(&parts, "participant_store_writes_total").await,
         );
         let before = probes.snapshot();
+        let tab = match (args.console_tab, metrics.first()) {
+            (true, Some(http)) => Some(crate::console::Tab::open(*http)),
+            _ => None,
+        };
         let (tally, elapsed) = Closed {
             driver: &driver,
             mix: ctx.mix(),
@@ -298,6 +304,10 @@ async fn sweep_into(ctx: &Ctx<'_>, runs: &mut Vec<RunReport>) -> Result<()> {
         .run(&b)
         .await?;
         let after = probes.snapshot();
+        let console_tab = match tab {
+            Some(t) => t.close().await,
+            None => None,
+        };
         let flushes_after = sys::flushes(&metrics).await;
         let writes_after = (
             sys::counter(&metrics, "saga_store_writes_total").await,
@@ -313,15 +323,22 @@ async fn sweep_into(ctx: &Ctx<'_>, runs: &mut Vec<RunReport>) -> Result<()> {
             coordinator_writes: writes_before.0.zip(writes_after.0).map(|(b, a)| a - b),
             participant_writes: writes_before.1.zip(writes_after.1).map(|(b, a)| a - b),
             tally,
+            console_tab,
         };
         phase(&format!(
-            "  C={c}: {} sagas in {:.1?}: {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, {} mismatches",
+            "  C={c}: {} sagas in {:.1?}: {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, {} mismatches{}",
             run.tally.placed,
             elapsed,
             run.sagas_per_s(),
             super::drive::ms(&run.tally.latency, 0.5),
             super::drive::ms(&run.tally.latency, 0.99),
-            run.tally.mismatches
+            run.tally.mismatches,
+            run.console_tab.as_ref().map_or(String::new(), |t| format!(
+                "; console tab: {} fetches ({} failed), p50 {:.2} ms",
+                t.fetches,
+                t.failures,
+                super::drive::ms(&t.latency, 0.5)
+            ))
         ));
         runs.push(run);
         if let Some(c) = cluster.as_mut() {
@@ -702,6 +719,8 @@ pub(crate) struct StoredReport {
     pub(crate) page_size: u32,
     pub(crate) coordinator_rss_kib: Option<u64>,
     pub(crate) store_bytes: Option<u64>,
+    /// Each console page's latency and CPU at this many stored sagas.
+    pub(crate) console: Vec<crate::console::PageCost>,
 }
 
 fn dir_size(p: &Path) -> u64 {
@@ -789,10 +808,23 @@ pub(crate) async fn stored(ctx: &Ctx<'_>) -> Result<StoredReport> {
             break;
         }
     }
-    let coordinator_rss_kib = cluster
+    let pid = cluster
         .as_ref()
         .and_then(|c| c.coordinators.first())
-        .and_then(|c| c.pid())
+        .and_then(|c| c.pid());
+    let console = match (cluster.as_ref().and_then(|c| c.http.first()), fill.ids.last()) {
+        (Some(http), Some(id)) if args.stored_console_pages > 0 => {
+            phase(&format!(
+                "stored: each console page {} times",
+                args.stored_console_pages
+            ));
+            // c-17: one of the mix's thousand customers (`drive`).
+            let n = args.stored_console_pages;
+            crate::console::page_costs(*http, pid, ctx.ticks, id, "c-17", n).await?
+        }
+        _ => Vec::new(),
+    };
+    let coordinator_rss_kib = pid
         .and_then(|p| sys::sample(p, ctx.ticks).ok())
         .map(|s| s.rss_kib);
     let store_bytes = cluster
@@ -811,5 +843,6 @@ pub(crate) async fn stored(ctx: &Ctx<'_>) -> Result<StoredReport> {
         page_size: args.page_size,
         coordinator_rss_kib,
         store_bytes,
+        console,
     })
 }

@@ -13,6 +13,7 @@ fn saga_bench_smoke_run_passes_and_writes_its_report() -> Result<()> {
     let json_path = out_dir.path().join("saga-bench.json");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_saga-bench"))
         .arg("--smoke")
+        .arg("--console-tab")
         .arg("--bin-dir")
         .arg(&bin_dir)
         .arg("--json-out")
@@ -97,5 +98,19 @@ fn saga_bench_smoke_run_passes_and_writes_its_report() -> Result<()> {
         report["stored"]["list_sagas_page_ms"]["p99"].as_f64().is_some(),
         "{report:#}"
     );
+    ensure!(
+        run["console_tab"]["fetches"].as_u64().is_some_and(|n| n >= 1) && run["console_tab"]["failures"] == 0,
+        "the console tab fetched nothing: {run:#}"
+    );
+    let pages = report["stored"]["console_pages"]
+        .as_array()
+        .context("no stored.console_pages")?;
+    ensure!(pages.len() == 5, "{pages:#?}");
+    for p in pages {
+        ensure!(
+            p["latency_ms"]["p99"].as_f64().is_some() && p["bytes"].as_u64().is_some_and(|b| b > 0),
+            "{p:#}"
+        );
+    }
     Ok(())
 }
