@@ -346,6 +346,12 @@ fn authorize<T>(expected: Option<&str>, request: &Request<T>, method: &str) -> R
 }
 
 /// The caller's `x-correlation-id` when it is a sane token, else a new UUID.
+/// The client's trace context (`traceparent`, `tracestate` metadata), if valid.
+fn client_trace<T>(req: &Request<T>) -> Option<saga_trace::SpanContext> {
+    let text = |key: &str| req.metadata().get(key).and_then(|v| v.to_str().ok());
+    saga_trace::propagation::parse(text("traceparent")?, text("tracestate"))
+}
+
 fn correlation_id<T>(req: &Request<T>) -> String {
     req.metadata()
         .get(CORRELATION_METADATA)
@@ -596,8 +602,11 @@ impl SagaService for SagaApi {
         &self,
         request: Request<pb::CreateOrderRequest>,
     ) -> Result<Response<pb::CreateOrderResponse>, Status> {
+        let started = std::time::SystemTime::now();
         let correlation_id = correlation_id(&request);
+        let client_trace = saga_trace::spans().and(client_trace(&request));
         let new = validate_create(request.into_inner(), &self.definitions.current(), correlation_id)?;
+        let correlation_id = new.correlation_id.clone();
         let created = self.runner.create(new).await.map_err(|e| match e {
             CreateError::KeyReused(_) => Status::already_exists(format!("idempotency_key: {e}")),
             CreateError::Store(e) => store_status(e),
@@ -605,6 +614,17 @@ impl SagaService for SagaApi {
                 Status::unavailable(e.to_string())
             }
         })?;
+        if let Some(spans) = saga_trace::spans() {
+            let (saga_id, fresh) = match &created {
+                Created::New { saga_id, .. } => (saga_id, true),
+                Created::Existing { saga_id, .. } => (saga_id, false),
+            };
+            if let Some(span) =
+                crate::saga_spans::create_order(saga_id, &correlation_id, started, fresh, client_trace)
+            {
+                spans.emit(span);
+            }
+        }
         let response = match created {
             Created::New { saga_id, order_id } => pb::CreateOrderResponse {
                 saga_id,

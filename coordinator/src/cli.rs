@@ -41,7 +41,14 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    init_tracing(config.log_format);
+    let telemetry = init_tracing(config.log_format, &config.trace)?;
+    let result = serve_traced(config).await;
+    // Off the runtime's workers: the exporter thread sends what is queued.
+    tokio::task::block_in_place(|| telemetry.shutdown());
+    result
+}
+
+async fn serve_traced(config: Config) -> anyhow::Result<()> {
     config.validate()?;
     let listeners = Listeners::bind(&config).await?;
     if let Some(path) = &config.ports_file {

@@ -47,8 +47,11 @@
 //! sagas in flight sends each participant at most its limit at once.
 
 mod limits;
+mod traced;
 
 pub use limits::InFlightLimits;
+
+use traced::AttemptTrace;
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -230,6 +233,7 @@ impl Dispatcher {
             lanes: HashMap::new(),
             max_output_bytes,
             outcomes,
+            spans: saga_trace::spans(),
         };
         tracker.spawn(driver.run(rx, cancel));
         Dispatcher { orders: tx, client }
@@ -308,6 +312,8 @@ struct Row {
     /// What an `ok` reply's output must match (forward commands of steps with an `output_schema`).
     output_schema: Option<OutputSchema>,
     stage: Stage,
+    /// Its span's data, while spans are exported.
+    trace: Option<Box<AttemptTrace>>,
 }
 
 enum Stage {
@@ -336,6 +342,8 @@ struct Driver {
     /// Largest output (`data` of an `ok` reply, as compact JSON) a step may return.
     max_output_bytes: usize,
     outcomes: mpsc::UnboundedSender<Reported>,
+    /// Where attempt spans go, when this process exports spans.
+    spans: Option<&'static saga_trace::Spans>,
 }
 
 impl Driver {
@@ -483,6 +491,7 @@ impl Driver {
                 route,
                 timer,
                 output_schema: entry.output_schema.clone(),
+                trace: AttemptTrace::start(self.spans, &entry),
                 stage: Stage::Waiting(entry),
             },
         );
@@ -640,7 +649,7 @@ impl Driver {
         Some((
             row.route.subject.clone(),
             format!("{}.{token}", self.inbox),
-            headers(entry),
+            headers(entry, row.trace.as_deref()),
             body.into(),
         ))
     }
@@ -660,6 +669,9 @@ impl Driver {
         };
         let timeout = Duration::from_millis(entry.timeout_ms);
         row.timer = Some(self.timers.insert(token, timeout));
+        if let Some(t) = row.trace.as_mut() {
+            t.sent();
+        }
         row.stage = Stage::Sent {
             started: Instant::now(),
             timeout,
@@ -758,6 +770,11 @@ impl Driver {
             Err(CallError::CircuitOpen(_)) => {}
             Err(_) => route.breaker.machine.on_error(),
         }
+        let error = match &result {
+            Ok(Reply::Error { reason }) => Some(format!("error: {reason}")),
+            Ok(_) => None,
+            Err(e) => Some(e.to_string()),
+        };
         let (label, outcome) = match result {
             Ok(Reply::Ok { data }) => ("ok", Outcome::Ok(data)),
             Ok(Reply::Rejected { reason }) => ("rejected", Outcome::Rejected(reason)),
@@ -782,6 +799,19 @@ impl Driver {
         }
         debug!(saga_id = %row.saga_id, correlation_id = %row.correlation_id, step = row.step,
                kind = row.kind.as_str(), attempt = row.attempt, ?outcome, "outcome");
+        if let (Some(trace), Some(spans)) = (row.trace, self.spans) {
+            trace.finish(
+                spans,
+                &row.saga_id,
+                &row.correlation_id,
+                &route.participant,
+                &route.action,
+                row.kind,
+                row.attempt,
+                label,
+                error,
+            );
+        }
         // The runner is gone only during shutdown; the outbox keeps the command.
         let _ = self.outcomes.send(Reported {
             saga_id: row.saga_id.into(),
@@ -823,17 +853,18 @@ fn wire_part(subject: &str, n: usize) -> &str {
 }
 
 /// `X-Correlation-ID` and a W3C `traceparent` whose trace id is the saga id,
-/// so every command of one saga shares a trace.
-fn headers(entry: &OutboxEntry) -> HeaderMap {
+/// so every command of one saga shares a trace; its span is the attempt's
+/// when spans are exported (the participant's span is then its child).
+fn headers(entry: &OutboxEntry, trace: Option<&AttemptTrace>) -> HeaderMap {
     let mut h = HeaderMap::new();
     h.insert(wire::CORRELATION_HEADER, entry.correlation_id.as_str());
-    let trace_id: String = entry.saga_id.chars().filter(|c| c.is_ascii_hexdigit()).collect();
-    if trace_id.len() == 32 {
-        let span_id = uuid::Uuid::new_v4().simple().to_string();
-        h.insert(
-            wire::TRACEPARENT_HEADER,
-            format!("00-{trace_id}-{}-01", &span_id[..16]).as_str(),
-        );
+    match trace.map(AttemptTrace::context) {
+        Some((trace, span, sampled)) => saga_trace::propagation::inject(&mut h, trace, span, sampled),
+        None => {
+            if let Some(trace) = saga_trace::ids::saga_trace_id(&entry.saga_id) {
+                saga_trace::propagation::inject(&mut h, trace, saga_trace::ids::random_span_id(), true);
+            }
+        }
     }
     h
 }

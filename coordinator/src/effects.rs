@@ -71,6 +71,8 @@ pub(crate) struct Pending {
     inputs: usize,
     /// Whether it wrote a dead letter (publish the unconfirmed ones).
     dead_letters: bool,
+    /// Spans its transitions wrote, by saga (`crate::saga_spans`).
+    spans: Vec<(String, saga_trace::SpanRecord)>,
 }
 
 impl Pending {
@@ -129,6 +131,11 @@ impl Pending {
         self.operated.push((reply, saga_id, result));
     }
 
+    /// A span of saga `saga_id`'s trace, exported once durable.
+    pub(crate) fn span(&mut self, saga_id: &str, span: saga_trace::SpanRecord) {
+        self.spans.push((saga_id.to_string(), span));
+    }
+
     /// A saga moved: wake its watchers once durable.
     pub(crate) fn moved(&mut self, moved: Moved) {
         self.changed.push(moved);
@@ -172,6 +179,7 @@ impl Pending {
             let is_lost = |id: &str| lost.iter().any(|l| l == id);
             self.to_send.retain(|e| !is_lost(&e.saga_id));
             self.changed.retain(|(id, _, _)| !is_lost(id));
+            self.spans.retain(|(id, _)| !is_lost(id));
             for (_, result) in self.acks.iter_mut() {
                 if matches!(result, Ok(Created::New { saga_id, .. }) if is_lost(saga_id)) {
                     *result = Err(CreateError::Lost);
@@ -197,6 +205,7 @@ impl Pending {
                 changed: self.changed,
                 wrote: self.dirty,
                 dead_letters: self.dead_letters,
+                spans: self.spans.into_iter().map(|(_, s)| s).collect(),
             },
             lost,
         }
@@ -244,4 +253,6 @@ pub(crate) struct Delivery {
     pub(crate) wrote: bool,
     /// Whether it wrote a dead letter.
     pub(crate) dead_letters: bool,
+    /// Spans to export.
+    pub(crate) spans: Vec<saga_trace::SpanRecord>,
 }

@@ -65,6 +65,7 @@ mod events;
 mod ops;
 mod partition;
 mod runner;
+mod saga_spans;
 mod signals;
 mod sink;
 mod store;
@@ -178,6 +179,9 @@ pub struct Config {
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "pretty")]
     pub log_format: LogFormat,
+    /// OTLP trace export (off unless an endpoint is set).
+    #[command(flatten)]
+    pub trace: saga_trace::TraceArgs,
     /// Bearer token that `RetrySaga` and `AbortSaga` require; the operator
     /// RPCs are refused when none is set. Never logged.
     #[arg(long, env = "SAGA_OPERATOR_TOKEN", hide_env_values = true)]
@@ -304,6 +308,7 @@ impl Config {
             max_steps: saga_core::definition::Limits::DEFAULT_MAX_STEPS,
             max_group_steps: saga_core::definition::Limits::DEFAULT_MAX_GROUP_STEPS,
             log_format: LogFormat::Pretty,
+            trace: saga_trace::TraceArgs::default(),
             operator_token: None,
             no_console: false,
             console_token: None,
@@ -944,17 +949,18 @@ async fn connect_nats(
     .map_err(|e| RunError::Nats(e.to_string()))
 }
 
-/// Sets up the global tracing subscriber (only `main` calls this).
-pub fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colours only on a terminal: log files and collectors get plain text.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Pretty => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
-    }
+/// Sets up the global tracing subscriber and, when `trace` names an OTLP
+/// endpoint, span export (only `main` calls this).
+///
+/// # Errors
+/// Invalid trace export settings.
+pub fn init_tracing(
+    format: LogFormat,
+    trace: &saga_trace::TraceArgs,
+) -> Result<saga_trace::Telemetry, saga_trace::TraceError> {
+    let format = match format {
+        LogFormat::Pretty => saga_trace::LogFormat::Pretty,
+        LogFormat::Json => saga_trace::LogFormat::Json,
+    };
+    saga_trace::init(trace, "coordinator", format)
 }

@@ -24,7 +24,8 @@ use crate::{bind_http, init_tracing, inventory, payment, shipping, shutdown_on_s
 pub fn inventory(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     let config = inventory::InventoryConfig::parse_from(args);
     let (log, addr, ports) = (config.log_format, config.http_addr, config.ports_file.clone());
-    process("inventory", log, addr, ports, |http, shutdown| {
+    let trace = config.trace.clone();
+    process("inventory", log, &trace, addr, ports, |http, shutdown| {
         inventory::run(config, http, shutdown)
     })
 }
@@ -34,7 +35,8 @@ pub fn inventory(args: impl IntoIterator<Item = OsString>) -> ExitCode {
 pub fn payment(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     let config = payment::PaymentConfig::parse_from(args);
     let (log, addr, ports) = (config.log_format, config.http_addr, config.ports_file.clone());
-    process("payment", log, addr, ports, |http, shutdown| {
+    let trace = config.trace.clone();
+    process("payment", log, &trace, addr, ports, |http, shutdown| {
         payment::run(config, http, shutdown)
     })
 }
@@ -44,7 +46,8 @@ pub fn payment(args: impl IntoIterator<Item = OsString>) -> ExitCode {
 pub fn shipping(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     let config = shipping::ShippingConfig::parse_from(args);
     let (log, addr, ports) = (config.log_format, config.http_addr, config.ports_file.clone());
-    process("shipping", log, addr, ports, |http, shutdown| {
+    let trace = config.trace.clone();
+    process("shipping", log, &trace, addr, ports, |http, shutdown| {
         shipping::run(config, http, shutdown)
     })
 }
@@ -54,6 +57,7 @@ pub fn shipping(args: impl IntoIterator<Item = OsString>) -> ExitCode {
 pub(crate) fn process<F, Fut>(
     name: &str,
     log_format: LogFormat,
+    trace: &saga_trace::TraceArgs,
     http_addr: SocketAddr,
     ports_file: Option<PathBuf>,
     run: F,
@@ -69,13 +73,20 @@ where
             return ExitCode::FAILURE;
         }
     };
+    let telemetry = match init_tracing(log_format, trace, name) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let result = runtime.block_on(async {
-        init_tracing(log_format);
         let http = bind_http(http_addr, ports_file.as_deref()).await?;
         let shutdown = CancellationToken::new();
         tokio::spawn(shutdown_on_signal(shutdown.clone()));
         run(http, shutdown).await
     });
+    telemetry.shutdown();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -84,6 +84,9 @@ pub struct InventoryConfig {
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "pretty")]
     pub log_format: LogFormat,
+    /// OTLP trace export (off unless an endpoint is set).
+    #[command(flatten)]
+    pub trace: saga_trace::TraceArgs,
 }
 
 fn parse_stock(s: &str) -> Result<(String, u64), String> {
@@ -117,6 +120,7 @@ impl InventoryConfig {
             ports_file: None,
             retention: crate::ReplyRetention::default(),
             log_format: LogFormat::Pretty,
+            trace: saga_trace::TraceArgs::default(),
         }
     }
 

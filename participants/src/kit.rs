@@ -203,7 +203,8 @@ impl Participant {
             Err(e) => e.exit(),
         };
         let (log, addr, ports) = (config.log_format, config.http_addr, config.ports_file.clone());
-        crate::cli::process(&name, log, addr, ports, |http, shutdown| {
+        let trace = config.trace.clone();
+        crate::cli::process(&name, log, &trace, addr, ports, |http, shutdown| {
             self.run(config, http, shutdown)
         })
     }
@@ -315,6 +316,9 @@ pub struct KitConfig {
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "pretty")]
     pub log_format: LogFormat,
+    /// OTLP trace export (off unless an endpoint is set).
+    #[command(flatten)]
+    pub trace: saga_trace::TraceArgs,
 }
 
 impl KitConfig {
@@ -331,6 +335,7 @@ impl KitConfig {
             ports_file: None,
             retention: crate::ReplyRetention::default(),
             log_format: LogFormat::Pretty,
+            trace: saga_trace::TraceArgs::default(),
         }
     }
 

@@ -81,17 +81,21 @@ pub enum LogFormat {
     Json,
 }
 
-/// Sets up the global tracing subscriber (only binaries call this).
-pub fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Pretty => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
-    }
+/// Sets up the global tracing subscriber and, when `trace` names an OTLP
+/// endpoint, span export as `service` (only binaries call this).
+///
+/// # Errors
+/// Invalid trace export settings.
+pub fn init_tracing(
+    format: LogFormat,
+    trace: &saga_trace::TraceArgs,
+    service: &str,
+) -> Result<saga_trace::Telemetry, saga_trace::TraceError> {
+    let format = match format {
+        LogFormat::Pretty => saga_trace::LogFormat::Pretty,
+        LogFormat::Json => saga_trace::LogFormat::Json,
+    };
+    saga_trace::init(trace, service, format)
 }
 
 /// Connects to NATS (see [`saga_nats::connect`]) until it succeeds or

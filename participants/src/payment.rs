@@ -98,6 +98,9 @@ pub struct PaymentConfig {
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "pretty")]
     pub log_format: LogFormat,
+    /// OTLP trace export (off unless an endpoint is set).
+    #[command(flatten)]
+    pub trace: saga_trace::TraceArgs,
 }
 
 impl PaymentConfig {
@@ -126,6 +129,7 @@ impl PaymentConfig {
             ports_file: None,
             retention: crate::ReplyRetention::default(),
             log_format: LogFormat::Pretty,
+            trace: saga_trace::TraceArgs::default(),
         }
     }
 

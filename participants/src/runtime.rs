@@ -398,16 +398,34 @@ async fn process(
             let action = cmd.action.clone();
             let span = info_span!(
                 "command",
+                otel.name = %format_args!("{participant} {}", cmd.action),
+                otel.kind = "server",
                 saga_id = %cmd.saga_id,
                 correlation_id,
+                participant,
                 step = %cmd.step,
                 action = %cmd.action,
+                kind = %cmd.kind.as_str(),
                 attempt = cmd.attempt,
                 idempotency_key = %cmd.idempotency_key,
+                effect = tracing::field::Empty,
+                outcome = tracing::field::Empty,
+                store_ms = tracing::field::Empty,
             );
+            // In the saga's trace, under the coordinator's attempt (the
+            // header's span when it is of this saga, else the saga's root).
+            if saga_trace::spans().is_some() {
+                if let Some(parent) =
+                    saga_trace::propagation::parent_in_saga(msg.headers.as_ref(), &cmd.saga_id)
+                {
+                    let _ = saga_trace::OpenTelemetrySpanExt::set_parent(&span, parent);
+                }
+            }
             let started = std::time::Instant::now();
             let reply = async {
                 let reply = handler.handle(cmd).await;
+                let current = tracing::Span::current();
+                current.record("outcome", Outcome::of(&reply).as_str());
                 info!(outcome = ?reply, "command handled");
                 reply
             }

@@ -78,6 +78,9 @@ pub struct ShippingConfig {
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "pretty")]
     pub log_format: LogFormat,
+    /// OTLP trace export (off unless an endpoint is set).
+    #[command(flatten)]
+    pub trace: saga_trace::TraceArgs,
 }
 
 impl ShippingConfig {
@@ -95,6 +98,7 @@ impl ShippingConfig {
             ports_file: None,
             retention: crate::ReplyRetention::default(),
             log_format: LogFormat::Pretty,
+            trace: saga_trace::TraceArgs::default(),
         }
     }
 

@@ -152,6 +152,8 @@ pub fn command_duration(participant: &str, action: &str, took: Duration) {
 
 /// Counts a repeated idempotency key answered from the stored reply.
 pub fn dedupe_hit(participant: &str) {
+    // The command's span (its trace): answered from the stored reply.
+    tracing::Span::current().record("effect", "replayed");
     record(|| {
         metrics::counter!(DEDUPE_HITS, "participant" => participant.to_string()).increment(1);
     });

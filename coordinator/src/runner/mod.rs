@@ -55,6 +55,7 @@ use crate::{
     effects::{CreateReply, OperateReply, Pending, Released, Unwritten},
     engine::{self, Event, Saga, StateTag, Transition},
     partition::{partition_of, Ownership},
+    saga_spans,
     sink::{CommandSink, Reported},
     store::{Capabilities, Committed, Loaded, OutboxEntry, SharedStore, StoreError},
     telemetry,
@@ -358,6 +359,10 @@ struct Runner {
     watchers: Watchers,
     /// The in-flight sagas' timers (awaits, sleeps, deadlines), evicted ones' included.
     timers: timers::Timers,
+    /// Where the sagas' spans go, when this process exports spans.
+    spans: Option<&'static saga_trace::Spans>,
+    /// What the spans of the sagas' ends need (spans only).
+    traces: saga_spans::Traces,
 }
 
 /// A flush running in its own task while the runner decides the next batch.
@@ -425,6 +430,8 @@ pub(crate) async fn run(
         flushing: None,
         watchers: inputs.watchers.clone(),
         timers: timers::Timers::default(),
+        spans: saga_trace::spans(),
+        traces: saga_spans::Traces::default(),
     };
     let resume = r.store.resume_at_start()?;
     info!(active = resume.len(), "resuming sagas found in the store");
@@ -547,6 +554,7 @@ async fn serve_batches(
                     for id in &ids {
                         let gone = r.active.remove(id);
                         r.timers.rearm(gone.as_ref(), None);
+                        r.traces.forget(id);
                     }
                     r.store.forget(&ids);
                     info!(partition, sagas = ids.len(), "partition released");
@@ -579,6 +587,9 @@ impl Runner {
             fresh += 1;
             let id = saga.id.clone();
             let pending = saga.state == engine::SagaState::Pending;
+            if self.spans.is_some() {
+                self.traces.adopted(&saga, now);
+            }
             self.timers.rearm(None, Some(&saga));
             self.active.insert(id.clone(), saga);
             if pending {
@@ -841,6 +852,11 @@ impl Runner {
             }
         }
         let tag = t.saga.state.tag();
+        if self.spans.is_some() {
+            for span in self.traces.transition(written_from, &t.saga, previous, now) {
+                self.batch.span(saga_id, span);
+            }
+        }
         if engine::enters_failed(&t.saga, Some(previous)) {
             self.batch.wrote_dead_letter();
             warn!(saga_id, correlation_id = %t.saga.correlation_id,
@@ -1036,6 +1052,11 @@ impl Runner {
         if delivery.dead_letters {
             self.publish_dead_letters()?;
         }
+        if let Some(spans) = self.spans {
+            for span in delivery.spans {
+                spans.emit(span);
+            }
+        }
         Ok(())
     }
 
@@ -1046,6 +1067,7 @@ impl Runner {
         for id in lost {
             let gone = self.active.remove(id);
             self.timers.rearm(gone.as_ref(), None);
+            self.traces.forget(id);
         }
         if let Some(tx) = &self.lost {
             for id in lost {

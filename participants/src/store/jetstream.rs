@@ -64,8 +64,8 @@ use saga_wire::{self as wire, Reply};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    decode, encode, now_ms, Change, Effect, ParticipantStore, Scanned, StateTx, StoreError, TxError, Undo,
-    TOMBSTONE_REASON,
+    decode, encode, noted, now_ms, Change, Effect, ParticipantStore, Scanned, StateTx, StoreError, TxError,
+    Undo, TOMBSTONE_REASON,
 };
 
 /// Most attempts of one contended write.
@@ -694,7 +694,7 @@ impl ParticipantStore for JsStore {
         key: &'a str,
         effect: Effect<'a>,
     ) -> BoxFuture<'a, Result<(Reply, bool), StoreError>> {
-        Box::pin(self.apply(key, Mode::Forward(effect)))
+        Box::pin(noted(self.apply(key, Mode::Forward(effect))))
     }
 
     fn apply_compensation<'a>(
@@ -702,11 +702,11 @@ impl ParticipantStore for JsStore {
         key: &'a str,
         undo: Undo<'a>,
     ) -> BoxFuture<'a, Result<(Reply, bool), StoreError>> {
-        Box::pin(async move {
+        Box::pin(noted(async move {
             let forward = wire::forward_key(key)
                 .ok_or_else(|| StoreError::Corrupt(format!("`{key}` is not a compensation key")))?;
             self.apply(key, Mode::Compensate { forward, undo }).await
-        })
+        }))
     }
 
     fn stored_reply<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Reply>, StoreError>> {

@@ -291,6 +291,23 @@ pub fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreE
 }
 
 /// Now, in ms since the Unix epoch (0 if the clock is before it).
+/// Runs a command's `apply_*` and notes on the command's span what the
+/// store did: `effect = applied` (when it ran the effect) and `store_ms`
+/// (its transaction and flush), for its trace.
+pub(crate) async fn noted(
+    apply: impl std::future::Future<Output = Result<(Reply, bool), StoreError>>,
+) -> Result<(Reply, bool), StoreError> {
+    let started = std::time::Instant::now();
+    let result = apply.await;
+    let span = tracing::Span::current();
+    span.record("store_ms", started.elapsed().as_secs_f64() * 1e3);
+    // A replay is noted by `telemetry::dedupe_hit`, which every path of one calls.
+    if let Ok((_, false)) = &result {
+        span.record("effect", "applied");
+    }
+    result
+}
+
 pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -44,8 +44,8 @@ use sled::{
 };
 
 use super::{
-    decode, encode, now_ms, Change, Effect, ParticipantStore, Scanned, StateTx, StoreError, TxError, Undo,
-    FORMAT_VERSION, REPLY_ROW_VERSION, TOMBSTONE_REASON,
+    decode, encode, noted, now_ms, Change, Effect, ParticipantStore, Scanned, StateTx, StoreError, TxError,
+    Undo, FORMAT_VERSION, REPLY_ROW_VERSION, TOMBSTONE_REASON,
 };
 
 /// Result type of closures run inside a sled transaction.
@@ -879,7 +879,7 @@ impl ParticipantStore for Store {
         key: &'a str,
         effect: Effect<'a>,
     ) -> BoxFuture<'a, Result<(Reply, bool), StoreError>> {
-        Box::pin(self.forward(key, effect))
+        Box::pin(noted(self.forward(key, effect)))
     }
 
     fn apply_compensation<'a>(
@@ -887,7 +887,7 @@ impl ParticipantStore for Store {
         key: &'a str,
         undo: Undo<'a>,
     ) -> BoxFuture<'a, Result<(Reply, bool), StoreError>> {
-        Box::pin(self.compensation(key, undo))
+        Box::pin(noted(self.compensation(key, undo)))
     }
 
     fn stored_reply<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Reply>, StoreError>> {

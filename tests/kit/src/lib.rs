@@ -15,6 +15,7 @@
 pub mod chaos;
 pub mod cluster;
 pub mod nats;
+pub mod otlp;
 pub mod pki;
 pub mod process;
 
