@@ -215,6 +215,10 @@ pub(crate) struct Args {
     /// Skip the floors.
     #[arg(long)]
     pub(crate) no_floors: bool,
+    /// Export every process's spans over OTLP/gRPC to a receiver inside the
+    /// harness (what tracing costs; the receiver keeps the spans and counts them).
+    #[arg(long, conflicts_with = "target")]
+    pub(crate) otlp: bool,
     /// Keep a console sagas list open during each sweep run (the page, then
     /// its rows every 2 s, as in a browser tab) and report what it fetched.
     #[arg(long, conflicts_with = "target")]

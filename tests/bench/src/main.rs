@@ -210,6 +210,7 @@ async fn run(args: Args) -> Result<bool> {
         stored: None,
         failures: Vec::new(),
         total: Default::default(),
+        otlp_spans: None,
     };
 
     if !args.no_floors {
@@ -236,7 +237,22 @@ async fn run(args: Args) -> Result<bool> {
         report.sled = Some(tokio::task::spawn_blocking(move || floors::sled(&sled_dir, w, b)).await??);
     }
 
+    // `--otlp`: every process exports to a receiver here, for the whole run.
+    let receiver = match args.otlp {
+        true => Some(saga_testkit::otlp::Receiver::start().await?),
+        false => None,
+    };
+    let env: Vec<(String, String)> = receiver
+        .as_ref()
+        .map(|r| {
+            vec![
+                ("OTEL_EXPORTER_OTLP_ENDPOINT".into(), r.grpc_endpoint()),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL".into(), "grpc".into()),
+            ]
+        })
+        .unwrap_or_default();
     let ctx = Ctx {
+        env: &env,
         args: &args,
         setup,
         seed,
@@ -287,6 +303,7 @@ async fn run(args: Args) -> Result<bool> {
         }
     }
     drop(ctx);
+    report.otlp_spans = receiver.as_ref().map(saga_testkit::otlp::Receiver::count);
 
     report.total = started.elapsed();
     report.print();

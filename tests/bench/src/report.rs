@@ -107,6 +107,8 @@ pub(crate) struct Report {
     /// Scenarios that failed, mismatches, dead processes.
     pub(crate) failures: Vec<String>,
     pub(crate) total: Duration,
+    /// `--otlp`: the spans the harness's receiver got.
+    pub(crate) otlp_spans: Option<usize>,
 }
 
 fn mib(kib: u64) -> f64 {
@@ -669,6 +671,9 @@ impl Report {
         for f in &self.failures {
             println!("FAILED: {f}");
         }
+        if let Some(n) = self.otlp_spans {
+            println!("OTLP receiver: {n} spans");
+        }
         println!(
             "\nseed {} · {} in total · {}",
             self.seed,
@@ -823,6 +828,7 @@ impl Report {
                 .map(|t| json!({"target": t.what, "measured": t.measured, "met": t.met}))
                 .collect::<Vec<_>>(),
             "failures": self.failures,
+            "otlp_spans": self.otlp_spans,
             "ok": self.ok(),
         })
     }

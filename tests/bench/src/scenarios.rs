@@ -122,6 +122,8 @@ pub(crate) struct Ctx<'a> {
     /// Comma-separated URLs of `nats` (or of the target's NATS).
     pub(crate) nats_url: String,
     pub(crate) nats_client: async_nats::Client,
+    /// Environment of every process started (`--otlp`: the exporters' settings).
+    pub(crate) env: &'a [(String, String)],
 }
 
 impl Ctx<'_> {
@@ -154,6 +156,7 @@ impl Ctx<'_> {
             coordinator_args: &self.args.coordinator_arg,
             participant_store: self.args.participant_store,
             participant_replicas: self.args.participant_replicas,
+            env: self.env,
         };
         Ok(Some(Cluster::start(&spec, &self.nats_client).await?))
     }

@@ -161,6 +161,8 @@ pub(crate) struct ClusterSpec<'a> {
     /// The participants' store and how many replicas of each.
     pub(crate) participant_store: Store,
     pub(crate) participant_replicas: usize,
+    /// More environment for every process (the OTLP exporters' settings).
+    pub(crate) env: &'a [(String, String)],
 }
 
 impl ClusterSpec<'_> {
@@ -266,6 +268,7 @@ impl Cluster {
                     spec.dir.join(format!("{name}.log")),
                 )
                 .envs(spec.nats_env(&Role::Coordinator))
+                .envs(spec.env.to_vec())
                 .env("RUST_LOG", spec.log_level)
                 .ports_file(spec.dir.join(format!("{name}.ports"))),
             );
@@ -513,6 +516,7 @@ fn participants(spec: &ClusterSpec<'_>) -> (Proc, Proc, Vec<Proc>) {
             spec.dir.join(format!("{label}.log")),
         )
         .envs(spec.nats_env(&Role::Participant(name.into())))
+        .envs(spec.env.to_vec())
         .env("RUST_LOG", spec.log_level)
         .ports_file(spec.dir.join(format!("{label}.ports")))
     };

@@ -14,6 +14,7 @@ fn saga_bench_smoke_run_passes_and_writes_its_report() -> Result<()> {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_saga-bench"))
         .arg("--smoke")
         .arg("--console-tab")
+        .arg("--otlp")
         .arg("--bin-dir")
         .arg(&bin_dir)
         .arg("--json-out")
@@ -101,6 +102,11 @@ fn saga_bench_smoke_run_passes_and_writes_its_report() -> Result<()> {
     ensure!(
         run["console_tab"]["fetches"].as_u64().is_some_and(|n| n >= 1) && run["console_tab"]["failures"] == 0,
         "the console tab fetched nothing: {run:#}"
+    );
+    ensure!(
+        report["otlp_spans"].as_u64().is_some_and(|n| n > 0),
+        "no span reached the harness's OTLP receiver: {}",
+        report["otlp_spans"]
     );
     let pages = report["stored"]["console_pages"]
         .as_array()

@@ -211,6 +211,11 @@ impl Receiver {
         self.spans.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
+    /// How many spans were received so far.
+    pub fn count(&self) -> usize {
+        self.spans.lock().map(|s| s.len()).unwrap_or(0)
+    }
+
     /// The spans of trace `trace_id` (hex) received so far.
     pub fn trace(&self, trace_id: &str) -> Vec<ReceivedSpan> {
         self.spans()
