@@ -13,11 +13,11 @@ NATS_SERVER := $(VENV)/bin/nats-server
 GRPCURL     := $(VENV)/bin/grpcurl
 CARGO       ?= cargo
 
-.PHONY: help tools browser build demo up cluster test audit chaos chaos-cluster fuzz verify fmt clippy doc compose-config compose-up compose-demo compose-cluster compose-down clean bench
+.PHONY: help tools browser build demo up cluster test audit chaos chaos-cluster fuzz verify fmt clippy doc compose-config compose-up compose-demo compose-cluster compose-tracing compose-down clean bench
 
 help:
 	@echo "make demo | make up | make cluster | make test | make audit | make chaos | make chaos-cluster | make bench | make fuzz | make verify | make tools"
-	@echo "make compose-config | make compose-up | make compose-demo | make compose-cluster | make compose-down | make clean"
+	@echo "make compose-config | make compose-up | make compose-demo | make compose-cluster | make compose-tracing | make compose-down | make clean"
 
 tools: $(NATS_SERVER) $(VENV)/.python-example-deps
 
@@ -142,9 +142,15 @@ compose-cluster:
 	@test -n "$(COMPOSE)" || { echo "docker compose is not installed"; exit 1; }
 	COORDINATOR_STORE=jetstream PARTICIPANT_STORE=jetstream $(COMPOSE) -f $(COMPOSE_FILE) --profile cluster up -d --build
 
+# The stack with Jaeger (the `tracing` profile); every service exports its spans to it (docs/tracing.md).
+compose-tracing:
+	@test -n "$(COMPOSE)" || { echo "docker compose is not installed"; exit 1; }
+	OTEL_EXPORTER_OTLP_ENDPOINT=http://jaeger:4318 $(COMPOSE) -f $(COMPOSE_FILE) --profile tracing up -d --build
+	@echo "Jaeger on http://127.0.0.1:16686 (a saga's trace id is its id without hyphens)"
+
 compose-down:
 	@test -n "$(COMPOSE)" || { echo "docker compose is not installed"; exit 1; }
-	$(COMPOSE) -f $(COMPOSE_FILE) --profile demo --profile cluster down
+	$(COMPOSE) -f $(COMPOSE_FILE) --profile demo --profile cluster --profile tracing down
 
 # The compose deployment run for real (needs a Docker engine): build, up, health, the demo orders,
 # a NATS node and a coordinator killed, `down -v`; for the sled and the cluster profile

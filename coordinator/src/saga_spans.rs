@@ -234,3 +234,220 @@ pub(crate) fn create_order(
     }
     Some(span)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use saga_core::engine::{self, Event, Outcome};
+    use saga_wire::{CommandKind, Item, OrderPayload};
+
+    use super::*;
+
+    const SAGA: &str = "0190b8a4-0000-7000-8000-0000000000aa";
+
+    fn saga_of(definition: saga_core::definition::SagaDefinition) -> Saga {
+        let order = OrderPayload {
+            order_id: "o-1".into(),
+            customer_id: "c-1".into(),
+            items: vec![Item {
+                sku: "A".into(),
+                quantity: 1,
+            }],
+            amount_cents: 500,
+            currency: "EUR".into(),
+        };
+        engine::create(
+            SAGA.into(),
+            Arc::new(definition),
+            order,
+            "corr".into(),
+            None,
+            1_000,
+        )
+        .saga
+    }
+
+    /// Applies `event` at `now`, feeding the spans it writes to `traces`.
+    fn step(traces: &mut Traces, saga: &mut Saga, event: Event, now: u64) -> Vec<SpanRecord> {
+        let t = engine::transition(saga, &event, now)
+            .expect("a valid event")
+            .expect("a transition");
+        let spans = traces.transition(Some(saga), &t.saga, saga.state.tag(), now);
+        *saga = t.saga;
+        spans
+    }
+
+    fn reply(step: usize, kind: CommandKind, outcome: Outcome) -> Event {
+        Event::Reply {
+            step,
+            kind,
+            attempt: 1,
+            outcome,
+        }
+    }
+
+    fn ms(t: SystemTime) -> u64 {
+        t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    }
+
+    #[test]
+    fn a_compensated_saga_ends_with_its_root_and_its_compensation_phase() {
+        let mut traces = Traces::default();
+        let mut saga = saga_of(crate::store::fixtures::two_step_order());
+        let trace = ids::saga_trace_id(SAGA).expect("uuid");
+        assert!(step(&mut traces, &mut saga, Event::Start, 1_010).is_empty());
+        let ok = Outcome::Ok(serde_json::json!({"reservation_id": "r"}));
+        assert!(step(&mut traces, &mut saga, reply(0, CommandKind::Forward, ok), 1_020).is_empty());
+        let no = Outcome::Rejected("card_declined".into());
+        assert!(step(&mut traces, &mut saga, reply(1, CommandKind::Forward, no), 1_030).is_empty());
+        let undone = Outcome::Ok(serde_json::json!({}));
+        let spans = step(
+            &mut traces,
+            &mut saga,
+            reply(0, CommandKind::Compensate, undone),
+            1_050,
+        );
+        assert_eq!(saga.state, SagaState::Compensated);
+        let names: Vec<&str> = spans.iter().map(|s| s.name.as_ref()).collect();
+        assert_eq!(names, ["compensation", "saga"]);
+        let (phase, root) = (&spans[0], &spans[1]);
+        assert_eq!(
+            (root.trace, root.id, root.parent),
+            (trace, ids::root_span_id(trace), SpanId::INVALID)
+        );
+        assert_eq!((ms(root.start), ms(root.end)), (1_000, 1_050));
+        assert_eq!(
+            (phase.id, phase.parent),
+            (ids::compensation_span_id(trace), root.id)
+        );
+        assert_eq!((ms(phase.start), ms(phase.end)), (1_030, 1_050));
+        assert!(root
+            .attributes
+            .iter()
+            .any(|kv| kv.key.as_str() == "saga.state" && kv.value.as_str() == "COMPENSATED"));
+        assert!(traces.compensating_since.is_empty() && traces.retried.is_empty());
+    }
+
+    #[test]
+    fn a_completed_saga_writes_its_root_only_and_a_resumed_one_starts_its_phase_at_adoption() {
+        let mut traces = Traces::default();
+        let mut saga = saga_of(crate::store::fixtures::two_step_order());
+        step(&mut traces, &mut saga, Event::Start, 1_010);
+        let ok = || Outcome::Ok(serde_json::json!({}));
+        step(
+            &mut traces,
+            &mut saga,
+            reply(0, CommandKind::Forward, ok()),
+            1_020,
+        );
+        let spans = step(
+            &mut traces,
+            &mut saga,
+            reply(1, CommandKind::Forward, ok()),
+            1_030,
+        );
+        assert_eq!(
+            spans.iter().map(|s| s.name.as_ref()).collect::<Vec<_>>(),
+            ["saga"]
+        );
+        assert_eq!(spans[0].status, Status::Ok);
+
+        // A coordinator that adopts a compensating saga did not see it begin.
+        let mut resumed = Traces::default();
+        let mut saga = saga_of(crate::store::fixtures::two_step_order());
+        step(&mut resumed, &mut saga, Event::Start, 1_010);
+        step(
+            &mut resumed,
+            &mut saga,
+            reply(0, CommandKind::Forward, ok()),
+            1_020,
+        );
+        let no = Outcome::Rejected("card_declined".into());
+        step(&mut resumed, &mut saga, reply(1, CommandKind::Forward, no), 1_030);
+        let mut fresh = Traces::default();
+        fresh.adopted(&saga, 5_000);
+        let spans = step(
+            &mut fresh,
+            &mut saga,
+            reply(0, CommandKind::Compensate, ok()),
+            5_100,
+        );
+        let phase = spans.iter().find(|s| s.name == "compensation").expect("a phase");
+        assert_eq!((ms(phase.start), ms(phase.end)), (5_000, 5_100));
+    }
+
+    #[test]
+    fn a_failed_saga_retried_by_an_operator_ends_again_under_its_root() {
+        let mut traces = Traces::default();
+        let mut saga = saga_of(crate::store::fixtures::two_step_order());
+        let ok = || Outcome::Ok(serde_json::json!({}));
+        step(&mut traces, &mut saga, Event::Start, 1_010);
+        step(
+            &mut traces,
+            &mut saga,
+            reply(0, CommandKind::Forward, ok()),
+            1_020,
+        );
+        step(
+            &mut traces,
+            &mut saga,
+            reply(1, CommandKind::Forward, Outcome::Rejected("no".into())),
+            1_030,
+        );
+        let refused = Outcome::Rejected("cannot release".into());
+        let spans = step(
+            &mut traces,
+            &mut saga,
+            reply(0, CommandKind::Compensate, refused),
+            1_040,
+        );
+        assert!(matches!(saga.state, SagaState::Failed { .. }), "{:?}", saga.state);
+        let root = spans.iter().find(|s| s.name == "saga").expect("the root");
+        assert!(matches!(root.status, Status::Error { .. }));
+        assert!(step(&mut traces, &mut saga, Event::Retry, 9_000).is_empty());
+        let spans = step(
+            &mut traces,
+            &mut saga,
+            reply(0, CommandKind::Compensate, ok()),
+            9_100,
+        );
+        assert_eq!(saga.state, SagaState::Compensated);
+        assert_eq!(spans.len(), 1, "{spans:?}");
+        let again = &spans[0];
+        assert_eq!(again.name, "saga retried");
+        assert_eq!(again.parent, ids::root_span_id(again.trace));
+        assert_ne!(again.id, ids::root_span_id(again.trace));
+        assert_eq!((ms(again.start), ms(again.end)), (9_000, 9_100));
+    }
+
+    #[test]
+    fn an_await_that_ends_writes_its_wait_and_a_saga_not_a_uuid_writes_nothing() {
+        let yaml =
+            "name: wait\nversion: 1\nsteps:\n  - name: confirm\n    await: confirmed\n    timeout: 1m\n";
+        let definition =
+            saga_core::definition::parse(std::path::Path::new("wait.yaml"), yaml).expect("a definition");
+        let mut traces = Traces::default();
+        let mut saga = saga_of(definition);
+        step(&mut traces, &mut saga, Event::Start, 1_010);
+        assert_eq!(saga.steps[0].status, StepStatus::Waiting);
+        let signal = Event::Signal {
+            name: "confirmed".into(),
+            id: "s-1".into(),
+            payload: serde_json::json!({}),
+        };
+        let spans = step(&mut traces, &mut saga, signal, 1_500);
+        let wait = spans
+            .iter()
+            .find(|s| s.name == "await confirmed")
+            .expect("the wait's span");
+        assert_eq!(wait.parent, ids::root_span_id(wait.trace));
+        assert_eq!((ms(wait.start), ms(wait.end)), (1_010, 1_500));
+        assert!(spans.iter().any(|s| s.name == "saga"));
+
+        let mut other = saga.clone();
+        other.id = "not-a-uuid".into();
+        assert!(ended(&other, 2_000, None, false).is_empty());
+        assert!(create_order("not-a-uuid", "c", SystemTime::now(), true, None).is_none());
+    }
+}
