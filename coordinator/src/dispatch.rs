@@ -770,10 +770,11 @@ impl Driver {
             Err(CallError::CircuitOpen(_)) => {}
             Err(_) => route.breaker.machine.on_error(),
         }
-        let error = match &result {
-            Ok(Reply::Error { reason }) => Some(format!("error: {reason}")),
-            Ok(_) => None,
-            Err(e) => Some(e.to_string()),
+        // A failure's reason, for the attempt's span only.
+        let error = match (&row.trace, &result) {
+            (None, _) | (_, Ok(Reply::Ok { .. } | Reply::Rejected { .. })) => None,
+            (_, Ok(Reply::Error { reason })) => Some(format!("error: {reason}")),
+            (_, Err(e)) => Some(e.to_string()),
         };
         let (label, outcome) = match result {
             Ok(Reply::Ok { data }) => ("ok", Outcome::Ok(data)),

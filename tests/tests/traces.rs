@@ -11,6 +11,7 @@
 //!   `otlp_spans_dropped_total` moves.
 //! - A saga in flight when the coordinator is kill -9'd continues the same
 //!   trace after the restart, and its tree still closes.
+//! - `RUST_LOG=warn` (the inventory's) silences log lines, not spans.
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -68,7 +69,9 @@ impl Traced {
                 ]),
                 dir.join("inventory.log"),
             )
-            .envs(access.env(&Role::Participant("inventory".into()))),
+            .envs(access.env(&Role::Participant("inventory".into())))
+            // Logging at `warn` filters its log lines, not its spans.
+            .env("RUST_LOG", "warn"),
         );
         let mut payment = http_otlp(
             Proc::new(

@@ -155,6 +155,8 @@ pub fn init(args: &TraceArgs, default_service: &str, format: LogFormat) -> Resul
         LogFormat::Json => fmt.json().flatten_event(true).with_current_span(true).boxed(),
     };
     let setup = exporting(args, default_service);
+    // `RUST_LOG` filters the log lines only: a deployment that logs at
+    // `warn` still exports its spans (those at `info` and above).
     let bridge = setup
         .as_ref()
         .ok()
@@ -163,10 +165,10 @@ pub fn init(args: &TraceArgs, default_service: &str, format: LogFormat) -> Resul
             tracing_opentelemetry::layer()
                 .with_tracer(provider.tracer(default_service.to_string()))
                 .with_tracked_inactivity(false)
+                .with_filter(tracing_subscriber::filter::LevelFilter::INFO)
         });
     let _ = tracing_subscriber::registry()
-        .with(filter)
-        .with(fmt)
+        .with(fmt.with_filter(filter))
         .with(bridge)
         .try_init();
     if let Ok(Telemetry { exporting: Some(_) }) = &setup {

@@ -107,8 +107,8 @@ pub(crate) struct Report {
     /// Scenarios that failed, mismatches, dead processes.
     pub(crate) failures: Vec<String>,
     pub(crate) total: Duration,
-    /// `--otlp`: the spans the harness's receiver got.
-    pub(crate) otlp_spans: Option<usize>,
+    /// `--otlp`: the spans the harness's receiver got, by service.
+    pub(crate) otlp_spans: Option<std::collections::BTreeMap<String, usize>>,
 }
 
 fn mib(kib: u64) -> f64 {
@@ -364,6 +364,7 @@ impl Report {
             "flushes": r.flushes,
             "processes": procs(&r.procs),
             "ratios": ratios,
+            "otlp": r.otlp.map(|(exported, dropped)| json!({"exported": exported, "dropped": dropped})),
             "console_tab": r.console_tab.as_ref().map(|t| json!({
                 "fetches": t.fetches, "failures": t.failures, "latency_ms": latency(&t.latency),
             })),
@@ -671,8 +672,9 @@ impl Report {
         for f in &self.failures {
             println!("FAILED: {f}");
         }
-        if let Some(n) = self.otlp_spans {
-            println!("OTLP receiver: {n} spans");
+        if let Some(by) = &self.otlp_spans {
+            let all: usize = by.values().sum();
+            println!("OTLP receiver: {all} spans ({by:?})");
         }
         println!(
             "\nseed {} · {} in total · {}",
@@ -828,7 +830,8 @@ impl Report {
                 .map(|t| json!({"target": t.what, "measured": t.measured, "met": t.met}))
                 .collect::<Vec<_>>(),
             "failures": self.failures,
-            "otlp_spans": self.otlp_spans,
+            "otlp_spans": self.otlp_spans.as_ref().map(|by| by.values().sum::<usize>()),
+            "otlp_spans_by_service": self.otlp_spans,
             "ok": self.ok(),
         })
     }

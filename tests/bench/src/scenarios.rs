@@ -58,6 +58,14 @@ pub(crate) struct ProcFigures {
     pub(crate) rss_kib: u64,
 }
 
+/// `(exported, dropped)` spans of the processes at `addrs` so far.
+async fn otlp_counters(addrs: &[SocketAddr]) -> (Option<f64>, Option<f64>) {
+    (
+        sys::counter(addrs, saga_trace::SPANS_EXPORTED).await,
+        sys::counter(addrs, saga_trace::SPANS_DROPPED).await,
+    )
+}
+
 /// The processes whose CPU and memory are sampled.
 pub(crate) struct Probes {
     list: Vec<(String, u32)>,
@@ -203,6 +211,8 @@ pub(crate) struct RunReport {
     pub(crate) participant_writes: Option<f64>,
     /// What a console tab open during the run fetched (`--console-tab`).
     pub(crate) console_tab: Option<crate::console::TabFigures>,
+    /// `--otlp`: spans every process exported and dropped during the run.
+    pub(crate) otlp: Option<(f64, f64)>,
 }
 
 impl RunReport {
@@ -289,6 +299,8 @@ async fn sweep_into(ctx: &Ctx<'_>, runs: &mut Vec<RunReport>) -> Result<()> {
             sys::counter(&metrics, "saga_store_writes_total").await,
             sys::counter(&parts, "participant_store_writes_total").await,
         );
+        let all: Vec<SocketAddr> = metrics.iter().chain(parts.iter()).copied().collect();
+        let spans_before = otlp_counters(&all).await;
         let before = probes.snapshot();
         let tab = match (args.console_tab, metrics.first()) {
             (true, Some(http)) => Some(crate::console::Tab::open(*http)),
@@ -327,6 +339,10 @@ async fn sweep_into(ctx: &Ctx<'_>, runs: &mut Vec<RunReport>) -> Result<()> {
             participant_writes: writes_before.1.zip(writes_after.1).map(|(b, a)| a - b),
             tally,
             console_tab,
+            otlp: match (args.otlp, spans_before, otlp_counters(&all).await) {
+                (true, (Some(e0), Some(d0)), (Some(e1), Some(d1))) => Some((e1 - e0, d1 - d0)),
+                _ => None,
+            },
         };
         phase(&format!(
             "  C={c}: {} sagas in {:.1?}: {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, {} mismatches{}",
@@ -336,7 +352,9 @@ async fn sweep_into(ctx: &Ctx<'_>, runs: &mut Vec<RunReport>) -> Result<()> {
             super::drive::ms(&run.tally.latency, 0.5),
             super::drive::ms(&run.tally.latency, 0.99),
             run.tally.mismatches,
-            run.console_tab.as_ref().map_or(String::new(), |t| format!(
+            run.otlp.map_or(String::new(), |(e, d)| format!(
+                "; OTLP: {e:.0} spans exported, {d:.0} dropped"
+            )) + &run.console_tab.as_ref().map_or(String::new(), |t| format!(
                 "; console tab: {} fetches ({} failed), p50 {:.2} ms",
                 t.fetches,
                 t.failures,

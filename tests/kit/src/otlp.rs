@@ -211,9 +211,15 @@ impl Receiver {
         self.spans.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
-    /// How many spans were received so far.
-    pub fn count(&self) -> usize {
-        self.spans.lock().map(|s| s.len()).unwrap_or(0)
+    /// How many spans were received so far, by `service.name`.
+    pub fn count(&self) -> BTreeMap<String, usize> {
+        let mut by = BTreeMap::new();
+        if let Ok(spans) = self.spans.lock() {
+            for s in spans.iter() {
+                *by.entry(s.service.clone()).or_insert(0) += 1;
+            }
+        }
+        by
     }
 
     /// The spans of trace `trace_id` (hex) received so far.
