@@ -11,7 +11,7 @@ use std::{
 };
 
 use opentelemetry::Context;
-use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_otlp::{WithExportConfig, WithTonicConfig};
 use opentelemetry_sdk::{
     error::{OTelSdkError, OTelSdkResult},
     trace::{Span, SpanData, SpanExporter, SpanProcessor},
@@ -153,6 +153,11 @@ fn build(
     resource: &Resource,
 ) -> Result<opentelemetry_otlp::SpanExporter, TraceError> {
     let built = match protocol {
+        Protocol::Grpc if endpoint.starts_with("https://") => opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_tls_config(tonic::transport::ClientTlsConfig::new().with_native_roots())
+            .with_endpoint(endpoint)
+            .build(),
         Protocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()
             .with_endpoint(endpoint)

@@ -260,6 +260,13 @@ fn exporting(args: &TraceArgs, default_service: &str) -> Result<Telemetry, Trace
         return Ok(Telemetry { exporting: None });
     };
     check_endpoint(&url)?;
+    if protocol(args) == Protocol::HttpProtobuf && url.starts_with("https://") {
+        // The HTTP exporter's client (hyper, plain TCP) has no TLS.
+        return Err(TraceError::Config(format!(
+            "OTLP endpoint {}: https needs OTEL_EXPORTER_OTLP_PROTOCOL=grpc (OTLP/HTTP is sent in plain HTTP only)",
+            redact(&url)
+        )));
+    }
     let resource = resource(args, default_service);
     let (exporter, queue) =
         export::Exporter::start(url, protocol(args), resource.clone(), args.otlp_queue as usize)?;
@@ -441,6 +448,14 @@ mod tests {
             assert!(!e.contains("s3cret") && !e.contains("user:"), "{e}");
         }
         assert!(check_endpoint("https://collector.example:4318/v1/traces").is_ok());
+        let https = args("https://collector.example:4318", "http/protobuf");
+        if std::env::var_os("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_none() {
+            let e = exporting(&https, "t")
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(e.contains("https needs OTEL_EXPORTER_OTLP_PROTOCOL=grpc"), "{e}");
+        }
         let shown = endpoint_for_logs(&args("http://u:p@c:4318/x", "http/protobuf"));
         if std::env::var_os("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_none() {
             assert_eq!(shown, "http://c:4318");
