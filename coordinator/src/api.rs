@@ -345,13 +345,13 @@ fn authorize<T>(expected: Option<&str>, request: &Request<T>, method: &str) -> R
     })
 }
 
-/// The caller's `x-correlation-id` when it is a sane token, else a new UUID.
 /// The client's trace context (`traceparent`, `tracestate` metadata), if valid.
 fn client_trace<T>(req: &Request<T>) -> Option<saga_trace::SpanContext> {
     let text = |key: &str| req.metadata().get(key).and_then(|v| v.to_str().ok());
     saga_trace::propagation::parse(text("traceparent")?, text("tracestate"))
 }
 
+/// The caller's `x-correlation-id` when it is a sane token, else a new UUID.
 fn correlation_id<T>(req: &Request<T>) -> String {
     req.metadata()
         .get(CORRELATION_METADATA)
