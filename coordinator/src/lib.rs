@@ -113,14 +113,8 @@ use crate::{
     store::{PartitionedStore, SharedStore, Store},
 };
 
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Pretty,
-    /// One JSON object per line.
-    Json,
-}
+/// Log output format (one type for every process).
+pub use saga_trace::LogFormat;
 
 /// Coordinator settings: defaults, then environment, then flags.
 #[derive(Debug, Clone, clap::Parser)]
@@ -958,9 +952,5 @@ pub fn init_tracing(
     format: LogFormat,
     trace: &saga_trace::TraceArgs,
 ) -> Result<saga_trace::Telemetry, saga_trace::TraceError> {
-    let format = match format {
-        LogFormat::Pretty => saga_trace::LogFormat::Pretty,
-        LogFormat::Json => saga_trace::LogFormat::Json,
-    };
     saga_trace::init(trace, "coordinator", format)
 }

@@ -167,7 +167,6 @@ fn waits_ended(before: &Saga, after: &Saga, now_ms: u64) -> Vec<SpanRecord> {
             at(start),
             at(now.finished_at_ms.unwrap_or(now_ms)),
         );
-        span.kind = SpanKind::Internal;
         span.attributes = vec![
             KeyValue::new("saga.step", step.name.clone()),
             KeyValue::new("saga.step_status", status_name(now.status)),
@@ -240,23 +239,14 @@ mod tests {
     use std::sync::Arc;
 
     use saga_core::engine::{self, Event, Outcome};
-    use saga_wire::{CommandKind, Item, OrderPayload};
+    use saga_wire::CommandKind;
 
     use super::*;
 
     const SAGA: &str = "0190b8a4-0000-7000-8000-0000000000aa";
 
     fn saga_of(definition: saga_core::definition::SagaDefinition) -> Saga {
-        let order = OrderPayload {
-            order_id: "o-1".into(),
-            customer_id: "c-1".into(),
-            items: vec![Item {
-                sku: "A".into(),
-                quantity: 1,
-            }],
-            amount_cents: 500,
-            currency: "EUR".into(),
-        };
+        let order = crate::store::fixtures::order();
         engine::create(
             SAGA.into(),
             Arc::new(definition),

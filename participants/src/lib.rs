@@ -72,14 +72,8 @@ pub enum ConnectError {
     ShutDown,
 }
 
-/// Log output format of the participant binaries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Pretty,
-    /// One JSON object per line.
-    Json,
-}
+/// Log output format (one type for every process).
+pub use saga_trace::LogFormat;
 
 /// Sets up the global tracing subscriber and, when `trace` names an OTLP
 /// endpoint, span export as `service` (only binaries call this).
@@ -91,10 +85,6 @@ pub fn init_tracing(
     trace: &saga_trace::TraceArgs,
     service: &str,
 ) -> Result<saga_trace::Telemetry, saga_trace::TraceError> {
-    let format = match format {
-        LogFormat::Pretty => saga_trace::LogFormat::Pretty,
-        LogFormat::Json => saga_trace::LogFormat::Json,
-    };
     saga_trace::init(trace, service, format)
 }
 

@@ -9,7 +9,7 @@ use std::{
 };
 
 use futures::future::BoxFuture;
-use saga_wire::{CommandKind, Item, OrderPayload};
+use saga_wire::CommandKind;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -31,16 +31,7 @@ fn new_saga(key: Option<&str>) -> NewSaga {
     NewSaga {
         definition: definition(),
         version_requested: false,
-        order: OrderPayload {
-            order_id: "o-1".into(),
-            customer_id: "c-1".into(),
-            items: vec![Item {
-                sku: "A".into(),
-                quantity: 1,
-            }],
-            amount_cents: 500,
-            currency: "EUR".into(),
-        },
+        order: crate::store::fixtures::order(),
         order_id_given: true,
         correlation_id: "corr".into(),
         idempotency_key: key.map(Into::into),

@@ -35,3 +35,17 @@ pub(crate) fn two_step_order() -> SagaDefinition {
         source: PathBuf::new(),
     }
 }
+
+/// One order of one item: `o-1` by `c-1`, 500 EUR cents.
+pub(crate) fn order() -> saga_wire::OrderPayload {
+    saga_wire::OrderPayload {
+        order_id: "o-1".into(),
+        customer_id: "c-1".into(),
+        items: vec![saga_wire::Item {
+            sku: "A".into(),
+            quantity: 1,
+        }],
+        amount_cents: 500,
+        currency: "EUR".into(),
+    }
+}

@@ -97,8 +97,8 @@ pub enum TraceError {
     Exporter(String),
 }
 
-/// Log line format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Log line format (`--log-format` of every process).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
     /// Human-readable lines (colours on a terminal).
     Pretty,
@@ -114,11 +114,6 @@ pub struct Telemetry {
 }
 
 impl Telemetry {
-    /// Whether spans are exported.
-    pub fn exporting(&self) -> bool {
-        self.exporting.is_some()
-    }
-
     /// Exports what is queued (at most 3 s) and stops exporting.
     pub fn shutdown(self) {
         if let Some((exporter, provider)) = self.exporting {
@@ -184,10 +179,16 @@ pub fn init(args: &TraceArgs, default_service: &str, format: LogFormat) -> Resul
 /// The endpoint as a log may show it: scheme, host and port only.
 fn endpoint_for_logs(args: &TraceArgs) -> String {
     let url = traces_endpoint(args).unwrap_or_default();
-    let (scheme, rest) = url.split_once("://").unwrap_or(("", url.as_str()));
-    let host = rest.split(['/', '?', '#']).next().unwrap_or("");
-    let host = host.rsplit('@').next().unwrap_or(host);
+    let (scheme, host, _, _) = split_url(&url);
     format!("{scheme}://{host}")
+}
+
+/// `(scheme, host and port, whether user info was cut out, the rest)` of `url`.
+fn split_url(url: &str) -> (&str, &str, bool, &str) {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let (authority, path) = rest.split_at(rest.find(['/', '?', '#']).unwrap_or(rest.len()));
+    let host = authority.rsplit('@').next().unwrap_or(authority);
+    (scheme, host, authority.contains('@'), path)
 }
 
 /// The full traces URL: the signal's own variable, else the base endpoint
@@ -241,18 +242,15 @@ fn check_endpoint(url: &str) -> Result<(), TraceError> {
 
 /// A URL for an error message, with any user info cut out.
 fn redact(url: &str) -> String {
-    match url.split_once("://") {
-        Some((scheme, rest)) => {
-            let (authority, path) = rest.split_at(rest.find(['/', '?', '#']).unwrap_or(rest.len()));
-            let host = authority.rsplit('@').next().unwrap_or(authority);
-            let cut = if authority.contains('@') { "…@" } else { "" };
-            format!(
-                "{scheme}://{cut}{host}{}",
-                path.chars().take(200).collect::<String>()
-            )
-        }
-        None => url.chars().take(100).collect(),
+    if !url.contains("://") {
+        return url.chars().take(100).collect();
     }
+    let (scheme, host, cut, path) = split_url(url);
+    let cut = if cut { "…@" } else { "" };
+    format!(
+        "{scheme}://{cut}{host}{}",
+        path.chars().take(200).collect::<String>()
+    )
 }
 
 fn exporting(args: &TraceArgs, default_service: &str) -> Result<Telemetry, TraceError> {
