@@ -235,7 +235,8 @@ async fn a_sagas_spans_from_three_processes_form_one_tree_with_every_attempt_and
     let mut sys = Traced::start(dir.path(), ("1ms", "0.5")).await?;
     let mut client = sys.client().await?;
     let mut ids = Vec::new();
-    for _ in 0..6 {
+    // 12: at a 50% failure rate, the chance that none retries is 1 in 4,096 (6 was 1 in 64).
+    for _ in 0..12 {
         ids.push(place(&mut client, 1_000).await?);
     }
     let over = place(&mut client, LIMIT_CENTS + 1).await?;
