@@ -121,13 +121,14 @@ fn open_db(dir: &Path, cache_bytes: u64) -> Result<sled::Db, StoreError> {
     }
 }
 
-/// Runs sled's blocking work (a transaction, a flush) on the blocking pool.
-/// Not sled's `flush_async`: that goes through sled's own I/O thread pool,
-/// one more thread hand-off per flush.
+/// Runs sled's blocking work (a transaction, a flush) on the blocking pool,
+/// writing sled's log on that thread (`sled::with_inline_log_writes`, a patch
+/// of the vendored sled): no hand-off to sled's I/O pool and back per buffer.
+/// Not sled's `flush_async`: that goes through the I/O pool too.
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, StoreError> {
-    tokio::task::spawn_blocking(work)
+    tokio::task::spawn_blocking(move || sled::with_inline_log_writes(work))
         .await
         .map_err(|e| StoreError::Corrupt(format!("blocking store task failed: {e}")))?
 }
@@ -540,10 +541,12 @@ impl Store {
     /// # Errors
     /// As [`Store::flush`].
     pub(crate) fn flush_writes_blocking(&self) -> Result<(), StoreError> {
-        self.apply_staged()?;
-        self.db.flush()?;
-        self.unflushed.store(false, std::sync::atomic::Ordering::SeqCst);
-        Ok(())
+        sled::with_inline_log_writes(|| {
+            self.apply_staged()?;
+            self.db.flush()?;
+            self.unflushed.store(false, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        })
     }
 
     /// Makes durable everything a reader has seen so far: a flush, unless the
