@@ -543,7 +543,13 @@ fn write_snapshot(config: &RunningConfig, snapshot: &Snapshot) -> Result<()> {
     let parent = path_1.parent().unwrap();
     std::fs::create_dir_all(parent)?;
     let mut f =
-        std::fs::OpenOptions::new().write(true).create(true).open(&path_1)?;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            // A crash's leftover of the same name is longer: its tail would
+            // stay (a patch of this vendored copy).
+            .truncate(true)
+            .open(&path_1)?;
 
     // write the snapshot bytes, followed by a crc64 checksum at the end
     io_fail!(config, "snap write");
