@@ -443,8 +443,8 @@ impl GroupFlush {
         }
         let target = self.committed.load(Ordering::SeqCst);
         let db = self.db.clone();
-        // The log written on this blocking thread, not handed to sled's I/O
-        // pool (the vendored sled's patch): a flush is then one hand-off, not three.
+        // The log written on this blocking thread (the vendored sled's patch):
+        // one round trip to the blocking pool, none more to sled's I/O pool.
         tokio::task::spawn_blocking(move || sled::with_inline_log_writes(|| db.flush()))
             .await
             .map_err(|e| StoreError::Corrupt(format!("flush task failed: {e}")))??;

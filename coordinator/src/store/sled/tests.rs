@@ -260,16 +260,13 @@ async fn a_snapshot_cut_short_by_a_crash_does_not_stop_the_store_from_opening() 
         store.write(&t, None).expect("write");
         store.flush().await.expect("flush");
     }
-    for leftover in [
-        "snap.FFFFFFFFFFFFFFFF.generating",
-        "snap.FFFFFFFFFFFFFFFE.generating",
-    ] {
-        let bytes: &[u8] = if leftover.ends_with("E.generating") {
-            b"0123456789abcdef"
-        } else {
-            b""
-        };
-        std::fs::write(dir.path().join(leftover), bytes).expect("leftover snapshot");
+    // One empty, one torn: the two ways a crash leaves it.
+    let leftovers: [(&str, &[u8]); 2] = [
+        ("snap.FFFFFFFFFFFFFFFF.generating", b""),
+        ("snap.FFFFFFFFFFFFFFFE.generating", b"0123456789abcdef"),
+    ];
+    for (name, bytes) in leftovers {
+        std::fs::write(dir.path().join(name), bytes).expect("leftover snapshot");
     }
     let store = Store::open(dir.path()).expect("opens past the leftover snapshots");
     let id = Uuid::parse_str(&t.saga.id).expect("uuid");
