@@ -142,7 +142,9 @@ pub(crate) async fn run(
         if pending.is_empty() {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = wake.0.notified() => {}
+                // Woken with commands and replies: they go out on the
+                // connection first (the runner's release says why).
+                _ = wake.0.notified() => tokio::task::yield_now().await,
                 // A safety net: events written by a path that did not wake us.
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }

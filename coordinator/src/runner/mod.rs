@@ -1031,6 +1031,18 @@ impl Runner {
         metrics::gauge!(telemetry::SAGAS_IN_FLIGHT).set((self.active.len() + self.evicted.len()) as f64);
         metrics::gauge!(telemetry::TIMERS_PENDING).set(self.timers.len() as f64);
         let delivery = released.into_delivery();
+        // Woken in reverse order of urgency: tokio runs the task woken last
+        // first (its LIFO slot), the others after it in the order they were
+        // woken. The commands go first, the events publisher (which yields
+        // once more) last, so its JetStream traffic queues behind the
+        // commands on the shared connection, not in front of them.
+        if delivery.wrote {
+            // Every transition wrote its events; they are durable now.
+            self.events.wake();
+        }
+        for (id, terminal, change) in delivery.changed {
+            self.watchers.notify(&id, terminal, change);
+        }
         for (reply, result) in delivery.acks {
             let _ = reply.send(result);
         }
@@ -1039,15 +1051,6 @@ impl Runner {
         }
         for entry in delivery.to_send {
             self.sink.dispatch(entry);
-        }
-        for (id, terminal, change) in delivery.changed {
-            self.watchers.notify(&id, terminal, change);
-        }
-        if delivery.wrote {
-            // Every transition wrote its events; they are durable now. Woken
-            // last, so the publisher's JetStream traffic queues behind the
-            // commands on the connection, not in front of them.
-            self.events.wake();
         }
         if delivery.dead_letters {
             self.publish_dead_letters()?;
