@@ -58,6 +58,8 @@
 
 mod counts;
 mod events_log;
+#[cfg(test)]
+mod inline_log_tests;
 mod journal;
 mod legacy;
 mod listing;

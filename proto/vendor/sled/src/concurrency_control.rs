@@ -82,6 +82,17 @@ impl ConcurrencyControl {
 
         if active >= RW_REQUIRED_BIT {
             self.active.fetch_sub(1, Release);
+            // a thread must not block here holding back the stable lsn that
+            // the lock's holder may be waiting for (`crate::inline_io`; a
+            // patch of this vendored copy): on contention its deferred syncs
+            // are settled first (a failure is sled's global error by then,
+            // which the caller's next step reports)
+            if let Some(read) = self.rw.try_read() {
+                return Protector::Read(read);
+            }
+            if crate::inline_io::pending() {
+                let _ = crate::inline_io::settle();
+            }
             Protector::Read(self.rw.read())
         } else {
             Protector::None(&self.active)
@@ -95,6 +106,10 @@ impl ConcurrencyControl {
             *c += 1;
             assert_eq!(*c, 1);
         });
+        // as in `read`: nothing deferred is held while this waits for others
+        if crate::inline_io::pending() {
+            let _ = crate::inline_io::settle();
+        }
         self.enable();
         while !self.upgrade_complete.load(Acquire) {
             std::sync::atomic::spin_loop_hint()

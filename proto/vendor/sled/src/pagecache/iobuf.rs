@@ -570,19 +570,90 @@ impl IoBufs {
     /// error handling of the I/O pool's task: the error is stored for every
     /// waiter and returned.
     pub(crate) fn write_to_log_inline(&self, iobuf: &IoBuf) -> Result<()> {
-        self.write_to_log(iobuf).map_err(|e| {
-            error!("hit error while writing iobuf with lsn {}: {:?}", iobuf.lsn, e);
-            self.config.set_global_error(e.clone());
-            let intervals = self.intervals.lock();
-            // having held the mutex makes this linearized
-            // with the notify below.
-            drop(intervals);
-            let _notified = self.interval_updated.notify_all();
-            e
-        })
+        self.write_to_log(iobuf).map_err(|e| self.fail_write(iobuf.lsn, e))
     }
 
     pub(crate) fn write_to_log(&self, iobuf: &IoBuf) -> Result<()> {
+        let written = self.write_unsynced(iobuf)?;
+        if !self.config.temporary {
+            self.sync_range(written.log_offset, written.total_len)?;
+        }
+        self.after_sync(&written)
+    }
+
+    /// `write_to_log` on the calling thread with its sync deferred
+    /// (`crate::inline_io`): the buffer is written, and its sync, its
+    /// `mark_interval` and what follows wait in the thread's pending list
+    /// for one sync of all of them (a patch of this vendored copy).
+    pub(crate) fn write_to_log_deferred(
+        iobufs: &Arc<Self>,
+        iobuf: &IoBuf,
+    ) -> Result<()> {
+        if iobufs.config.temporary || cfg!(feature = "io_uring") {
+            return iobufs.write_to_log_inline(iobuf);
+        }
+        match iobufs.write_unsynced(iobuf) {
+            Ok(written) => {
+                crate::inline_io::defer(iobufs.clone(), written);
+                Ok(())
+            }
+            Err(e) => Err(iobufs.fail_write(iobuf.lsn, e)),
+        }
+    }
+
+    /// Stores a write's error for every waiter and wakes them, as the I/O
+    /// pool's task does.
+    pub(crate) fn fail_write(&self, lsn: Lsn, e: Error) -> Error {
+        error!("hit error while writing iobuf with lsn {}: {:?}", lsn, e);
+        self.config.set_global_error(e.clone());
+        let intervals = self.intervals.lock();
+        // having held the mutex makes this linearized
+        // with the notify below.
+        drop(intervals);
+        let _notified = self.interval_updated.notify_all();
+        e
+    }
+
+    /// Syncs `len` bytes of the log file from `offset` (the data pages,
+    /// as `write_to_log` always did).
+    pub(crate) fn sync_range(&self, offset: LogOffset, len: usize) -> Result<()> {
+        #[cfg(not(feature = "io_uring"))]
+        {
+            let f = &self.config.file;
+            #[cfg(target_os = "linux")]
+            {
+                use std::os::unix::io::AsRawFd;
+                let ret = unsafe {
+                    libc::sync_file_range(
+                        f.as_raw_fd(),
+                        i64::try_from(offset).unwrap(),
+                        i64::try_from(len).unwrap(),
+                        libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                            | libc::SYNC_FILE_RANGE_WRITE
+                            | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+                    )
+                };
+                if ret < 0 {
+                    let err = std::io::Error::last_os_error();
+                    if let Some(libc::ENOSYS) = err.raw_os_error() {
+                        f.sync_all()?;
+                    } else {
+                        return Err(err.into());
+                    }
+                }
+            }
+
+            #[cfg(not(target_os = "linux"))]
+            f.sync_all()?;
+        }
+        #[cfg(feature = "io_uring")]
+        let _ = (offset, len);
+        Ok(())
+    }
+
+    /// The first half of `write_to_log`: pads and writes the buffer (with
+    /// io_uring, also syncs it).
+    fn write_unsynced(&self, iobuf: &IoBuf) -> Result<Written> {
         let _measure = Measure::new(&M.write_to_log);
         let header = iobuf.get_header();
         let log_offset = iobuf.offset;
@@ -744,34 +815,27 @@ impl IoBufs {
         {
             let f = &self.config.file;
             pwrite_all(f, data, log_offset)?;
-            if !self.config.temporary {
-                #[cfg(target_os = "linux")]
-                {
-                    use std::os::unix::io::AsRawFd;
-                    let ret = unsafe {
-                        libc::sync_file_range(
-                            f.as_raw_fd(),
-                            i64::try_from(log_offset).unwrap(),
-                            i64::try_from(total_len).unwrap(),
-                            libc::SYNC_FILE_RANGE_WAIT_BEFORE
-                                | libc::SYNC_FILE_RANGE_WRITE
-                                | libc::SYNC_FILE_RANGE_WAIT_AFTER,
-                        )
-                    };
-                    if ret < 0 {
-                        let err = std::io::Error::last_os_error();
-                        if let Some(libc::ENOSYS) = err.raw_os_error() {
-                            f.sync_all()?;
-                        } else {
-                            return Err(err.into());
-                        }
-                    }
-                }
-
-                #[cfg(not(target_os = "linux"))]
-                f.sync_all()?;
-            }
         }
+        Ok(Written {
+            log_offset,
+            total_len,
+            base_lsn,
+            maxed,
+            stored_max_stable_lsn,
+        })
+    }
+
+    /// The second half of `write_to_log`, once the write is synced: marks
+    /// its interval stable and lets the segment accountant know.
+    pub(crate) fn after_sync(&self, written: &Written) -> Result<()> {
+        let Written {
+            log_offset,
+            total_len,
+            base_lsn,
+            maxed,
+            stored_max_stable_lsn,
+        } = *written;
+        let segment_size = self.config.segment_size;
         io_fail!(self, "buffer write post");
 
         if total_len > 0 {
@@ -869,6 +933,17 @@ impl IoBufs {
     }
 }
 
+/// A log buffer written to the file and not yet synced (a patch of this
+/// vendored copy: `crate::inline_io` syncs several with one call).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Written {
+    pub(crate) log_offset: LogOffset,
+    pub(crate) total_len: usize,
+    pub(crate) base_lsn: Lsn,
+    maxed: bool,
+    stored_max_stable_lsn: Lsn,
+}
+
 pub(crate) fn roll_iobuf(iobufs: &Arc<IoBufs>) -> Result<usize> {
     let iobuf = iobufs.current_iobuf();
     let header = iobuf.get_header();
@@ -955,6 +1030,14 @@ pub(in crate::pagecache) fn make_stable_inner(
             // the next io buffer, which may have dirty
             // data we need to flush (and maybe no other
             // thread is still alive to do so)
+            continue;
+        }
+
+        // this thread's own deferred syncs may be what holds the stable lsn
+        // back: settle them before waiting (a patch of this vendored copy)
+        if crate::inline_io::pending() {
+            crate::inline_io::settle()?;
+            stable = iobufs.stable();
             continue;
         }
 
@@ -1195,7 +1278,7 @@ pub(in crate::pagecache) fn maybe_seal_and_write_iobuf(
             lsn
         );
         if crate::inline_io::active() {
-            return iobufs.write_to_log_inline(iobuf);
+            return IoBufs::write_to_log_deferred(iobufs, iobuf);
         }
         let iobufs = iobufs.clone();
         let iobuf = iobuf.clone();

@@ -434,7 +434,7 @@ impl Log {
                 lsn
             );
             if crate::inline_io::active() {
-                return self.iobufs.write_to_log_inline(iobuf);
+                return IoBufs::write_to_log_deferred(&self.iobufs, iobuf);
             }
             let iobufs = self.iobufs.clone();
             let iobuf = iobuf.clone();
