@@ -125,7 +125,8 @@ fn open_db(dir: &Path, cache_bytes: u64) -> Result<sled::Db, StoreError> {
 
 /// Runs sled's blocking work (a transaction, a flush) on the blocking pool,
 /// writing sled's log on that thread (`sled::with_inline_log_writes`, a patch
-/// of the vendored sled): no hand-off to sled's I/O pool and back per buffer.
+/// of the vendored sled): no hand-off to sled's I/O pool and back per buffer,
+/// and one sync for all the buffers it seals.
 /// Not sled's `flush_async`: that goes through the I/O pool too.
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, StoreError> + Send + 'static,

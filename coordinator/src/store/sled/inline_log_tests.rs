@@ -1,9 +1,11 @@
-//! The vendored sled's deferred syncs (`sled::with_inline_log_writes`,
-//! proto/vendor/sled/PATCHES.md, patch 4) under kill -9: this test binary
-//! runs itself as a child that commits inside the scope, with plain writers,
-//! another transactional writer and flushes on other threads (what the
-//! coordinator's prune, events log and probes do), and reports each commit
-//! once `with_inline_log_writes` returned. The parent kills it at random
+//! The vendored sled's deferred syncs (`sled::with_inline_log_writes` and
+//! `sled::with_deferred_log_writes`, proto/vendor/sled/PATCHES.md, patches 4
+//! and 5) under kill -9: this test binary runs itself as a child that commits
+//! inside the first scope (as the coordinator does) and, on another thread,
+//! inside the second followed by a flush (as the participants do), beside
+//! plain writers, another transactional writer and flushes (what the
+//! coordinator's prune, events log and probes do). It reports each commit
+//! once durable. The parent kills it at random
 //! points and reopens: every reported commit is there, whole, and the child
 //! made progress before each kill (no thread waits on syncs another holds
 //! back). A kill keeps the page cache, so this checks the bookkeeping, not
@@ -71,7 +73,29 @@ fn child(dir: &str) -> ! {
                 .expect("transaction");
         }
     });
-    let mut out = std::io::stdout();
+    // As the participants commit: the transaction's buffers left for the flush.
+    let deferred = db.open_tree("deferred").expect("tree");
+    let mut next_deferred = deferred.len() as u64;
+    let (db2, out2) = (db.clone(), std::io::stdout());
+    std::thread::spawn(move || loop {
+        sled::with_deferred_log_writes(|| {
+            deferred
+                .transaction(|t| -> TxResult {
+                    t.insert(
+                        &key(next_deferred),
+                        vec![3u8; 100 + (next_deferred % 900) as usize],
+                    )?;
+                    Ok(())
+                })
+                .expect("transaction")
+        });
+        db2.flush().expect("flush");
+        next_deferred += 1;
+        let mut out = out2.lock();
+        writeln!(out, "deferred {next_deferred}").expect("stdout");
+        out.flush().expect("stdout");
+    });
+    let out = std::io::stdout();
     loop {
         let n = 1 + next % 4;
         sled::with_inline_log_writes(|| {
@@ -89,8 +113,23 @@ fn child(dir: &str) -> ! {
             db.flush().expect("flush");
         });
         next += n;
+        let mut out = out.lock();
         writeln!(out, "committed {next}").expect("stdout");
         out.flush().expect("stdout");
+    }
+}
+
+/// Waits (30 s at most) for a report of each writer.
+fn both_commit(rx: &mpsc::Receiver<(usize, u64)>, reported: &mut [u64; 2], run: u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = [false; 2];
+    while seen != [true; 2] {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (kind, n) = rx
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("run {run}: a writer stopped committing ({seen:?})"));
+        seen[kind] = true;
+        reported[kind] = reported[kind].max(n);
     }
 }
 
@@ -113,7 +152,8 @@ fn commits_reported_after_the_scope_survive_kill_9() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().to_str().expect("utf-8 temp path").to_owned();
     let exe = std::env::current_exe().expect("test binary");
-    let mut reported = 0;
+    // Per kind of writer (inline, deferred): the highest commit reported.
+    let mut reported = [0u64; 2];
     for run in 0u64..6 {
         let mut c = Killed(
             Command::new(&exe)
@@ -127,36 +167,33 @@ fn commits_reported_after_the_scope_survive_kill_9() {
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(n) = line
-                    .strip_prefix("committed ")
-                    .and_then(|n| n.parse::<u64>().ok())
-                {
-                    if tx.send(n).is_err() {
+                let report = match line.split_once(' ') {
+                    Some(("committed", n)) => n.parse().ok().map(|n: u64| (0, n)),
+                    Some(("deferred", n)) => n.parse().ok().map(|n: u64| (1, n)),
+                    _ => None,
+                };
+                if let Some(r) = report {
+                    if tx.send(r).is_err() {
                         break;
                     }
                 }
             }
         });
-        // Progress first (no deadlock between the scope and the other
-        // writers), then a kill at a point that moves from run to run.
-        let first = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("the child commits");
-        reported = reported.max(first);
+        // Both writers commit (no deadlock between the scopes and the other
+        // writers), for a while that moves from run to run, and still do
+        // just before the kill.
+        both_commit(&rx, &mut reported, run);
         let until = Instant::now() + Duration::from_millis(40 + run * 37);
         while let Some(left) = until.checked_duration_since(Instant::now()) {
-            if let Ok(n) = rx.recv_timeout(left) {
-                reported = n;
+            if let Ok((kind, n)) = rx.recv_timeout(left) {
+                reported[kind] = reported[kind].max(n);
             }
         }
-        let progressed = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("the child still commits");
-        reported = reported.max(progressed);
+        both_commit(&rx, &mut reported, run);
         c.0.kill().expect("kill -9");
         c.0.wait().expect("reap");
-        while let Ok(n) = rx.try_recv() {
-            reported = reported.max(n);
+        while let Ok((kind, n)) = rx.try_recv() {
+            reported[kind] = reported[kind].max(n);
         }
         let db = open(&path);
         let trees: Vec<sled::Tree> = ["a", "b", "c"]
@@ -165,9 +202,25 @@ fn commits_reported_after_the_scope_survive_kill_9() {
             .collect();
         let kept = trees[0].len() as u64;
         assert!(
-            kept >= reported,
-            "run {run}: {reported} commits reported, {kept} keys kept"
+            kept >= reported[0],
+            "run {run}: {} commits reported, {kept} keys kept",
+            reported[0]
         );
+        let deferred = db.open_tree("deferred").expect("tree").len() as u64;
+        assert!(
+            deferred >= reported[1],
+            "run {run}: {} deferred commits reported, {deferred} kept",
+            reported[1]
+        );
+        for i in 0..deferred {
+            assert!(
+                db.open_tree("deferred")
+                    .expect("tree")
+                    .contains_key(key(i))
+                    .expect("read"),
+                "run {run}: deferred key {i} lost"
+            );
+        }
         for t in &trees[1..] {
             assert_eq!(t.len() as u64, kept, "run {run}: a transaction kept in part");
         }

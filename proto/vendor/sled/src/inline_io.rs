@@ -13,6 +13,10 @@
 //! settled before this thread waits for the stable lsn, before it blocks on
 //! sled's concurrency-control lock, and when the scope ends: a thread never
 //! waits on anything while holding back the stable lsn others may wait for.
+//!
+//! Inside [`with_deferred_log_writes`] (a thread that must not block on
+//! I/O) a sealed buffer is not written at all: it waits in a queue of the
+//! log that the next thread to wait for the stable lsn writes and settles.
 
 use std::cell::{Cell, RefCell};
 use std::convert::TryFrom;
@@ -22,6 +26,7 @@ use crate::{Arc, Result};
 
 thread_local! {
     static INLINE: Cell<bool> = Cell::new(false);
+    static DEFER: Cell<bool> = Cell::new(false);
     static PENDING: RefCell<Vec<(Arc<IoBufs>, Written)>> = RefCell::new(Vec::new());
 }
 
@@ -42,6 +47,31 @@ pub fn with_inline_log_writes<R>(f: impl FnOnce() -> R) -> R {
     }
     let _reset = Reset(INLINE.with(|c| c.replace(true)));
     f()
+}
+
+/// Runs `f` with the log buffers that this thread seals left for the next
+/// thread that waits for them to be stable (a flush, inside
+/// [`with_inline_log_writes`] or not; sled's own flusher thread at the
+/// latest), which writes them and syncs them all with its own. For threads
+/// that must not block on disk I/O (an async runtime's workers) and whose
+/// writes are always followed by a flush: nothing written inside `f` is on
+/// disk before that flush, where outside `f` sled's I/O pool would be writing
+/// it meanwhile, with a thread hand-off and a sync per buffer.
+pub fn with_deferred_log_writes<R>(f: impl FnOnce() -> R) -> R {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            let was = self.0;
+            DEFER.with(|c| c.set(was));
+        }
+    }
+    let _reset = Reset(DEFER.with(|c| c.replace(true)));
+    f()
+}
+
+/// Whether this thread leaves the log buffers it seals for a flush.
+pub(crate) fn deferring() -> bool {
+    DEFER.with(Cell::get)
 }
 
 /// Whether this thread writes the log buffers it seals itself.

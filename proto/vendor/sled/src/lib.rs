@@ -310,7 +310,7 @@ pub use {
 };
 
 pub use self::{
-    inline_io::with_inline_log_writes,
+    inline_io::{with_deferred_log_writes, with_inline_log_writes},
     batch::Batch,
     config::{Config, Mode},
     db::{open, Db},

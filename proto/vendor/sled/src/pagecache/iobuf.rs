@@ -314,6 +314,10 @@ pub(crate) struct IoBufs {
     pub segment_accountant: Mutex<SegmentAccountant>,
     pub segment_cleaner: SegmentCleaner,
     deferred_segment_ops: stack::Stack<SegmentOp>,
+    /// Buffers sealed inside `with_deferred_log_writes`, left for the next
+    /// thread that waits for the stable lsn to write and sync (a patch of
+    /// this vendored copy, `crate::inline_io`).
+    pub(crate) queued: Mutex<Vec<Arc<IoBuf>>>,
     #[cfg(feature = "io_uring")]
     pub submission_mutex: Mutex<()>,
     #[cfg(feature = "io_uring")]
@@ -417,6 +421,7 @@ impl IoBufs {
             segment_accountant: Mutex::new(segment_accountant),
             segment_cleaner,
             deferred_segment_ops: stack::Stack::default(),
+            queued: Mutex::new(Vec::new()),
             #[cfg(feature = "io_uring")]
             submission_mutex: Mutex::new(()),
             #[cfg(feature = "io_uring")]
@@ -599,6 +604,32 @@ impl IoBufs {
             }
             Err(e) => Err(iobufs.fail_write(iobuf.lsn, e)),
         }
+    }
+
+    /// Writes the buffers queued by `with_deferred_log_writes` on this
+    /// thread, their syncs deferred as `write_to_log_deferred`'s.
+    pub(crate) fn write_queued(iobufs: &Arc<Self>) -> Result<()> {
+        let queued = std::mem::take(&mut *iobufs.queued.lock());
+        for iobuf in queued {
+            Self::write_to_log_deferred(iobufs, &iobuf)?;
+        }
+        Ok(())
+    }
+
+    /// Queues a buffer sealed inside `with_deferred_log_writes`, and wakes
+    /// the threads waiting for the stable lsn: one of them may need it.
+    pub(crate) fn queue(&self, iobuf: Arc<IoBuf>) {
+        self.queued.lock().push(iobuf);
+        let intervals = self.intervals.lock();
+        // having held the mutex makes this linearized with the waiters'
+        // check of the queue under it.
+        drop(intervals);
+        let _notified = self.interval_updated.notify_all();
+    }
+
+    /// Whether buffers wait in the queue of `with_deferred_log_writes`.
+    pub(crate) fn has_queued(&self) -> bool {
+        !self.queued.lock().is_empty()
     }
 
     /// Stores a write's error for every waiter and wakes them, as the I/O
@@ -1033,9 +1064,11 @@ pub(in crate::pagecache) fn make_stable_inner(
             continue;
         }
 
-        // this thread's own deferred syncs may be what holds the stable lsn
-        // back: settle them before waiting (a patch of this vendored copy)
-        if crate::inline_io::pending() {
+        // this thread's own deferred syncs, or the buffers queued by
+        // `with_deferred_log_writes`, may be what holds the stable lsn back:
+        // write and settle them before waiting (a patch of this vendored copy)
+        if crate::inline_io::pending() || iobufs.has_queued() {
+            IoBufs::write_queued(iobufs)?;
             crate::inline_io::settle()?;
             stable = iobufs.stable();
             continue;
@@ -1052,6 +1085,13 @@ pub(in crate::pagecache) fn make_stable_inner(
 
             let _notified = iobufs.interval_updated.notify_all();
             return Err(e);
+        }
+
+        // a buffer queued since the check above (`IoBufs::queue` notifies
+        // under this mutex, so none is missed)
+        if iobufs.has_queued() {
+            drop(waiter);
+            continue;
         }
 
         stable = iobufs.stable();
@@ -1279,6 +1319,10 @@ pub(in crate::pagecache) fn maybe_seal_and_write_iobuf(
         );
         if crate::inline_io::active() {
             return IoBufs::write_to_log_deferred(iobufs, iobuf);
+        }
+        if crate::inline_io::deferring() {
+            iobufs.queue(iobuf.clone());
+            return Ok(());
         }
         let iobufs = iobufs.clone();
         let iobuf = iobuf.clone();

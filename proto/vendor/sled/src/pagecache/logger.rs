@@ -436,6 +436,10 @@ impl Log {
             if crate::inline_io::active() {
                 return IoBufs::write_to_log_deferred(&self.iobufs, iobuf);
             }
+            if crate::inline_io::deferring() {
+                self.iobufs.queue(iobuf.clone());
+                return Ok(());
+            }
             let iobufs = self.iobufs.clone();
             let iobuf = iobuf.clone();
             threadpool::spawn(move || {
