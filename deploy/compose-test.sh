@@ -189,13 +189,18 @@ wait_completed() {
 }
 # Places one order, retrying with the same idempotency key until the coordinator accepts it
 # (at most 90 s); prints its saga id.
+# In the cluster profile it asks the coordinators in turn, as a client behind a balancer does: a
+# create whose key landed but whose record did not (the kill in between) can only be finished by
+# the coordinator that holds the saga's partition, and the others refuse it until it is.
 first_order() {
-  local deadline=$((SECONDS + 90)) out
+  local deadline=$((SECONDS + 90)) out n=0 addrs=(coordinator)
+  [[ "$PROFILE" == cluster ]] && addrs=(coordinator coordinator-2 coordinator-3)
   while ((SECONDS < deadline)); do
-    if out=$(ctl coordinator create --customer "c-$1" --item A-1:1 --amount-cents 1000 --idempotency-key "$1" 2>"$OUT/probe.err"); then
+    local addr=${addrs[$((n++ % ${#addrs[@]}))]}
+    if out=$(ctl "$addr" create --customer "c-$1" --item A-1:1 --amount-cents 1000 --idempotency-key "$1" 2>"$OUT/probe.err"); then
       python3 -c 'import json,sys; print(json.load(sys.stdin)["saga_id"])' <<<"$out"; return 0
     fi
-    echo "$(date +%T.%N | cut -c1-12) $(tail -n 1 "$OUT/probe.err")" >>"$OUT/$PROFILE-probe.txt"
+    echo "$(date +%T.%N | cut -c1-12) $addr $(tail -n 1 "$OUT/probe.err")" >>"$OUT/$PROFILE-probe.txt"
     sleep 0.2
   done
   return 1
