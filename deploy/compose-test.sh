@@ -157,10 +157,20 @@ meta_leader() {
 
 # Places $IN_FLIGHT orders through coordinator $1 at once (so that all of them are running a
 # moment later) without waiting for them; prints their saga ids.
+# A refusal ("retry shortly": right after a NATS node's kill a coordinator may hold no partition
+# while the leases move) is retried every 0.2 s for 30 s with the order's own idempotency key, as
+# a client does; the refusals are in $OUT/<profile>-order-<tag>-<i>.err.
 place_orders() {
   local via="$1" tag="$2" pids=()
   for i in $(seq "$IN_FLIGHT"); do
-    ctl "$via" create --customer "c-$tag-$i" --item A-1:1 --amount-cents 1000 >"$OUT/$PROFILE-order-$tag-$i.json" &
+    (
+      local deadline=$((SECONDS + 30))
+      until ctl "$via" create --customer "c-$tag-$i" --item A-1:1 --amount-cents 1000 --idempotency-key "$tag-$i" \
+        >"$OUT/$PROFILE-order-$tag-$i.json" 2>>"$OUT/$PROFILE-order-$tag-$i.err"; do
+        ((SECONDS < deadline)) || exit 1
+        sleep 0.2
+      done
+    ) &
     pids+=($!)
   done
   for p in "${pids[@]}"; do wait "$p" || true; done
