@@ -498,10 +498,12 @@ impl Store {
                             Tree::DeadLetters => dead_letters,
                             Tree::DlqOutbox => dlq_outbox,
                         };
+                        // Blind writes: the value replaced is not wanted, and
+                        // reading it was a tree lookup per write (sled patch 6).
                         match v {
-                            Some(v) => tree.insert(k.as_slice(), v.as_slice())?,
-                            None => tree.remove(k.as_slice())?,
-                        };
+                            Some(v) => tree.set(k.as_slice(), v.as_slice()),
+                            None => tree.unset(k.as_slice()),
+                        }
                     }
                     Ok::<_, ConflictableTransactionError<()>>(deltas)
                 },
@@ -642,6 +644,7 @@ impl Store {
     ///
     /// # Errors
     /// sled errors; a corrupt entry.
+    #[cfg(test)]
     pub(crate) fn history(&self, id: &Uuid) -> Result<Vec<HistoryEntry>, StoreError> {
         let mut out: Vec<HistoryEntry> = self
             .history
@@ -656,6 +659,45 @@ impl Store {
             out.extend(decode::<journal::HistoryIn>(&v, "journal entry")?.history);
         }
         Ok(out)
+    }
+
+    /// The saga `id` and its history, if stored, from one scan of its
+    /// journal: each entry is decoded once for both (the views of GetSaga
+    /// and WatchSaga read them together, once per watched saga).
+    ///
+    /// # Errors
+    /// As [`Store::get`].
+    pub(crate) fn get_with_history(&self, id: &Uuid) -> Result<Option<WithHistory>, StoreError> {
+        let key = id.as_bytes();
+        'read: for _ in 0..READ_RETRIES {
+            let Some(bytes) = self.sagas.get(key)? else {
+                return Ok(None);
+            };
+            let mut saga = self.decode_record(&bytes)?;
+            let mut history: Vec<HistoryEntry> = self
+                .history
+                .scan_prefix(key)
+                .map(|kv| {
+                    let (_, v) = kv?;
+                    decode(&v, "history entry")
+                })
+                .collect::<Result<_, StoreError>>()?;
+            for kv in self.journal.scan_prefix(key) {
+                let (_, v) = kv?;
+                let (entry, h) = journal::split_history(decode(&v, "journal entry")?);
+                // Entries up to the snapshot's sequence are in it already.
+                if entry.seq() > saga.seq
+                    && journal::fold(&mut saga, entry)? == journal::Folded::SnapshotMoved
+                {
+                    continue 'read;
+                }
+                history.extend(h);
+            }
+            return Ok(Some((saga, history)));
+        }
+        Err(StoreError::Corrupt(format!(
+            "saga {id}: its snapshot moved at each of {READ_RETRIES} reads"
+        )))
     }
 
     /// History entries `first..=last` of saga `id` (an events-log pointer):
@@ -875,11 +917,7 @@ impl crate::store::SagaStore for Store {
         &'a self,
         id: &'a Uuid,
     ) -> BoxFuture<'a, Result<Option<WithHistory>, StoreError>> {
-        let read = || match Store::get(self, id)? {
-            Some(saga) => Ok(Some((saga, self.history(id)?))),
-            None => Ok(None),
-        };
-        Box::pin(std::future::ready(read()))
+        Box::pin(std::future::ready(Store::get_with_history(self, id)))
     }
 
     fn saga_for_key<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Uuid>, StoreError>> {

@@ -62,7 +62,8 @@ fn tx_get<T: DeserializeOwned>(tree: &TransactionalTree, key: &str) -> SledTxRes
 
 fn tx_put<T: serde::Serialize>(tree: &TransactionalTree, key: &str, value: &T) -> SledTxResult<()> {
     let bytes = encode(value).map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
-    tree.insert(key.as_bytes(), bytes)?;
+    // Blind: the value replaced is not wanted (sled patch 6 skips its read).
+    tree.set(key.as_bytes(), bytes);
     Ok(())
 }
 
@@ -114,7 +115,7 @@ impl StateTx for SledTx<'_> {
         if self.row == Some(key) {
             self.row_write = Some(Some(bytes.clone()));
         }
-        self.tree.insert(key.as_bytes(), bytes)?;
+        self.tree.set(key.as_bytes(), bytes);
         self.writes.state_key(key.as_bytes());
         Ok(())
     }
@@ -122,7 +123,7 @@ impl StateTx for SledTx<'_> {
         if self.row == Some(key) {
             self.row_write = Some(None);
         }
-        self.tree.remove(key.as_bytes())?;
+        self.tree.unset(key.as_bytes());
         self.writes.state_key(key.as_bytes());
         Ok(())
     }
@@ -313,7 +314,7 @@ impl RepliesTx<'_> {
             (Some(reply), before.carried.u.as_ref())
         };
         if let Some(bytes) = written.and_then(|w| with_replies(&w, r, u)) {
-            self.state.insert(before.key.as_bytes(), bytes)?;
+            self.state.set(before.key.as_bytes(), bytes);
             self.writes.state_key(before.key.as_bytes());
             return Ok(());
         }

@@ -51,6 +51,13 @@ pub(super) struct EntryIn {
     snapshot: bool,
 }
 
+impl EntryIn {
+    /// The sequence of the entry's last history entry (its key's).
+    pub(super) fn seq(&self) -> u64 {
+        self.seq
+    }
+}
+
 /// A journal entry read for its history only (the rest is skipped, not built).
 #[derive(Deserialize)]
 pub(super) struct HistoryIn {
@@ -81,6 +88,44 @@ pub(super) struct BothIn {
     commands: Vec<OutboxEntry>,
     #[serde(default)]
     settled: Vec<(usize, CommandKind)>,
+}
+
+/// A journal entry read to be folded into its saga and for its history.
+#[derive(Deserialize)]
+pub(super) struct WithHistoryIn {
+    state: SagaState,
+    reason: Option<String>,
+    updated_at_ms: u64,
+    seq: u64,
+    steps: Vec<(usize, StepProgress)>,
+    #[serde(default)]
+    snapshot: bool,
+    #[serde(default)]
+    history: Vec<HistoryEntry>,
+}
+
+/// A [`WithHistoryIn`] as what [`fold`] takes, and its history.
+pub(super) fn split_history(e: WithHistoryIn) -> (EntryIn, Vec<HistoryEntry>) {
+    let WithHistoryIn {
+        state,
+        reason,
+        updated_at_ms,
+        seq,
+        steps,
+        snapshot,
+        history,
+    } = e;
+    (
+        EntryIn {
+            state,
+            reason,
+            updated_at_ms,
+            seq,
+            steps,
+            snapshot,
+        },
+        history,
+    )
 }
 
 /// A [`BothIn`] as what [`fold`] and [`fold_commands`] take.

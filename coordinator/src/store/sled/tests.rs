@@ -544,6 +544,15 @@ async fn flushed_writes(store: &Store) -> usize {
     staged + events_entries(store) - entries
 }
 
+/// `get_with_history` (one scan of the journal) reads what `get` and
+/// `history` read apart.
+fn assert_read_together(store: &Store, id: &Uuid) {
+    let apart = (store.get(id).expect("get"), store.history(id).expect("history"));
+    let (saga, history) = store.get_with_history(id).expect("read").expect("stored");
+    assert_eq!(Some(saga), apart.0);
+    assert_eq!(history, apart.1);
+}
+
 #[tokio::test]
 async fn a_two_step_saga_costs_fifteen_writes_and_reads_back_at_every_step() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -560,6 +569,7 @@ async fn a_two_step_saga_costs_fifteen_writes_and_reads_back_at_every_step() {
     // and the customer, order and definition entries ListSagas filters read
     assert_eq!(flushed_writes(&store).await, 8);
     assert_eq!(store.get(&id).expect("get"), Some(first.saga.clone()));
+    assert_read_together(&store, &id);
 
     let (reserved, _) = step(
         &store,
@@ -569,6 +579,7 @@ async fn a_two_step_saga_costs_fifteen_writes_and_reads_back_at_every_step() {
     );
     assert_eq!(flushed_writes(&store).await, 2, "journal entry and events entry");
     assert_eq!(store.get(&id).expect("get"), Some(reserved.saga.clone()));
+    assert_read_together(&store, &id);
     let in_flight = store.in_flight(&id).expect("in flight");
     assert_eq!(
         in_flight.iter().map(|e| e.subject.as_str()).collect::<Vec<_>>(),
@@ -585,6 +596,7 @@ async fn a_two_step_saga_costs_fifteen_writes_and_reads_back_at_every_step() {
     assert_eq!(flushed_writes(&store).await, 5);
     assert_eq!(done.saga.state, engine::SagaState::Completed);
     assert_eq!(store.get(&id).expect("get"), Some(done.saga.clone()));
+    assert_read_together(&store, &id);
     assert!(store.in_flight(&id).expect("in flight").is_empty());
     let seqs: Vec<u64> = store
         .history(&id)

@@ -273,6 +273,30 @@ impl TransactionalTree {
         Ok(old)
     }
 
+    /// Set a key to a new value without reading the one it replaces
+    /// (vendored patch 6): `insert` reads the key from the tree first to
+    /// return the old value, a lookup a writer that ignores it pays for on
+    /// every write. Transactions here are serialized by the global write lock
+    /// and do not validate their reads, so skipping the read changes nothing
+    /// else.
+    pub fn set<K, V>(&self, key: K, value: V)
+    where
+        K: Into<IVec>,
+        V: Into<IVec>,
+    {
+        let _last_write =
+            self.writes.borrow_mut().insert(key.into(), Some(value.into()));
+    }
+
+    /// Remove a key without reading the value it had (vendored patch 6;
+    /// see [`TransactionalTree::set`]).
+    pub fn unset<K>(&self, key: K)
+    where
+        K: Into<IVec>,
+    {
+        let _last_write = self.writes.borrow_mut().insert(key.into(), None);
+    }
+
     /// Remove a key
     pub fn remove<K>(
         &self,
