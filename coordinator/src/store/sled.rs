@@ -617,7 +617,9 @@ impl Store {
         let after = history_key(key, saga.seq.saturating_add(1))..=history_key(key, u64::MAX);
         for kv in self.journal.range(after) {
             let (_, v) = kv?;
-            if journal::fold(&mut saga, decode(&v, "journal entry")?)? == journal::Folded::SnapshotMoved {
+            if journal::fold(&mut saga, decode::<journal::EntryIn>(&v, "journal entry")?)?
+                == journal::Folded::SnapshotMoved
+            {
                 return Ok(None);
             }
         }
@@ -684,7 +686,8 @@ impl Store {
                 .collect::<Result<_, StoreError>>()?;
             for kv in self.journal.scan_prefix(key) {
                 let (_, v) = kv?;
-                let (entry, h) = journal::split_history(decode(&v, "journal entry")?);
+                let mut entry: journal::EntryIn<Vec<HistoryEntry>> = decode(&v, "journal entry")?;
+                let h = std::mem::take(&mut entry.history);
                 // Entries up to the snapshot's sequence are in it already.
                 if entry.seq() > saga.seq
                     && journal::fold(&mut saga, entry)? == journal::Folded::SnapshotMoved

@@ -38,10 +38,10 @@ pub(super) struct EntryOut<'a> {
     snapshot: bool,
 }
 
-/// A journal entry read to be folded into its saga (its history and
-/// commands are skipped, not built).
+/// A journal entry read to be folded into its saga (its commands are
+/// skipped, not built; its history too, unless `H` is `Vec<HistoryEntry>`).
 #[derive(Debug, Deserialize)]
-pub(super) struct EntryIn {
+pub(super) struct EntryIn<H = serde::de::IgnoredAny> {
     state: SagaState,
     reason: Option<String>,
     updated_at_ms: u64,
@@ -49,9 +49,11 @@ pub(super) struct EntryIn {
     steps: Vec<(usize, StepProgress)>,
     #[serde(default)]
     snapshot: bool,
+    #[serde(default)]
+    pub(super) history: H,
 }
 
-impl EntryIn {
+impl<H> EntryIn<H> {
     /// The sequence of the entry's last history entry (its key's).
     pub(super) fn seq(&self) -> u64 {
         self.seq
@@ -90,44 +92,6 @@ pub(super) struct BothIn {
     settled: Vec<(usize, CommandKind)>,
 }
 
-/// A journal entry read to be folded into its saga and for its history.
-#[derive(Deserialize)]
-pub(super) struct WithHistoryIn {
-    state: SagaState,
-    reason: Option<String>,
-    updated_at_ms: u64,
-    seq: u64,
-    steps: Vec<(usize, StepProgress)>,
-    #[serde(default)]
-    snapshot: bool,
-    #[serde(default)]
-    history: Vec<HistoryEntry>,
-}
-
-/// A [`WithHistoryIn`] as what [`fold`] takes, and its history.
-pub(super) fn split_history(e: WithHistoryIn) -> (EntryIn, Vec<HistoryEntry>) {
-    let WithHistoryIn {
-        state,
-        reason,
-        updated_at_ms,
-        seq,
-        steps,
-        snapshot,
-        history,
-    } = e;
-    (
-        EntryIn {
-            state,
-            reason,
-            updated_at_ms,
-            seq,
-            steps,
-            snapshot,
-        },
-        history,
-    )
-}
-
 /// A [`BothIn`] as what [`fold`] and [`fold_commands`] take.
 pub(super) fn split(b: BothIn) -> (EntryIn, CommandsIn) {
     let BothIn {
@@ -148,6 +112,7 @@ pub(super) fn split(b: BothIn) -> (EntryIn, CommandsIn) {
             seq,
             steps,
             snapshot,
+            history: serde::de::IgnoredAny,
         },
         CommandsIn { commands, settled },
     )
@@ -249,7 +214,7 @@ pub(super) enum Folded {
 ///
 /// # Errors
 /// An entry that names a step the saga does not have, or goes back in sequence.
-pub(super) fn fold(saga: &mut Saga, entry: EntryIn) -> Result<Folded, StoreError> {
+pub(super) fn fold<H>(saga: &mut Saga, entry: EntryIn<H>) -> Result<Folded, StoreError> {
     if entry.snapshot && entry.seq > saga.seq {
         return Ok(Folded::SnapshotMoved);
     }
