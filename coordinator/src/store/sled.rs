@@ -648,14 +648,7 @@ impl Store {
     /// sled errors; a corrupt entry.
     #[cfg(test)]
     pub(crate) fn history(&self, id: &Uuid) -> Result<Vec<HistoryEntry>, StoreError> {
-        let mut out: Vec<HistoryEntry> = self
-            .history
-            .scan_prefix(id.as_bytes())
-            .map(|kv| {
-                let (_, v) = kv?;
-                decode(&v, "history entry")
-            })
-            .collect::<Result<_, StoreError>>()?;
+        let mut out = self.legacy_history(id.as_bytes())?;
         for kv in self.journal.scan_prefix(id.as_bytes()) {
             let (_, v) = kv?;
             out.extend(decode::<journal::HistoryIn>(&v, "journal entry")?.history);
@@ -676,14 +669,7 @@ impl Store {
                 return Ok(None);
             };
             let mut saga = self.decode_record(&bytes)?;
-            let mut history: Vec<HistoryEntry> = self
-                .history
-                .scan_prefix(key)
-                .map(|kv| {
-                    let (_, v) = kv?;
-                    decode(&v, "history entry")
-                })
-                .collect::<Result<_, StoreError>>()?;
+            let mut history = self.legacy_history(key)?;
             for kv in self.journal.scan_prefix(key) {
                 let (_, v) = kv?;
                 let mut entry: journal::EntryIn<Vec<HistoryEntry>> = decode(&v, "journal entry")?;
@@ -701,6 +687,18 @@ impl Store {
         Err(StoreError::Corrupt(format!(
             "saga {id}: its snapshot moved at each of {READ_RETRIES} reads"
         )))
+    }
+
+    /// The history an earlier version wrote to the `history` tree for saga
+    /// `key` (empty for sagas written since the journal).
+    fn legacy_history(&self, key: &[u8; 16]) -> Result<Vec<HistoryEntry>, StoreError> {
+        self.history
+            .scan_prefix(key)
+            .map(|kv| {
+                let (_, v) = kv?;
+                decode(&v, "history entry")
+            })
+            .collect()
     }
 
     /// History entries `first..=last` of saga `id` (an events-log pointer):
