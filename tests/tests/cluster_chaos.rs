@@ -306,10 +306,21 @@ async fn a_coordinator_and_a_nats_node_die_and_every_saga_still_ends_once() -> R
             break;
         }
         if quiet_start.elapsed() > Duration::from_secs(env_or("CLUSTER_QUIET_SECONDS", 120)) {
+            // The stuck ones by name: their partition says which coordinator to read.
+            let stuck: Vec<String> = all
+                .iter()
+                .filter(|s| !is_terminal(s.state))
+                .take(10)
+                .map(|s| {
+                    let p = coordinator::kv::partition_of(&s.saga_id, PARTITIONS);
+                    format!("{} (state {}, partition {p})", s.saga_id, s.state)
+                })
+                .collect();
             bail!(
-                "{busy} of {} sagas still in flight (logs kept in {})\ncoord-1 log tail:\n{}",
+                "{busy} of {} sagas still in flight (logs kept in {}): {}\ncoord-1 log tail:\n{}",
                 all.len(),
                 dir.display(),
+                stuck.join(", "),
                 coordinators[1].log_tail(30)
             );
         }

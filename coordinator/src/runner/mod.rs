@@ -716,12 +716,20 @@ impl Runner {
         let key = id.to_string();
         self.reload(&key)?;
         if !self.active.contains_key(&key) {
-            let saga = self
+            let (saga, in_flight) = self
                 .store
                 .load_for_update(&id)
                 .await?
                 .ok_or(OperateError::NotFound(id))?;
-            self.active.insert(key.clone(), saga);
+            if saga.state.is_terminal() {
+                self.active.insert(key.clone(), saga);
+            } else {
+                // In flight but not run here (jetstream): a former holder of its
+                // partition created or moved it after the takeover's load, then let
+                // it go. Run it with its commands re-sent, as a rescan would; only
+                // in memory, a rescan would skip it and it would wait forever.
+                self.adopt(vec![(saga, in_flight)], now)?;
+            }
         }
         if let Event::Signal {
             name,

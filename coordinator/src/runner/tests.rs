@@ -364,6 +364,47 @@ async fn a_lost_transition_turns_into_a_reload_not_a_send() {
     assert!(h.stop().await.is_ok());
 }
 
+/// The hand-over gap of a cluster: a saga in a held partition is in flight in
+/// the store but not run here (a former holder created it after this
+/// coordinator's takeover load, then let it go). An operator event for it
+/// must make the runner run it, not only hold it in memory: the rescan skips a
+/// saga already in memory, and its command would never be sent again.
+#[tokio::test]
+async fn an_event_for_a_saga_in_flight_but_not_run_here_runs_it() {
+    let h = Harness::start(MemoryStore::like_jetstream(), 100, true).await;
+    let id = saga_id(&h.create(Some("k-1")).await);
+    h.sink.wait_sent(1).await;
+    let released = tokio::time::timeout(WAIT, h.handle.release(0, 1)).await;
+    assert!(
+        matches!(&released, Ok(Ok(ids)) if ids == &vec![id.clone()]),
+        "{released:?}"
+    );
+    let Ok(uuid) = Uuid::parse_str(&id) else {
+        panic!("saga id {id} is not a uuid");
+    };
+    // A signal the definition has no step for: refused, and the saga runs.
+    let signal = Event::Signal {
+        name: "nobody-waits".into(),
+        id: "s-1".into(),
+        payload: serde_json::json!({}),
+    };
+    let answered = tokio::time::timeout(WAIT, h.handle.operate(uuid, signal)).await;
+    assert!(matches!(answered, Ok(Err(_))), "{answered:?}");
+    h.sink.wait_sent(2).await;
+    assert_eq!(
+        h.sink.sent_for(&id),
+        vec![(0, CommandKind::Forward), (0, CommandKind::Forward)],
+        "the in-flight command was not sent again"
+    );
+    // Its reply moves it on: the next step's command leaves.
+    let reserve = h.sink.sent()[1].clone();
+    h.reply(&reserve, ok());
+    h.sink.wait_sent(3).await;
+    assert_eq!(h.sink.sent_for(&id)[2], (1, CommandKind::Forward));
+    h.assert_nothing_early();
+    assert!(h.stop().await.is_ok());
+}
+
 #[tokio::test]
 async fn evicted_sagas_are_read_back_on_their_next_event() {
     let resident = 2;

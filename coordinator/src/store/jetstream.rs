@@ -397,11 +397,12 @@ impl JsStore {
             .map(|(r, _)| (r.saga, r.history)))
     }
 
-    /// Reads the saga and keeps what a write needs (its revision).
+    /// Reads the saga with its commands in flight and keeps what a write
+    /// needs (its revision).
     ///
     /// # Errors
     /// As [`JsStore::get`].
-    pub(crate) async fn load_for_update(&self, id: &Uuid) -> Result<Option<Saga>, StoreError> {
+    pub(crate) async fn load_for_update(&self, id: &Uuid) -> Result<Option<Loaded>, StoreError> {
         let Some((record, revision)) = self.record(&id.to_string()).await? else {
             return Ok(None);
         };
@@ -410,11 +411,11 @@ impl JsStore {
             Cached {
                 revision: Some(revision),
                 history: record.history,
-                outbox: record.outbox,
+                outbox: record.outbox.clone(),
                 dead_letters: record.dead_letters,
             },
         );
-        Ok(Some(record.saga))
+        Ok(Some((record.saga, record.outbox)))
     }
 
     /// The saga created with client idempotency key `key`, if any.
@@ -711,7 +712,7 @@ impl SagaStore for JsStore {
         Box::pin(JsStore::get(self, id))
     }
 
-    fn load_for_update<'a>(&'a self, id: &'a Uuid) -> BoxFuture<'a, Result<Option<Saga>, StoreError>> {
+    fn load_for_update<'a>(&'a self, id: &'a Uuid) -> BoxFuture<'a, Result<Option<Loaded>, StoreError>> {
         Box::pin(JsStore::load_for_update(self, id))
     }
 

@@ -263,8 +263,19 @@ impl SagaStore for MemoryStore {
         Box::pin(std::future::ready(Ok(found)))
     }
 
-    fn load_for_update<'a>(&'a self, id: &'a Uuid) -> BoxFuture<'a, Result<Option<Saga>, StoreError>> {
-        let found = Self::latest(&self.lock(), id);
+    fn load_for_update<'a>(&'a self, id: &'a Uuid) -> BoxFuture<'a, Result<Option<Loaded>, StoreError>> {
+        let inner = self.lock();
+        let found = Self::latest(&inner, id).map(|saga| {
+            let outbox = match saga.state.is_terminal() {
+                true => Vec::new(),
+                false => inner
+                    .durable
+                    .get(id)
+                    .map(|d| d.outbox.clone())
+                    .unwrap_or_default(),
+            };
+            (saga, outbox)
+        });
         Box::pin(std::future::ready(Ok(found)))
     }
 

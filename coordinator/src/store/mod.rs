@@ -167,9 +167,10 @@ pub(crate) trait SagaStore: Send + Sync + std::fmt::Debug + 'static {
     /// The saga `id` as durable (or being committed).
     fn get<'a>(&'a self, id: &'a Uuid) -> BoxFuture<'a, Result<Option<Saga>, StoreError>>;
 
-    /// The saga `id`, read to be written next (an operator event on a saga
-    /// that is not in the runner's memory).
-    fn load_for_update<'a>(&'a self, id: &'a Uuid) -> BoxFuture<'a, Result<Option<Saga>, StoreError>>;
+    /// The saga `id` with its commands in flight, read to be written next
+    /// (an operator event on a saga that is not in the runner's memory). A
+    /// finished saga has no commands in flight: they are empty.
+    fn load_for_update<'a>(&'a self, id: &'a Uuid) -> BoxFuture<'a, Result<Option<Loaded>, StoreError>>;
 
     /// The saga `id` as the runner last staged it (staged, being committed or durable).
     fn get_latest<'a>(&'a self, id: &'a Uuid) -> BoxFuture<'a, Result<Option<Saga>, StoreError>>;

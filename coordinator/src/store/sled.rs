@@ -902,8 +902,15 @@ impl crate::store::SagaStore for Store {
         Box::pin(std::future::ready(Store::get(self, id)))
     }
 
-    fn load_for_update<'a>(&'a self, id: &'a Uuid) -> BoxFuture<'a, Result<Option<Saga>, StoreError>> {
-        Box::pin(std::future::ready(Store::get_latest(self, id)))
+    fn load_for_update<'a>(&'a self, id: &'a Uuid) -> BoxFuture<'a, Result<Option<Loaded>, StoreError>> {
+        // The runner keeps every saga in flight (or reads an evicted one back
+        // first), so one it asks for is finished, perhaps in the commit under
+        // way: its latest record. One still in flight is read with its commands.
+        let found = match Store::get_latest(self, id) {
+            Ok(Some(saga)) if !saga.state.is_terminal() => Store::load(self, id.as_bytes()),
+            other => other.map(|found| found.map(|saga| (saga, Vec::new()))),
+        };
+        Box::pin(std::future::ready(found))
     }
 
     fn get_latest<'a>(&'a self, id: &'a Uuid) -> BoxFuture<'a, Result<Option<Saga>, StoreError>> {
