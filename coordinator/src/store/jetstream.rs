@@ -403,7 +403,22 @@ impl JsStore {
     /// # Errors
     /// As [`JsStore::get`].
     pub(crate) async fn load_for_update(&self, id: &Uuid) -> Result<Option<Loaded>, StoreError> {
-        let Some((record, revision)) = self.record(&id.to_string()).await? else {
+        let key = id.to_string();
+        {
+            // Written in the batch under way (the runner let it go as it ended):
+            // that write is the latest, and the record read from KV would
+            // replace what the flush writes it with.
+            let inner = self.lock();
+            if let Some(staged) = inner.staged.get(&key) {
+                let outbox = inner
+                    .cache
+                    .get(&key)
+                    .map(|c| c.outbox.clone())
+                    .unwrap_or_default();
+                return Ok(Some((staged.saga.clone(), outbox)));
+            }
+        }
+        let Some((record, revision)) = self.record(&key).await? else {
             return Ok(None);
         };
         self.lock().cache.insert(
