@@ -50,6 +50,8 @@ pub(crate) struct SagaApi {
     operator_token: Option<String>,
     /// Where operator events and signals go (jetstream store: sagas held elsewhere to their holder).
     router: Router<RunnerHandle>,
+    /// jetstream store: where a creation only another coordinator may make is sent.
+    forward: Option<(async_nats::Client, Ownership)>,
     /// Oldest saga `RetrySaga` may resume (zero: no limit), see `Config::command_horizon`.
     command_horizon: std::time::Duration,
 }
@@ -67,6 +69,7 @@ impl SagaApi {
             store,
             definitions,
             router: Router::local(runner.clone()),
+            forward: None,
             runner,
             // An empty token means none: it must never match an empty bearer.
             operator_token: operator_token.filter(|t| !t.is_empty()),
@@ -75,9 +78,11 @@ impl SagaApi {
     }
 
     /// jetstream store: operator events for sagas whose partition is not
-    /// held here are forwarded over `nats` to the coordinator holding it.
+    /// held here are forwarded over `nats` to the coordinator holding it, and
+    /// so are creations only that one may make ([`crate::create_forward`]).
     pub(crate) fn with_forwarding(mut self, nats: async_nats::Client, ownership: Ownership) -> Self {
-        self.router = self.router.forwarding(nats, ownership);
+        self.router = self.router.forwarding(nats.clone(), ownership.clone());
+        self.forward = Some((nats, ownership));
         self
     }
 
@@ -353,9 +358,16 @@ fn client_trace<T>(req: &Request<T>) -> Option<saga_trace::SpanContext> {
 
 /// The caller's `x-correlation-id` when it is a sane token, else a new UUID.
 fn correlation_id<T>(req: &Request<T>) -> String {
-    req.metadata()
-        .get(CORRELATION_METADATA)
-        .and_then(|v| v.to_str().ok())
+    checked_correlation_id(
+        req.metadata()
+            .get(CORRELATION_METADATA)
+            .and_then(|v| v.to_str().ok()),
+    )
+}
+
+/// A caller's correlation id if it is acceptable, else a fresh one.
+pub(crate) fn checked_correlation_id(given: Option<&str>) -> String {
+    given
         .map(str::trim)
         .filter(|v| {
             !v.is_empty()
@@ -596,6 +608,68 @@ pub(crate) fn saga_to_pb(saga: &Saga, history: &[HistoryEntry]) -> pb::Saga {
     }
 }
 
+/// What `CreateOrder` answers for what the runner did.
+fn create_response(created: Created) -> pb::CreateOrderResponse {
+    match created {
+        Created::New { saga_id, order_id } => pb::CreateOrderResponse {
+            saga_id,
+            order_id,
+            created: true,
+            state: pb::SagaState::Running as i32,
+        },
+        Created::Existing {
+            saga_id,
+            order_id,
+            state,
+        } => pb::CreateOrderResponse {
+            saga_id,
+            order_id,
+            created: false,
+            state: state_to_pb(state) as i32,
+        },
+    }
+}
+
+/// The status of a creation that failed.
+fn create_status(e: CreateError) -> Status {
+    match e {
+        CreateError::KeyReused(_) => Status::already_exists(format!("idempotency_key: {e}")),
+        CreateError::Store(e) => store_status(e),
+        CreateError::Stopped
+        | CreateError::NotStarted
+        | CreateError::NoPartition
+        | CreateError::Lost
+        | CreateError::HeldElsewhere(_) => Status::unavailable(e.to_string()),
+    }
+}
+
+impl crate::create_forward::CreateHere for SagaApi {
+    /// A creation forwarded by another coordinator: checked as a gRPC request
+    /// is (size, encoding, fields), and never forwarded again (a holder that
+    /// lost the partition meanwhile refuses, and the client retries).
+    async fn create_here(
+        &self,
+        request: bytes::Bytes,
+        correlation_id: Option<String>,
+    ) -> Result<pb::CreateOrderResponse, Status> {
+        use prost::Message;
+        let correlation_id = checked_correlation_id(correlation_id.as_deref());
+        let checked = match request.len() {
+            n if n > MAX_REQUEST_BYTES => Err(Status::invalid_argument(format!(
+                "forwarded creation of {n} bytes is over the limit of {MAX_REQUEST_BYTES}"
+            ))),
+            _ => pb::CreateOrderRequest::decode(request)
+                .map_err(|e| Status::invalid_argument(format!("malformed forwarded creation: {e}")))
+                .and_then(|req| validate_create(req, &self.definitions.current(), correlation_id.clone())),
+        };
+        let new = checked.inspect_err(|status| {
+            warn!(correlation_id, error = %status.message(), "forwarded creation refused");
+        })?;
+        let created = self.runner.create(new).await.map_err(create_status)?;
+        Ok(create_response(created))
+    }
+}
+
 #[tonic::async_trait]
 impl SagaService for SagaApi {
     async fn create_order(
@@ -605,15 +679,25 @@ impl SagaService for SagaApi {
         let started = std::time::SystemTime::now();
         let correlation_id = correlation_id(&request);
         let client_trace = saga_trace::spans().and(client_trace(&request));
-        let new = validate_create(request.into_inner(), &self.definitions.current(), correlation_id)?;
+        let req = request.into_inner();
+        // Kept only where a creation may have to go to another coordinator.
+        let sent = self.forward.as_ref().map(|_| req.clone());
+        let new = validate_create(req, &self.definitions.current(), correlation_id)?;
         let correlation_id = new.correlation_id.clone();
-        let created = self.runner.create(new).await.map_err(|e| match e {
-            CreateError::KeyReused(_) => Status::already_exists(format!("idempotency_key: {e}")),
-            CreateError::Store(e) => store_status(e),
-            CreateError::Stopped | CreateError::NotStarted | CreateError::NoPartition | CreateError::Lost => {
-                Status::unavailable(e.to_string())
+        let created = match (self.runner.create(new).await, &self.forward, sent) {
+            (Err(CreateError::HeldElsewhere(saga_id)), Some((nats, ownership)), Some(req)) => {
+                let forwarded = crate::create_forward::forward(
+                    nats,
+                    ownership.partitions(),
+                    &saga_id,
+                    &req,
+                    &correlation_id,
+                )
+                .await?;
+                return Ok(Response::new(forwarded));
             }
-        })?;
+            (created, _, _) => created.map_err(create_status)?,
+        };
         if let Some(spans) = saga_trace::spans() {
             let (saga_id, fresh) = match &created {
                 Created::New { saga_id, .. } => (saga_id, true),
@@ -625,25 +709,7 @@ impl SagaService for SagaApi {
                 spans.emit(span);
             }
         }
-        let response = match created {
-            Created::New { saga_id, order_id } => pb::CreateOrderResponse {
-                saga_id,
-                order_id,
-                created: true,
-                state: pb::SagaState::Running as i32,
-            },
-            Created::Existing {
-                saga_id,
-                order_id,
-                state,
-            } => pb::CreateOrderResponse {
-                saga_id,
-                order_id,
-                created: false,
-                state: state_to_pb(state) as i32,
-            },
-        };
-        Ok(Response::new(response))
+        Ok(Response::new(create_response(created)))
     }
 
     async fn get_saga(&self, request: Request<pb::GetSagaRequest>) -> Result<Response<pb::Saga>, Status> {

@@ -32,9 +32,10 @@
 //! costs duplicate re-sends, never a double effect.
 //!
 //! `CreateOrder` draws the new saga's id inside a partition the receiving
-//! coordinator holds; `GetSaga`/`ListSagas` read the shared store on any
-//! coordinator; operator RPCs are forwarded over NATS to the partition's
-//! holder (`saga.coordinator.operate.<partition>`).
+//! coordinator holds (a retry whose key names a saga elsewhere goes to that
+//! partition's holder, [`crate::create_forward`]); `GetSaga`/`ListSagas` read
+//! the shared store on any coordinator; operator RPCs are forwarded over NATS
+//! to the partition's holder (`saga.coordinator.operate.<partition>`).
 
 use std::{
     collections::HashMap,

@@ -17,6 +17,8 @@
 //! - `dispatch`: NATS request-reply with timeouts and backoff;
 //! - `cluster`: partition leases on the jetstream store (talks to the
 //!   runner through `cluster::SagaHost`);
+//! - `create_forward`: a retried creation only another coordinator may make,
+//!   sent there over NATS (talks to the API through `CreateHere`);
 //! - `api`: the gRPC service.
 //!
 //! [`run`] wires them; [`cli::main`] is the process (config, tracing,
@@ -59,6 +61,7 @@ pub mod cli;
 mod clock;
 mod cluster;
 mod console;
+mod create_forward;
 mod dispatch;
 mod effects;
 mod events;
@@ -641,6 +644,8 @@ pub async fn run_with_reload(
     }
     let router = api.router();
     let api = std::sync::Arc::new(api);
+    // jetstream: answers creations other coordinators forward here.
+    let creations_host = api.clone();
     let console = (!config.no_console).then(|| {
         let token = config.console_token.clone().filter(|t| !t.is_empty());
         console::Console::new(api.clone(), store.clone(), definitions.clone(), token).router()
@@ -723,7 +728,7 @@ pub async fn run_with_reload(
     // Retention applies where the store prunes (sled; the jetstream store keeps records, see README).
     let pruner = (store.capabilities().retention && !config.retention.is_zero())
         .then(|| tokio::spawn(prune_forever(store.clone(), config.retention, stop_work.clone())));
-    let (runner_cluster, cluster_task) = match (cluster, partitioned) {
+    let (runner_cluster, cluster_task, creations_task) = match (cluster, partitioned) {
         (Some((ownership, lost_tx, lost_rx)), Some(partitioned)) => {
             let js = async_nats::jetstream::new(nats.clone());
             let leases = cluster::open_leases(&js, config.kv_replicas).await?;
@@ -746,9 +751,15 @@ pub async fn run_with_reload(
                 lost_rx,
                 stop_work.clone(),
             ));
-            (Some((ownership, lost_tx)), Some(task))
+            let creations = tokio::spawn(create_forward::serve(
+                nats.clone(),
+                ownership.clone(),
+                creations_host,
+                stop_work.clone(),
+            ));
+            (Some((ownership, lost_tx)), Some(task), Some(creations))
         }
-        _ => (None, None),
+        _ => (None, None, None),
     };
     let signals_task = tokio::spawn(signals::serve(nats.clone(), router, stop_work.clone()));
     let events_wake = events::EventsWake::default();
@@ -793,6 +804,9 @@ pub async fn run_with_reload(
     tracker.close();
     tracker.wait().await;
     if let Some(task) = cluster_task {
+        let _ = task.await;
+    }
+    if let Some(task) = creations_task {
         let _ = task.await;
     }
     if let Some(task) = events_task {

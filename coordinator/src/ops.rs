@@ -53,6 +53,11 @@ pub(crate) enum CreateError {
     /// unknown; a retry with the same key answers.
     #[error("the saga's write did not go through; retry with the same idempotency key")]
     Lost,
+    /// jetstream store: the key names saga `.0`, whose record's write did not
+    /// go through, in a partition another coordinator holds: only that one
+    /// may create it (the API forwards the request there).
+    #[error("the saga's write did not go through and another coordinator must create it; retry with the same idempotency key")]
+    HeldElsewhere(String),
 }
 
 /// What an operator event did.

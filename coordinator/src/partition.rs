@@ -74,6 +74,11 @@ impl Ownership {
         self.read().contains(&partition_of(saga_id, self.partitions))
     }
 
+    /// Whether partition `p` is held here.
+    pub(crate) fn holds(&self, p: u32) -> bool {
+        self.read().contains(&p)
+    }
+
     /// Whether nothing is held.
     pub(crate) fn is_empty(&self) -> bool {
         self.read().is_empty()

@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
+use futures::StreamExt;
 use saga_proto::pb::{self, SagaState};
 use saga_testkit::*;
 
@@ -116,8 +117,9 @@ async fn two_coordinators_share_sagas_and_hand_them_over() -> Result<()> {
     assert_eq!(last, Some(SagaState::Completed as i32));
 
     // A client idempotency key whose saga record never landed (its coordinator
-    // died between the two writes): a retry on the partition's holder creates
-    // that very saga; elsewhere it is refused as retryable.
+    // died between the two writes): a retry creates that very saga on the
+    // partition's holder, also when it reaches another coordinator, which
+    // forwards it there.
     let owned_by_a: Vec<u32> = cluster::holders(&client)
         .await?
         .into_iter()
@@ -136,18 +138,43 @@ async fn two_coordinators_share_sagas_and_hand_them_over() -> Result<()> {
     keys.create(&hex, reserved.clone().into_bytes().into()).await?;
     let mut retry = order("c-1", &[("A-1", 1)], 100);
     retry.idempotency_key = "half-written".into();
-    let refused = gb.create_order(retry.clone()).await;
+    let created = gb.create_order(retry.clone()).await?.into_inner();
     assert_eq!(
-        refused.map_err(|s| s.code()).err(),
-        Some(tonic::Code::Unavailable)
+        (created.saga_id.as_str(), created.created),
+        (reserved.as_str(), true)
     );
-    let created = ga.create_order(retry.clone()).await?.into_inner();
-    assert_eq!(created.saga_id, reserved);
     let saga = wait_terminal(&mut ga, &reserved, Duration::from_secs(20)).await?;
     ensure!(saga.state == SagaState::Completed as i32, "{saga:?}");
     // And from then on the key answers with it, on either coordinator.
-    let again = gb.create_order(retry).await?.into_inner();
-    assert_eq!((again.saga_id, again.created), (reserved, false));
+    for g in [&mut ga, &mut gb] {
+        let again = g.create_order(retry.clone()).await?.into_inner();
+        assert_eq!(
+            (again.saga_id.as_str(), again.created),
+            (reserved.as_str(), false)
+        );
+    }
+    // A forwarded creation is checked as an attacker's: garbage gets an error
+    // answer from the holder (and from it only), and changes nothing.
+    let subject = format!(
+        "saga.coordinator.create.{}",
+        coordinator::kv::partition_of(&reserved, PARTITIONS)
+    );
+    let inbox = client.new_inbox();
+    let mut answers = client.subscribe(inbox.clone()).await?;
+    client
+        .publish_with_reply(subject, inbox, vec![0xff, 0x01, 0x02].into())
+        .await?;
+    let answer = tokio::time::timeout(Duration::from_secs(5), answers.next())
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no answer to a malformed forwarded creation"))?;
+    let answer: serde_json::Value = serde_json::from_slice(&answer.payload)?;
+    assert_eq!(answer["result"], "error", "{answer}");
+    assert_eq!(answer["code"], tonic::Code::InvalidArgument as i32, "{answer}");
+    let second = tokio::time::timeout(Duration::from_millis(500), answers.next()).await;
+    assert!(
+        second.is_err(),
+        "a coordinator that does not hold the partition answered too"
+    );
 
     // An abort sent to the coordinator that does not hold the saga reaches the one that does.
     let slow = start_payment(

@@ -669,7 +669,7 @@ impl Runner {
                     // write lets one of any racing attempts win.
                     None if self.ownership.is_some() => {
                         if !self.ownership.as_ref().is_some_and(|o| o.owns(&id.to_string())) {
-                            return Err(CreateError::Lost);
+                            return Err(CreateError::HeldElsewhere(id.to_string()));
                         }
                         reserved = Some(id.to_string());
                     }
