@@ -614,6 +614,16 @@ impl Report {
                 ),
             ]);
             t.add_row(vec![
+                "then: the fill's events published; its dirty pages written (sync)".to_string(),
+                format!(
+                    "{}; {} (reads timed after both)",
+                    s.events_drained
+                        .map_or_else(|| "not measured".to_string(), |d| format!("{d:.1?}")),
+                    s.synced
+                        .map_or_else(|| "sync failed".to_string(), |d| format!("{d:.1?}")),
+                ),
+            ]);
+            t.add_row(vec![
                 "GetSaga p50 / p99 / max (random ids)".to_string(),
                 format!(
                     "{:.3} / {:.3} / {:.3} ms",
@@ -821,6 +831,8 @@ impl Report {
                 "page_size": s.page_size,
                 "coordinator_rss_kib": s.coordinator_rss_kib,
                 "store_bytes": s.store_bytes,
+                "events_drained_s": s.events_drained.map(|d| d.as_secs_f64()),
+                "sync_s": s.synced.map(|d| d.as_secs_f64()),
                 "console_pages": s.console.iter().map(|p| json!({
                     "page": p.name, "latency_ms": latency(&p.latency),
                     "coordinator_cpu_us_per_page": p.cpu_us, "bytes": p.bytes,
