@@ -602,7 +602,13 @@ impl Store {
             let Some(bytes) = self.sagas.get(id.as_bytes())? else {
                 return Ok(None);
             };
-            if let Some(saga) = self.fold_after(id.as_bytes(), self.decode_record(&bytes)?)? {
+            // An ended saga's snapshot is its latest state: no journal read
+            // (a ListSagas page reads a hundred of them).
+            let (saga, latest) = self.decode_snapshot(&bytes)?;
+            if latest {
+                return Ok(Some(saga));
+            }
+            if let Some(saga) = self.fold_after(id.as_bytes(), saga)? {
                 return Ok(Some(saga));
             }
         }

@@ -43,6 +43,11 @@ pub(super) struct SagaOut<'a> {
     pub(super) deadline_at_ms: Option<u64>,
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
     pub(super) signals: &'a [crate::engine::ReceivedSignal],
+    /// Set on a snapshot of an ended saga: one written since a saga leaving
+    /// its end writes a snapshot too (`journal::snapshot_due`), so such a
+    /// record is the saga's latest state and a read needs no journal.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub(super) ended_is_latest: bool,
 }
 
 /// A saga record as read: the definition by reference, or inline (records
@@ -72,6 +77,9 @@ pub(super) struct SagaIn {
     pub(super) deadline_at_ms: Option<u64>,
     #[serde(default)]
     pub(super) signals: Vec<crate::engine::ReceivedSignal>,
+    /// Absent from records of earlier versions: their reads fold the journal.
+    #[serde(default)]
+    pub(super) ended_is_latest: bool,
 }
 
 /// The definitions saga records refer to, in memory: by the `Arc` the
@@ -173,6 +181,7 @@ impl Store {
                 seq: *seq,
                 deadline_at_ms: *deadline_at_ms,
                 signals,
+                ended_is_latest: state.is_terminal(),
             },
         })
     }
@@ -192,6 +201,12 @@ impl Store {
     }
 
     pub(super) fn decode_record(&self, bytes: &[u8]) -> Result<Saga, StoreError> {
+        self.decode_snapshot(bytes).map(|(saga, _)| saga)
+    }
+
+    /// A record, and whether it is the saga's latest state (an ended saga's
+    /// snapshot written by this version: no journal entry follows it).
+    pub(super) fn decode_snapshot(&self, bytes: &[u8]) -> Result<(Saga, bool), StoreError> {
         let SagaIn {
             id,
             definition,
@@ -207,9 +222,11 @@ impl Store {
             seq,
             deadline_at_ms,
             signals,
+            ended_is_latest,
         } = decode::<SagaRecordIn>(bytes, "saga record")?.saga;
         let definition = self.record_definition(&id, definition, definition_ref)?;
-        Ok(Saga {
+        let latest = ended_is_latest && state.is_terminal();
+        let saga = Saga {
             id,
             definition,
             order,
@@ -223,6 +240,7 @@ impl Store {
             seq,
             deadline_at_ms,
             signals,
-        })
+        };
+        Ok((saga, latest))
     }
 }

@@ -981,3 +981,74 @@ async fn the_kept_counts_match_a_scan_of_the_index_through_writes_and_a_reopen()
         .expect("counts")
         .contains(&(StateTag::Compensated, 3)));
 }
+
+#[tokio::test]
+async fn an_ended_record_is_the_latest_state_since_a_retry_out_of_an_end_rewrites_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("open");
+    let created = new_saga(None);
+    store.write(&created, None).expect("write");
+    let (t, _) = step(&store, &created.saga, Event::Start, 2);
+    let (t, _) = step(
+        &store,
+        &t.saga,
+        reply(0, 1, Outcome::Ok(serde_json::json!({"r": 1}))),
+        3,
+    );
+    let (t, _) = step(
+        &store,
+        &t.saga,
+        reply(1, 1, Outcome::Rejected("declined".into())),
+        4,
+    );
+    let release_failed = Event::Reply {
+        step: 0,
+        kind: CommandKind::Compensate,
+        attempt: 1,
+        outcome: Outcome::Rejected("locked".into()),
+    };
+    let (failed, _) = step(&store, &t.saga, release_failed, 5);
+    assert!(
+        matches!(failed.saga.state, engine::SagaState::Failed { .. }),
+        "{:?}",
+        failed.saga.state
+    );
+    store.flush_writes().await.expect("flush");
+    let id = Uuid::parse_str(&failed.saga.id).expect("id");
+    let key = saga_key(&failed.saga.id).expect("key");
+    let record = store.sagas.get(key).expect("get").expect("record");
+    assert!(
+        store.decode_snapshot(&record).expect("decode").1,
+        "an ended record is marked"
+    );
+    assert_eq!(store.get(&id).expect("get"), Some(failed.saga.clone()));
+
+    // The retry leaves the end: a snapshot of its own, so the record is not an ended one.
+    let (retried, _) = step(&store, &failed.saga, Event::Retry, 6);
+    assert!(!retried.saga.state.is_terminal());
+    let staged: Vec<Tree> = store.staged().ops.iter().map(|(tree, _, _)| *tree).collect();
+    assert!(
+        staged.iter().any(|tree| matches!(tree, Tree::Sagas)),
+        "the retry writes a snapshot: {staged:?}"
+    );
+    store.flush_writes().await.expect("flush");
+    assert_eq!(store.get(&id).expect("get"), Some(retried.saga.clone()));
+    assert_read_together(&store, &id);
+
+    // An earlier version's ended record (unmarked) with the retry's entry after
+    // it, as that version wrote a retry: the read folds the entry in.
+    let unmarked = String::from_utf8(store.encode_record(&failed.saga).expect("encode"))
+        .expect("utf8")
+        .replace(",\"ended_is_latest\":true", "");
+    assert!(!store.decode_snapshot(unmarked.as_bytes()).expect("decode").1);
+    store.sagas.insert(key, unmarked.as_bytes()).expect("insert");
+    let entry = journal::entry(&failed.saga, &retried).expect("an entry, not a snapshot");
+    store
+        .journal
+        .insert(
+            history_key(&key, retried.saga.seq),
+            encode(&entry).expect("encode"),
+        )
+        .expect("insert");
+    assert_eq!(store.get(&id).expect("get"), Some(retried.saga));
+}
