@@ -4,9 +4,9 @@
 //! its history entries, the commands it put in flight and those it settled.
 //! A saga is its last snapshot (the `sagas` record, written when the saga is
 //! created, ends, leaves an end, or its journal passes [`SNAPSHOT_EVERY`]
-//! entries) with the entries after it folded in; its history and its commands in flight are
-//! folded from all its entries. Pure encoding and folding; the reads and
-//! writes are the store's.
+//! entries) with the entries after it folded in; its history and its
+//! commands in flight are folded from all its entries. Pure encoding and
+//! folding; the reads and writes are the store's.
 
 use serde::{Deserialize, Serialize};
 
@@ -189,10 +189,11 @@ fn commands(t: &Transition) -> Vec<OutboxEntry> {
 /// Whether `t` (written from `previous`) ends with a snapshot of the saga:
 /// its first transition, one that ends it, one that leaves an end (an
 /// operator's retry of a FAILED saga), or one whose history crosses a
-/// multiple of [`SNAPSHOT_EVERY`]. Leaving an end rewrites the record so that
-/// an ended record is always the saga's latest state (read without its journal). The last one is kept although it costs a write: without
-/// it, a read of a finished saga folds its entries, and with 1,000,000 stored
-/// GetSaga's p99 went from 0.8 to 2.9 ms and a ListSagas page's from 2.6 to 17.6 ms.
+/// multiple of [`SNAPSHOT_EVERY`]. The snapshot at the end costs a write but
+/// keeps a finished saga's read off its journal: without it, with 1,000,000
+/// stored, GetSaga's p99 went from 0.8 to 2.9 ms and a ListSagas page's from
+/// 2.6 to 17.6 ms. The one when leaving an end makes an ended record always
+/// the saga's latest state, read without the journal at all.
 pub(super) fn snapshot_due(previous: Option<&Saga>, t: &Transition) -> bool {
     match previous {
         None => true,
