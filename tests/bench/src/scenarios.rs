@@ -878,10 +878,9 @@ pub(crate) async fn stored(ctx: &Ctx<'_>) -> Result<StoredReport> {
     })
 }
 
-/// Writes the host's dirty pages out (`sync`): the kernel's writeback of
-/// the fill's gigabytes otherwise runs during the reads, on the same two
-/// cores, and was most of their p99 (4.3 against 0.8 ms at 100,000 stored).
-/// How long it took, or `None` when `sync` could not run.
+/// Writes the host's dirty pages out (`sync`), so that the kernel's
+/// writeback of what the fill left does not run during the reads, on the
+/// same two cores. How long it took, or `None` when `sync` could not run.
 async fn settle() -> Option<Duration> {
     phase("stored: writing the fill's dirty pages out (sync)");
     let start = Instant::now();
