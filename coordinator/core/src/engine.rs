@@ -836,6 +836,44 @@ fn lookup(value: &serde_json::Value, path: &[String]) -> serde_json::Value {
     v.clone()
 }
 
+/// The command of attempt `attempt` of step `i` in direction `kind`, carrying
+/// `input` (what [`step_input`] resolved when it was sent); `None` when the
+/// definition has no step `i`. It reads only what a saga fixes at creation
+/// (id, definition, order), so a store may keep `(step, kind, attempt,
+/// input)` alone and build the same command again when it reads it back.
+pub fn command(
+    saga: &Saga,
+    i: usize,
+    kind: CommandKind,
+    attempt: u32,
+    input: serde_json::Value,
+) -> Option<Command> {
+    let def = saga.definition.steps.get(i)?;
+    let action = match kind {
+        CommandKind::Forward => def.action.clone(),
+        // Only reached for steps that have a compensation (see `compensate_from`).
+        CommandKind::Compensate => def.compensation.clone().unwrap_or_default(),
+    };
+    Some(Command {
+        step: i,
+        kind,
+        subject: wire::command_subject(&def.participant, &action),
+        message: wire::Command {
+            saga_id: saga.id.clone(),
+            definition: saga.definition.id(),
+            step: def.name.clone(),
+            action,
+            kind,
+            attempt,
+            idempotency_key: wire::idempotency_key(&saga.id, &def.name, kind),
+            payload: saga.order.clone(),
+            input,
+        },
+        timeout_ms: u64::try_from(def.timeout.as_millis()).unwrap_or(u64::MAX),
+        retry: def.retry,
+    })
+}
+
 /// The `input` that step `k`'s command of `kind` carries, `null` when the step
 /// declares none (`None`: no such step). It is resolved from the order and the
 /// outputs of earlier steps, which never change once recorded, so a view computes
@@ -1094,30 +1132,11 @@ impl Builder {
     }
 
     fn send(&mut self, saga: &Saga, i: usize, kind: CommandKind, attempt: u32) {
-        let def = &saga.definition.steps[i];
-        let action = match kind {
-            CommandKind::Forward => def.action.clone(),
-            // Only reached for steps that have a compensation (see `compensate_from`).
-            CommandKind::Compensate => def.compensation.clone().unwrap_or_default(),
-        };
-        self.commands.push(Command {
-            step: i,
-            kind,
-            subject: wire::command_subject(&def.participant, &action),
-            message: wire::Command {
-                saga_id: saga.id.clone(),
-                definition: saga.definition.id(),
-                step: def.name.clone(),
-                action,
-                kind,
-                attempt,
-                idempotency_key: wire::idempotency_key(&saga.id, &def.name, kind),
-                payload: saga.order.clone(),
-                input: step_input(saga, i, kind).unwrap_or_default(),
-            },
-            timeout_ms: u64::try_from(def.timeout.as_millis()).unwrap_or(u64::MAX),
-            retry: def.retry,
-        });
+        let input = step_input(saga, i, kind).unwrap_or_default();
+        // Steps are the definition's: `i` always names one.
+        if let Some(c) = command(saga, i, kind, attempt, input) {
+            self.commands.push(c);
+        }
     }
 
     /// Whether step `k` failed in a way that stops the saga (not `on_failure: continue`).

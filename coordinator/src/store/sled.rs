@@ -639,10 +639,13 @@ impl Store {
     /// sled errors; a corrupt entry.
     #[cfg(test)]
     pub(crate) fn in_flight(&self, id: &Uuid) -> Result<Vec<crate::store::OutboxEntry>, StoreError> {
+        let Some(saga) = self.get(id)? else {
+            return Ok(Vec::new());
+        };
         let mut in_flight = Vec::new();
         for kv in self.journal.scan_prefix(id.as_bytes()) {
             let (_, v) = kv?;
-            journal::fold_commands(&mut in_flight, decode(&v, "journal entry")?);
+            journal::fold_commands(&mut in_flight, decode(&v, "journal entry")?, &saga)?;
         }
         Ok(in_flight)
     }
@@ -816,9 +819,9 @@ impl Store {
                     if journal::fold(&mut saga, entry)? == journal::Folded::SnapshotMoved {
                         continue 'read;
                     }
-                    journal::fold_commands(&mut in_flight, commands);
+                    journal::fold_commands(&mut in_flight, commands, &saga)?;
                 } else {
-                    journal::fold_commands(&mut in_flight, decode(&v, "journal entry")?);
+                    journal::fold_commands(&mut in_flight, decode(&v, "journal entry")?, &saga)?;
                 }
             }
             return Ok(Some((saga, in_flight)));

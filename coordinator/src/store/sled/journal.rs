@@ -5,13 +5,15 @@
 //! A saga is its last snapshot (the `sagas` record, written when the saga is
 //! created, ends, leaves an end, or its journal passes [`SNAPSHOT_EVERY`]
 //! entries) with the entries after it folded in; its history and its
-//! commands in flight are folded from all its entries. Pure encoding and
+//! commands in flight are folded from all its entries. A command is kept
+//! as what the engine chose for it (step, direction, attempt, input) and
+//! built again from the saga when read ([`Sent`]). Pure encoding and
 //! folding; the reads and writes are the store's.
 
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    engine::{HistoryEntry, Saga, SagaState, StepProgress, Transition},
+    engine::{self, Command, HistoryEntry, Saga, SagaState, StepProgress, Transition},
     store::{OutboxEntry, StoreError},
 };
 use saga_wire::CommandKind;
@@ -31,6 +33,11 @@ pub(super) struct EntryOut<'a> {
     /// The steps the transition changed, by index.
     steps: Vec<(usize, &'a StepProgress)>,
     history: &'a [HistoryEntry],
+    /// The commands the transition put in flight.
+    sent: Vec<SentOut<'a>>,
+    /// Commands whole, as an earlier version's outbox held them (moved
+    /// here on open, `legacy`); new entries keep them as `sent`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     commands: Vec<OutboxEntry>,
     settled: &'a [(usize, CommandKind)],
     /// Written beside a snapshot at its sequence (and so carrying no steps).
@@ -67,9 +74,59 @@ pub(super) struct HistoryIn {
     pub(super) history: Vec<HistoryEntry>,
 }
 
+/// A command as an entry keeps it: what the engine chose. Its subject,
+/// envelope, timeout and retry follow from the saga's id, definition and
+/// order ([`engine::command`]), fixed at creation: kept whole they were
+/// over half of an entry's bytes, the order and the saga id written again
+/// in every command.
+#[derive(Serialize)]
+pub(super) struct SentOut<'a> {
+    step: usize,
+    kind: CommandKind,
+    attempt: u32,
+    #[serde(skip_serializing_if = "serde_json::Value::is_null")]
+    input: &'a serde_json::Value,
+}
+
+/// A [`SentOut`] as read.
+#[derive(Debug, Deserialize)]
+pub(super) struct Sent {
+    step: usize,
+    kind: CommandKind,
+    attempt: u32,
+    #[serde(default)]
+    input: serde_json::Value,
+}
+
+impl Sent {
+    /// The command the engine sent, built again from `saga` (its snapshot
+    /// or a later fold: the fields read are fixed at creation).
+    ///
+    /// # Errors
+    /// The saga's definition has no such step.
+    fn command(self, saga: &Saga) -> Result<OutboxEntry, StoreError> {
+        let Sent {
+            step,
+            kind,
+            attempt,
+            input,
+        } = self;
+        let c = engine::command(saga, step, kind, attempt, input).ok_or_else(|| {
+            StoreError::Corrupt(format!(
+                "saga {}: journal sends step {step} of {}",
+                saga.id,
+                saga.steps.len()
+            ))
+        })?;
+        Ok(OutboxEntry::new(saga, &c))
+    }
+}
+
 /// A journal entry read for its commands only.
 #[derive(Deserialize)]
 pub(super) struct CommandsIn {
+    #[serde(default)]
+    sent: Vec<Sent>,
     #[serde(default)]
     commands: Vec<OutboxEntry>,
     #[serde(default)]
@@ -87,6 +144,8 @@ pub(super) struct BothIn {
     #[serde(default)]
     snapshot: bool,
     #[serde(default)]
+    sent: Vec<Sent>,
+    #[serde(default)]
     commands: Vec<OutboxEntry>,
     #[serde(default)]
     settled: Vec<(usize, CommandKind)>,
@@ -101,6 +160,7 @@ pub(super) fn split(b: BothIn) -> (EntryIn, CommandsIn) {
         seq,
         steps,
         snapshot,
+        sent,
         commands,
         settled,
     } = b;
@@ -114,7 +174,11 @@ pub(super) fn split(b: BothIn) -> (EntryIn, CommandsIn) {
             snapshot,
             history: serde::de::IgnoredAny,
         },
-        CommandsIn { commands, settled },
+        CommandsIn {
+            sent,
+            commands,
+            settled,
+        },
     )
 }
 
@@ -159,7 +223,8 @@ pub(super) fn entry<'a>(previous: &Saga, t: &'a Transition) -> Option<EntryOut<'
             .filter(|(i, s)| previous.steps.get(*i) != Some(*s))
             .collect(),
         history: &t.history,
-        commands: commands(t),
+        sent: sent(&t.commands),
+        commands: Vec::new(),
         settled: &t.settled,
         snapshot: false,
     })
@@ -176,14 +241,23 @@ pub(super) fn beside_snapshot(t: &Transition) -> EntryOut<'_> {
         seq: t.saga.seq,
         steps: Vec::new(),
         history: &t.history,
-        commands: commands(t),
+        sent: sent(&t.commands),
+        commands: Vec::new(),
         settled: &t.settled,
         snapshot: true,
     }
 }
 
-fn commands(t: &Transition) -> Vec<OutboxEntry> {
-    t.commands.iter().map(|c| OutboxEntry::new(&t.saga, c)).collect()
+fn sent(commands: &[Command]) -> Vec<SentOut<'_>> {
+    commands
+        .iter()
+        .map(|c| SentOut {
+            step: c.step,
+            kind: c.kind,
+            attempt: c.message.attempt,
+            input: &c.message.input,
+        })
+        .collect()
 }
 
 /// Whether `t` (written from `previous`) ends with a snapshot of the saga:
@@ -246,13 +320,29 @@ pub(super) fn fold<H>(saga: &mut Saga, entry: EntryIn<H>) -> Result<Folded, Stor
 }
 
 /// Folds an entry's commands into the commands in flight: the settled ones
-/// leave, the new ones come (replacing one of the same step and kind).
-pub(super) fn fold_commands(in_flight: &mut Vec<OutboxEntry>, entry: CommandsIn) {
-    in_flight.retain(|e| !entry.settled.contains(&(e.step, e.kind)));
-    for c in entry.commands {
+/// leave, the new ones come (replacing one of the same step and kind),
+/// built from `saga`, the saga's snapshot or a later fold.
+///
+/// # Errors
+/// An entry that sends a step the saga does not have.
+pub(super) fn fold_commands(
+    in_flight: &mut Vec<OutboxEntry>,
+    entry: CommandsIn,
+    saga: &Saga,
+) -> Result<(), StoreError> {
+    let CommandsIn {
+        sent,
+        commands,
+        settled,
+    } = entry;
+    in_flight.retain(|e| !settled.contains(&(e.step, e.kind)));
+    let sent = sent.into_iter().map(|s| s.command(saga));
+    for c in commands.into_iter().map(Ok).chain(sent) {
+        let c = c?;
         in_flight.retain(|e| !(e.step == c.step && e.kind == c.kind));
         in_flight.push(c);
     }
+    Ok(())
 }
 
 /// The entry that carries commands an earlier version kept in its `outbox`
@@ -266,6 +356,7 @@ pub(super) fn legacy_outbox_entry<'a>(saga: &'a Saga, commands: Vec<OutboxEntry>
         seq: saga.seq,
         steps: Vec::new(),
         history: &[],
+        sent: Vec::new(),
         commands,
         settled: &[],
         snapshot: true,

@@ -1052,3 +1052,86 @@ async fn an_ended_record_is_the_latest_state_since_a_retry_out_of_an_end_rewrite
         .expect("insert");
     assert_eq!(store.get(&id).expect("get"), Some(retried.saga));
 }
+
+#[tokio::test]
+async fn commands_are_kept_by_step_and_attempt_and_read_back_whole_also_from_entries_that_kept_them_whole() {
+    use crate::definition::InputValue;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("open");
+    let mut d = def();
+    d.steps[0].input = [(
+        "order".to_string(),
+        InputValue::Order {
+            path: vec!["order_id".into()],
+        },
+    )]
+    .into();
+    d.steps[0].compensation_input = [(
+        "reservation".to_string(),
+        InputValue::StepOutput {
+            step: 0,
+            path: vec!["reservation_id".into()],
+        },
+    )]
+    .into();
+    d.steps[1].input = [("note".to_string(), InputValue::Literal { value: "gift".into() })].into();
+    let mut created = new_saga(None);
+    created.saga.definition = std::sync::Arc::new(d);
+    let id = Uuid::parse_str(&created.saga.id).expect("uuid");
+    let key = saga_key(&created.saga.id).expect("key");
+    store.write(&created, None).expect("write");
+    let release = Event::Reply {
+        step: 0,
+        kind: CommandKind::Compensate,
+        attempt: 1,
+        outcome: Outcome::Transient("timeout".into()),
+    };
+    let events = [
+        Event::Start,
+        reply(0, 1, Outcome::Transient("timeout".into())),
+        reply(0, 2, Outcome::Ok(serde_json::json!({"reservation_id": "r-9"}))),
+        reply(1, 1, Outcome::Rejected("declined".into())),
+        release,
+    ];
+    // Each transition's commands as the engine built them, by journal key.
+    let mut whole = Vec::new();
+    let mut saga = created.saga.clone();
+    for (now, event) in events.iter().enumerate() {
+        let (t, _) = step(&store, &saga, event.clone(), now as u64 + 2);
+        store.flush_writes().await.expect("flush");
+        let expected: Vec<OutboxEntry> = t.commands.iter().map(|c| OutboxEntry::new(&t.saga, c)).collect();
+        assert_eq!(expected.len(), 1, "one command in flight after {event:?}");
+        let (_, in_flight) = store.load(id.as_bytes()).expect("load").expect("stored");
+        assert_eq!(in_flight, expected, "after {event:?}");
+        whole.push((history_key(&key, t.saga.seq), expected));
+        saga = t.saga;
+    }
+    let last = &whole[whole.len() - 1].1[0];
+    assert_eq!(last.kind, CommandKind::Compensate);
+    assert_eq!(last.message.attempt, 2);
+    assert_eq!(last.message.input, serde_json::json!({"reservation": "r-9"}));
+    for (k, _) in &whole {
+        let v = store.journal.get(k).expect("get").expect("entry");
+        let text = String::from_utf8_lossy(&v);
+        assert!(
+            !text.contains("saga.cmd.") && !text.contains("amount_cents"),
+            "{text}"
+        );
+    }
+
+    // The entries as the version before wrote them: each command whole.
+    for (k, commands) in &whole {
+        let v = store.journal.get(k).expect("get").expect("entry");
+        let mut entry: serde_json::Value = serde_json::from_slice(&v).expect("json");
+        let fields = entry.as_object_mut().expect("an object");
+        fields.remove("sent").expect("sent");
+        fields.insert("commands".into(), serde_json::to_value(commands).expect("json"));
+        store
+            .journal
+            .insert(k, serde_json::to_vec(&entry).expect("json"))
+            .expect("insert");
+    }
+    let (loaded, in_flight) = store.load(id.as_bytes()).expect("load").expect("stored");
+    assert_eq!(loaded, saga);
+    assert_eq!(in_flight, whole[whole.len() - 1].1);
+}
