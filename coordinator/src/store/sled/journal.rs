@@ -13,7 +13,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    engine::{self, Command, HistoryEntry, Saga, SagaState, StepProgress, Transition},
+    engine::{self, Command, EventKind, HistoryEntry, Saga, SagaState, StateTag, StepProgress, Transition},
     store::{OutboxEntry, StoreError},
 };
 use saga_wire::CommandKind;
@@ -23,26 +23,75 @@ use saga_wire::CommandKind;
 /// of journal (a bound without a per-saga counter in memory).
 pub(super) const SNAPSHOT_EVERY: u64 = 16;
 
-/// A journal entry as written (borrowing the transition).
+/// A journal entry as written (borrowing the transition). What is empty is
+/// left out (read back as `None` or empty): a two-step saga's entries wrote
+/// about 15 `null`s and `[]`s between them.
 #[derive(Serialize)]
 pub(super) struct EntryOut<'a> {
     state: &'a SagaState,
-    reason: &'a Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
     updated_at_ms: u64,
     seq: u64,
     /// The steps the transition changed, by index.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     steps: Vec<(usize, &'a StepProgress)>,
-    history: &'a [HistoryEntry],
+    history: Vec<HistoryOut<'a>>,
     /// The commands the transition put in flight.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     sent: Vec<SentOut<'a>>,
     /// Commands whole, as an earlier version's outbox held them (moved
     /// here on open, `legacy`); new entries keep them as `sent`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     commands: Vec<OutboxEntry>,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
     settled: &'a [(usize, CommandKind)],
     /// Written beside a snapshot at its sequence (and so carrying no steps).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     snapshot: bool,
+}
+
+/// A [`HistoryEntry`] as an entry keeps it: the step, attempt and detail a
+/// kind has none of are left out (read back as `None`).
+#[derive(Serialize)]
+struct HistoryOut<'a> {
+    seq: u64,
+    at_ms: u64,
+    kind: EventKind,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    step: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    attempt: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<&'a str>,
+    state: StateTag,
+}
+
+fn history(entries: &[HistoryEntry]) -> Vec<HistoryOut<'_>> {
+    entries
+        .iter()
+        .map(|h| {
+            // Every field by name: a field added to `HistoryEntry` must be placed here.
+            let HistoryEntry {
+                seq,
+                at_ms,
+                kind,
+                step,
+                attempt,
+                detail,
+                state,
+            } = h;
+            HistoryOut {
+                seq: *seq,
+                at_ms: *at_ms,
+                kind: *kind,
+                step: step.as_deref(),
+                attempt: *attempt,
+                detail: detail.as_deref(),
+                state: *state,
+            }
+        })
+        .collect()
 }
 
 /// A journal entry read to be folded into its saga (its commands are
@@ -53,6 +102,7 @@ pub(super) struct EntryIn<H = serde::de::IgnoredAny> {
     reason: Option<String>,
     updated_at_ms: u64,
     seq: u64,
+    #[serde(default)]
     steps: Vec<(usize, StepProgress)>,
     #[serde(default)]
     snapshot: bool,
@@ -140,6 +190,7 @@ pub(super) struct BothIn {
     reason: Option<String>,
     updated_at_ms: u64,
     seq: u64,
+    #[serde(default)]
     steps: Vec<(usize, StepProgress)>,
     #[serde(default)]
     snapshot: bool,
@@ -214,7 +265,7 @@ pub(super) fn entry<'a>(previous: &Saga, t: &'a Transition) -> Option<EntryOut<'
         && steps.len() == previous.steps.len();
     fixed.then(|| EntryOut {
         state,
-        reason,
+        reason: reason.as_deref(),
         updated_at_ms: *updated_at_ms,
         seq: *seq,
         steps: steps
@@ -222,7 +273,7 @@ pub(super) fn entry<'a>(previous: &Saga, t: &'a Transition) -> Option<EntryOut<'
             .enumerate()
             .filter(|(i, s)| previous.steps.get(*i) != Some(*s))
             .collect(),
-        history: &t.history,
+        history: history(&t.history),
         sent: sent(&t.commands),
         commands: Vec::new(),
         settled: &t.settled,
@@ -236,11 +287,11 @@ pub(super) fn entry<'a>(previous: &Saga, t: &'a Transition) -> Option<EntryOut<'
 pub(super) fn beside_snapshot(t: &Transition) -> EntryOut<'_> {
     EntryOut {
         state: &t.saga.state,
-        reason: &t.saga.reason,
+        reason: t.saga.reason.as_deref(),
         updated_at_ms: t.saga.updated_at_ms,
         seq: t.saga.seq,
         steps: Vec::new(),
-        history: &t.history,
+        history: history(&t.history),
         sent: sent(&t.commands),
         commands: Vec::new(),
         settled: &t.settled,
@@ -351,11 +402,11 @@ pub(super) fn fold_commands(
 pub(super) fn legacy_outbox_entry<'a>(saga: &'a Saga, commands: Vec<OutboxEntry>) -> EntryOut<'a> {
     EntryOut {
         state: &saga.state,
-        reason: &saga.reason,
+        reason: saga.reason.as_deref(),
         updated_at_ms: saga.updated_at_ms,
         seq: saga.seq,
         steps: Vec::new(),
-        history: &[],
+        history: Vec::new(),
         sent: Vec::new(),
         commands,
         settled: &[],

@@ -1054,7 +1054,7 @@ async fn an_ended_record_is_the_latest_state_since_a_retry_out_of_an_end_rewrite
 }
 
 #[tokio::test]
-async fn commands_are_kept_by_step_and_attempt_and_read_back_whole_also_from_entries_that_kept_them_whole() {
+async fn entries_keep_commands_by_step_and_attempt_and_nothing_empty_and_earlier_entries_still_read() {
     use crate::definition::InputValue;
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open(dir.path()).expect("open");
@@ -1117,15 +1117,39 @@ async fn commands_are_kept_by_step_and_attempt_and_read_back_whole_also_from_ent
             !text.contains("saga.cmd.") && !text.contains("amount_cents"),
             "{text}"
         );
+        for empty in [
+            r#""reason":null"#,
+            r#""step":null"#,
+            r#""attempt":null"#,
+            r#""detail":null"#,
+            ":[]",
+        ] {
+            assert!(!text.contains(empty), "{empty} in {text}");
+        }
     }
+    let history = store.history(&id).expect("history");
 
-    // The entries as the version before wrote them: each command whole.
+    // The entries as the version before wrote them: each command whole, and
+    // every empty field written out.
     for (k, commands) in &whole {
         let v = store.journal.get(k).expect("get").expect("entry");
         let mut entry: serde_json::Value = serde_json::from_slice(&v).expect("json");
         let fields = entry.as_object_mut().expect("an object");
         fields.remove("sent").expect("sent");
         fields.insert("commands".into(), serde_json::to_value(commands).expect("json"));
+        for (field, empty) in [
+            ("reason", serde_json::Value::Null),
+            ("steps", serde_json::json!([])),
+            ("settled", serde_json::json!([])),
+        ] {
+            fields.entry(field).or_insert(empty);
+        }
+        for h in fields["history"].as_array_mut().expect("history") {
+            let h = h.as_object_mut().expect("an object");
+            for field in ["step", "attempt", "detail"] {
+                h.entry(field).or_insert(serde_json::Value::Null);
+            }
+        }
         store
             .journal
             .insert(k, serde_json::to_vec(&entry).expect("json"))
@@ -1134,4 +1158,6 @@ async fn commands_are_kept_by_step_and_attempt_and_read_back_whole_also_from_ent
     let (loaded, in_flight) = store.load(id.as_bytes()).expect("load").expect("stored");
     assert_eq!(loaded, saga);
     assert_eq!(in_flight, whole[whole.len() - 1].1);
+    assert_eq!(store.history(&id).expect("history"), history);
+    assert_read_together(&store, &id);
 }
