@@ -17,7 +17,7 @@ use saga_wire::{self as wire, CommandKind, OrderPayload};
 use serde::{Deserialize, Serialize};
 
 pub use crate::definition::EventKind;
-use crate::definition::{InputValue, OnFailure, RetryPolicy, SagaDefinition, StepKind};
+use crate::definition::{InputValue, OnFailure, RetryPolicy, SagaDefinition, StepDefinition, StepKind};
 
 /// Where a saga is in its life cycle. Indices point into the definition's steps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -849,12 +849,24 @@ pub fn command(
     input: serde_json::Value,
 ) -> Option<Command> {
     let def = saga.definition.steps.get(i)?;
+    Some(step_command(saga, def, i, kind, attempt, input))
+}
+
+/// [`command`] for step `i`, whose definition is `def`.
+fn step_command(
+    saga: &Saga,
+    def: &StepDefinition,
+    i: usize,
+    kind: CommandKind,
+    attempt: u32,
+    input: serde_json::Value,
+) -> Command {
     let action = match kind {
         CommandKind::Forward => def.action.clone(),
         // Only reached for steps that have a compensation (see `compensate_from`).
         CommandKind::Compensate => def.compensation.clone().unwrap_or_default(),
     };
-    Some(Command {
+    Command {
         step: i,
         kind,
         subject: wire::command_subject(&def.participant, &action),
@@ -871,7 +883,7 @@ pub fn command(
         },
         timeout_ms: u64::try_from(def.timeout.as_millis()).unwrap_or(u64::MAX),
         retry: def.retry,
-    })
+    }
 }
 
 /// The `input` that step `k`'s command of `kind` carries, `null` when the step
@@ -1133,10 +1145,8 @@ impl Builder {
 
     fn send(&mut self, saga: &Saga, i: usize, kind: CommandKind, attempt: u32) {
         let input = step_input(saga, i, kind).unwrap_or_default();
-        // Steps are the definition's: `i` always names one.
-        if let Some(c) = command(saga, i, kind, attempt, input) {
-            self.commands.push(c);
-        }
+        let c = step_command(saga, &saga.definition.steps[i], i, kind, attempt, input);
+        self.commands.push(c);
     }
 
     /// Whether step `k` failed in a way that stops the saga (not `on_failure: continue`).
