@@ -26,10 +26,10 @@ use uuid::Uuid;
 use crate::{
     cluster::Router,
     definition::{Catalog, Definitions},
-    engine::{self, Event, HistoryEntry, Saga, SagaState, SignalRefused, StateTag, StepStatus},
+    engine::{self, Event, HistoryEntry, Saga, SignalRefused, StateTag, StepStatus},
     partition::Ownership,
     runner::{CreateError, Created, NewSaga, OperateError, Operated, RunnerHandle},
-    store::{ListQuery, SharedStore, StoreError},
+    store::{query, ListQuery, SharedStore, StoreError},
 };
 
 /// Largest accepted gRPC request, in bytes.
@@ -497,25 +497,6 @@ fn step_status(s: StepStatus) -> pb::StepStatus {
     }
 }
 
-/// The step(s) in flight: one name, or a group's names joined by `,`.
-fn current_step(saga: &Saga) -> String {
-    let busy = |status: StepStatus| match saga.state {
-        SagaState::Running { .. } => status.in_flight(),
-        SagaState::Compensating { .. } => status == StepStatus::Compensating,
-        SagaState::Pending | SagaState::Completed | SagaState::Compensated | SagaState::Failed { .. } => {
-            false
-        }
-    };
-    saga.definition
-        .steps
-        .iter()
-        .zip(&saga.steps)
-        .filter(|(_, p)| busy(p.status))
-        .map(|(d, _)| d.name.as_str())
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
 fn items_to_pb(items: &[Item]) -> Vec<pb::OrderItem> {
     items
         .iter()
@@ -590,7 +571,7 @@ pub(crate) fn saga_to_pb(saga: &Saga, history: &[HistoryEntry]) -> pb::Saga {
         saga_id: saga.id.clone(),
         definition: saga.definition.id(),
         state: state_to_pb(saga.state.tag()) as i32,
-        current_step: current_step(saga),
+        current_step: query::current_step(saga),
         steps,
         history,
         created_at: Some(timestamp(saga.created_at_ms)),
@@ -806,16 +787,16 @@ impl SagaService for SagaApi {
         })?;
         let sagas = page
             .sagas
-            .iter()
+            .into_iter()
             .map(|s| pb::SagaSummary {
-                saga_id: s.id.clone(),
-                definition: s.definition.id(),
-                state: state_to_pb(s.state.tag()) as i32,
-                current_step: current_step(s),
-                order_id: s.order.order_id.clone(),
+                definition: s.definition(),
+                state: state_to_pb(s.state) as i32,
                 created_at: Some(timestamp(s.created_at_ms)),
                 updated_at: Some(timestamp(s.updated_at_ms)),
-                customer_id: s.order.customer_id.clone(),
+                saga_id: s.id,
+                current_step: s.current_step,
+                order_id: s.order_id,
+                customer_id: s.customer_id,
             })
             .collect();
         Ok(Response::new(pb::ListSagasResponse {

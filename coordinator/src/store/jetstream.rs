@@ -47,6 +47,7 @@ use crate::{
     store::{
         codec::{decode, encode},
         keys::{history_key, saga_key},
+        query::Summary,
         Capabilities, CommitTask, Committed, DeadLetter, EventRecord, ListQuery, Loaded, OutboxEntry, Page,
         PartitionedStore, SagaStore, StoreError, WithHistory,
     },
@@ -472,20 +473,21 @@ impl JsStore {
         if q.newest_first {
             ids.reverse();
         }
-        let mut sagas = Vec::new();
-        let mut next = None;
+        let (mut sagas, mut next, mut last) = (Vec::new(), None, None);
         for id in ids {
             let Some(saga) = self.get(&id).await? else {
                 continue;
             };
-            if !q.matches(&saga) {
+            let summary = Summary::of(&saga);
+            if !q.matches(&summary) {
                 continue;
             }
             if sagas.len() == q.limit {
-                next = sagas.last().and_then(|s: &Saga| Uuid::parse_str(&s.id).ok());
+                next = last;
                 break;
             }
-            sagas.push(saga);
+            sagas.push(summary);
+            last = Some(id);
         }
         Ok(Page { sagas, next })
     }

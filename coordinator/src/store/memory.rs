@@ -15,6 +15,7 @@ use uuid::Uuid;
 
 use super::{
     keys::{history_key, saga_key},
+    query::Summary,
     Capabilities, CommitTask, Committed, DeadLetter, EventRecord, ListQuery, Loaded, OutboxEntry, Page,
     SagaStore, StoreError, WithHistory,
 };
@@ -315,16 +316,15 @@ impl SagaStore for MemoryStore {
         };
         let mut matching = sagas
             .filter(|(id, _)| q.past_cursor(id))
-            .filter(|(_, d)| q.matches(&d.saga));
-        let sagas: Vec<Saga> = matching
-            .by_ref()
-            .take(q.limit)
-            .map(|(_, d)| d.saga.clone())
-            .collect();
-        let next = match matching.next() {
-            Some(_) => sagas.last().and_then(|s| Uuid::parse_str(&s.id).ok()),
-            None => None,
-        };
+            .map(|(id, d)| (id, Summary::of(&d.saga)))
+            .filter(|(_, s)| q.matches(s));
+        let mut sagas = Vec::new();
+        let mut last = None;
+        for (id, s) in matching.by_ref().take(q.limit) {
+            sagas.push(s);
+            last = Some(*id);
+        }
+        let next = matching.next().and(last);
         Box::pin(std::future::ready(Ok(Page { sagas, next })))
     }
 

@@ -64,8 +64,8 @@ pub(crate) type Loaded = (Saga, Vec<OutboxEntry>);
 /// One page of a store's `list`.
 #[derive(Debug)]
 pub(crate) struct Page {
-    /// Sagas, in the query's direction.
-    pub sagas: Vec<Saga>,
+    /// The sagas' summaries, in the query's direction.
+    pub sagas: Vec<query::Summary>,
     /// When more may follow: the last id examined, where the next page
     /// starts (a page that ran out of its scan budget can be short, or
     /// empty, and still have one).

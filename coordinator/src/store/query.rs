@@ -3,9 +3,10 @@
 //! sagas [`ListQuery::matches`] accepts, so the stores cannot disagree on
 //! what a filter means.
 
+use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::engine::{Saga, StateTag};
+use crate::engine::{Saga, SagaState, StateTag, StepStatus};
 
 /// At most this many candidate sagas are examined for one page: a filter
 /// that matches rarely inside the index a store scans ends the page early
@@ -48,23 +49,22 @@ impl ListQuery {
         }
     }
 
-    /// Whether `saga` passes every filter (the cursor is not a filter).
-    pub(crate) fn matches(&self, saga: &Saga) -> bool {
-        let def = &saga.definition;
-        self.state.is_none_or(|s| saga.state.tag() == s)
-            && self
-                .customer_id
-                .as_deref()
-                .is_none_or(|c| saga.order.customer_id == c)
-            && self.order_id.as_deref().is_none_or(|o| saga.order.order_id == o)
-            && self.created_from_ms.is_none_or(|t| saga.created_at_ms >= t)
-            && self.created_before_ms.is_none_or(|t| saga.created_at_ms < t)
+    /// Whether the saga `s` summarises passes every filter (the cursor is
+    /// not a filter).
+    pub(crate) fn matches(&self, s: &Summary) -> bool {
+        self.state.is_none_or(|t| s.state == t)
+            && self.customer_id.as_deref().is_none_or(|c| s.customer_id == c)
+            && self.order_id.as_deref().is_none_or(|o| s.order_id == o)
+            && self.created_from_ms.is_none_or(|t| s.created_at_ms >= t)
+            && self.created_before_ms.is_none_or(|t| s.created_at_ms < t)
             && self
                 .definition
                 .as_deref()
                 .is_none_or(|d| match d.split_once('@') {
-                    Some((name, version)) => def.name == name && def.version.to_string() == version,
-                    None => def.name == d,
+                    Some((name, version)) => {
+                        s.definition_name == name && s.definition_version.to_string() == version
+                    }
+                    None => s.definition_name == d,
                 })
     }
 
@@ -97,6 +97,117 @@ impl ListQuery {
             (Some(a), true) => *id < a,
         }
     }
+}
+
+/// What a list page shows of a saga, and all that a filter reads: a page
+/// is built from these, so a store can answer it from an index that keeps
+/// them without reading the sagas.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Summary {
+    pub id: String,
+    pub state: StateTag,
+    pub definition_name: String,
+    pub definition_version: u32,
+    /// The step(s) in flight (see [`current_step`]).
+    pub current_step: String,
+    pub order_id: String,
+    pub customer_id: String,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+}
+
+impl Summary {
+    pub(crate) fn of(saga: &Saga) -> Self {
+        Summary {
+            id: saga.id.clone(),
+            state: saga.state.tag(),
+            definition_name: saga.definition.name.clone(),
+            definition_version: saga.definition.version,
+            current_step: current_step(saga),
+            order_id: saga.order.order_id.clone(),
+            customer_id: saga.order.customer_id.clone(),
+            created_at_ms: saga.created_at_ms,
+            updated_at_ms: saga.updated_at_ms,
+        }
+    }
+
+    /// `name@version`, as [`crate::engine::SagaDefinition::id`].
+    pub(crate) fn definition(&self) -> String {
+        format!("{}@{}", self.definition_name, self.definition_version)
+    }
+
+    /// What a store keeps of it beside a key that holds its id and state.
+    pub(crate) fn stored(&self) -> StoredSummary<'_> {
+        StoredSummary {
+            definition: &self.definition_name,
+            version: self.definition_version,
+            current_step: &self.current_step,
+            order_id: &self.order_id,
+            customer_id: &self.customer_id,
+            created_at_ms: self.created_at_ms,
+            updated_at_ms: self.updated_at_ms,
+        }
+    }
+
+    /// The summary [`Summary::stored`] kept of saga `id` in `state`.
+    pub(crate) fn from_stored(id: &Uuid, state: StateTag, s: StoredSummaryIn) -> Self {
+        Summary {
+            id: id.to_string(),
+            state,
+            definition_name: s.definition,
+            definition_version: s.version,
+            current_step: s.current_step,
+            order_id: s.order_id,
+            customer_id: s.customer_id,
+            created_at_ms: s.created_at_ms,
+            updated_at_ms: s.updated_at_ms,
+        }
+    }
+}
+
+/// A [`Summary`] without its id and state, as a store writes it.
+#[derive(Debug, Serialize)]
+pub(crate) struct StoredSummary<'a> {
+    definition: &'a str,
+    version: u32,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    current_step: &'a str,
+    order_id: &'a str,
+    customer_id: &'a str,
+    created_at_ms: u64,
+    updated_at_ms: u64,
+}
+
+/// [`StoredSummary`] read back.
+#[derive(Debug, Deserialize)]
+pub(crate) struct StoredSummaryIn {
+    definition: String,
+    version: u32,
+    #[serde(default)]
+    current_step: String,
+    order_id: String,
+    customer_id: String,
+    created_at_ms: u64,
+    updated_at_ms: u64,
+}
+
+/// The step(s) in flight: one name, or a group's names joined by `,`.
+pub(crate) fn current_step(saga: &Saga) -> String {
+    let busy = |status: StepStatus| match saga.state {
+        SagaState::Running { .. } => status.in_flight(),
+        SagaState::Compensating { .. } => status == StepStatus::Compensating,
+        SagaState::Pending | SagaState::Completed | SagaState::Compensated | SagaState::Failed { .. } => {
+            false
+        }
+    };
+    saga.definition
+        .steps
+        .iter()
+        .zip(&saga.steps)
+        .filter(|(_, p)| busy(p.status))
+        .map(|(d, _)| d.name.as_str())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// A 16-byte id whose 48-bit v7 timestamp is `ms`, the rest `fill`.

@@ -17,7 +17,10 @@
 //!   to (stored once per distinct content, kept);
 //! - `history`: saga id ++ seq (u64 BE) → one [`HistoryEntry`], as earlier
 //!   versions wrote it (read, never written: the journal holds new history);
-//! - `by_state`: state tag (1 byte) ++ saga id → `[]`, the state index;
+//! - `by_state`: state tag (1 byte) ++ saga id → `[]`, the state index; a
+//!   terminal saga's entry holds its list summary instead ([`Summary`]), so
+//!   that a `ListSagas` page of ended sagas reads no record (entries earlier
+//!   versions wrote are empty, and read the record);
 //! - `by_attr`: attribute (1 byte: customer, order id, definition name) ++
 //!   the value's length (u16 BE) ++ the value ++ saga id → `[]`, written
 //!   with the saga's creation: what `ListSagas`' filters scan (`listing`);
@@ -87,6 +90,7 @@ use crate::{
     store::{
         codec::{decode, encode},
         keys::{be_u64, history_key, saga_key, state_key},
+        query::Summary,
         DeadLetter, EventRecord, ListQuery, Loaded, Page, StoreError, WithHistory,
     },
 };
@@ -361,10 +365,18 @@ impl Store {
         }
         let previous_tag = previous.map(|p| p.state.tag());
         let new_tag = saga.state.tag();
-        if previous_tag != Some(new_tag) {
+        let moved = previous_tag != Some(new_tag);
+        if moved {
             if let Some(prev) = previous_tag {
                 ops.push((Tree::ByState, state_key(prev, &id), None));
             }
+        }
+        // A terminal saga's summary changes with every write it still gets
+        // (an operator's, rarely): its entry is written each time.
+        if new_tag.is_terminal() {
+            let summary = encode(&Summary::of(saga).stored())?;
+            ops.push((Tree::ByState, state_key(new_tag, &id), Some(summary)));
+        } else if moved {
             ops.push((Tree::ByState, state_key(new_tag, &id), Some(Vec::new())));
         }
         if previous.is_none() {

@@ -10,10 +10,11 @@ use uuid::Uuid;
 
 use super::Store;
 use crate::{
-    engine::Saga,
+    engine::{Saga, StateTag},
     store::{
+        codec::decode,
         keys::{attr_key, attr_prefix, saga_key, state_key, Attr},
-        query::SCAN_BUDGET,
+        query::{Summary, SCAN_BUDGET},
         ListQuery, Page, StoreError,
     },
 };
@@ -114,7 +115,7 @@ impl Store {
         let (mut sagas, mut examined, mut next) = (Vec::new(), 0, None);
         let mut last: Option<Uuid> = None;
         for kv in scan {
-            let (k, _) = kv?;
+            let (k, v) = kv?;
             if sagas.len() == q.limit || examined == budget {
                 next = last;
                 break;
@@ -125,20 +126,45 @@ impl Store {
                 .ok_or_else(|| StoreError::Corrupt(format!("list index key of {} bytes", k.len())))?;
             examined += 1;
             last = Some(id);
-            // The state index answers a state filter without reading the record.
-            if let (Some(tag), Source::Attr(_)) = (q.state, &source) {
-                if !self.by_state.contains_key(state_key(tag, id.as_bytes()))? {
-                    continue;
-                }
-            }
+            let summary = match (&source, q.state) {
+                (Source::State(_), Some(tag)) => self.indexed_summary(tag, &id, &v)?,
+                // The state index answers a state filter without reading the record.
+                (Source::Attr(_), Some(tag)) => match self.by_state.get(state_key(tag, id.as_bytes()))? {
+                    Some(v) => self.indexed_summary(tag, &id, &v)?,
+                    None => continue,
+                },
+                // The scan reads the records themselves.
+                (Source::All, _) => self.record_summary(&id, &v)?,
+                (Source::Attr(_) | Source::State(_), None) => self.get(&id)?.map(|s| Summary::of(&s)),
+            };
             // A saga can be pruned between the scan and the read; skipped then.
-            if let Some(saga) = self.get(&id)? {
-                if q.matches(&saga) {
-                    sagas.push(saga);
-                }
+            if let Some(s) = summary.filter(|s| q.matches(s)) {
+                sagas.push(s);
             }
         }
         Ok(Page { sagas, next })
+    }
+
+    /// The summary of saga `id` from its `by_state` entry `value` under
+    /// `tag`: the summary a terminal saga's entry holds, else (an active
+    /// saga's entry, or one an earlier version wrote) from its record.
+    fn indexed_summary(&self, tag: StateTag, id: &Uuid, value: &[u8]) -> Result<Option<Summary>, StoreError> {
+        if value.is_empty() {
+            return Ok(self.get(id)?.map(|s| Summary::of(&s)));
+        }
+        let stored = decode(value, "state index summary")?;
+        Ok(Some(Summary::from_stored(id, tag, stored)))
+    }
+
+    /// The summary of saga `id` from its record `value` as a scan of
+    /// `sagas` found it (an ended saga's needs nothing else).
+    fn record_summary(&self, id: &Uuid, value: &[u8]) -> Result<Option<Summary>, StoreError> {
+        let (saga, latest) = self.decode_snapshot(value)?;
+        let saga = match latest {
+            true => Some(saga),
+            false => self.get(id)?,
+        };
+        Ok(saga.map(|s| Summary::of(&s)))
     }
 
     /// Writes the `by_attr` entries of every saga, once, for a store an

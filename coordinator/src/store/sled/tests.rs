@@ -10,6 +10,7 @@ use crate::{
     engine::{self, Event, Outcome},
     store::{
         keys::{history_key, saga_key},
+        query::Summary,
         OutboxEntry,
     },
 };
@@ -1160,4 +1161,135 @@ async fn entries_keep_commands_by_step_and_attempt_and_nothing_empty_and_earlier
     assert_eq!(in_flight, whole[whole.len() - 1].1);
     assert_eq!(store.history(&id).expect("history"), history);
     assert_read_together(&store, &id);
+}
+
+/// Every list page `store` gives for the queries a console and sagactl ask,
+/// each against the summaries of the sagas read one by one.
+fn assert_pages_match_the_sagas(store: &Store, ids: &[Uuid]) {
+    let all: Vec<Summary> = ids
+        .iter()
+        .map(|id| Summary::of(&store.get(id).expect("get").expect("stored")))
+        .collect();
+    let mut queries = vec![ListQuery::page(None, None, 10)];
+    for tag in StateTag::ALL {
+        queries.push(ListQuery::page(Some(tag), None, 10));
+        queries.push(ListQuery {
+            customer_id: Some("c".into()),
+            ..ListQuery::page(Some(tag), None, 10)
+        });
+        queries.push(ListQuery {
+            definition: Some("order@1".into()),
+            newest_first: true,
+            ..ListQuery::page(Some(tag), None, 10)
+        });
+    }
+    for q in queries {
+        let mut want: Vec<Summary> = all.iter().filter(|s| q.matches(s)).cloned().collect();
+        if q.newest_first {
+            want.reverse();
+        }
+        assert_eq!(store.list(&q).expect("list").sagas, want, "{q:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_terminal_sagas_state_entry_holds_its_summary_and_earlier_empty_entries_read_the_record() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("open");
+    let (mut ids, mut ended) = (Vec::new(), Vec::new());
+    let mut start = || {
+        let created = new_saga(None);
+        store.write(&created, None).expect("write");
+        ids.push(Uuid::parse_str(&created.saga.id).expect("id"));
+        step(&store, &created.saga, Event::Start, 2).0
+    };
+    let running = start();
+    let (reserved, _) = step(
+        &store,
+        &start().saga,
+        reply(0, 1, Outcome::Ok(serde_json::json!({"r": 1}))),
+        3,
+    );
+    let (completed, _) = step(
+        &store,
+        &reserved.saga,
+        reply(1, 1, Outcome::Ok(serde_json::json!({}))),
+        4,
+    );
+    let (compensated, _) = step(
+        &store,
+        &start().saga,
+        reply(0, 1, Outcome::Rejected("stock".into())),
+        5,
+    );
+    let (t, _) = step(
+        &store,
+        &start().saga,
+        reply(0, 1, Outcome::Ok(serde_json::json!({"r": 2}))),
+        6,
+    );
+    let (t, _) = step(
+        &store,
+        &t.saga,
+        reply(1, 1, Outcome::Rejected("declined".into())),
+        7,
+    );
+    let release_failed = Event::Reply {
+        step: 0,
+        kind: CommandKind::Compensate,
+        attempt: 1,
+        outcome: Outcome::Rejected("locked".into()),
+    };
+    let (failed, _) = step(&store, &t.saga, release_failed, 8);
+    ended.extend([&completed.saga, &compensated.saga, &failed.saga]);
+    store.flush_writes().await.expect("flush");
+    assert_eq!(
+        ended.iter().map(|s| s.state.tag()).collect::<Vec<_>>(),
+        [StateTag::Completed, StateTag::Compensated, StateTag::Failed]
+    );
+    let entry = |s: &engine::Saga| {
+        let id = saga_key(&s.id).expect("key");
+        store
+            .by_state
+            .get(state_key(s.state.tag(), &id))
+            .expect("get")
+            .expect("indexed")
+    };
+    for s in &ended {
+        let stored: crate::store::query::StoredSummaryIn = decode(&entry(s), "summary").expect("decode");
+        let id = Uuid::parse_str(&s.id).expect("id");
+        assert_eq!(Summary::from_stored(&id, s.state.tag(), stored), Summary::of(s));
+    }
+    assert!(
+        entry(&running.saga).is_empty(),
+        "an active saga's entry stays empty"
+    );
+    assert_pages_match_the_sagas(&store, &ids);
+
+    // An operator's retry leaves FAILED: the entry it moves to is an active one.
+    let (retried, _) = step(&store, &failed.saga, Event::Retry, 9);
+    store.flush_writes().await.expect("flush");
+    assert!(entry(&retried.saga).is_empty());
+    assert_pages_match_the_sagas(&store, &ids);
+
+    // Entries as earlier versions wrote them (empty): the pages read the records.
+    for s in [&completed.saga, &compensated.saga] {
+        let id = saga_key(&s.id).expect("key");
+        store
+            .by_state
+            .insert(state_key(s.state.tag(), &id), &[][..])
+            .expect("insert");
+    }
+    assert_pages_match_the_sagas(&store, &ids);
+
+    // The page of ended sagas is the entries' summaries: a bad one is reported, not skipped.
+    let key = state_key(StateTag::Completed, &saga_key(&completed.saga.id).expect("key"));
+    store
+        .by_state
+        .insert(key, &b"{\"v\":1,\"order_id\":7}"[..])
+        .expect("insert");
+    let e = store
+        .list(&ListQuery::page(Some(StateTag::Completed), None, 10))
+        .expect_err("a corrupt summary");
+    assert!(e.to_string().contains("state index summary"), "{e}");
 }
