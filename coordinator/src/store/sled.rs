@@ -371,8 +371,8 @@ impl Store {
                 ops.push((Tree::ByState, state_key(prev, &id), None));
             }
         }
-        // A terminal saga's summary changes with every write it still gets
-        // (an operator's, rarely): its entry is written each time.
+        // Every write that leaves the saga terminal writes its entry: the
+        // summary there is always that of the saga's latest write.
         if new_tag.is_terminal() {
             let summary = encode(&Summary::of(saga).stored())?;
             ops.push((Tree::ByState, state_key(new_tag, &id), Some(summary)));
