@@ -523,6 +523,30 @@ fn step(store: &Store, saga: &engine::Saga, event: Event, now: u64) -> (Transiti
     (t, writes)
 }
 
+/// Drives the started saga `started` to FAILED (reserved, charge declined,
+/// release rejected), writing each transition from time `now` on.
+fn to_failed(store: &Store, started: &engine::Saga, now: u64) -> Transition {
+    let (t, _) = step(
+        store,
+        started,
+        reply(0, 1, Outcome::Ok(serde_json::json!({"r": 1}))),
+        now,
+    );
+    let (t, _) = step(
+        store,
+        &t.saga,
+        reply(1, 1, Outcome::Rejected("declined".into())),
+        now + 1,
+    );
+    let release_failed = Event::Reply {
+        step: 0,
+        kind: CommandKind::Compensate,
+        attempt: 1,
+        outcome: Outcome::Rejected("locked".into()),
+    };
+    step(store, &t.saga, release_failed, now + 2).0
+}
+
 fn reply(step: usize, attempt: u32, outcome: Outcome) -> Event {
     Event::Reply {
         step,
@@ -990,25 +1014,7 @@ async fn an_ended_record_is_the_latest_state_since_a_retry_out_of_an_end_rewrite
     let created = new_saga(None);
     store.write(&created, None).expect("write");
     let (t, _) = step(&store, &created.saga, Event::Start, 2);
-    let (t, _) = step(
-        &store,
-        &t.saga,
-        reply(0, 1, Outcome::Ok(serde_json::json!({"r": 1}))),
-        3,
-    );
-    let (t, _) = step(
-        &store,
-        &t.saga,
-        reply(1, 1, Outcome::Rejected("declined".into())),
-        4,
-    );
-    let release_failed = Event::Reply {
-        step: 0,
-        kind: CommandKind::Compensate,
-        attempt: 1,
-        outcome: Outcome::Rejected("locked".into()),
-    };
-    let (failed, _) = step(&store, &t.saga, release_failed, 5);
+    let failed = to_failed(&store, &t.saga, 3);
     assert!(
         matches!(failed.saga.state, engine::SagaState::Failed { .. }),
         "{:?}",
@@ -1222,25 +1228,7 @@ async fn a_terminal_sagas_state_entry_holds_its_summary_and_earlier_empty_entrie
         reply(0, 1, Outcome::Rejected("stock".into())),
         5,
     );
-    let (t, _) = step(
-        &store,
-        &start().saga,
-        reply(0, 1, Outcome::Ok(serde_json::json!({"r": 2}))),
-        6,
-    );
-    let (t, _) = step(
-        &store,
-        &t.saga,
-        reply(1, 1, Outcome::Rejected("declined".into())),
-        7,
-    );
-    let release_failed = Event::Reply {
-        step: 0,
-        kind: CommandKind::Compensate,
-        attempt: 1,
-        outcome: Outcome::Rejected("locked".into()),
-    };
-    let (failed, _) = step(&store, &t.saga, release_failed, 8);
+    let failed = to_failed(&store, &start().saga, 6);
     ended.extend([&completed.saga, &compensated.saga, &failed.saga]);
     store.flush_writes().await.expect("flush");
     assert_eq!(
