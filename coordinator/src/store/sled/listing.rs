@@ -157,12 +157,17 @@ impl Store {
     }
 
     /// The summary of saga `id` from its record `value` as a scan of
-    /// `sagas` found it (an ended saga's needs nothing else).
+    /// `sagas` found it: an ended saga's needs nothing else, an active
+    /// saga's the journal entries after it (the record again only when a
+    /// newer snapshot was written since the scan read it).
     fn record_summary(&self, id: &Uuid, value: &[u8]) -> Result<Option<Summary>, StoreError> {
         let (saga, latest) = self.decode_snapshot(value)?;
         let saga = match latest {
             true => Some(saga),
-            false => self.get(id)?,
+            false => match self.fold_after(id.as_bytes(), saga)? {
+                Some(saga) => Some(saga),
+                None => self.get(id)?,
+            },
         };
         Ok(saga.map(|s| Summary::of(&s)))
     }
