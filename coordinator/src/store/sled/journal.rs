@@ -54,7 +54,7 @@ pub(super) struct EntryOut<'a> {
 /// A [`HistoryEntry`] as an entry keeps it: the step, attempt and detail a
 /// kind has none of are left out (read back as `None`).
 #[derive(Serialize)]
-struct HistoryOut<'a> {
+pub(super) struct HistoryOut<'a> {
     seq: u64,
     at_ms: u64,
     kind: EventKind,
@@ -67,7 +67,7 @@ struct HistoryOut<'a> {
     state: StateTag,
 }
 
-fn history(entries: &[HistoryEntry]) -> Vec<HistoryOut<'_>> {
+pub(super) fn history(entries: &[HistoryEntry]) -> Vec<HistoryOut<'_>> {
     entries
         .iter()
         .map(|h| {
