@@ -355,15 +355,7 @@ impl Store {
         match entry {
             Some(e) => ops.push((Tree::Journal, journal_key, Some(encode(&e)?))),
             None => {
-                let history = match saga.state.is_terminal() {
-                    true => self.ended_history(&id, t)?,
-                    false => None,
-                };
-                ops.push((
-                    Tree::Sagas,
-                    id.to_vec(),
-                    Some(self.encode_record(saga, history.as_deref())?),
-                ));
+                ops.push((Tree::Sagas, id.to_vec(), Some(self.encode_record(saga)?)));
                 ops.push((
                     Tree::Journal,
                     journal_key,
@@ -417,33 +409,6 @@ impl Store {
         staged.latest.insert(id, saga.clone());
         staged.ops.extend(ops);
         Ok(())
-    }
-
-    /// The whole history of the saga `t` ends, for its end snapshot: its
-    /// journal's entries, those staged, then `t`'s. `None` when some of it
-    /// is not there: in a transaction being applied right now, or in the
-    /// `history` tree an earlier version wrote (reads fold the journal then).
-    fn ended_history(&self, key: &[u8; 16], t: &Transition) -> Result<Option<Vec<HistoryEntry>>, StoreError> {
-        let mut all = Vec::new();
-        for kv in self.journal.scan_prefix(key) {
-            let (_, v) = kv?;
-            all.extend(decode::<journal::HistoryIn>(&v, "journal entry")?.history);
-        }
-        for (tree, k, v) in &self.staged().ops {
-            if let (Tree::Journal, Some(v)) = (tree, v) {
-                if k.starts_with(key) {
-                    all.extend(decode::<journal::HistoryIn>(v, "journal entry")?.history);
-                }
-            }
-        }
-        all.extend(t.history.iter().cloned());
-        // An entry both applied and staged (an apply finished in between) counts once.
-        all.sort_by_key(|h| h.seq);
-        all.dedup_by_key(|h| h.seq);
-        // The engine numbers a saga's history 1, 2, … up to the saga's `seq`.
-        let whole =
-            all.iter().zip(1u64..).all(|(h, n)| h.seq == n) && all.last().map(|h| h.seq) == Some(t.saga.seq);
-        Ok(whole.then_some(all))
     }
 
     fn staged(&self) -> std::sync::MutexGuard<'_, Staged> {
@@ -724,11 +689,7 @@ impl Store {
             let Some(bytes) = self.sagas.get(key)? else {
                 return Ok(None);
             };
-            let (mut saga, ended) = self.decode_with_history(&bytes)?;
-            // An ended saga's snapshot holding its history is all of it.
-            if let Some(history) = ended {
-                return Ok(Some((saga, history)));
-            }
+            let mut saga = self.decode_record(&bytes)?;
             let mut history = self.legacy_history(key)?;
             for kv in self.journal.scan_prefix(key) {
                 let (_, v) = kv?;

@@ -54,7 +54,7 @@ pub(super) struct EntryOut<'a> {
 /// A [`HistoryEntry`] as an entry keeps it: the step, attempt and detail a
 /// kind has none of are left out (read back as `None`).
 #[derive(Serialize)]
-pub(super) struct HistoryOut<'a> {
+struct HistoryOut<'a> {
     seq: u64,
     at_ms: u64,
     kind: EventKind,
@@ -67,7 +67,7 @@ pub(super) struct HistoryOut<'a> {
     state: StateTag,
 }
 
-pub(super) fn history(entries: &[HistoryEntry]) -> Vec<HistoryOut<'_>> {
+fn history(entries: &[HistoryEntry]) -> Vec<HistoryOut<'_>> {
     entries
         .iter()
         .map(|h| {

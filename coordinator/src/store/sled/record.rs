@@ -1,17 +1,16 @@
 //! The sled store's saga record: the saga with its definition by reference
 //! to a row of the `definitions` tree (stored once per distinct content),
-//! read also with the definition inline as earlier versions wrote it, and,
-//! in an ended saga's snapshot, its whole history. It must not know about
-//! anything but the record, its definition and that history.
+//! read also with the definition inline as earlier versions wrote it. It
+//! must not know about anything but the record and its definition.
 
 use std::{collections::HashMap, sync::Arc};
 
 use serde::{Deserialize, Serialize};
 
-use super::{journal, lock, Store};
+use super::{lock, Store};
 use crate::{
     definition::SagaDefinition,
-    engine::{HistoryEntry, Saga, SagaState, StepProgress},
+    engine::{Saga, SagaState, StepProgress},
     store::{
         codec::{decode, encode},
         StoreError,
@@ -49,25 +48,17 @@ pub(super) struct SagaOut<'a> {
     /// record is the saga's latest state and a read needs no journal.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub(super) ended_is_latest: bool,
-    /// An ended saga's whole history, when its end write found all of it
-    /// (`Store::ended_history`): GetSaga then reads this record alone, one
-    /// sled page instead of two (with 1,000,000 stored nearly every read
-    /// misses sled's cache).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub(super) history: Option<Vec<journal::HistoryOut<'a>>>,
 }
 
 /// A saga record as read: the definition by reference, or inline (records
 /// written before `definition_ref` existed).
-/// `H` is what the history is read as: skipped, unless `Option<Vec<HistoryEntry>>`.
 #[derive(Debug, Deserialize)]
-#[serde(bound(deserialize = "H: Deserialize<'de> + Default"))]
-pub(super) struct SagaRecordIn<H = serde::de::IgnoredAny> {
-    pub(super) saga: SagaIn<H>,
+pub(super) struct SagaRecordIn {
+    pub(super) saga: SagaIn,
 }
 
 #[derive(Debug, Deserialize)]
-pub(super) struct SagaIn<H> {
+pub(super) struct SagaIn {
     pub(super) id: String,
     #[serde(default)]
     pub(super) definition: Option<Arc<SagaDefinition>>,
@@ -89,8 +80,6 @@ pub(super) struct SagaIn<H> {
     /// Absent from records of earlier versions: their reads fold the journal.
     #[serde(default)]
     pub(super) ended_is_latest: bool,
-    #[serde(default)]
-    pub(super) history: H,
 }
 
 /// The definitions saga records refer to, in memory: by the `Arc` the
@@ -159,13 +148,7 @@ impl Store {
         Ok(self.refs().by_ref.entry(r.to_string()).or_insert(def).clone())
     }
 
-    /// `saga`'s record; `history`, its whole history, is kept in it only
-    /// when the saga has ended (a later transition would make it stale).
-    pub(super) fn encode_record(
-        &self,
-        saga: &Saga,
-        history: Option<&[HistoryEntry]>,
-    ) -> Result<Vec<u8>, StoreError> {
+    pub(super) fn encode_record(&self, saga: &Saga) -> Result<Vec<u8>, StoreError> {
         // Every field by name: a field added to `Saga` must be added here.
         let Saga {
             id,
@@ -199,7 +182,6 @@ impl Store {
                 deadline_at_ms: *deadline_at_ms,
                 signals,
                 ended_is_latest: state.is_terminal(),
-                history: history.filter(|_| state.is_terminal()).map(journal::history),
             },
         })
     }
@@ -225,24 +207,6 @@ impl Store {
     /// A record, and whether it is the saga's latest state (an ended saga's
     /// snapshot written by this version: no journal entry follows it).
     pub(super) fn decode_snapshot(&self, bytes: &[u8]) -> Result<(Saga, bool), StoreError> {
-        let (saga, latest, serde::de::IgnoredAny) = self.decode_parts(bytes)?;
-        Ok((saga, latest))
-    }
-
-    /// A record, and the whole history it holds when it is the snapshot of
-    /// an ended saga that holds one (else `None`: fold the journal).
-    pub(super) fn decode_with_history(
-        &self,
-        bytes: &[u8],
-    ) -> Result<(Saga, Option<Vec<HistoryEntry>>), StoreError> {
-        let (saga, latest, history) = self.decode_parts::<Option<Vec<HistoryEntry>>>(bytes)?;
-        Ok((saga, history.filter(|_| latest)))
-    }
-
-    fn decode_parts<H>(&self, bytes: &[u8]) -> Result<(Saga, bool, H), StoreError>
-    where
-        H: serde::de::DeserializeOwned + Default,
-    {
         let SagaIn {
             id,
             definition,
@@ -259,8 +223,7 @@ impl Store {
             deadline_at_ms,
             signals,
             ended_is_latest,
-            history,
-        } = decode::<SagaRecordIn<H>>(bytes, "saga record")?.saga;
+        } = decode::<SagaRecordIn>(bytes, "saga record")?.saga;
         let definition = self.record_definition(&id, definition, definition_ref)?;
         let latest = ended_is_latest && state.is_terminal();
         let saga = Saga {
@@ -278,6 +241,6 @@ impl Store {
             deadline_at_ms,
             signals,
         };
-        Ok((saga, latest, history))
+        Ok((saga, latest))
     }
 }

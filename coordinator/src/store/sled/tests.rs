@@ -155,8 +155,7 @@ async fn definitions_are_stored_once_and_records_of_earlier_versions_still_read(
     store.sagas.insert(old_id.as_bytes(), inline).expect("insert");
     assert_eq!(store.get(&old_id).expect("get"), Some(old.saga));
     // A reference to nothing is corruption, not a panic.
-    let good =
-        String::from_utf8(store.encode_record(&new_saga(None).saga, None).expect("encode")).expect("utf8");
+    let good = String::from_utf8(store.encode_record(&new_saga(None).saga).expect("encode")).expect("utf8");
     assert!(good.contains(r#""definition_ref":"order@1#0""#), "{good}");
     let dangling = good.replace("order@1#0", "nope@1#0").into_bytes();
     let e = store.decode_record(&dangling).expect_err("refused");
@@ -779,7 +778,7 @@ async fn a_store_of_the_layout_before_the_journal_upgrades_on_open_with_nothing_
         let db = &store.db;
         store
             .sagas
-            .insert(&id[..], store.encode_record(&started.saga, None).expect("record"))
+            .insert(&id[..], store.encode_record(&started.saga).expect("record"))
             .expect("insert");
         for h in &history {
             store
@@ -1045,7 +1044,7 @@ async fn an_ended_record_is_the_latest_state_since_a_retry_out_of_an_end_rewrite
 
     // An earlier version's ended record (unmarked) with the retry's entry after
     // it, as that version wrote a retry: the read folds the entry in.
-    let unmarked = String::from_utf8(store.encode_record(&failed.saga, None).expect("encode"))
+    let unmarked = String::from_utf8(store.encode_record(&failed.saga).expect("encode"))
         .expect("utf8")
         .replace(",\"ended_is_latest\":true", "");
     assert!(!store.decode_snapshot(unmarked.as_bytes()).expect("decode").1);
@@ -1059,112 +1058,6 @@ async fn an_ended_record_is_the_latest_state_since_a_retry_out_of_an_end_rewrite
         )
         .expect("insert");
     assert_eq!(store.get(&id).expect("get"), Some(retried.saga));
-}
-
-/// The history saga `saga`'s record holds (`None`: it holds none).
-fn record_history(store: &Store, saga: &engine::Saga) -> Option<Vec<HistoryEntry>> {
-    let record = store
-        .sagas
-        .get(saga_key(&saga.id).expect("key"))
-        .expect("get")
-        .expect("record");
-    decode::<SagaRecordIn<Option<Vec<HistoryEntry>>>>(&record, "saga record")
-        .expect("decode")
-        .saga
-        .history
-}
-
-#[tokio::test]
-async fn an_ended_sagas_snapshot_holds_its_whole_history_so_a_get_with_history_reads_it_alone() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = Store::open(dir.path()).expect("open");
-    // Its first entries applied, its last still staged when it ends.
-    let created = new_saga(None);
-    store.write(&created, None).expect("write");
-    let (started, _) = step(&store, &created.saga, Event::Start, 2);
-    store.flush_writes().await.expect("flush");
-    let ok = |v| Outcome::Ok(v);
-    let (reserved, _) = step(
-        &store,
-        &started.saga,
-        reply(0, 1, ok(serde_json::json!({"r": 1}))),
-        3,
-    );
-    let (done, _) = step(&store, &reserved.saga, reply(1, 1, ok(serde_json::json!({}))), 4);
-    assert_eq!(done.saga.state, engine::SagaState::Completed);
-    store.flush_writes().await.expect("flush");
-    let id = Uuid::parse_str(&done.saga.id).expect("id");
-    let journaled = store.history(&id).expect("history");
-    assert_eq!(
-        journaled.iter().map(|h| h.seq).collect::<Vec<_>>(),
-        (1..=done.saga.seq).collect::<Vec<_>>()
-    );
-    assert_eq!(record_history(&store, &done.saga), Some(journaled.clone()));
-    // Its journal gone, the read still has all of it: it read the record alone.
-    let key = saga_key(&done.saga.id).expect("key");
-    let entries: Vec<_> = store
-        .journal
-        .scan_prefix(key)
-        .collect::<Result<_, _>>()
-        .expect("scan");
-    for (k, _) in &entries {
-        store.journal.remove(k).expect("remove");
-    }
-    assert_eq!(
-        store.get_with_history(&id).expect("read"),
-        Some((done.saga.clone(), journaled))
-    );
-    for (k, v) in entries {
-        store.journal.insert(k, v).expect("insert");
-    }
-
-    // An end that finds part of the history missing keeps none; reads fold the journal.
-    let created = new_saga(None);
-    store.write(&created, None).expect("write");
-    let (started, _) = step(&store, &created.saga, Event::Start, 2);
-    store.flush_writes().await.expect("flush");
-    let gap = history_key(&saga_key(&started.saga.id).expect("key"), started.saga.seq);
-    let removed = store.journal.remove(&gap).expect("remove").expect("an entry");
-    let (reserved, _) = step(
-        &store,
-        &started.saga,
-        reply(0, 1, ok(serde_json::json!({"r": 1}))),
-        3,
-    );
-    let (gapped, _) = step(&store, &reserved.saga, reply(1, 1, ok(serde_json::json!({}))), 4);
-    store.flush_writes().await.expect("flush");
-    assert!(gapped.saga.state.is_terminal());
-    assert_eq!(record_history(&store, &gapped.saga), None);
-    store.journal.insert(&gap, removed).expect("insert");
-    assert_read_together(&store, &Uuid::parse_str(&gapped.saga.id).expect("id"));
-
-    // A retry out of an end writes a snapshot without it (it would go stale);
-    // ending again writes the whole history again, the first end's included.
-    let created = new_saga(None);
-    store.write(&created, None).expect("write");
-    let (started, _) = step(&store, &created.saga, Event::Start, 2);
-    let failed = to_failed(&store, &started.saga, 3);
-    let (retried, _) = step(&store, &failed.saga, Event::Retry, 6);
-    store.flush_writes().await.expect("flush");
-    assert!(record_history(&store, &failed.saga).is_none());
-    let id = Uuid::parse_str(&failed.saga.id).expect("id");
-    assert_read_together(&store, &id);
-    let released = Event::Reply {
-        step: 0,
-        kind: CommandKind::Compensate,
-        attempt: retried.saga.steps[0].compensation_attempts,
-        outcome: ok(serde_json::json!({})),
-    };
-    let (compensated, _) = step(&store, &retried.saga, released, 7);
-    assert_eq!(compensated.saga.state, engine::SagaState::Compensated);
-    store.flush_writes().await.expect("flush");
-    let again = record_history(&store, &compensated.saga).expect("a whole history");
-    assert_eq!(again, store.history(&id).expect("history"));
-    assert!(
-        again.iter().any(|h| h.seq == failed.saga.seq),
-        "the first end's entries"
-    );
-    assert_read_together(&store, &id);
 }
 
 #[tokio::test]
