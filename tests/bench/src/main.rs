@@ -30,6 +30,7 @@ mod cli;
 mod console;
 mod drive;
 mod floors;
+mod reads;
 mod report;
 mod scenarios;
 mod sys;

@@ -14,12 +14,12 @@ use std::{
 use anyhow::{bail, ensure, Context, Result};
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use rand::{rngs::StdRng, Rng, SeedableRng};
 use saga_proto::pb::{self, SagaState};
 
 use super::{
     cli::{Args, Setup, StopSignal},
-    drive::{histogram, Closed, Driver, Mix, Open, Tally},
+    drive::{Closed, Driver, Mix, Open, Tally},
+    reads,
     sys::{self, Cluster, ClusterSpec, Nats, ProcSample},
 };
 
@@ -809,34 +809,15 @@ pub(crate) async fn stored(ctx: &Ctx<'_>) -> Result<StoredReport> {
         "stored: {} GetSaga over random ids, {} ListSagas pages of {}",
         args.stored_samples, args.stored_pages, args.page_size
     ));
-    let mut g = driver.client(0);
-    let mut rng = StdRng::seed_from_u64(ctx.seed);
-    let mut get = histogram();
-    for _ in 0..args.stored_samples {
-        let id = &fill.ids[rng.random_range(0..fill.ids.len())];
-        let t = Instant::now();
-        g.get_saga(pb::GetSagaRequest { saga_id: id.clone() }).await?;
-        let _ = get.record(u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX).max(1));
-    }
-    let mut list = histogram();
-    let mut token = String::new();
-    for _ in 0..args.stored_pages {
-        let t = Instant::now();
-        let page = g
-            .list_sagas(pb::ListSagasRequest {
-                state: SagaState::Completed as i32,
-                page_size: args.page_size,
-                page_token: token.clone(),
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
-        let _ = list.record(u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX).max(1));
-        token = page.next_page_token;
-        if token.is_empty() {
-            break;
-        }
-    }
+    let reads::Timed { get, list } = reads::run(reads::Plan {
+        addr: grpc[0],
+        ids: fill.ids.clone(),
+        seed: ctx.seed,
+        samples: args.stored_samples,
+        pages: args.stored_pages,
+        page_size: args.page_size,
+    })
+    .await?;
     let pid = cluster
         .as_ref()
         .and_then(|c| c.coordinators.first())
