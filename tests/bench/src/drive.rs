@@ -346,7 +346,8 @@ pub(crate) fn histogram() -> Histogram<u64> {
         .expect("constant bounds 1..600e6 with 3 significant figures are valid")
 }
 
-fn micros(d: Duration) -> u64 {
+/// `d` in whole microseconds for a histogram (which takes no 0).
+pub(crate) fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1)
 }
 

@@ -14,7 +14,7 @@ use hdrhistogram::Histogram;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use saga_proto::pb::{self, saga_service_client::SagaServiceClient, SagaState};
 
-use super::drive::histogram;
+use super::drive::{histogram, micros};
 
 /// What to read and how often.
 pub(crate) struct Plan {
@@ -51,10 +51,6 @@ pub(crate) async fn run(plan: Plan) -> Result<Timed> {
     .context("the readers' thread")?
 }
 
-fn micros(t: Instant) -> u64 {
-    u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX).max(1)
-}
-
 async fn reads(plan: &Plan) -> Result<Timed> {
     let mut g =
         SagaServiceClient::new(saga_testkit::channel(plan.addr).await?).max_decoding_message_size(64 << 20);
@@ -65,7 +61,7 @@ async fn reads(plan: &Plan) -> Result<Timed> {
             let id = &plan.ids[rng.random_range(0..plan.ids.len())];
             let t = Instant::now();
             g.get_saga(pb::GetSagaRequest { saga_id: id.clone() }).await?;
-            let _ = get.record(micros(t));
+            let _ = get.record(micros(t.elapsed()));
         }
     }
     let mut list = histogram();
@@ -81,7 +77,7 @@ async fn reads(plan: &Plan) -> Result<Timed> {
             })
             .await?
             .into_inner();
-        let _ = list.record(micros(t));
+        let _ = list.record(micros(t.elapsed()));
         token = page.next_page_token;
         if token.is_empty() {
             break;
