@@ -1,8 +1,8 @@
 //! The stored scenario's timed reads, GetSaga over random ids and a walk
 //! through ListSagas pages, made by a client on a thread of its own.
 //!
-//! On the harness's multi-thread runtime one call hops between threads (the
-//! caller, tonic's buffer task, hyper's connection task), and each hop can
+//! On the harness's multi-thread runtime one call hopped between its main
+//! thread and both workers (seen with `perf sched`), and each hop can
 //! wait milliseconds for an idle vCPU to wake: on the 2-core VM, with
 //! 100,000 stored, a fifth to a third of what was timed (docs/benchmarks.md).
 //! A current-thread client writes and reads its socket itself.
@@ -12,7 +12,7 @@ use std::{net::SocketAddr, time::Instant};
 use anyhow::{Context, Result};
 use hdrhistogram::Histogram;
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use saga_proto::pb::{self, saga_service_client::SagaServiceClient, SagaState};
+use saga_proto::pb::{self, SagaState};
 
 use super::drive::{histogram, micros};
 
@@ -52,8 +52,9 @@ pub(crate) async fn run(plan: Plan) -> Result<Timed> {
 }
 
 async fn reads(plan: &Plan) -> Result<Timed> {
-    let mut g =
-        SagaServiceClient::new(saga_testkit::channel(plan.addr).await?).max_decoding_message_size(64 << 20);
+    let mut g = saga_testkit::connect(plan.addr)
+        .await?
+        .max_decoding_message_size(64 << 20);
     let mut rng = StdRng::seed_from_u64(plan.seed);
     let mut get = histogram();
     if !plan.ids.is_empty() {
