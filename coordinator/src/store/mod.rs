@@ -157,6 +157,15 @@ pub(crate) trait SagaStore: Send + Sync + std::fmt::Debug + 'static {
     /// Starts the commit of everything staged so far, in a task.
     fn begin_commit(&self) -> CommitTask;
 
+    /// Commits everything staged so far before it returns, on the calling
+    /// thread, when this store and the runtime can (`None`: they cannot, and
+    /// [`SagaStore::begin_commit`] is the way). For a batch of one or two
+    /// inputs at low load the hand-off to a task and back costs more than
+    /// the overlap with the next batch that the task buys.
+    fn commit_now(&self) -> Option<Result<Committed, StoreError>> {
+        None
+    }
+
     /// Final flush at shutdown, after the runner stopped.
     fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>>;
 

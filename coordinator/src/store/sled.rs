@@ -911,6 +911,19 @@ impl crate::store::SagaStore for Store {
         })
     }
 
+    fn commit_now(&self) -> Option<Result<crate::store::Committed, StoreError>> {
+        // `block_in_place` hands this worker's other tasks to another thread
+        // and runs the commit here; it exists only on a multi-thread runtime.
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        multi_thread.then(|| {
+            tokio::task::block_in_place(|| {
+                self.flush_writes_blocking()
+                    .map(|()| crate::store::Committed::all())
+            })
+        })
+    }
+
     fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(Store::flush(self))
     }

@@ -1281,3 +1281,36 @@ async fn a_terminal_sagas_state_entry_holds_its_summary_and_earlier_empty_entrie
         .expect_err("a corrupt summary");
     assert!(e.to_string().contains("state index summary"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_now_commits_before_it_returns_on_a_multi_thread_runtime() {
+    use crate::store::SagaStore;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("open");
+    let created = new_saga(Some("now"));
+    let id = Uuid::parse_str(&created.saga.id).expect("uuid");
+    store.stage(&created, None).expect("stage");
+    let committed = store.commit_now().expect("commits here").expect("commit");
+    assert!(committed.lost().is_empty());
+    assert!(store.staged().ops.is_empty(), "nothing left staged");
+    assert!(store.staged().latest.is_empty());
+    assert_eq!(store.get(&id).expect("get"), Some(created.saga.clone()));
+    drop(store);
+    let store = Store::open(dir.path()).expect("reopen");
+    assert_eq!(store.get(&id).expect("get"), Some(created.saga));
+    assert_eq!(store.saga_for_key("now").expect("key"), Some(id));
+}
+
+#[tokio::test]
+async fn commit_now_leaves_the_commit_to_a_task_on_a_current_thread_runtime() {
+    use crate::store::SagaStore;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("open");
+    let created = new_saga(None);
+    store.stage(&created, None).expect("stage");
+    assert!(store.commit_now().is_none(), "block_in_place would panic here");
+    assert!(!store.staged().ops.is_empty(), "still staged");
+    let committed = store.begin_commit().await.expect("task").expect("commit");
+    assert!(committed.lost().is_empty());
+    assert!(store.staged().ops.is_empty());
+}
