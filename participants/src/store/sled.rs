@@ -443,21 +443,13 @@ impl GroupFlush {
             return Ok(());
         }
         let target = self.committed.load(Ordering::SeqCst);
-        // The log written on the flushing thread (the vendored sled's patches):
-        // no hand-off to sled's I/O pool, and one sync for the buffers of every
-        // transaction since the last flush. On a multi-thread runtime that
-        // thread is this one (`block_in_place` moves the worker's other tasks
-        // to another thread): no round trip to the blocking pool and back.
-        let multi_thread =
-            tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread;
-        if multi_thread {
-            tokio::task::block_in_place(|| sled::with_inline_log_writes(|| self.db.flush()))?;
-        } else {
-            let db = self.db.clone();
-            tokio::task::spawn_blocking(move || sled::with_inline_log_writes(|| db.flush()))
-                .await
-                .map_err(|e| StoreError::Corrupt(format!("flush task failed: {e}")))??;
-        }
+        let db = self.db.clone();
+        // The log written on this blocking thread (the vendored sled's patches):
+        // one round trip to the blocking pool, none more to sled's I/O pool, and
+        // one sync for the buffers of every transaction since the last flush.
+        tokio::task::spawn_blocking(move || sled::with_inline_log_writes(|| db.flush()))
+            .await
+            .map_err(|e| StoreError::Corrupt(format!("flush task failed: {e}")))??;
         *flushed = target;
         Ok(())
     }
