@@ -34,6 +34,10 @@ use crate::{store::SharedStore, telemetry};
 /// Most events published before their acknowledgements are awaited.
 const BATCH: usize = 256;
 
+/// The default linger: at low load, the events of a saga's commits go out in
+/// one burst instead of one each (issue 18 measured it; docs/benchmarks.md).
+pub(crate) const DEFAULT_LINGER: Duration = Duration::from_millis(5);
+
 /// The events stream's default size bound: 1 GiB (docs/events.md says how to size it).
 pub(crate) const DEFAULT_MAX_BYTES: i64 = 1 << 30;
 
@@ -53,6 +57,8 @@ pub struct EventsConfig {
     pub replicas: usize,
     /// Window in which JetStream drops a re-published event with the same `Nats-Msg-Id`.
     pub duplicate_window: Duration,
+    /// Wait this long after a wake-up from idle before publishing (zero: at once).
+    pub linger: Duration,
 }
 
 impl Default for EventsConfig {
@@ -64,6 +70,7 @@ impl Default for EventsConfig {
             max_bytes: DEFAULT_MAX_BYTES,
             replicas: 1,
             duplicate_window: Duration::from_secs(10 * 60),
+            linger: DEFAULT_LINGER,
         }
     }
 }
@@ -92,6 +99,8 @@ pub(crate) async fn run(
     let mut backoff = Duration::from_millis(100);
     let mut stream_ready = false;
     let mut counted = std::time::Instant::now();
+    // Whether the last read found nothing: the next events wait for the linger.
+    let mut caught_up = false;
     // On start, events or not: the stream's limits are the flags' (a changed
     // `--events-max-bytes` reaches an existing stream), its alias subjects kept.
     let start = async {
@@ -147,6 +156,16 @@ pub(crate) async fn run(
                 _ = wake.0.notified() => tokio::task::yield_now().await,
                 // A safety net: events written by a path that did not wake us.
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            caught_up = true;
+            continue;
+        }
+        // After idle, a linger lets the commits that follow share one burst
+        // (and its acknowledgements); a full batch goes at once.
+        if std::mem::take(&mut caught_up) && !config.linger.is_zero() && pending.len() < BATCH {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(config.linger) => {}
             }
             continue;
         }

@@ -261,6 +261,11 @@ pub struct Config {
     /// Window in which JetStream drops a re-published event (same `Nats-Msg-Id`).
     #[arg(long, env = "COORDINATOR_EVENTS_DUPLICATE_WINDOW", default_value = "10m", value_parser = humantime::parse_duration)]
     pub events_duplicate_window: Duration,
+    /// How long the events publisher waits, once it has caught up and is woken
+    /// again, before it publishes: events of several commits go out together
+    /// (`0s`: at once). Events are that much later; sagas are not.
+    #[arg(long, env = "COORDINATOR_EVENTS_LINGER", default_value = "5ms", value_parser = humantime::parse_duration)]
+    pub events_linger: Duration,
 }
 
 impl Config {
@@ -273,6 +278,7 @@ impl Config {
             max_bytes: self.events_max_bytes,
             replicas: self.events_replicas,
             duplicate_window: self.events_duplicate_window,
+            linger: self.events_linger,
         }
     }
 }
@@ -327,6 +333,7 @@ impl Config {
             events_max_bytes: events::DEFAULT_MAX_BYTES,
             events_replicas: 1,
             events_duplicate_window: Duration::from_secs(600),
+            events_linger: events::DEFAULT_LINGER,
         }
     }
 
@@ -364,6 +371,9 @@ impl Config {
             return Err(RunError::Config(
                 "events_max_bytes must be -1 (no limit) or a positive number of bytes".into(),
             ));
+        }
+        if self.events_linger > Duration::from_secs(1) {
+            return Err(RunError::Config("events_linger must be at most 1s".into()));
         }
         if !(1..=5).contains(&self.events_replicas) {
             return Err(RunError::Config("events_replicas must be 1 to 5".into()));

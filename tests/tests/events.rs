@@ -345,3 +345,52 @@ async fn no_events_when_disabled() -> Result<()> {
     c.stop().await?;
     s.shutdown().await
 }
+
+/// With a linger the publisher, once caught up, waits before it publishes what
+/// woke it: the first event of a saga reaches NATS no sooner than the linger
+/// after it happened, and every event still goes out once and in order.
+#[tokio::test]
+async fn a_linger_holds_events_back_and_loses_none() -> Result<()> {
+    let linger = Duration::from_millis(400);
+    let mut s = System::bare(None).await?;
+    s.start_inventory().await?;
+    s.start_payment(&PaymentSettings::default()).await?;
+    let c = RunningCoordinator::start_with(&s.nats.access(), &s.path("coordinator"), &s.definitions, |c| {
+        c.events_linger = linger;
+    })
+    .await?;
+    c.wait_ready().await?;
+    let mut live = s.client.subscribe("saga.events.>").await?;
+    s.client.flush().await?;
+    let mut g = c.client().await?;
+    let created = g
+        .create_order(order("c-1", &[("A-1", 1)], 900))
+        .await?
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(10), live.next())
+        .await
+        .context("the first event")?
+        .context("subscription closed")?;
+    let seen_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis();
+    let first: SagaEvent = serde_json::from_slice(&first.payload)?;
+    ensure!(
+        first.saga_id == created.saga_id && first.sequence == 1,
+        "{first:?}"
+    );
+    // Both clocks are the host's, in whole milliseconds.
+    let held = seen_ms.saturating_sub(u128::from(first.at_ms));
+    ensure!(
+        held + 1 >= linger.as_millis(),
+        "the first event came {held} ms after it happened, within the {linger:?} linger"
+    );
+    let saga = wait_terminal(&mut g, &created.saga_id, Duration::from_secs(20)).await?;
+    let all = events_until(&s.client, |all| {
+        of_saga(all, &created.saga_id).len() >= saga.history.len()
+    })
+    .await?;
+    check_against_history(&of_saga(&all, &created.saga_id), &saga)?;
+    c.stop().await?;
+    s.shutdown().await
+}
