@@ -24,6 +24,7 @@ use crate::{init_tracing, run_with_reload, Config, Listeners, ReloadRequest};
 /// returning `anyhow::Result` does) and returns `ExitCode::FAILURE`.
 pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     let config = Config::parse_from(args);
+    huge_pages_off();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -37,6 +38,18 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
             eprintln!("Error: {e:?}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Transparent huge pages off for this process, before the runtime's threads
+/// allocate. mimalloc hands freed memory back to the kernel and faults it in
+/// again; with huge pages each such fault zeroes 2 MiB. At C=64 that was 6% of
+/// the coordinator's CPU, and without it it ran a quarter to a third more
+/// sagas/s (docs/benchmarks.md, *Transparent huge pages off*).
+fn huge_pages_off() {
+    #[cfg(target_os = "linux")]
+    if let Err(e) = nix::sys::prctl::set_thp_disable(true) {
+        eprintln!("coordinator: transparent huge pages stay on: {e}");
     }
 }
 

@@ -52,6 +52,15 @@ pub fn shipping(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     })
 }
 
+/// Transparent huge pages off for this process, as the coordinator does (its
+/// `cli.rs` says why): a participant's flushes churn buffers the same way.
+fn huge_pages_off(name: &str) {
+    #[cfg(target_os = "linux")]
+    if let Err(e) = nix::sys::prctl::set_thp_disable(true) {
+        eprintln!("{name}: transparent huge pages stay on: {e}");
+    }
+}
+
 /// The sequence every participant process shares (the kit's too), on a new
 /// multi-threaded runtime.
 pub(crate) fn process<F, Fut>(
@@ -66,6 +75,7 @@ where
     F: FnOnce(TcpListener, CancellationToken) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
+    huge_pages_off(name);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
