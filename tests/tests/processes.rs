@@ -22,31 +22,14 @@ async fn the_coordinator_and_a_participant_run_with_transparent_huge_pages_off()
     let dir = tempfile::tempdir()?;
     let bin = bin_dir()?;
     let path = |name: &str| dir.path().join(name).display().to_string();
-    let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-    let defs = shipped_definitions().display().to_string();
-    let mut coordinator = Proc::new(
-        "coordinator",
-        bin.join("coordinator"),
-        args(&[
-            "--nats-url",
-            &nats.url(),
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--http-addr",
-            "127.0.0.1:0",
-            "--data-dir",
-            &path("coordinator"),
-            "--definitions-dir",
-            &defs,
-        ]),
-        dir.path().join("coordinator.log"),
-    )
-    .envs(nats.access().env(&Role::Coordinator))
-    .ports_file(dir.path().join("coordinator.ports"));
+    let mut coordinator = Proc::coordinator(dir.path(), &shipped_definitions(), &nats, &[])?;
     let mut inventory = Proc::new(
         "inventory",
         bin.join("inventory"),
-        args(&["--nats-url", &nats.url(), "--data-dir", &path("inventory")]),
+        ["--nats-url", &nats.url(), "--data-dir", &path("inventory")]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
         dir.path().join("inventory.log"),
     )
     .envs(nats.access().env(&Role::Participant("inventory".into())))

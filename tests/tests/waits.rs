@@ -378,34 +378,8 @@ async fn a_deadline_passing_mid_step_compensates_the_step_in_flight_as_unknown()
 
 /// The coordinator as an OS process (to kill it with SIGKILL).
 fn coordinator_proc(dir: &std::path::Path, defs: &std::path::Path, nats: &NatsServer) -> Result<Proc> {
-    let access = nats.access();
-    let args = [
-        "--nats-url",
-        &nats.url(),
-        "--grpc-addr",
-        "127.0.0.1:0",
-        "--http-addr",
-        "127.0.0.1:0",
-        "--data-dir",
-        &dir.join("coordinator").display().to_string(),
-        "--definitions-dir",
-        &defs.display().to_string(),
-        // Fewer in memory than waiting: timers of evicted sagas fire too.
-        "--resident-sagas",
-        "4",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    Ok(Proc::new(
-        "coordinator",
-        bin_dir()?.join("coordinator"),
-        args,
-        dir.join("coordinator.log"),
-    )
-    .envs(access.env(&Role::Coordinator))
-    .env("SAGA_OPERATOR_TOKEN", TOKEN)
-    .ports_file(dir.join("coordinator.ports")))
+    // Fewer in memory than waiting: timers of evicted sagas fire too.
+    Ok(Proc::coordinator(dir, defs, nats, &["--resident-sagas", "4"])?.env("SAGA_OPERATOR_TOKEN", TOKEN))
 }
 
 /// A client of the coordinator process once `/ready` says so (NATS connected, sagas resumed).

@@ -108,6 +108,44 @@ impl Proc {
         }
     }
 
+    /// The workspace's coordinator binary on `nats` (its credentials in the
+    /// environment), its data under `dir/coordinator`, its log and ports file
+    /// beside it, gRPC and HTTP on port 0, then `extra` arguments.
+    ///
+    /// # Errors
+    /// The binaries are not built ([`bin_dir`]).
+    pub fn coordinator(
+        dir: &Path,
+        definitions: &Path,
+        nats: &crate::NatsServer,
+        extra: &[&str],
+    ) -> Result<Self> {
+        let mut args: Vec<String> = [
+            "--nats-url",
+            &nats.url(),
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--data-dir",
+            &dir.join("coordinator").display().to_string(),
+            "--definitions-dir",
+            &definitions.display().to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Ok(Proc::new(
+            "coordinator",
+            bin_dir()?.join("coordinator"),
+            args,
+            dir.join("coordinator.log"),
+        )
+        .envs(nats.access().env(&crate::Role::Coordinator))
+        .ports_file(dir.join("coordinator.ports")))
+    }
+
     /// Sets an environment variable for every start.
     #[must_use]
     pub fn env(mut self, key: &str, value: &str) -> Self {
