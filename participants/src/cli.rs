@@ -53,7 +53,8 @@ pub fn shipping(args: impl IntoIterator<Item = OsString>) -> ExitCode {
 }
 
 /// Transparent huge pages off for this process, as the coordinator does (its
-/// `cli.rs` says why): a participant's flushes churn buffers the same way.
+/// `cli.rs` says why): with it inventory and payment used 12–15% less CPU
+/// per saga at C=64 (docs/benchmarks.md).
 fn huge_pages_off(name: &str) {
     #[cfg(target_os = "linux")]
     if let Err(e) = nix::sys::prctl::set_thp_disable(true) {
