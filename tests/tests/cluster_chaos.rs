@@ -56,12 +56,6 @@ fn signal(p: &Proc, signal: &str) -> Result<()> {
     Ok(())
 }
 
-fn ms(t: &Option<prost_types::Timestamp>) -> u64 {
-    t.as_ref()
-        .map(|t| t.seconds.max(0) as u64 * 1000 + t.nanos.max(0) as u64 / 1_000_000)
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_coordinator_and_a_nats_node_die_and_every_saga_still_ends_once() -> Result<()> {
     init_logs();
@@ -336,7 +330,7 @@ async fn a_coordinator_and_a_nats_node_die_and_every_saga_still_ends_once() -> R
     let mut orphans = 0;
     for s in &verdict.sagas {
         let p = coordinator::kv::partition_of(&s.saga_id, PARTITIONS);
-        if !victim_partitions.contains(&p) || ms(&s.created_at) > kill_ms {
+        if !victim_partitions.contains(&p) || timestamp_ms(&s.created_at) > kill_ms {
             continue;
         }
         let saga = g
@@ -345,11 +339,11 @@ async fn a_coordinator_and_a_nats_node_die_and_every_saga_still_ends_once() -> R
             })
             .await?
             .into_inner();
-        let before = saga.history.iter().any(|h| ms(&h.at) <= kill_ms);
+        let before = saga.history.iter().any(|h| timestamp_ms(&h.at) <= kill_ms);
         let after = saga
             .history
             .iter()
-            .map(|h| ms(&h.at))
+            .map(|h| timestamp_ms(&h.at))
             .filter(|t| *t > kill_ms)
             .min();
         if let (true, Some(t)) = (before, after) {
@@ -443,11 +437,4 @@ fn fault_target(f: Fault) -> usize {
     match f {
         Fault::Kill(r) | Fault::Start(r) | Fault::Pause(r) | Fault::Resume(r) => r,
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }

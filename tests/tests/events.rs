@@ -371,18 +371,16 @@ async fn a_linger_holds_events_back_and_loses_none() -> Result<()> {
         .await
         .context("the first event")?
         .context("subscription closed")?;
-    let seen_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_millis();
+    let seen_ms = now_ms();
     let first: SagaEvent = serde_json::from_slice(&first.payload)?;
     ensure!(
         first.saga_id == created.saga_id && first.sequence == 1,
         "{first:?}"
     );
     // Both clocks are the host's, in whole milliseconds.
-    let held = seen_ms.saturating_sub(u128::from(first.at_ms));
+    let held = seen_ms.saturating_sub(first.at_ms);
     ensure!(
-        held + 1 >= linger.as_millis(),
+        u128::from(held) + 1 >= linger.as_millis(),
         "the first event came {held} ms after it happened, within the {linger:?} linger"
     );
     let saga = wait_terminal(&mut g, &created.saga_id, Duration::from_secs(20)).await?;

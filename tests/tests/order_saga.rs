@@ -862,7 +862,7 @@ async fn a_command_due_while_nats_is_down_waits_for_it() -> Result<()> {
         .into_inner();
     // The outage: longer than the step's timeout.
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let back_ms = unix_ms(std::time::SystemTime::now());
+    let back_ms = now_ms();
     s.nats.restart()?;
     let saga = wait_terminal(&mut g, &created.saga_id, WAIT).await?;
     assert_eq!(saga.state, SagaState::Completed as i32, "{saga:#?}");
@@ -871,18 +871,10 @@ async fn a_command_due_while_nats_is_down_waits_for_it() -> Result<()> {
     // fails fast with "no responders", after the outage, and is retried.
     let retries: Vec<&pb::HistoryEvent> = saga.history.iter().filter(|h| h.kind == "step_retry").collect();
     assert!(
-        retries.iter().all(|h| {
-            let at =
-                h.at.as_ref()
-                    .map_or(0, |t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000);
-            at >= back_ms && h.detail.contains("no responders")
-        }),
+        retries
+            .iter()
+            .all(|h| timestamp_ms(&h.at) >= back_ms && h.detail.contains("no responders")),
         "no attempt was spent during the outage (NATS back at {back_ms} ms): {saga:#?}"
     );
     s.shutdown().await
-}
-
-fn unix_ms(t: std::time::SystemTime) -> i64 {
-    t.duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }

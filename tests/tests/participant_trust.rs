@@ -21,16 +21,6 @@ use serde_json::json;
 const NATS_LIMIT: usize = 1024 * 1024;
 const HOUR_MS: u64 = 3_600_000;
 
-fn now_ms() -> u64 {
-    u64::try_from(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis())
-            .unwrap_or(0),
-    )
-    .unwrap_or(u64::MAX)
-}
-
 /// A UUID v7 whose timestamp is `ms`.
 fn v7_at(ms: u64) -> String {
     uuid::Uuid::new_v7(uuid::Timestamp::from_unix(

@@ -438,6 +438,20 @@ pub fn order(customer: &str, items: &[(&str, u32)], amount_cents: i64) -> pb::Cr
 
 pub use saga_proto::names::is_terminal;
 
+/// Now, in ms since the Unix epoch (the unit of the engine's timestamps).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A gRPC timestamp in ms since the Unix epoch (0 when absent or before it).
+pub fn timestamp_ms(t: &Option<prost_types::Timestamp>) -> u64 {
+    t.as_ref().map_or(0, |t| {
+        u64::try_from(t.seconds).unwrap_or(0) * 1000 + u64::try_from(t.nanos).unwrap_or(0) / 1_000_000
+    })
+}
+
 /// Polls `GetSaga` until the saga is terminal.
 ///
 /// # Errors
